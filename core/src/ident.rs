@@ -1,0 +1,72 @@
+//! SQL identifiers that come from peers: checked, then always quoted.
+
+/// Longest identifier PostgreSQL keeps (NAMEDATALEN - 1 bytes).
+pub const MAX_IDENTIFIER_BYTES: usize = 63;
+
+/// Why an identifier sent by a peer was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IdentError {
+    /// Empty identifiers do not exist in PostgreSQL.
+    #[error("invalid identifier: it is empty")]
+    Empty,
+    /// Longer than PostgreSQL would ever store.
+    #[error("invalid identifier \"{0}\": longer than 63 bytes")]
+    TooLong(String),
+    /// Contains a NUL byte.
+    #[error("invalid identifier: it contains a NUL byte")]
+    Nul,
+}
+
+/// Checks that `ident` could be the name of a PostgreSQL object.
+pub fn check_identifier(ident: &str) -> Result<(), IdentError> {
+    if ident.is_empty() {
+        return Err(IdentError::Empty);
+    }
+    if ident.contains('\0') {
+        return Err(IdentError::Nul);
+    }
+    if ident.len() > MAX_IDENTIFIER_BYTES {
+        return Err(IdentError::TooLong(ident.chars().take(80).collect()));
+    }
+    Ok(())
+}
+
+/// Quotes an identifier unconditionally: `a"b` becomes `"a""b"`.
+pub fn quote_ident(ident: &str) -> String {
+    let mut out = String::with_capacity(ident.len() + 2);
+    out.push('"');
+    for c in ident.chars() {
+        if c == '"' {
+            out.push('"');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
+/// Quotes a schema-qualified name.
+pub fn quote_qualified(schema: &str, name: &str) -> String {
+    format!("{}.{}", quote_ident(schema), quote_ident(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_ident("t"), "\"t\"");
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_qualified("public", "My Table"), "\"public\".\"My Table\"");
+    }
+
+    #[test]
+    fn checks() {
+        assert_eq!(check_identifier(""), Err(IdentError::Empty));
+        assert_eq!(check_identifier("a\0b"), Err(IdentError::Nul));
+        assert!(matches!(check_identifier(&"x".repeat(64)), Err(IdentError::TooLong(_))));
+        assert!(check_identifier(&"x".repeat(63)).is_ok());
+        assert!(check_identifier("ünïcode; DROP TABLE x").is_ok());
+    }
+}

@@ -1,0 +1,11 @@
+//! The parts of trompe that need no PostgreSQL server: transaction snapshots and replication
+//! positions, connection strings, the change-log format, backoff and conflict rules.
+//!
+//! Everything here is plain Rust so that `cargo test -p trompe-core` exercises it without a server.
+
+pub mod backoff;
+pub mod conninfo;
+pub mod ident;
+pub mod logformat;
+pub mod position;
+pub mod snapshot;

@@ -1,0 +1,216 @@
+//! A set of real PostgreSQL nodes for one test, with a proxy on every directed link between
+//! them, cleaned up when the test ends (also when it fails, after printing the server logs).
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::node::{path_str, Node};
+use crate::proxy::Proxy;
+use crate::system::{make_postgres_dir, pg_bin, run_as_postgres, scratch_root, template_datadir};
+
+/// Options for a cluster.
+pub struct ClusterBuilder {
+    name: String,
+    nodes: usize,
+    extension: bool,
+    settings: Vec<(String, String)>,
+}
+
+impl ClusterBuilder {
+    /// Sets how many nodes to start (default 2).
+    pub fn nodes(mut self, n: usize) -> Self {
+        self.nodes = n;
+        self
+    }
+
+    /// Whether to run `CREATE EXTENSION trompe` in the test database of every node (default yes).
+    pub fn with_extension(mut self, yes: bool) -> Self {
+        self.extension = yes;
+        self
+    }
+
+    /// Adds a postgresql.conf setting to every node (the value as written in the file).
+    pub fn setting(mut self, key: &str, value: &str) -> Self {
+        self.settings.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Creates and starts the nodes.
+    pub fn start(self) -> Cluster {
+        static SEQ: AtomicUsize = AtomicUsize::new(0);
+        let template = template_datadir();
+        let root = scratch_root().join(format!("{}-{}", self.name, SEQ.fetch_add(1, Ordering::SeqCst)));
+        let _ = fs::remove_dir_all(&root);
+        make_postgres_dir(&root);
+        let mut cluster = Cluster { name: self.name.clone(), root, nodes: Vec::new(), links: Vec::new() };
+        for i in 0..self.nodes {
+            let node = start_node(&format!("n{}", i + 1), &cluster.root, template, &self.settings);
+            cluster.nodes.push(node);
+        }
+        for from in 0..self.nodes {
+            let row = (0..self.nodes).map(|to| (from != to).then(|| Proxy::start(cluster.nodes[to].port))).collect();
+            cluster.links.push(row);
+        }
+        if self.extension {
+            for node in &cluster.nodes {
+                node.exec("CREATE EXTENSION trompe");
+            }
+        }
+        cluster
+    }
+}
+
+/// Starts a node on a free port, trying another port if the one picked was taken meanwhile.
+fn start_node(name: &str, root: &std::path::Path, template: &std::path::Path, settings: &[(String, String)]) -> Node {
+    let mut last_error = String::new();
+    for _ in 0..5 {
+        let port = free_port();
+        let node = Node::create(name, root, template, port, settings);
+        match node.try_start() {
+            Ok(()) => return node,
+            Err(e) => {
+                last_error = format!("{e}\n{}", node.log_tail(30));
+                let _ = fs::remove_dir_all(&node.datadir);
+            }
+        }
+    }
+    panic!("node {name} did not start: {last_error}");
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("can bind a port");
+    listener.local_addr().expect("bound address").port()
+}
+
+/// Real nodes for one test. Index nodes from 0; node `i` is named `n{i+1}`.
+pub struct Cluster {
+    name: String,
+    root: PathBuf,
+    nodes: Vec<Node>,
+    links: Vec<Vec<Option<Proxy>>>,
+}
+
+impl Cluster {
+    /// Options for a cluster named `name` (used for its directory and kept logs).
+    pub fn builder(name: &str) -> ClusterBuilder {
+        ClusterBuilder { name: name.to_string(), nodes: 2, extension: true, settings: Vec::new() }
+    }
+
+    /// `n` started nodes with trompe created in the test database.
+    pub fn start(name: &str, n: usize) -> Cluster {
+        Cluster::builder(name).nodes(n).start()
+    }
+
+    /// Node `i`.
+    pub fn node(&self, i: usize) -> &Node {
+        &self.nodes[i]
+    }
+
+    /// All nodes.
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// The proxy of the directed link `from` → `to`: what `from` uses to reach `to`.
+    pub fn link(&self, from: usize, to: usize) -> &Proxy {
+        self.links[from][to].as_ref().expect("no link from a node to itself")
+    }
+
+    /// Resets the link `from` → `to` and refuses new connections on it.
+    pub fn cut(&self, from: usize, to: usize) {
+        self.link(from, to).cut();
+    }
+
+    /// Cuts both directions between `a` and `b`.
+    pub fn partition(&self, a: usize, b: usize) {
+        self.cut(a, b);
+        self.cut(b, a);
+    }
+
+    /// Restores both directions between `a` and `b`.
+    pub fn heal_pair(&self, a: usize, b: usize) {
+        self.link(a, b).heal();
+        self.link(b, a).heal();
+    }
+
+    /// The connection string node `from` uses to reach node `to` (through their link's proxy).
+    pub fn peer_conninfo(&self, from: usize, to: usize) -> String {
+        format!("host=127.0.0.1 port={} dbname={} user=postgres", self.link(from, to).port, crate::node::TEST_DB)
+    }
+
+    /// Makes node `from` pull from node `to` (`trompe.add_peer` on `from`, named after `to`).
+    pub fn add_peer(&self, from: usize, to: usize) {
+        let sql = format!(
+            "SELECT trompe.add_peer('{}', '{}')",
+            self.nodes[to].name,
+            self.peer_conninfo(from, to)
+        );
+        self.nodes[from].exec(&sql);
+    }
+
+    /// Full mesh: every node pulls from every other node.
+    pub fn mesh(&self) {
+        for from in 0..self.nodes.len() {
+            for to in 0..self.nodes.len() {
+                if from != to {
+                    self.add_peer(from, to);
+                }
+            }
+        }
+    }
+
+    /// Runs the same statements on every node.
+    pub fn exec_all(&self, sql: &str) {
+        for node in &self.nodes {
+            node.exec(sql);
+        }
+    }
+
+    /// Asserts that `trompe.wait_sync` returns true on every node within `timeout`.
+    pub fn wait_sync(&self, timeout: Duration) {
+        let secs = timeout.as_secs_f64();
+        for node in &self.nodes {
+            let got = node.query_text(&format!("SELECT trompe.wait_sync(interval '{secs} seconds')"));
+            assert_eq!(got.as_deref(), Some("t"), "trompe.wait_sync timed out on node {}", node.name);
+        }
+    }
+
+    /// Runs `sql` (one text value) on every node and asserts all nodes return the same; returns it.
+    pub fn assert_same(&self, sql: &str) -> Option<String> {
+        let values: Vec<Option<String>> = self.nodes.iter().map(|n| n.query_text(sql)).collect();
+        for (node, v) in self.nodes.iter().zip(&values) {
+            assert_eq!(v, &values[0], "nodes differ on `{sql}`: {} has {v:?}, {} has {:?}", node.name, self.nodes[0].name, values[0]);
+        }
+        values.into_iter().next().flatten()
+    }
+
+    /// Where logs of a failed run are kept.
+    fn kept_logs_dir(&self) -> PathBuf {
+        let base = std::env::var_os("TROMPE_FAILED_LOGS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/failed-test-logs"));
+        base.join(&self.name)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let keep = self.kept_logs_dir();
+            let _ = fs::create_dir_all(&keep);
+            for node in &self.nodes {
+                eprintln!("\n===== server log of node {} (last 150 lines) =====\n{}", node.name, node.log_tail(150));
+                let _ = fs::copy(&node.logfile, keep.join(format!("{}.log", node.name)));
+            }
+            eprintln!("===== full logs kept in {} =====", keep.display());
+        }
+        self.links.clear();
+        for node in &self.nodes {
+            let _ = run_as_postgres(&pg_bin("pg_ctl"), &["stop", "-w", "-m", "immediate", "-D", path_str(&node.datadir)]);
+        }
+        let _ = fs::remove_dir_all(&self.root);
+    }
+}

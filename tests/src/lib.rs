@@ -1,0 +1,46 @@
+//! The multi-node test harness of trompe.
+//!
+//! Tests start real PostgreSQL 15 nodes (their own data directory, port and server log, run as
+//! the `postgres` user) with the freshly installed extension preloaded, talk to them with a
+//! client, crash and restart them, and cut the network between them through a proxy per
+//! directed link. Everything is removed when the test ends; a failing test prints each node's
+//! server log and keeps a copy.
+
+pub mod cluster;
+pub mod node;
+pub mod proxy;
+pub mod system;
+pub mod wait;
+
+pub use cluster::Cluster;
+pub use node::Node;
+pub use wait::wait_for;
+
+/// A PostgreSQL error with its SQLSTATE, message and detail, for assertions and panics.
+pub fn describe_error(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+            if let Some(d) = db.detail() {
+                s += &format!("\nDETAIL: {d}");
+            }
+            if let Some(h) = db.hint() {
+                s += &format!("\nHINT: {h}");
+            }
+            s
+        }
+        None => e.to_string(),
+    }
+}
+
+/// Runs `sql` on a client and returns the SQLSTATE and message it fails with; panics if it
+/// succeeds.
+pub fn expect_error(client: &mut postgres::Client, sql: &str) -> (String, String) {
+    match client.batch_execute(sql) {
+        Ok(()) => panic!("expected `{sql}` to fail, but it succeeded"),
+        Err(e) => match e.as_db_error() {
+            Some(db) => (db.code().code().to_string(), db.message().to_string()),
+            None => panic!("expected a database error from `{sql}`, got {e}"),
+        },
+    }
+}

@@ -1,0 +1,135 @@
+//! The host side of the harness: PostgreSQL binaries, running them as the `postgres` user, and
+//! the initialised data directory every node is copied from.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// A command that failed, with what it printed.
+#[derive(Debug)]
+pub struct RunError(pub String);
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The directory with PostgreSQL's server binaries (`TROMPE_PG_BIN`, else PostgreSQL 15's).
+pub fn pg_bindir() -> PathBuf {
+    std::env::var_os("TROMPE_PG_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"))
+}
+
+/// The path of one PostgreSQL binary.
+pub fn pg_bin(name: &str) -> String {
+    pg_bindir().join(name).to_string_lossy().into_owned()
+}
+
+fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { geteuid() == 0 }
+}
+
+extern "C" {
+    fn geteuid() -> u32;
+}
+
+/// A command that runs `program` as the `postgres` user (through `runuser` when we are root).
+pub fn postgres_command(program: &str) -> Command {
+    let mut cmd = if running_as_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", program]);
+        c
+    } else {
+        Command::new(program)
+    };
+    cmd.current_dir("/");
+    cmd
+}
+
+/// Runs a program as the `postgres` user and returns its stdout.
+pub fn run_as_postgres(program: &str, args: &[&str]) -> Result<String, RunError> {
+    let out = postgres_command(program).args(args).output().map_err(|e| RunError(format!("{program}: {e}")))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(RunError(format!(
+            "{program} {} exited with {}: {}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )))
+    }
+}
+
+/// Creates a directory the `postgres` user owns.
+pub fn make_postgres_dir(path: &Path) {
+    fs::create_dir_all(path).unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+    if running_as_root() {
+        let status = Command::new("chown").args(["postgres:postgres"]).arg(path).status().expect("chown runs");
+        assert!(status.success(), "chown of {} failed", path.display());
+    }
+}
+
+/// Checks that the trompe extension is installed where the server looks for it.
+pub fn check_extension_installed() {
+    let sharedir = Command::new(pg_bin("pg_config")).arg("--sharedir").output();
+    let sharedir = match sharedir {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        _ => "/usr/share/postgresql/15".to_string(),
+    };
+    let control = Path::new(&sharedir).join("extension/trompe.control");
+    assert!(
+        control.exists(),
+        "the trompe extension is not installed ({} is missing): run scripts/test, or `cargo pgrx install --release`",
+        control.display()
+    );
+}
+
+/// The scratch directory of this test process; removed by `scripts/test` before each run.
+pub fn scratch_root() -> &'static Path {
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        let base = std::env::var_os("TROMPE_TEST_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp/trompe-tests"));
+        make_postgres_dir(&base);
+        let root = base.join(format!("p{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        make_postgres_dir(&root);
+        root
+    })
+}
+
+/// An initialised data directory with the test database, created once per test process.
+pub fn template_datadir() -> &'static Path {
+    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        check_extension_installed();
+        let dir = scratch_root().join("template");
+        let dir_s = dir.to_string_lossy().into_owned();
+        run_as_postgres(
+            &pg_bin("initdb"),
+            &["-D", &dir_s, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"],
+        )
+        .unwrap_or_else(|e| panic!("initdb failed: {e}"));
+        // Create the test database in single-user mode: no port needed, nothing to clean up.
+        let mut child = postgres_command(&pg_bin("postgres"));
+        child
+            .args(["--single", "-D", &dir_s, "postgres"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut proc = child.spawn().expect("postgres --single starts");
+        {
+            use std::io::Write;
+            let stdin = proc.stdin.as_mut().expect("stdin piped");
+            stdin.write_all(format!("CREATE DATABASE {};\n", crate::node::TEST_DB).as_bytes()).expect("write");
+        }
+        let out = proc.wait_with_output().expect("postgres --single finishes");
+        assert!(out.status.success(), "creating the test database failed: {}", String::from_utf8_lossy(&out.stderr));
+        dir
+    })
+}
