@@ -1,7 +1,40 @@
 //! trompe: asynchronous multi-master replication inside PostgreSQL.
+//!
+//! Row triggers (Rust) and an event trigger capture every change of a replicated table into a
+//! log in the same transaction; a background worker per database pulls every peer's log over
+//! libpq and applies it in-process, exactly once and in order.
+
 use pgrx::prelude::*;
 
+pub mod capture;
+pub mod error;
+pub mod guc;
+pub mod log;
+pub mod node;
+pub mod shmem;
+pub mod tables;
+pub mod utility_hook;
+pub mod worker;
+
+#[cfg(any(test, feature = "pg_test"))]
+mod tests;
+
 ::pgrx::pg_module_magic!(name, version);
+
+pgrx::extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
+pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
+
+/// Library initialisation: settings and hooks always; shared memory and the supervisor worker
+/// only when loaded through `shared_preload_libraries`.
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    guc::define();
+    utility_hook::install();
+    // SAFETY: reading a global set by the postmaster while it loads preloaded libraries.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        shmem::request();
+    }
+}
 
 #[cfg(test)]
 pub mod pg_test {
@@ -9,6 +42,9 @@ pub mod pg_test {
 
     #[must_use]
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec![]
+        vec![
+            "shared_preload_libraries = 'trompe'",
+            "track_commit_timestamp = on",
+        ]
     }
 }

@@ -45,13 +45,30 @@ pub struct Node {
 
 impl Node {
     /// Creates the node's data directory from an initialised template and configures it.
-    pub(crate) fn create(name: &str, root: &Path, template: &Path, port: u16, extra: &[(String, String)]) -> Node {
+    pub(crate) fn create(
+        name: &str,
+        root: &Path,
+        template: &Path,
+        port: u16,
+        extra: &[(String, String)],
+    ) -> Node {
         let datadir = root.join(name);
         let logfile = root.join(format!("{name}.log"));
-        let status = Command::new("cp").arg("-a").arg(template).arg(&datadir).status().expect("cp runs");
-        assert!(status.success(), "copying the template data directory failed");
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(template)
+            .arg(&datadir)
+            .status()
+            .expect("cp runs");
+        assert!(
+            status.success(),
+            "copying the template data directory failed"
+        );
         let mut conf = String::from("\n# trompe test harness\n");
-        conf += &format!("port = {port}\nunix_socket_directories = '{}'\n", datadir.display());
+        conf += &format!(
+            "port = {port}\nunix_socket_directories = '{}'\n",
+            datadir.display()
+        );
         for (k, v) in BASE_SETTINGS {
             conf += &format!("{k} = {v}\n");
         }
@@ -59,15 +76,24 @@ impl Node {
             conf += &format!("{k} = {v}\n");
         }
         let conf_path = datadir.join("postgresql.conf");
-        let mut existing = fs::read_to_string(&conf_path).expect("template postgresql.conf readable");
+        let mut existing =
+            fs::read_to_string(&conf_path).expect("template postgresql.conf readable");
         existing.push_str(&conf);
         fs::write(&conf_path, existing).expect("postgresql.conf writable");
-        Node { name: name.to_string(), port, datadir, logfile }
+        Node {
+            name: name.to_string(),
+            port,
+            datadir,
+            logfile,
+        }
     }
 
     /// A libpq connection string for `dbname` on this node, as the superuser.
     pub fn conninfo_for(&self, dbname: &str) -> String {
-        format!("host=127.0.0.1 port={} dbname={dbname} user=postgres", self.port)
+        format!(
+            "host=127.0.0.1 port={} dbname={dbname} user=postgres",
+            self.port
+        )
     }
 
     /// A libpq connection string for the test database.
@@ -77,21 +103,48 @@ impl Node {
 
     /// Starts the server and waits until it accepts connections.
     pub fn start(&self) {
-        self.try_start().unwrap_or_else(|e| panic!("node {} did not start: {e}\n{}", self.name, self.log_tail(60)));
+        self.try_start().unwrap_or_else(|e| {
+            panic!(
+                "node {} did not start: {e}\n{}",
+                self.name,
+                self.log_tail(60)
+            )
+        });
     }
 
     /// Starts the server, reporting failure instead of panicking.
     pub fn try_start(&self) -> Result<(), RunError> {
         run_as_postgres(
             &pg_bin("pg_ctl"),
-            &["start", "-w", "-t", "120", "-D", path_str(&self.datadir), "-l", path_str(&self.logfile)],
+            &[
+                "start",
+                "-w",
+                "-t",
+                "120",
+                "-D",
+                path_str(&self.datadir),
+                "-l",
+                path_str(&self.logfile),
+            ],
         )?;
         Ok(())
     }
 
     /// Stops the server cleanly (fast shutdown) and waits for it.
     pub fn stop(&self) {
-        let _ = run_as_postgres(&pg_bin("pg_ctl"), &["stop", "-w", "-t", "120", "-m", "fast", "-D", path_str(&self.datadir)]);
+        let _ = run_as_postgres(
+            &pg_bin("pg_ctl"),
+            &[
+                "stop",
+                "-w",
+                "-t",
+                "120",
+                "-m",
+                "fast",
+                "-D",
+                path_str(&self.datadir),
+            ],
+        );
     }
 
     /// Stops then starts the server.
@@ -109,7 +162,9 @@ impl Node {
     /// Kills the postmaster and every process it started with SIGKILL, like a power cut of the
     /// server (the OS keeps what was written, as after a process crash).
     pub fn crash(&self) {
-        let Some(pm) = self.postmaster_pid() else { return };
+        let Some(pm) = self.postmaster_pid() else {
+            return;
+        };
         let mut victims = vec![pm];
         victims.extend(children_of(pm));
         for pid in &victims {
@@ -119,7 +174,11 @@ impl Node {
             }
         }
         let deadline = Instant::now() + Duration::from_secs(30);
-        while victims.iter().any(|&p| Path::new(&format!("/proc/{p}")).exists()) && Instant::now() < deadline {
+        while victims
+            .iter()
+            .any(|&p| Path::new(&format!("/proc/{p}")).exists())
+            && Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -143,7 +202,12 @@ impl Node {
                 }
             }
         }
-        panic!("cannot connect to node {} ({conninfo}): {:?}\n{}", self.name, last_err, self.log_tail(40));
+        panic!(
+            "cannot connect to node {} ({conninfo}): {:?}\n{}",
+            self.name,
+            last_err,
+            self.log_tail(40)
+        );
     }
 
     /// A new client connection to the test database.
@@ -155,16 +219,24 @@ impl Node {
     pub fn exec(&self, sql: &str) {
         let mut c = self.connect();
         if let Err(e) = c.batch_execute(sql) {
-            panic!("on node {}: {sql}\nfailed: {}", self.name, crate::describe_error(&e));
+            panic!(
+                "on node {}: {sql}\nfailed: {}",
+                self.name,
+                crate::describe_error(&e)
+            );
         }
     }
 
     /// Runs a query in the test database and returns the first column of the first row as text.
     pub fn query_text(&self, sql: &str) -> Option<String> {
         let mut c = self.connect();
-        let rows = c
-            .simple_query(sql)
-            .unwrap_or_else(|e| panic!("on node {}: {sql}\nfailed: {}", self.name, crate::describe_error(&e)));
+        let rows = c.simple_query(sql).unwrap_or_else(|e| {
+            panic!(
+                "on node {}: {sql}\nfailed: {}",
+                self.name,
+                crate::describe_error(&e)
+            )
+        });
         rows.into_iter().find_map(|m| match m {
             postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).map(str::to_string)),
             _ => None,
@@ -173,8 +245,15 @@ impl Node {
 
     /// Runs a query returning one bigint-compatible value (e.g. `count(*)`).
     pub fn query_i64(&self, sql: &str) -> i64 {
-        let text = self.query_text(sql).unwrap_or_else(|| panic!("on node {}: {sql} returned NULL or no row", self.name));
-        text.parse().unwrap_or_else(|_| panic!("on node {}: {sql} returned {text:?}, not a number", self.name))
+        let text = self
+            .query_text(sql)
+            .unwrap_or_else(|| panic!("on node {}: {sql} returned NULL or no row", self.name));
+        text.parse().unwrap_or_else(|_| {
+            panic!(
+                "on node {}: {sql} returned {text:?}, not a number",
+                self.name
+            )
+        })
     }
 
     /// Waits until `sql` (returning one text value) returns `expected`.
@@ -208,13 +287,24 @@ pub(crate) fn path_str(p: &Path) -> &str {
 /// Every descendant process of `pid`, found through /proc.
 fn children_of(pid: i32) -> Vec<i32> {
     let mut found = Vec::new();
-    let Ok(entries) = fs::read_dir("/proc") else { return found };
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return found;
+    };
     for entry in entries.flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(stat) = fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
         // The parent pid is the second field after the parenthesised command name.
-        let Some(after) = stat.rsplit_once(')').map(|(_, rest)| rest) else { continue };
-        let ppid = after.split_whitespace().nth(1).and_then(|p| p.parse::<i32>().ok());
+        let Some(after) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
+            continue;
+        };
+        let ppid = after
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<i32>().ok());
         if ppid == Some(pid) {
             found.push(child);
         }

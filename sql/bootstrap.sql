@@ -1,0 +1,69 @@
+-- trompe's own tables, created before any function. Everything lives in schema trompe.
+
+-- This node's identity: one row, a random UUID made when the extension is created. It is
+-- never derived from anything two nodes could share (database name, system identifier).
+CREATE TABLE trompe.node (
+    node_id uuid NOT NULL DEFAULT gen_random_uuid() PRIMARY KEY,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    one_row boolean NOT NULL DEFAULT true UNIQUE CHECK (one_row)
+);
+INSERT INTO trompe.node DEFAULT VALUES;
+COMMENT ON TABLE trompe.node IS 'This node''s identity (one row).';
+
+-- Tables replicated from and to this node.
+CREATE TABLE trompe.tables (
+    relid regclass PRIMARY KEY,
+    added_at timestamptz NOT NULL DEFAULT now(),
+    conflict_rule text NOT NULL DEFAULT 'last_update_wins'
+);
+COMMENT ON TABLE trompe.tables IS 'Replicated tables; change with trompe.add_table() and trompe.remove_table().';
+
+-- Schemas whose tables, present and future, are replicated.
+CREATE TABLE trompe.schemas (
+    schema_name name PRIMARY KEY,
+    added_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE trompe.schemas IS 'Replicated schemas; change with trompe.add_schema() and trompe.remove_schema().';
+
+-- The change log. Every change to a replicated table is one row, written in the transaction
+-- that made the change. Ids come from a sequence without cache, so they follow the order in
+-- which changes were made; txid is the writing transaction, which peers read by snapshot so
+-- that a transaction committing late is never skipped.
+CREATE SEQUENCE trompe.log_id_seq AS bigint;
+
+CREATE TABLE trompe.log (
+    id bigint NOT NULL,
+    txid xid8 NOT NULL,
+    op "char" NOT NULL,
+    nsp text NOT NULL,
+    rel text NOT NULL,
+    cols text[],
+    vals text[],
+    oldkey text[],
+    old_xmin xid
+);
+COMMENT ON TABLE trompe.log IS 'Captured changes (rows are in its rotating children log_0, log_1, log_2).';
+COMMENT ON COLUMN trompe.log.op IS 'I insert, U update, D delete, T truncate, S DDL statement';
+COMMENT ON COLUMN trompe.log.cols IS 'Column names: the primary key columns first';
+COMMENT ON COLUMN trompe.log.vals IS 'I/U: the new row as text, matching cols. T: options. S: command, search_path, role';
+COMMENT ON COLUMN trompe.log.oldkey IS 'U/D: the primary key values of the old row, matching the first cols';
+COMMENT ON COLUMN trompe.log.old_xmin IS 'U/D: the transaction that wrote the old row version';
+
+-- The log is three tables used in turn: writers append to the current one; the others are
+-- truncated (never deleted from) once every peer has confirmed everything in them.
+CREATE TABLE trompe.log_0 () INHERITS (trompe.log);
+CREATE TABLE trompe.log_1 () INHERITS (trompe.log);
+CREATE TABLE trompe.log_2 () INHERITS (trompe.log);
+CREATE INDEX log_0_txid ON trompe.log_0 (txid, id);
+CREATE INDEX log_1_txid ON trompe.log_1 (txid, id);
+CREATE INDEX log_2_txid ON trompe.log_2 (txid, id);
+
+CREATE TABLE trompe.log_rotation (
+    slot int PRIMARY KEY CHECK (slot BETWEEN 0 AND 2),
+    is_current boolean NOT NULL,
+    -- For a table that is not current: every transaction that wrote to it has a smaller id.
+    retired_below xid8,
+    switched_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO trompe.log_rotation (slot, is_current) VALUES (0, true), (1, false), (2, false);
+COMMENT ON TABLE trompe.log_rotation IS 'Which log table writers append to, and when the others were retired.';

@@ -1,0 +1,99 @@
+-- Created after every function: DDL capture (event triggers), and privileges.
+
+-- DDL capture, after each command: decide whether it touches replicated objects (a replicated
+-- table or anything on it, or anything in a replicated schema); if so, log the statement. Then
+-- refuse changes that would break replication of a table (primary key dropped, made unlogged,
+-- capture triggers disabled) and start replicating new tables of replicated schemas.
+CREATE FUNCTION trompe.on_ddl_command_end() RETURNS event_trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    cmd record;
+    rel oid;
+    touched oid[] := '{}';
+    replicate boolean := false;
+    object_schema text := '';
+    object_name text := '';
+BEGIN
+    IF trompe._capture_skipped() THEN
+        RETURN;
+    END IF;
+    FOR cmd IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
+        CONTINUE WHEN cmd.in_extension;
+        rel := NULL;
+        IF cmd.classid = 'pg_catalog.pg_class'::regclass THEN
+            SELECT coalesce(i.indrelid, d.refobjid, c.oid) INTO rel
+              FROM pg_class c
+              LEFT JOIN pg_index i ON i.indexrelid = c.oid
+              LEFT JOIN pg_depend d ON c.relkind = 'S' AND d.classid = 'pg_catalog.pg_class'::regclass
+                   AND d.objid = c.oid AND d.refclassid = 'pg_catalog.pg_class'::regclass AND d.deptype IN ('a', 'i')
+             WHERE c.oid = cmd.objid;
+        ELSIF cmd.classid = 'pg_catalog.pg_trigger'::regclass THEN
+            SELECT tgrelid INTO rel FROM pg_trigger WHERE oid = cmd.objid;
+        ELSIF cmd.classid = 'pg_catalog.pg_constraint'::regclass THEN
+            SELECT nullif(conrelid, 0) INTO rel FROM pg_constraint WHERE oid = cmd.objid;
+        ELSIF cmd.classid = 'pg_catalog.pg_rewrite'::regclass THEN
+            SELECT ev_class INTO rel FROM pg_rewrite WHERE oid = cmd.objid;
+        ELSIF cmd.classid = 'pg_catalog.pg_policy'::regclass THEN
+            SELECT polrelid INTO rel FROM pg_policy WHERE oid = cmd.objid;
+        END IF;
+        IF rel IS NOT NULL THEN
+            touched := touched || rel;
+        END IF;
+        IF cmd.schema_name IN (SELECT schema_name::text FROM trompe.schemas)
+           OR (rel IS NOT NULL AND EXISTS (SELECT 1 FROM trompe.tables WHERE relid::oid = rel)) THEN
+            replicate := true;
+            object_schema := coalesce(cmd.schema_name, '');
+            object_name := coalesce(cmd.object_identity, '');
+        END IF;
+    END LOOP;
+    IF replicate THEN
+        PERFORM trompe._log_ddl(tg_tag, object_schema, object_name);
+    END IF;
+    PERFORM trompe._after_ddl(touched);
+END
+$$;
+
+-- DDL capture of DROP commands (their objects are gone by ddl_command_end).
+CREATE FUNCTION trompe.on_sql_drop() RETURNS event_trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    dropped_tables oid[];
+    replicate boolean;
+    object_schema text;
+    object_name text;
+BEGIN
+    IF trompe._capture_skipped() THEN
+        RETURN;
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_event_trigger_dropped_objects() o
+                WHERE o.object_type = 'trigger'
+                  AND o.address_names[array_length(o.address_names, 1)] IN ('trompe_capture', 'trompe_truncate')
+                  AND o.original AND NOT o.is_temporary) THEN
+        RAISE EXCEPTION 'cannot drop trompe''s capture trigger of a replicated table'
+              USING ERRCODE = 'dependent_objects_still_exist',
+                    HINT = 'Stop replicating the table with trompe.remove_table() instead.';
+    END IF;
+    SELECT array_agg(o.objid) FILTER (WHERE o.object_type = 'table'),
+           bool_or(o.schema_name IN (SELECT schema_name::text FROM trompe.schemas)
+                   OR (o.object_type = 'table' AND o.objid IN (SELECT relid::oid FROM trompe.tables))),
+           min(o.schema_name), min(o.object_identity)
+      INTO dropped_tables, replicate, object_schema, object_name
+      FROM pg_event_trigger_dropped_objects() o
+     WHERE NOT o.is_temporary;
+    IF coalesce(replicate, false) AND tg_tag LIKE 'DROP %' THEN
+        PERFORM trompe._log_ddl(tg_tag, coalesce(object_schema, ''), coalesce(object_name, ''));
+    END IF;
+    IF dropped_tables IS NOT NULL THEN
+        PERFORM trompe._forget_dropped(dropped_tables);
+    END IF;
+END
+$$;
+
+CREATE EVENT TRIGGER trompe_ddl_command_end ON ddl_command_end
+    EXECUTE FUNCTION trompe.on_ddl_command_end();
+CREATE EVENT TRIGGER trompe_sql_drop ON sql_drop
+    EXECUTE FUNCTION trompe.on_sql_drop();
+
+-- Everyone may see what is replicated; nobody but the owner may touch trompe's state.
+GRANT USAGE ON SCHEMA trompe TO PUBLIC;
+GRANT SELECT ON trompe.tables, trompe.schemas TO PUBLIC;

@@ -1,0 +1,141 @@
+//! DDL capture. The event triggers (in `sql/finalize.sql`) decide whether a command touches
+//! replicated objects; this module gives them the exact text of the statement being run (kept
+//! by the ProcessUtility hook, so one statement of a multi-statement string is replayed, not
+//! the whole string) and appends the `S` log entry.
+
+use std::cell::RefCell;
+
+use pgrx::prelude::*;
+
+use crate::capture::row::text_datum;
+use crate::capture::{
+    applying_for_peer, in_internal_operation, log_slot_for_transaction, text_array,
+};
+use crate::error::OrRaise;
+use crate::log::writer::{append, as_extension_owner, Entry};
+
+/// The utility statement being executed at one nesting level.
+struct Statement {
+    text: String,
+    search_path: String,
+    role: String,
+    truncate_restart_identity: bool,
+}
+
+thread_local! {
+    static STATEMENTS: RefCell<Vec<Statement>> = const { RefCell::new(Vec::new()) };
+}
+
+/// While alive, `text` is the innermost utility statement being executed.
+pub struct StatementScope(());
+
+impl StatementScope {
+    /// Records the statement the ProcessUtility hook is about to run.
+    pub fn enter(text: String, truncate_restart_identity: bool) -> Self {
+        // SAFETY: namespace_search_path is the search_path GUC's current string; GetUserId and
+        // GetUserNameFromId read the current user (noerr: NULL if it vanished).
+        let (search_path, role) = unsafe {
+            let sp = pg_sys::namespace_search_path;
+            let sp = if sp.is_null() {
+                String::new()
+            } else {
+                std::ffi::CStr::from_ptr(sp).to_string_lossy().into_owned()
+            };
+            let name = pg_sys::GetUserNameFromId(pg_sys::GetUserId(), true);
+            let role = if name.is_null() {
+                String::new()
+            } else {
+                std::ffi::CStr::from_ptr(name)
+                    .to_string_lossy()
+                    .into_owned()
+            };
+            (sp, role)
+        };
+        STATEMENTS.with(|s| {
+            s.borrow_mut().push(Statement {
+                text,
+                search_path,
+                role,
+                truncate_restart_identity,
+            })
+        });
+        StatementScope(())
+    }
+}
+
+impl Drop for StatementScope {
+    fn drop(&mut self) {
+        STATEMENTS.with(|s| s.borrow_mut().pop());
+    }
+}
+
+/// Whether the innermost TRUNCATE being run restarts identity sequences.
+pub fn truncate_restarts_identity() -> bool {
+    STATEMENTS.with(|s| {
+        s.borrow()
+            .last()
+            .is_some_and(|st| st.truncate_restart_identity)
+    })
+}
+
+/// The text, search_path and role of the utility statement being executed, if the hook saw it.
+fn current_statement() -> Option<(String, String, String)> {
+    STATEMENTS.with(|s| {
+        s.borrow()
+            .last()
+            .map(|st| (st.text.clone(), st.search_path.clone(), st.role.clone()))
+    })
+}
+
+/// True if DDL run now must not be captured: trompe's own commands, changes applied for a
+/// peer, and extension scripts.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _capture_skipped() -> bool {
+    // SAFETY: reading a backend-local global.
+    in_internal_operation() || applying_for_peer() || unsafe { pg_sys::creating_extension }
+}
+
+/// Appends the DDL statement being run to the change log, with the search_path and role in
+/// effect, so peers replay it in order with the surrounding changes.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _log_ddl(command_tag: &str, object_schema: &str, object_name: &str) {
+    let (statement, search_path, role) = current_statement().unwrap_or_else(|| {
+        // Without the hook (library loaded by this very DDL), fall back to the client's query.
+        // SAFETY: debug_query_string is the client's whole query string or NULL.
+        let text = unsafe {
+            if pg_sys::debug_query_string.is_null() {
+                String::new()
+            } else {
+                std::ffi::CStr::from_ptr(pg_sys::debug_query_string)
+                    .to_string_lossy()
+                    .into_owned()
+            }
+        };
+        let search_path = Spi::get_one::<String>("SELECT current_setting('search_path')")
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let role = Spi::get_one::<String>("SELECT current_user::text")
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        (text, search_path, role)
+    });
+    let slot = log_slot_for_transaction().or_raise();
+    let vals = [
+        text_datum(&statement),
+        text_datum(&search_path),
+        text_datum(&role),
+        text_datum(command_tag),
+    ];
+    let entry = Entry {
+        op: b'S',
+        nsp: text_datum(object_schema),
+        rel: text_datum(object_name),
+        cols: None,
+        vals: Some(text_array(&vals, None)),
+        oldkey: None,
+        old_xmin: None,
+    };
+    as_extension_owner(|| append(slot, &entry)).or_raise();
+}

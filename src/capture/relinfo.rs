@@ -1,0 +1,195 @@
+//! What the capture trigger needs to know about a replicated table, computed once per table and
+//! backend and dropped when PostgreSQL invalidates the table's relcache entry (after DDL).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::CStr;
+
+use pgrx::pg_sys;
+
+use crate::error::TrompeError;
+
+/// One column that is sent to peers.
+pub struct Column {
+    /// Its position in the table's tuple descriptor (0-based).
+    pub index: usize,
+    /// Its output function, allocated in the entry's memory context.
+    pub output: *mut pg_sys::FmgrInfo,
+}
+
+/// The replication view of one table.
+pub struct RelInfo {
+    /// Schema name.
+    pub nsp: String,
+    /// Table name.
+    pub rel: String,
+    /// Columns sent to peers: the primary key columns first (in key order), then every other
+    /// column that is neither dropped nor generated, in table order.
+    pub columns: Vec<Column>,
+    /// How many of `columns` form the primary key.
+    pub nkey: usize,
+    /// The column names as a `text[]`, built once, allocated in `context`.
+    pub names_array: pg_sys::Datum,
+    /// The primary key column names as a `text[]`, allocated in `context`.
+    pub key_names_array: pg_sys::Datum,
+    /// Memory for everything above that PostgreSQL allocates.
+    context: pg_sys::MemoryContext,
+}
+
+impl Drop for RelInfo {
+    fn drop(&mut self) {
+        // SAFETY: the context was created by `RelInfo::build` and nothing else frees it.
+        unsafe { pg_sys::MemoryContextDelete(self.context) };
+    }
+}
+
+thread_local! {
+    static CACHE: RefCell<HashMap<pg_sys::Oid, std::rc::Rc<RelInfo>>> = RefCell::new(HashMap::new());
+    static CALLBACK_REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn invalidate(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    CACHE.with(|c| {
+        let mut cache = c.borrow_mut();
+        if relid == pg_sys::InvalidOid {
+            cache.clear();
+        } else {
+            cache.remove(&relid);
+        }
+    });
+}
+
+/// The cached replication view of an open relation, built on first use.
+///
+/// # Safety
+/// `rel` must be an open relation.
+pub unsafe fn relinfo(rel: pg_sys::Relation) -> Result<std::rc::Rc<RelInfo>, TrompeError> {
+    if !CALLBACK_REGISTERED.get() {
+        // SAFETY: registering a relcache callback once per backend, with a valid function.
+        unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(invalidate), pg_sys::Datum::from(0)) };
+        CALLBACK_REGISTERED.set(true);
+    }
+    let relid = (*rel).rd_id;
+    if let Some(info) = CACHE.with(|c| c.borrow().get(&relid).cloned()) {
+        return Ok(info);
+    }
+    let info = std::rc::Rc::new(RelInfo::build(rel)?);
+    CACHE.with(|c| c.borrow_mut().insert(relid, info.clone()));
+    Ok(info)
+}
+
+/// The schema-qualified name of an open relation, for messages.
+///
+/// # Safety
+/// `rel` must be an open relation.
+pub unsafe fn qualified_name(rel: pg_sys::Relation) -> String {
+    // SAFETY: rel is open (caller's contract); get_namespace_name returns a palloc'd copy or NULL.
+    unsafe {
+        let relname = CStr::from_ptr((*(*rel).rd_rel).relname.data.as_ptr()).to_string_lossy();
+        let nsp = pg_sys::get_namespace_name((*(*rel).rd_rel).relnamespace);
+        if nsp.is_null() {
+            relname.into_owned()
+        } else {
+            format!("{}.{}", CStr::from_ptr(nsp).to_string_lossy(), relname)
+        }
+    }
+}
+
+/// The primary key columns of an open relation as 0-based tuple descriptor positions, in key
+/// order; `None` if it has no primary key.
+///
+/// # Safety
+/// `rel` must be an open relation.
+pub unsafe fn primary_key_columns(rel: pg_sys::Relation) -> Option<Vec<usize>> {
+    // SAFETY: rel is open; the primary key index is opened and closed here with a lock that the
+    // caller's lock on the table already implies.
+    unsafe {
+        let pk = pg_sys::RelationGetPrimaryKeyIndex(rel);
+        if pk == pg_sys::InvalidOid {
+            return None;
+        }
+        let index = pg_sys::index_open(pk, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let form = (*index).rd_index;
+        let nkeys = (*form).indnkeyatts as usize;
+        let attnums = (*form).indkey.values.as_slice(nkeys);
+        let cols = attnums
+            .iter()
+            .map(|&a| (a as usize).saturating_sub(1))
+            .collect();
+        pg_sys::index_close(index, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        Some(cols)
+    }
+}
+
+impl RelInfo {
+    unsafe fn build(rel: pg_sys::Relation) -> Result<RelInfo, TrompeError> {
+        let key = primary_key_columns(rel)
+            .ok_or_else(|| TrompeError::NoPrimaryKey(qualified_name(rel)))?;
+        // SAFETY: rel is open and its tuple descriptor valid for the duration of this call; all
+        // allocations go to a context we own.
+        unsafe {
+            let context = pg_sys::AllocSetContextCreateInternal(
+                pg_sys::CacheMemoryContext,
+                c"trompe relinfo".as_ptr(),
+                pg_sys::ALLOCSET_SMALL_MINSIZE as usize,
+                pg_sys::ALLOCSET_SMALL_INITSIZE as usize,
+                pg_sys::ALLOCSET_SMALL_MAXSIZE as usize,
+            );
+            let mut info = RelInfo {
+                nsp: String::new(),
+                rel: String::new(),
+                columns: Vec::new(),
+                nkey: key.len(),
+                names_array: pg_sys::Datum::from(0),
+                key_names_array: pg_sys::Datum::from(0),
+                context,
+            };
+            let form = (*rel).rd_rel;
+            info.rel = CStr::from_ptr((*form).relname.data.as_ptr())
+                .to_string_lossy()
+                .into_owned();
+            let nsp = pg_sys::get_namespace_name((*form).relnamespace);
+            if nsp.is_null() {
+                return Err(TrompeError::Internal(format!(
+                    "schema of table {} not found",
+                    info.rel
+                )));
+            }
+            info.nsp = CStr::from_ptr(nsp).to_string_lossy().into_owned();
+
+            let tupdesc = (*rel).rd_att;
+            let natts = (*tupdesc).natts as usize;
+            let mut order: Vec<usize> = key.clone();
+            for i in 0..natts {
+                let att = &*(*tupdesc).attrs.as_ptr().add(i);
+                if att.attisdropped || att.attgenerated != 0 || key.contains(&i) {
+                    continue;
+                }
+                order.push(i);
+            }
+            let old = pg_sys::MemoryContextSwitchTo(context);
+            let mut name_datums = Vec::with_capacity(order.len());
+            for &i in &order {
+                let att = &*(*tupdesc).attrs.as_ptr().add(i);
+                let mut out_fn = pg_sys::InvalidOid;
+                let mut varlena = false;
+                pg_sys::getTypeOutputInfo(att.atttypid, &mut out_fn, &mut varlena);
+                let finfo = pg_sys::palloc0(std::mem::size_of::<pg_sys::FmgrInfo>())
+                    as *mut pg_sys::FmgrInfo;
+                pg_sys::fmgr_info_cxt(out_fn, finfo, context);
+                info.columns.push(Column {
+                    index: i,
+                    output: finfo,
+                });
+                name_datums.push(pg_sys::Datum::from(pg_sys::cstring_to_text(
+                    att.attname.data.as_ptr(),
+                )));
+            }
+            info.names_array = crate::capture::text_array(&name_datums, None);
+            info.key_names_array = crate::capture::text_array(&name_datums[..info.nkey], None);
+            pg_sys::MemoryContextSwitchTo(old);
+            Ok(info)
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! trompe's settings (`trompe.*` in postgresql.conf), all changeable with a reload.
+
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+
+/// `trompe.enabled`: off pauses every worker of the server.
+pub static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
+/// `trompe.pull_interval`: how long a pull request waits for new changes before it returns
+/// empty (the fallback when no commit wakes it), in milliseconds.
+pub static PULL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+/// `trompe.batch_size`: changes fetched from a peer per request.
+pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+/// `trompe.retry_min_delay`: first retry delay after a peer failed, in milliseconds.
+pub static RETRY_MIN_MS: GucSetting<i32> = GucSetting::<i32>::new(500);
+/// `trompe.retry_max_delay`: longest retry delay, in milliseconds.
+pub static RETRY_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
+/// `trompe.connect_timeout`: default libpq connect_timeout for peers, in seconds.
+pub static CONNECT_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(10);
+/// `trompe.log_rotation_interval`: how often the current log table is switched, in ms.
+pub static LOG_ROTATION_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
+
+/// Registers every setting.
+pub fn define() {
+    GucRegistry::define_bool_guc(
+        c"trompe.enabled",
+        c"Whether trompe's workers replicate.",
+        c"Off pauses every trompe worker of this server; changes are still captured.",
+        &ENABLED,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"trompe.pull_interval",
+        c"How long a pull waits for new changes before returning.",
+        c"A commit on the peer wakes the pull at once; this is the fallback period.",
+        &PULL_INTERVAL_MS,
+        100,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"trompe.batch_size",
+        c"Changes fetched from a peer per request.",
+        c"Whole transactions are always fetched, so a request can return more.",
+        &BATCH_SIZE,
+        1,
+        1_000_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"trompe.retry_min_delay",
+        c"First delay before retrying a peer that failed.",
+        c"Doubles after each further failure, up to trompe.retry_max_delay.",
+        &RETRY_MIN_MS,
+        10,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"trompe.retry_max_delay",
+        c"Longest delay before retrying a peer that failed.",
+        c"",
+        &RETRY_MAX_MS,
+        10,
+        86_400_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"trompe.connect_timeout",
+        c"Default connect_timeout for connections to peers.",
+        c"Used when a peer's connection string does not set connect_timeout.",
+        &CONNECT_TIMEOUT_S,
+        1,
+        3600,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"trompe.log_rotation_interval",
+        c"How often writers switch to the next change log table.",
+        c"A log table is truncated once every peer has confirmed it.",
+        &LOG_ROTATION_MS,
+        100,
+        86_400_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+}

@@ -1,0 +1,358 @@
+//! trompe's shared memory: per-database slots (worker, log rotation, commit counter), per-peer
+//! live status, and the condition variable that wakes peers' pull requests when a transaction
+//! that wrote to the log commits.
+//!
+//! Only present when the library is in `shared_preload_libraries`; everything here degrades to
+//! "not available" otherwise.
+
+use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
+
+use pgrx::pg_sys;
+
+/// Databases with trompe a server can serve at once.
+pub const MAX_DATABASES: usize = 64;
+/// Peers (over all databases) whose live status is kept.
+pub const MAX_PEERS: usize = 256;
+/// Bytes kept of a peer's last error message.
+pub const ERROR_BYTES: usize = 512;
+
+/// State of one database's worker.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DbState {
+    /// Slot unused.
+    Free = 0,
+    /// A worker should be started for this database.
+    LaunchRequested = 1,
+    /// A worker runs.
+    Running = 2,
+    /// The database has no trompe; do not start a worker until asked.
+    NoExtension = 3,
+    /// The database is being dropped or renamed: keep its worker away until `retry_at`.
+    Held = 4,
+    /// The worker exited with an error; restart it at `retry_at`.
+    Failed = 5,
+}
+
+impl DbState {
+    fn from_u32(v: u32) -> DbState {
+        match v {
+            1 => DbState::LaunchRequested,
+            2 => DbState::Running,
+            3 => DbState::NoExtension,
+            4 => DbState::Held,
+            5 => DbState::Failed,
+            _ => DbState::Free,
+        }
+    }
+}
+
+/// Shared state of one database.
+#[repr(C)]
+pub struct DbSlot {
+    /// The database, or 0 if the slot is free.
+    pub dboid: AtomicU32,
+    state: AtomicU32,
+    /// Process id of its worker, 0 if none.
+    pub worker_pid: AtomicI32,
+    /// When (ms since epoch) a held or failed worker may be started again.
+    pub retry_at: AtomicI64,
+    /// The log table writers append to, -1 if not known yet.
+    pub log_slot: AtomicI32,
+    /// Counts commits of transactions that wrote to this database's log.
+    pub log_commits: AtomicU64,
+    /// Bumped to make the worker re-read its peers and pull at once.
+    pub wake_requests: AtomicU64,
+}
+
+impl DbSlot {
+    /// The worker state.
+    pub fn state(&self) -> DbState {
+        DbState::from_u32(self.state.load(Ordering::Acquire))
+    }
+
+    /// Sets the worker state.
+    pub fn set_state(&self, s: DbState) {
+        self.state.store(s as u32, Ordering::Release);
+    }
+}
+
+/// Live status of one peer of one database, written by that database's worker.
+#[repr(C)]
+pub struct PeerSlot {
+    /// The database, or 0 if the slot is free.
+    pub dboid: AtomicU32,
+    /// The peer's node id.
+    pub node_id: [u8; 16],
+    /// Connection state (see `worker::peer::ConnState`).
+    pub conn_state: AtomicU32,
+    /// When the last pull succeeded (ms since epoch), 0 if never.
+    pub last_pull_ms: AtomicI64,
+    /// When the last error happened (ms since epoch), 0 if never.
+    pub last_error_ms: AtomicI64,
+    /// Origin transactions applied since the worker started.
+    pub applied_txns: AtomicU64,
+    /// Changes applied since the worker started.
+    pub applied_changes: AtomicU64,
+    /// Changes the peer has committed that are not applied here yet, -1 if unknown.
+    pub pending_changes: AtomicI64,
+    /// Commit time (ms since epoch) of the oldest change not applied yet, 0 if none.
+    pub oldest_pending_ms: AtomicI64,
+    error_len: AtomicU32,
+    error: [u8; ERROR_BYTES],
+}
+
+/// The whole shared segment.
+#[repr(C)]
+pub struct Shared {
+    lock: *mut pg_sys::LWLock,
+    /// Process id of the supervisor, 0 if none.
+    pub supervisor_pid: AtomicI32,
+    /// Pull requests of peers wait on this for a commit that wrote to the log.
+    pub log_commit_cv: pg_sys::ConditionVariable,
+    /// Per-database state.
+    pub dbs: [DbSlot; MAX_DATABASES],
+    /// Per-peer live status.
+    pub peers: [PeerSlot; MAX_PEERS],
+}
+
+static mut SHARED: *mut Shared = std::ptr::null_mut();
+static mut PREV_STARTUP: pg_sys::shmem_startup_hook_type = None;
+#[cfg(not(any(feature = "pg13", feature = "pg14")))]
+static mut PREV_REQUEST: pg_sys::shmem_request_hook_type = None;
+
+/// Asks for the segment and the lock; called from `_PG_init` while preloading.
+pub fn request() {
+    // SAFETY: hook installation from _PG_init, single-threaded, in the postmaster.
+    unsafe {
+        #[cfg(not(any(feature = "pg13", feature = "pg14")))]
+        {
+            PREV_REQUEST = pg_sys::shmem_request_hook;
+            pg_sys::shmem_request_hook = Some(shmem_request);
+        }
+        #[cfg(any(feature = "pg13", feature = "pg14"))]
+        request_space();
+        PREV_STARTUP = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(shmem_startup);
+    }
+}
+
+unsafe fn request_space() {
+    pg_sys::RequestAddinShmemSpace(std::mem::size_of::<Shared>());
+    pg_sys::RequestNamedLWLockTranche(c"trompe".as_ptr(), 1);
+}
+
+#[cfg(not(any(feature = "pg13", feature = "pg14")))]
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn shmem_request() {
+    if let Some(prev) = PREV_REQUEST {
+        prev();
+    }
+    request_space();
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn shmem_startup() {
+    if let Some(prev) = PREV_STARTUP {
+        prev();
+    }
+    // AddinShmemInitLock is entry 21 of the main LWLock array (lwlocknames.txt).
+    let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+    pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+    let mut found = false;
+    let shared = pg_sys::ShmemInitStruct(
+        c"trompe".as_ptr(),
+        std::mem::size_of::<Shared>(),
+        &mut found,
+    ) as *mut Shared;
+    if !found {
+        std::ptr::write_bytes(shared as *mut u8, 0, std::mem::size_of::<Shared>());
+        (*shared).lock = &mut (*pg_sys::GetNamedLWLockTranche(c"trompe".as_ptr())).lock;
+        pg_sys::ConditionVariableInit(&mut (*shared).log_commit_cv);
+        for db in (*shared).dbs.iter() {
+            db.log_slot.store(-1, Ordering::Relaxed);
+        }
+    }
+    SHARED = shared;
+    pg_sys::LWLockRelease(init_lock);
+}
+
+/// The shared segment, if trompe was preloaded.
+pub fn shared() -> Option<&'static Shared> {
+    // SAFETY: SHARED is set once at startup (inherited by every backend) and never freed.
+    unsafe { SHARED.as_ref() }
+}
+
+/// Runs `f` holding trompe's lock exclusively (released also on error).
+pub fn with_lock<R>(shared: &Shared, f: impl FnOnce() -> R) -> R {
+    struct Release(*mut pg_sys::LWLock);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            // SAFETY: releases the lock acquired below. LWLocks are also released on error
+            // by the abort path; releasing a lock not held would be an error, so only release
+            // while this process still holds it.
+            unsafe {
+                if pg_sys::LWLockHeldByMe(self.0) {
+                    pg_sys::LWLockRelease(self.0);
+                }
+            }
+        }
+    }
+    // SAFETY: the lock lives in shared memory for the server's lifetime.
+    unsafe { pg_sys::LWLockAcquire(shared.lock, pg_sys::LWLockMode::LW_EXCLUSIVE) };
+    let _release = Release(shared.lock);
+    f()
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Shared {
+    /// The slot of `dboid`, if one exists.
+    pub fn db_slot(&self, dboid: pg_sys::Oid) -> Option<&DbSlot> {
+        let want = dboid.to_u32();
+        self.dbs
+            .iter()
+            .find(|d| d.dboid.load(Ordering::Acquire) == want)
+    }
+
+    /// The slot of `dboid`, allocating a free one if needed (None if all are taken).
+    pub fn db_slot_or_new(&self, dboid: pg_sys::Oid) -> Option<&DbSlot> {
+        if let Some(slot) = self.db_slot(dboid) {
+            return Some(slot);
+        }
+        with_lock(self, || {
+            if let Some(slot) = self.db_slot(dboid) {
+                return Some(slot);
+            }
+            let slot = self
+                .dbs
+                .iter()
+                .find(|d| d.dboid.load(Ordering::Acquire) == 0)?;
+            slot.set_state(DbState::Free);
+            slot.worker_pid.store(0, Ordering::Relaxed);
+            slot.retry_at.store(0, Ordering::Relaxed);
+            slot.log_slot.store(-1, Ordering::Relaxed);
+            slot.dboid.store(dboid.to_u32(), Ordering::Release);
+            Some(slot)
+        })
+    }
+
+    /// The status slot of peer `node_id` of database `dboid`, allocating it if needed.
+    pub fn peer_slot(&self, dboid: pg_sys::Oid, node_id: &[u8; 16]) -> Option<&PeerSlot> {
+        let want = dboid.to_u32();
+        let find = || {
+            self.peers
+                .iter()
+                .find(|p| p.dboid.load(Ordering::Acquire) == want && &p.node_id == node_id)
+        };
+        if let Some(p) = find() {
+            return Some(p);
+        }
+        with_lock(self, || {
+            if let Some(p) = find() {
+                return Some(p);
+            }
+            let slot = self
+                .peers
+                .iter()
+                .find(|p| p.dboid.load(Ordering::Acquire) == 0)?;
+            let ptr = slot as *const PeerSlot as *mut PeerSlot;
+            // SAFETY: the slot is free and we hold the lock, so nobody else reads or writes its
+            // plain fields while we reset them.
+            unsafe {
+                (*ptr).node_id = *node_id;
+            }
+            slot.reset();
+            slot.dboid.store(want, Ordering::Release);
+            Some(slot)
+        })
+    }
+
+    /// The status slot of a peer, if it has one.
+    pub fn find_peer_slot(&self, dboid: pg_sys::Oid, node_id: &[u8; 16]) -> Option<&PeerSlot> {
+        let want = dboid.to_u32();
+        self.peers
+            .iter()
+            .find(|p| p.dboid.load(Ordering::Acquire) == want && &p.node_id == node_id)
+    }
+
+    /// Frees every peer slot of `dboid` whose node id is not in `keep`.
+    pub fn release_peer_slots(&self, dboid: pg_sys::Oid, keep: &[[u8; 16]]) {
+        let want = dboid.to_u32();
+        with_lock(self, || {
+            for p in self.peers.iter() {
+                if p.dboid.load(Ordering::Acquire) == want && !keep.contains(&p.node_id) {
+                    p.dboid.store(0, Ordering::Release);
+                }
+            }
+        });
+    }
+}
+
+impl PeerSlot {
+    fn reset(&self) {
+        self.conn_state.store(0, Ordering::Relaxed);
+        self.last_pull_ms.store(0, Ordering::Relaxed);
+        self.last_error_ms.store(0, Ordering::Relaxed);
+        self.applied_txns.store(0, Ordering::Relaxed);
+        self.applied_changes.store(0, Ordering::Relaxed);
+        self.pending_changes.store(-1, Ordering::Relaxed);
+        self.oldest_pending_ms.store(0, Ordering::Relaxed);
+        self.error_len.store(0, Ordering::Relaxed);
+    }
+
+    /// Records an error (truncated to `ERROR_BYTES` at a character boundary) and its time.
+    pub fn set_error(&self, message: &str) {
+        let shared = match shared() {
+            Some(s) => s,
+            None => return,
+        };
+        let mut end = message.len().min(ERROR_BYTES);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        with_lock(shared, || {
+            let ptr = self as *const PeerSlot as *mut PeerSlot;
+            // SAFETY: error bytes are only written and read under the lock.
+            unsafe {
+                (&mut (*ptr).error)[..end].copy_from_slice(&message.as_bytes()[..end]);
+            }
+            self.error_len.store(end as u32, Ordering::Release);
+        });
+        self.last_error_ms.store(now_ms(), Ordering::Release);
+    }
+
+    /// Clears the last error message (keeping its time).
+    pub fn clear_error(&self) {
+        self.error_len.store(0, Ordering::Release);
+    }
+
+    /// The last error message, if any.
+    pub fn error(&self) -> Option<String> {
+        let shared = shared()?;
+        with_lock(shared, || {
+            let len = self.error_len.load(Ordering::Acquire) as usize;
+            (len > 0)
+                .then(|| String::from_utf8_lossy(&self.error[..len.min(ERROR_BYTES)]).into_owned())
+        })
+    }
+}
+
+/// Announces that a transaction that wrote to this database's log has committed: wakes every
+/// pull request waiting for changes. Called from the commit callback; never raises.
+pub fn announce_log_commit() {
+    let Some(shared) = shared() else { return };
+    // SAFETY: MyDatabaseId is a backend-local global.
+    let dboid = unsafe { pg_sys::MyDatabaseId };
+    if let Some(slot) = shared.db_slot(dboid) {
+        slot.log_commits.fetch_add(1, Ordering::AcqRel);
+        // SAFETY: the condition variable lives in shared memory for the server's lifetime.
+        unsafe { pg_sys::ConditionVariableBroadcast(&shared.log_commit_cv as *const _ as *mut _) };
+    }
+}

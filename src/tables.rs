@@ -1,0 +1,342 @@
+//! Which tables are replicated: `trompe.add_table`, `remove_table`, `add_schema`,
+//! `remove_schema`, and the checks that keep a replicated table replicable.
+
+use pgrx::prelude::*;
+use pgrx::spi::quote_identifier;
+use pgrx::PgRelation;
+
+use crate::capture::relinfo::primary_key_columns;
+use crate::capture::InternalOperation;
+use crate::error::{OrRaise, TrompeError};
+use crate::log::writer::as_extension_owner;
+
+/// Schemas that can never be replicated.
+const RESERVED_SCHEMAS: &[&str] = &["pg_catalog", "information_schema", "pg_toast", "trompe"];
+
+/// Facts about a relation that decide whether it can be replicated.
+struct RelFacts {
+    nsp: String,
+    name: String,
+    kind: u8,
+    persistence: u8,
+    has_pk: bool,
+}
+
+fn rel_facts(relid: pg_sys::Oid) -> Result<RelFacts, TrompeError> {
+    // SAFETY: the relation is opened with AccessShareLock (the caller holds a stronger lock
+    // where it matters) and closed before returning; try_relation_open returns NULL if it
+    // vanished.
+    unsafe {
+        let rel = pg_sys::try_relation_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        if rel.is_null() {
+            return Err(TrompeError::Internal(format!(
+                "relation {} does not exist",
+                relid.to_u32()
+            )));
+        }
+        let form = (*rel).rd_rel;
+        let nsp_ptr = pg_sys::get_namespace_name((*form).relnamespace);
+        let facts = RelFacts {
+            nsp: if nsp_ptr.is_null() {
+                String::new()
+            } else {
+                std::ffi::CStr::from_ptr(nsp_ptr)
+                    .to_string_lossy()
+                    .into_owned()
+            },
+            name: std::ffi::CStr::from_ptr((*form).relname.data.as_ptr())
+                .to_string_lossy()
+                .into_owned(),
+            kind: (*form).relkind as u8,
+            persistence: (*form).relpersistence as u8,
+            has_pk: (*form).relkind as u8 == pg_sys::RELKIND_RELATION
+                && primary_key_columns(rel).is_some(),
+        };
+        pg_sys::relation_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        Ok(facts)
+    }
+}
+
+impl RelFacts {
+    fn qualified(&self) -> String {
+        let nsp = if self.persistence == pg_sys::RELPERSISTENCE_TEMP {
+            "pg_temp"
+        } else {
+            &self.nsp
+        };
+        format!("{}.{}", quote_identifier(nsp), quote_identifier(&self.name))
+    }
+
+    /// Why this relation cannot be replicated, if it cannot.
+    fn refusal(&self) -> Option<TrompeError> {
+        let kind = match self.kind {
+            k if k == pg_sys::RELKIND_RELATION => None,
+            k if k == pg_sys::RELKIND_PARTITIONED_TABLE => {
+                Some("a partitioned table (replicate its partitions)")
+            }
+            k if k == pg_sys::RELKIND_VIEW => Some("a view"),
+            k if k == pg_sys::RELKIND_MATVIEW => Some("a materialized view"),
+            k if k == pg_sys::RELKIND_FOREIGN_TABLE => Some("a foreign table"),
+            k if k == pg_sys::RELKIND_SEQUENCE => Some("a sequence"),
+            k if k == pg_sys::RELKIND_INDEX || k == pg_sys::RELKIND_PARTITIONED_INDEX => {
+                Some("an index")
+            }
+            _ => Some("not a table"),
+        };
+        if let Some(kind) = kind {
+            return Some(TrompeError::NotATable {
+                name: self.qualified(),
+                kind,
+            });
+        }
+        match self.persistence {
+            p if p == pg_sys::RELPERSISTENCE_TEMP => {
+                return Some(TrompeError::NotPermanent {
+                    table: self.qualified(),
+                    kind: "temporary",
+                })
+            }
+            p if p == pg_sys::RELPERSISTENCE_UNLOGGED => {
+                return Some(TrompeError::NotPermanent {
+                    table: self.qualified(),
+                    kind: "unlogged",
+                })
+            }
+            _ => {}
+        }
+        if RESERVED_SCHEMAS.contains(&self.nsp.as_str()) || self.nsp.starts_with("pg_") {
+            return Some(TrompeError::ReservedSchema(self.nsp.clone()));
+        }
+        if !self.has_pk {
+            return Some(TrompeError::NoPrimaryKey(self.qualified()));
+        }
+        None
+    }
+}
+
+fn is_replicated(relid: pg_sys::Oid) -> bool {
+    Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM trompe.tables WHERE relid = $1)",
+        &[relid.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false)
+}
+
+/// Starts replicating one table (idempotent); returns false if it already was replicated.
+pub fn add_table_by_oid(relid: pg_sys::Oid) -> Result<bool, TrompeError> {
+    let facts = rel_facts(relid)?;
+    if let Some(refusal) = facts.refusal() {
+        return Err(refusal);
+    }
+    let _internal = InternalOperation::begin();
+    as_extension_owner(|| {
+        if is_replicated(relid) {
+            return Ok(false);
+        }
+        let table = facts.qualified();
+        let sql = format!(
+            "INSERT INTO trompe.tables (relid) VALUES ({oid}::oid::regclass);
+             CREATE TRIGGER trompe_capture AFTER INSERT OR UPDATE OR DELETE ON {table}
+                 FOR EACH ROW EXECUTE FUNCTION trompe.capture_row();
+             CREATE TRIGGER trompe_truncate AFTER TRUNCATE ON {table}
+                 FOR EACH STATEMENT EXECUTE FUNCTION trompe.capture_truncate();",
+            oid = relid.to_u32()
+        );
+        Spi::run(&sql).map_err(|e| TrompeError::Internal(format!("adding {table}: {e}")))?;
+        Ok(true)
+    })
+}
+
+/// Stops replicating one table; returns false if it was not replicated.
+pub fn remove_table_by_oid(relid: pg_sys::Oid) -> Result<bool, TrompeError> {
+    let _internal = InternalOperation::begin();
+    as_extension_owner(|| {
+        if !is_replicated(relid) {
+            return Ok(false);
+        }
+        let facts = rel_facts(relid)?;
+        let table = facts.qualified();
+        let sql = format!(
+            "DROP TRIGGER IF EXISTS trompe_capture ON {table};
+             DROP TRIGGER IF EXISTS trompe_truncate ON {table};
+             DELETE FROM trompe.tables WHERE relid = {oid}::oid;",
+            oid = relid.to_u32()
+        );
+        Spi::run(&sql).map_err(|e| TrompeError::Internal(format!("removing {table}: {e}")))?;
+        Ok(true)
+    })
+}
+
+/// Starts replicating a table. A table needs a primary key and must be permanent; calling it
+/// again for a replicated table does nothing. Returns whether the table was newly added.
+#[pg_extern(volatile, parallel_unsafe)]
+fn add_table(rel: PgRelation) -> bool {
+    add_table_by_oid(rel.oid()).or_raise()
+}
+
+/// Stops replicating a table (its captured changes already in the log are still sent).
+/// Returns whether it was replicated.
+#[pg_extern(volatile, parallel_unsafe)]
+fn remove_table(rel: PgRelation) -> bool {
+    remove_table_by_oid(rel.oid()).or_raise()
+}
+
+fn check_schema(schema_name: &str) -> Result<(), TrompeError> {
+    if RESERVED_SCHEMAS.contains(&schema_name) || schema_name.starts_with("pg_") {
+        return Err(TrompeError::ReservedSchema(schema_name.to_string()));
+    }
+    let exists = Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+        &[schema_name.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false);
+    if !exists {
+        return Err(TrompeError::NoSuchSchema(schema_name.to_string()));
+    }
+    Ok(())
+}
+
+/// Adds every table of the replicated schemas that is not replicated yet and can be; warns
+/// about tables that cannot (no primary key yet). Returns how many were added.
+pub fn sync_schema_tables() -> Result<i64, TrompeError> {
+    let candidates: Vec<pg_sys::Oid> = Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname IN (SELECT schema_name FROM trompe.schemas)
+                AND c.relkind = 'r' AND c.relpersistence = 'p'
+                AND NOT EXISTS (SELECT 1 FROM trompe.tables t WHERE t.relid = c.oid)
+              ORDER BY c.oid",
+            None,
+            &[],
+        )?;
+        let mut out = Vec::new();
+        for row in rows {
+            if let Some(oid) = row.get::<pg_sys::Oid>(1)? {
+                out.push(oid);
+            }
+        }
+        Ok::<_, pgrx::spi::Error>(out)
+    })
+    .map_err(|e| TrompeError::Internal(format!("listing tables of replicated schemas: {e}")))?;
+    let mut added = 0;
+    for relid in candidates {
+        let facts = rel_facts(relid)?;
+        match facts.refusal() {
+            None => {
+                if add_table_by_oid(relid)? {
+                    added += 1;
+                }
+            }
+            Some(TrompeError::NoPrimaryKey(name)) => {
+                pgrx::warning!("table {name} in a replicated schema has no primary key; it is replicated once it has one")
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(added)
+}
+
+/// Replicates every table in a schema, now and every table created in it later. Returns how
+/// many tables were newly added.
+#[pg_extern(volatile, parallel_unsafe)]
+fn add_schema(schema_name: &str) -> i64 {
+    check_schema(schema_name).or_raise();
+    {
+        let _internal = InternalOperation::begin();
+        as_extension_owner(|| {
+            Spi::run_with_args(
+                "INSERT INTO trompe.schemas (schema_name) VALUES ($1) ON CONFLICT DO NOTHING",
+                &[schema_name.into()],
+            )
+        })
+        .map_err(|e| TrompeError::Internal(format!("adding schema {schema_name}: {e}")))
+        .or_raise();
+    }
+    sync_schema_tables().or_raise()
+}
+
+/// Stops replicating a schema and every table in it. Returns how many tables were removed.
+#[pg_extern(volatile, parallel_unsafe)]
+fn remove_schema(schema_name: &str) -> i64 {
+    let relids: Vec<pg_sys::Oid> = Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT t.relid::oid FROM trompe.tables t JOIN pg_class c ON c.oid = t.relid
+               JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1",
+            None,
+            &[schema_name.into()],
+        )?;
+        let mut out = Vec::new();
+        for row in rows {
+            if let Some(oid) = row.get::<pg_sys::Oid>(1)? {
+                out.push(oid);
+            }
+        }
+        Ok::<_, pgrx::spi::Error>(out)
+    })
+    .map_err(|e| TrompeError::Internal(format!("listing tables of schema {schema_name}: {e}")))
+    .or_raise();
+    let _internal = InternalOperation::begin();
+    as_extension_owner(|| {
+        Spi::run_with_args(
+            "DELETE FROM trompe.schemas WHERE schema_name = $1",
+            &[schema_name.into()],
+        )
+    })
+    .map_err(|e| TrompeError::Internal(format!("removing schema {schema_name}: {e}")))
+    .or_raise();
+    let mut removed = 0;
+    for relid in relids {
+        if remove_table_by_oid(relid).or_raise() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// Called by the DDL event trigger: refuses DDL that leaves a replicated table without a
+/// primary key or makes it unlogged, and starts replicating new tables in replicated schemas.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _after_ddl(touched: Vec<pg_sys::Oid>) {
+    for relid in touched {
+        if !is_replicated(relid) {
+            continue;
+        }
+        let facts = rel_facts(relid).or_raise();
+        if facts.persistence == pg_sys::RELPERSISTENCE_UNLOGGED {
+            TrompeError::MadeUnlogged(facts.qualified()).raise();
+        }
+        if !facts.has_pk {
+            TrompeError::DropPrimaryKey(facts.qualified()).raise();
+        }
+        let triggers_on = Spi::get_one_with_args::<i64>(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = $1
+                AND tgname IN ('trompe_capture', 'trompe_truncate') AND tgenabled IN ('O', 'A')",
+            &[relid.into()],
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(0);
+        if triggers_on != 2 {
+            TrompeError::CaptureDisabled(facts.qualified()).raise();
+        }
+    }
+    sync_schema_tables().or_raise();
+}
+
+/// Called by the sql_drop event trigger: forgets replicated tables that were dropped.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _forget_dropped(dropped: Vec<pg_sys::Oid>) {
+    let _internal = InternalOperation::begin();
+    as_extension_owner(|| {
+        Spi::run_with_args(
+            "DELETE FROM trompe.tables WHERE relid::oid = ANY($1)",
+            &[dropped.into()],
+        )
+    })
+    .map_err(|e| TrompeError::Internal(format!("forgetting dropped tables: {e}")))
+    .or_raise();
+}

@@ -1,0 +1,84 @@
+//! trompe's ProcessUtility hook: remembers the exact text of each utility statement for DDL
+//! capture, and the RESTART IDENTITY flag of TRUNCATE.
+
+use pgrx::pg_sys;
+
+use crate::capture::ddl::StatementScope;
+
+static mut PREVIOUS_HOOK: pg_sys::ProcessUtility_hook_type = None;
+
+/// Installs the hook (once per process).
+pub fn install() {
+    // SAFETY: hooks are installed from _PG_init, single-threaded, before any statement runs.
+    unsafe {
+        PREVIOUS_HOOK = pg_sys::ProcessUtility_hook;
+        pg_sys::ProcessUtility_hook = Some(process_utility);
+    }
+}
+
+/// The text of the statement `pstmt` inside the whole query string.
+unsafe fn statement_text(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query: *const std::ffi::c_char,
+) -> String {
+    if query.is_null() {
+        return String::new();
+    }
+    let whole = std::ffi::CStr::from_ptr(query).to_string_lossy();
+    let location = (*pstmt).stmt_location.max(0) as usize;
+    let len = (*pstmt).stmt_len.max(0) as usize;
+    let bytes = whole.as_bytes();
+    if location >= bytes.len() {
+        return whole.trim().to_string();
+    }
+    let end = if len == 0 {
+        bytes.len()
+    } else {
+        (location + len).min(bytes.len())
+    };
+    String::from_utf8_lossy(&bytes[location..end])
+        .trim()
+        .to_string()
+}
+
+#[allow(clippy::too_many_arguments)]
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn process_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const std::ffi::c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    let node = (*pstmt).utilityStmt;
+    let restart = !node.is_null()
+        && (*node).type_ == pg_sys::NodeTag::T_TruncateStmt
+        && (*(node as *mut pg_sys::TruncateStmt)).restart_seqs;
+    crate::worker::dbguard::before_utility(node);
+    let _scope = StatementScope::enter(statement_text(pstmt, query_string), restart);
+    match PREVIOUS_HOOK {
+        Some(previous) => previous(
+            pstmt,
+            query_string,
+            read_only_tree,
+            context,
+            params,
+            query_env,
+            dest,
+            qc,
+        ),
+        None => pg_sys::standard_ProcessUtility(
+            pstmt,
+            query_string,
+            read_only_tree,
+            context,
+            params,
+            query_env,
+            dest,
+            qc,
+        ),
+    }
+}

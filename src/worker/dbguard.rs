@@ -1,0 +1,107 @@
+//! Keeps a database's worker out of the way of commands that need the database to have no
+//! connections: DROP DATABASE, ALTER DATABASE ... RENAME / SET TABLESPACE, and CREATE DATABASE
+//! using it as the template. The worker is stopped first and kept away for a while; the
+//! supervisor starts it again afterwards if the database still exists.
+
+use std::sync::atomic::Ordering;
+
+use pgrx::pg_sys;
+
+use crate::shmem::{now_ms, shared, DbState};
+
+/// How long a held worker stays away.
+const HOLD_MS: i64 = 10_000;
+/// How long to wait for the worker to exit.
+const EXIT_WAIT_MS: i64 = 5_000;
+
+/// Called by the ProcessUtility hook before every utility statement.
+///
+/// # Safety
+/// `node` must be a valid parse node or NULL.
+pub unsafe fn before_utility(node: *mut pg_sys::Node) {
+    if node.is_null() || shared().is_none() {
+        return;
+    }
+    let dbname: *const std::ffi::c_char = match (*node).type_ {
+        pg_sys::NodeTag::T_DropdbStmt => (*(node as *mut pg_sys::DropdbStmt)).dbname,
+        pg_sys::NodeTag::T_RenameStmt => {
+            let stmt = node as *mut pg_sys::RenameStmt;
+            if (*stmt).renameType == pg_sys::ObjectType::OBJECT_DATABASE {
+                (*stmt).subname
+            } else {
+                std::ptr::null()
+            }
+        }
+        pg_sys::NodeTag::T_AlterDatabaseStmt => (*(node as *mut pg_sys::AlterDatabaseStmt)).dbname,
+        pg_sys::NodeTag::T_CreatedbStmt => template_of(node as *mut pg_sys::CreatedbStmt),
+        _ => std::ptr::null(),
+    };
+    if dbname.is_null() {
+        return;
+    }
+    let dboid = pg_sys::get_database_oid(dbname, true);
+    if dboid != pg_sys::InvalidOid {
+        hold_worker(dboid);
+    }
+}
+
+/// The TEMPLATE option of CREATE DATABASE, or NULL.
+unsafe fn template_of(stmt: *mut pg_sys::CreatedbStmt) -> *const std::ffi::c_char {
+    let list = (*stmt).options;
+    if list.is_null() {
+        return std::ptr::null();
+    }
+    for i in 0..(*list).length as usize {
+        let def = (*(*list).elements.add(i)).ptr_value as *mut pg_sys::DefElem;
+        if def.is_null() || (*def).defname.is_null() {
+            continue;
+        }
+        if std::ffi::CStr::from_ptr((*def).defname).to_bytes() == b"template"
+            && !(*def).arg.is_null()
+        {
+            return pg_sys::defGetString(def);
+        }
+    }
+    std::ptr::null()
+}
+
+/// Stops the worker of `dboid`, if any, and keeps it from restarting for a while.
+pub fn hold_worker(dboid: pg_sys::Oid) {
+    let Some(shared) = shared() else { return };
+    let Some(slot) = shared.db_slot(dboid) else {
+        return;
+    };
+    slot.retry_at.store(now_ms() + HOLD_MS, Ordering::Release);
+    let state = slot.state();
+    if state == DbState::NoExtension || state == DbState::Free {
+        return;
+    }
+    slot.set_state(DbState::Held);
+    let pid = slot.worker_pid.load(Ordering::Acquire);
+    if pid <= 0 {
+        return;
+    }
+    // SAFETY: kill(2) on the worker's pid, which it publishes while it runs.
+    unsafe {
+        libc_kill(pid, pg_sys::SIGTERM as i32);
+    }
+    let deadline = now_ms() + EXIT_WAIT_MS;
+    while slot.worker_pid.load(Ordering::Acquire) == pid && now_ms() < deadline {
+        // SAFETY: sleeping on our own latch with a timeout; interrupts are checked after.
+        unsafe {
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                10,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        pgrx::check_for_interrupts!();
+    }
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
