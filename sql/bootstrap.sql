@@ -67,3 +67,37 @@ CREATE TABLE trompe.log_rotation (
 );
 INSERT INTO trompe.log_rotation (slot, is_current) VALUES (0, true), (1, false), (2, false);
 COMMENT ON TABLE trompe.log_rotation IS 'Which log table writers append to, and when the others were retired.';
+
+-- Peers this node pulls from.
+CREATE TABLE trompe.peers (
+    name text PRIMARY KEY CHECK (name <> '' AND length(name) <= 63),
+    node_id uuid NOT NULL UNIQUE,
+    conninfo text NOT NULL,
+    paused boolean NOT NULL DEFAULT false,
+    added_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE trompe.peers IS 'Peers this node pulls changes from; change with trompe.add_peer() and friends.';
+
+-- How far each peer's log has been applied here. Updated in the same transaction as the
+-- changes it covers: the position is exactly what is applied, after any crash.
+CREATE TABLE trompe.progress (
+    node_id uuid PRIMARY KEY REFERENCES trompe.peers (node_id) ON DELETE CASCADE,
+    done text NOT NULL,
+    cur text,
+    after bigint NOT NULL DEFAULT 0,
+    applied_txns bigint NOT NULL DEFAULT 0,
+    applied_changes bigint NOT NULL DEFAULT 0,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE trompe.progress IS 'Per peer: the peer snapshot whose changes are all applied here (done), and the step in progress.';
+
+-- Nodes that pull from this node, and the position each has confirmed as applied: the log is
+-- kept until every one of them has confirmed it.
+CREATE TABLE trompe.consumers (
+    node_id uuid PRIMARY KEY,
+    name text NOT NULL,
+    confirmed text NOT NULL,
+    registered_at timestamptz NOT NULL DEFAULT now(),
+    confirmed_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE trompe.consumers IS 'Nodes pulling from this node and the position they confirmed (holds back log truncation).';

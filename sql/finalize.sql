@@ -97,3 +97,52 @@ CREATE EVENT TRIGGER trompe_sql_drop ON sql_drop
 -- Everyone may see what is replicated; nobody but the owner may touch trompe's state.
 GRANT USAGE ON SCHEMA trompe TO PUBLIC;
 GRANT SELECT ON trompe.tables, trompe.schemas TO PUBLIC;
+
+-- Pulling this node's log (called by peers over libpq). The plan (which transactions) is
+-- made first, with a fresh snapshot; the rows are read by a later statement, whose snapshot
+-- therefore sees every transaction the plan chose.
+CREATE FUNCTION trompe.pull(consumer uuid, done text, cur text, after bigint, max_rows int,
+                            wait_ms int, seen bigint, confirmed text)
+RETURNS TABLE (kind "char", step_cur text, complete boolean, commits bigint, pending bigint, oldest_us bigint,
+               txn_last bigint, commit_us bigint, id bigint, op "char", nsp text, rel text,
+               cols text[], vals text[], oldkey text[], old_xmin xid)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+    p record;
+BEGIN
+    SELECT * INTO p FROM trompe._pull_plan(consumer, done, cur, after, max_rows, wait_ms, seen, confirmed);
+    RETURN QUERY SELECT 'H'::"char", p.cur, p.complete, p.commits, p.pending, p.oldest_commit_us,
+                        NULL::bigint, NULL::bigint, NULL::bigint, NULL::"char", NULL::text, NULL::text,
+                        NULL::text[], NULL::text[], NULL::text[], NULL::xid;
+    RETURN QUERY
+        SELECT 'C'::"char", NULL::text, NULL::boolean, NULL::bigint, NULL::bigint, NULL::bigint,
+               t.last_id, t.commit_us, l.id, l.op, l.nsp, l.rel, l.cols, l.vals, l.oldkey, l.old_xmin
+          FROM unnest(p.txids::xid8[], p.last_ids, p.commit_us) WITH ORDINALITY AS t(txid, last_id, commit_us, ord)
+          JOIN trompe.log l ON l.txid = t.txid
+         ORDER BY t.ord, l.id;
+END
+$$;
+
+-- One row per peer: connection state, position, lag, last pull and error, counters.
+CREATE VIEW trompe.status AS
+SELECT name,
+       node_id::uuid AS node_id,
+       state,
+       position AS applied_position,
+       behind_changes,
+       (behind_ms / 1000.0)::float8 AS behind_seconds,
+       to_timestamp(last_pull_ms / 1000.0) AS last_pull,
+       last_error,
+       to_timestamp(last_error_ms / 1000.0) AS last_error_at,
+       applied_txns,
+       applied_changes
+  FROM trompe._status();
+COMMENT ON VIEW trompe.status IS 'One row per peer: is it connected, how far behind, what went wrong last.';
+
+CREATE FUNCTION trompe.wait_sync(timeout interval DEFAULT '1 minute') RETURNS boolean
+LANGUAGE sql AS $$ SELECT trompe._wait_sync(extract(epoch FROM timeout)::float8) $$;
+COMMENT ON FUNCTION trompe.wait_sync(interval) IS
+    'True once every change each peer had committed at the time of the call is applied here; false on timeout.';
+
+SELECT trompe._on_create();

@@ -44,6 +44,68 @@ pub enum TrompeError {
     /// trompe's own schema or a system schema cannot be replicated.
     #[error("schema \"{0}\" cannot be replicated")]
     ReservedSchema(String),
+    /// A request from a peer that does not make sense.
+    #[error("invalid request: {0}")]
+    BadRequest(String),
+    /// A node pulls without being registered as a consumer here.
+    #[error("node {0} is not registered as a consumer of this node")]
+    NotAConsumer(String),
+    /// A consumer's position went back past what it had confirmed.
+    #[error("node {0} asks for changes older than it had confirmed; the log may have been pruned")]
+    PositionRegressed(String),
+    /// A peer name that is not acceptable.
+    #[error("invalid peer name \"{0}\": use 1 to 63 characters")]
+    BadPeerName(String),
+    /// The connection string does not parse.
+    #[error("{0}")]
+    BadConninfo(String),
+    /// A peer name is already in use.
+    #[error("peer \"{0}\" already exists")]
+    PeerExists(String),
+    /// The node is already a peer under another name.
+    #[error("node {node} is already peer \"{existing}\"")]
+    NodeAlreadyPeer {
+        /// Its node id.
+        node: String,
+        /// The name it is known by.
+        existing: String,
+    },
+    /// No peer by that name.
+    #[error("peer \"{0}\" does not exist")]
+    NoSuchPeer(String),
+    /// The peer cannot be reached.
+    #[error("could not connect to peer \"{name}\": {message}")]
+    PeerUnreachable {
+        /// The peer.
+        name: String,
+        /// libpq's message (never contains the password).
+        message: String,
+    },
+    /// The peer refused the login.
+    #[error("peer \"{name}\" refused the login: {message}")]
+    PeerLoginRefused {
+        /// The peer.
+        name: String,
+        /// libpq's message (never contains the password).
+        message: String,
+    },
+    /// The peer's database has no trompe.
+    #[error("peer \"{0}\" does not have the trompe extension installed")]
+    PeerWithoutTrompe(String),
+    /// The peer is this very node.
+    #[error("peer \"{0}\" is this node itself")]
+    PeerIsSelf(String),
+    /// A query on the peer failed.
+    #[error("peer \"{name}\" failed: {message}")]
+    PeerFailed {
+        /// The peer.
+        name: String,
+        /// The error it returned.
+        message: String,
+    },
+    /// A setting needed for replication is off.
+    #[error("{0}")]
+    SettingRequired(String),
     /// Something in trompe's own state is not as it must be.
     #[error("trompe internal error: {0}")]
     Internal(String),
@@ -65,6 +127,25 @@ impl TrompeError {
             TrompeError::NotATable { .. } => ERRCODE_WRONG_OBJECT_TYPE,
             TrompeError::NoSuchSchema(_) => ERRCODE_INVALID_SCHEMA_NAME,
             TrompeError::ReservedSchema(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            TrompeError::BadRequest(_) => ERRCODE_PROTOCOL_VIOLATION,
+            TrompeError::NotAConsumer(_) | TrompeError::PositionRegressed(_) => {
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+            }
+            TrompeError::BadPeerName(_) | TrompeError::BadConninfo(_) => {
+                ERRCODE_INVALID_PARAMETER_VALUE
+            }
+            TrompeError::PeerExists(_) | TrompeError::NodeAlreadyPeer { .. } => {
+                ERRCODE_DUPLICATE_OBJECT
+            }
+            TrompeError::NoSuchPeer(_) => ERRCODE_UNDEFINED_OBJECT,
+            TrompeError::PeerUnreachable { .. } => {
+                ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION
+            }
+            TrompeError::PeerLoginRefused { .. } => ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
+            TrompeError::PeerWithoutTrompe(_) => ERRCODE_UNDEFINED_OBJECT,
+            TrompeError::PeerIsSelf(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            TrompeError::PeerFailed { .. } => ERRCODE_CONNECTION_FAILURE,
+            TrompeError::SettingRequired(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             TrompeError::Internal(_) => ERRCODE_INTERNAL_ERROR,
         }
     }
@@ -79,6 +160,11 @@ impl TrompeError {
             TrompeError::DropPrimaryKey(_) | TrompeError::CaptureDisabled(_) => {
                 Some("Stop replicating the table with trompe.remove_table() first, or keep a primary key on it.")
             }
+            TrompeError::PeerWithoutTrompe(_) => Some("Run CREATE EXTENSION trompe in the peer's database first."),
+            TrompeError::PositionRegressed(_) => {
+                Some("Remove the peer on the node that lags and add it again with sync => true.")
+            }
+            TrompeError::NotAConsumer(_) => Some("The peer was removed on that node; add it again with trompe.add_peer()."),
             _ => None,
         }
     }

@@ -9,9 +9,14 @@ use pgrx::prelude::*;
 pub mod capture;
 pub mod error;
 pub mod guc;
+pub mod libpq;
 pub mod log;
 pub mod node;
+pub mod origin;
+pub mod peers;
 pub mod shmem;
+pub mod status;
+pub mod sync;
 pub mod tables;
 pub mod utility_hook;
 pub mod worker;
@@ -33,6 +38,7 @@ pub extern "C-unwind" fn _PG_init() {
     // SAFETY: reading a global set by the postmaster while it loads preloaded libraries.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         shmem::request();
+        worker::supervisor::register();
     }
 }
 

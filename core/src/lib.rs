@@ -7,5 +7,7 @@ pub mod backoff;
 pub mod conninfo;
 pub mod ident;
 pub mod logformat;
+pub mod nodeid;
+pub mod pgarray;
 pub mod position;
 pub mod snapshot;

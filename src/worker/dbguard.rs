@@ -85,6 +85,8 @@ pub fn hold_worker(dboid: pg_sys::Oid) {
     unsafe {
         libc_kill(pid, pg_sys::SIGTERM as i32);
     }
+    // The supervisor must not restart it before the hold ends.
+    crate::worker::control::signal(shared.supervisor_pid.load(Ordering::Acquire));
     let deadline = now_ms() + EXIT_WAIT_MS;
     while slot.worker_pid.load(Ordering::Acquire) == pid && now_ms() < deadline {
         // SAFETY: sleeping on our own latch with a timeout; interrupts are checked after.

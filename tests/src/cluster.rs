@@ -243,6 +243,14 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        let keep_always = std::env::var_os("TROMPE_KEEP_LOGS").is_some();
+        if keep_always && !std::thread::panicking() {
+            let keep = self.kept_logs_dir();
+            let _ = fs::create_dir_all(&keep);
+            for node in &self.nodes {
+                let _ = fs::copy(&node.logfile, keep.join(format!("{}.log", node.name)));
+            }
+        }
         if std::thread::panicking() {
             let keep = self.kept_logs_dir();
             let _ = fs::create_dir_all(&keep);

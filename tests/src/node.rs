@@ -243,6 +243,26 @@ impl Node {
         })?
     }
 
+    /// Runs a query in the test database and returns its first row as text values.
+    pub fn query_row(&self, sql: &str) -> Vec<Option<String>> {
+        let mut c = self.connect();
+        let rows = c.simple_query(sql).unwrap_or_else(|e| {
+            panic!(
+                "on node {}: {sql}\nfailed: {}",
+                self.name,
+                crate::describe_error(&e)
+            )
+        });
+        rows.into_iter()
+            .find_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) => {
+                    Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
+                }
+                _ => None,
+            })
+            .unwrap_or_default()
+    }
+
     /// Runs a query returning one bigint-compatible value (e.g. `count(*)`).
     pub fn query_i64(&self, sql: &str) -> i64 {
         let text = self

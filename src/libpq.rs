@@ -1,0 +1,414 @@
+//! A thin, non-blocking wrapper over libpq for talking to peers from inside the server.
+//!
+//! Nothing here ever blocks in libpq: connections are started with `PQconnectStartParams` and
+//! polled, queries are sent with `PQsendQueryParams` on a non-blocking connection, and results
+//! are read after `PQconsumeInput`. Waiting happens on the process latch together with the
+//! socket, so signals and postmaster death are answered at once. The `*_wait` helpers do that
+//! waiting for one connection (for SQL functions such as `add_peer`); the worker multiplexes
+//! many connections itself.
+
+use std::ffi::{CStr, CString};
+use std::time::{Duration, Instant};
+
+use pgrx::pg_sys;
+use pq_sys as pq;
+use trompe_core::conninfo::ConnInfo;
+
+/// A libpq failure, with the server's SQLSTATE when the server sent one.
+#[derive(Debug, Clone)]
+pub struct PqError {
+    /// The message (libpq's or the server's), without trailing newline.
+    pub message: String,
+    /// The SQLSTATE the server reported, if any.
+    pub sqlstate: Option<String>,
+    /// What failed: connecting, or running a query.
+    pub kind: PqErrorKind,
+}
+
+/// Which step of talking to a peer failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PqErrorKind {
+    /// The connection could not be established (network, refused, timeout).
+    Connect,
+    /// The peer refused the login (authentication or authorization).
+    Login,
+    /// A query failed on the peer, or the connection broke during it.
+    Query,
+    /// We gave up waiting.
+    Timeout,
+}
+
+impl std::fmt::Display for PqError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl PqError {
+    fn new(kind: PqErrorKind, message: impl Into<String>) -> Self {
+        PqError {
+            message: message.into().trim_end().to_string(),
+            sqlstate: None,
+            kind,
+        }
+    }
+}
+
+/// What a connection in progress waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// The socket must become readable.
+    Read,
+    /// The socket must become writable.
+    Write,
+    /// Nothing: the step is complete.
+    Done,
+}
+
+/// An open (or opening) connection to a peer. Closed when dropped.
+pub struct Conn {
+    raw: *mut pq::PGconn,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // SAFETY: raw came from PQconnectStartParams and is finished exactly once.
+        unsafe { pq::PQfinish(self.raw) };
+    }
+}
+
+impl Conn {
+    /// Starts connecting with the given parameters; continue with [`Conn::poll_connect`].
+    pub fn start(info: &ConnInfo) -> Result<Conn, PqError> {
+        let pairs: Vec<(CString, CString)> = info
+            .pairs()
+            .iter()
+            .map(|(k, v)| (CString::new(k.as_str()), CString::new(v.as_str())))
+            .filter_map(|(k, v)| Some((k.ok()?, v.ok()?)))
+            .collect();
+        let mut keys: Vec<*const std::ffi::c_char> =
+            pairs.iter().map(|(k, _)| k.as_ptr()).collect();
+        let mut values: Vec<*const std::ffi::c_char> =
+            pairs.iter().map(|(_, v)| v.as_ptr()).collect();
+        keys.push(std::ptr::null());
+        values.push(std::ptr::null());
+        // SAFETY: keys and values are NUL-terminated arrays of C strings that outlive the call.
+        let raw = unsafe { pq::PQconnectStartParams(keys.as_ptr(), values.as_ptr(), 0) };
+        if raw.is_null() {
+            return Err(PqError::new(
+                PqErrorKind::Connect,
+                "out of memory starting a connection",
+            ));
+        }
+        let conn = Conn { raw };
+        // SAFETY: raw is a valid connection object.
+        if unsafe { pq::PQstatus(raw) } == pq::ConnStatusType::CONNECTION_BAD {
+            return Err(conn.connect_error());
+        }
+        Ok(conn)
+    }
+
+    /// Advances connecting; `Want::Done` once the connection is ready.
+    pub fn poll_connect(&mut self) -> Result<Want, PqError> {
+        // SAFETY: raw is a valid connection object.
+        match unsafe { pq::PQconnectPoll(self.raw) } {
+            pq::PostgresPollingStatusType::PGRES_POLLING_OK => {
+                // SAFETY: as above; switching an established connection to non-blocking mode.
+                unsafe { pq::PQsetnonblocking(self.raw, 1) };
+                Ok(Want::Done)
+            }
+            pq::PostgresPollingStatusType::PGRES_POLLING_READING => Ok(Want::Read),
+            pq::PostgresPollingStatusType::PGRES_POLLING_WRITING => Ok(Want::Write),
+            pq::PostgresPollingStatusType::PGRES_POLLING_ACTIVE => Ok(Want::Read),
+            pq::PostgresPollingStatusType::PGRES_POLLING_FAILED => Err(self.connect_error()),
+        }
+    }
+
+    fn connect_error(&self) -> PqError {
+        let message = self.error_message();
+        // SAFETY: raw is a valid connection object.
+        let needs_password = unsafe { pq::PQconnectionNeedsPassword(self.raw) } != 0;
+        let login = needs_password
+            || [
+                "password authentication failed",
+                "no pg_hba.conf entry",
+                "authentication failed",
+                "permission denied",
+            ]
+            .iter()
+            .any(|m| message.contains(m))
+            || (message.contains("role \"") && message.contains("does not exist"));
+        let kind = if login {
+            PqErrorKind::Login
+        } else {
+            PqErrorKind::Connect
+        };
+        PqError::new(kind, message)
+    }
+
+    /// libpq's last error message for this connection.
+    pub fn error_message(&self) -> String {
+        // SAFETY: PQerrorMessage returns a string owned by the connection.
+        unsafe {
+            let m = pq::PQerrorMessage(self.raw);
+            if m.is_null() {
+                String::new()
+            } else {
+                CStr::from_ptr(m).to_string_lossy().trim_end().to_string()
+            }
+        }
+    }
+
+    /// The connection's socket (changes while connecting to several hosts).
+    pub fn socket(&self) -> pg_sys::pgsocket {
+        // SAFETY: raw is a valid connection object.
+        unsafe { pq::PQsocket(self.raw) }
+    }
+
+    /// True if the connection is established and not broken.
+    pub fn is_ok(&self) -> bool {
+        // SAFETY: raw is a valid connection object.
+        unsafe { pq::PQstatus(self.raw) == pq::ConnStatusType::CONNECTION_OK }
+    }
+
+    /// Sends a query with text parameters (`None` is NULL); continue with [`Conn::flush`].
+    pub fn send_query(&mut self, sql: &str, params: &[Option<&str>]) -> Result<(), PqError> {
+        let sql = CString::new(sql)
+            .map_err(|_| PqError::new(PqErrorKind::Query, "query contains a NUL byte"))?;
+        let owned: Vec<Option<CString>> = params
+            .iter()
+            .map(|p| p.map(|s| CString::new(s.replace('\0', "")).unwrap_or_default()))
+            .collect();
+        let ptrs: Vec<*const std::ffi::c_char> = owned
+            .iter()
+            .map(|p| p.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()))
+            .collect();
+        // SAFETY: the parameter pointers outlive the call (libpq copies them into its buffer).
+        let ok = unsafe {
+            pq::PQsendQueryParams(
+                self.raw,
+                sql.as_ptr(),
+                ptrs.len() as i32,
+                std::ptr::null(),
+                ptrs.as_ptr(),
+                std::ptr::null(),
+                std::ptr::null(),
+                0,
+            )
+        };
+        if ok == 0 {
+            return Err(PqError::new(PqErrorKind::Query, self.error_message()));
+        }
+        Ok(())
+    }
+
+    /// Writes pending output; `Want::Write` if some is left.
+    pub fn flush(&mut self) -> Result<Want, PqError> {
+        // SAFETY: raw is a valid connection object.
+        match unsafe { pq::PQflush(self.raw) } {
+            0 => Ok(Want::Done),
+            1 => Ok(Want::Write),
+            _ => Err(PqError::new(PqErrorKind::Query, self.error_message())),
+        }
+    }
+
+    /// Reads what arrived on the socket; `Want::Read` while the result is incomplete.
+    pub fn consume(&mut self) -> Result<Want, PqError> {
+        // SAFETY: raw is a valid connection object.
+        unsafe {
+            if pq::PQconsumeInput(self.raw) == 0 {
+                return Err(PqError::new(PqErrorKind::Query, self.error_message()));
+            }
+            if pq::PQisBusy(self.raw) != 0 {
+                Ok(Want::Read)
+            } else {
+                Ok(Want::Done)
+            }
+        }
+    }
+
+    /// After `consume` returned `Done`: takes every result of the query and returns the last,
+    /// or the first error.
+    pub fn take_result(&mut self) -> Result<PgResult, PqError> {
+        let mut last: Option<PgResult> = None;
+        let mut error: Option<PqError> = None;
+        loop {
+            // SAFETY: raw is valid; PQgetResult returns NULL when the query is complete.
+            let res = unsafe { pq::PQgetResult(self.raw) };
+            if res.is_null() {
+                break;
+            }
+            let res = PgResult { raw: res };
+            if let Err(e) = res.check() {
+                error.get_or_insert(e);
+            } else {
+                last = Some(res);
+            }
+        }
+        if let Some(e) = error {
+            return Err(e);
+        }
+        last.ok_or_else(|| PqError::new(PqErrorKind::Query, "the peer returned no result"))
+    }
+
+    /// Sends a cancel request for the query in progress (opens a short second connection).
+    pub fn cancel(&self) {
+        // SAFETY: PQgetCancel/PQcancel/PQfreeCancel on a valid connection; errbuf is large
+        // enough as libpq documents (256 bytes).
+        unsafe {
+            let c = pq::PQgetCancel(self.raw);
+            if !c.is_null() {
+                let mut buf = [0 as std::ffi::c_char; 256];
+                pq::PQcancel(c, buf.as_mut_ptr(), buf.len() as i32);
+                pq::PQfreeCancel(c);
+            }
+        }
+    }
+}
+
+/// A query result. Freed when dropped.
+pub struct PgResult {
+    raw: *mut pq::PGresult,
+}
+
+impl Drop for PgResult {
+    fn drop(&mut self) {
+        // SAFETY: raw came from PQgetResult and is cleared exactly once.
+        unsafe { pq::PQclear(self.raw) };
+    }
+}
+
+impl PgResult {
+    fn check(&self) -> Result<(), PqError> {
+        // SAFETY: raw is a valid result.
+        let status = unsafe { pq::PQresultStatus(self.raw) };
+        match status {
+            pq::ExecStatusType::PGRES_TUPLES_OK | pq::ExecStatusType::PGRES_COMMAND_OK => Ok(()),
+            _ => {
+                let field = |code: u8| {
+                    // SAFETY: PQresultErrorField returns a string owned by the result or NULL.
+                    unsafe {
+                        let p = pq::PQresultErrorField(self.raw, code as i32);
+                        (!p.is_null()).then(|| CStr::from_ptr(p).to_string_lossy().into_owned())
+                    }
+                };
+                let message = field(b'M').unwrap_or_else(|| {
+                    // SAFETY: as above, for the whole message.
+                    unsafe {
+                        let p = pq::PQresultErrorMessage(self.raw);
+                        if p.is_null() {
+                            "unknown error".to_string()
+                        } else {
+                            CStr::from_ptr(p).to_string_lossy().into_owned()
+                        }
+                    }
+                });
+                let mut e = PqError::new(PqErrorKind::Query, message);
+                e.sqlstate = field(b'C');
+                Err(e)
+            }
+        }
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        // SAFETY: raw is a valid result.
+        unsafe { pq::PQntuples(self.raw).max(0) as usize }
+    }
+
+    /// Number of columns.
+    pub fn columns(&self) -> usize {
+        // SAFETY: raw is a valid result.
+        unsafe { pq::PQnfields(self.raw).max(0) as usize }
+    }
+
+    /// The value at (row, column) as text, `None` for NULL or out of range.
+    pub fn get(&self, row: usize, col: usize) -> Option<&str> {
+        if row >= self.rows() || col >= self.columns() {
+            return None;
+        }
+        // SAFETY: row and col are in range; the value is owned by the result.
+        unsafe {
+            if pq::PQgetisnull(self.raw, row as i32, col as i32) != 0 {
+                return None;
+            }
+            let p = pq::PQgetvalue(self.raw, row as i32, col as i32);
+            let len = pq::PQgetlength(self.raw, row as i32, col as i32).max(0) as usize;
+            std::str::from_utf8(std::slice::from_raw_parts(p as *const u8, len)).ok()
+        }
+    }
+}
+
+/// Waits until `sock` is ready for `want`, the latch is set, or `timeout` passes; handles
+/// interrupts (cancel, termination) and postmaster death.
+pub fn wait_socket(sock: pg_sys::pgsocket, want: Want, timeout: Duration) {
+    let mut events = pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH;
+    match want {
+        Want::Read => events |= pg_sys::WL_SOCKET_READABLE,
+        Want::Write => events |= pg_sys::WL_SOCKET_WRITEABLE,
+        Want::Done => {}
+    }
+    let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as std::ffi::c_long;
+    // SAFETY: waiting on our own latch and a socket we own; ResetLatch before re-checking.
+    unsafe {
+        pg_sys::WaitLatchOrSocket(
+            pg_sys::MyLatch,
+            events as i32,
+            sock,
+            ms,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+    pgrx::check_for_interrupts!();
+}
+
+/// Connects, waiting (interruptibly) up to `timeout`.
+pub fn connect_wait(info: &ConnInfo, timeout: Duration) -> Result<Conn, PqError> {
+    let deadline = Instant::now() + timeout;
+    let mut conn = Conn::start(info)?;
+    loop {
+        match conn.poll_connect()? {
+            Want::Done => return Ok(conn),
+            want => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(PqError::new(PqErrorKind::Timeout, "timed out connecting"));
+                }
+                wait_socket(conn.socket(), want, left);
+            }
+        }
+    }
+}
+
+/// Runs one query on an established connection, waiting (interruptibly) up to `timeout`.
+pub fn query_wait(
+    conn: &mut Conn,
+    sql: &str,
+    params: &[Option<&str>],
+    timeout: Duration,
+) -> Result<PgResult, PqError> {
+    let deadline = Instant::now() + timeout;
+    let left = || deadline.saturating_duration_since(Instant::now());
+    conn.send_query(sql, params)?;
+    while conn.flush()? == Want::Write {
+        if left().is_zero() {
+            return Err(PqError::new(
+                PqErrorKind::Timeout,
+                "timed out sending a query",
+            ));
+        }
+        wait_socket(conn.socket(), Want::Write, left());
+    }
+    while conn.consume()? == Want::Read {
+        if left().is_zero() {
+            conn.cancel();
+            return Err(PqError::new(
+                PqErrorKind::Timeout,
+                "timed out waiting for the peer's answer",
+            ));
+        }
+        wait_socket(conn.socket(), Want::Read, left());
+    }
+    conn.take_result()
+}

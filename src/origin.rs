@@ -1,0 +1,344 @@
+//! The origin side of replication: the SQL functions a peer calls over libpq to register
+//! itself as a consumer of this node's log and to pull it.
+//!
+//! A pull reads one "step" of the log: the transactions that a snapshot `cur` of this node sees
+//! and the consumer's position `done` does not. Transactions are returned whole, ordered by the
+//! id of their last change (a transaction that depends on another always ends after it), so a
+//! consumer can apply them one by one with the origin's transaction boundaries. A transaction
+//! that commits late is in a later step, never skipped. When nothing is new, the pull waits
+//! (up to `wait_ms`) for a commit that wrote to the log, so changes arrive without polling.
+
+use std::cell::RefCell;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use pgrx::prelude::*;
+use trompe_core::snapshot::Snapshot;
+
+use crate::error::{OrRaise, TrompeError};
+use crate::log::writer::as_extension_owner;
+use crate::shmem;
+
+/// One transaction of a step: its id, the id of its last change, and how many changes it has.
+#[derive(Clone, Debug)]
+struct StepTxn {
+    txid: u64,
+    last_id: i64,
+    changes: i64,
+}
+
+/// The transactions of the step being read by this session's consumer, computed once per step.
+struct StepCache {
+    done: String,
+    cur: String,
+    txns: Vec<StepTxn>,
+}
+
+thread_local! {
+    static STEP: RefCell<Option<StepCache>> = const { RefCell::new(None) };
+    /// When this session last wrote the consumer's confirmed position, and what it wrote.
+    static CONFIRMED: RefCell<Option<(Instant, String)>> = const { RefCell::new(None) };
+}
+
+fn parse_snapshot(text: &str, what: &str) -> Snapshot {
+    text.parse::<Snapshot>()
+        .map_err(|e| TrompeError::BadRequest(format!("{what}: {e}")))
+        .or_raise()
+}
+
+/// The current snapshot of this node, taken now (a fresh snapshot, not the statement's).
+fn snapshot_now() -> String {
+    Spi::get_one::<String>("SELECT pg_current_snapshot()::text")
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| {
+            TrompeError::Internal("pg_current_snapshot() returned nothing".into()).raise()
+        })
+}
+
+fn xid_list(xids: &[u64]) -> Vec<String> {
+    xids.iter().map(u64::to_string).collect()
+}
+
+/// Lists the transactions in the step `(done, cur]`, ordered by their last change.
+fn step_transactions(done: &Snapshot, cur: &Snapshot) -> Vec<StepTxn> {
+    let sql = "SELECT txid::text, max(id), count(*) FROM trompe.log
+                WHERE (txid >= $1::text::xid8 OR txid = ANY($2::text[]::xid8[]))
+                  AND txid < $3::text::xid8 AND txid <> ALL($4::text[]::xid8[])
+                GROUP BY txid ORDER BY max(id)";
+    Spi::connect(|client| {
+        let rows = client.select(
+            sql,
+            None,
+            &[
+                done.xmax.to_string().into(),
+                xid_list(&done.xip).into(),
+                cur.xmax.to_string().into(),
+                xid_list(&cur.xip).into(),
+            ],
+        )?;
+        let mut out = Vec::new();
+        for row in rows {
+            let txid: String = row.get(1)?.unwrap_or_default();
+            out.push(StepTxn {
+                txid: txid.parse().unwrap_or(0),
+                last_id: row.get(2)?.unwrap_or(0),
+                changes: row.get(3)?.unwrap_or(0),
+            });
+        }
+        Ok::<_, pgrx::spi::Error>(out)
+    })
+    .map_err(|e| TrompeError::Internal(format!("reading the log: {e}")))
+    .or_raise()
+}
+
+/// The commit time of a transaction (microseconds since 2000-01-01, PostgreSQL's
+/// TimestampTz), if commit timestamps are tracked.
+pub fn commit_time(txid: u64) -> Option<i64> {
+    let xid = pg_sys::TransactionId::from((txid & 0xffff_ffff) as u32);
+    let mut ts: pg_sys::TimestampTz = 0;
+    let mut origin: pg_sys::RepOriginId = 0;
+    // SAFETY: looks up the commit timestamp SLRU; returns false if unknown.
+    let found = unsafe { pg_sys::TransactionIdGetCommitTsData(xid, &mut ts, &mut origin) };
+    found.then_some(ts)
+}
+
+/// Checks that `consumer` is registered and records the position it confirmed as applied
+/// (at most once a second per session). A consumer whose position went backwards past what it
+/// confirmed (restored from a backup) is refused: the log it needs may be gone.
+fn check_consumer(consumer: pgrx::Uuid, done: &Snapshot, confirmed: Option<&str>) {
+    let stored = Spi::get_one_with_args::<String>(
+        "SELECT confirmed FROM trompe.consumers WHERE node_id = $1",
+        &[consumer.into()],
+    )
+    .ok()
+    .flatten();
+    let Some(stored) = stored else {
+        TrompeError::NotAConsumer(consumer.to_string()).raise();
+    };
+    if let Ok(stored_snap) = stored.parse::<Snapshot>() {
+        if !done.covers(&stored_snap) {
+            TrompeError::PositionRegressed(consumer.to_string()).raise();
+        }
+    }
+    let Some(confirmed) = confirmed else { return };
+    let due = CONFIRMED.with(|c| match &*c.borrow() {
+        Some((at, last)) => last != confirmed && at.elapsed() >= Duration::from_secs(1),
+        None => stored != confirmed,
+    });
+    if due {
+        Spi::run_with_args(
+            "UPDATE trompe.consumers SET confirmed = $2, confirmed_at = now() WHERE node_id = $1",
+            &[consumer.into(), confirmed.into()],
+        )
+        .map_err(|e| TrompeError::Internal(format!("recording the confirmed position: {e}")))
+        .or_raise();
+        CONFIRMED.with(|c| *c.borrow_mut() = Some((Instant::now(), confirmed.to_string())));
+    }
+}
+
+/// Waits up to `wait_ms` for a commit that wrote to this database's log, unless the commit
+/// counter already differs from `seen`. Returns the counter value (read before any snapshot is
+/// taken, so a commit after it is noticed by the next pull).
+fn wait_for_commit(seen: i64, wait_ms: i32) -> i64 {
+    let Some(shared) = shmem::shared() else {
+        return -1;
+    };
+    // SAFETY: MyDatabaseId is a backend-local global.
+    let Some(slot) = shared.db_slot_or_new(unsafe { pg_sys::MyDatabaseId }) else {
+        return -1;
+    };
+    let counter = || slot.log_commits.load(Ordering::Acquire) as i64;
+    if counter() != seen || wait_ms <= 0 {
+        return counter();
+    }
+    let deadline = Instant::now() + Duration::from_millis(wait_ms as u64);
+    let cv =
+        &shared.log_commit_cv as *const pg_sys::ConditionVariable as *mut pg_sys::ConditionVariable;
+    // SAFETY: the condition variable lives in shared memory; prepare/sleep/cancel are paired.
+    unsafe {
+        pg_sys::ConditionVariablePrepareToSleep(cv);
+        while counter() == seen {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            if pg_sys::ConditionVariableTimedSleep(
+                cv,
+                left.as_millis().max(1) as std::ffi::c_long,
+                pg_sys::PG_WAIT_EXTENSION,
+            ) {
+                break;
+            }
+        }
+        pg_sys::ConditionVariableCancelSleep();
+    }
+    counter()
+}
+
+/// Plans one pull (called by `trompe.pull`): waits for news if there is none, fixes the step,
+/// and picks the next whole transactions of it, about `max_rows` changes.
+// pgrx needs the row type spelled out here (no type alias), hence the complex type.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+#[pg_extern(volatile, parallel_unsafe)]
+fn _pull_plan(
+    consumer: pgrx::Uuid,
+    done: &str,
+    cur: Option<&str>,
+    after: i64,
+    max_rows: i32,
+    wait_ms: i32,
+    seen: i64,
+    confirmed: Option<&str>,
+) -> TableIterator<
+    'static,
+    (
+        name!(cur, Option<String>),
+        name!(complete, bool),
+        name!(commits, i64),
+        name!(pending, i64),
+        name!(oldest_commit_us, Option<i64>),
+        name!(txids, Vec<String>),
+        name!(last_ids, Vec<i64>),
+        name!(commit_us, Vec<Option<i64>>),
+    ),
+> {
+    let done_snap = parse_snapshot(done, "done");
+    as_extension_owner(|| check_consumer(consumer, &done_snap, confirmed));
+    let (cur_text, commits) = match cur {
+        Some(c) => (c.to_string(), seen),
+        None => {
+            let commits = wait_for_commit(seen, wait_ms);
+            (snapshot_now(), commits)
+        }
+    };
+    let cur_snap = parse_snapshot(&cur_text, "cur");
+    if !cur_snap.covers(&done_snap) {
+        TrompeError::BadRequest(format!("snapshot {cur_text} is older than position {done}"))
+            .raise();
+    }
+    let txns = STEP.with(|s| {
+        let mut cache = s.borrow_mut();
+        match &*cache {
+            Some(c) if c.done == done && c.cur == cur_text => c.txns.clone(),
+            _ => {
+                let txns = as_extension_owner(|| step_transactions(&done_snap, &cur_snap));
+                *cache = Some(StepCache {
+                    done: done.to_string(),
+                    cur: cur_text.clone(),
+                    txns: txns.clone(),
+                });
+                txns
+            }
+        }
+    });
+    let start = txns.partition_point(|t| t.last_id <= after);
+    let remaining = &txns[start..];
+    let pending: i64 = remaining.iter().map(|t| t.changes).sum();
+    let mut chosen = Vec::new();
+    let mut rows = 0i64;
+    for t in remaining {
+        if !chosen.is_empty() && rows >= max_rows as i64 {
+            break;
+        }
+        rows += t.changes;
+        chosen.push(t.clone());
+    }
+    let complete = chosen.len() == remaining.len();
+    let oldest = remaining.first().and_then(|t| commit_time(t.txid));
+    let row = (
+        Some(cur_text),
+        complete,
+        commits,
+        pending,
+        oldest,
+        chosen.iter().map(|t| t.txid.to_string()).collect(),
+        chosen.iter().map(|t| t.last_id).collect(),
+        chosen.iter().map(|t| commit_time(t.txid)).collect(),
+    );
+    TableIterator::once(row)
+}
+
+/// Registers the calling node as a consumer of this node's log (again, if it was), starting at
+/// this node's current snapshot. Returns this node's id, that snapshot, and whether commit
+/// timestamps are tracked here.
+#[pg_extern(volatile, parallel_unsafe)]
+fn register_consumer(
+    consumer: pgrx::Uuid,
+    consumer_name: &str,
+) -> TableIterator<
+    'static,
+    (
+        name!(node_id, pgrx::Uuid),
+        name!(snapshot, String),
+        name!(commit_timestamps, bool),
+    ),
+> {
+    let node_id = as_extension_owner(|| {
+        let snapshot = snapshot_now();
+        Spi::run_with_args(
+            "INSERT INTO trompe.consumers (node_id, name, confirmed) VALUES ($1, $2, $3)
+             ON CONFLICT (node_id) DO UPDATE SET name = EXCLUDED.name, confirmed = EXCLUDED.confirmed,
+                 registered_at = now(), confirmed_at = now()",
+            &[consumer.into(), consumer_name.into(), snapshot.as_str().into()],
+        )
+        .map_err(|e| TrompeError::Internal(format!("registering consumer: {e}")))
+        .or_raise();
+        let node = Spi::get_one::<pgrx::Uuid>("SELECT node_id FROM trompe.node")
+            .ok()
+            .flatten();
+        (node, snapshot)
+    });
+    let (Some(node), snapshot) = node_id else {
+        TrompeError::Internal("trompe.node is empty".into()).raise();
+    };
+    let tracked = Spi::get_one::<String>("SELECT current_setting('track_commit_timestamp')")
+        .ok()
+        .flatten()
+        .is_some_and(|v| v == "on");
+    TableIterator::once((node, snapshot, tracked))
+}
+
+/// Forgets a consumer: its position no longer holds back log truncation. Returns whether it
+/// was registered.
+#[pg_extern(volatile, parallel_unsafe)]
+fn unregister_consumer(consumer: pgrx::Uuid) -> bool {
+    as_extension_owner(|| {
+        Spi::get_one_with_args::<i64>(
+            "WITH d AS (DELETE FROM trompe.consumers WHERE node_id = $1 RETURNING 1) SELECT count(*) FROM d",
+            &[consumer.into()],
+        )
+    })
+    .ok()
+    .flatten()
+    .unwrap_or(0)
+        > 0
+}
+
+/// This node's current snapshot, for a peer that waits until it has applied everything
+/// committed here up to now.
+#[pg_extern(volatile, parallel_unsafe)]
+fn current_snapshot() -> String {
+    snapshot_now()
+}
+
+/// How many changes committed here as of snapshot `upto` a consumer at position
+/// (`done`, `cur`, `after`) has not applied yet.
+#[pg_extern(volatile, parallel_unsafe)]
+fn pending_changes(done: &str, cur: Option<&str>, after: i64, upto: &str) -> i64 {
+    let done_snap = parse_snapshot(done, "done");
+    let upto_snap = parse_snapshot(upto, "upto");
+    let cur_snap = cur.map(|c| parse_snapshot(c, "cur"));
+    if done_snap.covers(&upto_snap) {
+        return 0;
+    }
+    let txns = as_extension_owner(|| step_transactions(&done_snap, &upto_snap));
+    txns.iter()
+        .filter(|t| {
+            !cur_snap
+                .as_ref()
+                .is_some_and(|c| c.sees(t.txid) && t.last_id <= after)
+        })
+        .map(|t| t.changes)
+        .sum()
+}

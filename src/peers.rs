@@ -1,0 +1,288 @@
+//! Peers: `trompe.add_peer`, `remove_peer`, `pause_peer`, `resume_peer`. `add_peer` checks
+//! everything it can at call time and changes nothing when a check fails.
+
+use std::time::Duration;
+
+use pgrx::prelude::*;
+use trompe_core::conninfo::{ConnInfo, ConninfoError};
+use trompe_core::nodeid::NodeId;
+
+use crate::capture::InternalOperation;
+use crate::error::{OrRaise, TrompeError};
+use crate::libpq::{connect_wait, query_wait, Conn, PqError, PqErrorKind};
+use crate::log::writer::as_extension_owner;
+use crate::worker::control::{launch_worker_on_commit, wake_worker_on_commit};
+
+/// How long add_peer and remove_peer wait for a peer's answers.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A peer's connection string with trompe's defaults added (timeouts, keepalives, a name in
+/// the peer's pg_stat_activity), parsed; parse errors never echo a value.
+pub fn peer_conninfo(conninfo: &str) -> Result<ConnInfo, TrompeError> {
+    let mut info = ConnInfo::parse(conninfo).map_err(|e| {
+        let text = match e {
+            ConninfoError::MissingEquals(ref key)
+                if !trompe_core::conninfo::KNOWN_KEYWORDS.contains(&key.as_str()) =>
+            {
+                "invalid connection string: an item is not of the form key=value".to_string()
+            }
+            other => other.to_string(),
+        };
+        TrompeError::BadConninfo(text)
+    })?;
+    info.set_default(
+        "connect_timeout",
+        &crate::guc::CONNECT_TIMEOUT_S.get().to_string(),
+    );
+    info.set_default("keepalives", "1");
+    info.set_default("keepalives_idle", "10");
+    info.set_default("keepalives_interval", "5");
+    info.set_default("keepalives_count", "3");
+    info.set_default("application_name", "trompe");
+    Ok(info)
+}
+
+/// Removes the password from a message, in case a server or library ever echoed it.
+pub fn scrub(message: &str, info: &ConnInfo) -> String {
+    let mut out = message.to_string();
+    for key in ["password", "sslpassword"] {
+        if let Some(secret) = info.get(key) {
+            if secret.len() >= 3 {
+                out = out.replace(secret, "********");
+            }
+        }
+    }
+    out
+}
+
+/// Connects to a peer for a SQL function, mapping failures to clear errors.
+pub fn connect_peer(name: &str, info: &ConnInfo) -> Result<Conn, TrompeError> {
+    connect_wait(info, CALL_TIMEOUT).map_err(|e| {
+        let message = scrub(&e.message, info);
+        match e.kind {
+            PqErrorKind::Login => TrompeError::PeerLoginRefused {
+                name: name.to_string(),
+                message,
+            },
+            _ => TrompeError::PeerUnreachable {
+                name: name.to_string(),
+                message,
+            },
+        }
+    })
+}
+
+fn peer_query(
+    conn: &mut Conn,
+    name: &str,
+    info: &ConnInfo,
+    sql: &str,
+    params: &[Option<&str>],
+) -> Result<crate::libpq::PgResult, TrompeError> {
+    query_wait(conn, sql, params, CALL_TIMEOUT).map_err(|e: PqError| TrompeError::PeerFailed {
+        name: name.to_string(),
+        message: scrub(&e.message, info),
+    })
+}
+
+fn local_node_id() -> pgrx::Uuid {
+    Spi::get_one::<pgrx::Uuid>("SELECT node_id FROM trompe.node")
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| TrompeError::Internal("trompe.node is empty".into()).raise())
+}
+
+/// The replication origin of a peer: its name records the peer's node id.
+pub fn origin_name(peer: &str) -> String {
+    format!("trompe_{peer}")
+}
+
+/// Makes this node pull from a peer. Checks at call time that the connection string parses,
+/// the peer answers and accepts the login, has trompe, is not this node and is not a peer
+/// already; on any failure nothing changes. Returns the peer's node id.
+#[pg_extern(volatile, parallel_unsafe)]
+fn add_peer(name: &str, conninfo: &str) -> pgrx::Uuid {
+    add_peer_impl(name, conninfo).or_raise()
+}
+
+fn add_peer_impl(name: &str, conninfo: &str) -> Result<pgrx::Uuid, TrompeError> {
+    if crate::shmem::shared().is_none() {
+        return Err(TrompeError::NotPreloaded);
+    }
+    if name.is_empty() || name.chars().count() > 63 || name.contains('\0') {
+        return Err(TrompeError::BadPeerName(name.chars().take(80).collect()));
+    }
+    let info = peer_conninfo(conninfo)?;
+    let tracked = Spi::get_one::<String>("SELECT current_setting('track_commit_timestamp')")
+        .ok()
+        .flatten();
+    if tracked.as_deref() != Some("on") {
+        return Err(TrompeError::SettingRequired(
+            "track_commit_timestamp must be on (set it in postgresql.conf and restart)".into(),
+        ));
+    }
+    let exists = as_extension_owner(|| {
+        Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM trompe.peers WHERE name = $1)",
+            &[name.into()],
+        )
+    })
+    .ok()
+    .flatten()
+    .unwrap_or(false);
+    if exists {
+        return Err(TrompeError::PeerExists(name.to_string()));
+    }
+    let mut conn = connect_peer(name, &info)?;
+    let ext = peer_query(
+        &mut conn,
+        name,
+        &info,
+        "SELECT extversion FROM pg_extension WHERE extname = 'trompe'",
+        &[],
+    )?;
+    if ext.rows() == 0 {
+        return Err(TrompeError::PeerWithoutTrompe(name.to_string()));
+    }
+    let ids = peer_query(&mut conn, name, &info, "SELECT trompe.node_id()::text", &[])?;
+    let peer_id = ids.get(0, 0).unwrap_or_default().to_string();
+    let me = local_node_id();
+    if peer_id == me.to_string() {
+        return Err(TrompeError::PeerIsSelf(name.to_string()));
+    }
+    let existing = as_extension_owner(|| {
+        Spi::get_one_with_args::<String>(
+            "SELECT name FROM trompe.peers WHERE node_id = $1::uuid",
+            &[peer_id.as_str().into()],
+        )
+    })
+    .ok()
+    .flatten();
+    if let Some(existing) = existing {
+        return Err(TrompeError::NodeAlreadyPeer {
+            node: peer_id,
+            existing,
+        });
+    }
+    let consumer_name = Spi::get_one::<String>("SELECT current_database()::text")
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let reg = peer_query(
+        &mut conn,
+        name,
+        &info,
+        "SELECT node_id::text, snapshot, commit_timestamps FROM trompe.register_consumer($1::uuid, $2)",
+        &[Some(&me.to_string()), Some(&consumer_name)],
+    )?;
+    let snapshot = reg.get(0, 1).unwrap_or_default().to_string();
+    if reg.get(0, 2) != Some("t") {
+        return Err(TrompeError::SettingRequired(format!(
+            "track_commit_timestamp must be on at peer \"{name}\" (set it in its postgresql.conf and restart it)"
+        )));
+    }
+    let _internal = InternalOperation::begin();
+    as_extension_owner(|| {
+        Spi::run_with_args(
+            "INSERT INTO trompe.peers (name, node_id, conninfo) VALUES ($1, $2::uuid, $3);
+             INSERT INTO trompe.progress (node_id, done) VALUES ($2::uuid, $4);
+             SELECT pg_replication_origin_create($5)",
+            &[
+                name.into(),
+                peer_id.as_str().into(),
+                conninfo.into(),
+                snapshot.as_str().into(),
+                origin_name(&peer_id).as_str().into(),
+            ],
+        )
+    })
+    .map_err(|e| TrompeError::Internal(format!("recording peer {name}: {e}")))?;
+    launch_worker_on_commit();
+    to_uuid(&peer_id)
+}
+
+/// Stops pulling from a peer and forgets it: its position, its replication origin, and its
+/// claim on this node's log (the peer is asked to forget this node too, if it can be reached).
+/// Returns the peer's node id.
+#[pg_extern(volatile, parallel_unsafe)]
+fn remove_peer(name: &str) -> pgrx::Uuid {
+    let found = as_extension_owner(|| {
+        Spi::get_two_with_args::<String, String>(
+            "SELECT node_id::text, conninfo FROM trompe.peers WHERE name = $1",
+            &[name.into()],
+        )
+    })
+    .ok();
+    let (Some(peer_id), Some(conninfo)) = found.unwrap_or((None, None)) else {
+        TrompeError::NoSuchPeer(name.to_string()).raise();
+    };
+    {
+        let _internal = InternalOperation::begin();
+        as_extension_owner(|| {
+            Spi::run_with_args(
+                "DELETE FROM trompe.peers WHERE name = $1;
+                 DELETE FROM trompe.consumers WHERE node_id = $2::uuid;
+                 SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = $3",
+                &[name.into(), peer_id.as_str().into(), origin_name(&peer_id).as_str().into()],
+            )
+        })
+        .map_err(|e| TrompeError::Internal(format!("removing peer {name}: {e}")))
+        .or_raise();
+    }
+    wake_worker_on_commit();
+    let me = local_node_id().to_string();
+    let told = peer_conninfo(&conninfo).and_then(|info| {
+        let mut conn = connect_peer(name, &info)?;
+        peer_query(
+            &mut conn,
+            name,
+            &info,
+            "SELECT trompe.unregister_consumer($1::uuid)",
+            &[Some(&me)],
+        )
+    });
+    if let Err(e) = told {
+        pgrx::warning!(
+            "peer \"{name}\" was removed here, but could not be told to stop keeping its log for this node: {e}; \
+             run SELECT trompe.remove_peer(...) for this node on it"
+        );
+    }
+    to_uuid(&peer_id).or_raise()
+}
+
+fn set_paused(name: &str, paused: bool) -> bool {
+    let changed = as_extension_owner(|| {
+        Spi::get_one_with_args::<i64>(
+            "WITH u AS (UPDATE trompe.peers SET paused = $2 WHERE name = $1 RETURNING 1) SELECT count(*) FROM u",
+            &[name.into(), paused.into()],
+        )
+    })
+    .ok()
+    .flatten()
+    .unwrap_or(0);
+    if changed == 0 {
+        TrompeError::NoSuchPeer(name.to_string()).raise();
+    }
+    wake_worker_on_commit();
+    true
+}
+
+/// Stops pulling from a peer until `resume_peer`; its position is kept, and the peer keeps
+/// its log for this node meanwhile.
+#[pg_extern(volatile, parallel_unsafe)]
+fn pause_peer(name: &str) -> bool {
+    set_paused(name, true)
+}
+
+/// Resumes pulling from a paused peer, from where it stopped.
+#[pg_extern(volatile, parallel_unsafe)]
+fn resume_peer(name: &str) -> bool {
+    set_paused(name, false)
+}
+
+/// A node id given as text, as a SQL uuid.
+fn to_uuid(text: &str) -> Result<pgrx::Uuid, TrompeError> {
+    text.parse::<NodeId>()
+        .map(|n| pgrx::Uuid::from_bytes(n.0))
+        .map_err(|e| TrompeError::Internal(e.to_string()))
+}

@@ -1,0 +1,145 @@
+//! `trompe.status`: one row per peer, from the stored position and counters and the worker's
+//! live state in shared memory.
+
+use std::sync::atomic::Ordering;
+
+use pgrx::prelude::*;
+use trompe_core::nodeid::NodeId;
+
+use crate::shmem::{now_ms, shared, DbState};
+use crate::worker::link::ConnState;
+
+/// A peer's stored state.
+struct StoredPeer {
+    name: String,
+    node: String,
+    paused: bool,
+    done: String,
+    cur: Option<String>,
+    after: i64,
+    txns: i64,
+    changes: i64,
+}
+
+/// The rows of `trompe.status` (times in ms since the Unix epoch; the view converts them).
+// pgrx needs the row type spelled out here (no type alias), hence the complex type.
+#[allow(clippy::type_complexity)]
+#[pg_extern(volatile, parallel_unsafe)]
+fn _status() -> TableIterator<
+    'static,
+    (
+        name!(name, String),
+        name!(node_id, String),
+        name!(state, String),
+        name!(position, String),
+        name!(behind_changes, Option<i64>),
+        name!(behind_ms, Option<i64>),
+        name!(last_pull_ms, Option<i64>),
+        name!(last_error, Option<String>),
+        name!(last_error_ms, Option<i64>),
+        name!(applied_txns, i64),
+        name!(applied_changes, i64),
+    ),
+> {
+    let rows: Vec<StoredPeer> = crate::log::writer::as_extension_owner(|| {
+        Spi::connect(|client| {
+            let rows = client.select(
+                "SELECT p.name, p.node_id::text, p.paused, pr.done, pr.cur, pr.after, pr.applied_txns, pr.applied_changes
+                   FROM trompe.peers p JOIN trompe.progress pr USING (node_id) ORDER BY p.name",
+                None,
+                &[],
+            )?;
+            let mut out = Vec::new();
+            for r in rows {
+                out.push(StoredPeer {
+                    name: r.get::<String>(1)?.unwrap_or_default(),
+                    node: r.get::<String>(2)?.unwrap_or_default(),
+                    paused: r.get::<bool>(3)?.unwrap_or(false),
+                    done: r.get::<String>(4)?.unwrap_or_default(),
+                    cur: r.get::<String>(5)?,
+                    after: r.get::<i64>(6)?.unwrap_or(0),
+                    txns: r.get::<i64>(7)?.unwrap_or(0),
+                    changes: r.get::<i64>(8)?.unwrap_or(0),
+                });
+            }
+            Ok::<_, pgrx::spi::Error>(out)
+        })
+    })
+    .unwrap_or_default();
+    // SAFETY: MyDatabaseId is a backend-local global.
+    let dboid = unsafe { pg_sys::MyDatabaseId };
+    let shared = shared();
+    let worker_running = shared.and_then(|s| s.db_slot(dboid)).is_some_and(|d| {
+        d.worker_pid.load(Ordering::Acquire) != 0 && d.state() == DbState::Running
+    });
+    let enabled = crate::guc::ENABLED.get();
+    let now = now_ms();
+    let out: Vec<_> = rows
+        .into_iter()
+        .map(
+            |StoredPeer {
+                 name,
+                 node,
+                 paused,
+                 done,
+                 cur,
+                 after,
+                 txns,
+                 changes,
+             }| {
+                let position = match cur {
+                    Some(c) => format!("{done} (applying {c} after {after})"),
+                    None => done,
+                };
+                let slot = node
+                    .parse::<NodeId>()
+                    .ok()
+                    .and_then(|n| shared.and_then(|s| s.find_peer_slot(dboid, &n.0)));
+                let state = if shared.is_none() {
+                    "not preloaded".to_string()
+                } else if paused {
+                    "paused".to_string()
+                } else if !enabled {
+                    "disabled".to_string()
+                } else if !worker_running {
+                    "no worker".to_string()
+                } else {
+                    ConnState::label(slot.map_or(0, |s| s.conn_state.load(Ordering::Acquire)))
+                        .to_string()
+                };
+                let pending = slot
+                    .map(|s| s.pending_changes.load(Ordering::Acquire))
+                    .filter(|p| *p >= 0);
+                let behind_ms = slot.and_then(|s| {
+                    let oldest = s.oldest_pending_ms.load(Ordering::Acquire);
+                    match pending {
+                        Some(0) => Some(0),
+                        Some(_) if oldest > 0 => Some((now - oldest).max(0)),
+                        _ => None,
+                    }
+                });
+                let last_pull = slot
+                    .map(|s| s.last_pull_ms.load(Ordering::Acquire))
+                    .filter(|v| *v > 0);
+                let last_error_ms = slot
+                    .map(|s| s.last_error_ms.load(Ordering::Acquire))
+                    .filter(|v| *v > 0);
+                let last_error = slot.and_then(|s| s.error());
+                (
+                    name,
+                    node,
+                    state,
+                    position,
+                    pending,
+                    behind_ms,
+                    last_pull,
+                    last_error,
+                    last_error_ms,
+                    txns,
+                    changes,
+                )
+            },
+        )
+        .collect();
+    TableIterator::new(out)
+}

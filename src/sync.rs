@@ -1,0 +1,123 @@
+//! `trompe.wait_sync`: waits until this node has applied every change each (unpaused) peer
+//! had committed when it was called.
+
+use std::time::{Duration, Instant};
+
+use pgrx::prelude::*;
+
+use crate::error::TrompeError;
+use crate::libpq::{connect_wait, query_wait, Conn};
+use crate::log::writer::as_extension_owner;
+use crate::peers::peer_conninfo;
+
+struct Target {
+    node: String,
+    conninfo: String,
+    conn: Option<Conn>,
+    upto: Option<String>,
+    synced: bool,
+}
+
+fn read_position(node: &str) -> Option<(String, Option<String>, i64)> {
+    as_extension_owner(|| {
+        Spi::get_three_with_args::<String, String, i64>(
+            "SELECT done, cur, after FROM trompe.progress WHERE node_id = $1::uuid",
+            &[node.into()],
+        )
+    })
+    .ok()
+    .and_then(|(d, c, a)| Some((d?, c, a.unwrap_or(0))))
+}
+
+/// Implementation of `trompe.wait_sync`; `timeout_s` in seconds.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _wait_sync(timeout_s: f64) -> bool {
+    if crate::shmem::shared().is_none() {
+        TrompeError::NotPreloaded.raise();
+    }
+    let deadline = Instant::now() + Duration::from_secs_f64(timeout_s.clamp(0.0, 86_400.0 * 365.0));
+    let peers: Vec<(String, String)> = as_extension_owner(|| {
+        Spi::connect(|client| {
+            let rows = client.select(
+                "SELECT node_id::text, conninfo FROM trompe.peers WHERE NOT paused",
+                None,
+                &[],
+            )?;
+            let mut out = Vec::new();
+            for r in rows {
+                out.push((
+                    r.get::<String>(1)?.unwrap_or_default(),
+                    r.get::<String>(2)?.unwrap_or_default(),
+                ));
+            }
+            Ok::<_, pgrx::spi::Error>(out)
+        })
+    })
+    .unwrap_or_default();
+    let mut targets: Vec<Target> = peers
+        .into_iter()
+        .map(|(node, conninfo)| Target {
+            node,
+            conninfo,
+            conn: None,
+            upto: None,
+            synced: false,
+        })
+        .collect();
+    // SAFETY: MyDatabaseId is a backend-local global.
+    let dboid = unsafe { pg_sys::MyDatabaseId };
+    let mut pause = Duration::from_millis(2);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        for t in targets.iter_mut().filter(|t| !t.synced) {
+            if let Err(e) = check(t, left.min(Duration::from_secs(10))) {
+                pgrx::debug1!("trompe.wait_sync: {e}");
+                t.conn = None;
+            }
+        }
+        if targets.iter().all(|t| t.synced) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        crate::worker::control::wake_worker(dboid);
+        let wait = pause.min(deadline.saturating_duration_since(Instant::now()));
+        crate::libpq::wait_socket(
+            pgrx::pg_sys::PGINVALID_SOCKET,
+            crate::libpq::Want::Done,
+            wait.max(Duration::from_millis(1)),
+        );
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// One check of one peer: fixes the target snapshot on first contact, then asks the peer how
+/// many of the changes up to it this node's position does not cover.
+fn check(t: &mut Target, timeout: Duration) -> Result<(), String> {
+    if t.conn.is_none() {
+        let info = peer_conninfo(&t.conninfo).map_err(|e| e.to_string())?;
+        t.conn = Some(connect_wait(&info, timeout).map_err(|e| e.message)?);
+    }
+    let conn = t.conn.as_mut().ok_or("no connection")?;
+    if t.upto.is_none() {
+        let r = query_wait(conn, "SELECT trompe.current_snapshot()", &[], timeout)
+            .map_err(|e| e.message)?;
+        t.upto = r.get(0, 0).map(str::to_string);
+    }
+    let upto = t.upto.clone().ok_or("the peer returned no snapshot")?;
+    let (done, cur, after) = read_position(&t.node).ok_or("the peer has no position here")?;
+    let after = after.to_string();
+    let r = query_wait(
+        conn,
+        "SELECT trompe.pending_changes($1, $2, $3::bigint, $4)",
+        &[Some(&done), cur.as_deref(), Some(&after), Some(&upto)],
+        timeout,
+    )
+    .map_err(|e| e.message)?;
+    if r.get(0, 0) == Some("0") {
+        t.synced = true;
+        t.conn = None;
+    }
+    Ok(())
+}

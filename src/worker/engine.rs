@@ -1,0 +1,333 @@
+//! The per-database worker: pulls every peer and applies its changes, keeps the log pruned,
+//! and exits when the extension is dropped. It never blocks: it waits on its latch together
+//! with every peer's socket, so a hung peer delays nothing and signals are answered at once.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use trompe_core::nodeid::NodeId;
+use trompe_core::position::{Position, Step};
+use trompe_core::snapshot::Snapshot;
+
+use crate::libpq::Want;
+use crate::shmem::{now_ms, shared, DbSlot, DbState};
+use crate::worker::apply::{register_invalidation, ApplyCache};
+use crate::worker::link::{Link, WaitSpec};
+use crate::worker::txn::in_transaction;
+
+/// How often the worker re-reads its peers even without being woken.
+const RELOAD_EVERY_MS: i64 = 10_000;
+/// How often it checks that the extension still exists.
+const EXTENSION_CHECK_MS: i64 = 1_000;
+/// How often it runs log maintenance.
+const MAINTENANCE_EVERY_MS: i64 = 1_000;
+
+/// A peer row as stored.
+struct PeerRow {
+    name: String,
+    node: NodeId,
+    conninfo: String,
+    paused: bool,
+    origin: u32,
+    position: Position,
+}
+
+fn extension_exists() -> bool {
+    in_transaction(|| {
+        // SAFETY: catalog lookup inside a transaction.
+        let oid = unsafe { pg_sys::get_extension_oid(c"trompe".as_ptr(), true) };
+        Ok(oid != pg_sys::InvalidOid)
+    })
+    .unwrap_or(false)
+}
+
+fn load_peers() -> Result<(String, Vec<PeerRow>), String> {
+    in_transaction(|| {
+        let me = Spi::get_one::<String>("SELECT node_id::text FROM trompe.node")
+            .map_err(|e| e.to_string())?
+            .ok_or("trompe.node is empty")?;
+        // Create missing replication origins (e.g. after a restore) before reading them.
+        Spi::run(
+            "SELECT pg_replication_origin_create('trompe_' || p.node_id) FROM trompe.peers p
+              WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = 'trompe_' || p.node_id)",
+        )
+        .map_err(|e| e.to_string())?;
+        let rows = Spi::connect(|client| {
+            let rows = client.select(
+                "SELECT p.name, p.node_id::text, p.conninfo, p.paused, pr.done, pr.cur, pr.after, o.roident::int8
+                   FROM trompe.peers p JOIN trompe.progress pr USING (node_id)
+                   JOIN pg_replication_origin o ON o.roname = 'trompe_' || p.node_id
+                  ORDER BY p.name",
+                None,
+                &[],
+            )?;
+            let mut out = Vec::new();
+            for row in rows {
+                let name: String = row.get(1)?.unwrap_or_default();
+                let node: String = row.get(2)?.unwrap_or_default();
+                let done: String = row.get(5)?.unwrap_or_default();
+                let cur: Option<String> = row.get(6)?;
+                let after: i64 = row.get(7)?.unwrap_or(0);
+                let origin: i64 = row.get(8)?.unwrap_or(0);
+                out.push((name, node, row.get::<String>(3)?.unwrap_or_default(), row.get::<bool>(4)?.unwrap_or(false), done, cur, after, origin));
+            }
+            Ok::<_, pgrx::spi::Error>(out)
+        })
+        .map_err(|e| e.to_string())?;
+        let mut peers = Vec::new();
+        for (name, node, conninfo, paused, done, cur, after, origin) in rows {
+            let node: NodeId = node
+                .parse()
+                .map_err(|e: trompe_core::nodeid::NodeIdError| e.to_string())?;
+            let done: Snapshot = done
+                .parse()
+                .map_err(|e: trompe_core::snapshot::SnapshotError| e.to_string())?;
+            let step = match cur {
+                Some(c) => Some(Step {
+                    cur: c
+                        .parse()
+                        .map_err(|e: trompe_core::snapshot::SnapshotError| e.to_string())?,
+                    after,
+                }),
+                None => None,
+            };
+            peers.push(PeerRow {
+                name,
+                node,
+                conninfo,
+                paused,
+                origin: origin as u32,
+                position: Position { done, step },
+            });
+        }
+        Ok((me, peers))
+    })
+}
+
+/// The worker's state.
+struct Engine {
+    dboid: pg_sys::Oid,
+    slot: &'static DbSlot,
+    links: Vec<Link>,
+    cache: ApplyCache,
+    wake_seen: u64,
+    next_reload_ms: i64,
+    next_extension_check_ms: i64,
+    next_maintenance_ms: i64,
+    extension_seen: bool,
+}
+
+impl Engine {
+    /// Drops the replication origins of the peers this worker knew (after DROP EXTENSION).
+    fn drop_origins(&mut self) {
+        let names: Vec<String> = self
+            .links
+            .iter()
+            .map(|l| format!("trompe_{}", l.node))
+            .collect();
+        self.links.clear();
+        let result = in_transaction(|| {
+            for name in &names {
+                crate::worker::spi::execute_with_text_args(
+                    "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = $1",
+                    &[name],
+                )?;
+            }
+            Ok(())
+        });
+        if let Err(e) = result {
+            pgrx::log!("trompe: cannot drop replication origins: {e}");
+        }
+    }
+
+    fn reload(&mut self) {
+        let (me, rows) = match load_peers() {
+            Ok(v) => v,
+            Err(e) => {
+                pgrx::log!("trompe: cannot read peers: {e}");
+                return;
+            }
+        };
+        let shared = shared();
+        let mut old: HashMap<NodeId, Link> = self.links.drain(..).map(|l| (l.node, l)).collect();
+        for row in rows {
+            let info = match crate::peers::peer_conninfo(&row.conninfo) {
+                Ok(i) => i,
+                Err(e) => {
+                    pgrx::log!(
+                        "trompe: peer \"{}\" has an invalid connection string: {e}",
+                        row.name
+                    );
+                    continue;
+                }
+            };
+            match old.remove(&row.node) {
+                Some(mut link) => {
+                    link.update(row.conninfo, info, row.paused);
+                    self.links.push(link);
+                }
+                None => {
+                    let slot = shared.and_then(|s| s.peer_slot(self.dboid, &row.node.0));
+                    self.links.push(Link::new(
+                        row.name,
+                        row.node,
+                        row.conninfo,
+                        info,
+                        row.paused,
+                        row.origin as pg_sys::RepOriginId,
+                        row.position,
+                        me.clone(),
+                        slot,
+                    ));
+                }
+            }
+        }
+        if let Some(shared) = shared {
+            let keep: Vec<[u8; 16]> = self.links.iter().map(|l| l.node.0).collect();
+            shared.release_peer_slots(self.dboid, &keep);
+        }
+    }
+
+    fn iterate(&mut self) {
+        let now = now_ms();
+        if now >= self.next_extension_check_ms {
+            if !extension_exists() {
+                self.slot.set_state(DbState::NoExtension);
+                if self.extension_seen {
+                    pgrx::log!("trompe: the extension was dropped; worker exits");
+                    self.drop_origins();
+                }
+                // SAFETY: a clean exit of the background worker.
+                unsafe { pg_sys::proc_exit(0) };
+            }
+            self.extension_seen = true;
+            self.next_extension_check_ms = now + EXTENSION_CHECK_MS;
+        }
+        let wake = self.slot.wake_requests.load(Ordering::Acquire);
+        if wake != self.wake_seen || now >= self.next_reload_ms {
+            let woken = wake != self.wake_seen;
+            self.wake_seen = wake;
+            self.reload();
+            if woken {
+                self.links.iter_mut().for_each(Link::hurry);
+            }
+            self.next_reload_ms = now + RELOAD_EVERY_MS;
+        }
+        let enabled = crate::guc::ENABLED.get();
+        let mut waits: Vec<WaitSpec> = Vec::with_capacity(self.links.len());
+        for link in self.links.iter_mut() {
+            waits.push(link.drive(&mut self.cache, enabled));
+        }
+        if now_ms() >= self.next_maintenance_ms {
+            if let Err(e) = in_transaction(|| crate::log::rotation::maintain(self.slot)) {
+                pgrx::log!("trompe: log maintenance failed: {e}");
+            }
+            self.next_maintenance_ms = now_ms() + MAINTENANCE_EVERY_MS;
+        }
+        let mut wake_at = self
+            .next_maintenance_ms
+            .min(self.next_extension_check_ms)
+            .min(self.next_reload_ms);
+        for w in &waits {
+            if let Some(t) = w.wake_at_ms {
+                wake_at = wake_at.min(t);
+            }
+        }
+        wait(&waits, (wake_at - now_ms()).max(0));
+    }
+}
+
+/// Waits for the latch, any peer socket's readiness, postmaster death, or the timeout.
+fn wait(waits: &[WaitSpec], timeout_ms: i64) {
+    // SAFETY: the wait event set is created in the current memory context and freed here; the
+    // sockets belong to live connections.
+    unsafe {
+        let sockets: Vec<(pg_sys::pgsocket, Want)> =
+            waits.iter().filter_map(|w| w.socket).collect();
+        #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16"))]
+        let set =
+            pg_sys::CreateWaitEventSet(pg_sys::CurrentMemoryContext, 2 + sockets.len() as i32);
+        #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16")))]
+        let set = pg_sys::CreateWaitEventSet(std::ptr::null_mut(), 2 + sockets.len() as i32);
+        pg_sys::AddWaitEventToSet(
+            set,
+            pg_sys::WL_LATCH_SET,
+            pg_sys::PGINVALID_SOCKET,
+            pg_sys::MyLatch,
+            std::ptr::null_mut(),
+        );
+        pg_sys::AddWaitEventToSet(
+            set,
+            pg_sys::WL_EXIT_ON_PM_DEATH,
+            pg_sys::PGINVALID_SOCKET,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        );
+        for (sock, want) in &sockets {
+            let events = match want {
+                Want::Write => pg_sys::WL_SOCKET_WRITEABLE,
+                _ => pg_sys::WL_SOCKET_READABLE,
+            };
+            pg_sys::AddWaitEventToSet(
+                set,
+                events,
+                *sock,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            );
+        }
+        let mut occurred = [pg_sys::WaitEvent::default(); 1];
+        pg_sys::WaitEventSetWait(
+            set,
+            timeout_ms.min(i32::MAX as i64) as std::ffi::c_long,
+            occurred.as_mut_ptr(),
+            1,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::FreeWaitEventSet(set);
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+}
+
+/// Main loop of a database's worker (after it connected to its database).
+pub fn run(dboid: pg_sys::Oid, slot: &'static DbSlot) -> ! {
+    register_invalidation();
+    let mut engine = Engine {
+        dboid,
+        slot,
+        links: Vec::new(),
+        cache: ApplyCache::default(),
+        wake_seen: u64::MAX,
+        next_reload_ms: 0,
+        next_extension_check_ms: 0,
+        next_maintenance_ms: 0,
+        extension_seen: false,
+    };
+    // SAFETY: a memory context for one loop iteration, reset at the start of each.
+    let loop_context = unsafe {
+        pg_sys::AllocSetContextCreateInternal(
+            pg_sys::TopMemoryContext,
+            c"trompe worker loop".as_ptr(),
+            pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+        )
+    };
+    loop {
+        // SAFETY: resetting and switching to our own context; CHECK_FOR_INTERRUPTS handles
+        // SIGTERM (die) and postmaster death; the reload flag is set by our SIGHUP handler.
+        unsafe {
+            pg_sys::MemoryContextReset(loop_context);
+            pg_sys::MemoryContextSwitchTo(loop_context);
+            if pg_sys::ConfigReloadPending != 0 {
+                pg_sys::ConfigReloadPending = 0;
+                pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
+                engine.links.iter_mut().for_each(Link::reload_settings);
+            }
+        }
+        pgrx::check_for_interrupts!();
+        engine.iterate();
+    }
+}

@@ -1,0 +1,608 @@
+//! One peer as the worker sees it: a connection driven without ever blocking (connect,
+//! handshake, pull, apply, pull again), its position, and its retry backoff.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use pgrx::pg_sys;
+use trompe_core::backoff::Backoff;
+use trompe_core::conninfo::ConnInfo;
+use trompe_core::logformat::Op;
+use trompe_core::nodeid::NodeId;
+use trompe_core::pgarray::parse_text_array;
+use trompe_core::position::{Position, Step};
+use trompe_core::snapshot::Snapshot;
+
+use crate::libpq::{Conn, PgResult, PqError, Want};
+use crate::shmem::{now_ms, PeerSlot};
+use crate::worker::apply::{apply_change, apply_ddl, apply_truncate, ApplyCache, Change};
+use crate::worker::txn::in_transaction;
+
+/// Extra time allowed beyond the pull's own wait before a silent peer is given up on.
+const ANSWER_GRACE_MS: i64 = 60_000;
+/// An idle consumer still confirms its position this often, so the peer can prune its log.
+const CONFIRM_EVERY_MS: i64 = 30_000;
+
+/// Connection state shown in `trompe.status`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnState {
+    /// Not connected (waiting to retry, or never tried).
+    Disconnected = 0,
+    /// Connecting or checking the peer's identity.
+    Connecting = 1,
+    /// Connected and replicating.
+    Connected = 2,
+    /// Paused by `trompe.pause_peer`.
+    Paused = 3,
+}
+
+impl ConnState {
+    /// The name shown in `trompe.status`.
+    pub fn label(v: u32) -> &'static str {
+        match v {
+            1 => "connecting",
+            2 => "connected",
+            3 => "paused",
+            _ => "disconnected",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Down,
+    Connecting,
+    Handshake,
+    Ready,
+    Pulling,
+}
+
+/// What a link waits for before it can make progress.
+pub struct WaitSpec {
+    /// A socket and the readiness it needs.
+    pub socket: Option<(pg_sys::pgsocket, Want)>,
+    /// A time (ms since epoch) to act at.
+    pub wake_at_ms: Option<i64>,
+}
+
+/// A peer the worker pulls from.
+pub struct Link {
+    /// The peer's name.
+    pub name: String,
+    /// The peer's node id.
+    pub node: NodeId,
+    /// Connection string, as stored.
+    pub conninfo: String,
+    info: ConnInfo,
+    /// Paused by the user.
+    pub paused: bool,
+    origin: pg_sys::RepOriginId,
+    pos: Position,
+    last_persist_ms: i64,
+    conn: Option<Conn>,
+    state: State,
+    flushing: bool,
+    deadline_ms: i64,
+    not_before_ms: i64,
+    backoff: Backoff,
+    seen_commits: i64,
+    slot: Option<&'static PeerSlot>,
+    me: String,
+}
+
+/// A pull's answer: the step it read and the changes, grouped by transaction.
+struct Batch {
+    cur: Option<Snapshot>,
+    complete: bool,
+    commits: i64,
+    pending: i64,
+    oldest_us: Option<i64>,
+    txns: Vec<Vec<Change>>,
+}
+
+fn parse_array(text: Option<&str>, id: i64) -> Result<Option<Vec<Option<String>>>, String> {
+    text.map(|t| parse_text_array(t).map_err(|e| format!("malformed change {id}: {e}")))
+        .transpose()
+}
+
+fn parse_batch(result: &PgResult) -> Result<Batch, String> {
+    if result.rows() == 0 || result.get(0, 0) != Some("H") {
+        return Err("the peer's answer has no header".into());
+    }
+    let int = |r: usize, c: usize| result.get(r, c).and_then(|v| v.parse::<i64>().ok());
+    let cur = match result.get(0, 1) {
+        Some(t) => Some(t.parse::<Snapshot>().map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let mut batch = Batch {
+        cur,
+        complete: result.get(0, 2) == Some("t"),
+        commits: int(0, 3).unwrap_or(-1),
+        pending: int(0, 4).unwrap_or(0),
+        oldest_us: int(0, 5),
+        txns: Vec::new(),
+    };
+    let mut current: Vec<Change> = Vec::new();
+    for r in 1..result.rows() {
+        let id = int(r, 8).ok_or("a change without id")?;
+        let txn_last = int(r, 6).ok_or_else(|| format!("change {id} without transaction"))?;
+        let op = Op::from_code(result.get(r, 9).unwrap_or_default()).map_err(|e| e.to_string())?;
+        let change = Change {
+            txn_last,
+            commit_us: int(r, 7).ok_or_else(|| {
+                format!(
+                    "change {id} without commit time (is track_commit_timestamp on at the peer?)"
+                )
+            })?,
+            id,
+            op,
+            nsp: result.get(r, 10).unwrap_or_default().to_string(),
+            rel: result.get(r, 11).unwrap_or_default().to_string(),
+            cols: parse_array(result.get(r, 12), id)?.unwrap_or_default(),
+            vals: parse_array(result.get(r, 13), id)?,
+            oldkey: parse_array(result.get(r, 14), id)?,
+        };
+        if current.last().is_some_and(|c| c.txn_last != txn_last) {
+            batch.txns.push(std::mem::take(&mut current));
+        }
+        current.push(change);
+    }
+    if !current.is_empty() {
+        batch.txns.push(current);
+    }
+    Ok(batch)
+}
+
+impl Link {
+    /// A link for a peer, at its stored position.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        name: String,
+        node: NodeId,
+        conninfo: String,
+        info: ConnInfo,
+        paused: bool,
+        origin: pg_sys::RepOriginId,
+        pos: Position,
+        me: String,
+        slot: Option<&'static PeerSlot>,
+    ) -> Link {
+        let backoff = Backoff::new(
+            Duration::from_millis(crate::guc::RETRY_MIN_MS.get() as u64),
+            Duration::from_millis(crate::guc::RETRY_MAX_MS.get() as u64),
+        );
+        let link = Link {
+            name,
+            node,
+            conninfo,
+            info,
+            paused,
+            origin,
+            pos,
+            last_persist_ms: now_ms(),
+            conn: None,
+            state: State::Down,
+            flushing: false,
+            deadline_ms: 0,
+            not_before_ms: 0,
+            backoff,
+            seen_commits: -2,
+            slot,
+            me,
+        };
+        link.publish(if paused {
+            ConnState::Paused
+        } else {
+            ConnState::Disconnected
+        });
+        link
+    }
+
+    fn publish(&self, s: ConnState) {
+        if let Some(slot) = self.slot {
+            slot.conn_state.store(s as u32, Ordering::Release);
+        }
+    }
+
+    /// Updates settings from `trompe.peers`; a changed connection string reconnects.
+    pub fn update(&mut self, conninfo: String, info: ConnInfo, paused: bool) {
+        if conninfo != self.conninfo {
+            self.conninfo = conninfo;
+            self.info = info;
+            self.disconnect();
+        }
+        if paused != self.paused {
+            self.paused = paused;
+            if paused {
+                self.disconnect();
+                self.publish(ConnState::Paused);
+            } else {
+                self.not_before_ms = 0;
+                self.publish(ConnState::Disconnected);
+            }
+        }
+    }
+
+    /// Re-reads the retry bounds after a configuration reload.
+    pub fn reload_settings(&mut self) {
+        self.backoff.set_bounds(
+            Duration::from_millis(crate::guc::RETRY_MIN_MS.get() as u64),
+            Duration::from_millis(crate::guc::RETRY_MAX_MS.get() as u64),
+        );
+    }
+
+    /// Closes the connection (the next step reconnects).
+    pub fn disconnect(&mut self) {
+        self.conn = None;
+        self.state = State::Down;
+        self.flushing = false;
+        self.publish(if self.paused {
+            ConnState::Paused
+        } else {
+            ConnState::Disconnected
+        });
+    }
+
+    /// Makes the next pull happen now (skipping a retry delay).
+    pub fn hurry(&mut self) {
+        self.not_before_ms = 0;
+    }
+
+    fn fail(&mut self, message: &str) {
+        let message = crate::peers::scrub(message, &self.info);
+        self.disconnect();
+        let delay = self.backoff.fail();
+        self.not_before_ms = now_ms() + delay.as_millis() as i64;
+        if let Some(slot) = self.slot {
+            slot.set_error(&message);
+        }
+        pgrx::log!(
+            "trompe: peer \"{}\": {message}; retrying in {} ms",
+            self.name,
+            delay.as_millis()
+        );
+    }
+
+    /// Advances the link as far as it can without waiting; says what to wait for next.
+    pub fn drive(&mut self, cache: &mut ApplyCache, enabled: bool) -> WaitSpec {
+        loop {
+            let now = now_ms();
+            if self.paused || !enabled {
+                if self.conn.is_some() {
+                    self.disconnect();
+                }
+                return WaitSpec {
+                    socket: None,
+                    wake_at_ms: None,
+                };
+            }
+            match self.step(cache, now) {
+                Ok(Some(wait)) => return wait,
+                Ok(None) => continue,
+                Err(e) => {
+                    self.fail(&e);
+                    return WaitSpec {
+                        socket: None,
+                        wake_at_ms: Some(self.not_before_ms),
+                    };
+                }
+            }
+        }
+    }
+
+    /// One transition; `Ok(None)` means "call again at once".
+    fn step(&mut self, cache: &mut ApplyCache, now: i64) -> Result<Option<WaitSpec>, String> {
+        match self.state {
+            State::Down => {
+                if now < self.not_before_ms {
+                    return Ok(Some(WaitSpec {
+                        socket: None,
+                        wake_at_ms: Some(self.not_before_ms),
+                    }));
+                }
+                self.conn = Some(Conn::start(&self.info).map_err(|e| e.message)?);
+                self.state = State::Connecting;
+                self.deadline_ms = now + crate::guc::CONNECT_TIMEOUT_S.get() as i64 * 1000 + 1000;
+                self.publish(ConnState::Connecting);
+                Ok(None)
+            }
+            State::Connecting => {
+                let conn = self.conn.as_mut().ok_or("no connection")?;
+                match conn.poll_connect().map_err(|e: PqError| e.message)? {
+                    Want::Done => {
+                        self.send(
+                            "SELECT trompe.node_id()::text, set_config('statement_timeout', '0', false),
+                                    set_config('idle_in_transaction_session_timeout', '0', false),
+                                    set_config('default_transaction_isolation', 'read committed', false)",
+                            &[],
+                        )?;
+                        self.state = State::Handshake;
+                        self.deadline_ms = now + ANSWER_GRACE_MS;
+                        Ok(None)
+                    }
+                    want => self.wait_for(want, now),
+                }
+            }
+            State::Handshake | State::Pulling => {
+                let conn = self.conn.as_mut().ok_or("no connection")?;
+                if self.flushing {
+                    if conn.flush().map_err(|e| e.message)? == Want::Write {
+                        return self.wait_for(Want::Write, now);
+                    }
+                    self.flushing = false;
+                }
+                if conn.consume().map_err(|e| e.message)? == Want::Read {
+                    return self.wait_for(Want::Read, now);
+                }
+                let result = conn.take_result().map_err(|e| e.message)?;
+                if self.state == State::Handshake {
+                    let id = result.get(0, 0).unwrap_or_default();
+                    if id != self.node.to_string() {
+                        return Err(format!(
+                            "the peer answers as node {id}, not {} (is the connection string pointing to another database?)",
+                            self.node
+                        ));
+                    }
+                    self.publish(ConnState::Connected);
+                } else {
+                    self.handle_batch(cache, &result)?;
+                }
+                self.state = State::Ready;
+                Ok(None)
+            }
+            State::Ready => {
+                if now < self.not_before_ms {
+                    return Ok(Some(WaitSpec {
+                        socket: None,
+                        wake_at_ms: Some(self.not_before_ms),
+                    }));
+                }
+                self.send_pull(now)?;
+                Ok(None)
+            }
+        }
+    }
+
+    fn wait_for(&mut self, want: Want, now: i64) -> Result<Option<WaitSpec>, String> {
+        if now >= self.deadline_ms {
+            return Err(match self.state {
+                State::Connecting => "timed out connecting".to_string(),
+                _ => "the peer did not answer in time".to_string(),
+            });
+        }
+        let sock = self
+            .conn
+            .as_ref()
+            .map(|c| c.socket())
+            .ok_or("no connection")?;
+        Ok(Some(WaitSpec {
+            socket: Some((sock, want)),
+            wake_at_ms: Some(self.deadline_ms),
+        }))
+    }
+
+    fn send(&mut self, sql: &str, params: &[Option<&str>]) -> Result<(), String> {
+        let conn = self.conn.as_mut().ok_or("no connection")?;
+        conn.send_query(sql, params).map_err(|e| e.message)?;
+        self.flushing = true;
+        Ok(())
+    }
+
+    fn send_pull(&mut self, now: i64) -> Result<(), String> {
+        let wait_ms = crate::guc::PULL_INTERVAL_MS.get();
+        let done = self.pos.done.to_string();
+        let (cur, after) = match &self.pos.step {
+            Some(s) => (Some(s.cur.to_string()), s.after),
+            None => (None, 0),
+        };
+        let after = after.to_string();
+        let batch = crate::guc::BATCH_SIZE.get().to_string();
+        let wait = wait_ms.to_string();
+        let seen = self.seen_commits.to_string();
+        let me = self.me.clone();
+        self.send(
+            "SELECT kind, step_cur, complete, commits, pending, oldest_us, txn_last, commit_us, id, op, nsp, rel,
+                    cols, vals, oldkey, old_xmin
+               FROM trompe.pull($1::uuid, $2, $3, $4::bigint, $5::int, $6::int, $7::bigint, $8)",
+            &[Some(&me), Some(&done), cur.as_deref(), Some(&after), Some(&batch), Some(&wait), Some(&seen), Some(&done)],
+        )?;
+        self.state = State::Pulling;
+        self.deadline_ms = now + wait_ms as i64 + ANSWER_GRACE_MS;
+        Ok(())
+    }
+
+    fn handle_batch(&mut self, cache: &mut ApplyCache, result: &PgResult) -> Result<(), String> {
+        let batch = parse_batch(result)?;
+        self.seen_commits = batch.commits;
+        if let Some(slot) = self.slot {
+            slot.last_pull_ms.store(now_ms(), Ordering::Release);
+        }
+        let Some(cur) = batch.cur.clone() else {
+            return Ok(());
+        };
+        if self.pos.step.is_none() && !(batch.txns.is_empty() && batch.complete) {
+            // Work on this step until it is complete, also when applying fails and is retried.
+            self.pos.step = Some(Step {
+                cur: cur.clone(),
+                after: 0,
+            });
+        }
+        let ntxns = batch.txns.len();
+        let mut applied_changes = 0i64;
+        for (i, txn) in batch.txns.iter().enumerate() {
+            let last = i + 1 == ntxns;
+            let txn_last = txn.last().map_or(0, |c| c.txn_last);
+            let next = self
+                .pos
+                .after_transaction(&cur, txn_last, last && batch.complete);
+            if let Err(e) = self.apply_transaction(cache, txn, &next) {
+                // The position stays before this transaction: retry it after a delay.
+                let delay = self.backoff.fail();
+                self.not_before_ms = now_ms() + delay.as_millis() as i64;
+                if let Some(slot) = self.slot {
+                    slot.set_error(&e);
+                }
+                pgrx::log!(
+                    "trompe: peer \"{}\": cannot apply: {e}; retrying in {} ms",
+                    self.name,
+                    delay.as_millis()
+                );
+                return Ok(());
+            }
+            self.pos = next;
+            self.last_persist_ms = now_ms();
+            applied_changes += txn.len() as i64;
+            if let Some(slot) = self.slot {
+                slot.applied_txns.fetch_add(1, Ordering::AcqRel);
+                slot.applied_changes
+                    .fetch_add(txn.len() as u64, Ordering::AcqRel);
+            }
+        }
+        if ntxns == 0 && batch.complete {
+            // Nothing new in this step: move on to it, and now and then tell the peer.
+            let next = Position::at(cur.clone());
+            if now_ms() - self.last_persist_ms >= CONFIRM_EVERY_MS && next != self.pos {
+                self.persist(&next)?;
+            }
+            self.pos = next;
+        }
+        self.backoff.succeed();
+        if let Some(slot) = self.slot {
+            slot.clear_error();
+            let left = (batch.pending - applied_changes).max(0);
+            slot.pending_changes.store(left, Ordering::Release);
+            let oldest = if left > 0 {
+                batch.oldest_us.map(pg_timestamp_to_ms).unwrap_or(0)
+            } else {
+                0
+            };
+            slot.oldest_pending_ms.store(oldest, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    fn persist(&mut self, pos: &Position) -> Result<(), String> {
+        let node = self.node.to_string();
+        in_transaction(|| store_position(&node, pos, 0, 0))?;
+        self.last_persist_ms = now_ms();
+        Ok(())
+    }
+
+    /// Applies one origin transaction as one local transaction, with the origin's commit time
+    /// recorded as this transaction's (through the peer's replication origin), and the new
+    /// position stored in the same transaction.
+    fn apply_transaction(
+        &mut self,
+        cache: &mut ApplyCache,
+        txn: &[Change],
+        next: &Position,
+    ) -> Result<(), String> {
+        let node = self.node.to_string();
+        let origin = self.origin;
+        let commit_us = txn.first().map_or(0, |c| c.commit_us);
+        let mut session = OriginSession { active: false };
+        let result = in_transaction(|| {
+            cache.purge_stale();
+            session.setup(origin, commit_us);
+            // SAFETY: SPI is connected for the statements of this transaction and finished below.
+            unsafe { pg_sys::SPI_connect() };
+            let mut i = 0;
+            while i < txn.len() {
+                let change = &txn[i];
+                match change.op {
+                    Op::Truncate => {
+                        let mut group = vec![change];
+                        while i + 1 < txn.len()
+                            && txn[i + 1].op == Op::Truncate
+                            && txn[i + 1].vals == change.vals
+                        {
+                            i += 1;
+                            group.push(&txn[i]);
+                        }
+                        apply_truncate(cache, &group).map_err(|e| e.to_string())?;
+                    }
+                    Op::Ddl => apply_ddl(cache, change).map_err(|e| e.to_string())?,
+                    _ => {
+                        apply_change(cache, change).map_err(|e| e.to_string())?;
+                    }
+                }
+                i += 1;
+            }
+            store_position(&node, next, 1, txn.len() as i64)?;
+            // SAFETY: pairs with SPI_connect above.
+            unsafe { pg_sys::SPI_finish() };
+            Ok(())
+        });
+        session.reset();
+        result
+    }
+}
+
+/// The peer's replication origin set up for one local transaction, so its commit records the
+/// origin's commit time and identity; released after commit or rollback.
+struct OriginSession {
+    active: bool,
+}
+
+impl OriginSession {
+    fn setup(&mut self, origin: pg_sys::RepOriginId, commit_us: i64) {
+        if origin == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
+            return;
+        }
+        // SAFETY: sets up the session's replication origin (one at a time in this process) and
+        // the timestamp the next commit records.
+        unsafe {
+            #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
+            pg_sys::replorigin_session_setup(origin);
+            #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+            pg_sys::replorigin_session_setup(origin, 0);
+            pg_sys::replorigin_session_origin = origin;
+            pg_sys::replorigin_session_origin_timestamp = commit_us;
+            pg_sys::replorigin_session_origin_lsn = 0;
+        }
+        self.active = true;
+    }
+
+    fn reset(&mut self) {
+        if self.active {
+            // SAFETY: releases the origin set up by `setup`.
+            unsafe {
+                pg_sys::replorigin_session_reset();
+                pg_sys::replorigin_session_origin =
+                    pg_sys::InvalidRepOriginId as pg_sys::RepOriginId;
+                pg_sys::replorigin_session_origin_timestamp = 0;
+            }
+            self.active = false;
+        }
+    }
+}
+
+/// Stores a peer's position (inside the caller's transaction), adding to its counters.
+fn store_position(node: &str, pos: &Position, txns: i64, changes: i64) -> Result<(), String> {
+    let done = pos.done.to_string();
+    let (cur, after) = match &pos.step {
+        Some(s) => (Some(s.cur.to_string()), s.after),
+        None => (None, 0),
+    };
+    let args: Vec<pgrx::datum::DatumWithOid> = vec![
+        node.into(),
+        done.as_str().into(),
+        cur.into(),
+        after.into(),
+        txns.into(),
+        changes.into(),
+    ];
+    pgrx::Spi::run_with_args(
+        "UPDATE trompe.progress SET done = $2, cur = $3, after = $4, applied_txns = applied_txns + $5,
+                applied_changes = applied_changes + $6, updated_at = now()
+          WHERE node_id = $1::uuid",
+        &args,
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// PostgreSQL TimestampTz (µs since 2000-01-01) to ms since the Unix epoch.
+pub fn pg_timestamp_to_ms(us: i64) -> i64 {
+    us / 1000 + 946_684_800_000
+}

@@ -1,0 +1,160 @@
+//! The worker's life: started by CREATE EXTENSION, by restarts and after crashes; gone after
+//! DROP EXTENSION; out of DROP DATABASE's way; prompt to shut down even when a peer hangs;
+//! clear about a missing shared_preload_libraries.
+
+use std::time::{Duration, Instant};
+
+use trompe_tests::{expect_error, wait_for, Cluster, Node};
+
+const WORKER: &str = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'trompe worker' AND datname = 'app'";
+
+fn wait_workers(node: &Node, n: i64) {
+    let ok = wait_for(Duration::from_secs(30), || node.query_i64(WORKER) == n);
+    assert!(
+        ok,
+        "node {}: expected {n} trompe worker(s), have {}",
+        node.name,
+        node.query_i64(WORKER)
+    );
+}
+
+#[test]
+fn worker_follows_the_extension_restarts_and_crashes() {
+    let cluster = Cluster::start("worker-life", 1);
+    let n1 = cluster.node(0);
+    wait_workers(n1, 1);
+    assert_eq!(
+        n1.query_text(
+            "SELECT application_name FROM pg_stat_activity WHERE backend_type = 'trompe worker'"
+        )
+        .as_deref(),
+        Some("trompe worker")
+    );
+    assert_eq!(
+        n1.query_i64(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'trompe supervisor'"
+        ),
+        1
+    );
+    n1.restart();
+    wait_workers(n1, 1);
+    n1.crash_and_restart();
+    wait_workers(n1, 1);
+    n1.exec("DROP EXTENSION trompe");
+    wait_workers(n1, 0);
+    n1.exec("CREATE EXTENSION trompe");
+    wait_workers(n1, 1);
+    // A worker killed by an administrator comes back.
+    n1.exec("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'trompe worker'");
+    wait_workers(n1, 0);
+    wait_workers(n1, 1);
+}
+
+#[test]
+fn drop_database_does_not_wait_for_the_worker() {
+    let cluster = Cluster::builder("worker-dropdb")
+        .nodes(1)
+        .with_extension(false)
+        .start();
+    let n1 = cluster.node(0);
+    n1.exec("CREATE DATABASE other");
+    let mut other = n1.connect_to("other");
+    other.batch_execute("CREATE EXTENSION trompe").unwrap();
+    drop(other);
+    let count = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'trompe worker' AND datname = 'other'";
+    assert!(wait_for(Duration::from_secs(30), || n1.query_i64(count) == 1));
+    let mut admin = n1.connect_to("postgres");
+    let started = Instant::now();
+    admin
+        .batch_execute("ALTER DATABASE other RENAME TO other2")
+        .expect("rename while the worker runs");
+    admin
+        .batch_execute("DROP DATABASE other2")
+        .expect("drop while the worker runs");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        n1.query_i64("SELECT count(*) FROM pg_database WHERE datname LIKE 'other%'"),
+        0
+    );
+}
+
+#[test]
+fn fast_shutdown_is_prompt_even_when_a_peer_hangs() {
+    let cluster = Cluster::start("worker-shutdown", 2);
+    cluster.mesh();
+    let n1 = cluster.node(0);
+    assert!(wait_for(Duration::from_secs(30), || {
+        n1.query_text("SELECT state FROM trompe.status").as_deref() == Some("connected")
+    }));
+    // Whatever n1's worker sends to n2 now goes nowhere.
+    cluster.link(0, 1).blackhole();
+    n1.exec("SELECT trompe.resume_peer('n2')");
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    n1.stop();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "fast shutdown took {:?}",
+        started.elapsed()
+    );
+    assert!(n1.postmaster_pid().is_none());
+}
+
+#[test]
+fn settings_reload_pauses_and_resumes_every_worker() {
+    let cluster = Cluster::start("worker-enabled", 2);
+    cluster.exec_all("CREATE TABLE t (id int PRIMARY KEY); SELECT trompe.add_table('t')");
+    cluster.mesh();
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    n2.exec("ALTER SYSTEM SET trompe.enabled = off");
+    n2.exec("SELECT pg_reload_conf()");
+    n2.wait_for_value(
+        "SELECT state FROM trompe.status",
+        "disabled",
+        Duration::from_secs(10),
+    );
+    n1.exec("INSERT INTO t VALUES (1)");
+    assert_eq!(
+        n2.query_text("SELECT trompe.wait_sync('2 seconds')")
+            .as_deref(),
+        Some("f")
+    );
+    n2.exec("ALTER SYSTEM RESET trompe.enabled");
+    n2.exec("SELECT pg_reload_conf()");
+    cluster.wait_sync(Duration::from_secs(60));
+    assert_eq!(n2.query_i64("SELECT count(*) FROM t"), 1);
+}
+
+#[test]
+fn without_preloading_the_extension_installs_and_says_what_is_missing() {
+    let cluster = Cluster::builder("worker-no-preload")
+        .nodes(1)
+        .with_extension(false)
+        .setting("shared_preload_libraries", "''")
+        .start();
+    let n1 = cluster.node(0);
+    let mut c = n1.connect();
+    c.batch_execute("CREATE EXTENSION trompe")
+        .expect("CREATE EXTENSION works without preloading");
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY); SELECT trompe.add_table('t'); INSERT INTO t VALUES (1)").unwrap();
+    assert_eq!(
+        n1.query_i64("SELECT count(*) FROM trompe.log"),
+        1,
+        "changes are still captured"
+    );
+    for sql in [
+        "SELECT trompe.wait_sync()",
+        "SELECT trompe.add_peer('x', 'host=localhost')",
+    ] {
+        let (code, message) = expect_error(&mut c, sql);
+        assert_eq!(code, "55000", "{sql}");
+        assert!(
+            message.contains("shared_preload_libraries"),
+            "{sql}: {message}"
+        );
+    }
+}
