@@ -15,6 +15,7 @@ pub mod node;
 pub mod origin;
 pub mod peers;
 pub mod shmem;
+pub mod sql;
 pub mod status;
 pub mod sync;
 pub mod tables;

@@ -48,48 +48,45 @@ fn parse_snapshot(text: &str, what: &str) -> Snapshot {
 
 /// The current snapshot of this node, taken now (a fresh snapshot, not the statement's).
 fn snapshot_now() -> String {
-    Spi::get_one::<String>("SELECT pg_current_snapshot()::text")
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| {
-            TrompeError::Internal("pg_current_snapshot() returned nothing".into()).raise()
-        })
+    crate::log::rotation::snapshot_now()
+        .map(|s| s.to_string())
+        .unwrap_or_else(|e| TrompeError::Internal(e).raise())
 }
 
-fn xid_list(xids: &[u64]) -> Vec<String> {
-    xids.iter().map(u64::to_string).collect()
+/// An `xid8[]` literal.
+fn xid_array(xids: &[u64]) -> String {
+    let items: Vec<String> = xids.iter().map(u64::to_string).collect();
+    format!("{{{}}}", items.join(","))
 }
 
 /// Lists the transactions in the step `(done, cur]`, ordered by their last change.
 fn step_transactions(done: &Snapshot, cur: &Snapshot) -> Vec<StepTxn> {
-    let sql = "SELECT txid::text, max(id), count(*) FROM trompe.log
-                WHERE (txid >= $1::text::xid8 OR txid = ANY($2::text[]::xid8[]))
-                  AND txid < $3::text::xid8 AND txid <> ALL($4::text[]::xid8[])
-                GROUP BY txid ORDER BY max(id)";
-    Spi::connect(|client| {
-        let rows = client.select(
-            sql,
-            None,
-            &[
-                done.xmax.to_string().into(),
-                xid_list(&done.xip).into(),
-                cur.xmax.to_string().into(),
-                xid_list(&cur.xip).into(),
-            ],
-        )?;
-        let mut out = Vec::new();
-        for row in rows {
-            let txid: String = row.get(1)?.unwrap_or_default();
-            out.push(StepTxn {
-                txid: txid.parse().unwrap_or(0),
-                last_id: row.get(2)?.unwrap_or(0),
-                changes: row.get(3)?.unwrap_or(0),
-            });
-        }
-        Ok::<_, pgrx::spi::Error>(out)
-    })
+    let rows = crate::sql::rows(
+        "SELECT txid, max(id), count(*) FROM trompe.log
+          WHERE (txid >= $1::xid8 OR txid = ANY($2::xid8[]))
+            AND txid < $3::xid8 AND txid <> ALL($4::xid8[])
+          GROUP BY txid ORDER BY max(id)",
+        &[
+            Some(&done.xmax.to_string()),
+            Some(&xid_array(&done.xip)),
+            Some(&cur.xmax.to_string()),
+            Some(&xid_array(&cur.xip)),
+        ],
+    )
     .map_err(|e| TrompeError::Internal(format!("reading the log: {e}")))
-    .or_raise()
+    .or_raise();
+    let num = |v: &Option<String>| {
+        v.as_deref()
+            .and_then(|t| t.parse::<i64>().ok())
+            .unwrap_or(0)
+    };
+    rows.iter()
+        .map(|r| StepTxn {
+            txid: r[0].as_deref().and_then(|t| t.parse().ok()).unwrap_or(0),
+            last_id: num(&r[1]),
+            changes: num(&r[2]),
+        })
+        .collect()
 }
 
 /// The commit time of a transaction (microseconds since 2000-01-01, PostgreSQL's
@@ -103,33 +100,59 @@ pub fn commit_time(txid: u64) -> Option<i64> {
     found.then_some(ts)
 }
 
-/// Checks that `consumer` is registered and records the position it confirmed as applied
-/// (at most once a second per session). A consumer whose position went backwards past what it
-/// confirmed (restored from a backup) is refused: the log it needs may be gone.
+/// The position `consumer` confirmed last: from shared memory when newer than the table.
+pub fn effective_confirmed(consumer: &[u8; 16], stored: &str) -> String {
+    // SAFETY: MyDatabaseId is a backend-local global.
+    let dboid = unsafe { pg_sys::MyDatabaseId };
+    let Some(live) = shmem::shared().and_then(|s| s.confirmed(dboid, consumer)) else {
+        return stored.to_string();
+    };
+    match (live.parse::<Snapshot>(), stored.parse::<Snapshot>()) {
+        (Ok(l), Ok(t)) if l.covers(&t) => live,
+        _ => stored.to_string(),
+    }
+}
+
+/// Checks that `consumer` is registered and records the position it confirmed as applied (in
+/// shared memory; the worker saves it to `trompe.consumers`). A consumer whose position went
+/// backwards past what it confirmed (restored from a backup) is refused: the log it needs may
+/// be gone.
 fn check_consumer(consumer: pgrx::Uuid, done: &Snapshot, confirmed: Option<&str>) {
-    let stored = Spi::get_one_with_args::<String>(
-        "SELECT confirmed FROM trompe.consumers WHERE node_id = $1",
-        &[consumer.into()],
+    let consumer_text = consumer.to_string();
+    let stored = crate::sql::value(
+        "SELECT confirmed FROM trompe.consumers WHERE node_id = $1::uuid",
+        &[Some(&consumer_text)],
     )
-    .ok()
-    .flatten();
+    .map_err(TrompeError::Internal)
+    .or_raise();
     let Some(stored) = stored else {
         TrompeError::NotAConsumer(consumer.to_string()).raise();
     };
+    let id: [u8; 16] = *consumer.as_bytes();
+    let stored = effective_confirmed(&id, &stored);
     if let Ok(stored_snap) = stored.parse::<Snapshot>() {
         if !done.covers(&stored_snap) {
             TrompeError::PositionRegressed(consumer.to_string()).raise();
         }
     }
-    let Some(confirmed) = confirmed else { return };
-    let due = CONFIRMED.with(|c| match &*c.borrow() {
-        Some((at, last)) => last != confirmed && at.elapsed() >= Duration::from_secs(1),
-        None => stored != confirmed,
+    let Some(confirmed) = confirmed.filter(|c| *c != stored) else {
+        return;
+    };
+    parse_snapshot(confirmed, "confirmed");
+    // SAFETY: MyDatabaseId is a backend-local global.
+    let dboid = unsafe { pg_sys::MyDatabaseId };
+    if shmem::shared().is_some_and(|s| s.set_confirmed(dboid, &id, confirmed)) {
+        return;
+    }
+    let due = CONFIRMED.with(|c| {
+        c.borrow()
+            .as_ref()
+            .is_none_or(|(at, _)| at.elapsed() >= Duration::from_secs(1))
     });
     if due {
-        Spi::run_with_args(
-            "UPDATE trompe.consumers SET confirmed = $2, confirmed_at = now() WHERE node_id = $1",
-            &[consumer.into(), confirmed.into()],
+        crate::sql::execute(
+            "UPDATE trompe.consumers SET confirmed = $2, confirmed_at = now() WHERE node_id = $1::uuid",
+            &[Some(&consumer_text), Some(confirmed)],
         )
         .map_err(|e| TrompeError::Internal(format!("recording the confirmed position: {e}")))
         .or_raise();
@@ -274,44 +297,53 @@ fn register_consumer(
         name!(commit_timestamps, bool),
     ),
 > {
-    let node_id = as_extension_owner(|| {
+    let consumer_text = consumer.to_string();
+    let (node, snapshot) = as_extension_owner(|| {
         let snapshot = snapshot_now();
-        Spi::run_with_args(
-            "INSERT INTO trompe.consumers (node_id, name, confirmed) VALUES ($1, $2, $3)
+        crate::sql::execute(
+            "INSERT INTO trompe.consumers (node_id, name, confirmed) VALUES ($1::uuid, $2, $3)
              ON CONFLICT (node_id) DO UPDATE SET name = EXCLUDED.name, confirmed = EXCLUDED.confirmed,
                  registered_at = now(), confirmed_at = now()",
-            &[consumer.into(), consumer_name.into(), snapshot.as_str().into()],
+            &[Some(&consumer_text), Some(consumer_name), Some(&snapshot)],
         )
         .map_err(|e| TrompeError::Internal(format!("registering consumer: {e}")))
         .or_raise();
-        let node = Spi::get_one::<pgrx::Uuid>("SELECT node_id FROM trompe.node")
-            .ok()
-            .flatten();
-        (node, snapshot)
+        forget_live_confirmation(&consumer);
+        (crate::node::local_node_id(), snapshot)
     });
-    let (Some(node), snapshot) = node_id else {
-        TrompeError::Internal("trompe.node is empty".into()).raise();
-    };
-    let tracked = Spi::get_one::<String>("SELECT current_setting('track_commit_timestamp')")
-        .ok()
-        .flatten()
-        .is_some_and(|v| v == "on");
+    let tracked = crate::sql::flag(
+        "SELECT current_setting('track_commit_timestamp') = 'on'",
+        &[],
+    )
+    .map_err(TrompeError::Internal)
+    .or_raise();
     TableIterator::once((node, snapshot, tracked))
+}
+
+/// Forgets what consumer `consumer` confirmed through shared memory (it was removed or
+/// registered anew).
+pub fn forget_live_confirmation(consumer: &pgrx::Uuid) {
+    // SAFETY: MyDatabaseId is a backend-local global.
+    let dboid = unsafe { pg_sys::MyDatabaseId };
+    if let Some(s) = shmem::shared() {
+        s.forget_consumer(dboid, consumer.as_bytes());
+    }
 }
 
 /// Forgets a consumer: its position no longer holds back log truncation. Returns whether it
 /// was registered.
 #[pg_extern(volatile, parallel_unsafe)]
 fn unregister_consumer(consumer: pgrx::Uuid) -> bool {
+    forget_live_confirmation(&consumer);
+    let consumer_text = consumer.to_string();
     as_extension_owner(|| {
-        Spi::get_one_with_args::<i64>(
-            "WITH d AS (DELETE FROM trompe.consumers WHERE node_id = $1 RETURNING 1) SELECT count(*) FROM d",
-            &[consumer.into()],
+        crate::sql::execute(
+            "DELETE FROM trompe.consumers WHERE node_id = $1::uuid",
+            &[Some(&consumer_text)],
         )
     })
-    .ok()
-    .flatten()
-    .unwrap_or(0)
+    .map_err(TrompeError::Internal)
+    .or_raise()
         > 0
 }
 

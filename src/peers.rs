@@ -5,12 +5,13 @@ use std::time::Duration;
 
 use pgrx::prelude::*;
 use trompe_core::conninfo::{ConnInfo, ConninfoError};
-use trompe_core::nodeid::NodeId;
 
 use crate::capture::InternalOperation;
 use crate::error::{OrRaise, TrompeError};
 use crate::libpq::{connect_wait, query_wait, Conn, PqError, PqErrorKind};
 use crate::log::writer::as_extension_owner;
+use crate::node::{local_node_id, to_uuid};
+use crate::sql;
 use crate::worker::control::{launch_worker_on_commit, wake_worker_on_commit};
 
 /// How long add_peer and remove_peer wait for a peer's answers.
@@ -85,13 +86,6 @@ fn peer_query(
     })
 }
 
-fn local_node_id() -> pgrx::Uuid {
-    Spi::get_one::<pgrx::Uuid>("SELECT node_id FROM trompe.node")
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| TrompeError::Internal("trompe.node is empty".into()).raise())
-}
-
 /// The replication origin of a peer: its name records the peer's node id.
 pub fn origin_name(peer: &str) -> String {
     format!("trompe_{peer}")
@@ -113,23 +107,23 @@ fn add_peer_impl(name: &str, conninfo: &str) -> Result<pgrx::Uuid, TrompeError> 
         return Err(TrompeError::BadPeerName(name.chars().take(80).collect()));
     }
     let info = peer_conninfo(conninfo)?;
-    let tracked = Spi::get_one::<String>("SELECT current_setting('track_commit_timestamp')")
-        .ok()
-        .flatten();
-    if tracked.as_deref() != Some("on") {
+    if !sql::flag(
+        "SELECT current_setting('track_commit_timestamp') = 'on'",
+        &[],
+    )
+    .map_err(TrompeError::Internal)?
+    {
         return Err(TrompeError::SettingRequired(
             "track_commit_timestamp must be on (set it in postgresql.conf and restart)".into(),
         ));
     }
     let exists = as_extension_owner(|| {
-        Spi::get_one_with_args::<bool>(
+        sql::flag(
             "SELECT EXISTS (SELECT 1 FROM trompe.peers WHERE name = $1)",
-            &[name.into()],
+            &[Some(name)],
         )
     })
-    .ok()
-    .flatten()
-    .unwrap_or(false);
+    .map_err(TrompeError::Internal)?;
     if exists {
         return Err(TrompeError::PeerExists(name.to_string()));
     }
@@ -146,34 +140,32 @@ fn add_peer_impl(name: &str, conninfo: &str) -> Result<pgrx::Uuid, TrompeError> 
     }
     let ids = peer_query(&mut conn, name, &info, "SELECT trompe.node_id()::text", &[])?;
     let peer_id = ids.get(0, 0).unwrap_or_default().to_string();
-    let me = local_node_id();
-    if peer_id == me.to_string() {
+    let me = local_node_id().to_string();
+    if peer_id == me {
         return Err(TrompeError::PeerIsSelf(name.to_string()));
     }
     let existing = as_extension_owner(|| {
-        Spi::get_one_with_args::<String>(
+        sql::value(
             "SELECT name FROM trompe.peers WHERE node_id = $1::uuid",
-            &[peer_id.as_str().into()],
+            &[Some(&peer_id)],
         )
     })
-    .ok()
-    .flatten();
+    .map_err(TrompeError::Internal)?;
     if let Some(existing) = existing {
         return Err(TrompeError::NodeAlreadyPeer {
             node: peer_id,
             existing,
         });
     }
-    let consumer_name = Spi::get_one::<String>("SELECT current_database()::text")
-        .ok()
-        .flatten()
+    let consumer_name = sql::value("SELECT current_database()", &[])
+        .map_err(TrompeError::Internal)?
         .unwrap_or_default();
     let reg = peer_query(
         &mut conn,
         name,
         &info,
         "SELECT node_id::text, snapshot, commit_timestamps FROM trompe.register_consumer($1::uuid, $2)",
-        &[Some(&me.to_string()), Some(&consumer_name)],
+        &[Some(&me), Some(&consumer_name)],
     )?;
     let snapshot = reg.get(0, 1).unwrap_or_default().to_string();
     if reg.get(0, 2) != Some("t") {
@@ -183,17 +175,17 @@ fn add_peer_impl(name: &str, conninfo: &str) -> Result<pgrx::Uuid, TrompeError> 
     }
     let _internal = InternalOperation::begin();
     as_extension_owner(|| {
-        Spi::run_with_args(
-            "INSERT INTO trompe.peers (name, node_id, conninfo) VALUES ($1, $2::uuid, $3);
-             INSERT INTO trompe.progress (node_id, done) VALUES ($2::uuid, $4);
-             SELECT pg_replication_origin_create($5)",
-            &[
-                name.into(),
-                peer_id.as_str().into(),
-                conninfo.into(),
-                snapshot.as_str().into(),
-                origin_name(&peer_id).as_str().into(),
-            ],
+        sql::execute(
+            "INSERT INTO trompe.peers (name, node_id, conninfo) VALUES ($1, $2::uuid, $3)",
+            &[Some(name), Some(&peer_id), Some(conninfo)],
+        )?;
+        sql::execute(
+            "INSERT INTO trompe.progress (node_id, done) VALUES ($1::uuid, $2)",
+            &[Some(&peer_id), Some(&snapshot)],
+        )?;
+        sql::execute(
+            "SELECT pg_replication_origin_create($1)",
+            &[Some(&origin_name(&peer_id))],
         )
     })
     .map_err(|e| TrompeError::Internal(format!("recording peer {name}: {e}")))?;
@@ -207,28 +199,31 @@ fn add_peer_impl(name: &str, conninfo: &str) -> Result<pgrx::Uuid, TrompeError> 
 #[pg_extern(volatile, parallel_unsafe)]
 fn remove_peer(name: &str) -> pgrx::Uuid {
     let found = as_extension_owner(|| {
-        Spi::get_two_with_args::<String, String>(
-            "SELECT node_id::text, conninfo FROM trompe.peers WHERE name = $1",
-            &[name.into()],
+        sql::row(
+            "SELECT node_id, conninfo FROM trompe.peers WHERE name = $1",
+            &[Some(name)],
         )
     })
-    .ok();
-    let (Some(peer_id), Some(conninfo)) = found.unwrap_or((None, None)) else {
+    .map_err(TrompeError::Internal)
+    .or_raise();
+    let Some([Some(peer_id), Some(conninfo)]) = found.map(|r| [r[0].clone(), r[1].clone()]) else {
         TrompeError::NoSuchPeer(name.to_string()).raise();
     };
     {
         let _internal = InternalOperation::begin();
         as_extension_owner(|| {
-            Spi::run_with_args(
-                "DELETE FROM trompe.peers WHERE name = $1;
-                 DELETE FROM trompe.consumers WHERE node_id = $2::uuid;
-                 SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = $3",
-                &[name.into(), peer_id.as_str().into(), origin_name(&peer_id).as_str().into()],
+            sql::execute("DELETE FROM trompe.peers WHERE name = $1", &[Some(name)])?;
+            sql::execute("DELETE FROM trompe.consumers WHERE node_id = $1::uuid", &[Some(&peer_id)])?;
+            sql::execute(
+                "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = $1",
+                &[Some(&origin_name(&peer_id))],
             )
         })
         .map_err(|e| TrompeError::Internal(format!("removing peer {name}: {e}")))
         .or_raise();
     }
+    let peer_uuid = to_uuid(&peer_id).or_raise();
+    crate::origin::forget_live_confirmation(&peer_uuid);
     wake_worker_on_commit();
     let me = local_node_id().to_string();
     let told = peer_conninfo(&conninfo).and_then(|info| {
@@ -247,19 +242,19 @@ fn remove_peer(name: &str) -> pgrx::Uuid {
              run SELECT trompe.remove_peer(...) for this node on it"
         );
     }
-    to_uuid(&peer_id).or_raise()
+    peer_uuid
 }
 
 fn set_paused(name: &str, paused: bool) -> bool {
+    let flag = if paused { "true" } else { "false" };
     let changed = as_extension_owner(|| {
-        Spi::get_one_with_args::<i64>(
-            "WITH u AS (UPDATE trompe.peers SET paused = $2 WHERE name = $1 RETURNING 1) SELECT count(*) FROM u",
-            &[name.into(), paused.into()],
+        sql::execute(
+            "UPDATE trompe.peers SET paused = $2::boolean WHERE name = $1",
+            &[Some(name), Some(flag)],
         )
     })
-    .ok()
-    .flatten()
-    .unwrap_or(0);
+    .map_err(TrompeError::Internal)
+    .or_raise();
     if changed == 0 {
         TrompeError::NoSuchPeer(name.to_string()).raise();
     }
@@ -278,11 +273,4 @@ fn pause_peer(name: &str) -> bool {
 #[pg_extern(volatile, parallel_unsafe)]
 fn resume_peer(name: &str) -> bool {
     set_paused(name, false)
-}
-
-/// A node id given as text, as a SQL uuid.
-fn to_uuid(text: &str) -> Result<pgrx::Uuid, TrompeError> {
-    text.parse::<NodeId>()
-        .map(|n| pgrx::Uuid::from_bytes(n.0))
-        .map_err(|e| TrompeError::Internal(e.to_string()))
 }

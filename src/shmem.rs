@@ -15,6 +15,10 @@ pub const MAX_DATABASES: usize = 64;
 pub const MAX_PEERS: usize = 256;
 /// Bytes kept of a peer's last error message.
 pub const ERROR_BYTES: usize = 512;
+/// Consumers (over all databases) whose confirmed position is kept in shared memory.
+pub const MAX_CONSUMERS: usize = 256;
+/// Longest confirmed snapshot text kept in shared memory (longer ones go to the table).
+pub const SNAPSHOT_BYTES: usize = 256;
 
 /// State of one database's worker.
 #[repr(u32)]
@@ -102,6 +106,18 @@ pub struct PeerSlot {
     error: [u8; ERROR_BYTES],
 }
 
+/// The position a consumer of this node's log last confirmed, written by the pull requests
+/// it makes (no table write on the hot path) and saved to `trompe.consumers` by the worker.
+#[repr(C)]
+pub struct ConsumerSlot {
+    /// The database, or 0 if the slot is free.
+    pub dboid: AtomicU32,
+    /// The consumer's node id.
+    pub node_id: [u8; 16],
+    len: AtomicU32,
+    text: [u8; SNAPSHOT_BYTES],
+}
+
 /// The whole shared segment.
 #[repr(C)]
 pub struct Shared {
@@ -114,6 +130,8 @@ pub struct Shared {
     pub dbs: [DbSlot; MAX_DATABASES],
     /// Per-peer live status.
     pub peers: [PeerSlot; MAX_PEERS],
+    /// Positions confirmed by consumers of this node's log.
+    pub consumers: [ConsumerSlot; MAX_CONSUMERS],
 }
 
 static mut SHARED: *mut Shared = std::ptr::null_mut();
@@ -289,6 +307,63 @@ impl Shared {
             for p in self.peers.iter() {
                 if p.dboid.load(Ordering::Acquire) == want && !keep.contains(&p.node_id) {
                     p.dboid.store(0, Ordering::Release);
+                }
+            }
+        });
+    }
+}
+
+impl Shared {
+    /// Records that consumer `node_id` of `dboid` confirmed `snapshot`; false if it does not
+    /// fit (the caller then writes the table).
+    pub fn set_confirmed(&self, dboid: pg_sys::Oid, node_id: &[u8; 16], snapshot: &str) -> bool {
+        if snapshot.len() > SNAPSHOT_BYTES {
+            return false;
+        }
+        let want = dboid.to_u32();
+        with_lock(self, || {
+            let slot = self
+                .consumers
+                .iter()
+                .find(|c| c.dboid.load(Ordering::Acquire) == want && &c.node_id == node_id)
+                .or_else(|| {
+                    self.consumers
+                        .iter()
+                        .find(|c| c.dboid.load(Ordering::Acquire) == 0)
+                });
+            let Some(slot) = slot else { return false };
+            let ptr = slot as *const ConsumerSlot as *mut ConsumerSlot;
+            // SAFETY: consumer slots' plain fields are only read and written under the lock.
+            unsafe {
+                (*ptr).node_id = *node_id;
+                (&mut (*ptr).text)[..snapshot.len()].copy_from_slice(snapshot.as_bytes());
+            }
+            slot.len.store(snapshot.len() as u32, Ordering::Release);
+            slot.dboid.store(want, Ordering::Release);
+            true
+        })
+    }
+
+    /// The position consumer `node_id` of `dboid` confirmed last, if kept here.
+    pub fn confirmed(&self, dboid: pg_sys::Oid, node_id: &[u8; 16]) -> Option<String> {
+        let want = dboid.to_u32();
+        with_lock(self, || {
+            let slot = self
+                .consumers
+                .iter()
+                .find(|c| c.dboid.load(Ordering::Acquire) == want && &c.node_id == node_id)?;
+            let len = slot.len.load(Ordering::Acquire) as usize;
+            Some(String::from_utf8_lossy(&slot.text[..len.min(SNAPSHOT_BYTES)]).into_owned())
+        })
+    }
+
+    /// Forgets consumer `node_id` of `dboid`.
+    pub fn forget_consumer(&self, dboid: pg_sys::Oid, node_id: &[u8; 16]) {
+        let want = dboid.to_u32();
+        with_lock(self, || {
+            for c in self.consumers.iter() {
+                if c.dboid.load(Ordering::Acquire) == want && &c.node_id == node_id {
+                    c.dboid.store(0, Ordering::Release);
                 }
             }
         });

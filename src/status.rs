@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use pgrx::prelude::*;
 use trompe_core::nodeid::NodeId;
 
+use crate::error::OrRaise;
 use crate::shmem::{now_ms, shared, DbState};
 use crate::worker::link::ConnState;
 
@@ -42,30 +43,29 @@ fn _status() -> TableIterator<
     ),
 > {
     let rows: Vec<StoredPeer> = crate::log::writer::as_extension_owner(|| {
-        Spi::connect(|client| {
-            let rows = client.select(
-                "SELECT p.name, p.node_id::text, p.paused, pr.done, pr.cur, pr.after, pr.applied_txns, pr.applied_changes
-                   FROM trompe.peers p JOIN trompe.progress pr USING (node_id) ORDER BY p.name",
-                None,
-                &[],
-            )?;
-            let mut out = Vec::new();
-            for r in rows {
-                out.push(StoredPeer {
-                    name: r.get::<String>(1)?.unwrap_or_default(),
-                    node: r.get::<String>(2)?.unwrap_or_default(),
-                    paused: r.get::<bool>(3)?.unwrap_or(false),
-                    done: r.get::<String>(4)?.unwrap_or_default(),
-                    cur: r.get::<String>(5)?,
-                    after: r.get::<i64>(6)?.unwrap_or(0),
-                    txns: r.get::<i64>(7)?.unwrap_or(0),
-                    changes: r.get::<i64>(8)?.unwrap_or(0),
-                });
-            }
-            Ok::<_, pgrx::spi::Error>(out)
-        })
+        crate::sql::rows(
+            "SELECT p.name, p.node_id, p.paused, pr.done, pr.cur, pr.after, pr.applied_txns, pr.applied_changes
+               FROM trompe.peers p JOIN trompe.progress pr USING (node_id) ORDER BY p.name",
+            &[],
+        )
     })
-    .unwrap_or_default();
+    .map_err(crate::error::TrompeError::Internal)
+    .or_raise()
+    .into_iter()
+    .map(|r| {
+        let num = |i: usize| r[i].as_deref().and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+        StoredPeer {
+            name: r[0].clone().unwrap_or_default(),
+            node: r[1].clone().unwrap_or_default(),
+            paused: r[2].as_deref() == Some("t"),
+            done: r[3].clone().unwrap_or_default(),
+            cur: r[4].clone(),
+            after: num(5),
+            txns: num(6),
+            changes: num(7),
+        }
+    })
+    .collect();
     // SAFETY: MyDatabaseId is a backend-local global.
     let dboid = unsafe { pg_sys::MyDatabaseId };
     let shared = shared();

@@ -5,10 +5,11 @@ use std::time::{Duration, Instant};
 
 use pgrx::prelude::*;
 
-use crate::error::TrompeError;
+use crate::error::{OrRaise, TrompeError};
 use crate::libpq::{connect_wait, query_wait, Conn};
 use crate::log::writer::as_extension_owner;
 use crate::peers::peer_conninfo;
+use crate::sql;
 
 struct Target {
     node: String,
@@ -19,14 +20,16 @@ struct Target {
 }
 
 fn read_position(node: &str) -> Option<(String, Option<String>, i64)> {
-    as_extension_owner(|| {
-        Spi::get_three_with_args::<String, String, i64>(
+    let row = as_extension_owner(|| {
+        sql::row(
             "SELECT done, cur, after FROM trompe.progress WHERE node_id = $1::uuid",
-            &[node.into()],
+            &[Some(node)],
         )
     })
     .ok()
-    .and_then(|(d, c, a)| Some((d?, c, a.unwrap_or(0))))
+    .flatten()?;
+    let after = row[2].as_deref().and_then(|a| a.parse().ok()).unwrap_or(0);
+    Some((row[0].clone()?, row[1].clone(), after))
 }
 
 /// Implementation of `trompe.wait_sync`; `timeout_s` in seconds.
@@ -37,23 +40,16 @@ fn _wait_sync(timeout_s: f64) -> bool {
     }
     let deadline = Instant::now() + Duration::from_secs_f64(timeout_s.clamp(0.0, 86_400.0 * 365.0));
     let peers: Vec<(String, String)> = as_extension_owner(|| {
-        Spi::connect(|client| {
-            let rows = client.select(
-                "SELECT node_id::text, conninfo FROM trompe.peers WHERE NOT paused",
-                None,
-                &[],
-            )?;
-            let mut out = Vec::new();
-            for r in rows {
-                out.push((
-                    r.get::<String>(1)?.unwrap_or_default(),
-                    r.get::<String>(2)?.unwrap_or_default(),
-                ));
-            }
-            Ok::<_, pgrx::spi::Error>(out)
-        })
+        sql::rows(
+            "SELECT node_id, conninfo FROM trompe.peers WHERE NOT paused",
+            &[],
+        )
     })
-    .unwrap_or_default();
+    .map_err(TrompeError::Internal)
+    .or_raise()
+    .into_iter()
+    .filter_map(|r| Some((r[0].clone()?, r[1].clone()?)))
+    .collect();
     let mut targets: Vec<Target> = peers
         .into_iter()
         .map(|(node, conninfo)| Target {

@@ -9,6 +9,7 @@ use crate::capture::relinfo::primary_key_columns;
 use crate::capture::InternalOperation;
 use crate::error::{OrRaise, TrompeError};
 use crate::log::writer::as_extension_owner;
+use crate::sql;
 
 /// Schemas that can never be replicated.
 const RESERVED_SCHEMAS: &[&str] = &["pg_catalog", "information_schema", "pg_toast", "trompe"];
@@ -114,13 +115,23 @@ impl RelFacts {
     }
 }
 
+/// Runs a query returning one oid column.
+fn oids(query: &str, args: &[Option<&str>]) -> Result<Vec<pg_sys::Oid>, TrompeError> {
+    let rows = sql::rows(query, args).map_err(TrompeError::Internal)?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| r[0].as_deref().and_then(|v| v.parse::<u32>().ok()))
+        .map(pg_sys::Oid::from)
+        .collect())
+}
+
 fn is_replicated(relid: pg_sys::Oid) -> bool {
-    Spi::get_one_with_args::<bool>(
-        "SELECT EXISTS (SELECT 1 FROM trompe.tables WHERE relid = $1)",
-        &[relid.into()],
-    )
-    .ok()
-    .flatten()
+    as_extension_owner(|| {
+        sql::flag(
+            "SELECT EXISTS (SELECT 1 FROM trompe.tables WHERE relid = $1::oid)",
+            &[Some(&relid.to_u32().to_string())],
+        )
+    })
     .unwrap_or(false)
 }
 
@@ -144,7 +155,8 @@ pub fn add_table_by_oid(relid: pg_sys::Oid) -> Result<bool, TrompeError> {
                  FOR EACH STATEMENT EXECUTE FUNCTION trompe.capture_truncate();",
             oid = relid.to_u32()
         );
-        Spi::run(&sql).map_err(|e| TrompeError::Internal(format!("adding {table}: {e}")))?;
+        sql::execute(&sql, &[])
+            .map_err(|e| TrompeError::Internal(format!("adding {table}: {e}")))?;
         Ok(true)
     })
 }
@@ -164,7 +176,8 @@ pub fn remove_table_by_oid(relid: pg_sys::Oid) -> Result<bool, TrompeError> {
              DELETE FROM trompe.tables WHERE relid = {oid}::oid;",
             oid = relid.to_u32()
         );
-        Spi::run(&sql).map_err(|e| TrompeError::Internal(format!("removing {table}: {e}")))?;
+        sql::execute(&sql, &[])
+            .map_err(|e| TrompeError::Internal(format!("removing {table}: {e}")))?;
         Ok(true)
     })
 }
@@ -187,13 +200,11 @@ fn check_schema(schema_name: &str) -> Result<(), TrompeError> {
     if RESERVED_SCHEMAS.contains(&schema_name) || schema_name.starts_with("pg_") {
         return Err(TrompeError::ReservedSchema(schema_name.to_string()));
     }
-    let exists = Spi::get_one_with_args::<bool>(
+    let exists = sql::flag(
         "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
-        &[schema_name.into()],
+        &[Some(schema_name)],
     )
-    .ok()
-    .flatten()
-    .unwrap_or(false);
+    .map_err(TrompeError::Internal)?;
     if !exists {
         return Err(TrompeError::NoSuchSchema(schema_name.to_string()));
     }
@@ -203,25 +214,14 @@ fn check_schema(schema_name: &str) -> Result<(), TrompeError> {
 /// Adds every table of the replicated schemas that is not replicated yet and can be; warns
 /// about tables that cannot (no primary key yet). Returns how many were added.
 pub fn sync_schema_tables() -> Result<i64, TrompeError> {
-    let candidates: Vec<pg_sys::Oid> = Spi::connect(|client| {
-        let rows = client.select(
-            "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE n.nspname IN (SELECT schema_name FROM trompe.schemas)
-                AND c.relkind = 'r' AND c.relpersistence = 'p'
-                AND NOT EXISTS (SELECT 1 FROM trompe.tables t WHERE t.relid = c.oid)
-              ORDER BY c.oid",
-            None,
-            &[],
-        )?;
-        let mut out = Vec::new();
-        for row in rows {
-            if let Some(oid) = row.get::<pg_sys::Oid>(1)? {
-                out.push(oid);
-            }
-        }
-        Ok::<_, pgrx::spi::Error>(out)
-    })
-    .map_err(|e| TrompeError::Internal(format!("listing tables of replicated schemas: {e}")))?;
+    let candidates = oids(
+        "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname IN (SELECT schema_name FROM trompe.schemas)
+            AND c.relkind = 'r' AND c.relpersistence = 'p'
+            AND NOT EXISTS (SELECT 1 FROM trompe.tables t WHERE t.relid = c.oid)
+          ORDER BY c.oid",
+        &[],
+    )?;
     let mut added = 0;
     for relid in candidates {
         let facts = rel_facts(relid)?;
@@ -248,9 +248,9 @@ fn add_schema(schema_name: &str) -> i64 {
     {
         let _internal = InternalOperation::begin();
         as_extension_owner(|| {
-            Spi::run_with_args(
+            sql::execute(
                 "INSERT INTO trompe.schemas (schema_name) VALUES ($1) ON CONFLICT DO NOTHING",
-                &[schema_name.into()],
+                &[Some(schema_name)],
             )
         })
         .map_err(|e| TrompeError::Internal(format!("adding schema {schema_name}: {e}")))
@@ -262,28 +262,17 @@ fn add_schema(schema_name: &str) -> i64 {
 /// Stops replicating a schema and every table in it. Returns how many tables were removed.
 #[pg_extern(volatile, parallel_unsafe)]
 fn remove_schema(schema_name: &str) -> i64 {
-    let relids: Vec<pg_sys::Oid> = Spi::connect(|client| {
-        let rows = client.select(
-            "SELECT t.relid::oid FROM trompe.tables t JOIN pg_class c ON c.oid = t.relid
-               JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1",
-            None,
-            &[schema_name.into()],
-        )?;
-        let mut out = Vec::new();
-        for row in rows {
-            if let Some(oid) = row.get::<pg_sys::Oid>(1)? {
-                out.push(oid);
-            }
-        }
-        Ok::<_, pgrx::spi::Error>(out)
-    })
-    .map_err(|e| TrompeError::Internal(format!("listing tables of schema {schema_name}: {e}")))
+    let relids = oids(
+        "SELECT t.relid::oid FROM trompe.tables t JOIN pg_class c ON c.oid = t.relid
+           JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1",
+        &[Some(schema_name)],
+    )
     .or_raise();
     let _internal = InternalOperation::begin();
     as_extension_owner(|| {
-        Spi::run_with_args(
+        sql::execute(
             "DELETE FROM trompe.schemas WHERE schema_name = $1",
-            &[schema_name.into()],
+            &[Some(schema_name)],
         )
     })
     .map_err(|e| TrompeError::Internal(format!("removing schema {schema_name}: {e}")))
@@ -312,13 +301,11 @@ fn _after_ddl(touched: Vec<pg_sys::Oid>) {
         if !facts.has_pk {
             TrompeError::DropPrimaryKey(facts.qualified()).raise();
         }
-        let triggers_on = Spi::get_one_with_args::<i64>(
-            "SELECT count(*) FROM pg_trigger WHERE tgrelid = $1
+        let triggers_on = sql::int(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::oid
                 AND tgname IN ('trompe_capture', 'trompe_truncate') AND tgenabled IN ('O', 'A')",
-            &[relid.into()],
+            &[Some(&relid.to_u32().to_string())],
         )
-        .ok()
-        .flatten()
         .unwrap_or(0);
         if triggers_on != 2 {
             TrompeError::CaptureDisabled(facts.qualified()).raise();
@@ -332,9 +319,10 @@ fn _after_ddl(touched: Vec<pg_sys::Oid>) {
 fn _forget_dropped(dropped: Vec<pg_sys::Oid>) {
     let _internal = InternalOperation::begin();
     as_extension_owner(|| {
-        Spi::run_with_args(
-            "DELETE FROM trompe.tables WHERE relid::oid = ANY($1)",
-            &[dropped.into()],
+        let list: Vec<String> = dropped.iter().map(|o| o.to_u32().to_string()).collect();
+        sql::execute(
+            "DELETE FROM trompe.tables WHERE relid::oid = ANY($1::oid[])",
+            &[Some(&format!("{{{}}}", list.join(",")))],
         )
     })
     .map_err(|e| TrompeError::Internal(format!("forgetting dropped tables: {e}")))

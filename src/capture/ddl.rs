@@ -111,11 +111,11 @@ fn _log_ddl(command_tag: &str, object_schema: &str, object_name: &str) {
                     .into_owned()
             }
         };
-        let search_path = Spi::get_one::<String>("SELECT current_setting('search_path')")
+        let search_path = crate::sql::value("SELECT current_setting('search_path')", &[])
             .ok()
             .flatten()
             .unwrap_or_default();
-        let role = Spi::get_one::<String>("SELECT current_user::text")
+        let role = crate::sql::value("SELECT current_user", &[])
             .ok()
             .flatten()
             .unwrap_or_default();

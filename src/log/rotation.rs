@@ -5,21 +5,23 @@
 
 use std::sync::atomic::Ordering;
 
-use pgrx::prelude::*;
+use pgrx::pg_sys;
+use trompe_core::nodeid::NodeId;
 use trompe_core::snapshot::Snapshot;
 
 use crate::error::TrompeError;
 use crate::log::writer::as_extension_owner;
 use crate::log::LOG_SLOTS;
 use crate::shmem::{shared, DbSlot};
+use crate::sql;
 
 fn read_current_slot() -> Result<usize, TrompeError> {
     let slot = as_extension_owner(|| {
-        Spi::get_one::<i32>("SELECT slot FROM trompe.log_rotation WHERE is_current")
+        sql::value("SELECT slot FROM trompe.log_rotation WHERE is_current", &[])
     })
     .map_err(|e| TrompeError::Internal(format!("reading trompe.log_rotation: {e}")))?
     .ok_or_else(|| TrompeError::Internal("trompe.log_rotation has no current log table".into()))?;
-    usize::try_from(slot)
+    slot.parse::<usize>()
         .ok()
         .filter(|s| *s < LOG_SLOTS)
         .ok_or_else(|| TrompeError::Internal(format!("trompe.log_rotation names log table {slot}")))
@@ -46,55 +48,65 @@ struct SlotRow {
 }
 
 fn slot_rows() -> Result<Vec<SlotRow>, String> {
-    Spi::connect(|client| {
-        let rows = client.select(
-            "SELECT slot, is_current, retired_below::text, (extract(epoch FROM now() - switched_at) * 1000)::int8
-               FROM trompe.log_rotation ORDER BY slot",
-            None,
-            &[],
-        )?;
-        let mut out = Vec::new();
-        for row in rows {
-            out.push(SlotRow {
-                slot: row.get::<i32>(1)?.unwrap_or(0) as usize,
-                is_current: row.get::<bool>(2)?.unwrap_or(false),
-                retired_below: row.get::<String>(3)?.and_then(|t| t.parse().ok()),
-                age_ms: row.get::<i64>(4)?.unwrap_or(0),
-            });
-        }
-        Ok::<_, pgrx::spi::Error>(out)
-    })
-    .map_err(|e| e.to_string())
+    let rows = sql::rows(
+        "SELECT slot, is_current, retired_below, (extract(epoch FROM now() - switched_at) * 1000)::int8
+           FROM trompe.log_rotation ORDER BY slot",
+        &[],
+    )?;
+    Ok(rows
+        .into_iter()
+        .map(|r| SlotRow {
+            slot: r[0].as_deref().and_then(|v| v.parse().ok()).unwrap_or(0),
+            is_current: r[1].as_deref() == Some("t"),
+            retired_below: r[2].as_deref().and_then(|v| v.parse().ok()),
+            age_ms: r[3].as_deref().and_then(|v| v.parse().ok()).unwrap_or(0),
+        })
+        .collect())
 }
 
 fn table_is_empty(slot: usize) -> Result<bool, String> {
-    Spi::get_one::<bool>(&format!(
-        "SELECT NOT EXISTS (SELECT 1 FROM trompe.log_{slot})"
-    ))
-    .map(|v| v.unwrap_or(false))
-    .map_err(|e| e.to_string())
+    sql::flag(
+        &format!("SELECT NOT EXISTS (SELECT 1 FROM trompe.log_{slot})"),
+        &[],
+    )
 }
 
-/// The smallest xmin over every consumer's confirmed position and this node's current
-/// snapshot: every transaction below it has finished and every consumer has applied it.
-fn confirmed_horizon() -> Result<u64, String> {
-    let now: Snapshot = Spi::get_one::<String>("SELECT pg_current_snapshot()::text")
-        .map_err(|e| e.to_string())?
-        .ok_or("no snapshot")?
+/// The newest transaction with changes in log table `slot` (an index-only scan), if any.
+fn newest_transaction(slot: usize) -> Result<Option<u64>, String> {
+    Ok(
+        sql::value(&format!("SELECT max(txid) FROM trompe.log_{slot}"), &[])?
+            .and_then(|t| t.parse().ok()),
+    )
+}
+
+/// This node's current snapshot, taken now.
+pub fn snapshot_now() -> Result<Snapshot, String> {
+    sql::value("SELECT pg_current_snapshot()", &[])?
+        .ok_or("pg_current_snapshot() returned nothing")?
         .parse()
-        .map_err(|e: trompe_core::snapshot::SnapshotError| e.to_string())?;
-    let mut horizon = now.xmin;
-    let confirmed: Vec<String> = Spi::connect(|client| {
-        let rows = client.select("SELECT confirmed FROM trompe.consumers", None, &[])?;
-        let mut out = Vec::new();
-        for row in rows {
-            out.push(row.get::<String>(1)?.unwrap_or_default());
+        .map_err(|e: trompe_core::snapshot::SnapshotError| e.to_string())
+}
+
+/// The smallest xmin over every consumer's confirmed position: every consumer has applied
+/// every transaction below it (u64::MAX without consumers). Saves positions consumers
+/// confirmed through shared memory into `trompe.consumers` on the way.
+fn confirmed_horizon() -> Result<u64, String> {
+    let mut horizon = u64::MAX;
+    for r in sql::rows("SELECT node_id, confirmed FROM trompe.consumers", &[])? {
+        let (Some(node), Some(stored)) = (r[0].as_deref(), r[1].as_deref()) else {
+            return Ok(0);
+        };
+        let Ok(id) = node.parse::<NodeId>() else {
+            return Ok(0);
+        };
+        let confirmed = crate::origin::effective_confirmed(&id.0, stored);
+        if confirmed != stored {
+            sql::execute(
+                "UPDATE trompe.consumers SET confirmed = $2, confirmed_at = now() WHERE node_id = $1::uuid",
+                &[Some(node), Some(&confirmed)],
+            )?;
         }
-        Ok::<_, pgrx::spi::Error>(out)
-    })
-    .map_err(|e| e.to_string())?;
-    for text in confirmed {
-        match text.parse::<Snapshot>() {
+        match confirmed.parse::<Snapshot>() {
             Ok(s) => horizon = horizon.min(s.xmin),
             Err(_) => return Ok(0),
         }
@@ -112,24 +124,27 @@ pub fn maintain(db: &DbSlot) -> Result<(), String> {
     };
     db.log_slot.store(current as i32, Ordering::Release);
     let horizon = confirmed_horizon()?;
+    let xmin = snapshot_now()?.xmin;
     for row in rows.iter().filter(|r| !r.is_current) {
+        let slot = row.slot.to_string();
         match row.retired_below {
             // Writers switched away in an earlier round: any transaction that could still
             // write here has an id below the next one to be assigned now.
             None => {
-                Spi::run_with_args(
-                    "UPDATE trompe.log_rotation SET retired_below = pg_snapshot_xmax(pg_current_snapshot()) WHERE slot = $1",
-                    &[(row.slot as i32).into()],
-                )
-                .map_err(|e| e.to_string())?;
+                sql::execute(
+                    "UPDATE trompe.log_rotation SET retired_below = pg_snapshot_xmax(pg_current_snapshot())
+                      WHERE slot = $1::int",
+                    &[Some(&slot)],
+                )?;
             }
-            Some(below) if below <= horizon && !table_is_empty(row.slot)? => {
+            // Nobody can write here any more, and every consumer has applied all of it.
+            Some(below)
+                if below <= xmin
+                    && newest_transaction(row.slot)?.is_some_and(|newest| newest < horizon) =>
+            {
                 // lock_timeout: never queue behind a reader; try again next round.
-                Spi::run(&format!(
-                    "SET LOCAL lock_timeout = '50ms'; TRUNCATE trompe.log_{}",
-                    row.slot
-                ))
-                .map_err(|e| e.to_string())?;
+                sql::execute("SET LOCAL lock_timeout = '50ms'", &[])?;
+                sql::execute(&format!("TRUNCATE trompe.log_{}", row.slot), &[])?;
             }
             _ => {}
         }
@@ -145,13 +160,12 @@ pub fn maintain(db: &DbSlot) -> Result<(), String> {
         && next_free
         && !table_is_empty(current)?
     {
-        Spi::run_with_args(
-            "UPDATE trompe.log_rotation SET is_current = (slot = $1), switched_at = now(),
-                    retired_below = CASE WHEN slot = $1 THEN retired_below ELSE NULL END
-              WHERE slot IN ($1, $2)",
-            &[(next as i32).into(), (current as i32).into()],
-        )
-        .map_err(|e| e.to_string())?;
+        sql::execute(
+            "UPDATE trompe.log_rotation SET is_current = (slot = $1::int), switched_at = now(),
+                    retired_below = CASE WHEN slot = $1::int THEN retired_below ELSE NULL END
+              WHERE slot IN ($1::int, $2::int)",
+            &[Some(&next.to_string()), Some(&current.to_string())],
+        )?;
         db.log_slot.store(-1, Ordering::Release);
     }
     Ok(())

@@ -261,10 +261,10 @@ fn load_table(nsp: &str, rel: &str) -> Result<(pg_sys::Oid, Table), ApplyError> 
             attrs,
             context,
         };
-        table.replicated = crate::worker::spi::query_bool(&format!(
-            "SELECT EXISTS (SELECT 1 FROM trompe.tables WHERE relid = {}::oid)",
-            relid.to_u32()
-        ))
+        table.replicated = crate::sql::flag(
+            "SELECT EXISTS (SELECT 1 FROM trompe.tables WHERE relid = $1::oid)",
+            &[Some(&relid.to_u32().to_string())],
+        )
         .map_err(ApplyError::Postgres)?;
         Ok((relid, table))
     }
@@ -580,7 +580,9 @@ pub fn apply_truncate(cache: &mut ApplyCache, changes: &[&Change]) -> Result<(),
         tables.join(", "),
         if restart { " RESTART IDENTITY" } else { "" }
     );
-    crate::worker::spi::execute(&sql).map_err(ApplyError::Postgres)
+    crate::sql::execute(&sql, &[])
+        .map(|_| ())
+        .map_err(ApplyError::Postgres)
 }
 
 /// Replays a DDL statement with the search_path and role it ran with at the origin, then
@@ -603,14 +605,18 @@ pub fn apply_ddl(cache: &mut ApplyCache, change: &Change) -> Result<(), ApplyErr
             reason: "empty DDL statement".into(),
         });
     }
-    crate::worker::spi::execute_with_text_args(
+    crate::sql::execute(
         "SELECT set_config('search_path', $1, true), set_config('role', $2, true)",
-        &[&search_path, if role.is_empty() { "none" } else { &role }],
+        &[
+            Some(&search_path),
+            Some(if role.is_empty() { "none" } else { &role }),
+        ],
     )
     .map_err(ApplyError::Postgres)?;
-    crate::worker::spi::execute(&statement).map_err(ApplyError::Postgres)?;
-    crate::worker::spi::execute(
+    crate::sql::execute(&statement, &[]).map_err(ApplyError::Postgres)?;
+    crate::sql::execute(
         "SELECT set_config('role', 'none', true), set_config('search_path', '', true)",
+        &[],
     )
     .map_err(ApplyError::Postgres)?;
     cache.clear();

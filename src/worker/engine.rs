@@ -6,13 +6,13 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
 use pgrx::pg_sys;
-use pgrx::prelude::*;
 use trompe_core::nodeid::NodeId;
 use trompe_core::position::{Position, Step};
 use trompe_core::snapshot::Snapshot;
 
 use crate::libpq::Want;
 use crate::shmem::{now_ms, shared, DbSlot, DbState};
+use crate::sql;
 use crate::worker::apply::{register_invalidation, ApplyCache};
 use crate::worker::link::{Link, WaitSpec};
 use crate::worker::txn::in_transaction;
@@ -45,60 +45,45 @@ fn extension_exists() -> bool {
 
 fn load_peers() -> Result<(String, Vec<PeerRow>), String> {
     in_transaction(|| {
-        let me = Spi::get_one::<String>("SELECT node_id::text FROM trompe.node")
-            .map_err(|e| e.to_string())?
-            .ok_or("trompe.node is empty")?;
+        let me =
+            sql::value("SELECT node_id FROM trompe.node", &[])?.ok_or("trompe.node is empty")?;
         // Create missing replication origins (e.g. after a restore) before reading them.
-        Spi::run(
+        sql::execute(
             "SELECT pg_replication_origin_create('trompe_' || p.node_id) FROM trompe.peers p
               WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = 'trompe_' || p.node_id)",
-        )
-        .map_err(|e| e.to_string())?;
-        let rows = Spi::connect(|client| {
-            let rows = client.select(
-                "SELECT p.name, p.node_id::text, p.conninfo, p.paused, pr.done, pr.cur, pr.after, o.roident::int8
-                   FROM trompe.peers p JOIN trompe.progress pr USING (node_id)
-                   JOIN pg_replication_origin o ON o.roname = 'trompe_' || p.node_id
-                  ORDER BY p.name",
-                None,
-                &[],
-            )?;
-            let mut out = Vec::new();
-            for row in rows {
-                let name: String = row.get(1)?.unwrap_or_default();
-                let node: String = row.get(2)?.unwrap_or_default();
-                let done: String = row.get(5)?.unwrap_or_default();
-                let cur: Option<String> = row.get(6)?;
-                let after: i64 = row.get(7)?.unwrap_or(0);
-                let origin: i64 = row.get(8)?.unwrap_or(0);
-                out.push((name, node, row.get::<String>(3)?.unwrap_or_default(), row.get::<bool>(4)?.unwrap_or(false), done, cur, after, origin));
-            }
-            Ok::<_, pgrx::spi::Error>(out)
-        })
-        .map_err(|e| e.to_string())?;
+            &[],
+        )?;
+        let rows = sql::rows(
+            "SELECT p.name, p.node_id, p.conninfo, p.paused, pr.done, pr.cur, pr.after, o.roident
+               FROM trompe.peers p JOIN trompe.progress pr USING (node_id)
+               JOIN pg_replication_origin o ON o.roname = 'trompe_' || p.node_id
+              ORDER BY p.name",
+            &[],
+        )?;
         let mut peers = Vec::new();
-        for (name, node, conninfo, paused, done, cur, after, origin) in rows {
-            let node: NodeId = node
+        for r in rows {
+            let text = |i: usize| r[i].clone().unwrap_or_default();
+            let node: NodeId = text(1)
                 .parse()
                 .map_err(|e: trompe_core::nodeid::NodeIdError| e.to_string())?;
-            let done: Snapshot = done
+            let done: Snapshot = text(4)
                 .parse()
                 .map_err(|e: trompe_core::snapshot::SnapshotError| e.to_string())?;
-            let step = match cur {
+            let step = match &r[5] {
                 Some(c) => Some(Step {
                     cur: c
                         .parse()
                         .map_err(|e: trompe_core::snapshot::SnapshotError| e.to_string())?,
-                    after,
+                    after: text(6).parse().unwrap_or(0),
                 }),
                 None => None,
             };
             peers.push(PeerRow {
-                name,
+                name: text(0),
                 node,
-                conninfo,
-                paused,
-                origin: origin as u32,
+                conninfo: text(2),
+                paused: r[3].as_deref() == Some("t"),
+                origin: text(7).parse().unwrap_or(0),
                 position: Position { done, step },
             });
         }
@@ -130,9 +115,9 @@ impl Engine {
         self.links.clear();
         let result = in_transaction(|| {
             for name in &names {
-                crate::worker::spi::execute_with_text_args(
+                sql::execute(
                     "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = $1",
-                    &[name],
+                    &[Some(name)],
                 )?;
             }
             Ok(())

@@ -21,7 +21,7 @@ use crate::worker::txn::in_transaction;
 /// Extra time allowed beyond the pull's own wait before a silent peer is given up on.
 const ANSWER_GRACE_MS: i64 = 60_000;
 /// An idle consumer still confirms its position this often, so the peer can prune its log.
-const CONFIRM_EVERY_MS: i64 = 30_000;
+const CONFIRM_EVERY_MS: i64 = 10_000;
 
 /// Connection state shown in `trompe.status`.
 #[repr(u32)]
@@ -79,6 +79,11 @@ pub struct Link {
     pub paused: bool,
     origin: pg_sys::RepOriginId,
     pos: Position,
+    /// The newest `done` known to be on disk here: the only position confirmed to the peer
+    /// (applies commit asynchronously, so a crash may take back the last few).
+    confirmed: Snapshot,
+    /// Positions committed but maybe not flushed yet, with their commit's WAL end.
+    unflushed: std::collections::VecDeque<(u64, Snapshot)>,
     last_persist_ms: i64,
     conn: Option<Conn>,
     state: State,
@@ -179,6 +184,8 @@ impl Link {
             info,
             paused,
             origin,
+            confirmed: pos.done.clone(),
+            unflushed: std::collections::VecDeque::new(),
             pos,
             last_persist_ms: now_ms(),
             conn: None,
@@ -313,6 +320,7 @@ impl Link {
                     Want::Done => {
                         self.send(
                             "SELECT trompe.node_id()::text, set_config('statement_timeout', '0', false),
+                                    set_config('synchronous_commit', 'off', false),
                                     set_config('idle_in_transaction_session_timeout', '0', false),
                                     set_config('default_transaction_isolation', 'read committed', false)",
                             &[],
@@ -389,8 +397,43 @@ impl Link {
         Ok(())
     }
 
+    /// Records that `done` was committed by the last transaction; it is confirmed to the peer
+    /// once that commit is flushed.
+    fn note_committed(&mut self, done: &Snapshot) {
+        let known = self.unflushed.back().map_or(&self.confirmed, |(_, d)| d);
+        if known != done {
+            // SAFETY: reading the end of this process's last commit record.
+            let lsn = unsafe { pg_sys::XactLastCommitEnd };
+            self.unflushed.push_back((lsn, done.clone()));
+        }
+    }
+
+    /// The newest position whose commit is on disk. When caught up (about to wait for news),
+    /// flushes the last commit first, so the peer learns the position at once.
+    fn durable_position(&mut self) -> String {
+        if self.pos.step.is_none() {
+            if let Some((lsn, _)) = self.unflushed.back() {
+                // SAFETY: flushes WAL up to a commit record this process wrote.
+                unsafe { pg_sys::XLogFlush(*lsn) };
+            }
+        }
+        // SAFETY: reads the WAL flush position; no lock needed.
+        let flushed = unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) };
+        while self
+            .unflushed
+            .front()
+            .is_some_and(|(lsn, _)| *lsn <= flushed)
+        {
+            if let Some((_, done)) = self.unflushed.pop_front() {
+                self.confirmed = done;
+            }
+        }
+        self.confirmed.to_string()
+    }
+
     fn send_pull(&mut self, now: i64) -> Result<(), String> {
         let wait_ms = crate::guc::PULL_INTERVAL_MS.get();
+        let confirmed = self.durable_position();
         let done = self.pos.done.to_string();
         let (cur, after) = match &self.pos.step {
             Some(s) => (Some(s.cur.to_string()), s.after),
@@ -405,7 +448,7 @@ impl Link {
             "SELECT kind, step_cur, complete, commits, pending, oldest_us, txn_last, commit_us, id, op, nsp, rel,
                     cols, vals, oldkey, old_xmin
                FROM trompe.pull($1::uuid, $2, $3, $4::bigint, $5::int, $6::int, $7::bigint, $8)",
-            &[Some(&me), Some(&done), cur.as_deref(), Some(&after), Some(&batch), Some(&wait), Some(&seen), Some(&done)],
+            &[Some(&me), Some(&done), cur.as_deref(), Some(&after), Some(&batch), Some(&wait), Some(&seen), Some(&confirmed)],
         )?;
         self.state = State::Pulling;
         self.deadline_ms = now + wait_ms as i64 + ANSWER_GRACE_MS;
@@ -450,6 +493,7 @@ impl Link {
                 );
                 return Ok(());
             }
+            self.note_committed(&next.done);
             self.pos = next;
             self.last_persist_ms = now_ms();
             applied_changes += txn.len() as i64;
@@ -485,6 +529,7 @@ impl Link {
     fn persist(&mut self, pos: &Position) -> Result<(), String> {
         let node = self.node.to_string();
         in_transaction(|| store_position(&node, pos, 0, 0))?;
+        self.note_committed(&pos.done);
         self.last_persist_ms = now_ms();
         Ok(())
     }
@@ -585,21 +630,13 @@ fn store_position(node: &str, pos: &Position, txns: i64, changes: i64) -> Result
         Some(s) => (Some(s.cur.to_string()), s.after),
         None => (None, 0),
     };
-    let args: Vec<pgrx::datum::DatumWithOid> = vec![
-        node.into(),
-        done.as_str().into(),
-        cur.into(),
-        after.into(),
-        txns.into(),
-        changes.into(),
-    ];
-    pgrx::Spi::run_with_args(
-        "UPDATE trompe.progress SET done = $2, cur = $3, after = $4, applied_txns = applied_txns + $5,
-                applied_changes = applied_changes + $6, updated_at = now()
+    crate::sql::execute(
+        "UPDATE trompe.progress SET done = $2, cur = $3, after = $4::bigint, applied_txns = applied_txns + $5::bigint,
+                applied_changes = applied_changes + $6::bigint, updated_at = now()
           WHERE node_id = $1::uuid",
-        &args,
+        &[Some(node), Some(&done), cur.as_deref(), Some(&after.to_string()), Some(&txns.to_string()), Some(&changes.to_string())],
     )
-    .map_err(|e| e.to_string())
+    .map(|_| ())
 }
 
 /// PostgreSQL TimestampTz (µs since 2000-01-01) to ms since the Unix epoch.

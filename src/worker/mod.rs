@@ -6,7 +6,6 @@ pub mod control;
 pub mod dbguard;
 pub mod engine;
 pub mod link;
-pub mod spi;
 pub mod supervisor;
 pub mod txn;
 

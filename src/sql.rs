@@ -1,0 +1,109 @@
+//! Running SQL from inside the server through SPI, with text parameters and text results.
+//!
+//! trompe does not use pgrx's `Spi::get_one`/`run` helpers: they assign a transaction id to
+//! every transaction that calls them (even for a SELECT), which would hold back vacuum while a
+//! pull waits, and their read-only mode reuses the calling statement's snapshot. Every query
+//! here runs with a fresh snapshot (in READ COMMITTED) and assigns no transaction id unless it
+//! writes.
+
+use std::ffi::{CStr, CString};
+
+use pgrx::pg_sys;
+
+/// A row of text values (`None` is NULL).
+pub type Row = Vec<Option<String>>;
+
+fn cstring(s: &str) -> CString {
+    CString::new(s.replace('\0', "")).unwrap_or_default()
+}
+
+/// Runs `sql` with text parameters `$1..` (cast them in the SQL: `$1::uuid`); returns the
+/// rows as text and how many rows the statement processed.
+pub fn run(sql: &str, args: &[Option<&str>]) -> Result<(Vec<Row>, u64), String> {
+    let sql_c = cstring(sql);
+    let arg_c: Vec<Option<CString>> = args.iter().map(|a| a.map(cstring)).collect();
+    // SAFETY: SPI is connected and finished here; parameter datums are text values built in
+    // the SPI procedure context; results are copied into Rust strings before SPI_finish.
+    unsafe {
+        pg_sys::SPI_connect();
+        let mut types: Vec<pg_sys::Oid> = vec![pg_sys::TEXTOID; args.len()];
+        let mut values: Vec<pg_sys::Datum> = arg_c
+            .iter()
+            .map(|a| {
+                a.as_ref().map_or(pg_sys::Datum::from(0), |c| {
+                    pg_sys::Datum::from(pg_sys::cstring_to_text(c.as_ptr()))
+                })
+            })
+            .collect();
+        let nulls: Vec<std::ffi::c_char> = arg_c
+            .iter()
+            .map(|a| if a.is_some() { b' ' } else { b'n' } as std::ffi::c_char)
+            .chain([0])
+            .collect();
+        let rc = pg_sys::SPI_execute_with_args(
+            sql_c.as_ptr(),
+            args.len() as i32,
+            types.as_mut_ptr(),
+            values.as_mut_ptr(),
+            nulls.as_ptr(),
+            false,
+            0,
+        );
+        if rc < 0 {
+            pg_sys::SPI_finish();
+            return Err(format!("SPI error {rc} running: {sql}"));
+        }
+        let processed = pg_sys::SPI_processed;
+        let mut rows = Vec::new();
+        let table = pg_sys::SPI_tuptable;
+        if !table.is_null() && !(*table).tupdesc.is_null() {
+            let tupdesc = (*table).tupdesc;
+            let natts = (*tupdesc).natts;
+            for r in 0..processed as usize {
+                let tuple = *(*table).vals.add(r);
+                let mut row = Vec::with_capacity(natts as usize);
+                for c in 1..=natts {
+                    let v = pg_sys::SPI_getvalue(tuple, tupdesc, c);
+                    row.push(if v.is_null() {
+                        None
+                    } else {
+                        Some(CStr::from_ptr(v).to_string_lossy().into_owned())
+                    });
+                }
+                rows.push(row);
+            }
+        }
+        pg_sys::SPI_finish();
+        Ok((rows, processed))
+    }
+}
+
+/// Runs a query and returns its rows.
+pub fn rows(sql: &str, args: &[Option<&str>]) -> Result<Vec<Row>, String> {
+    run(sql, args).map(|(rows, _)| rows)
+}
+
+/// Runs a query and returns its first row, if any.
+pub fn row(sql: &str, args: &[Option<&str>]) -> Result<Option<Row>, String> {
+    rows(sql, args).map(|r| r.into_iter().next())
+}
+
+/// Runs a query and returns the first column of its first row (`None` for no row or NULL).
+pub fn value(sql: &str, args: &[Option<&str>]) -> Result<Option<String>, String> {
+    row(sql, args).map(|r| r.and_then(|r| r.into_iter().next().flatten()))
+}
+
+/// Runs a query returning one boolean (`false` for no row or NULL).
+pub fn flag(sql: &str, args: &[Option<&str>]) -> Result<bool, String> {
+    value(sql, args).map(|v| v.as_deref() == Some("t"))
+}
+
+/// Runs a query returning one integer (`0` for no row or NULL).
+pub fn int(sql: &str, args: &[Option<&str>]) -> Result<i64, String> {
+    value(sql, args).map(|v| v.and_then(|t| t.parse().ok()).unwrap_or(0))
+}
+
+/// Runs a statement; returns how many rows it processed.
+pub fn execute(sql: &str, args: &[Option<&str>]) -> Result<u64, String> {
+    run(sql, args).map(|(_, n)| n)
+}

@@ -1,0 +1,178 @@
+//! The change log as peers read it, with real concurrent sessions: a transaction that commits
+//! late is never skipped, rolled-back work never appears, whole transactions come in batches,
+//! and confirmed parts of the log are truncated.
+
+use std::time::Duration;
+
+use postgres::Client;
+use trompe_tests::{wait_for, Cluster};
+
+const READER: &str = "00000000-0000-4000-8000-000000000001";
+
+/// One pull as a peer would do it: returns (step end, complete, [(txn_last, id, op, vals)]).
+fn pull(
+    c: &mut Client,
+    done: &str,
+    cur: Option<&str>,
+    after: i64,
+    max_rows: i32,
+) -> (String, bool, Vec<(i64, i64, String, String)>) {
+    let rows = c
+        .query(
+            "SELECT kind::text, step_cur, complete, txn_last, id, op::text, vals::text
+               FROM trompe.pull($1::text::uuid, $2, $3, $4, $5, 0, -1, $2)",
+            &[&READER, &done, &cur, &after, &max_rows],
+        )
+        .unwrap_or_else(|e| panic!("pull failed: {}", trompe_tests::describe_error(&e)));
+    assert_eq!(rows[0].get::<_, String>(0), "H");
+    let cur: String = rows[0].get(1);
+    let complete: bool = rows[0].get(2);
+    let changes = rows[1..]
+        .iter()
+        .map(|r| (r.get(3), r.get(4), r.get(5), r.get(6)))
+        .collect();
+    (cur, complete, changes)
+}
+
+fn register(c: &mut Client) -> String {
+    c.query_one(
+        "SELECT snapshot FROM trompe.register_consumer($1::text::uuid, 'reader')",
+        &[&READER],
+    )
+    .unwrap()
+    .get(0)
+}
+
+#[test]
+fn a_transaction_that_commits_late_is_never_skipped() {
+    let cluster = Cluster::start("capture-late-commit", 1);
+    let n1 = cluster.node(0);
+    n1.exec("CREATE TABLE t (id int PRIMARY KEY); SELECT trompe.add_table('t')");
+    let mut reader = n1.connect();
+    let s0 = register(&mut reader);
+
+    let mut t1 = n1.connect();
+    let mut t2 = n1.connect();
+    t1.batch_execute("BEGIN; INSERT INTO t VALUES (1)").unwrap();
+    t2.batch_execute("INSERT INTO t VALUES (2)").unwrap();
+    let mut rolled_back = n1.connect();
+    rolled_back
+        .batch_execute("BEGIN; INSERT INTO t VALUES (3); ROLLBACK")
+        .unwrap();
+
+    let (s1, complete, changes) = pull(&mut reader, &s0, None, 0, 1000);
+    assert!(complete);
+    let vals: Vec<&str> = changes.iter().map(|c| c.3.as_str()).collect();
+    assert_eq!(vals, vec!["{2}"], "only T2 has committed");
+    // T1's change has the smaller log id: a reader continuing "after the last id it saw" would
+    // now skip it for ever.
+    t1.batch_execute("COMMIT").unwrap();
+    let (_, complete, changes) = pull(&mut reader, &s1, None, 0, 1000);
+    assert!(complete);
+    let vals: Vec<&str> = changes.iter().map(|c| c.3.as_str()).collect();
+    assert_eq!(vals, vec!["{1}"], "T1 arrives after it commits");
+    assert!(
+        changes[0].1 < 3,
+        "T1's change was logged first (id {})",
+        changes[0].1
+    );
+}
+
+#[test]
+fn batches_hold_whole_transactions_in_dependency_order() {
+    let cluster = Cluster::start("capture-batches", 1);
+    let n1 = cluster.node(0);
+    n1.exec("CREATE TABLE t (id int PRIMARY KEY, v int); SELECT trompe.add_table('t')");
+    let mut reader = n1.connect();
+    let s0 = register(&mut reader);
+    // Txn A inserts row 1 and, interleaved with B, more rows; B updates row 1 after A commits.
+    let mut a = n1.connect();
+    let mut b = n1.connect();
+    a.batch_execute("BEGIN; INSERT INTO t VALUES (1, 0), (2, 0), (3, 0)")
+        .unwrap();
+    b.batch_execute("BEGIN; INSERT INTO t VALUES (10, 0)")
+        .unwrap();
+    a.batch_execute("INSERT INTO t VALUES (4, 0); COMMIT")
+        .unwrap();
+    b.batch_execute("UPDATE t SET v = 1 WHERE id = 1; COMMIT")
+        .unwrap();
+    for i in 0..5 {
+        n1.exec(&format!(
+            "INSERT INTO t VALUES ({}, 0), ({}, 0)",
+            100 + 2 * i,
+            101 + 2 * i
+        ));
+    }
+    // Read the step in batches of at most 3 rows: transactions are never split.
+    let (cur, _, first) = pull(&mut reader, &s0, None, 0, 3);
+    let mut all = first.clone();
+    let mut after = first.last().unwrap().0;
+    loop {
+        let (_, complete, more) = pull(&mut reader, &s0, Some(&cur), after, 3);
+        if let Some(last) = more.last() {
+            after = last.0;
+        }
+        all.extend(more);
+        if complete {
+            break;
+        }
+    }
+    assert_eq!(all.len(), 4 + 2 + 10);
+    // Transactions are contiguous and ordered by their last change.
+    let mut order: Vec<i64> = Vec::new();
+    for c in &all {
+        if order.last() != Some(&c.0) {
+            assert!(!order.contains(&c.0), "transaction {} split", c.0);
+            order.push(c.0);
+        }
+    }
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(order, sorted);
+    // A (which wrote row 1) comes before B (which updated it).
+    let a_pos = all.iter().position(|c| c.3 == "{1,0}").unwrap();
+    let b_pos = all.iter().position(|c| c.2 == "U").unwrap();
+    assert!(a_pos < b_pos);
+}
+
+#[test]
+fn confirmed_log_tables_are_truncated() {
+    let cluster = Cluster::builder("capture-rotation")
+        .nodes(2)
+        .setting("trompe.log_rotation_interval", "200")
+        .start();
+    cluster.exec_all("CREATE TABLE t (id int PRIMARY KEY); SELECT trompe.add_table('t')");
+    cluster.mesh();
+    let n1 = cluster.node(0);
+    for round in 0..6 {
+        n1.exec(&format!(
+            "INSERT INTO t SELECT generate_series({0} * 1000, {0} * 1000 + 499)",
+            round
+        ));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    cluster.wait_sync(Duration::from_secs(60));
+    assert_eq!(cluster.node(1).query_i64("SELECT count(*) FROM t"), 3000);
+    let pruned = wait_for(Duration::from_secs(90), || {
+        n1.query_i64("SELECT count(*) FROM trompe.log") == 0
+    });
+    assert!(
+        pruned,
+        "the log still has {} rows",
+        n1.query_i64("SELECT count(*) FROM trompe.log")
+    );
+    // A paused consumer holds the log back.
+    cluster.node(1).exec("SELECT trompe.pause_peer('n1')");
+    n1.exec("INSERT INTO t SELECT generate_series(100000, 100099)");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        n1.query_i64("SELECT count(*) FROM trompe.log"),
+        100,
+        "entries a peer has not confirmed stay"
+    );
+    cluster.node(1).exec("SELECT trompe.resume_peer('n1')");
+    cluster.wait_sync(Duration::from_secs(60));
+    assert!(wait_for(Duration::from_secs(90), || n1
+        .query_i64("SELECT count(*) FROM trompe.log")
+        == 0));
+}
