@@ -9,14 +9,17 @@ use trompe_tests::{wait_for, Cluster};
 
 const READER: &str = "00000000-0000-4000-8000-000000000001";
 
-/// One pull as a peer would do it: returns (step end, complete, [(txn_last, id, op, vals)]).
+/// One change as pulled: (txn_last, id, op, vals).
+type Pulled = (i64, i64, String, String);
+
+/// One pull as a peer would do it: returns (step end, complete, changes).
 fn pull(
     c: &mut Client,
     done: &str,
     cur: Option<&str>,
     after: i64,
     max_rows: i32,
-) -> (String, bool, Vec<(i64, i64, String, String)>) {
+) -> (String, bool, Vec<Pulled>) {
     let rows = c
         .query(
             "SELECT kind::text, step_cur, complete, txn_last, id, op::text, vals::text
