@@ -25,29 +25,22 @@ CREATE TABLE trompe.schemas (
 );
 COMMENT ON TABLE trompe.schemas IS 'Replicated schemas; change with trompe.add_schema() and trompe.remove_schema().';
 
--- The change log. Every change to a replicated table is one row, written in the transaction
--- that made the change. Ids come from a sequence without cache, so they follow the order in
--- which changes were made; txid is the writing transaction, which peers read by snapshot so
--- that a transaction committing late is never skipped.
+-- The change log. The changes a transaction makes to replicated tables are buffered and
+-- written as one row when it commits (large transactions in several chunks), in the same
+-- transaction. Ids come from a sequence without cache, taken at commit, so they follow the
+-- order in which transactions committed; txid is the writing transaction, which peers read by
+-- snapshot so that a transaction committing late is never skipped.
 CREATE SEQUENCE trompe.log_id_seq AS bigint;
 
 CREATE TABLE trompe.log (
     id bigint NOT NULL,
     txid xid8 NOT NULL,
-    op "char" NOT NULL,
-    nsp text NOT NULL,
-    rel text NOT NULL,
-    cols text[],
-    vals text[],
-    oldkey text[],
-    old_xmin xid
+    nchanges int NOT NULL,
+    changes bytea NOT NULL
 );
-COMMENT ON TABLE trompe.log IS 'Captured changes (rows are in its rotating children log_0, log_1, log_2).';
-COMMENT ON COLUMN trompe.log.op IS 'I insert, U update, D delete, T truncate, S DDL statement';
-COMMENT ON COLUMN trompe.log.cols IS 'Column names: the primary key columns first';
-COMMENT ON COLUMN trompe.log.vals IS 'I/U: the new row as text, matching cols. T: options. S: command, search_path, role';
-COMMENT ON COLUMN trompe.log.oldkey IS 'U/D: the primary key values of the old row, matching the first cols';
-COMMENT ON COLUMN trompe.log.old_xmin IS 'U/D: the transaction that wrote the old row version';
+COMMENT ON TABLE trompe.log IS 'Captured changes: one row per transaction (or chunk of a large one); see trompe.log_changes. Rows are in the rotating children log_0, log_1, log_2.';
+COMMENT ON COLUMN trompe.log.id IS 'Taken when the row is written (at commit): orders transactions as they committed';
+COMMENT ON COLUMN trompe.log.changes IS 'The changes, in trompe''s binary chunk format';
 
 -- The log is three tables used in turn: writers append to the current one; the others are
 -- truncated (never deleted from) once every peer has confirmed everything in them.

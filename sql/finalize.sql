@@ -104,8 +104,7 @@ GRANT SELECT ON trompe.tables, trompe.schemas TO PUBLIC;
 CREATE FUNCTION trompe.pull(consumer uuid, done text, cur text, after bigint, max_rows int,
                             wait_ms int, seen bigint, confirmed text)
 RETURNS TABLE (kind "char", step_cur text, complete boolean, commits bigint, pending bigint, oldest_us bigint,
-               txn_last bigint, commit_us bigint, id bigint, op "char", nsp text, rel text,
-               cols text[], vals text[], oldkey text[], old_xmin xid)
+               txn_last bigint, commit_us bigint, id bigint, changes bytea)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
@@ -113,13 +112,13 @@ DECLARE
 BEGIN
     SELECT * INTO p FROM trompe._pull_plan(consumer, done, cur, after, max_rows, wait_ms, seen, confirmed);
     RETURN QUERY SELECT 'H'::"char", p.cur, p.complete, p.commits, p.pending, p.oldest_commit_us,
-                        NULL::bigint, NULL::bigint, NULL::bigint, NULL::"char", NULL::text, NULL::text,
-                        NULL::text[], NULL::text[], NULL::text[], NULL::xid;
+                        NULL::bigint, NULL::bigint, NULL::bigint, NULL::bytea;
     RETURN QUERY
         SELECT 'C'::"char", NULL::text, NULL::boolean, NULL::bigint, NULL::bigint, NULL::bigint,
-               t.last_id, t.commit_us, l.id, l.op, l.nsp, l.rel, l.cols, l.vals, l.oldkey, l.old_xmin
+               t.last_id, t.commit_us, l.id, l.changes
           FROM unnest(p.txids::xid8[], p.last_ids, p.commit_us) WITH ORDINALITY AS t(txid, last_id, commit_us, ord)
-          JOIN trompe.log l ON l.txid = t.txid
+         -- OFFSET 0 keeps this an index lookup per transaction, whatever plan is cached.
+         CROSS JOIN LATERAL (SELECT * FROM trompe.log x WHERE x.txid = t.txid OFFSET 0) l
          ORDER BY t.ord, l.id;
 END
 $$;

@@ -117,12 +117,8 @@ impl TrompeError {
         use PgSqlErrorCode::*;
         match self {
             TrompeError::NotPreloaded => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            TrompeError::NoPrimaryKey(_) | TrompeError::DropPrimaryKey(_) => {
-                ERRCODE_INVALID_TABLE_DEFINITION
-            }
-            TrompeError::NotPermanent { .. } | TrompeError::MadeUnlogged(_) => {
-                ERRCODE_FEATURE_NOT_SUPPORTED
-            }
+            TrompeError::NoPrimaryKey(_) | TrompeError::DropPrimaryKey(_) => ERRCODE_INVALID_TABLE_DEFINITION,
+            TrompeError::NotPermanent { .. } | TrompeError::MadeUnlogged(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
             TrompeError::CaptureDisabled(_) => ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
             TrompeError::NotATable { .. } => ERRCODE_WRONG_OBJECT_TYPE,
             TrompeError::NoSuchSchema(_) => ERRCODE_INVALID_SCHEMA_NAME,
@@ -131,16 +127,10 @@ impl TrompeError {
             TrompeError::NotAConsumer(_) | TrompeError::PositionRegressed(_) => {
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
-            TrompeError::BadPeerName(_) | TrompeError::BadConninfo(_) => {
-                ERRCODE_INVALID_PARAMETER_VALUE
-            }
-            TrompeError::PeerExists(_) | TrompeError::NodeAlreadyPeer { .. } => {
-                ERRCODE_DUPLICATE_OBJECT
-            }
+            TrompeError::BadPeerName(_) | TrompeError::BadConninfo(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            TrompeError::PeerExists(_) | TrompeError::NodeAlreadyPeer { .. } => ERRCODE_DUPLICATE_OBJECT,
             TrompeError::NoSuchPeer(_) => ERRCODE_UNDEFINED_OBJECT,
-            TrompeError::PeerUnreachable { .. } => {
-                ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION
-            }
+            TrompeError::PeerUnreachable { .. } => ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
             TrompeError::PeerLoginRefused { .. } => ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
             TrompeError::PeerWithoutTrompe(_) => ERRCODE_UNDEFINED_OBJECT,
             TrompeError::PeerIsSelf(_) => ERRCODE_INVALID_PARAMETER_VALUE,
@@ -164,7 +154,9 @@ impl TrompeError {
             TrompeError::PositionRegressed(_) => {
                 Some("Remove the peer on the node that lags and add it again with sync => true.")
             }
-            TrompeError::NotAConsumer(_) => Some("The peer was removed on that node; add it again with trompe.add_peer()."),
+            TrompeError::NotAConsumer(_) => {
+                Some("The peer was removed on that node; add it again with trompe.add_peer().")
+            }
             _ => None,
         }
     }

@@ -49,9 +49,6 @@ pub mod pg_test {
 
     #[must_use]
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec![
-            "shared_preload_libraries = 'trompe'",
-            "track_commit_timestamp = on",
-        ]
+        vec!["shared_preload_libraries = 'trompe'", "track_commit_timestamp = on"]
     }
 }

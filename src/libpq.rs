@@ -46,11 +46,7 @@ impl std::fmt::Display for PqError {
 
 impl PqError {
     fn new(kind: PqErrorKind, message: impl Into<String>) -> Self {
-        PqError {
-            message: message.into().trim_end().to_string(),
-            sqlstate: None,
-            kind,
-        }
+        PqError { message: message.into().trim_end().to_string(), sqlstate: None, kind }
     }
 }
 
@@ -86,19 +82,14 @@ impl Conn {
             .map(|(k, v)| (CString::new(k.as_str()), CString::new(v.as_str())))
             .filter_map(|(k, v)| Some((k.ok()?, v.ok()?)))
             .collect();
-        let mut keys: Vec<*const std::ffi::c_char> =
-            pairs.iter().map(|(k, _)| k.as_ptr()).collect();
-        let mut values: Vec<*const std::ffi::c_char> =
-            pairs.iter().map(|(_, v)| v.as_ptr()).collect();
+        let mut keys: Vec<*const std::ffi::c_char> = pairs.iter().map(|(k, _)| k.as_ptr()).collect();
+        let mut values: Vec<*const std::ffi::c_char> = pairs.iter().map(|(_, v)| v.as_ptr()).collect();
         keys.push(std::ptr::null());
         values.push(std::ptr::null());
         // SAFETY: keys and values are NUL-terminated arrays of C strings that outlive the call.
         let raw = unsafe { pq::PQconnectStartParams(keys.as_ptr(), values.as_ptr(), 0) };
         if raw.is_null() {
-            return Err(PqError::new(
-                PqErrorKind::Connect,
-                "out of memory starting a connection",
-            ));
+            return Err(PqError::new(PqErrorKind::Connect, "out of memory starting a connection"));
         }
         let conn = Conn { raw };
         // SAFETY: raw is a valid connection object.
@@ -129,20 +120,11 @@ impl Conn {
         // SAFETY: raw is a valid connection object.
         let needs_password = unsafe { pq::PQconnectionNeedsPassword(self.raw) } != 0;
         let login = needs_password
-            || [
-                "password authentication failed",
-                "no pg_hba.conf entry",
-                "authentication failed",
-                "permission denied",
-            ]
-            .iter()
-            .any(|m| message.contains(m))
+            || ["password authentication failed", "no pg_hba.conf entry", "authentication failed", "permission denied"]
+                .iter()
+                .any(|m| message.contains(m))
             || (message.contains("role \"") && message.contains("does not exist"));
-        let kind = if login {
-            PqErrorKind::Login
-        } else {
-            PqErrorKind::Connect
-        };
+        let kind = if login { PqErrorKind::Login } else { PqErrorKind::Connect };
         PqError::new(kind, message)
     }
 
@@ -173,16 +155,20 @@ impl Conn {
 
     /// Sends a query with text parameters (`None` is NULL); continue with [`Conn::flush`].
     pub fn send_query(&mut self, sql: &str, params: &[Option<&str>]) -> Result<(), PqError> {
-        let sql = CString::new(sql)
-            .map_err(|_| PqError::new(PqErrorKind::Query, "query contains a NUL byte"))?;
-        let owned: Vec<Option<CString>> = params
-            .iter()
-            .map(|p| p.map(|s| CString::new(s.replace('\0', "")).unwrap_or_default()))
-            .collect();
-        let ptrs: Vec<*const std::ffi::c_char> = owned
-            .iter()
-            .map(|p| p.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()))
-            .collect();
+        self.send_query_as(sql, params, false)
+    }
+
+    /// Sends a query whose results come back in binary format.
+    pub fn send_query_binary(&mut self, sql: &str, params: &[Option<&str>]) -> Result<(), PqError> {
+        self.send_query_as(sql, params, true)
+    }
+
+    fn send_query_as(&mut self, sql: &str, params: &[Option<&str>], binary: bool) -> Result<(), PqError> {
+        let sql = CString::new(sql).map_err(|_| PqError::new(PqErrorKind::Query, "query contains a NUL byte"))?;
+        let owned: Vec<Option<CString>> =
+            params.iter().map(|p| p.map(|s| CString::new(s.replace('\0', "")).unwrap_or_default())).collect();
+        let ptrs: Vec<*const std::ffi::c_char> =
+            owned.iter().map(|p| p.as_ref().map_or(std::ptr::null(), |c| c.as_ptr())).collect();
         // SAFETY: the parameter pointers outlive the call (libpq copies them into its buffer).
         let ok = unsafe {
             pq::PQsendQueryParams(
@@ -193,7 +179,7 @@ impl Conn {
                 ptrs.as_ptr(),
                 std::ptr::null(),
                 std::ptr::null(),
-                0,
+                i32::from(binary),
             )
         };
         if ok == 0 {
@@ -322,6 +308,27 @@ impl PgResult {
         unsafe { pq::PQnfields(self.raw).max(0) as usize }
     }
 
+    /// The raw bytes at (row, column), `None` for NULL or out of range.
+    pub fn bytes(&self, row: usize, col: usize) -> Option<&[u8]> {
+        if row >= self.rows() || col >= self.columns() {
+            return None;
+        }
+        // SAFETY: row and col are in range; the value is owned by the result.
+        unsafe {
+            if pq::PQgetisnull(self.raw, row as i32, col as i32) != 0 {
+                return None;
+            }
+            let p = pq::PQgetvalue(self.raw, row as i32, col as i32);
+            let len = pq::PQgetlength(self.raw, row as i32, col as i32).max(0) as usize;
+            Some(std::slice::from_raw_parts(p as *const u8, len))
+        }
+    }
+
+    /// A binary int8 at (row, column).
+    pub fn int8(&self, row: usize, col: usize) -> Option<i64> {
+        self.bytes(row, col).and_then(|b| b.try_into().ok()).map(i64::from_be_bytes)
+    }
+
     /// The value at (row, column) as text, `None` for NULL or out of range.
     pub fn get(&self, row: usize, col: usize) -> Option<&str> {
         if row >= self.rows() || col >= self.columns() {
@@ -351,13 +358,7 @@ pub fn wait_socket(sock: pg_sys::pgsocket, want: Want, timeout: Duration) {
     let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as std::ffi::c_long;
     // SAFETY: waiting on our own latch and a socket we own; ResetLatch before re-checking.
     unsafe {
-        pg_sys::WaitLatchOrSocket(
-            pg_sys::MyLatch,
-            events as i32,
-            sock,
-            ms,
-            pg_sys::PG_WAIT_EXTENSION,
-        );
+        pg_sys::WaitLatchOrSocket(pg_sys::MyLatch, events as i32, sock, ms, pg_sys::PG_WAIT_EXTENSION);
         pg_sys::ResetLatch(pg_sys::MyLatch);
     }
     pgrx::check_for_interrupts!();
@@ -382,31 +383,20 @@ pub fn connect_wait(info: &ConnInfo, timeout: Duration) -> Result<Conn, PqError>
 }
 
 /// Runs one query on an established connection, waiting (interruptibly) up to `timeout`.
-pub fn query_wait(
-    conn: &mut Conn,
-    sql: &str,
-    params: &[Option<&str>],
-    timeout: Duration,
-) -> Result<PgResult, PqError> {
+pub fn query_wait(conn: &mut Conn, sql: &str, params: &[Option<&str>], timeout: Duration) -> Result<PgResult, PqError> {
     let deadline = Instant::now() + timeout;
     let left = || deadline.saturating_duration_since(Instant::now());
     conn.send_query(sql, params)?;
     while conn.flush()? == Want::Write {
         if left().is_zero() {
-            return Err(PqError::new(
-                PqErrorKind::Timeout,
-                "timed out sending a query",
-            ));
+            return Err(PqError::new(PqErrorKind::Timeout, "timed out sending a query"));
         }
         wait_socket(conn.socket(), Want::Write, left());
     }
     while conn.consume()? == Want::Read {
         if left().is_zero() {
             conn.cancel();
-            return Err(PqError::new(
-                PqErrorKind::Timeout,
-                "timed out waiting for the peer's answer",
-            ));
+            return Err(PqError::new(PqErrorKind::Timeout, "timed out waiting for the peer's answer"));
         }
         wait_socket(conn.socket(), Want::Read, left());
     }

@@ -19,7 +19,8 @@ use crate::error::{OrRaise, TrompeError};
 use crate::log::writer::as_extension_owner;
 use crate::shmem;
 
-/// One transaction of a step: its id, the id of its last change, and how many changes it has.
+/// One transaction of a step: its id, the id of its last log row (written at its commit), and
+/// how many changes it has.
 #[derive(Clone, Debug)]
 struct StepTxn {
     txid: u64,
@@ -41,16 +42,12 @@ thread_local! {
 }
 
 fn parse_snapshot(text: &str, what: &str) -> Snapshot {
-    text.parse::<Snapshot>()
-        .map_err(|e| TrompeError::BadRequest(format!("{what}: {e}")))
-        .or_raise()
+    text.parse::<Snapshot>().map_err(|e| TrompeError::BadRequest(format!("{what}: {e}"))).or_raise()
 }
 
 /// The current snapshot of this node, taken now (a fresh snapshot, not the statement's).
 fn snapshot_now() -> String {
-    crate::log::rotation::snapshot_now()
-        .map(|s| s.to_string())
-        .unwrap_or_else(|e| TrompeError::Internal(e).raise())
+    crate::log::rotation::snapshot_now().map(|s| s.to_string()).unwrap_or_else(|e| TrompeError::Internal(e).raise())
 }
 
 /// An `xid8[]` literal.
@@ -62,7 +59,7 @@ fn xid_array(xids: &[u64]) -> String {
 /// Lists the transactions in the step `(done, cur]`, ordered by their last change.
 fn step_transactions(done: &Snapshot, cur: &Snapshot) -> Vec<StepTxn> {
     let rows = crate::sql::rows(
-        "SELECT txid, max(id), count(*) FROM trompe.log
+        "SELECT txid, max(id), sum(nchanges) FROM trompe.log
           WHERE (txid >= $1::xid8 OR txid = ANY($2::xid8[]))
             AND txid < $3::xid8 AND txid <> ALL($4::xid8[])
           GROUP BY txid ORDER BY max(id)",
@@ -75,11 +72,7 @@ fn step_transactions(done: &Snapshot, cur: &Snapshot) -> Vec<StepTxn> {
     )
     .map_err(|e| TrompeError::Internal(format!("reading the log: {e}")))
     .or_raise();
-    let num = |v: &Option<String>| {
-        v.as_deref()
-            .and_then(|t| t.parse::<i64>().ok())
-            .unwrap_or(0)
-    };
+    let num = |v: &Option<String>| v.as_deref().and_then(|t| t.parse::<i64>().ok()).unwrap_or(0);
     rows.iter()
         .map(|r| StepTxn {
             txid: r[0].as_deref().and_then(|t| t.parse().ok()).unwrap_or(0),
@@ -119,12 +112,10 @@ pub fn effective_confirmed(consumer: &[u8; 16], stored: &str) -> String {
 /// be gone.
 fn check_consumer(consumer: pgrx::Uuid, done: &Snapshot, confirmed: Option<&str>) {
     let consumer_text = consumer.to_string();
-    let stored = crate::sql::value(
-        "SELECT confirmed FROM trompe.consumers WHERE node_id = $1::uuid",
-        &[Some(&consumer_text)],
-    )
-    .map_err(TrompeError::Internal)
-    .or_raise();
+    let stored =
+        crate::sql::value("SELECT confirmed FROM trompe.consumers WHERE node_id = $1::uuid", &[Some(&consumer_text)])
+            .map_err(TrompeError::Internal)
+            .or_raise();
     let Some(stored) = stored else {
         TrompeError::NotAConsumer(consumer.to_string()).raise();
     };
@@ -144,11 +135,7 @@ fn check_consumer(consumer: pgrx::Uuid, done: &Snapshot, confirmed: Option<&str>
     if shmem::shared().is_some_and(|s| s.set_confirmed(dboid, &id, confirmed)) {
         return;
     }
-    let due = CONFIRMED.with(|c| {
-        c.borrow()
-            .as_ref()
-            .is_none_or(|(at, _)| at.elapsed() >= Duration::from_secs(1))
-    });
+    let due = CONFIRMED.with(|c| c.borrow().as_ref().is_none_or(|(at, _)| at.elapsed() >= Duration::from_secs(1)));
     if due {
         crate::sql::execute(
             "UPDATE trompe.consumers SET confirmed = $2, confirmed_at = now() WHERE node_id = $1::uuid",
@@ -176,8 +163,7 @@ fn wait_for_commit(seen: i64, wait_ms: i32) -> i64 {
         return counter();
     }
     let deadline = Instant::now() + Duration::from_millis(wait_ms as u64);
-    let cv =
-        &shared.log_commit_cv as *const pg_sys::ConditionVariable as *mut pg_sys::ConditionVariable;
+    let cv = &shared.log_commit_cv as *const pg_sys::ConditionVariable as *mut pg_sys::ConditionVariable;
     // SAFETY: the condition variable lives in shared memory; prepare/sleep/cancel are paired.
     unsafe {
         pg_sys::ConditionVariablePrepareToSleep(cv);
@@ -237,8 +223,7 @@ fn _pull_plan(
     };
     let cur_snap = parse_snapshot(&cur_text, "cur");
     if !cur_snap.covers(&done_snap) {
-        TrompeError::BadRequest(format!("snapshot {cur_text} is older than position {done}"))
-            .raise();
+        TrompeError::BadRequest(format!("snapshot {cur_text} is older than position {done}")).raise();
     }
     let txns = STEP.with(|s| {
         let mut cache = s.borrow_mut();
@@ -246,11 +231,7 @@ fn _pull_plan(
             Some(c) if c.done == done && c.cur == cur_text => c.txns.clone(),
             _ => {
                 let txns = as_extension_owner(|| step_transactions(&done_snap, &cur_snap));
-                *cache = Some(StepCache {
-                    done: done.to_string(),
-                    cur: cur_text.clone(),
-                    txns: txns.clone(),
-                });
+                *cache = Some(StepCache { done: done.to_string(), cur: cur_text.clone(), txns: txns.clone() });
                 txns
             }
         }
@@ -289,14 +270,7 @@ fn _pull_plan(
 fn register_consumer(
     consumer: pgrx::Uuid,
     consumer_name: &str,
-) -> TableIterator<
-    'static,
-    (
-        name!(node_id, pgrx::Uuid),
-        name!(snapshot, String),
-        name!(commit_timestamps, bool),
-    ),
-> {
+) -> TableIterator<'static, (name!(node_id, pgrx::Uuid), name!(snapshot, String), name!(commit_timestamps, bool))> {
     let consumer_text = consumer.to_string();
     let (node, snapshot) = as_extension_owner(|| {
         let snapshot = snapshot_now();
@@ -311,12 +285,9 @@ fn register_consumer(
         forget_live_confirmation(&consumer);
         (crate::node::local_node_id(), snapshot)
     });
-    let tracked = crate::sql::flag(
-        "SELECT current_setting('track_commit_timestamp') = 'on'",
-        &[],
-    )
-    .map_err(TrompeError::Internal)
-    .or_raise();
+    let tracked = crate::sql::flag("SELECT current_setting('track_commit_timestamp') = 'on'", &[])
+        .map_err(TrompeError::Internal)
+        .or_raise();
     TableIterator::once((node, snapshot, tracked))
 }
 
@@ -337,10 +308,7 @@ fn unregister_consumer(consumer: pgrx::Uuid) -> bool {
     forget_live_confirmation(&consumer);
     let consumer_text = consumer.to_string();
     as_extension_owner(|| {
-        crate::sql::execute(
-            "DELETE FROM trompe.consumers WHERE node_id = $1::uuid",
-            &[Some(&consumer_text)],
-        )
+        crate::sql::execute("DELETE FROM trompe.consumers WHERE node_id = $1::uuid", &[Some(&consumer_text)])
     })
     .map_err(TrompeError::Internal)
     .or_raise()
@@ -366,11 +334,80 @@ fn pending_changes(done: &str, cur: Option<&str>, after: i64, upto: &str) -> i64
     }
     let txns = as_extension_owner(|| step_transactions(&done_snap, &upto_snap));
     txns.iter()
-        .filter(|t| {
-            !cur_snap
-                .as_ref()
-                .is_some_and(|c| c.sees(t.txid) && t.last_id <= after)
-        })
+        .filter(|t| !cur_snap.as_ref().is_some_and(|c| c.sees(t.txid) && t.last_id <= after))
         .map(|t| t.changes)
         .sum()
+}
+
+/// The changes in this node's log, decoded (for inspection and tests): one row per change,
+/// in log order and, within a transaction, in the order they were made; then the changes of
+/// the calling transaction that are not written yet (they are written when it commits), with
+/// a NULL id.
+#[allow(clippy::type_complexity)]
+#[pg_extern(volatile, parallel_unsafe)]
+fn log_changes() -> TableIterator<
+    'static,
+    (
+        name!(id, Option<i64>),
+        name!(txid, String),
+        name!(seq, i64),
+        name!(op, String),
+        name!(nsp, String),
+        name!(rel, String),
+        name!(cols, Vec<String>),
+        name!(vals, Option<Vec<Option<String>>>),
+        name!(oldkey, Option<Vec<Option<String>>>),
+        name!(old_version, Option<String>),
+    ),
+> {
+    let rows = as_extension_owner(|| {
+        crate::sql::rows("SELECT id, txid, encode(changes, 'hex') FROM trompe.log ORDER BY id", &[])
+    })
+    .map_err(TrompeError::Internal)
+    .or_raise();
+    let mut chunks: Vec<(Option<i64>, String, Vec<u8>)> = Vec::new();
+    for r in rows {
+        let id = r[0].as_deref().and_then(|v| v.parse().ok());
+        let txid = r[1].clone().unwrap_or_default();
+        let hex = r[2].clone().unwrap_or_default();
+        let bytes = hex_decode(&hex).ok_or_else(|| TrompeError::Internal("bad bytea output".into())).or_raise();
+        chunks.push((id, txid, bytes));
+    }
+    if let Some(bytes) = crate::capture::buffer::pending() {
+        // SAFETY: reads the current transaction's full id.
+        let txid = unsafe { pg_sys::GetTopFullTransactionId().value }.to_string();
+        chunks.push((None, txid, bytes));
+    }
+    let mut out = Vec::new();
+    for (id, txid, bytes) in chunks {
+        let mut changes =
+            trompe_core::changeset::decode(&bytes).map_err(|e| TrompeError::Internal(e.to_string())).or_raise();
+        changes.sort_by_key(|c| c.seq);
+        for c in changes {
+            let old = match c.old {
+                trompe_core::changeset::OldVersion::Unknown => None,
+                trompe_core::changeset::OldVersion::SameTransaction => Some("same transaction".to_string()),
+                trompe_core::changeset::OldVersion::Committed { ts, node } => Some(format!("{ts}@{node}")),
+            };
+            out.push((
+                id,
+                txid.clone(),
+                c.seq as i64,
+                c.op.code().to_string(),
+                c.nsp,
+                c.rel,
+                c.cols,
+                c.vals,
+                c.oldkey,
+                old,
+            ));
+        }
+    }
+    TableIterator::new(out)
+}
+
+/// Decodes hex digits (what `encode(bytea, 'hex')` prints).
+fn hex_decode(text: &str) -> Option<Vec<u8>> {
+    let hex: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    hex.chunks(2).map(|pair| std::str::from_utf8(pair).ok().and_then(|p| u8::from_str_radix(p, 16).ok())).collect()
 }

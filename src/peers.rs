@@ -22,19 +22,14 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub fn peer_conninfo(conninfo: &str) -> Result<ConnInfo, TrompeError> {
     let mut info = ConnInfo::parse(conninfo).map_err(|e| {
         let text = match e {
-            ConninfoError::MissingEquals(ref key)
-                if !trompe_core::conninfo::KNOWN_KEYWORDS.contains(&key.as_str()) =>
-            {
+            ConninfoError::MissingEquals(ref key) if !trompe_core::conninfo::KNOWN_KEYWORDS.contains(&key.as_str()) => {
                 "invalid connection string: an item is not of the form key=value".to_string()
             }
             other => other.to_string(),
         };
         TrompeError::BadConninfo(text)
     })?;
-    info.set_default(
-        "connect_timeout",
-        &crate::guc::CONNECT_TIMEOUT_S.get().to_string(),
-    );
+    info.set_default("connect_timeout", &crate::guc::CONNECT_TIMEOUT_S.get().to_string());
     info.set_default("keepalives", "1");
     info.set_default("keepalives_idle", "10");
     info.set_default("keepalives_interval", "5");
@@ -61,14 +56,8 @@ pub fn connect_peer(name: &str, info: &ConnInfo) -> Result<Conn, TrompeError> {
     connect_wait(info, CALL_TIMEOUT).map_err(|e| {
         let message = scrub(&e.message, info);
         match e.kind {
-            PqErrorKind::Login => TrompeError::PeerLoginRefused {
-                name: name.to_string(),
-                message,
-            },
-            _ => TrompeError::PeerUnreachable {
-                name: name.to_string(),
-                message,
-            },
+            PqErrorKind::Login => TrompeError::PeerLoginRefused { name: name.to_string(), message },
+            _ => TrompeError::PeerUnreachable { name: name.to_string(), message },
         }
     })
 }
@@ -80,10 +69,8 @@ fn peer_query(
     sql: &str,
     params: &[Option<&str>],
 ) -> Result<crate::libpq::PgResult, TrompeError> {
-    query_wait(conn, sql, params, CALL_TIMEOUT).map_err(|e: PqError| TrompeError::PeerFailed {
-        name: name.to_string(),
-        message: scrub(&e.message, info),
-    })
+    query_wait(conn, sql, params, CALL_TIMEOUT)
+        .map_err(|e: PqError| TrompeError::PeerFailed { name: name.to_string(), message: scrub(&e.message, info) })
 }
 
 /// The replication origin of a peer: its name records the peer's node id.
@@ -107,34 +94,19 @@ fn add_peer_impl(name: &str, conninfo: &str) -> Result<pgrx::Uuid, TrompeError> 
         return Err(TrompeError::BadPeerName(name.chars().take(80).collect()));
     }
     let info = peer_conninfo(conninfo)?;
-    if !sql::flag(
-        "SELECT current_setting('track_commit_timestamp') = 'on'",
-        &[],
-    )
-    .map_err(TrompeError::Internal)?
-    {
+    if !sql::flag("SELECT current_setting('track_commit_timestamp') = 'on'", &[]).map_err(TrompeError::Internal)? {
         return Err(TrompeError::SettingRequired(
             "track_commit_timestamp must be on (set it in postgresql.conf and restart)".into(),
         ));
     }
-    let exists = as_extension_owner(|| {
-        sql::flag(
-            "SELECT EXISTS (SELECT 1 FROM trompe.peers WHERE name = $1)",
-            &[Some(name)],
-        )
-    })
-    .map_err(TrompeError::Internal)?;
+    let exists =
+        as_extension_owner(|| sql::flag("SELECT EXISTS (SELECT 1 FROM trompe.peers WHERE name = $1)", &[Some(name)]))
+            .map_err(TrompeError::Internal)?;
     if exists {
         return Err(TrompeError::PeerExists(name.to_string()));
     }
     let mut conn = connect_peer(name, &info)?;
-    let ext = peer_query(
-        &mut conn,
-        name,
-        &info,
-        "SELECT extversion FROM pg_extension WHERE extname = 'trompe'",
-        &[],
-    )?;
+    let ext = peer_query(&mut conn, name, &info, "SELECT extversion FROM pg_extension WHERE extname = 'trompe'", &[])?;
     if ext.rows() == 0 {
         return Err(TrompeError::PeerWithoutTrompe(name.to_string()));
     }
@@ -144,22 +116,14 @@ fn add_peer_impl(name: &str, conninfo: &str) -> Result<pgrx::Uuid, TrompeError> 
     if peer_id == me {
         return Err(TrompeError::PeerIsSelf(name.to_string()));
     }
-    let existing = as_extension_owner(|| {
-        sql::value(
-            "SELECT name FROM trompe.peers WHERE node_id = $1::uuid",
-            &[Some(&peer_id)],
-        )
-    })
-    .map_err(TrompeError::Internal)?;
+    let existing =
+        as_extension_owner(|| sql::value("SELECT name FROM trompe.peers WHERE node_id = $1::uuid", &[Some(&peer_id)]))
+            .map_err(TrompeError::Internal)?;
     if let Some(existing) = existing {
-        return Err(TrompeError::NodeAlreadyPeer {
-            node: peer_id,
-            existing,
-        });
+        return Err(TrompeError::NodeAlreadyPeer { node: peer_id, existing });
     }
-    let consumer_name = sql::value("SELECT current_database()", &[])
-        .map_err(TrompeError::Internal)?
-        .unwrap_or_default();
+    let consumer_name =
+        sql::value("SELECT current_database()", &[]).map_err(TrompeError::Internal)?.unwrap_or_default();
     let reg = peer_query(
         &mut conn,
         name,
@@ -183,10 +147,7 @@ fn add_peer_impl(name: &str, conninfo: &str) -> Result<pgrx::Uuid, TrompeError> 
             "INSERT INTO trompe.progress (node_id, done) VALUES ($1::uuid, $2)",
             &[Some(&peer_id), Some(&snapshot)],
         )?;
-        sql::execute(
-            "SELECT pg_replication_origin_create($1)",
-            &[Some(&origin_name(&peer_id))],
-        )
+        sql::execute("SELECT pg_replication_origin_create($1)", &[Some(&origin_name(&peer_id))])
     })
     .map_err(|e| TrompeError::Internal(format!("recording peer {name}: {e}")))?;
     launch_worker_on_commit();
@@ -198,14 +159,10 @@ fn add_peer_impl(name: &str, conninfo: &str) -> Result<pgrx::Uuid, TrompeError> 
 /// Returns the peer's node id.
 #[pg_extern(volatile, parallel_unsafe)]
 fn remove_peer(name: &str) -> pgrx::Uuid {
-    let found = as_extension_owner(|| {
-        sql::row(
-            "SELECT node_id, conninfo FROM trompe.peers WHERE name = $1",
-            &[Some(name)],
-        )
-    })
-    .map_err(TrompeError::Internal)
-    .or_raise();
+    let found =
+        as_extension_owner(|| sql::row("SELECT node_id, conninfo FROM trompe.peers WHERE name = $1", &[Some(name)]))
+            .map_err(TrompeError::Internal)
+            .or_raise();
     let Some([Some(peer_id), Some(conninfo)]) = found.map(|r| [r[0].clone(), r[1].clone()]) else {
         TrompeError::NoSuchPeer(name.to_string()).raise();
     };
@@ -228,13 +185,7 @@ fn remove_peer(name: &str) -> pgrx::Uuid {
     let me = local_node_id().to_string();
     let told = peer_conninfo(&conninfo).and_then(|info| {
         let mut conn = connect_peer(name, &info)?;
-        peer_query(
-            &mut conn,
-            name,
-            &info,
-            "SELECT trompe.unregister_consumer($1::uuid)",
-            &[Some(&me)],
-        )
+        peer_query(&mut conn, name, &info, "SELECT trompe.unregister_consumer($1::uuid)", &[Some(&me)])
     });
     if let Err(e) = told {
         pgrx::warning!(
@@ -248,10 +199,7 @@ fn remove_peer(name: &str) -> pgrx::Uuid {
 fn set_paused(name: &str, paused: bool) -> bool {
     let flag = if paused { "true" } else { "false" };
     let changed = as_extension_owner(|| {
-        sql::execute(
-            "UPDATE trompe.peers SET paused = $2::boolean WHERE name = $1",
-            &[Some(name), Some(flag)],
-        )
+        sql::execute("UPDATE trompe.peers SET paused = $2::boolean WHERE name = $1", &[Some(name), Some(flag)])
     })
     .map_err(TrompeError::Internal)
     .or_raise();

@@ -178,11 +178,7 @@ unsafe extern "C-unwind" fn shmem_startup() {
     let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
     pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
     let mut found = false;
-    let shared = pg_sys::ShmemInitStruct(
-        c"trompe".as_ptr(),
-        std::mem::size_of::<Shared>(),
-        &mut found,
-    ) as *mut Shared;
+    let shared = pg_sys::ShmemInitStruct(c"trompe".as_ptr(), std::mem::size_of::<Shared>(), &mut found) as *mut Shared;
     if !found {
         std::ptr::write_bytes(shared as *mut u8, 0, std::mem::size_of::<Shared>());
         (*shared).lock = &mut (*pg_sys::GetNamedLWLockTranche(c"trompe".as_ptr())).lock;
@@ -224,19 +220,14 @@ pub fn with_lock<R>(shared: &Shared, f: impl FnOnce() -> R) -> R {
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 impl Shared {
     /// The slot of `dboid`, if one exists.
     pub fn db_slot(&self, dboid: pg_sys::Oid) -> Option<&DbSlot> {
         let want = dboid.to_u32();
-        self.dbs
-            .iter()
-            .find(|d| d.dboid.load(Ordering::Acquire) == want)
+        self.dbs.iter().find(|d| d.dboid.load(Ordering::Acquire) == want)
     }
 
     /// The slot of `dboid`, allocating a free one if needed (None if all are taken).
@@ -248,10 +239,7 @@ impl Shared {
             if let Some(slot) = self.db_slot(dboid) {
                 return Some(slot);
             }
-            let slot = self
-                .dbs
-                .iter()
-                .find(|d| d.dboid.load(Ordering::Acquire) == 0)?;
+            let slot = self.dbs.iter().find(|d| d.dboid.load(Ordering::Acquire) == 0)?;
             slot.set_state(DbState::Free);
             slot.worker_pid.store(0, Ordering::Relaxed);
             slot.retry_at.store(0, Ordering::Relaxed);
@@ -264,11 +252,7 @@ impl Shared {
     /// The status slot of peer `node_id` of database `dboid`, allocating it if needed.
     pub fn peer_slot(&self, dboid: pg_sys::Oid, node_id: &[u8; 16]) -> Option<&PeerSlot> {
         let want = dboid.to_u32();
-        let find = || {
-            self.peers
-                .iter()
-                .find(|p| p.dboid.load(Ordering::Acquire) == want && &p.node_id == node_id)
-        };
+        let find = || self.peers.iter().find(|p| p.dboid.load(Ordering::Acquire) == want && &p.node_id == node_id);
         if let Some(p) = find() {
             return Some(p);
         }
@@ -276,10 +260,7 @@ impl Shared {
             if let Some(p) = find() {
                 return Some(p);
             }
-            let slot = self
-                .peers
-                .iter()
-                .find(|p| p.dboid.load(Ordering::Acquire) == 0)?;
+            let slot = self.peers.iter().find(|p| p.dboid.load(Ordering::Acquire) == 0)?;
             let ptr = slot as *const PeerSlot as *mut PeerSlot;
             // SAFETY: the slot is free and we hold the lock, so nobody else reads or writes its
             // plain fields while we reset them.
@@ -295,9 +276,7 @@ impl Shared {
     /// The status slot of a peer, if it has one.
     pub fn find_peer_slot(&self, dboid: pg_sys::Oid, node_id: &[u8; 16]) -> Option<&PeerSlot> {
         let want = dboid.to_u32();
-        self.peers
-            .iter()
-            .find(|p| p.dboid.load(Ordering::Acquire) == want && &p.node_id == node_id)
+        self.peers.iter().find(|p| p.dboid.load(Ordering::Acquire) == want && &p.node_id == node_id)
     }
 
     /// Frees every peer slot of `dboid` whose node id is not in `keep`.
@@ -326,11 +305,7 @@ impl Shared {
                 .consumers
                 .iter()
                 .find(|c| c.dboid.load(Ordering::Acquire) == want && &c.node_id == node_id)
-                .or_else(|| {
-                    self.consumers
-                        .iter()
-                        .find(|c| c.dboid.load(Ordering::Acquire) == 0)
-                });
+                .or_else(|| self.consumers.iter().find(|c| c.dboid.load(Ordering::Acquire) == 0));
             let Some(slot) = slot else { return false };
             let ptr = slot as *const ConsumerSlot as *mut ConsumerSlot;
             // SAFETY: consumer slots' plain fields are only read and written under the lock.
@@ -348,10 +323,8 @@ impl Shared {
     pub fn confirmed(&self, dboid: pg_sys::Oid, node_id: &[u8; 16]) -> Option<String> {
         let want = dboid.to_u32();
         with_lock(self, || {
-            let slot = self
-                .consumers
-                .iter()
-                .find(|c| c.dboid.load(Ordering::Acquire) == want && &c.node_id == node_id)?;
+            let slot =
+                self.consumers.iter().find(|c| c.dboid.load(Ordering::Acquire) == want && &c.node_id == node_id)?;
             let len = slot.len.load(Ordering::Acquire) as usize;
             Some(String::from_utf8_lossy(&slot.text[..len.min(SNAPSHOT_BYTES)]).into_owned())
         })
@@ -413,8 +386,7 @@ impl PeerSlot {
         let shared = shared()?;
         with_lock(shared, || {
             let len = self.error_len.load(Ordering::Acquire) as usize;
-            (len > 0)
-                .then(|| String::from_utf8_lossy(&self.error[..len.min(ERROR_BYTES)]).into_owned())
+            (len > 0).then(|| String::from_utf8_lossy(&self.error[..len.min(ERROR_BYTES)]).into_owned())
         })
     }
 }

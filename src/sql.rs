@@ -30,16 +30,11 @@ pub fn run(sql: &str, args: &[Option<&str>]) -> Result<(Vec<Row>, u64), String> 
         let mut values: Vec<pg_sys::Datum> = arg_c
             .iter()
             .map(|a| {
-                a.as_ref().map_or(pg_sys::Datum::from(0), |c| {
-                    pg_sys::Datum::from(pg_sys::cstring_to_text(c.as_ptr()))
-                })
+                a.as_ref().map_or(pg_sys::Datum::from(0), |c| pg_sys::Datum::from(pg_sys::cstring_to_text(c.as_ptr())))
             })
             .collect();
-        let nulls: Vec<std::ffi::c_char> = arg_c
-            .iter()
-            .map(|a| if a.is_some() { b' ' } else { b'n' } as std::ffi::c_char)
-            .chain([0])
-            .collect();
+        let nulls: Vec<std::ffi::c_char> =
+            arg_c.iter().map(|a| if a.is_some() { b' ' } else { b'n' } as std::ffi::c_char).chain([0]).collect();
         let rc = pg_sys::SPI_execute_with_args(
             sql_c.as_ptr(),
             args.len() as i32,
@@ -64,11 +59,7 @@ pub fn run(sql: &str, args: &[Option<&str>]) -> Result<(Vec<Row>, u64), String> 
                 let mut row = Vec::with_capacity(natts as usize);
                 for c in 1..=natts {
                     let v = pg_sys::SPI_getvalue(tuple, tupdesc, c);
-                    row.push(if v.is_null() {
-                        None
-                    } else {
-                        Some(CStr::from_ptr(v).to_string_lossy().into_owned())
-                    });
+                    row.push(if v.is_null() { None } else { Some(CStr::from_ptr(v).to_string_lossy().into_owned()) });
                 }
                 rows.push(row);
             }

@@ -69,77 +69,44 @@ fn _status() -> TableIterator<
     // SAFETY: MyDatabaseId is a backend-local global.
     let dboid = unsafe { pg_sys::MyDatabaseId };
     let shared = shared();
-    let worker_running = shared.and_then(|s| s.db_slot(dboid)).is_some_and(|d| {
-        d.worker_pid.load(Ordering::Acquire) != 0 && d.state() == DbState::Running
-    });
+    let worker_running = shared
+        .and_then(|s| s.db_slot(dboid))
+        .is_some_and(|d| d.worker_pid.load(Ordering::Acquire) != 0 && d.state() == DbState::Running);
     let enabled = crate::guc::ENABLED.get();
     let now = now_ms();
     let out: Vec<_> = rows
         .into_iter()
-        .map(
-            |StoredPeer {
-                 name,
-                 node,
-                 paused,
-                 done,
-                 cur,
-                 after,
-                 txns,
-                 changes,
-             }| {
-                let position = match cur {
-                    Some(c) => format!("{done} (applying {c} after {after})"),
-                    None => done,
-                };
-                let slot = node
-                    .parse::<NodeId>()
-                    .ok()
-                    .and_then(|n| shared.and_then(|s| s.find_peer_slot(dboid, &n.0)));
-                let state = if shared.is_none() {
-                    "not preloaded".to_string()
-                } else if paused {
-                    "paused".to_string()
-                } else if !enabled {
-                    "disabled".to_string()
-                } else if !worker_running {
-                    "no worker".to_string()
-                } else {
-                    ConnState::label(slot.map_or(0, |s| s.conn_state.load(Ordering::Acquire)))
-                        .to_string()
-                };
-                let pending = slot
-                    .map(|s| s.pending_changes.load(Ordering::Acquire))
-                    .filter(|p| *p >= 0);
-                let behind_ms = slot.and_then(|s| {
-                    let oldest = s.oldest_pending_ms.load(Ordering::Acquire);
-                    match pending {
-                        Some(0) => Some(0),
-                        Some(_) if oldest > 0 => Some((now - oldest).max(0)),
-                        _ => None,
-                    }
-                });
-                let last_pull = slot
-                    .map(|s| s.last_pull_ms.load(Ordering::Acquire))
-                    .filter(|v| *v > 0);
-                let last_error_ms = slot
-                    .map(|s| s.last_error_ms.load(Ordering::Acquire))
-                    .filter(|v| *v > 0);
-                let last_error = slot.and_then(|s| s.error());
-                (
-                    name,
-                    node,
-                    state,
-                    position,
-                    pending,
-                    behind_ms,
-                    last_pull,
-                    last_error,
-                    last_error_ms,
-                    txns,
-                    changes,
-                )
-            },
-        )
+        .map(|StoredPeer { name, node, paused, done, cur, after, txns, changes }| {
+            let position = match cur {
+                Some(c) => format!("{done} (applying {c} after {after})"),
+                None => done,
+            };
+            let slot = node.parse::<NodeId>().ok().and_then(|n| shared.and_then(|s| s.find_peer_slot(dboid, &n.0)));
+            let state = if shared.is_none() {
+                "not preloaded".to_string()
+            } else if paused {
+                "paused".to_string()
+            } else if !enabled {
+                "disabled".to_string()
+            } else if !worker_running {
+                "no worker".to_string()
+            } else {
+                ConnState::label(slot.map_or(0, |s| s.conn_state.load(Ordering::Acquire))).to_string()
+            };
+            let pending = slot.map(|s| s.pending_changes.load(Ordering::Acquire)).filter(|p| *p >= 0);
+            let behind_ms = slot.and_then(|s| {
+                let oldest = s.oldest_pending_ms.load(Ordering::Acquire);
+                match pending {
+                    Some(0) => Some(0),
+                    Some(_) if oldest > 0 => Some((now - oldest).max(0)),
+                    _ => None,
+                }
+            });
+            let last_pull = slot.map(|s| s.last_pull_ms.load(Ordering::Acquire)).filter(|v| *v > 0);
+            let last_error_ms = slot.map(|s| s.last_error_ms.load(Ordering::Acquire)).filter(|v| *v > 0);
+            let last_error = slot.and_then(|s| s.error());
+            (name, node, state, position, pending, behind_ms, last_pull, last_error, last_error_ms, txns, changes)
+        })
         .collect();
     TableIterator::new(out)
 }

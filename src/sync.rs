@@ -21,10 +21,7 @@ struct Target {
 
 fn read_position(node: &str) -> Option<(String, Option<String>, i64)> {
     let row = as_extension_owner(|| {
-        sql::row(
-            "SELECT done, cur, after FROM trompe.progress WHERE node_id = $1::uuid",
-            &[Some(node)],
-        )
+        sql::row("SELECT done, cur, after FROM trompe.progress WHERE node_id = $1::uuid", &[Some(node)])
     })
     .ok()
     .flatten()?;
@@ -39,26 +36,16 @@ fn _wait_sync(timeout_s: f64) -> bool {
         TrompeError::NotPreloaded.raise();
     }
     let deadline = Instant::now() + Duration::from_secs_f64(timeout_s.clamp(0.0, 86_400.0 * 365.0));
-    let peers: Vec<(String, String)> = as_extension_owner(|| {
-        sql::rows(
-            "SELECT node_id, conninfo FROM trompe.peers WHERE NOT paused",
-            &[],
-        )
-    })
-    .map_err(TrompeError::Internal)
-    .or_raise()
-    .into_iter()
-    .filter_map(|r| Some((r[0].clone()?, r[1].clone()?)))
-    .collect();
+    let peers: Vec<(String, String)> =
+        as_extension_owner(|| sql::rows("SELECT node_id, conninfo FROM trompe.peers WHERE NOT paused", &[]))
+            .map_err(TrompeError::Internal)
+            .or_raise()
+            .into_iter()
+            .filter_map(|r| Some((r[0].clone()?, r[1].clone()?)))
+            .collect();
     let mut targets: Vec<Target> = peers
         .into_iter()
-        .map(|(node, conninfo)| Target {
-            node,
-            conninfo,
-            conn: None,
-            upto: None,
-            synced: false,
-        })
+        .map(|(node, conninfo)| Target { node, conninfo, conn: None, upto: None, synced: false })
         .collect();
     // SAFETY: MyDatabaseId is a backend-local global.
     let dboid = unsafe { pg_sys::MyDatabaseId };
@@ -97,8 +84,7 @@ fn check(t: &mut Target, timeout: Duration) -> Result<(), String> {
     }
     let conn = t.conn.as_mut().ok_or("no connection")?;
     if t.upto.is_none() {
-        let r = query_wait(conn, "SELECT trompe.current_snapshot()", &[], timeout)
-            .map_err(|e| e.message)?;
+        let r = query_wait(conn, "SELECT trompe.current_snapshot()", &[], timeout).map_err(|e| e.message)?;
         t.upto = r.get(0, 0).map(str::to_string);
     }
     let upto = t.upto.clone().ok_or("the peer returned no snapshot")?;

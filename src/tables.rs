@@ -30,10 +30,7 @@ fn rel_facts(relid: pg_sys::Oid) -> Result<RelFacts, TrompeError> {
     unsafe {
         let rel = pg_sys::try_relation_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         if rel.is_null() {
-            return Err(TrompeError::Internal(format!(
-                "relation {} does not exist",
-                relid.to_u32()
-            )));
+            return Err(TrompeError::Internal(format!("relation {} does not exist", relid.to_u32())));
         }
         let form = (*rel).rd_rel;
         let nsp_ptr = pg_sys::get_namespace_name((*form).relnamespace);
@@ -41,17 +38,12 @@ fn rel_facts(relid: pg_sys::Oid) -> Result<RelFacts, TrompeError> {
             nsp: if nsp_ptr.is_null() {
                 String::new()
             } else {
-                std::ffi::CStr::from_ptr(nsp_ptr)
-                    .to_string_lossy()
-                    .into_owned()
+                std::ffi::CStr::from_ptr(nsp_ptr).to_string_lossy().into_owned()
             },
-            name: std::ffi::CStr::from_ptr((*form).relname.data.as_ptr())
-                .to_string_lossy()
-                .into_owned(),
+            name: std::ffi::CStr::from_ptr((*form).relname.data.as_ptr()).to_string_lossy().into_owned(),
             kind: (*form).relkind as u8,
             persistence: (*form).relpersistence as u8,
-            has_pk: (*form).relkind as u8 == pg_sys::RELKIND_RELATION
-                && primary_key_columns(rel).is_some(),
+            has_pk: (*form).relkind as u8 == pg_sys::RELKIND_RELATION && primary_key_columns(rel).is_some(),
         };
         pg_sys::relation_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         Ok(facts)
@@ -60,11 +52,7 @@ fn rel_facts(relid: pg_sys::Oid) -> Result<RelFacts, TrompeError> {
 
 impl RelFacts {
     fn qualified(&self) -> String {
-        let nsp = if self.persistence == pg_sys::RELPERSISTENCE_TEMP {
-            "pg_temp"
-        } else {
-            &self.nsp
-        };
+        let nsp = if self.persistence == pg_sys::RELPERSISTENCE_TEMP { "pg_temp" } else { &self.nsp };
         format!("{}.{}", quote_identifier(nsp), quote_identifier(&self.name))
     }
 
@@ -72,36 +60,23 @@ impl RelFacts {
     fn refusal(&self) -> Option<TrompeError> {
         let kind = match self.kind {
             k if k == pg_sys::RELKIND_RELATION => None,
-            k if k == pg_sys::RELKIND_PARTITIONED_TABLE => {
-                Some("a partitioned table (replicate its partitions)")
-            }
+            k if k == pg_sys::RELKIND_PARTITIONED_TABLE => Some("a partitioned table (replicate its partitions)"),
             k if k == pg_sys::RELKIND_VIEW => Some("a view"),
             k if k == pg_sys::RELKIND_MATVIEW => Some("a materialized view"),
             k if k == pg_sys::RELKIND_FOREIGN_TABLE => Some("a foreign table"),
             k if k == pg_sys::RELKIND_SEQUENCE => Some("a sequence"),
-            k if k == pg_sys::RELKIND_INDEX || k == pg_sys::RELKIND_PARTITIONED_INDEX => {
-                Some("an index")
-            }
+            k if k == pg_sys::RELKIND_INDEX || k == pg_sys::RELKIND_PARTITIONED_INDEX => Some("an index"),
             _ => Some("not a table"),
         };
         if let Some(kind) = kind {
-            return Some(TrompeError::NotATable {
-                name: self.qualified(),
-                kind,
-            });
+            return Some(TrompeError::NotATable { name: self.qualified(), kind });
         }
         match self.persistence {
             p if p == pg_sys::RELPERSISTENCE_TEMP => {
-                return Some(TrompeError::NotPermanent {
-                    table: self.qualified(),
-                    kind: "temporary",
-                })
+                return Some(TrompeError::NotPermanent { table: self.qualified(), kind: "temporary" })
             }
             p if p == pg_sys::RELPERSISTENCE_UNLOGGED => {
-                return Some(TrompeError::NotPermanent {
-                    table: self.qualified(),
-                    kind: "unlogged",
-                })
+                return Some(TrompeError::NotPermanent { table: self.qualified(), kind: "unlogged" })
             }
             _ => {}
         }
@@ -118,11 +93,7 @@ impl RelFacts {
 /// Runs a query returning one oid column.
 fn oids(query: &str, args: &[Option<&str>]) -> Result<Vec<pg_sys::Oid>, TrompeError> {
     let rows = sql::rows(query, args).map_err(TrompeError::Internal)?;
-    Ok(rows
-        .iter()
-        .filter_map(|r| r[0].as_deref().and_then(|v| v.parse::<u32>().ok()))
-        .map(pg_sys::Oid::from)
-        .collect())
+    Ok(rows.iter().filter_map(|r| r[0].as_deref().and_then(|v| v.parse::<u32>().ok())).map(pg_sys::Oid::from).collect())
 }
 
 fn is_replicated(relid: pg_sys::Oid) -> bool {
@@ -155,8 +126,7 @@ pub fn add_table_by_oid(relid: pg_sys::Oid) -> Result<bool, TrompeError> {
                  FOR EACH STATEMENT EXECUTE FUNCTION trompe.capture_truncate();",
             oid = relid.to_u32()
         );
-        sql::execute(&sql, &[])
-            .map_err(|e| TrompeError::Internal(format!("adding {table}: {e}")))?;
+        sql::execute(&sql, &[]).map_err(|e| TrompeError::Internal(format!("adding {table}: {e}")))?;
         Ok(true)
     })
 }
@@ -176,8 +146,7 @@ pub fn remove_table_by_oid(relid: pg_sys::Oid) -> Result<bool, TrompeError> {
              DELETE FROM trompe.tables WHERE relid = {oid}::oid;",
             oid = relid.to_u32()
         );
-        sql::execute(&sql, &[])
-            .map_err(|e| TrompeError::Internal(format!("removing {table}: {e}")))?;
+        sql::execute(&sql, &[]).map_err(|e| TrompeError::Internal(format!("removing {table}: {e}")))?;
         Ok(true)
     })
 }
@@ -200,11 +169,8 @@ fn check_schema(schema_name: &str) -> Result<(), TrompeError> {
     if RESERVED_SCHEMAS.contains(&schema_name) || schema_name.starts_with("pg_") {
         return Err(TrompeError::ReservedSchema(schema_name.to_string()));
     }
-    let exists = sql::flag(
-        "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
-        &[Some(schema_name)],
-    )
-    .map_err(TrompeError::Internal)?;
+    let exists = sql::flag("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)", &[Some(schema_name)])
+        .map_err(TrompeError::Internal)?;
     if !exists {
         return Err(TrompeError::NoSuchSchema(schema_name.to_string()));
     }
@@ -232,7 +198,9 @@ pub fn sync_schema_tables() -> Result<i64, TrompeError> {
                 }
             }
             Some(TrompeError::NoPrimaryKey(name)) => {
-                pgrx::warning!("table {name} in a replicated schema has no primary key; it is replicated once it has one")
+                pgrx::warning!(
+                    "table {name} in a replicated schema has no primary key; it is replicated once it has one"
+                )
             }
             Some(_) => {}
         }
@@ -269,14 +237,9 @@ fn remove_schema(schema_name: &str) -> i64 {
     )
     .or_raise();
     let _internal = InternalOperation::begin();
-    as_extension_owner(|| {
-        sql::execute(
-            "DELETE FROM trompe.schemas WHERE schema_name = $1",
-            &[Some(schema_name)],
-        )
-    })
-    .map_err(|e| TrompeError::Internal(format!("removing schema {schema_name}: {e}")))
-    .or_raise();
+    as_extension_owner(|| sql::execute("DELETE FROM trompe.schemas WHERE schema_name = $1", &[Some(schema_name)]))
+        .map_err(|e| TrompeError::Internal(format!("removing schema {schema_name}: {e}")))
+        .or_raise();
     let mut removed = 0;
     for relid in relids {
         if remove_table_by_oid(relid).or_raise() {

@@ -15,15 +15,10 @@ mod tests {
     }
 
     /// op, cols, vals, oldkey of one log entry.
-    type LogRow = (
-        String,
-        Vec<Option<String>>,
-        Option<Vec<Option<String>>>,
-        Option<Vec<Option<String>>>,
-    );
+    type LogRow = (String, Vec<Option<String>>, Option<Vec<Option<String>>>, Option<Vec<Option<String>>>);
 
     fn log_count() -> i64 {
-        one::<i64>("SELECT count(*) FROM trompe.log").unwrap_or(0)
+        one::<i64>("SELECT count(*) FROM trompe.log_changes()").unwrap_or(0)
     }
 
     #[pg_test]
@@ -31,11 +26,7 @@ mod tests {
         let a = one::<pgrx::Uuid>("SELECT trompe.node_id()").expect("node id");
         let b = one::<pgrx::Uuid>("SELECT trompe.node_id()").expect("node id");
         assert_eq!(a, b);
-        assert_eq!(
-            one::<i32>("SELECT get_byte(uuid_send(trompe.node_id()), 6) >> 4"),
-            Some(4),
-            "a version-4 UUID"
-        );
+        assert_eq!(one::<i32>("SELECT get_byte(uuid_send(trompe.node_id()), 6) >> 4"), Some(4), "a version-4 UUID");
     }
 
     #[pg_test(error = "table public.nopk has no primary key")]
@@ -67,14 +58,17 @@ mod tests {
         run("CREATE TABLE t (id int PRIMARY KEY)");
         assert_eq!(one::<bool>("SELECT trompe.add_table('t')"), Some(true));
         assert_eq!(one::<bool>("SELECT trompe.add_table('t')"), Some(false));
+        assert_eq!(one::<i64>("SELECT count(*) FROM trompe.tables WHERE relid = 't'::regclass"), Some(1));
         assert_eq!(
-            one::<i64>("SELECT count(*) FROM trompe.tables WHERE relid = 't'::regclass"),
-            Some(1)
+            one::<i64>("SELECT count(*) FROM pg_trigger WHERE tgrelid = 't'::regclass AND tgname LIKE 'trompe%'"),
+            Some(2)
         );
-        assert_eq!(one::<i64>("SELECT count(*) FROM pg_trigger WHERE tgrelid = 't'::regclass AND tgname LIKE 'trompe%'"), Some(2));
         assert_eq!(one::<bool>("SELECT trompe.remove_table('t')"), Some(true));
         assert_eq!(one::<bool>("SELECT trompe.remove_table('t')"), Some(false));
-        assert_eq!(one::<i64>("SELECT count(*) FROM pg_trigger WHERE tgrelid = 't'::regclass AND tgname LIKE 'trompe%'"), Some(0));
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM pg_trigger WHERE tgrelid = 't'::regclass AND tgname LIKE 'trompe%'"),
+            Some(0)
+        );
     }
 
     #[pg_test]
@@ -88,21 +82,10 @@ mod tests {
         run("DELETE FROM acct WHERE id = 1");
         assert_eq!(log_count() - before, 5);
         let rows: Vec<LogRow> = Spi::connect(|c| {
-            c.select(
-                "SELECT op::text, cols, vals, oldkey FROM trompe.log ORDER BY id",
-                None,
-                &[],
-            )
-            .unwrap()
-            .map(|r| {
-                (
-                    r.get(1).unwrap().unwrap(),
-                    r.get(2).unwrap().unwrap(),
-                    r.get(3).unwrap(),
-                    r.get(4).unwrap(),
-                )
-            })
-            .collect()
+            c.select("SELECT op::text, cols, vals, oldkey FROM trompe.log_changes() ORDER BY seq", None, &[])
+                .unwrap()
+                .map(|r| (r.get(1).unwrap().unwrap(), r.get(2).unwrap().unwrap(), r.get(3).unwrap(), r.get(4).unwrap()))
+                .collect()
         });
         let rows = &rows[rows.len() - 5..];
         let s = |v: &[&str]| v.iter().map(|x| Some(x.to_string())).collect::<Vec<_>>();
@@ -113,10 +96,7 @@ mod tests {
         assert_eq!(rows[2].0, "U");
         assert_eq!(rows[2].2, Some(s(&["eu", "1", "anna"])));
         assert_eq!(rows[2].3, Some(s(&["eu", "1"])));
-        assert_eq!(
-            rows[3].0, "U",
-            "a primary key change is an update with the old key"
-        );
+        assert_eq!(rows[3].0, "U", "a primary key change is an update with the old key");
         assert_eq!(rows[3].2, Some(s(&["us", "20", "bob"])));
         assert_eq!(rows[3].3, Some(s(&["us", "2"])));
         assert_eq!(rows[4].0, "D");
@@ -124,9 +104,26 @@ mod tests {
         assert_eq!(rows[4].2, None);
         assert_eq!(rows[4].3, Some(s(&["eu", "1"])));
         assert_eq!(
-            one::<bool>("SELECT bool_and(txid = pg_current_xact_id()) FROM trompe.log"),
+            one::<bool>("SELECT bool_and(txid::xid8 = pg_current_xact_id()) FROM trompe.log_changes()"),
             Some(true),
             "entries carry the writing transaction"
+        );
+    }
+
+    #[pg_test]
+    fn changes_of_rolled_back_savepoints_are_dropped() {
+        run("CREATE TABLE s (id int PRIMARY KEY)");
+        run("SELECT trompe.add_table('s')");
+        run("INSERT INTO s VALUES (1)");
+        run("DO $$ BEGIN INSERT INTO s VALUES (2); RAISE EXCEPTION 'undo'; EXCEPTION WHEN others THEN NULL; END $$");
+        run("DO $$ BEGIN BEGIN INSERT INTO s VALUES (3); EXCEPTION WHEN others THEN NULL; END; END $$");
+        // Enough changes in a savepoint to be written out before it is rolled back.
+        run("DO $$ BEGIN INSERT INTO s SELECT generate_series(100, 10099); RAISE EXCEPTION 'undo'; \
+             EXCEPTION WHEN others THEN NULL; END $$");
+        run("INSERT INTO s VALUES (4)");
+        assert_eq!(
+            one::<String>("SELECT string_agg(vals[1], ',' ORDER BY seq) FROM trompe.log_changes()").as_deref(),
+            Some("1,3,4")
         );
     }
 
@@ -137,7 +134,7 @@ mod tests {
         run("SELECT trompe.add_table('g')");
         run("INSERT INTO g (id, a) VALUES (1, 21)");
         assert_eq!(
-            one::<Vec<String>>("SELECT cols FROM trompe.log ORDER BY id DESC LIMIT 1"),
+            one::<Vec<String>>("SELECT cols FROM trompe.log_changes() ORDER BY seq DESC LIMIT 1"),
             Some(vec!["id".to_string(), "a".to_string()])
         );
     }
@@ -149,14 +146,12 @@ mod tests {
         run("CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy')");
         run("CREATE DOMAIN posint AS int CHECK (VALUE > 0)");
         run("CREATE TYPE pair AS (a int, b text)");
-        run(
-            "CREATE TABLE every (
+        run("CREATE TABLE every (
                 id uuid PRIMARY KEY, i2 int2, i4 int4, i8 int8, num numeric(20,6), num_nan numeric,
                 f4 float4, f8 float8, f8_nan float8, f8_inf float8, t text, vc varchar(10), bp char(3),
                 b bytea, bo bool, d date, tm time, ttz timetz, ts timestamp, tstz timestamptz, iv interval,
                 j json, jb jsonb, arr int[], arr2 text[][], arrn int[], e mood, dom posint, comp pair,
-                comparr pair[], inet_v inet, nul text, big text)",
-        );
+                comparr pair[], inet_v inet, nul text, big text)");
         run("SELECT trompe.add_table('every')");
         run("SET LOCAL DateStyle = 'SQL, DMY'");
         run("SET LOCAL IntervalStyle = 'sql_standard'");
@@ -175,14 +170,13 @@ mod tests {
         run("CREATE TABLE every_copy (LIKE every)");
         run("RESET DateStyle; RESET IntervalStyle; RESET extra_float_digits; RESET TimeZone");
         // Rebuild the row from the log, casting each text value to its column's type.
-        let cols: Vec<String> =
-            one("SELECT cols FROM trompe.log ORDER BY id DESC LIMIT 1").unwrap();
+        let cols: Vec<String> = one("SELECT cols FROM trompe.log_changes() ORDER BY seq DESC LIMIT 1").unwrap();
         let casts: Vec<String> = cols
             .iter()
             .enumerate()
             .map(|(i, c)| {
                 format!(
-                    "(SELECT vals[{}] FROM trompe.log ORDER BY id DESC LIMIT 1)::{}",
+                    "(SELECT vals[{}] FROM trompe.log_changes() ORDER BY seq DESC LIMIT 1)::{}",
                     i + 1,
                     one::<String>(&format!(
                         "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'every'::regclass AND attname = '{c}'"
@@ -191,26 +185,15 @@ mod tests {
                 )
             })
             .collect();
-        run(&format!(
-            "INSERT INTO every_copy ({}) SELECT {}",
-            cols.join(", "),
-            casts.join(", ")
-        ));
+        run(&format!("INSERT INTO every_copy ({}) SELECT {}", cols.join(", "), casts.join(", ")));
         for c in &cols {
             // Text output (with default settings now) is exact for every type, json included.
             let same = one::<bool>(&format!(
                 "SELECT (SELECT {c}::text FROM every) IS NOT DISTINCT FROM (SELECT {c}::text FROM every_copy)"
             ));
-            assert_eq!(
-                same,
-                Some(true),
-                "column {c} changed on the way through the log"
-            );
+            assert_eq!(same, Some(true), "column {c} changed on the way through the log");
         }
-        assert_eq!(
-            one::<i32>("SELECT length(big) FROM every_copy"),
-            Some(4_500_000)
-        );
+        assert_eq!(one::<i32>("SELECT length(big) FROM every_copy"), Some(4_500_000));
     }
 
     #[pg_test]
@@ -222,20 +205,10 @@ mod tests {
         run("TRUNCATE p, c RESTART IDENTITY");
         run("TRUNCATE c");
         let ops: Vec<(String, String, Vec<String>)> = Spi::connect(|cl| {
-            cl.select(
-                "SELECT op::text, rel, vals FROM trompe.log WHERE op = 'T' ORDER BY id",
-                None,
-                &[],
-            )
-            .unwrap()
-            .map(|r| {
-                (
-                    r.get(1).unwrap().unwrap(),
-                    r.get(2).unwrap().unwrap(),
-                    r.get(3).unwrap().unwrap(),
-                )
-            })
-            .collect()
+            cl.select("SELECT op, rel, vals FROM trompe.log_changes() WHERE op = 'T' ORDER BY seq", None, &[])
+                .unwrap()
+                .map(|r| (r.get(1).unwrap().unwrap(), r.get(2).unwrap().unwrap(), r.get(3).unwrap().unwrap()))
+                .collect()
         });
         assert_eq!(log_count() - before, 3);
         let mut first_two: Vec<String> = ops[..2].iter().map(|o| o.1.clone()).collect();
@@ -252,30 +225,18 @@ mod tests {
         run("CREATE TABLE other (id int PRIMARY KEY)");
         let before = log_count();
         run("SELECT trompe.add_table('r')");
-        assert_eq!(
-            log_count(),
-            before,
-            "trompe's own DDL (CREATE TRIGGER) is not captured"
-        );
+        assert_eq!(log_count(), before, "trompe's own DDL (CREATE TRIGGER) is not captured");
         run("SET LOCAL search_path = public, pg_temp");
         run("ALTER TABLE r ADD COLUMN c int DEFAULT 0; ALTER TABLE other ADD COLUMN c int");
         run("CREATE INDEX r_c ON r (c)");
         run("CREATE INDEX other_c ON other (c)");
         let entries: Vec<(String, Vec<String>)> = Spi::connect(|cl| {
-            cl.select(
-                "SELECT op::text, vals FROM trompe.log ORDER BY id",
-                None,
-                &[],
-            )
-            .unwrap()
-            .map(|r| (r.get(1).unwrap().unwrap(), r.get(2).unwrap().unwrap()))
-            .collect()
+            cl.select("SELECT op::text, vals FROM trompe.log_changes() ORDER BY seq", None, &[])
+                .unwrap()
+                .map(|r| (r.get(1).unwrap().unwrap(), r.get(2).unwrap().unwrap()))
+                .collect()
         });
-        let ddl: Vec<&Vec<String>> = entries
-            .iter()
-            .filter(|e| e.0 == "S")
-            .map(|e| &e.1)
-            .collect();
+        let ddl: Vec<&Vec<String>> = entries.iter().filter(|e| e.0 == "S").map(|e| &e.1).collect();
         assert_eq!(ddl.len(), 2, "only DDL on the replicated table: {ddl:?}");
         assert_eq!(ddl[0][0], "ALTER TABLE r ADD COLUMN c int DEFAULT 0");
         assert_eq!(ddl[0][1], "public, pg_temp");
@@ -311,7 +272,7 @@ mod tests {
         run("DROP TABLE gone");
         assert_eq!(one::<i64>("SELECT count(*) FROM trompe.tables"), Some(0));
         assert_eq!(
-            one::<String>("SELECT vals[1] FROM trompe.log WHERE op = 'S' ORDER BY id DESC LIMIT 1")
+            one::<String>("SELECT vals[1] FROM trompe.log_changes() WHERE op = 'S' ORDER BY seq DESC LIMIT 1")
                 .as_deref(),
             Some("DROP TABLE gone")
         );
@@ -326,26 +287,16 @@ mod tests {
         assert_eq!(one::<i64>("SELECT trompe.add_schema('shop')"), Some(1));
         run("CREATE TABLE shop.b (id int PRIMARY KEY, v text)");
         assert_eq!(
-            one::<String>(
-                "SELECT string_agg(relid::text, ',' ORDER BY relid::text) FROM trompe.tables"
-            )
-            .as_deref(),
+            one::<String>("SELECT string_agg(relid::text, ',' ORDER BY relid::text) FROM trompe.tables").as_deref(),
             Some("shop.a,shop.b")
         );
-        let create =
-            one::<String>("SELECT vals[1] FROM trompe.log WHERE op = 'S' ORDER BY id DESC LIMIT 1");
-        assert_eq!(
-            create.as_deref(),
-            Some("CREATE TABLE shop.b (id int PRIMARY KEY, v text)")
-        );
+        let create = one::<String>("SELECT vals[1] FROM trompe.log_changes() WHERE op = 'S' ORDER BY seq DESC LIMIT 1");
+        assert_eq!(create.as_deref(), Some("CREATE TABLE shop.b (id int PRIMARY KEY, v text)"));
         run("ALTER TABLE shop.nokey ADD PRIMARY KEY (x)");
-        assert_eq!(
-            one::<i64>("SELECT count(*) FROM trompe.tables WHERE relid = 'shop.nokey'::regclass"),
-            Some(1)
-        );
+        assert_eq!(one::<i64>("SELECT count(*) FROM trompe.tables WHERE relid = 'shop.nokey'::regclass"), Some(1));
         run("INSERT INTO shop.b VALUES (1, 'x')");
         assert_eq!(
-            one::<String>("SELECT op::text FROM trompe.log ORDER BY id DESC LIMIT 1").as_deref(),
+            one::<String>("SELECT op FROM trompe.log_changes() ORDER BY seq DESC LIMIT 1").as_deref(),
             Some("I")
         );
         assert_eq!(one::<i64>("SELECT trompe.remove_schema('shop')"), Some(3));
@@ -373,10 +324,6 @@ mod tests {
         run("SELECT pg_replication_origin_session_reset()");
         assert_eq!(log_count(), before);
         run("INSERT INTO t VALUES (2)");
-        assert_eq!(
-            log_count(),
-            before + 1,
-            "ordinary writes in the same session are captured"
-        );
+        assert_eq!(log_count(), before + 1, "ordinary writes in the same session are captured");
     }
 }

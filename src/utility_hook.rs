@@ -17,10 +17,7 @@ pub fn install() {
 }
 
 /// The text of the statement `pstmt` inside the whole query string.
-unsafe fn statement_text(
-    pstmt: *mut pg_sys::PlannedStmt,
-    query: *const std::ffi::c_char,
-) -> String {
+unsafe fn statement_text(pstmt: *mut pg_sys::PlannedStmt, query: *const std::ffi::c_char) -> String {
     if query.is_null() {
         return String::new();
     }
@@ -31,14 +28,8 @@ unsafe fn statement_text(
     if location >= bytes.len() {
         return whole.trim().to_string();
     }
-    let end = if len == 0 {
-        bytes.len()
-    } else {
-        (location + len).min(bytes.len())
-    };
-    String::from_utf8_lossy(&bytes[location..end])
-        .trim()
-        .to_string()
+    let end = if len == 0 { bytes.len() } else { (location + len).min(bytes.len()) };
+    String::from_utf8_lossy(&bytes[location..end]).trim().to_string()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -60,25 +51,9 @@ unsafe extern "C-unwind" fn process_utility(
     crate::worker::dbguard::before_utility(node);
     let _scope = StatementScope::enter(statement_text(pstmt, query_string), restart);
     match PREVIOUS_HOOK {
-        Some(previous) => previous(
-            pstmt,
-            query_string,
-            read_only_tree,
-            context,
-            params,
-            query_env,
-            dest,
-            qc,
-        ),
-        None => pg_sys::standard_ProcessUtility(
-            pstmt,
-            query_string,
-            read_only_tree,
-            context,
-            params,
-            query_env,
-            dest,
-            qc,
-        ),
+        Some(previous) => previous(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
+        None => {
+            pg_sys::standard_ProcessUtility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc)
+        }
     }
 }

@@ -13,11 +13,7 @@ pub struct Backoff {
 impl Backoff {
     /// A backoff that waits `initial` after the first failure and never more than `max`.
     pub fn new(initial: Duration, max: Duration) -> Self {
-        Backoff {
-            initial,
-            max: max.max(initial),
-            failures: 0,
-        }
+        Backoff { initial, max: max.max(initial), failures: 0 }
     }
 
     /// Records a failure and returns how long to wait before the next attempt.

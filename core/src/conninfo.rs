@@ -91,11 +91,7 @@ impl ConnInfo {
         } else {
             parse_keyword_value(trimmed)?
         };
-        if let Some((key, _)) = info
-            .pairs
-            .iter()
-            .find(|(k, _)| !KNOWN_KEYWORDS.contains(&k.as_str()))
-        {
+        if let Some((key, _)) = info.pairs.iter().find(|(k, _)| !KNOWN_KEYWORDS.contains(&k.as_str())) {
             return Err(ConninfoError::UnknownKeyword(key.clone()));
         }
         Ok(info)
@@ -103,10 +99,7 @@ impl ConnInfo {
 
     /// The value given for `key`, if any.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.pairs
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        self.pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 
     /// Sets `key` to `value`, replacing any earlier value.
@@ -146,11 +139,7 @@ impl ConnInfo {
             if !out.is_empty() {
                 out.push(' ');
             }
-            let shown = if hide_secrets && SECRET_KEYWORDS.contains(&key.as_str()) {
-                "********"
-            } else {
-                value
-            };
+            let shown = if hide_secrets && SECRET_KEYWORDS.contains(&key.as_str()) { "********" } else { value };
             let _ = write!(out, "{key}={}", quote_value(shown));
         }
         out
@@ -159,10 +148,7 @@ impl ConnInfo {
 
 /// Quotes a value for a `key=value` connection string when it needs it.
 fn quote_value(value: &str) -> String {
-    let plain = !value.is_empty()
-        && !value
-            .chars()
-            .any(|c| c.is_whitespace() || c == '\'' || c == '\\');
+    let plain = !value.is_empty() && !value.chars().any(|c| c.is_whitespace() || c == '\'' || c == '\\');
     if plain {
         return value.to_string();
     }
@@ -257,12 +243,7 @@ fn percent_decode(text: &str) -> Result<String, ConninfoError> {
             let hex = text
                 .get(i + 1..i + 3)
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| {
-                    ConninfoError::BadUri(format!(
-                        "invalid percent-encoded token \"{}\"",
-                        &text[i..]
-                    ))
-                })?;
+                .ok_or_else(|| ConninfoError::BadUri(format!("invalid percent-encoded token \"{}\"", &text[i..])))?;
             out.push(hex);
             i += 3;
         } else {
@@ -270,8 +251,7 @@ fn percent_decode(text: &str) -> Result<String, ConninfoError> {
             i += 1;
         }
     }
-    String::from_utf8(out)
-        .map_err(|_| ConninfoError::BadUri("percent-encoding is not valid UTF-8".into()))
+    String::from_utf8(out).map_err(|_| ConninfoError::BadUri("percent-encoding is not valid UTF-8".into()))
 }
 
 fn parse_uri(text: &str) -> Result<ConnInfo, ConninfoError> {
@@ -306,9 +286,9 @@ fn parse_uri(text: &str) -> Result<ConnInfo, ConninfoError> {
         let mut ports = Vec::new();
         for spec in hostlist.split(',') {
             let (host, port) = if let Some(inner) = spec.strip_prefix('[') {
-                let (h, after) = inner.split_once(']').ok_or_else(|| {
-                    ConninfoError::BadUri(format!("unterminated IPv6 address in \"{spec}\""))
-                })?;
+                let (h, after) = inner
+                    .split_once(']')
+                    .ok_or_else(|| ConninfoError::BadUri(format!("unterminated IPv6 address in \"{spec}\"")))?;
                 (h.to_string(), after.strip_prefix(':').map(str::to_string))
             } else {
                 match spec.split_once(':') {
@@ -338,9 +318,9 @@ fn parse_uri(text: &str) -> Result<ConnInfo, ConninfoError> {
     }
     if let Some(query) = query {
         for item in query.split('&').filter(|s| !s.is_empty()) {
-            let (k, v) = item.split_once('=').ok_or_else(|| {
-                ConninfoError::BadUri(format!("missing \"=\" in parameter \"{item}\""))
-            })?;
+            let (k, v) = item
+                .split_once('=')
+                .ok_or_else(|| ConninfoError::BadUri(format!("missing \"=\" in parameter \"{item}\"")))?;
             let key = percent_decode(k)?;
             // libpq's URI aliases
             let key = match key.as_str() {
@@ -362,10 +342,7 @@ mod tests {
 
     #[test]
     fn keyword_value_with_quotes_and_escapes() {
-        let c = ConnInfo::parse(
-            r"host=localhost port = 5433 dbname='my db' password='it\'s' user=a\ b",
-        )
-        .unwrap();
+        let c = ConnInfo::parse(r"host=localhost port = 5433 dbname='my db' password='it\'s' user=a\ b").unwrap();
         assert_eq!(c.get("host"), Some("localhost"));
         assert_eq!(c.get("port"), Some("5433"));
         assert_eq!(c.get("dbname"), Some("my db"));
@@ -383,36 +360,20 @@ mod tests {
     #[test]
     fn errors_name_the_problem() {
         assert_eq!(ConnInfo::parse("   "), Err(ConninfoError::Empty));
-        assert_eq!(
-            ConnInfo::parse("host"),
-            Err(ConninfoError::MissingEquals("host".into()))
-        );
-        assert_eq!(
-            ConnInfo::parse("host='x"),
-            Err(ConninfoError::UnterminatedQuote("host".into()))
-        );
-        assert_eq!(
-            ConnInfo::parse("hots=x"),
-            Err(ConninfoError::UnknownKeyword("hots".into()))
-        );
-        assert!(matches!(
-            ConnInfo::parse("postgresql://h:port/db"),
-            Err(ConninfoError::BadUri(_))
-        ));
-        assert!(matches!(
-            ConnInfo::parse("postgresql://h/db?x"),
-            Err(ConninfoError::BadUri(_))
-        ));
-        assert!(matches!(
-            ConnInfo::parse("postgresql://h/%zz"),
-            Err(ConninfoError::BadUri(_))
-        ));
+        assert_eq!(ConnInfo::parse("host"), Err(ConninfoError::MissingEquals("host".into())));
+        assert_eq!(ConnInfo::parse("host='x"), Err(ConninfoError::UnterminatedQuote("host".into())));
+        assert_eq!(ConnInfo::parse("hots=x"), Err(ConninfoError::UnknownKeyword("hots".into())));
+        assert!(matches!(ConnInfo::parse("postgresql://h:port/db"), Err(ConninfoError::BadUri(_))));
+        assert!(matches!(ConnInfo::parse("postgresql://h/db?x"), Err(ConninfoError::BadUri(_))));
+        assert!(matches!(ConnInfo::parse("postgresql://h/%zz"), Err(ConninfoError::BadUri(_))));
     }
 
     #[test]
     fn uri_form() {
-        let c = ConnInfo::parse("postgresql://al%40x:s%3Acret@db1:5432,[::1]:6543/app?sslmode=disable&application_name=a%20b")
-            .unwrap();
+        let c = ConnInfo::parse(
+            "postgresql://al%40x:s%3Acret@db1:5432,[::1]:6543/app?sslmode=disable&application_name=a%20b",
+        )
+        .unwrap();
         assert_eq!(c.get("user"), Some("al@x"));
         assert_eq!(c.get("password"), Some("s:cret"));
         assert_eq!(c.get("host"), Some("db1,::1"));
@@ -429,18 +390,13 @@ mod tests {
         let c = ConnInfo::parse("host=h password=hunter2 sslpassword=x user='a b'").unwrap();
         let shown = c.redacted();
         assert!(!shown.contains("hunter2"));
-        assert_eq!(
-            shown,
-            "host=h password=******** sslpassword=******** user='a b'"
-        );
+        assert_eq!(shown, "host=h password=******** sslpassword=******** user='a b'");
         assert!(c.to_keyword_value().contains("hunter2"));
     }
 
     #[test]
     fn rendering_round_trips() {
-        let c =
-            ConnInfo::parse(r"host=h dbname='a \'b\' \\c' options='-c x=1' application_name=''")
-                .unwrap();
+        let c = ConnInfo::parse(r"host=h dbname='a \'b\' \\c' options='-c x=1' application_name=''").unwrap();
         let again = ConnInfo::parse(&c.to_keyword_value()).unwrap();
         assert_eq!(c, again);
     }

@@ -58,20 +58,14 @@ mod tests {
     fn quoting() {
         assert_eq!(quote_ident("t"), "\"t\"");
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
-        assert_eq!(
-            quote_qualified("public", "My Table"),
-            "\"public\".\"My Table\""
-        );
+        assert_eq!(quote_qualified("public", "My Table"), "\"public\".\"My Table\"");
     }
 
     #[test]
     fn checks() {
         assert_eq!(check_identifier(""), Err(IdentError::Empty));
         assert_eq!(check_identifier("a\0b"), Err(IdentError::Nul));
-        assert!(matches!(
-            check_identifier(&"x".repeat(64)),
-            Err(IdentError::TooLong(_))
-        ));
+        assert!(matches!(check_identifier(&"x".repeat(64)), Err(IdentError::TooLong(_))));
         assert!(check_identifier(&"x".repeat(63)).is_ok());
         assert!(check_identifier("ünïcode; DROP TABLE x").is_ok());
     }

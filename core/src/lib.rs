@@ -4,6 +4,7 @@
 //! Everything here is plain Rust so that `cargo test -p trompe-core` exercises it without a server.
 
 pub mod backoff;
+pub mod changeset;
 pub mod conninfo;
 pub mod ident;
 pub mod logformat;

@@ -55,8 +55,6 @@ mod tests {
         let other: NodeId = "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a12".parse().unwrap();
         assert!(id < other);
         assert!("xyz".parse::<NodeId>().is_err());
-        assert!("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a1g"
-            .parse::<NodeId>()
-            .is_err());
+        assert!("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a1g".parse::<NodeId>().is_err());
     }
 }

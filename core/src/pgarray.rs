@@ -17,10 +17,8 @@ pub fn parse_text_array(text: &str) -> Result<Vec<Option<String>>, ArrayError> {
         Some(pos) if text.starts_with('[') => &text[pos + 1..],
         _ => text,
     };
-    let inner = body
-        .strip_prefix('{')
-        .and_then(|b| b.strip_suffix('}'))
-        .ok_or(ArrayError::Malformed("missing braces"))?;
+    let inner =
+        body.strip_prefix('{').and_then(|b| b.strip_suffix('}')).ok_or(ArrayError::Malformed("missing braces"))?;
     let mut out = Vec::new();
     if inner.trim().is_empty() {
         return Ok(out);
@@ -36,11 +34,7 @@ pub fn parse_text_array(text: &str) -> Result<Vec<Option<String>>, ArrayError> {
             let mut closed = false;
             while let Some(c) = chars.next() {
                 match c {
-                    '\\' => value.push(
-                        chars
-                            .next()
-                            .ok_or(ArrayError::Malformed("dangling backslash"))?,
-                    ),
+                    '\\' => value.push(chars.next().ok_or(ArrayError::Malformed("dangling backslash"))?),
                     '"' => {
                         closed = true;
                         break;
@@ -62,17 +56,11 @@ pub fn parse_text_array(text: &str) -> Result<Vec<Option<String>>, ArrayError> {
                     break;
                 }
                 if c == '{' || c == '"' {
-                    return Err(ArrayError::Malformed(
-                        "unexpected character in unquoted element",
-                    ));
+                    return Err(ArrayError::Malformed("unexpected character in unquoted element"));
                 }
                 chars.next();
                 if c == '\\' {
-                    value.push(
-                        chars
-                            .next()
-                            .ok_or(ArrayError::Malformed("dangling backslash"))?,
-                    );
+                    value.push(chars.next().ok_or(ArrayError::Malformed("dangling backslash"))?);
                 } else {
                     value.push(c);
                 }
@@ -107,35 +95,19 @@ mod tests {
     #[test]
     fn plain_quoted_and_null_elements() {
         assert_eq!(parse_text_array("{}").unwrap(), s(&[]));
-        assert_eq!(
-            parse_text_array("{a,b}").unwrap(),
-            s(&[Some("a"), Some("b")])
-        );
+        assert_eq!(parse_text_array("{a,b}").unwrap(), s(&[Some("a"), Some("b")]));
         assert_eq!(
             parse_text_array(r#"{"a b",NULL,"NULL","x\"y","back\\slash",""}"#).unwrap(),
-            s(&[
-                Some("a b"),
-                None,
-                Some("NULL"),
-                Some("x\"y"),
-                Some("back\\slash"),
-                Some("")
-            ])
+            s(&[Some("a b"), None, Some("NULL"), Some("x\"y"), Some("back\\slash"), Some("")])
         );
         assert!(parse_text_array("{ünï,{}}").is_err());
-        assert_eq!(
-            parse_text_array("[0:1]={7,8}").unwrap(),
-            s(&[Some("7"), Some("8")])
-        );
+        assert_eq!(parse_text_array("[0:1]={7,8}").unwrap(), s(&[Some("7"), Some("8")]));
     }
 
     #[test]
     fn nested_literals_stay_text() {
         // A text element that is itself an array literal is quoted by array_out.
-        assert_eq!(
-            parse_text_array(r#"{"{1,2}","(1,\"x,y\")"}"#).unwrap(),
-            s(&[Some("{1,2}"), Some("(1,\"x,y\")")])
-        );
+        assert_eq!(parse_text_array(r#"{"{1,2}","(1,\"x,y\")"}"#).unwrap(), s(&[Some("{1,2}"), Some("(1,\"x,y\")")]));
     }
 
     #[test]

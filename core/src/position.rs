@@ -39,13 +39,7 @@ impl Position {
         if step_complete {
             Position::at(cur.clone())
         } else {
-            Position {
-                done: self.done.clone(),
-                step: Some(Step {
-                    cur: cur.clone(),
-                    after: last_id,
-                }),
-            }
+            Position { done: self.done.clone(), step: Some(Step { cur: cur.clone(), after: last_id }) }
         }
     }
 
@@ -69,13 +63,7 @@ mod tests {
         let cur = snap("12:20:12");
         let mid = p.after_transaction(&cur, 40, false);
         assert_eq!(mid.done, snap("10:10:"));
-        assert_eq!(
-            mid.step,
-            Some(Step {
-                cur: cur.clone(),
-                after: 40
-            })
-        );
+        assert_eq!(mid.step, Some(Step { cur: cur.clone(), after: 40 }));
         assert!(!mid.covers(&snap("11:11:")));
         let end = mid.after_transaction(&cur, 55, true);
         assert_eq!(end, Position::at(cur.clone()));

@@ -78,14 +78,8 @@ impl FromStr for Snapshot {
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let malformed = || SnapshotError::Malformed(text.to_string());
         let mut parts = text.trim().splitn(3, ':');
-        let xmin = parts
-            .next()
-            .and_then(|p| p.parse().ok())
-            .ok_or_else(malformed)?;
-        let xmax = parts
-            .next()
-            .and_then(|p| p.parse().ok())
-            .ok_or_else(malformed)?;
+        let xmin = parts.next().and_then(|p| p.parse().ok()).ok_or_else(malformed)?;
+        let xmax = parts.next().and_then(|p| p.parse().ok()).ok_or_else(malformed)?;
         let rest = parts.next().ok_or_else(malformed)?;
         let mut xip = Vec::new();
         if !rest.is_empty() {
@@ -120,34 +114,13 @@ mod tests {
 
     #[test]
     fn rejects_bad_text() {
-        assert!(matches!(
-            "".parse::<Snapshot>(),
-            Err(SnapshotError::Malformed(_))
-        ));
-        assert!(matches!(
-            "1:2".parse::<Snapshot>(),
-            Err(SnapshotError::Malformed(_))
-        ));
-        assert!(matches!(
-            "a:2:".parse::<Snapshot>(),
-            Err(SnapshotError::Malformed(_))
-        ));
-        assert!(matches!(
-            "1:2:x".parse::<Snapshot>(),
-            Err(SnapshotError::Malformed(_))
-        ));
-        assert!(matches!(
-            "5:2:".parse::<Snapshot>(),
-            Err(SnapshotError::Inconsistent(_))
-        ));
-        assert!(matches!(
-            "5:9:9".parse::<Snapshot>(),
-            Err(SnapshotError::Inconsistent(_))
-        ));
-        assert!(matches!(
-            "5:9:4".parse::<Snapshot>(),
-            Err(SnapshotError::Inconsistent(_))
-        ));
+        assert!(matches!("".parse::<Snapshot>(), Err(SnapshotError::Malformed(_))));
+        assert!(matches!("1:2".parse::<Snapshot>(), Err(SnapshotError::Malformed(_))));
+        assert!(matches!("a:2:".parse::<Snapshot>(), Err(SnapshotError::Malformed(_))));
+        assert!(matches!("1:2:x".parse::<Snapshot>(), Err(SnapshotError::Malformed(_))));
+        assert!(matches!("5:2:".parse::<Snapshot>(), Err(SnapshotError::Inconsistent(_))));
+        assert!(matches!("5:9:9".parse::<Snapshot>(), Err(SnapshotError::Inconsistent(_))));
+        assert!(matches!("5:9:4".parse::<Snapshot>(), Err(SnapshotError::Inconsistent(_))));
     }
 
     #[test]

@@ -7,12 +7,11 @@ use std::cell::RefCell;
 
 use pgrx::prelude::*;
 
-use crate::capture::row::text_datum;
-use crate::capture::{
-    applying_for_peer, in_internal_operation, log_slot_for_transaction, text_array,
-};
+use trompe_core::changeset::{ChangeWriter, OldVersion};
+use trompe_core::logformat::Op;
+
+use crate::capture::{applying_for_peer, in_internal_operation};
 use crate::error::OrRaise;
-use crate::log::writer::{append, as_extension_owner, Entry};
 
 /// The utility statement being executed at one nesting level.
 struct Statement {
@@ -36,29 +35,17 @@ impl StatementScope {
         // GetUserNameFromId read the current user (noerr: NULL if it vanished).
         let (search_path, role) = unsafe {
             let sp = pg_sys::namespace_search_path;
-            let sp = if sp.is_null() {
-                String::new()
-            } else {
-                std::ffi::CStr::from_ptr(sp).to_string_lossy().into_owned()
-            };
+            let sp =
+                if sp.is_null() { String::new() } else { std::ffi::CStr::from_ptr(sp).to_string_lossy().into_owned() };
             let name = pg_sys::GetUserNameFromId(pg_sys::GetUserId(), true);
             let role = if name.is_null() {
                 String::new()
             } else {
-                std::ffi::CStr::from_ptr(name)
-                    .to_string_lossy()
-                    .into_owned()
+                std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
             };
             (sp, role)
         };
-        STATEMENTS.with(|s| {
-            s.borrow_mut().push(Statement {
-                text,
-                search_path,
-                role,
-                truncate_restart_identity,
-            })
-        });
+        STATEMENTS.with(|s| s.borrow_mut().push(Statement { text, search_path, role, truncate_restart_identity }));
         StatementScope(())
     }
 }
@@ -71,20 +58,12 @@ impl Drop for StatementScope {
 
 /// Whether the innermost TRUNCATE being run restarts identity sequences.
 pub fn truncate_restarts_identity() -> bool {
-    STATEMENTS.with(|s| {
-        s.borrow()
-            .last()
-            .is_some_and(|st| st.truncate_restart_identity)
-    })
+    STATEMENTS.with(|s| s.borrow().last().is_some_and(|st| st.truncate_restart_identity))
 }
 
 /// The text, search_path and role of the utility statement being executed, if the hook saw it.
 fn current_statement() -> Option<(String, String, String)> {
-    STATEMENTS.with(|s| {
-        s.borrow()
-            .last()
-            .map(|st| (st.text.clone(), st.search_path.clone(), st.role.clone()))
-    })
+    STATEMENTS.with(|s| s.borrow().last().map(|st| (st.text.clone(), st.search_path.clone(), st.role.clone())))
 }
 
 /// True if DDL run now must not be captured: trompe's own commands, changes applied for a
@@ -106,36 +85,22 @@ fn _log_ddl(command_tag: &str, object_schema: &str, object_name: &str) {
             if pg_sys::debug_query_string.is_null() {
                 String::new()
             } else {
-                std::ffi::CStr::from_ptr(pg_sys::debug_query_string)
-                    .to_string_lossy()
-                    .into_owned()
+                std::ffi::CStr::from_ptr(pg_sys::debug_query_string).to_string_lossy().into_owned()
             }
         };
-        let search_path = crate::sql::value("SELECT current_setting('search_path')", &[])
-            .ok()
-            .flatten()
-            .unwrap_or_default();
-        let role = crate::sql::value("SELECT current_user", &[])
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+        let search_path =
+            crate::sql::value("SELECT current_setting('search_path')", &[]).ok().flatten().unwrap_or_default();
+        let role = crate::sql::value("SELECT current_user", &[]).ok().flatten().unwrap_or_default();
         (text, search_path, role)
     });
-    let slot = log_slot_for_transaction().or_raise();
-    let vals = [
-        text_datum(&statement),
-        text_datum(&search_path),
-        text_datum(&role),
-        text_datum(command_tag),
-    ];
-    let entry = Entry {
-        op: b'S',
-        nsp: text_datum(object_schema),
-        rel: text_datum(object_name),
-        cols: None,
-        vals: Some(text_array(&vals, None)),
-        oldkey: None,
-        old_xmin: None,
-    };
-    as_extension_owner(|| append(slot, &entry)).or_raise();
+    crate::capture::buffer::record(|buf, seq| {
+        let mut w = ChangeWriter::begin(buf, Op::Ddl, seq, object_schema.as_bytes(), object_name.as_bytes())
+            .cols(std::iter::empty())
+            .list(4);
+        for part in [&statement, &search_path, &role, &command_tag.to_string()] {
+            w = w.value(Some(part.as_bytes()));
+        }
+        w.none().finish(OldVersion::Unknown);
+    })
+    .or_raise();
 }

@@ -2,10 +2,12 @@
 //! share (whether trompe itself is running a command, whether this transaction wrote to the
 //! log, which log table it appends to).
 
+pub mod buffer;
 pub mod ddl;
 pub mod relinfo;
 pub mod row;
 pub mod truncate;
+pub mod version;
 
 use std::cell::Cell;
 
@@ -47,9 +49,7 @@ pub fn in_internal_operation() -> bool {
 /// so nothing it writes is captured again.
 pub fn applying_for_peer() -> bool {
     // SAFETY: reading a backend-local global.
-    unsafe {
-        pg_sys::replorigin_session_origin != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId
-    }
+    unsafe { pg_sys::replorigin_session_origin != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId }
 }
 
 /// The log table this transaction appends to, chosen on its first change.
@@ -68,29 +68,48 @@ pub fn note_log_write() {
     WROTE_LOG.set(true);
 }
 
-fn ensure_xact_callback() {
+/// Registers this backend's transaction callbacks (once).
+pub fn ensure_xact_callback() {
     if !CALLBACK_REGISTERED.get() {
-        // SAFETY: registering a transaction callback once per backend, with a valid function.
-        unsafe { pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut()) };
+        // SAFETY: registering transaction callbacks once per backend, with valid functions.
+        unsafe {
+            pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
+            pg_sys::RegisterSubXactCallback(Some(on_subxact_event), std::ptr::null_mut());
+        }
         CALLBACK_REGISTERED.set(true);
     }
 }
 
 #[pgrx::pg_guard]
-unsafe extern "C-unwind" fn on_xact_event(
-    event: pg_sys::XactEvent::Type,
+unsafe extern "C-unwind" fn on_subxact_event(
+    event: pg_sys::SubXactEvent::Type,
+    _sub: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
     _arg: *mut std::ffi::c_void,
 ) {
     match event {
+        pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB => buffer::end_subtransaction(true),
+        pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB => buffer::end_subtransaction(false),
+        _ => {}
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    match event {
+        // Still inside the transaction: the buffered changes become its last log row.
+        pg_sys::XactEvent::XACT_EVENT_PRE_COMMIT | pg_sys::XactEvent::XACT_EVENT_PRE_PREPARE => {
+            if let Err(e) = buffer::flush_all() {
+                e.raise();
+            }
+        }
         pg_sys::XactEvent::XACT_EVENT_COMMIT => {
             if WROTE_LOG.get() {
                 crate::shmem::announce_log_commit();
             }
             reset_transaction_state();
         }
-        pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
-            reset_transaction_state()
-        }
+        pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PREPARE => reset_transaction_state(),
         _ => {}
     }
 }
@@ -98,6 +117,8 @@ unsafe extern "C-unwind" fn on_xact_event(
 fn reset_transaction_state() {
     WROTE_LOG.set(false);
     LOG_SLOT.set(None);
+    crate::log::writer::reset_target();
+    buffer::reset();
 }
 
 /// While alive, output functions print in a fixed, settings-independent format (ISO dates,

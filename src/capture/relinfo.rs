@@ -28,10 +28,8 @@ pub struct RelInfo {
     pub columns: Vec<Column>,
     /// How many of `columns` form the primary key.
     pub nkey: usize,
-    /// The column names as a `text[]`, built once, allocated in `context`.
-    pub names_array: pg_sys::Datum,
-    /// The primary key column names as a `text[]`, allocated in `context`.
-    pub key_names_array: pg_sys::Datum,
+    /// The names of `columns`, in the same order.
+    pub names: Vec<String>,
     /// Memory for everything above that PostgreSQL allocates.
     context: pg_sys::MemoryContext,
 }
@@ -113,10 +111,7 @@ pub unsafe fn primary_key_columns(rel: pg_sys::Relation) -> Option<Vec<usize>> {
         let form = (*index).rd_index;
         let nkeys = (*form).indnkeyatts as usize;
         let attnums = (*form).indkey.values.as_slice(nkeys);
-        let cols = attnums
-            .iter()
-            .map(|&a| (a as usize).saturating_sub(1))
-            .collect();
+        let cols = attnums.iter().map(|&a| (a as usize).saturating_sub(1)).collect();
         pg_sys::index_close(index, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         Some(cols)
     }
@@ -124,8 +119,7 @@ pub unsafe fn primary_key_columns(rel: pg_sys::Relation) -> Option<Vec<usize>> {
 
 impl RelInfo {
     unsafe fn build(rel: pg_sys::Relation) -> Result<RelInfo, TrompeError> {
-        let key = primary_key_columns(rel)
-            .ok_or_else(|| TrompeError::NoPrimaryKey(qualified_name(rel)))?;
+        let key = primary_key_columns(rel).ok_or_else(|| TrompeError::NoPrimaryKey(qualified_name(rel)))?;
         // SAFETY: rel is open and its tuple descriptor valid for the duration of this call; all
         // allocations go to a context we own.
         unsafe {
@@ -141,20 +135,14 @@ impl RelInfo {
                 rel: String::new(),
                 columns: Vec::new(),
                 nkey: key.len(),
-                names_array: pg_sys::Datum::from(0),
-                key_names_array: pg_sys::Datum::from(0),
+                names: Vec::new(),
                 context,
             };
             let form = (*rel).rd_rel;
-            info.rel = CStr::from_ptr((*form).relname.data.as_ptr())
-                .to_string_lossy()
-                .into_owned();
+            info.rel = CStr::from_ptr((*form).relname.data.as_ptr()).to_string_lossy().into_owned();
             let nsp = pg_sys::get_namespace_name((*form).relnamespace);
             if nsp.is_null() {
-                return Err(TrompeError::Internal(format!(
-                    "schema of table {} not found",
-                    info.rel
-                )));
+                return Err(TrompeError::Internal(format!("schema of table {} not found", info.rel)));
             }
             info.nsp = CStr::from_ptr(nsp).to_string_lossy().into_owned();
 
@@ -169,25 +157,17 @@ impl RelInfo {
                 order.push(i);
             }
             let old = pg_sys::MemoryContextSwitchTo(context);
-            let mut name_datums = Vec::with_capacity(order.len());
+
             for &i in &order {
                 let att = &*(*tupdesc).attrs.as_ptr().add(i);
                 let mut out_fn = pg_sys::InvalidOid;
                 let mut varlena = false;
                 pg_sys::getTypeOutputInfo(att.atttypid, &mut out_fn, &mut varlena);
-                let finfo = pg_sys::palloc0(std::mem::size_of::<pg_sys::FmgrInfo>())
-                    as *mut pg_sys::FmgrInfo;
+                let finfo = pg_sys::palloc0(std::mem::size_of::<pg_sys::FmgrInfo>()) as *mut pg_sys::FmgrInfo;
                 pg_sys::fmgr_info_cxt(out_fn, finfo, context);
-                info.columns.push(Column {
-                    index: i,
-                    output: finfo,
-                });
-                name_datums.push(pg_sys::Datum::from(pg_sys::cstring_to_text(
-                    att.attname.data.as_ptr(),
-                )));
+                info.columns.push(Column { index: i, output: finfo });
+                info.names.push(CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy().into_owned());
             }
-            info.names_array = crate::capture::text_array(&name_datums, None);
-            info.key_names_array = crate::capture::text_array(&name_datums[..info.nkey], None);
             pg_sys::MemoryContextSwitchTo(old);
             Ok(info)
         }

@@ -1,16 +1,16 @@
-//! The row trigger: every INSERT, UPDATE and DELETE on a replicated table becomes one log entry
-//! in the same transaction.
-
-use std::ffi::CString;
+//! The row trigger: every INSERT, UPDATE and DELETE on a replicated table is encoded into the
+//! transaction's change buffer (written to the log at commit).
 
 use pgrx::prelude::*;
+use trompe_core::changeset::{ChangeWriter, OldVersion};
+use trompe_core::logformat::Op;
 
 use crate::capture::relinfo::{relinfo, RelInfo};
-use crate::capture::{applying_for_peer, log_slot_for_transaction, text_array, CanonicalOutput};
+use crate::capture::version::version_of;
+use crate::capture::{applying_for_peer, buffer, CanonicalOutput};
 use crate::error::{OrRaise, TrompeError};
-use crate::log::writer::{append, Entry};
 
-/// AFTER INSERT OR UPDATE OR DELETE ... FOR EACH ROW trigger that logs the change.
+/// AFTER INSERT OR UPDATE OR DELETE ... FOR EACH ROW trigger that captures the change.
 #[pg_trigger]
 fn capture_row<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
@@ -25,53 +25,28 @@ fn capture(td: &pg_sys::TriggerData) -> Result<(), TrompeError> {
     let rel = td.tg_relation;
     // SAFETY: the trigger manager hands us an open relation.
     let info = unsafe { relinfo(rel)? };
-    let slot = log_slot_for_transaction()?;
-    let _format = CanonicalOutput::enter();
-    let nsp = text_datum(&info.nsp);
-    let relname = text_datum(&info.rel);
-    let event = td.tg_event & pg_sys::TRIGGER_EVENT_OPMASK;
-    let entry = match event {
-        pg_sys::TRIGGER_EVENT_INSERT => Entry {
-            op: b'I',
-            nsp,
-            rel: relname,
-            cols: Some(info.names_array),
-            vals: Some(row_text(&info, rel, td.tg_trigtuple, info.columns.len())),
-            oldkey: None,
-            old_xmin: None,
-        },
-        pg_sys::TRIGGER_EVENT_UPDATE => Entry {
-            op: b'U',
-            nsp,
-            rel: relname,
-            cols: Some(info.names_array),
-            vals: Some(row_text(&info, rel, td.tg_newtuple, info.columns.len())),
-            oldkey: Some(row_text(&info, rel, td.tg_trigtuple, info.nkey)),
-            old_xmin: Some(xmin_of(td.tg_trigtuple)),
-        },
-        pg_sys::TRIGGER_EVENT_DELETE => Entry {
-            op: b'D',
-            nsp,
-            rel: relname,
-            cols: Some(info.key_names_array),
-            vals: None,
-            oldkey: Some(row_text(&info, rel, td.tg_trigtuple, info.nkey)),
-            old_xmin: Some(xmin_of(td.tg_trigtuple)),
-        },
-        other => {
-            return Err(TrompeError::Internal(format!(
-                "capture_row fired for unexpected event {other}"
-            )))
-        }
+    let (op, new, old) = match td.tg_event & pg_sys::TRIGGER_EVENT_OPMASK {
+        pg_sys::TRIGGER_EVENT_INSERT => (Op::Insert, Some(td.tg_trigtuple), None),
+        pg_sys::TRIGGER_EVENT_UPDATE => (Op::Update, Some(td.tg_newtuple), Some(td.tg_trigtuple)),
+        pg_sys::TRIGGER_EVENT_DELETE => (Op::Delete, None, Some(td.tg_trigtuple)),
+        other => return Err(TrompeError::Internal(format!("capture_row fired for unexpected event {other}"))),
     };
-    append(slot, &entry)
-}
-
-/// A text datum in the current memory context.
-pub fn text_datum(s: &str) -> pg_sys::Datum {
-    let c = CString::new(s.replace('\0', "")).unwrap_or_default();
-    // SAFETY: cstring_to_text copies the NUL-terminated string into a new text value.
-    unsafe { pg_sys::Datum::from(pg_sys::cstring_to_text(c.as_ptr())) }
+    let old_version = old.map_or(OldVersion::Unknown, |t| version_of(xmin_of(t)));
+    let _format = CanonicalOutput::enter();
+    buffer::record(|buf, seq| {
+        let names = if op == Op::Delete { &info.names[..info.nkey] } else { &info.names[..] };
+        let w = ChangeWriter::begin(buf, op, seq, info.nsp.as_bytes(), info.rel.as_bytes())
+            .cols(names.iter().map(|n| n.as_bytes()));
+        let w = match new {
+            Some(t) => write_values(w, &info, rel, t, info.columns.len()),
+            None => w.none(),
+        };
+        let w = match old {
+            Some(t) => write_values(w, &info, rel, t, info.nkey),
+            None => w.none(),
+        };
+        w.finish(old_version);
+    })
 }
 
 /// The transaction that wrote a row version (FrozenTransactionId if frozen).
@@ -80,34 +55,32 @@ fn xmin_of(tuple: pg_sys::HeapTuple) -> pg_sys::TransactionId {
     unsafe { pg_sys::HeapTupleHeaderGetXmin((*tuple).t_data) }
 }
 
-/// The first `count` replicated columns of `tuple` as a `text[]` in canonical text form.
-fn row_text(
+/// Writes the first `count` replicated columns of `tuple` in canonical text form.
+fn write_values<'b>(
+    w: ChangeWriter<'b>,
     info: &RelInfo,
     rel: pg_sys::Relation,
     tuple: pg_sys::HeapTuple,
     count: usize,
-) -> pg_sys::Datum {
+) -> ChangeWriter<'b> {
     // SAFETY: tuple belongs to rel, whose descriptor sizes the deform arrays; output functions
-    // get non-null datums of their column's type.
+    // get non-null datums of their column's type and return palloc'd C strings.
     unsafe {
         let tupdesc = (*rel).rd_att;
         let natts = (*tupdesc).natts as usize;
         let mut values = vec![pg_sys::Datum::from(0); natts];
         let mut isnull = vec![false; natts];
         pg_sys::heap_deform_tuple(tuple, tupdesc, values.as_mut_ptr(), isnull.as_mut_ptr());
-        let mut texts = Vec::with_capacity(count);
-        let mut nulls = Vec::with_capacity(count);
+        let mut w = w.list(count);
         for col in &info.columns[..count] {
             if isnull[col.index] {
-                texts.push(pg_sys::Datum::from(0));
-                nulls.push(true);
+                w = w.value(None);
             } else {
                 let out = pg_sys::OutputFunctionCall(col.output, values[col.index]);
-                texts.push(pg_sys::Datum::from(pg_sys::cstring_to_text(out)));
+                w = w.value(Some(std::ffi::CStr::from_ptr(out).to_bytes()));
                 pg_sys::pfree(out.cast());
-                nulls.push(false);
             }
         }
-        text_array(&texts, Some(&nulls))
+        w
     }
 }

@@ -16,11 +16,9 @@ use crate::shmem::{shared, DbSlot};
 use crate::sql;
 
 fn read_current_slot() -> Result<usize, TrompeError> {
-    let slot = as_extension_owner(|| {
-        sql::value("SELECT slot FROM trompe.log_rotation WHERE is_current", &[])
-    })
-    .map_err(|e| TrompeError::Internal(format!("reading trompe.log_rotation: {e}")))?
-    .ok_or_else(|| TrompeError::Internal("trompe.log_rotation has no current log table".into()))?;
+    let slot = as_extension_owner(|| sql::value("SELECT slot FROM trompe.log_rotation WHERE is_current", &[]))
+        .map_err(|e| TrompeError::Internal(format!("reading trompe.log_rotation: {e}")))?
+        .ok_or_else(|| TrompeError::Internal("trompe.log_rotation has no current log table".into()))?;
     slot.parse::<usize>()
         .ok()
         .filter(|s| *s < LOG_SLOTS)
@@ -65,18 +63,12 @@ fn slot_rows() -> Result<Vec<SlotRow>, String> {
 }
 
 fn table_is_empty(slot: usize) -> Result<bool, String> {
-    sql::flag(
-        &format!("SELECT NOT EXISTS (SELECT 1 FROM trompe.log_{slot})"),
-        &[],
-    )
+    sql::flag(&format!("SELECT NOT EXISTS (SELECT 1 FROM trompe.log_{slot})"), &[])
 }
 
 /// The newest transaction with changes in log table `slot` (an index-only scan), if any.
 fn newest_transaction(slot: usize) -> Result<Option<u64>, String> {
-    Ok(
-        sql::value(&format!("SELECT max(txid) FROM trompe.log_{slot}"), &[])?
-            .and_then(|t| t.parse().ok()),
-    )
+    Ok(sql::value(&format!("SELECT max(txid) FROM trompe.log_{slot}"), &[])?.and_then(|t| t.parse().ok()))
 }
 
 /// This node's current snapshot, taken now.
@@ -138,10 +130,7 @@ pub fn maintain(db: &DbSlot) -> Result<(), String> {
                 )?;
             }
             // Nobody can write here any more, and every consumer has applied all of it.
-            Some(below)
-                if below <= xmin
-                    && newest_transaction(row.slot)?.is_some_and(|newest| newest < horizon) =>
-            {
+            Some(below) if below <= xmin && newest_transaction(row.slot)?.is_some_and(|newest| newest < horizon) => {
                 // lock_timeout: never queue behind a reader; try again next round.
                 sql::execute("SET LOCAL lock_timeout = '50ms'", &[])?;
                 sql::execute(&format!("TRUNCATE trompe.log_{}", row.slot), &[])?;
@@ -149,17 +138,11 @@ pub fn maintain(db: &DbSlot) -> Result<(), String> {
             _ => {}
         }
     }
-    let current_row = rows
-        .iter()
-        .find(|r| r.slot == current)
-        .ok_or("no current row")?;
+    let current_row = rows.iter().find(|r| r.slot == current).ok_or("no current row")?;
     let next = (current + 1) % LOG_SLOTS;
     let next_row = rows.iter().find(|r| r.slot == next).ok_or("no next row")?;
     let next_free = next_row.retired_below.is_some() && table_is_empty(next)?;
-    if current_row.age_ms >= crate::guc::LOG_ROTATION_MS.get() as i64
-        && next_free
-        && !table_is_empty(current)?
-    {
+    if current_row.age_ms >= crate::guc::LOG_ROTATION_MS.get() as i64 && next_free && !table_is_empty(current)? {
         sql::execute(
             "UPDATE trompe.log_rotation SET is_current = (slot = $1::int), switched_at = now(),
                     retired_below = CASE WHEN slot = $1::int THEN retired_below ELSE NULL END

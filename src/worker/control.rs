@@ -37,10 +37,7 @@ pub fn launch_worker_on_commit() {
 }
 
 #[pgrx::pg_guard]
-unsafe extern "C-unwind" fn on_xact_event(
-    event: pg_sys::XactEvent::Type,
-    _arg: *mut std::ffi::c_void,
-) {
+unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     match event {
         pg_sys::XactEvent::XACT_EVENT_COMMIT => {
             if LAUNCH_ON_COMMIT.get() {
@@ -83,10 +80,7 @@ pub fn wake_worker(dboid: pg_sys::Oid) {
 pub fn request_launch(dboid: pg_sys::Oid) {
     let Some(shared) = shared() else { return };
     let Some(slot) = shared.db_slot_or_new(dboid) else {
-        pgrx::warning!(
-            "trompe: no free database slot (at most {} databases)",
-            crate::shmem::MAX_DATABASES
-        );
+        pgrx::warning!("trompe: no free database slot (at most {} databases)", crate::shmem::MAX_DATABASES);
         return;
     };
     if slot.worker_pid.load(Ordering::Acquire) == 0 {

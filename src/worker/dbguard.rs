@@ -56,9 +56,7 @@ unsafe fn template_of(stmt: *mut pg_sys::CreatedbStmt) -> *const std::ffi::c_cha
         if def.is_null() || (*def).defname.is_null() {
             continue;
         }
-        if std::ffi::CStr::from_ptr((*def).defname).to_bytes() == b"template"
-            && !(*def).arg.is_null()
-        {
+        if std::ffi::CStr::from_ptr((*def).defname).to_bytes() == b"template" && !(*def).arg.is_null() {
             return pg_sys::defGetString(def);
         }
     }

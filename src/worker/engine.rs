@@ -45,8 +45,7 @@ fn extension_exists() -> bool {
 
 fn load_peers() -> Result<(String, Vec<PeerRow>), String> {
     in_transaction(|| {
-        let me =
-            sql::value("SELECT node_id FROM trompe.node", &[])?.ok_or("trompe.node is empty")?;
+        let me = sql::value("SELECT node_id FROM trompe.node", &[])?.ok_or("trompe.node is empty")?;
         // Create missing replication origins (e.g. after a restore) before reading them.
         sql::execute(
             "SELECT pg_replication_origin_create('trompe_' || p.node_id) FROM trompe.peers p
@@ -63,17 +62,11 @@ fn load_peers() -> Result<(String, Vec<PeerRow>), String> {
         let mut peers = Vec::new();
         for r in rows {
             let text = |i: usize| r[i].clone().unwrap_or_default();
-            let node: NodeId = text(1)
-                .parse()
-                .map_err(|e: trompe_core::nodeid::NodeIdError| e.to_string())?;
-            let done: Snapshot = text(4)
-                .parse()
-                .map_err(|e: trompe_core::snapshot::SnapshotError| e.to_string())?;
+            let node: NodeId = text(1).parse().map_err(|e: trompe_core::nodeid::NodeIdError| e.to_string())?;
+            let done: Snapshot = text(4).parse().map_err(|e: trompe_core::snapshot::SnapshotError| e.to_string())?;
             let step = match &r[5] {
                 Some(c) => Some(Step {
-                    cur: c
-                        .parse()
-                        .map_err(|e: trompe_core::snapshot::SnapshotError| e.to_string())?,
+                    cur: c.parse().map_err(|e: trompe_core::snapshot::SnapshotError| e.to_string())?,
                     after: text(6).parse().unwrap_or(0),
                 }),
                 None => None,
@@ -107,11 +100,7 @@ struct Engine {
 impl Engine {
     /// Drops the replication origins of the peers this worker knew (after DROP EXTENSION).
     fn drop_origins(&mut self) {
-        let names: Vec<String> = self
-            .links
-            .iter()
-            .map(|l| format!("trompe_{}", l.node))
-            .collect();
+        let names: Vec<String> = self.links.iter().map(|l| format!("trompe_{}", l.node)).collect();
         self.links.clear();
         let result = in_transaction(|| {
             for name in &names {
@@ -141,10 +130,7 @@ impl Engine {
             let info = match crate::peers::peer_conninfo(&row.conninfo) {
                 Ok(i) => i,
                 Err(e) => {
-                    pgrx::log!(
-                        "trompe: peer \"{}\" has an invalid connection string: {e}",
-                        row.name
-                    );
+                    pgrx::log!("trompe: peer \"{}\" has an invalid connection string: {e}", row.name);
                     continue;
                 }
             };
@@ -211,10 +197,7 @@ impl Engine {
             }
             self.next_maintenance_ms = now_ms() + MAINTENANCE_EVERY_MS;
         }
-        let mut wake_at = self
-            .next_maintenance_ms
-            .min(self.next_extension_check_ms)
-            .min(self.next_reload_ms);
+        let mut wake_at = self.next_maintenance_ms.min(self.next_extension_check_ms).min(self.next_reload_ms);
         for w in &waits {
             if let Some(t) = w.wake_at_ms {
                 wake_at = wake_at.min(t);
@@ -229,11 +212,9 @@ fn wait(waits: &[WaitSpec], timeout_ms: i64) {
     // SAFETY: the wait event set is created in the current memory context and freed here; the
     // sockets belong to live connections.
     unsafe {
-        let sockets: Vec<(pg_sys::pgsocket, Want)> =
-            waits.iter().filter_map(|w| w.socket).collect();
+        let sockets: Vec<(pg_sys::pgsocket, Want)> = waits.iter().filter_map(|w| w.socket).collect();
         #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16"))]
-        let set =
-            pg_sys::CreateWaitEventSet(pg_sys::CurrentMemoryContext, 2 + sockets.len() as i32);
+        let set = pg_sys::CreateWaitEventSet(pg_sys::CurrentMemoryContext, 2 + sockets.len() as i32);
         #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16")))]
         let set = pg_sys::CreateWaitEventSet(std::ptr::null_mut(), 2 + sockets.len() as i32);
         pg_sys::AddWaitEventToSet(
@@ -255,13 +236,7 @@ fn wait(waits: &[WaitSpec], timeout_ms: i64) {
                 Want::Write => pg_sys::WL_SOCKET_WRITEABLE,
                 _ => pg_sys::WL_SOCKET_READABLE,
             };
-            pg_sys::AddWaitEventToSet(
-                set,
-                events,
-                *sock,
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-            );
+            pg_sys::AddWaitEventToSet(set, events, *sock, std::ptr::null_mut(), std::ptr::null_mut());
         }
         let mut occurred = [pg_sys::WaitEvent::default(); 1];
         pg_sys::WaitEventSetWait(

@@ -6,16 +6,16 @@ use std::time::Duration;
 
 use pgrx::pg_sys;
 use trompe_core::backoff::Backoff;
+use trompe_core::changeset::decode;
 use trompe_core::conninfo::ConnInfo;
-use trompe_core::logformat::Op;
 use trompe_core::nodeid::NodeId;
-use trompe_core::pgarray::parse_text_array;
 use trompe_core::position::{Position, Step};
 use trompe_core::snapshot::Snapshot;
 
 use crate::libpq::{Conn, PgResult, PqError, Want};
 use crate::shmem::{now_ms, PeerSlot};
-use crate::worker::apply::{apply_change, apply_ddl, apply_truncate, ApplyCache, Change};
+use crate::worker::apply::{apply_transaction, ApplyCache, Change};
+use crate::worker::progress;
 use crate::worker::txn::in_transaction;
 
 /// Extra time allowed beyond the pull's own wait before a silent peer is given up on.
@@ -106,57 +106,61 @@ struct Batch {
     txns: Vec<Vec<Change>>,
 }
 
-fn parse_array(text: Option<&str>, id: i64) -> Result<Option<Vec<Option<String>>>, String> {
-    text.map(|t| parse_text_array(t).map_err(|e| format!("malformed change {id}: {e}")))
-        .transpose()
-}
-
 fn parse_batch(result: &PgResult) -> Result<Batch, String> {
-    if result.rows() == 0 || result.get(0, 0) != Some("H") {
+    if result.rows() == 0 || result.bytes(0, 0) != Some(b"H") {
         return Err("the peer's answer has no header".into());
     }
-    let int = |r: usize, c: usize| result.get(r, c).and_then(|v| v.parse::<i64>().ok());
-    let cur = match result.get(0, 1) {
-        Some(t) => Some(t.parse::<Snapshot>().map_err(|e| e.to_string())?),
+    let cur = match result.bytes(0, 1) {
+        Some(t) => {
+            Some(std::str::from_utf8(t).map_err(|e| e.to_string())?.parse::<Snapshot>().map_err(|e| e.to_string())?)
+        }
         None => None,
     };
     let mut batch = Batch {
         cur,
-        complete: result.get(0, 2) == Some("t"),
-        commits: int(0, 3).unwrap_or(-1),
-        pending: int(0, 4).unwrap_or(0),
-        oldest_us: int(0, 5),
+        complete: result.bytes(0, 2) == Some(&[1]),
+        commits: result.int8(0, 3).unwrap_or(-1),
+        pending: result.int8(0, 4).unwrap_or(0),
+        oldest_us: result.int8(0, 5),
         txns: Vec::new(),
     };
     let mut current: Vec<Change> = Vec::new();
+    let mut current_last = None;
     for r in 1..result.rows() {
-        let id = int(r, 8).ok_or("a change without id")?;
-        let txn_last = int(r, 6).ok_or_else(|| format!("change {id} without transaction"))?;
-        let op = Op::from_code(result.get(r, 9).unwrap_or_default()).map_err(|e| e.to_string())?;
-        let change = Change {
-            txn_last,
-            commit_us: int(r, 7).ok_or_else(|| {
-                format!(
-                    "change {id} without commit time (is track_commit_timestamp on at the peer?)"
-                )
-            })?,
-            id,
-            op,
-            nsp: result.get(r, 10).unwrap_or_default().to_string(),
-            rel: result.get(r, 11).unwrap_or_default().to_string(),
-            cols: parse_array(result.get(r, 12), id)?.unwrap_or_default(),
-            vals: parse_array(result.get(r, 13), id)?,
-            oldkey: parse_array(result.get(r, 14), id)?,
-        };
-        if current.last().is_some_and(|c| c.txn_last != txn_last) {
-            batch.txns.push(std::mem::take(&mut current));
+        let txn_last = result.int8(r, 6).ok_or("a log row without transaction")?;
+        let commit_us = result.int8(r, 7).ok_or_else(|| {
+            format!("transaction {txn_last} has no commit time (is track_commit_timestamp on at the peer?)")
+        })?;
+        let bytes = result.bytes(r, 9).ok_or("a log row without changes")?;
+        let records = decode(bytes).map_err(|e| format!("log row of transaction {txn_last}: {e}"))?;
+        if current_last.is_some_and(|l| l != txn_last) {
+            batch.txns.push(finish_transaction(std::mem::take(&mut current)));
         }
-        current.push(change);
+        current_last = Some(txn_last);
+        current.extend(records.into_iter().map(|c| Change {
+            txn_last,
+            commit_us,
+            id: c.seq as i64,
+            op: c.op,
+            nsp: c.nsp,
+            rel: c.rel,
+            cols: c.cols,
+            vals: c.vals,
+            oldkey: c.oldkey,
+            old: c.old,
+        }));
     }
     if !current.is_empty() {
-        batch.txns.push(current);
+        batch.txns.push(finish_transaction(current));
     }
     Ok(batch)
+}
+
+/// A transaction's changes in the order they were made (chunks written from savepoints can
+/// arrive out of order).
+fn finish_transaction(mut changes: Vec<Change>) -> Vec<Change> {
+    changes.sort_by_key(|c| c.id);
+    changes
 }
 
 impl Link {
@@ -198,11 +202,7 @@ impl Link {
             slot,
             me,
         };
-        link.publish(if paused {
-            ConnState::Paused
-        } else {
-            ConnState::Disconnected
-        });
+        link.publish(if paused { ConnState::Paused } else { ConnState::Disconnected });
         link
     }
 
@@ -244,11 +244,7 @@ impl Link {
         self.conn = None;
         self.state = State::Down;
         self.flushing = false;
-        self.publish(if self.paused {
-            ConnState::Paused
-        } else {
-            ConnState::Disconnected
-        });
+        self.publish(if self.paused { ConnState::Paused } else { ConnState::Disconnected });
     }
 
     /// Makes the next pull happen now (skipping a retry delay).
@@ -264,11 +260,7 @@ impl Link {
         if let Some(slot) = self.slot {
             slot.set_error(&message);
         }
-        pgrx::log!(
-            "trompe: peer \"{}\": {message}; retrying in {} ms",
-            self.name,
-            delay.as_millis()
-        );
+        pgrx::log!("trompe: peer \"{}\": {message}; retrying in {} ms", self.name, delay.as_millis());
     }
 
     /// Advances the link as far as it can without waiting; says what to wait for next.
@@ -279,20 +271,14 @@ impl Link {
                 if self.conn.is_some() {
                     self.disconnect();
                 }
-                return WaitSpec {
-                    socket: None,
-                    wake_at_ms: None,
-                };
+                return WaitSpec { socket: None, wake_at_ms: None };
             }
             match self.step(cache, now) {
                 Ok(Some(wait)) => return wait,
                 Ok(None) => continue,
                 Err(e) => {
                     self.fail(&e);
-                    return WaitSpec {
-                        socket: None,
-                        wake_at_ms: Some(self.not_before_ms),
-                    };
+                    return WaitSpec { socket: None, wake_at_ms: Some(self.not_before_ms) };
                 }
             }
         }
@@ -303,10 +289,7 @@ impl Link {
         match self.state {
             State::Down => {
                 if now < self.not_before_ms {
-                    return Ok(Some(WaitSpec {
-                        socket: None,
-                        wake_at_ms: Some(self.not_before_ms),
-                    }));
+                    return Ok(Some(WaitSpec { socket: None, wake_at_ms: Some(self.not_before_ms) }));
                 }
                 self.conn = Some(Conn::start(&self.info).map_err(|e| e.message)?);
                 self.state = State::Connecting;
@@ -361,10 +344,7 @@ impl Link {
             }
             State::Ready => {
                 if now < self.not_before_ms {
-                    return Ok(Some(WaitSpec {
-                        socket: None,
-                        wake_at_ms: Some(self.not_before_ms),
-                    }));
+                    return Ok(Some(WaitSpec { socket: None, wake_at_ms: Some(self.not_before_ms) }));
                 }
                 self.send_pull(now)?;
                 Ok(None)
@@ -379,20 +359,20 @@ impl Link {
                 _ => "the peer did not answer in time".to_string(),
             });
         }
-        let sock = self
-            .conn
-            .as_ref()
-            .map(|c| c.socket())
-            .ok_or("no connection")?;
-        Ok(Some(WaitSpec {
-            socket: Some((sock, want)),
-            wake_at_ms: Some(self.deadline_ms),
-        }))
+        let sock = self.conn.as_ref().map(|c| c.socket()).ok_or("no connection")?;
+        Ok(Some(WaitSpec { socket: Some((sock, want)), wake_at_ms: Some(self.deadline_ms) }))
     }
 
     fn send(&mut self, sql: &str, params: &[Option<&str>]) -> Result<(), String> {
         let conn = self.conn.as_mut().ok_or("no connection")?;
         conn.send_query(sql, params).map_err(|e| e.message)?;
+        self.flushing = true;
+        Ok(())
+    }
+
+    fn send_binary(&mut self, sql: &str, params: &[Option<&str>]) -> Result<(), String> {
+        let conn = self.conn.as_mut().ok_or("no connection")?;
+        conn.send_query_binary(sql, params).map_err(|e| e.message)?;
         self.flushing = true;
         Ok(())
     }
@@ -419,11 +399,7 @@ impl Link {
         }
         // SAFETY: reads the WAL flush position; no lock needed.
         let flushed = unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) };
-        while self
-            .unflushed
-            .front()
-            .is_some_and(|(lsn, _)| *lsn <= flushed)
-        {
+        while self.unflushed.front().is_some_and(|(lsn, _)| *lsn <= flushed) {
             if let Some((_, done)) = self.unflushed.pop_front() {
                 self.confirmed = done;
             }
@@ -444,11 +420,19 @@ impl Link {
         let wait = wait_ms.to_string();
         let seen = self.seen_commits.to_string();
         let me = self.me.clone();
-        self.send(
-            "SELECT kind, step_cur, complete, commits, pending, oldest_us, txn_last, commit_us, id, op, nsp, rel,
-                    cols, vals, oldkey, old_xmin
+        self.send_binary(
+            "SELECT kind, step_cur, complete, commits, pending, oldest_us, txn_last, commit_us, id, changes
                FROM trompe.pull($1::uuid, $2, $3, $4::bigint, $5::int, $6::int, $7::bigint, $8)",
-            &[Some(&me), Some(&done), cur.as_deref(), Some(&after), Some(&batch), Some(&wait), Some(&seen), Some(&confirmed)],
+            &[
+                Some(&me),
+                Some(&done),
+                cur.as_deref(),
+                Some(&after),
+                Some(&batch),
+                Some(&wait),
+                Some(&seen),
+                Some(&confirmed),
+            ],
         )?;
         self.state = State::Pulling;
         self.deadline_ms = now + wait_ms as i64 + ANSWER_GRACE_MS;
@@ -466,19 +450,18 @@ impl Link {
         };
         if self.pos.step.is_none() && !(batch.txns.is_empty() && batch.complete) {
             // Work on this step until it is complete, also when applying fails and is retried.
-            self.pos.step = Some(Step {
-                cur: cur.clone(),
-                after: 0,
-            });
+            self.pos.step = Some(Step { cur: cur.clone(), after: 0 });
         }
         let ntxns = batch.txns.len();
         let mut applied_changes = 0i64;
+        let mut session = OriginSession { active: false };
+        if ntxns > 0 {
+            session.setup(self.origin, 0);
+        }
         for (i, txn) in batch.txns.iter().enumerate() {
             let last = i + 1 == ntxns;
             let txn_last = txn.last().map_or(0, |c| c.txn_last);
-            let next = self
-                .pos
-                .after_transaction(&cur, txn_last, last && batch.complete);
+            let next = self.pos.after_transaction(&cur, txn_last, last && batch.complete);
             if let Err(e) = self.apply_transaction(cache, txn, &next) {
                 // The position stays before this transaction: retry it after a delay.
                 let delay = self.backoff.fail();
@@ -486,11 +469,7 @@ impl Link {
                 if let Some(slot) = self.slot {
                     slot.set_error(&e);
                 }
-                pgrx::log!(
-                    "trompe: peer \"{}\": cannot apply: {e}; retrying in {} ms",
-                    self.name,
-                    delay.as_millis()
-                );
+                pgrx::log!("trompe: peer \"{}\": cannot apply: {e}; retrying in {} ms", self.name, delay.as_millis());
                 return Ok(());
             }
             self.note_committed(&next.done);
@@ -499,8 +478,7 @@ impl Link {
             applied_changes += txn.len() as i64;
             if let Some(slot) = self.slot {
                 slot.applied_txns.fetch_add(1, Ordering::AcqRel);
-                slot.applied_changes
-                    .fetch_add(txn.len() as u64, Ordering::AcqRel);
+                slot.applied_changes.fetch_add(txn.len() as u64, Ordering::AcqRel);
             }
         }
         if ntxns == 0 && batch.complete {
@@ -516,11 +494,7 @@ impl Link {
             slot.clear_error();
             let left = (batch.pending - applied_changes).max(0);
             slot.pending_changes.store(left, Ordering::Release);
-            let oldest = if left > 0 {
-                batch.oldest_us.map(pg_timestamp_to_ms).unwrap_or(0)
-            } else {
-                0
-            };
+            let oldest = if left > 0 { batch.oldest_us.map(pg_timestamp_to_ms).unwrap_or(0) } else { 0 };
             slot.oldest_pending_ms.store(oldest, Ordering::Release);
         }
         Ok(())
@@ -528,66 +502,50 @@ impl Link {
 
     fn persist(&mut self, pos: &Position) -> Result<(), String> {
         let node = self.node.to_string();
-        in_transaction(|| store_position(&node, pos, 0, 0))?;
+        in_transaction(|| {
+            // SAFETY: SPI is connected for the update and finished after it.
+            unsafe { pg_sys::SPI_connect() };
+            progress::store(&node, pos, 0, 0)?;
+            // SAFETY: pairs with SPI_connect above.
+            unsafe { pg_sys::SPI_finish() };
+            Ok(())
+        })?;
         self.note_committed(&pos.done);
         self.last_persist_ms = now_ms();
         Ok(())
     }
 
     /// Applies one origin transaction as one local transaction, with the origin's commit time
-    /// recorded as this transaction's (through the peer's replication origin), and the new
-    /// position stored in the same transaction.
-    fn apply_transaction(
-        &mut self,
-        cache: &mut ApplyCache,
-        txn: &[Change],
-        next: &Position,
-    ) -> Result<(), String> {
+    /// recorded as this transaction's (through the peer's replication origin, set up by the
+    /// caller), and the new position stored in the same transaction.
+    fn apply_transaction(&mut self, cache: &mut ApplyCache, txn: &[Change], next: &Position) -> Result<(), String> {
         let node = self.node.to_string();
-        let origin = self.origin;
-        let commit_us = txn.first().map_or(0, |c| c.commit_us);
-        let mut session = OriginSession { active: false };
-        let result = in_transaction(|| {
+        // SAFETY: the timestamp the next commit records for the session's replication origin.
+        unsafe { pg_sys::replorigin_session_origin_timestamp = txn.first().map_or(0, |c| c.commit_us) };
+        in_transaction(|| {
             cache.purge_stale();
-            session.setup(origin, commit_us);
-            // SAFETY: SPI is connected for the statements of this transaction and finished below.
+            // SAFETY: SPI is connected for the statements of this transaction and finished below
+            // (an error aborts the transaction, which cleans SPI up).
             unsafe { pg_sys::SPI_connect() };
-            let mut i = 0;
-            while i < txn.len() {
-                let change = &txn[i];
-                match change.op {
-                    Op::Truncate => {
-                        let mut group = vec![change];
-                        while i + 1 < txn.len()
-                            && txn[i + 1].op == Op::Truncate
-                            && txn[i + 1].vals == change.vals
-                        {
-                            i += 1;
-                            group.push(&txn[i]);
-                        }
-                        apply_truncate(cache, &group).map_err(|e| e.to_string())?;
-                    }
-                    Op::Ddl => apply_ddl(cache, change).map_err(|e| e.to_string())?,
-                    _ => {
-                        apply_change(cache, change).map_err(|e| e.to_string())?;
-                    }
-                }
-                i += 1;
-            }
-            store_position(&node, next, 1, txn.len() as i64)?;
+            apply_transaction(cache, txn).map_err(|e| e.to_string())?;
+            progress::store(&node, next, 1, txn.len() as i64)?;
             // SAFETY: pairs with SPI_connect above.
             unsafe { pg_sys::SPI_finish() };
             Ok(())
-        });
-        session.reset();
-        result
+        })
     }
 }
 
-/// The peer's replication origin set up for one local transaction, so its commit records the
-/// origin's commit time and identity; released after commit or rollback.
+/// The peer's replication origin set up while a batch is applied, so each commit records the
+/// origin's commit time and identity; released when dropped (also after an error).
 struct OriginSession {
     active: bool,
+}
+
+impl Drop for OriginSession {
+    fn drop(&mut self) {
+        self.reset();
+    }
 }
 
 impl OriginSession {
@@ -614,29 +572,12 @@ impl OriginSession {
             // SAFETY: releases the origin set up by `setup`.
             unsafe {
                 pg_sys::replorigin_session_reset();
-                pg_sys::replorigin_session_origin =
-                    pg_sys::InvalidRepOriginId as pg_sys::RepOriginId;
+                pg_sys::replorigin_session_origin = pg_sys::InvalidRepOriginId as pg_sys::RepOriginId;
                 pg_sys::replorigin_session_origin_timestamp = 0;
             }
             self.active = false;
         }
     }
-}
-
-/// Stores a peer's position (inside the caller's transaction), adding to its counters.
-fn store_position(node: &str, pos: &Position, txns: i64, changes: i64) -> Result<(), String> {
-    let done = pos.done.to_string();
-    let (cur, after) = match &pos.step {
-        Some(s) => (Some(s.cur.to_string()), s.after),
-        None => (None, 0),
-    };
-    crate::sql::execute(
-        "UPDATE trompe.progress SET done = $2, cur = $3, after = $4::bigint, applied_txns = applied_txns + $5::bigint,
-                applied_changes = applied_changes + $6::bigint, updated_at = now()
-          WHERE node_id = $1::uuid",
-        &[Some(node), Some(&done), cur.as_deref(), Some(&after.to_string()), Some(&txns.to_string()), Some(&changes.to_string())],
-    )
-    .map(|_| ())
 }
 
 /// PostgreSQL TimestampTz (µs since 2000-01-01) to ms since the Unix epoch.

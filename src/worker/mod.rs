@@ -6,6 +6,7 @@ pub mod control;
 pub mod dbguard;
 pub mod engine;
 pub mod link;
+pub mod progress;
 pub mod supervisor;
 pub mod txn;
 

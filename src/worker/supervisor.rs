@@ -64,10 +64,7 @@ fn list_databases() -> Vec<(pg_sys::Oid, String)> {
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-        let rel = pg_sys::table_open(
-            pg_sys::DatabaseRelationId,
-            pg_sys::AccessShareLock as pg_sys::LOCKMODE,
-        );
+        let rel = pg_sys::table_open(pg_sys::DatabaseRelationId, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
         loop {
             let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
@@ -76,9 +73,7 @@ fn list_databases() -> Vec<(pg_sys::Oid, String)> {
             }
             let form = pg_sys::GETSTRUCT(tuple) as pg_sys::Form_pg_database;
             if (*form).datallowconn && !(*form).datistemplate {
-                let name = std::ffi::CStr::from_ptr((*form).datname.data.as_ptr())
-                    .to_string_lossy()
-                    .into_owned();
+                let name = std::ffi::CStr::from_ptr((*form).datname.data.as_ptr()).to_string_lossy().into_owned();
                 out.push(((*form).oid, name));
             }
         }
@@ -98,15 +93,11 @@ fn launch(dboid: pg_sys::Oid, dbname: &str) -> Option<*mut pg_sys::BackgroundWor
             *d = b as std::ffi::c_char;
         }
     };
-    copy(
-        &mut worker.bgw_name,
-        &format!("trompe worker for database {dbname}"),
-    );
+    copy(&mut worker.bgw_name, &format!("trompe worker for database {dbname}"));
     copy(&mut worker.bgw_type, "trompe worker");
     copy(&mut worker.bgw_library_name, "trompe");
     copy(&mut worker.bgw_function_name, "trompe_worker_main");
-    worker.bgw_flags =
-        (pg_sys::BGWORKER_SHMEM_ACCESS | pg_sys::BGWORKER_BACKEND_DATABASE_CONNECTION) as i32;
+    worker.bgw_flags = (pg_sys::BGWORKER_SHMEM_ACCESS | pg_sys::BGWORKER_BACKEND_DATABASE_CONNECTION) as i32;
     worker.bgw_start_time = pg_sys::BgWorkerStartTime::BgWorkerStart_RecoveryFinished;
     worker.bgw_restart_time = pg_sys::BGW_NEVER_RESTART;
     worker.bgw_main_arg = pg_sys::Datum::from(dboid.to_u32());
@@ -127,9 +118,7 @@ pub extern "C-unwind" fn trompe_supervisor_main(_arg: pg_sys::Datum) {
     unsafe { pg_sys::BackgroundWorkerInitializeConnection(std::ptr::null(), std::ptr::null(), 0) };
     let Some(shared) = shared() else { return };
     // SAFETY: MyProcPid is ours.
-    shared
-        .supervisor_pid
-        .store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
+    shared.supervisor_pid.store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
     let mut handles: HashMap<u32, *mut pg_sys::BackgroundWorkerHandle> = HashMap::new();
     let mut names: HashMap<u32, String> = HashMap::new();
 
@@ -138,12 +127,7 @@ pub extern "C-unwind" fn trompe_supervisor_main(_arg: pg_sys::Datum) {
         names.insert(dboid.to_u32(), name);
         if let Some(slot) = shared.db_slot_or_new(dboid) {
             let running = slot.worker_pid.load(Ordering::Acquire) != 0;
-            if !running
-                && matches!(
-                    slot.state(),
-                    DbState::Free | DbState::Running | DbState::Failed
-                )
-            {
+            if !running && matches!(slot.state(), DbState::Free | DbState::Running | DbState::Failed) {
                 slot.set_state(DbState::LaunchRequested);
             }
         }
@@ -174,8 +158,7 @@ pub extern "C-unwind" fn trompe_supervisor_main(_arg: pg_sys::Datum) {
                     let status = unsafe { pg_sys::GetBackgroundWorkerPid(*h, &mut pid) };
                     if status == pg_sys::BgwHandleStatus::BGWH_STOPPED {
                         handles.remove(&dboid);
-                        slot.retry_at
-                            .store(now + RESTART_DELAY_MS, Ordering::Release);
+                        slot.retry_at.store(now + RESTART_DELAY_MS, Ordering::Release);
                         slot.set_state(DbState::Failed);
                     }
                 }
@@ -207,8 +190,7 @@ pub extern "C-unwind" fn trompe_supervisor_main(_arg: pg_sys::Datum) {
                 }
                 None => {
                     pgrx::log!("trompe: cannot start a worker for database {name} (max_worker_processes?); retrying");
-                    slot.retry_at
-                        .store(now + RESTART_DELAY_MS, Ordering::Release);
+                    slot.retry_at.store(now + RESTART_DELAY_MS, Ordering::Release);
                     slot.set_state(DbState::Failed);
                 }
             }
@@ -219,10 +201,7 @@ pub extern "C-unwind" fn trompe_supervisor_main(_arg: pg_sys::Datum) {
             // Slots of databases that no longer exist are freed.
             for slot in shared.dbs.iter() {
                 let dboid = slot.dboid.load(Ordering::Acquire);
-                if dboid != 0
-                    && !names.contains_key(&dboid)
-                    && slot.worker_pid.load(Ordering::Acquire) == 0
-                {
+                if dboid != 0 && !names.contains_key(&dboid) && slot.worker_pid.load(Ordering::Acquire) == 0 {
                     slot.set_state(DbState::Free);
                     slot.dboid.store(0, Ordering::Release);
                 }

@@ -42,32 +42,16 @@ impl ClusterBuilder {
     pub fn start(self) -> Cluster {
         static SEQ: AtomicUsize = AtomicUsize::new(0);
         let template = template_datadir();
-        let root = scratch_root().join(format!(
-            "{}-{}",
-            self.name,
-            SEQ.fetch_add(1, Ordering::SeqCst)
-        ));
+        let root = scratch_root().join(format!("{}-{}", self.name, SEQ.fetch_add(1, Ordering::SeqCst)));
         let _ = fs::remove_dir_all(&root);
         make_postgres_dir(&root);
-        let mut cluster = Cluster {
-            name: self.name.clone(),
-            root,
-            nodes: Vec::new(),
-            links: Vec::new(),
-        };
+        let mut cluster = Cluster { name: self.name.clone(), root, nodes: Vec::new(), links: Vec::new() };
         for i in 0..self.nodes {
-            let node = start_node(
-                &format!("n{}", i + 1),
-                &cluster.root,
-                template,
-                &self.settings,
-            );
+            let node = start_node(&format!("n{}", i + 1), &cluster.root, template, &self.settings);
             cluster.nodes.push(node);
         }
         for from in 0..self.nodes {
-            let row = (0..self.nodes)
-                .map(|to| (from != to).then(|| Proxy::start(cluster.nodes[to].port)))
-                .collect();
+            let row = (0..self.nodes).map(|to| (from != to).then(|| Proxy::start(cluster.nodes[to].port))).collect();
             cluster.links.push(row);
         }
         if self.extension {
@@ -80,12 +64,7 @@ impl ClusterBuilder {
 }
 
 /// Starts a node on a free port, trying another port if the one picked was taken meanwhile.
-fn start_node(
-    name: &str,
-    root: &std::path::Path,
-    template: &std::path::Path,
-    settings: &[(String, String)],
-) -> Node {
+fn start_node(name: &str, root: &std::path::Path, template: &std::path::Path, settings: &[(String, String)]) -> Node {
     let mut last_error = String::new();
     for _ in 0..5 {
         let port = free_port();
@@ -117,12 +96,7 @@ pub struct Cluster {
 impl Cluster {
     /// Options for a cluster named `name` (used for its directory and kept logs).
     pub fn builder(name: &str) -> ClusterBuilder {
-        ClusterBuilder {
-            name: name.to_string(),
-            nodes: 2,
-            extension: true,
-            settings: Vec::new(),
-        }
+        ClusterBuilder { name: name.to_string(), nodes: 2, extension: true, settings: Vec::new() }
     }
 
     /// `n` started nodes with trompe created in the test database.
@@ -142,9 +116,7 @@ impl Cluster {
 
     /// The proxy of the directed link `from` → `to`: what `from` uses to reach `to`.
     pub fn link(&self, from: usize, to: usize) -> &Proxy {
-        self.links[from][to]
-            .as_ref()
-            .expect("no link from a node to itself")
+        self.links[from][to].as_ref().expect("no link from a node to itself")
     }
 
     /// Resets the link `from` → `to` and refuses new connections on it.
@@ -166,20 +138,12 @@ impl Cluster {
 
     /// The connection string node `from` uses to reach node `to` (through their link's proxy).
     pub fn peer_conninfo(&self, from: usize, to: usize) -> String {
-        format!(
-            "host=127.0.0.1 port={} dbname={} user=postgres",
-            self.link(from, to).port,
-            crate::node::TEST_DB
-        )
+        format!("host=127.0.0.1 port={} dbname={} user=postgres", self.link(from, to).port, crate::node::TEST_DB)
     }
 
     /// Makes node `from` pull from node `to` (`trompe.add_peer` on `from`, named after `to`).
     pub fn add_peer(&self, from: usize, to: usize) {
-        let sql = format!(
-            "SELECT trompe.add_peer('{}', '{}')",
-            self.nodes[to].name,
-            self.peer_conninfo(from, to)
-        );
+        let sql = format!("SELECT trompe.add_peer('{}', '{}')", self.nodes[to].name, self.peer_conninfo(from, to));
         self.nodes[from].exec(&sql);
     }
 
@@ -205,15 +169,8 @@ impl Cluster {
     pub fn wait_sync(&self, timeout: Duration) {
         let secs = timeout.as_secs_f64();
         for node in &self.nodes {
-            let got = node.query_text(&format!(
-                "SELECT trompe.wait_sync(interval '{secs} seconds')"
-            ));
-            assert_eq!(
-                got.as_deref(),
-                Some("t"),
-                "trompe.wait_sync timed out on node {}",
-                node.name
-            );
+            let got = node.query_text(&format!("SELECT trompe.wait_sync(interval '{secs} seconds')"));
+            assert_eq!(got.as_deref(), Some("t"), "trompe.wait_sync timed out on node {}", node.name);
         }
     }
 
@@ -234,9 +191,7 @@ impl Cluster {
     fn kept_logs_dir(&self) -> PathBuf {
         let base = std::env::var_os("TROMPE_FAILED_LOGS")
             .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/failed-test-logs")
-            });
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/failed-test-logs"));
         base.join(&self.name)
     }
 }
@@ -255,28 +210,15 @@ impl Drop for Cluster {
             let keep = self.kept_logs_dir();
             let _ = fs::create_dir_all(&keep);
             for node in &self.nodes {
-                eprintln!(
-                    "\n===== server log of node {} (last 150 lines) =====\n{}",
-                    node.name,
-                    node.log_tail(150)
-                );
+                eprintln!("\n===== server log of node {} (last 150 lines) =====\n{}", node.name, node.log_tail(150));
                 let _ = fs::copy(&node.logfile, keep.join(format!("{}.log", node.name)));
             }
             eprintln!("===== full logs kept in {} =====", keep.display());
         }
         self.links.clear();
         for node in &self.nodes {
-            let _ = run_as_postgres(
-                &pg_bin("pg_ctl"),
-                &[
-                    "stop",
-                    "-w",
-                    "-m",
-                    "immediate",
-                    "-D",
-                    path_str(&node.datadir),
-                ],
-            );
+            let _ =
+                run_as_postgres(&pg_bin("pg_ctl"), &["stop", "-w", "-m", "immediate", "-D", path_str(&node.datadir)]);
         }
         let _ = fs::remove_dir_all(&self.root);
     }

@@ -45,30 +45,13 @@ pub struct Node {
 
 impl Node {
     /// Creates the node's data directory from an initialised template and configures it.
-    pub(crate) fn create(
-        name: &str,
-        root: &Path,
-        template: &Path,
-        port: u16,
-        extra: &[(String, String)],
-    ) -> Node {
+    pub(crate) fn create(name: &str, root: &Path, template: &Path, port: u16, extra: &[(String, String)]) -> Node {
         let datadir = root.join(name);
         let logfile = root.join(format!("{name}.log"));
-        let status = Command::new("cp")
-            .arg("-a")
-            .arg(template)
-            .arg(&datadir)
-            .status()
-            .expect("cp runs");
-        assert!(
-            status.success(),
-            "copying the template data directory failed"
-        );
+        let status = Command::new("cp").arg("-a").arg(template).arg(&datadir).status().expect("cp runs");
+        assert!(status.success(), "copying the template data directory failed");
         let mut conf = String::from("\n# trompe test harness\n");
-        conf += &format!(
-            "port = {port}\nunix_socket_directories = '{}'\n",
-            datadir.display()
-        );
+        conf += &format!("port = {port}\nunix_socket_directories = '{}'\n", datadir.display());
         for (k, v) in BASE_SETTINGS {
             conf += &format!("{k} = {v}\n");
         }
@@ -76,24 +59,15 @@ impl Node {
             conf += &format!("{k} = {v}\n");
         }
         let conf_path = datadir.join("postgresql.conf");
-        let mut existing =
-            fs::read_to_string(&conf_path).expect("template postgresql.conf readable");
+        let mut existing = fs::read_to_string(&conf_path).expect("template postgresql.conf readable");
         existing.push_str(&conf);
         fs::write(&conf_path, existing).expect("postgresql.conf writable");
-        Node {
-            name: name.to_string(),
-            port,
-            datadir,
-            logfile,
-        }
+        Node { name: name.to_string(), port, datadir, logfile }
     }
 
     /// A libpq connection string for `dbname` on this node, as the superuser.
     pub fn conninfo_for(&self, dbname: &str) -> String {
-        format!(
-            "host=127.0.0.1 port={} dbname={dbname} user=postgres",
-            self.port
-        )
+        format!("host=127.0.0.1 port={} dbname={dbname} user=postgres", self.port)
     }
 
     /// A libpq connection string for the test database.
@@ -103,29 +77,14 @@ impl Node {
 
     /// Starts the server and waits until it accepts connections.
     pub fn start(&self) {
-        self.try_start().unwrap_or_else(|e| {
-            panic!(
-                "node {} did not start: {e}\n{}",
-                self.name,
-                self.log_tail(60)
-            )
-        });
+        self.try_start().unwrap_or_else(|e| panic!("node {} did not start: {e}\n{}", self.name, self.log_tail(60)));
     }
 
     /// Starts the server, reporting failure instead of panicking.
     pub fn try_start(&self) -> Result<(), RunError> {
         run_as_postgres(
             &pg_bin("pg_ctl"),
-            &[
-                "start",
-                "-w",
-                "-t",
-                "120",
-                "-D",
-                path_str(&self.datadir),
-                "-l",
-                path_str(&self.logfile),
-            ],
+            &["start", "-w", "-t", "120", "-D", path_str(&self.datadir), "-l", path_str(&self.logfile)],
         )?;
         Ok(())
     }
@@ -134,16 +93,7 @@ impl Node {
     pub fn stop(&self) {
         let _ = run_as_postgres(
             &pg_bin("pg_ctl"),
-            &[
-                "stop",
-                "-w",
-                "-t",
-                "120",
-                "-m",
-                "fast",
-                "-D",
-                path_str(&self.datadir),
-            ],
+            &["stop", "-w", "-t", "120", "-m", "fast", "-D", path_str(&self.datadir)],
         );
     }
 
@@ -174,11 +124,7 @@ impl Node {
             }
         }
         let deadline = Instant::now() + Duration::from_secs(30);
-        while victims
-            .iter()
-            .any(|&p| Path::new(&format!("/proc/{p}")).exists())
-            && Instant::now() < deadline
-        {
+        while victims.iter().any(|&p| Path::new(&format!("/proc/{p}")).exists()) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -202,12 +148,7 @@ impl Node {
                 }
             }
         }
-        panic!(
-            "cannot connect to node {} ({conninfo}): {:?}\n{}",
-            self.name,
-            last_err,
-            self.log_tail(40)
-        );
+        panic!("cannot connect to node {} ({conninfo}): {:?}\n{}", self.name, last_err, self.log_tail(40));
     }
 
     /// A new client connection to the test database.
@@ -219,24 +160,16 @@ impl Node {
     pub fn exec(&self, sql: &str) {
         let mut c = self.connect();
         if let Err(e) = c.batch_execute(sql) {
-            panic!(
-                "on node {}: {sql}\nfailed: {}",
-                self.name,
-                crate::describe_error(&e)
-            );
+            panic!("on node {}: {sql}\nfailed: {}", self.name, crate::describe_error(&e));
         }
     }
 
     /// Runs a query in the test database and returns the first column of the first row as text.
     pub fn query_text(&self, sql: &str) -> Option<String> {
         let mut c = self.connect();
-        let rows = c.simple_query(sql).unwrap_or_else(|e| {
-            panic!(
-                "on node {}: {sql}\nfailed: {}",
-                self.name,
-                crate::describe_error(&e)
-            )
-        });
+        let rows = c
+            .simple_query(sql)
+            .unwrap_or_else(|e| panic!("on node {}: {sql}\nfailed: {}", self.name, crate::describe_error(&e)));
         rows.into_iter().find_map(|m| match m {
             postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).map(str::to_string)),
             _ => None,
@@ -246,13 +179,9 @@ impl Node {
     /// Runs a query in the test database and returns its first row as text values.
     pub fn query_row(&self, sql: &str) -> Vec<Option<String>> {
         let mut c = self.connect();
-        let rows = c.simple_query(sql).unwrap_or_else(|e| {
-            panic!(
-                "on node {}: {sql}\nfailed: {}",
-                self.name,
-                crate::describe_error(&e)
-            )
-        });
+        let rows = c
+            .simple_query(sql)
+            .unwrap_or_else(|e| panic!("on node {}: {sql}\nfailed: {}", self.name, crate::describe_error(&e)));
         rows.into_iter()
             .find_map(|m| match m {
                 postgres::SimpleQueryMessage::Row(r) => {
@@ -265,15 +194,9 @@ impl Node {
 
     /// Runs a query returning one bigint-compatible value (e.g. `count(*)`).
     pub fn query_i64(&self, sql: &str) -> i64 {
-        let text = self
-            .query_text(sql)
-            .unwrap_or_else(|| panic!("on node {}: {sql} returned NULL or no row", self.name));
-        text.parse().unwrap_or_else(|_| {
-            panic!(
-                "on node {}: {sql} returned {text:?}, not a number",
-                self.name
-            )
-        })
+        let text =
+            self.query_text(sql).unwrap_or_else(|| panic!("on node {}: {sql} returned NULL or no row", self.name));
+        text.parse().unwrap_or_else(|_| panic!("on node {}: {sql} returned {text:?}, not a number", self.name))
     }
 
     /// Waits until `sql` (returning one text value) returns `expected`.
@@ -283,7 +206,11 @@ impl Node {
             last = self.query_text(sql);
             last.as_deref() == Some(expected)
         });
-        assert!(ok, "on node {}: waited {timeout:?} for `{sql}` to return {expected:?}; last value {last:?}", self.name);
+        assert!(
+            ok,
+            "on node {}: waited {timeout:?} for `{sql}` to return {expected:?}; last value {last:?}",
+            self.name
+        );
     }
 
     /// The last `lines` lines of the server log.
@@ -321,10 +248,7 @@ fn children_of(pid: i32) -> Vec<i32> {
         let Some(after) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
             continue;
         };
-        let ppid = after
-            .split_whitespace()
-            .nth(1)
-            .and_then(|p| p.parse::<i32>().ok());
+        let ppid = after.split_whitespace().nth(1).and_then(|p| p.parse::<i32>().ok());
         if ppid == Some(pid) {
             found.push(child);
         }

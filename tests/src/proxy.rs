@@ -41,9 +41,7 @@ impl Proxy {
     /// Starts a proxy on a free port forwarding to `127.0.0.1:target_port`.
     pub fn start(target_port: u16) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("proxy can bind a port");
-        listener
-            .set_nonblocking(true)
-            .expect("nonblocking listener");
+        listener.set_nonblocking(true).expect("nonblocking listener");
         let port = listener.local_addr().expect("bound address").port();
         let shared = Arc::new(Shared {
             mode: AtomicU8::new(OPEN),
@@ -54,12 +52,7 @@ impl Proxy {
         });
         let s = shared.clone();
         let acceptor = thread::spawn(move || accept_loop(listener, target_port, s));
-        Proxy {
-            port,
-            target_port,
-            shared,
-            acceptor: Some(acceptor),
-        }
+        Proxy { port, target_port, shared, acceptor: Some(acceptor) }
     }
 
     /// Resets every connection through the link and refuses new ones until `heal`.
@@ -93,11 +86,7 @@ impl Proxy {
     }
 
     fn close_all(&self) {
-        let mut streams = self
-            .shared
-            .streams
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut streams = self.shared.streams.lock().unwrap_or_else(|e| e.into_inner());
         for (_, s) in streams.drain() {
             let _ = s.shutdown(Shutdown::Both);
         }
@@ -138,11 +127,7 @@ fn accept_loop(listener: TcpListener, target_port: u16, shared: Arc<Shared>) {
 fn register(shared: &Shared, stream: &TcpStream) -> u64 {
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     if let Ok(clone) = stream.try_clone() {
-        shared
-            .streams
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, clone);
+        shared.streams.lock().unwrap_or_else(|e| e.into_inner()).insert(id, clone);
     }
     id
 }

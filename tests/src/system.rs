@@ -18,9 +18,7 @@ impl std::fmt::Display for RunError {
 
 /// The directory with PostgreSQL's server binaries (`TROMPE_PG_BIN`, else PostgreSQL 15's).
 pub fn pg_bindir() -> PathBuf {
-    std::env::var_os("TROMPE_PG_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"))
+    std::env::var_os("TROMPE_PG_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"))
 }
 
 /// The path of one PostgreSQL binary.
@@ -52,10 +50,7 @@ pub fn postgres_command(program: &str) -> Command {
 
 /// Runs a program as the `postgres` user and returns its stdout.
 pub fn run_as_postgres(program: &str, args: &[&str]) -> Result<String, RunError> {
-    let out = postgres_command(program)
-        .args(args)
-        .output()
-        .map_err(|e| RunError(format!("{program}: {e}")))?;
+    let out = postgres_command(program).args(args).output().map_err(|e| RunError(format!("{program}: {e}")))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
@@ -73,11 +68,7 @@ pub fn run_as_postgres(program: &str, args: &[&str]) -> Result<String, RunError>
 pub fn make_postgres_dir(path: &Path) {
     fs::create_dir_all(path).unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
     if running_as_root() {
-        let status = Command::new("chown")
-            .args(["postgres:postgres"])
-            .arg(path)
-            .status()
-            .expect("chown runs");
+        let status = Command::new("chown").args(["postgres:postgres"]).arg(path).status().expect("chown runs");
         assert!(status.success(), "chown of {} failed", path.display());
     }
 }
@@ -121,18 +112,7 @@ pub fn template_datadir() -> &'static Path {
         let dir_s = dir.to_string_lossy().into_owned();
         run_as_postgres(
             &pg_bin("initdb"),
-            &[
-                "-D",
-                &dir_s,
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-                "-E",
-                "UTF8",
-                "--locale=C.UTF-8",
-                "--no-sync",
-            ],
+            &["-D", &dir_s, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"],
         )
         .unwrap_or_else(|e| panic!("initdb failed: {e}"));
         // Create the test database in single-user mode: no port needed, nothing to clean up.
@@ -146,16 +126,10 @@ pub fn template_datadir() -> &'static Path {
         {
             use std::io::Write;
             let stdin = proc.stdin.as_mut().expect("stdin piped");
-            stdin
-                .write_all(format!("CREATE DATABASE {};\n", crate::node::TEST_DB).as_bytes())
-                .expect("write");
+            stdin.write_all(format!("CREATE DATABASE {};\n", crate::node::TEST_DB).as_bytes()).expect("write");
         }
         let out = proc.wait_with_output().expect("postgres --single finishes");
-        assert!(
-            out.status.success(),
-            "creating the test database failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "creating the test database failed: {}", String::from_utf8_lossy(&out.stderr));
         dir
     })
 }

@@ -10,28 +10,12 @@ fn refused(cluster: &Cluster, sql: &str, sqlstate: &str, needle: &str) -> String
     let mut c = cluster.node(0).connect();
     let (code, message) = expect_error(&mut c, sql);
     assert_eq!(code, sqlstate, "`{sql}` failed with {code}: {message}");
-    assert!(
-        message.contains(needle),
-        "`{sql}`: message {message:?} does not mention {needle:?}"
-    );
+    assert!(message.contains(needle), "`{sql}`: message {message:?} does not mention {needle:?}");
     for node in cluster.nodes() {
-        assert_eq!(
-            node.query_i64("SELECT count(*) FROM trompe.peers"),
-            0,
-            "`{sql}` left a peer on {}",
-            node.name
-        );
-        assert_eq!(
-            node.query_i64("SELECT count(*) FROM pg_replication_origin"),
-            0
-        );
+        assert_eq!(node.query_i64("SELECT count(*) FROM trompe.peers"), 0, "`{sql}` left a peer on {}", node.name);
+        assert_eq!(node.query_i64("SELECT count(*) FROM pg_replication_origin"), 0);
     }
-    assert_eq!(
-        cluster
-            .node(1)
-            .query_i64("SELECT count(*) FROM trompe.consumers"),
-        0
-    );
+    assert_eq!(cluster.node(1).query_i64("SELECT count(*) FROM trompe.consumers"), 0);
     message
 }
 
@@ -41,32 +25,13 @@ fn add_peer_checks_everything_and_changes_nothing_on_failure() {
     let n2 = cluster.node(1);
     let good = cluster.peer_conninfo(0, 1);
 
-    refused(
-        &cluster,
-        "SELECT trompe.add_peer('x', 'hots=localhost')",
-        "22023",
-        "unknown option \"hots\"",
-    );
-    let m = refused(
-        &cluster,
-        "SELECT trompe.add_peer('x', 'host=localhost s3cretpw')",
-        "22023",
-        "key=value",
-    );
+    refused(&cluster, "SELECT trompe.add_peer('x', 'hots=localhost')", "22023", "unknown option \"hots\"");
+    let m = refused(&cluster, "SELECT trompe.add_peer('x', 'host=localhost s3cretpw')", "22023", "key=value");
     assert!(!m.contains("s3cretpw"), "{m}");
-    refused(
-        &cluster,
-        "SELECT trompe.add_peer('', 'host=localhost')",
-        "22023",
-        "invalid peer name",
-    );
+    refused(&cluster, "SELECT trompe.add_peer('', 'host=localhost')", "22023", "invalid peer name");
 
     // Nothing listens on this port.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     refused(
         &cluster,
         &format!("SELECT trompe.add_peer('down', 'host=127.0.0.1 port={closed} dbname=app user=postgres')"),
@@ -78,11 +43,7 @@ fn add_peer_checks_everything_and_changes_nothing_on_failure() {
     n2.exec("CREATE ROLE alice LOGIN PASSWORD 'right-password'");
     let hba = n2.datadir.join("pg_hba.conf");
     let old = std::fs::read_to_string(&hba).unwrap();
-    std::fs::write(
-        &hba,
-        format!("host all alice 127.0.0.1/32 scram-sha-256\n{old}"),
-    )
-    .unwrap();
+    std::fs::write(&hba, format!("host all alice 127.0.0.1/32 scram-sha-256\n{old}")).unwrap();
     n2.exec("SELECT pg_reload_conf()");
     let m = refused(
         &cluster,
@@ -90,18 +51,12 @@ fn add_peer_checks_everything_and_changes_nothing_on_failure() {
         "28000",
         "refused the login",
     );
-    assert!(
-        !m.contains("wrong-hunter2"),
-        "the password is not echoed: {m}"
-    );
+    assert!(!m.contains("wrong-hunter2"), "the password is not echoed: {m}");
 
     // A database without trompe.
     refused(
         &cluster,
-        &format!(
-            "SELECT trompe.add_peer('n2', 'host=127.0.0.1 port={} dbname=postgres user=postgres')",
-            n2.port
-        ),
+        &format!("SELECT trompe.add_peer('n2', 'host=127.0.0.1 port={} dbname=postgres user=postgres')", n2.port),
         "42704",
         "does not have the trompe extension installed",
     );
@@ -109,10 +64,7 @@ fn add_peer_checks_everything_and_changes_nothing_on_failure() {
     // This very node.
     refused(
         &cluster,
-        &format!(
-            "SELECT trompe.add_peer('me', '{}')",
-            cluster.node(0).conninfo()
-        ),
+        &format!("SELECT trompe.add_peer('me', '{}')", cluster.node(0).conninfo()),
         "22023",
         "is this node itself",
     );
@@ -121,26 +73,10 @@ fn add_peer_checks_everything_and_changes_nothing_on_failure() {
     cluster.add_peer(0, 1);
     let mut c = cluster.node(0).connect();
     let (code, message) = expect_error(&mut c, &format!("SELECT trompe.add_peer('n2', '{good}')"));
-    assert_eq!(
-        (code.as_str(), message.contains("already exists")),
-        ("42710", true),
-        "{message}"
-    );
-    let (code, message) = expect_error(
-        &mut c,
-        &format!("SELECT trompe.add_peer('again', '{good}')"),
-    );
-    assert_eq!(
-        (code.as_str(), message.contains("is already peer \"n2\"")),
-        ("42710", true),
-        "{message}"
-    );
-    assert_eq!(
-        cluster
-            .node(0)
-            .query_i64("SELECT count(*) FROM trompe.peers"),
-        1
-    );
+    assert_eq!((code.as_str(), message.contains("already exists")), ("42710", true), "{message}");
+    let (code, message) = expect_error(&mut c, &format!("SELECT trompe.add_peer('again', '{good}')"));
+    assert_eq!((code.as_str(), message.contains("is already peer \"n2\"")), ("42710", true), "{message}");
+    assert_eq!(cluster.node(0).query_i64("SELECT count(*) FROM trompe.peers"), 1);
     let (code, _) = expect_error(&mut c, "SELECT trompe.remove_peer('nobody')");
     assert_eq!(code, "42704");
     let (code, _) = expect_error(&mut c, "SELECT trompe.pause_peer('nobody')");
@@ -154,28 +90,14 @@ fn pause_keeps_changes_for_later_and_status_tells_the_story() {
     cluster.mesh();
     let (n1, n2) = (cluster.node(0), cluster.node(1));
     assert!(wait_for(Duration::from_secs(30), || {
-        n2.query_text("SELECT state FROM trompe.status WHERE name = 'n1'")
-            .as_deref()
-            == Some("connected")
+        n2.query_text("SELECT state FROM trompe.status WHERE name = 'n1'").as_deref() == Some("connected")
     }));
     n2.exec("SELECT trompe.pause_peer('n1')");
-    assert_eq!(
-        n2.query_text("SELECT state FROM trompe.status WHERE name = 'n1'")
-            .as_deref(),
-        Some("paused")
-    );
+    assert_eq!(n2.query_text("SELECT state FROM trompe.status WHERE name = 'n1'").as_deref(), Some("paused"));
     n1.exec("INSERT INTO t SELECT generate_series(1, 50)");
     // wait_sync only waits for peers that are not paused.
-    assert_eq!(
-        n2.query_text("SELECT trompe.wait_sync('5 seconds')")
-            .as_deref(),
-        Some("t")
-    );
-    assert_eq!(
-        n2.query_i64("SELECT count(*) FROM t"),
-        0,
-        "nothing arrives while paused"
-    );
+    assert_eq!(n2.query_text("SELECT trompe.wait_sync('5 seconds')").as_deref(), Some("t"));
+    assert_eq!(n2.query_i64("SELECT count(*) FROM t"), 0, "nothing arrives while paused");
     n2.exec("SELECT trompe.resume_peer('n1')");
     cluster.wait_sync(Duration::from_secs(60));
     assert_eq!(n2.query_i64("SELECT count(*) FROM t"), 50);
@@ -184,10 +106,7 @@ fn pause_keeps_changes_for_later_and_status_tells_the_story() {
            FROM trompe.status",
     );
     let row: Vec<&str> = row.iter().map(|v| v.as_deref().unwrap_or("NULL")).collect();
-    assert_eq!(
-        row,
-        vec!["n1", "connected", "0", "0", "t", "NULL", "1", "50"]
-    );
+    assert_eq!(row, vec!["n1", "connected", "0", "0", "t", "NULL", "1", "50"]);
 }
 
 #[test]
@@ -200,13 +119,7 @@ fn wait_sync_times_out_while_a_peer_is_unreachable() {
     cluster.cut(1, 0);
     cluster.node(0).exec("INSERT INTO t VALUES (2)");
     let started = std::time::Instant::now();
-    assert_eq!(
-        cluster
-            .node(1)
-            .query_text("SELECT trompe.wait_sync('2 seconds')")
-            .as_deref(),
-        Some("f")
-    );
+    assert_eq!(cluster.node(1).query_text("SELECT trompe.wait_sync('2 seconds')").as_deref(), Some("f"));
     assert!(started.elapsed() < Duration::from_secs(10));
     cluster.link(1, 0).heal();
     cluster.wait_sync(Duration::from_secs(60));

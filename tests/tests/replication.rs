@@ -37,9 +37,7 @@ const AUDIT: &str = "CREATE TABLE audit (op text, id bigint);
     ALTER TABLE items ENABLE ALWAYS TRIGGER audit";
 
 fn items_everywhere(cluster: &Cluster) {
-    cluster.exec_all(
-        "CREATE TABLE items (id bigint PRIMARY KEY, note text); SELECT trompe.add_table('items')",
-    );
+    cluster.exec_all("CREATE TABLE items (id bigint PRIMARY KEY, note text); SELECT trompe.add_table('items')");
     cluster.exec_all(FILL);
 }
 
@@ -48,24 +46,18 @@ fn two_node_mesh_converges() {
     let cluster = Cluster::start("two-node-mesh", 2);
     items_everywhere(&cluster);
     cluster.mesh();
+    cluster.node(0).exec("INSERT INTO items (id, note) SELECT g, 'from n1' FROM generate_series(1, 100) g");
+    cluster.node(1).exec("INSERT INTO items (id, note) SELECT g, 'from n2' FROM generate_series(101, 200) g");
     cluster
         .node(0)
-        .exec("INSERT INTO items (id, note) SELECT g, 'from n1' FROM generate_series(1, 100) g");
+        .exec("UPDATE items SET note = 'changed' WHERE id <= 10; DELETE FROM items WHERE id BETWEEN 11 AND 20");
     cluster
         .node(1)
-        .exec("INSERT INTO items (id, note) SELECT g, 'from n2' FROM generate_series(101, 200) g");
-    cluster.node(0).exec("UPDATE items SET note = 'changed' WHERE id <= 10; DELETE FROM items WHERE id BETWEEN 11 AND 20");
-    cluster.node(1).exec("UPDATE items SET note = 'changed too' WHERE id > 190; UPDATE items SET id = id + 1000 WHERE id = 150");
+        .exec("UPDATE items SET note = 'changed too' WHERE id > 190; UPDATE items SET id = id + 1000 WHERE id = 150");
     cluster.wait_sync(SYNC);
     let sum = cluster.assert_same(&checksum("items")).unwrap();
     assert!(sum.starts_with("190:"), "{sum}");
-    assert_eq!(
-        cluster
-            .node(0)
-            .query_i64("SELECT count(*) FROM items WHERE id = 1150"),
-        1,
-        "a key change replicates"
-    );
+    assert_eq!(cluster.node(0).query_i64("SELECT count(*) FROM items WHERE id = 1150"), 1, "a key change replicates");
 }
 
 #[test]
@@ -82,12 +74,9 @@ fn three_node_mesh_converges_with_writes_everywhere() {
     let expected = cluster.node(0).query_i64("SELECT count(*) FROM items");
     assert!(expected > 300, "{sum}");
     for node in cluster.nodes() {
-        let errors =
-            node.query_i64("SELECT count(*) FROM trompe.status WHERE last_error IS NOT NULL");
+        let errors = node.query_i64("SELECT count(*) FROM trompe.status WHERE last_error IS NOT NULL");
         assert_eq!(errors, 0, "node {} reports errors", node.name);
-        let states = node
-            .query_text("SELECT string_agg(DISTINCT state, ',') FROM trompe.status")
-            .unwrap();
+        let states = node.query_text("SELECT string_agg(DISTINCT state, ',') FROM trompe.status").unwrap();
         assert_eq!(states, "connected", "node {}", node.name);
     }
 }
@@ -100,11 +89,7 @@ fn wait_mid_apply(node: &Node, total: i64) -> i64 {
         seen > 0
     });
     assert!(ok, "node {} applied nothing", node.name);
-    assert!(
-        seen < total,
-        "node {} applied everything before it could be crashed ({seen})",
-        node.name
-    );
+    assert!(seen < total, "node {} applied everything before it could be crashed ({seen})", node.name);
     seen
 }
 
@@ -124,22 +109,11 @@ fn crash_of_the_applying_node_loses_and_duplicates_nothing() {
     let seen = wait_mid_apply(n2, total);
     n2.crash_and_restart();
     cluster.wait_sync(SYNC);
-    assert_eq!(
-        n2.query_i64("SELECT count(*) FROM items"),
-        total,
-        "crashed after {seen} rows"
-    );
+    assert_eq!(n2.query_i64("SELECT count(*) FROM items"), total, "crashed after {seen} rows");
     cluster.assert_same(&checksum("items"));
-    assert_eq!(
-        n2.query_i64("SELECT count(*) FROM audit"),
-        total,
-        "every change applied exactly once"
-    );
+    assert_eq!(n2.query_i64("SELECT count(*) FROM audit"), total, "every change applied exactly once");
     assert_eq!(n2.query_i64("SELECT count(DISTINCT id) FROM audit"), total);
-    assert_eq!(
-        n2.query_i64("SELECT applied_changes FROM trompe.status WHERE name = 'n1'"),
-        total
-    );
+    assert_eq!(n2.query_i64("SELECT applied_changes FROM trompe.status WHERE name = 'n1'"), total);
 }
 
 #[test]
@@ -180,35 +154,21 @@ fn crash_of_the_origin_loses_and_duplicates_nothing() {
             }
         })
     };
-    assert!(wait_for(Duration::from_secs(30), || n2
-        .query_i64("SELECT count(*) FROM items")
-        > 200));
+    assert!(wait_for(Duration::from_secs(30), || n2.query_i64("SELECT count(*) FROM items") > 200));
     n1.crash_and_restart();
-    assert!(wait_for(Duration::from_secs(30), || committed
-        .load(Ordering::SeqCst)
-        > 600));
+    assert!(wait_for(Duration::from_secs(30), || committed.load(Ordering::SeqCst) > 600));
     stop.store(true, Ordering::SeqCst);
     writer.join().unwrap();
     cluster.wait_sync(SYNC);
     let on_origin = n1.query_i64("SELECT count(*) FROM items");
-    assert!(
-        on_origin >= committed.load(Ordering::SeqCst),
-        "the origin lost acknowledged commits"
-    );
+    assert!(on_origin >= committed.load(Ordering::SeqCst), "the origin lost acknowledged commits");
     cluster.assert_same(&checksum("items"));
-    assert_eq!(
-        n2.query_i64("SELECT count(*) FROM audit"),
-        on_origin,
-        "every change applied exactly once"
-    );
+    assert_eq!(n2.query_i64("SELECT count(*) FROM audit"), on_origin, "every change applied exactly once");
 }
 
 #[test]
 fn network_cut_with_writes_on_both_sides_heals_by_itself() {
-    let cut_secs: u64 = std::env::var("TROMPE_CUT_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(45);
+    let cut_secs: u64 = std::env::var("TROMPE_CUT_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(45);
     let cluster = Cluster::start("network-cut", 2);
     items_everywhere(&cluster);
     cluster.mesh();
@@ -245,36 +205,20 @@ fn removed_and_re_added_peer_replicates_again() {
     cluster.wait_sync(SYNC);
     n2.exec("SELECT trompe.remove_peer('n1')");
     assert_eq!(n2.query_i64("SELECT count(*) FROM trompe.peers"), 0);
-    assert_eq!(
-        n1.query_i64("SELECT count(*) FROM trompe.consumers"),
-        0,
-        "n1 no longer keeps its log for n2"
-    );
-    assert_eq!(
-        n2.query_i64("SELECT count(*) FROM pg_replication_origin"),
-        0
-    );
+    assert_eq!(n1.query_i64("SELECT count(*) FROM trompe.consumers"), 0, "n1 no longer keeps its log for n2");
+    assert_eq!(n2.query_i64("SELECT count(*) FROM pg_replication_origin"), 0);
     n1.exec("INSERT INTO items VALUES (2, 'while removed')");
     cluster.add_peer(1, 0);
     n1.exec("INSERT INTO items VALUES (3, 'after')");
     cluster.wait_sync(SYNC);
-    assert_eq!(
-        n2.query_text("SELECT string_agg(id::text, ',' ORDER BY id) FROM items")
-            .as_deref(),
-        Some("1,3")
-    );
-    assert_eq!(
-        n2.query_i64("SELECT count(*) FROM trompe.status WHERE last_error IS NOT NULL"),
-        0
-    );
+    assert_eq!(n2.query_text("SELECT string_agg(id::text, ',' ORDER BY id) FROM items").as_deref(), Some("1,3"));
+    assert_eq!(n2.query_i64("SELECT count(*) FROM trompe.status WHERE last_error IS NOT NULL"), 0);
 }
 
 #[test]
 fn a_failing_change_stops_only_its_stream_and_resumes_once_fixed() {
     let cluster = Cluster::start("failing-change", 3);
-    cluster.exec_all(
-        "CREATE TABLE shared_t (id int PRIMARY KEY); SELECT trompe.add_table('shared_t')",
-    );
+    cluster.exec_all("CREATE TABLE shared_t (id int PRIMARY KEY); SELECT trompe.add_table('shared_t')");
     cluster.exec_all("CREATE TABLE only_some (id int PRIMARY KEY)");
     cluster.node(0).exec("SELECT trompe.add_table('only_some')");
     cluster.node(2).exec("SELECT trompe.add_table('only_some')");
@@ -287,28 +231,20 @@ fn a_failing_change_stops_only_its_stream_and_resumes_once_fixed() {
             .is_some_and(|e| e.contains("only_some") && e.contains("not replicated on this node"))
     });
     assert!(stuck, "n2 shows why n1's stream stopped");
-    n2.wait_for_value(
-        "SELECT count(*) FROM shared_t WHERE id = 3",
-        "1",
-        Duration::from_secs(30),
-    );
+    n2.wait_for_value("SELECT count(*) FROM shared_t WHERE id = 3", "1", Duration::from_secs(30));
     assert_eq!(
         n2.query_i64("SELECT count(*) FROM shared_t WHERE id = 1"),
         0,
         "n1's transaction is applied whole or not at all"
     );
-    n3.wait_for_value(
-        "SELECT count(*) FROM only_some",
-        "1",
-        Duration::from_secs(30),
-    );
+    n3.wait_for_value("SELECT count(*) FROM only_some", "1", Duration::from_secs(30));
     n2.exec("SELECT trompe.add_table('only_some')");
     cluster.wait_sync(SYNC);
     cluster.assert_same(&checksum("only_some"));
     cluster.assert_same(&checksum("shared_t"));
-    assert!(wait_for(Duration::from_secs(10), || n2.query_i64(
-        "SELECT count(*) FROM trompe.status WHERE last_error IS NOT NULL"
-    ) == 0));
+    assert!(wait_for(Duration::from_secs(10), || n2
+        .query_i64("SELECT count(*) FROM trompe.status WHERE last_error IS NOT NULL")
+        == 0));
 }
 
 #[test]
@@ -326,21 +262,11 @@ fn ddl_and_dml_replicate_in_order_and_truncate_follows() {
     );
     cluster.wait_sync(SYNC);
     cluster.assert_same(&checksum("app.t"));
-    assert_eq!(
-        n2.query_i64("SELECT count(*) FROM pg_indexes WHERE indexname = 't_c'"),
-        1
-    );
-    assert_eq!(
-        n2.query_i64("SELECT count(*) FROM trompe.tables WHERE relid = 'app.t'::regclass"),
-        1
-    );
+    assert_eq!(n2.query_i64("SELECT count(*) FROM pg_indexes WHERE indexname = 't_c'"), 1);
+    assert_eq!(n2.query_i64("SELECT count(*) FROM trompe.tables WHERE relid = 'app.t'::regclass"), 1);
     n2.exec("INSERT INTO app.t VALUES (3, 'from n2', 9)");
     cluster.wait_sync(SYNC);
-    assert_eq!(
-        n1.query_i64("SELECT count(*) FROM app.t"),
-        3,
-        "a table created by replicated DDL replicates back"
-    );
+    assert_eq!(n1.query_i64("SELECT count(*) FROM app.t"), 3, "a table created by replicated DDL replicates back");
     n1.exec("CREATE TABLE app.parent (id int PRIMARY KEY); CREATE TABLE app.child (id int PRIMARY KEY, p int REFERENCES app.parent)");
     n1.exec("INSERT INTO app.parent VALUES (1); INSERT INTO app.child VALUES (1, 1)");
     n1.exec("TRUNCATE app.parent, app.child RESTART IDENTITY");
@@ -348,8 +274,5 @@ fn ddl_and_dml_replicate_in_order_and_truncate_follows() {
     assert_eq!(n2.query_i64("SELECT count(*) FROM app.child"), 0);
     n1.exec("DROP TABLE app.child");
     cluster.wait_sync(SYNC);
-    assert_eq!(
-        n2.query_i64("SELECT count(*) FROM pg_tables WHERE tablename = 'child'"),
-        0
-    );
+    assert_eq!(n2.query_i64("SELECT count(*) FROM pg_tables WHERE tablename = 'child'"), 0);
 }

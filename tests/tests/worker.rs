@@ -10,12 +10,7 @@ const WORKER: &str = "SELECT count(*) FROM pg_stat_activity WHERE backend_type =
 
 fn wait_workers(node: &Node, n: i64) {
     let ok = wait_for(Duration::from_secs(30), || node.query_i64(WORKER) == n);
-    assert!(
-        ok,
-        "node {}: expected {n} trompe worker(s), have {}",
-        node.name,
-        node.query_i64(WORKER)
-    );
+    assert!(ok, "node {}: expected {n} trompe worker(s), have {}", node.name, node.query_i64(WORKER));
 }
 
 #[test]
@@ -24,18 +19,10 @@ fn worker_follows_the_extension_restarts_and_crashes() {
     let n1 = cluster.node(0);
     wait_workers(n1, 1);
     assert_eq!(
-        n1.query_text(
-            "SELECT application_name FROM pg_stat_activity WHERE backend_type = 'trompe worker'"
-        )
-        .as_deref(),
+        n1.query_text("SELECT application_name FROM pg_stat_activity WHERE backend_type = 'trompe worker'").as_deref(),
         Some("trompe worker")
     );
-    assert_eq!(
-        n1.query_i64(
-            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'trompe supervisor'"
-        ),
-        1
-    );
+    assert_eq!(n1.query_i64("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'trompe supervisor'"), 1);
     n1.restart();
     wait_workers(n1, 1);
     n1.crash_and_restart();
@@ -52,10 +39,7 @@ fn worker_follows_the_extension_restarts_and_crashes() {
 
 #[test]
 fn drop_database_does_not_wait_for_the_worker() {
-    let cluster = Cluster::builder("worker-dropdb")
-        .nodes(1)
-        .with_extension(false)
-        .start();
+    let cluster = Cluster::builder("worker-dropdb").nodes(1).with_extension(false).start();
     let n1 = cluster.node(0);
     n1.exec("CREATE DATABASE other");
     let mut other = n1.connect_to("other");
@@ -65,21 +49,10 @@ fn drop_database_does_not_wait_for_the_worker() {
     assert!(wait_for(Duration::from_secs(30), || n1.query_i64(count) == 1));
     let mut admin = n1.connect_to("postgres");
     let started = Instant::now();
-    admin
-        .batch_execute("ALTER DATABASE other RENAME TO other2")
-        .expect("rename while the worker runs");
-    admin
-        .batch_execute("DROP DATABASE other2")
-        .expect("drop while the worker runs");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "took {:?}",
-        started.elapsed()
-    );
-    assert_eq!(
-        n1.query_i64("SELECT count(*) FROM pg_database WHERE datname LIKE 'other%'"),
-        0
-    );
+    admin.batch_execute("ALTER DATABASE other RENAME TO other2").expect("rename while the worker runs");
+    admin.batch_execute("DROP DATABASE other2").expect("drop while the worker runs");
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert_eq!(n1.query_i64("SELECT count(*) FROM pg_database WHERE datname LIKE 'other%'"), 0);
 }
 
 #[test]
@@ -96,11 +69,7 @@ fn fast_shutdown_is_prompt_even_when_a_peer_hangs() {
     std::thread::sleep(Duration::from_millis(300));
     let started = Instant::now();
     n1.stop();
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "fast shutdown took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(5), "fast shutdown took {:?}", started.elapsed());
     assert!(n1.postmaster_pid().is_none());
 }
 
@@ -112,17 +81,9 @@ fn settings_reload_pauses_and_resumes_every_worker() {
     let (n1, n2) = (cluster.node(0), cluster.node(1));
     n2.exec("ALTER SYSTEM SET trompe.enabled = off");
     n2.exec("SELECT pg_reload_conf()");
-    n2.wait_for_value(
-        "SELECT state FROM trompe.status",
-        "disabled",
-        Duration::from_secs(10),
-    );
+    n2.wait_for_value("SELECT state FROM trompe.status", "disabled", Duration::from_secs(10));
     n1.exec("INSERT INTO t VALUES (1)");
-    assert_eq!(
-        n2.query_text("SELECT trompe.wait_sync('2 seconds')")
-            .as_deref(),
-        Some("f")
-    );
+    assert_eq!(n2.query_text("SELECT trompe.wait_sync('2 seconds')").as_deref(), Some("f"));
     n2.exec("ALTER SYSTEM RESET trompe.enabled");
     n2.exec("SELECT pg_reload_conf()");
     cluster.wait_sync(Duration::from_secs(60));
@@ -138,23 +99,13 @@ fn without_preloading_the_extension_installs_and_says_what_is_missing() {
         .start();
     let n1 = cluster.node(0);
     let mut c = n1.connect();
-    c.batch_execute("CREATE EXTENSION trompe")
-        .expect("CREATE EXTENSION works without preloading");
-    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY); SELECT trompe.add_table('t'); INSERT INTO t VALUES (1)").unwrap();
-    assert_eq!(
-        n1.query_i64("SELECT count(*) FROM trompe.log"),
-        1,
-        "changes are still captured"
-    );
-    for sql in [
-        "SELECT trompe.wait_sync()",
-        "SELECT trompe.add_peer('x', 'host=localhost')",
-    ] {
+    c.batch_execute("CREATE EXTENSION trompe").expect("CREATE EXTENSION works without preloading");
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY); SELECT trompe.add_table('t'); INSERT INTO t VALUES (1)")
+        .unwrap();
+    assert_eq!(n1.query_i64("SELECT count(*) FROM trompe.log"), 1, "changes are still captured");
+    for sql in ["SELECT trompe.wait_sync()", "SELECT trompe.add_peer('x', 'host=localhost')"] {
         let (code, message) = expect_error(&mut c, sql);
         assert_eq!(code, "55000", "{sql}");
-        assert!(
-            message.contains("shared_preload_libraries"),
-            "{sql}: {message}"
-        );
+        assert!(message.contains("shared_preload_libraries"), "{sql}: {message}");
     }
 }

@@ -1,0 +1,174 @@
+//! bench/apply: how fast a node catches up on a backlog, and how long a commit takes to become
+//! visible on an idle peer, for trompe and, in the same run on the same machine, for
+//! PostgreSQL's native logical replication.
+//!
+//! Backlog: the applying side is paused (trompe: pause_peer; native: subscription disabled)
+//! while the origin commits BENCH_TXNS transactions of 10 rows; then it is resumed and timed
+//! until every row is there. Latency: BENCH_COMMITS single-row commits on an idle pair, each
+//! timed from the commit's return at the origin to the row being visible at the peer.
+
+use std::time::{Duration, Instant};
+
+use postgres::{Client, NoTls};
+use trompe_bench::{env_count, median, percentile};
+use trompe_tests::{wait_for, Cluster, Node};
+
+const TABLE: &str = "CREATE TABLE bench_rows (id bigint PRIMARY KEY, txn int NOT NULL, payload text NOT NULL, at timestamptz NOT NULL DEFAULT now())";
+const FILL: &str = "CREATE PROCEDURE bench_fill(txns int) LANGUAGE plpgsql AS $$
+    BEGIN
+        FOR t IN 0 .. txns - 1 LOOP
+            INSERT INTO bench_rows (id, txn, payload)
+                SELECT t * 10 + g, t, md5((t * 10 + g)::text) FROM generate_series(0, 9) g;
+            COMMIT;
+        END LOOP;
+    END $$";
+
+/// Times the catch-up of `node` on a backlog of `txns` transactions: from the first backlog
+/// row becoming visible to the last (transactions are applied in order, so the last row
+/// means all of them). Probing is by primary key, so it costs the node next to nothing.
+/// Returns (time to the first row, time from the first to the last row).
+fn time_catch_up(node: &Node, txns: i64, started: Instant) -> (Duration, Duration) {
+    let mut c = node.connect();
+    let probe = c.prepare("SELECT 1 FROM bench_rows WHERE id = $1").unwrap();
+    let mut seen = |id: i64| !c.query(&probe, &[&id]).expect("probe").is_empty();
+    let ok = wait_for(Duration::from_secs(900), || seen(0));
+    assert!(ok, "node {} did not start applying", node.name);
+    let first = started.elapsed();
+    let ok = wait_for(Duration::from_secs(900), || seen(txns * 10 - 1));
+    assert!(ok, "node {} did not catch up", node.name);
+    (first, started.elapsed() - first)
+}
+
+/// Records, on the applying node, when each row arrives (a trigger that fires for replicated
+/// changes too), so latency is measured without polling.
+const ARRIVALS: &str = "CREATE TABLE arrivals (id bigint PRIMARY KEY, at timestamptz NOT NULL);
+    CREATE FUNCTION note_arrival() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO public.arrivals VALUES (NEW.id, clock_timestamp());
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER arrive AFTER INSERT ON bench_rows FOR EACH ROW EXECUTE FUNCTION note_arrival();
+    ALTER TABLE bench_rows ENABLE ALWAYS TRIGGER arrive";
+
+/// Commit-to-visible latency: single-row commits on `origin`, 5 ms apart; each one's latency
+/// is its arrival time at `peer` minus its commit time at `origin` (one machine, one clock).
+fn latencies(origin: &Node, peer: &Node, commits: usize, first_id: i64) -> Vec<f64> {
+    let mut o = Client::connect(&origin.conninfo(), NoTls).expect("connect origin");
+    let insert = o.prepare("INSERT INTO bench_rows (id, txn, payload) VALUES ($1, 0, 'x')").unwrap();
+    for i in 0..commits as i64 {
+        o.execute(&insert, &[&(first_id + i)]).expect("insert");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let last = first_id + commits as i64 - 1;
+    assert!(
+        wait_for(Duration::from_secs(60), || peer
+            .query_i64(&format!("SELECT count(*) FROM arrivals WHERE id = {last}"))
+            == 1),
+        "the last row never arrived"
+    );
+    let committed: std::collections::HashMap<i64, f64> = o
+        .query(
+            "SELECT id, extract(epoch FROM pg_xact_commit_timestamp(xmin))::float8 FROM bench_rows WHERE id >= $1",
+            &[&first_id],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut p = Client::connect(&peer.conninfo(), NoTls).expect("connect peer");
+    p.query("SELECT id, extract(epoch FROM at)::float8 FROM arrivals WHERE id >= $1", &[&first_id])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get::<_, f64>(1) - committed[&r.get::<_, i64>(0)]) * 1000.0)
+        .collect()
+}
+
+fn trompe_run(txns: i64, commits: usize) -> ((Duration, Duration), Vec<f64>) {
+    let cluster = Cluster::builder("bench-apply-trompe").nodes(2).setting("shared_buffers", "256MB").start();
+    cluster.exec_all(&format!("{TABLE}; SELECT trompe.add_table('bench_rows'); {FILL}"));
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    // Directly, not through the harness's link proxy: the benchmark measures trompe alone.
+    b.exec(&format!("SELECT trompe.add_peer('n1', '{}')", a.conninfo()));
+    b.exec("SELECT trompe.pause_peer('n1')");
+    a.exec(&format!("CALL bench_fill({txns})"));
+    a.exec("CHECKPOINT");
+    b.exec("CHECKPOINT");
+    let started = Instant::now();
+    b.exec("SELECT trompe.resume_peer('n1')");
+    let took = time_catch_up(b, txns, started);
+    assert_eq!(b.query_text("SELECT trompe.wait_sync('60 seconds')").as_deref(), Some("t"));
+    assert_eq!(b.query_i64("SELECT count(*) FROM bench_rows"), txns * 10);
+    b.exec(ARRIVALS);
+    let lat = latencies(a, b, commits, 1_000_000_000);
+    (took, lat)
+}
+
+fn native_run(txns: i64, commits: usize) -> ((Duration, Duration), Vec<f64>) {
+    let cluster = Cluster::builder("bench-apply-native")
+        .nodes(2)
+        .with_extension(false)
+        .setting("wal_level", "logical")
+        .setting("shared_buffers", "256MB")
+        .start();
+    cluster.exec_all(TABLE);
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    a.exec(FILL);
+    a.exec("CREATE PUBLICATION bench FOR TABLE bench_rows");
+    let mut sub = b.connect();
+    sub.batch_execute(&format!(
+        "CREATE SUBSCRIPTION bench CONNECTION '{}' PUBLICATION bench WITH (copy_data = false)",
+        a.conninfo()
+    ))
+    .expect("create subscription");
+    // Make sure the subscription is streaming before the backlog is built.
+    a.exec("INSERT INTO bench_rows VALUES (-1, -1, 'warm-up')");
+    assert!(wait_for(Duration::from_secs(60), || b.query_i64("SELECT count(*) FROM bench_rows") == 1));
+    sub.batch_execute("ALTER SUBSCRIPTION bench DISABLE").unwrap();
+    assert!(wait_for(Duration::from_secs(60), || { a.query_i64("SELECT count(*) FROM pg_stat_replication") == 0 }));
+    a.exec(&format!("CALL bench_fill({txns})"));
+    a.exec("CHECKPOINT");
+    b.exec("CHECKPOINT");
+    let started = Instant::now();
+    sub.batch_execute("ALTER SUBSCRIPTION bench ENABLE").unwrap();
+    let took = time_catch_up(b, txns, started);
+    assert_eq!(b.query_i64("SELECT count(*) FROM bench_rows"), txns * 10 + 1);
+    b.exec(ARRIVALS);
+    let lat = latencies(a, b, commits, 1_000_000_000);
+    (took, lat)
+}
+
+fn main() {
+    let txns = env_count("BENCH_TXNS", 20_000) as i64;
+    let commits = env_count("BENCH_COMMITS", 300);
+    let rows = (txns * 10) as f64;
+    println!("bench/apply: backlog of {txns} transactions x 10 rows; {commits} single-row commits for latency");
+    let (native_t, native_lat) = native_run(txns, commits);
+    let (trompe_t, trompe_lat) = trompe_run(txns, commits);
+    let native_rate = rows / native_t.1.as_secs_f64();
+    let trompe_rate = rows / trompe_t.1.as_secs_f64();
+    println!("backlog catch-up (first row to last row; start-up delay after resume in brackets):");
+    println!(
+        "  native logical replication: {:7.2} s  {:9.0} rows/s  [{:.2} s]",
+        native_t.1.as_secs_f64(),
+        native_rate,
+        native_t.0.as_secs_f64()
+    );
+    println!(
+        "  trompe:                     {:7.2} s  {:9.0} rows/s  [{:.2} s]",
+        trompe_t.1.as_secs_f64(),
+        trompe_rate,
+        trompe_t.0.as_secs_f64()
+    );
+    println!("  ratio trompe/native: {:.2}", trompe_rate / native_rate);
+    println!("commit-to-visible latency on an idle pair (ms):");
+    println!(
+        "  native logical replication: p50 {:6.2}  p99 {:6.2}",
+        median(&native_lat),
+        percentile(&native_lat, 99.0)
+    );
+    println!(
+        "  trompe:                     p50 {:6.2}  p99 {:6.2}",
+        median(&trompe_lat),
+        percentile(&trompe_lat, 99.0)
+    );
+}

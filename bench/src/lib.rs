@@ -1,0 +1,53 @@
+//! Shared pieces of trompe's benchmarks: statistics and running pgbench.
+
+use std::process::Command;
+use std::time::Duration;
+
+use trompe_tests::system::pg_bin;
+use trompe_tests::Node;
+
+/// The median of a sample.
+pub fn median(values: &[f64]) -> f64 {
+    percentile(values, 50.0)
+}
+
+/// The `p`th percentile (nearest rank) of a sample.
+pub fn percentile(values: &[f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let rank = ((p / 100.0) * v.len() as f64).ceil().max(1.0) as usize;
+    v[rank.min(v.len()) - 1]
+}
+
+/// The arithmetic mean.
+pub fn mean(values: &[f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len().max(1) as f64
+}
+
+/// Runs pgbench against `node` (TPC-B, prepared statements, no vacuum) and returns its TPS.
+pub fn pgbench(node: &Node, clients: u32, duration: Duration) -> f64 {
+    let out = Command::new(pg_bin("pgbench"))
+        .args(["-n", "-M", "prepared", "-h", "127.0.0.1", "-U", "postgres"])
+        .args(["-p", &node.port.to_string(), "-c", &clients.to_string(), "-j", &clients.to_string()])
+        .args(["-T", &duration.as_secs().to_string(), trompe_tests::node::TEST_DB])
+        .output()
+        .expect("pgbench runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "pgbench failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    text.lines()
+        .find_map(|l| l.strip_prefix("tps = ").and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok()))
+        .unwrap_or_else(|| panic!("no tps in pgbench output: {text}"))
+}
+
+/// Reads a duration in seconds from the environment, with a default.
+pub fn env_secs(name: &str, default: u64) -> Duration {
+    Duration::from_secs(std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default))
+}
+
+/// Reads a count from the environment, with a default.
+pub fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}

@@ -1,0 +1,118 @@
+//! The per-transaction buffer of captured changes. Changes are encoded into memory as they
+//! happen and written to the log as one row when the transaction commits (or in chunks when it
+//! grows large), so a transaction costs one log insert, not one per changed row.
+//!
+//! Subtransactions keep their own buffer: a rolled-back savepoint drops its changes, a released
+//! one hands them to its parent. A chunk written while a subtransaction is open holds only that
+//! subtransaction's changes, so it disappears exactly when they must. Changes carry their
+//! position in the transaction; readers order a transaction's changes by it.
+
+use std::cell::{Cell, RefCell};
+
+use pgrx::pg_sys;
+
+use crate::error::TrompeError;
+
+/// A chunk is written once a buffer holds this many changes...
+const CHUNK_CHANGES: u64 = 4096;
+/// ...or this many bytes.
+const CHUNK_BYTES: usize = 4 << 20;
+
+#[derive(Default)]
+struct Level {
+    bytes: Vec<u8>,
+    count: u64,
+}
+
+thread_local! {
+    /// Buffers by subtransaction nesting level (index 0 is the top-level transaction).
+    static LEVELS: RefCell<Vec<Level>> = const { RefCell::new(Vec::new()) };
+    /// Position of the next change in this transaction.
+    static SEQ: Cell<u64> = const { Cell::new(0) };
+}
+
+fn nest_level() -> usize {
+    // SAFETY: reads the current transaction's nesting level (1 for the top level).
+    (unsafe { pg_sys::GetCurrentTransactionNestLevel() }).max(1) as usize
+}
+
+/// Records one change of the current (sub)transaction: `encode` writes it into the buffer,
+/// given its position in the transaction.
+pub fn record(encode: impl FnOnce(&mut Vec<u8>, u64)) -> Result<(), TrompeError> {
+    crate::capture::ensure_xact_callback();
+    // Choose the log table now, while a snapshot is active (it is not at commit time).
+    crate::capture::log_slot_for_transaction()?;
+    let depth = nest_level();
+    let seq = SEQ.get() + 1;
+    SEQ.set(seq);
+    let full = LEVELS.with(|levels| {
+        let mut levels = levels.borrow_mut();
+        if levels.len() < depth {
+            levels.resize_with(depth, Level::default);
+        }
+        let level = &mut levels[depth - 1];
+        encode(&mut level.bytes, seq);
+        level.count += 1;
+        level.count >= CHUNK_CHANGES || level.bytes.len() >= CHUNK_BYTES
+    });
+    if full {
+        flush_level(depth)?;
+    }
+    Ok(())
+}
+
+/// Writes the buffer of nesting level `depth` as a log row (in the current subtransaction).
+fn flush_level(depth: usize) -> Result<(), TrompeError> {
+    let taken = LEVELS.with(|levels| {
+        let mut levels = levels.borrow_mut();
+        levels.get_mut(depth - 1).map(std::mem::take)
+    });
+    let Some(level) = taken.filter(|l| l.count > 0) else { return Ok(()) };
+    let slot = crate::capture::log_slot_for_transaction()?;
+    crate::log::writer::append_chunk(slot, level.count, &level.bytes)
+}
+
+/// Writes everything still buffered, at commit or prepare of the top-level transaction.
+pub fn flush_all() -> Result<(), TrompeError> {
+    // Released subtransactions were merged into level 1 already; anything deeper is empty.
+    flush_level(1)
+}
+
+/// A subtransaction ended: hand its changes to the parent, or drop them.
+pub fn end_subtransaction(committed: bool) {
+    let depth = nest_level();
+    LEVELS.with(|levels| {
+        let mut levels = levels.borrow_mut();
+        if levels.len() < depth {
+            return;
+        }
+        let child = levels.split_off(depth - 1).into_iter().next().unwrap_or_default();
+        if committed && child.count > 0 && depth >= 2 {
+            if levels.len() < depth - 1 {
+                levels.resize_with(depth - 1, Level::default);
+            }
+            let parent = &mut levels[depth - 2];
+            parent.bytes.extend_from_slice(&child.bytes);
+            parent.count += child.count;
+        }
+    });
+}
+
+/// Forgets everything (the top-level transaction ended).
+pub fn reset() {
+    LEVELS.with(|levels| levels.borrow_mut().clear());
+    SEQ.set(0);
+}
+
+/// This transaction's changes not written to the log yet, as one chunk (for inspection).
+pub fn pending() -> Option<Vec<u8>> {
+    LEVELS.with(|levels| {
+        let levels = levels.borrow();
+        let count: u64 = levels.iter().map(|l| l.count).sum();
+        if count == 0 {
+            return None;
+        }
+        let bytes: Vec<u8> = levels.iter().flat_map(|l| l.bytes.iter().copied()).collect();
+        Some(trompe_core::changeset::chunk(count, &bytes))
+    })
+}

@@ -1,0 +1,77 @@
+//! Which version of a row a change replaces: the commit time and node of the transaction that
+//! wrote the old row, as recorded by PostgreSQL's commit timestamps and replication origins
+//! (for rows applied from a peer, trompe commits with the peer's origin and commit time).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use pgrx::pg_sys;
+use trompe_core::changeset::OldVersion;
+use trompe_core::nodeid::NodeId;
+
+thread_local! {
+    /// This node's id, with the extension's oid it was read under.
+    static LOCAL: RefCell<Option<(pg_sys::Oid, NodeId)>> = const { RefCell::new(None) };
+    /// Replication origins mapped to the peers they stand for.
+    static ORIGINS: RefCell<HashMap<pg_sys::RepOriginId, Option<NodeId>>> = RefCell::new(HashMap::new());
+}
+
+/// This node's id (read once per backend, again if the extension was recreated).
+pub fn local_node() -> Option<NodeId> {
+    // SAFETY: syscache lookup of the extension inside a transaction.
+    let ext = unsafe { pg_sys::get_extension_oid(c"trompe".as_ptr(), true) };
+    if let Some((oid, id)) = LOCAL.with(|l| *l.borrow()) {
+        if oid == ext {
+            return Some(id);
+        }
+    }
+    let text = crate::log::writer::as_extension_owner(|| crate::sql::value("SELECT node_id FROM trompe.node", &[]))
+        .ok()
+        .flatten()?;
+    let id = text.parse::<NodeId>().ok()?;
+    LOCAL.with(|l| *l.borrow_mut() = Some((ext, id)));
+    Some(id)
+}
+
+/// The peer a replication origin stands for (`trompe_<node id>`), if it is one of trompe's.
+pub fn origin_node(origin: pg_sys::RepOriginId) -> Option<NodeId> {
+    if let Some(known) = ORIGINS.with(|o| o.borrow().get(&origin).copied()) {
+        return known;
+    }
+    let mut name: *mut std::ffi::c_char = std::ptr::null_mut();
+    // SAFETY: looks up the origin's name (palloc'd, or NULL if it is gone).
+    let found = unsafe { pg_sys::replorigin_by_oid(origin, true, &mut name) };
+    let node = if found && !name.is_null() {
+        // SAFETY: name is a NUL-terminated string from the catalog.
+        let text = unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy().into_owned();
+        text.strip_prefix("trompe_").and_then(|id| id.parse::<NodeId>().ok())
+    } else {
+        None
+    };
+    ORIGINS.with(|o| o.borrow_mut().insert(origin, node));
+    node
+}
+
+/// The version written by transaction `xmin`.
+pub fn version_of(xmin: pg_sys::TransactionId) -> OldVersion {
+    // SAFETY: plain lookups in this backend's transaction state and the commit timestamp SLRU.
+    unsafe {
+        if pg_sys::TransactionIdIsCurrentTransactionId(xmin) {
+            return OldVersion::SameTransaction;
+        }
+        let mut ts: pg_sys::TimestampTz = 0;
+        let mut origin: pg_sys::RepOriginId = 0;
+        if !pg_sys::TransactionIdGetCommitTsData(xmin, &mut ts, &mut origin) {
+            return OldVersion::Unknown;
+        }
+        let node = if origin == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
+            local_node()
+        } else {
+            origin_node(origin)
+        };
+        match node {
+            Some(node) => OldVersion::Committed { ts, node },
+            None => OldVersion::Unknown,
+        }
+    }
+}
