@@ -119,6 +119,7 @@ fn reset_transaction_state() {
     LOG_SLOT.set(None);
     crate::log::writer::reset_target();
     buffer::reset();
+    version::end_of_transaction();
 }
 
 /// While alive, output functions print in a fixed, settings-independent format (ISO dates,
@@ -161,28 +162,5 @@ impl Drop for CanonicalOutput {
             pg_sys::IntervalStyle = self.interval_style;
             pg_sys::extra_float_digits = self.extra_float_digits;
         }
-    }
-}
-
-/// Builds a one-dimensional `text[]` from text datums (and optional null flags) in the current
-/// memory context.
-pub fn text_array(elems: &[pg_sys::Datum], nulls: Option<&[bool]>) -> pg_sys::Datum {
-    let mut dims = [elems.len() as i32];
-    let mut lbs = [1i32];
-    // SAFETY: elems (and nulls, when given) have the length passed in dims; construct_md_array
-    // copies them into a new array in the current memory context.
-    unsafe {
-        let array = pg_sys::construct_md_array(
-            elems.as_ptr() as *mut pg_sys::Datum,
-            nulls.map_or(std::ptr::null_mut(), |n| n.as_ptr() as *mut bool),
-            1,
-            dims.as_mut_ptr(),
-            lbs.as_mut_ptr(),
-            pg_sys::TEXTOID,
-            -1,
-            false,
-            pg_sys::TYPALIGN_INT as std::ffi::c_char,
-        );
-        pg_sys::Datum::from(array)
     }
 }

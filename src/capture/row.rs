@@ -55,7 +55,13 @@ fn xmin_of(tuple: pg_sys::HeapTuple) -> pg_sys::TransactionId {
     unsafe { pg_sys::HeapTupleHeaderGetXmin((*tuple).t_data) }
 }
 
-/// Writes the first `count` replicated columns of `tuple` in canonical text form.
+thread_local! {
+    /// Reused arrays for deforming tuples (no allocation per captured row).
+    static DEFORM: std::cell::RefCell<(Vec<pg_sys::Datum>, Vec<bool>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Writes the first `count` replicated columns of `tuple` in canonical text form: a few (the
+/// old primary key) are read one by one, a whole row is deformed once.
 fn write_values<'b>(
     w: ChangeWriter<'b>,
     info: &RelInfo,
@@ -63,24 +69,40 @@ fn write_values<'b>(
     tuple: pg_sys::HeapTuple,
     count: usize,
 ) -> ChangeWriter<'b> {
-    // SAFETY: tuple belongs to rel, whose descriptor sizes the deform arrays; output functions
-    // get non-null datums of their column's type and return palloc'd C strings.
+    let mut w = w.list(count);
+    // SAFETY: tuple belongs to rel, whose descriptor sizes the deform arrays and is what
+    // heap_getattr reads with (attribute numbers are 1-based); output functions get non-null
+    // datums of their column's type and return palloc'd C strings.
     unsafe {
         let tupdesc = (*rel).rd_att;
-        let natts = (*tupdesc).natts as usize;
-        let mut values = vec![pg_sys::Datum::from(0); natts];
-        let mut isnull = vec![false; natts];
-        pg_sys::heap_deform_tuple(tuple, tupdesc, values.as_mut_ptr(), isnull.as_mut_ptr());
-        let mut w = w.list(count);
-        for col in &info.columns[..count] {
-            if isnull[col.index] {
-                w = w.value(None);
+        let write = |w: ChangeWriter<'b>, col: &crate::capture::relinfo::Column, value: pg_sys::Datum, isnull: bool| {
+            if isnull {
+                w.value(None)
             } else {
-                let out = pg_sys::OutputFunctionCall(col.output, values[col.index]);
-                w = w.value(Some(std::ffi::CStr::from_ptr(out).to_bytes()));
+                let out = pg_sys::OutputFunctionCall(col.output, value);
+                let w = w.value(Some(std::ffi::CStr::from_ptr(out).to_bytes()));
                 pg_sys::pfree(out.cast());
+                w
             }
+        };
+        if count < info.columns.len() {
+            for col in &info.columns[..count] {
+                let mut isnull = false;
+                let value = pg_sys::heap_getattr(tuple, col.index as i32 + 1, tupdesc, &mut isnull);
+                w = write(w, col, value, isnull);
+            }
+            return w;
         }
-        w
+        DEFORM.with(|buffers| {
+            let (values, nulls) = &mut *buffers.borrow_mut();
+            let natts = (*tupdesc).natts as usize;
+            values.resize(natts, pg_sys::Datum::from(0));
+            nulls.resize(natts, false);
+            pg_sys::heap_deform_tuple(tuple, tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());
+            for col in &info.columns[..count] {
+                w = write(w, col, values[col.index], nulls[col.index]);
+            }
+            w
+        })
     }
 }

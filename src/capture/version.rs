@@ -10,16 +10,37 @@ use trompe_core::changeset::OldVersion;
 use trompe_core::nodeid::NodeId;
 
 thread_local! {
-    /// This node's id, with the extension's oid it was read under.
+    /// This node's id, with the oid of the `trompe.node` table it was read from (a new table
+    /// means the extension was created again, with a new id), and whether that was checked in
+    /// the current transaction.
     static LOCAL: RefCell<Option<(pg_sys::Oid, NodeId)>> = const { RefCell::new(None) };
+    static CHECKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// Replication origins mapped to the peers they stand for.
     static ORIGINS: RefCell<HashMap<pg_sys::RepOriginId, Option<NodeId>>> = RefCell::new(HashMap::new());
 }
 
-/// This node's id (read once per backend, again if the extension was recreated).
+/// Forgets that the cached node id was checked (at the end of every transaction).
+pub fn end_of_transaction() {
+    CHECKED.set(false);
+}
+
+/// This node's id (read once per backend, checked once per transaction, read again if the
+/// extension was created again).
 pub fn local_node() -> Option<NodeId> {
-    // SAFETY: syscache lookup of the extension inside a transaction.
-    let ext = unsafe { pg_sys::get_extension_oid(c"trompe".as_ptr(), true) };
+    if CHECKED.get() {
+        if let Some((_, id)) = LOCAL.with(|l| *l.borrow()) {
+            return Some(id);
+        }
+    }
+    // SAFETY: syscache lookups inside a transaction.
+    let ext = unsafe {
+        let nsp = pg_sys::get_namespace_oid(c"trompe".as_ptr(), true);
+        if nsp == pg_sys::InvalidOid {
+            return None;
+        }
+        pg_sys::get_relname_relid(c"node".as_ptr(), nsp)
+    };
+    CHECKED.set(true);
     if let Some((oid, id)) = LOCAL.with(|l| *l.borrow()) {
         if oid == ext {
             return Some(id);

@@ -40,12 +40,13 @@ fn main() {
     let duration = env_secs("BENCH_SECONDS", 20);
     let rounds = env_count("BENCH_ROUNDS", 3);
     let clients = env_count("BENCH_CLIENTS", 2) as u32;
+    // PostgreSQL's defaults for everything that affects write speed (the harness turns fsync
+    // and full-page writes off to speed tests up).
     let cluster = Cluster::builder("bench-capture")
         .nodes(2)
         .setting("fsync", "on")
         .setting("full_page_writes", "on")
-        .setting("shared_buffers", "256MB")
-        .setting("max_wal_size", "4GB")
+        .setting("shared_buffers", "128MB")
         .start();
     let node = cluster.node(0);
     let init = std::process::Command::new(trompe_tests::system::pg_bin("pgbench"))
