@@ -94,3 +94,37 @@ CREATE TABLE trompe.consumers (
     confirmed_at timestamptz NOT NULL DEFAULT now()
 );
 COMMENT ON TABLE trompe.consumers IS 'Nodes pulling from this node and the position they confirmed (holds back log truncation).';
+
+-- Conflict resolution. A row's version is the commit time and node of the transaction that
+-- wrote it (its xmin's commit timestamp and replication origin); a deleted row's version is
+-- kept as a tombstone (the version of the tombstone row itself), a truncated table's as a
+-- table tombstone, so that an older change arriving late never brings the row back.
+CREATE TABLE trompe.tombstones (
+    relid oid NOT NULL,
+    key text[] NOT NULL,
+    PRIMARY KEY (relid, key)
+);
+COMMENT ON TABLE trompe.tombstones IS 'Primary keys of deleted rows (version = the row''s own xmin); pruned after trompe.tombstone_retention.';
+
+CREATE TABLE trompe.truncations (
+    relid oid PRIMARY KEY
+);
+COMMENT ON TABLE trompe.truncations IS 'Last truncation of each replicated table (version = the row''s own xmin).';
+
+-- Every conflict resolved, with both versions and which won.
+CREATE TABLE trompe.conflicts (
+    id bigserial PRIMARY KEY,
+    at timestamptz NOT NULL DEFAULT now(),
+    table_name text NOT NULL,
+    key jsonb,
+    kind text NOT NULL,
+    winner text NOT NULL CHECK (winner IN ('local', 'remote')),
+    local_origin uuid,
+    local_committed_at timestamptz,
+    local_row jsonb,
+    remote_origin uuid,
+    remote_committed_at timestamptz,
+    remote_row jsonb
+);
+CREATE INDEX conflicts_at ON trompe.conflicts (at);
+COMMENT ON TABLE trompe.conflicts IS 'Conflicts resolved on this node; pruned after trompe.conflict_retention.';

@@ -106,6 +106,18 @@ pub enum TrompeError {
     /// A setting needed for replication is off.
     #[error("{0}")]
     SettingRequired(String),
+    /// A row version replaced by this transaction was committed too far in this node's future.
+    #[error("this transaction replaces a row version committed {ahead_ms} ms in this node's future")]
+    ClockSkew {
+        /// How far ahead.
+        ahead_ms: i64,
+    },
+    /// A conflict rule that is not offered.
+    #[error("{0}")]
+    BadRule(String),
+    /// The table is not replicated.
+    #[error("table {0} is not replicated by trompe")]
+    NotReplicated(String),
     /// Something in trompe's own state is not as it must be.
     #[error("trompe internal error: {0}")]
     Internal(String),
@@ -136,6 +148,9 @@ impl TrompeError {
             TrompeError::PeerIsSelf(_) => ERRCODE_INVALID_PARAMETER_VALUE,
             TrompeError::PeerFailed { .. } => ERRCODE_CONNECTION_FAILURE,
             TrompeError::SettingRequired(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            TrompeError::ClockSkew { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            TrompeError::BadRule(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            TrompeError::NotReplicated(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             TrompeError::Internal(_) => ERRCODE_INTERNAL_ERROR,
         }
     }
@@ -157,6 +172,8 @@ impl TrompeError {
             TrompeError::NotAConsumer(_) => {
                 Some("The peer was removed on that node; add it again with trompe.add_peer().")
             }
+            TrompeError::NotReplicated(_) => Some("Replicate it first with trompe.add_table() or trompe.add_schema()."),
+            TrompeError::BadRule(_) => Some("See \"Conflicts\" in trompe's README for why only convergent rules are offered."),
             _ => None,
         }
     }

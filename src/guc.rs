@@ -18,6 +18,14 @@ pub static CONNECT_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(10);
 /// `trompe.log_rotation_interval`: how often the current log table is switched, in ms.
 pub static LOG_ROTATION_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 
+/// `trompe.max_clock_skew`: the longest a transaction waits at commit for this node's clock to
+/// pass a version it replaces (written by a node whose clock runs ahead), in milliseconds.
+pub static MAX_CLOCK_SKEW_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+/// `trompe.conflict_retention`: how long resolved conflicts are kept, in seconds.
+pub static CONFLICT_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 86_400);
+/// `trompe.tombstone_retention`: how long the keys of deleted rows are kept, in seconds.
+pub static TOMBSTONE_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 86_400);
+
 /// Registers every setting.
 pub fn define() {
     GucRegistry::define_bool_guc(
@@ -75,6 +83,36 @@ pub fn define() {
         &CONNECT_TIMEOUT_S,
         1,
         3600,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"trompe.max_clock_skew",
+        c"Longest wait at commit for the clock to pass a replaced version.",
+        c"A transaction replacing a row version written by a node whose clock runs further ahead fails.",
+        &MAX_CLOCK_SKEW_MS,
+        0,
+        3_600_000,
+        GucContext::Suset,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"trompe.conflict_retention",
+        c"How long resolved conflicts are kept in trompe.conflicts.",
+        c"",
+        &CONFLICT_RETENTION_S,
+        60,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"trompe.tombstone_retention",
+        c"How long the keys of deleted rows are kept to resolve late conflicting changes.",
+        c"Must be longer than any outage after which a node is expected to catch up.",
+        &TOMBSTONE_RETENTION_S,
+        60,
+        i32::MAX,
         GucContext::Sighup,
         GucFlags::UNIT_S,
     );

@@ -7,6 +7,7 @@
 use pgrx::prelude::*;
 
 pub mod capture;
+pub mod conflicts;
 pub mod error;
 pub mod guc;
 pub mod libpq;

@@ -67,6 +67,8 @@ pub struct DbSlot {
     pub log_commits: AtomicU64,
     /// Bumped to make the worker re-read its peers and pull at once.
     pub wake_requests: AtomicU64,
+    /// Bumped after a transaction wrote tombstones or truncation markers.
+    pub tombstone_generation: AtomicU64,
 }
 
 impl DbSlot {
@@ -401,5 +403,32 @@ pub fn announce_log_commit() {
         slot.log_commits.fetch_add(1, Ordering::AcqRel);
         // SAFETY: the condition variable lives in shared memory for the server's lifetime.
         unsafe { pg_sys::ConditionVariableBroadcast(&shared.log_commit_cv as *const _ as *mut _) };
+    }
+}
+
+thread_local! {
+    static LOCAL_GENERATION: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// The tombstone generation of this database: cached facts about tombstones stay valid while it
+/// does not change. Without shared memory it changes on every call (nothing is cached).
+pub fn tombstone_generation() -> u64 {
+    // SAFETY: MyDatabaseId is a backend-local global.
+    let slot = shared().and_then(|s| s.db_slot(unsafe { pg_sys::MyDatabaseId }));
+    match slot {
+        Some(slot) => slot.tombstone_generation.load(Ordering::Acquire),
+        None => {
+            let g = LOCAL_GENERATION.get() + 1;
+            LOCAL_GENERATION.set(g);
+            g | (1 << 63)
+        }
+    }
+}
+
+/// Announces that tombstones or truncation markers of this database changed.
+pub fn bump_tombstone_generation() {
+    // SAFETY: MyDatabaseId is a backend-local global.
+    if let Some(slot) = shared().and_then(|s| s.db_slot_or_new(unsafe { pg_sys::MyDatabaseId })) {
+        slot.tombstone_generation.fetch_add(1, Ordering::AcqRel);
     }
 }

@@ -1,5 +1,5 @@
 //! Which tables are replicated: `trompe.add_table`, `remove_table`, `add_schema`,
-//! `remove_schema`, and the checks that keep a replicated table replicable.
+//! `remove_schema`, `set_conflict_rule`, and the checks that keep a replicated table replicable.
 
 use pgrx::prelude::*;
 use pgrx::spi::quote_identifier;
@@ -10,6 +10,7 @@ use crate::capture::InternalOperation;
 use crate::error::{OrRaise, TrompeError};
 use crate::log::writer::as_extension_owner;
 use crate::sql;
+use trompe_core::conflict::Rule;
 
 /// Schemas that can never be replicated.
 const RESERVED_SCHEMAS: &[&str] = &["pg_catalog", "information_schema", "pg_toast", "trompe"];
@@ -163,6 +164,30 @@ fn add_table(rel: PgRelation) -> bool {
 #[pg_extern(volatile, parallel_unsafe)]
 fn remove_table(rel: PgRelation) -> bool {
     remove_table_by_oid(rel.oid()).or_raise()
+}
+
+/// Sets the conflict rule of a replicated table and returns it. Only rules under which every
+/// node converges are offered: `last_update_wins` (the default). `first_update_wins` and node
+/// priorities are refused with an explanation (README, "Conflicts").
+#[pg_extern(volatile, parallel_unsafe)]
+fn set_conflict_rule(rel: PgRelation, rule: &str) -> String {
+    set_rule(rel.oid(), rule).or_raise()
+}
+
+fn set_rule(relid: pg_sys::Oid, rule: &str) -> Result<String, TrompeError> {
+    let rule = Rule::parse(rule).map_err(|e| TrompeError::BadRule(e.to_string()))?;
+    let facts = rel_facts(relid)?;
+    if !is_replicated(relid) {
+        return Err(TrompeError::NotReplicated(facts.qualified()));
+    }
+    as_extension_owner(|| {
+        sql::execute(
+            "UPDATE trompe.tables SET conflict_rule = $2 WHERE relid = $1::oid",
+            &[Some(&relid.to_u32().to_string()), Some(rule.name())],
+        )
+    })
+    .map_err(TrompeError::Internal)?;
+    Ok(rule.name().to_string())
 }
 
 fn check_schema(schema_name: &str) -> Result<(), TrompeError> {

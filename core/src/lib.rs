@@ -8,6 +8,7 @@ pub mod changeset;
 pub mod conflict;
 pub mod conninfo;
 pub mod ident;
+pub mod json;
 pub mod logformat;
 pub mod nodeid;
 pub mod pgarray;

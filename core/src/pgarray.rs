@@ -84,6 +84,31 @@ pub fn parse_text_array(text: &str) -> Result<Vec<Option<String>>, ArrayError> {
     Ok(out)
 }
 
+/// Formats a one-dimensional `text[]` literal, every element quoted (`None` is NULL).
+pub fn format_text_array(items: &[Option<&str>]) -> String {
+    let mut out = String::from("{");
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match item {
+            None => out.push_str("NULL"),
+            Some(s) => {
+                out.push('"');
+                for c in s.chars() {
+                    if c == '"' || c == '\\' {
+                        out.push('\\');
+                    }
+                    out.push(c);
+                }
+                out.push('"');
+            }
+        }
+    }
+    out.push('}');
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,6 +133,14 @@ mod tests {
     fn nested_literals_stay_text() {
         // A text element that is itself an array literal is quoted by array_out.
         assert_eq!(parse_text_array(r#"{"{1,2}","(1,\"x,y\")"}"#).unwrap(), s(&[Some("{1,2}"), Some("(1,\"x,y\")")]));
+    }
+
+    #[test]
+    fn formatting_round_trips() {
+        let items = [Some("a b"), None, Some("NULL"), Some("q\"uote\\"), Some("")];
+        let text = format_text_array(&items);
+        let back = parse_text_array(&text).unwrap();
+        assert_eq!(back, items.iter().map(|i| i.map(str::to_string)).collect::<Vec<_>>());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod buffer;
 pub mod ddl;
+pub mod guard;
 pub mod relinfo;
 pub mod row;
 pub mod truncate;
@@ -18,6 +19,8 @@ thread_local! {
     static INTERNAL_DEPTH: Cell<u32> = const { Cell::new(0) };
     /// This transaction wrote to the change log: wake pullers when it commits.
     static WROTE_LOG: Cell<bool> = const { Cell::new(false) };
+    /// This transaction wrote tombstones or truncation markers.
+    static WROTE_MARKERS: Cell<bool> = const { Cell::new(false) };
     /// The log table this transaction appends to, once chosen.
     static LOG_SLOT: Cell<Option<usize>> = const { Cell::new(None) };
     static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
@@ -63,6 +66,11 @@ pub fn log_slot_for_transaction() -> Result<usize, crate::error::TrompeError> {
     Ok(slot)
 }
 
+/// Records that this transaction wrote tombstones or truncation markers.
+pub fn note_markers_written() {
+    WROTE_MARKERS.set(true);
+}
+
 /// Records that this transaction wrote to the change log.
 pub fn note_log_write() {
     WROTE_LOG.set(true);
@@ -99,13 +107,16 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
     match event {
         // Still inside the transaction: the buffered changes become its last log row.
         pg_sys::XactEvent::XACT_EVENT_PRE_COMMIT | pg_sys::XactEvent::XACT_EVENT_PRE_PREPARE => {
-            if let Err(e) = buffer::flush_all() {
+            if let Err(e) = buffer::flush_all().and_then(|_| guard::pre_commit()) {
                 e.raise();
             }
         }
         pg_sys::XactEvent::XACT_EVENT_COMMIT => {
             if WROTE_LOG.get() {
                 crate::shmem::announce_log_commit();
+            }
+            if WROTE_MARKERS.get() {
+                crate::shmem::bump_tombstone_generation();
             }
             reset_transaction_state();
         }
@@ -120,6 +131,8 @@ fn reset_transaction_state() {
     crate::log::writer::reset_target();
     buffer::reset();
     version::end_of_transaction();
+    guard::end_of_transaction();
+    WROTE_MARKERS.set(false);
 }
 
 /// While alive, output functions print in a fixed, settings-independent format (ISO dates,

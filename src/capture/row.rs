@@ -7,7 +7,7 @@ use trompe_core::logformat::Op;
 
 use crate::capture::relinfo::{relinfo, RelInfo};
 use crate::capture::version::version_of;
-use crate::capture::{applying_for_peer, buffer, CanonicalOutput};
+use crate::capture::{applying_for_peer, buffer, guard, CanonicalOutput};
 use crate::error::{OrRaise, TrompeError};
 
 /// AFTER INSERT OR UPDATE OR DELETE ... FOR EACH ROW trigger that captures the change.
@@ -33,6 +33,25 @@ fn capture(td: &pg_sys::TriggerData) -> Result<(), TrompeError> {
     };
     let old_version = old.map_or(OldVersion::Unknown, |t| version_of(xmin_of(t)));
     let _format = CanonicalOutput::enter();
+    // SAFETY: rel is open.
+    let relid = unsafe { (*rel).rd_id };
+    match (op, new, old) {
+        (Op::Insert, Some(t), _) => guard::inserted(relid, || key_texts(&info, rel, t))?,
+        (Op::Delete, _, Some(t)) => {
+            guard::replaced(old_version);
+            guard::deleted(relid, key_texts(&info, rel, t));
+        }
+        (Op::Update, Some(n), Some(o)) => {
+            guard::replaced(old_version);
+            let (old_key, new_key) = (key_texts(&info, rel, o), key_texts(&info, rel, n));
+            if old_key != new_key {
+                // The row moved to another key: the old one is deleted, the new one inserted.
+                guard::deleted(relid, old_key);
+                guard::inserted(relid, || new_key)?;
+            }
+        }
+        _ => {}
+    }
     buffer::record(|buf, seq| {
         let names = if op == Op::Delete { &info.names[..info.nkey] } else { &info.names[..] };
         let w = ChangeWriter::begin(buf, op, seq, info.nsp.as_bytes(), info.rel.as_bytes())
@@ -47,6 +66,27 @@ fn capture(td: &pg_sys::TriggerData) -> Result<(), TrompeError> {
         };
         w.finish(old_version);
     })
+}
+
+/// The primary key values of `tuple` as canonical text, in key order.
+fn key_texts(info: &RelInfo, rel: pg_sys::Relation, tuple: pg_sys::HeapTuple) -> Vec<Option<String>> {
+    // SAFETY: as in write_values: attributes of rel's tuple, output functions of their types.
+    unsafe {
+        let tupdesc = (*rel).rd_att;
+        info.columns[..info.nkey]
+            .iter()
+            .map(|col| {
+                let mut isnull = false;
+                let value = pg_sys::heap_getattr(tuple, col.index as i32 + 1, tupdesc, &mut isnull);
+                (!isnull).then(|| {
+                    let out = pg_sys::OutputFunctionCall(col.output, value);
+                    let text = std::ffi::CStr::from_ptr(out).to_string_lossy().into_owned();
+                    pg_sys::pfree(out.cast());
+                    text
+                })
+            })
+            .collect()
+    }
 }
 
 /// The transaction that wrote a row version (FrozenTransactionId if frozen).

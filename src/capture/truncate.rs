@@ -35,6 +35,8 @@ fn capture(td: &pg_sys::TriggerData) -> Result<(), TrompeError> {
         )
     };
     let restart = if crate::capture::ddl::truncate_restarts_identity() { "restart" } else { "continue" };
+    // SAFETY: rel is open.
+    crate::capture::guard::truncated(unsafe { (*rel).rd_id });
     buffer::record(|buf, seq| {
         ChangeWriter::begin(buf, Op::Truncate, seq, nsp.as_bytes(), name.as_bytes())
             .cols(std::iter::empty())

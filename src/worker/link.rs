@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use pgrx::pg_sys;
+use pgrx::{pg_sys, PgSqlErrorCode};
 use trompe_core::backoff::Backoff;
 use trompe_core::changeset::decode;
 use trompe_core::conninfo::ConnInfo;
@@ -16,7 +16,7 @@ use crate::libpq::{Conn, PgResult, PqError, Want};
 use crate::shmem::{now_ms, PeerSlot};
 use crate::worker::apply::{apply_transaction, ApplyCache, Change};
 use crate::worker::progress;
-use crate::worker::txn::in_transaction;
+use crate::worker::txn::{in_transaction, in_transaction_coded, TxnError};
 
 /// Extra time allowed beyond the pull's own wait before a silent peer is given up on.
 const ANSWER_GRACE_MS: i64 = 60_000;
@@ -522,17 +522,31 @@ impl Link {
         let node = self.node.to_string();
         // SAFETY: the timestamp the next commit records for the session's replication origin.
         unsafe { pg_sys::replorigin_session_origin_timestamp = txn.first().map_or(0, |c| c.commit_us) };
-        in_transaction(|| {
-            cache.purge_stale();
-            // SAFETY: SPI is connected for the statements of this transaction and finished below
-            // (an error aborts the transaction, which cleans SPI up).
-            unsafe { pg_sys::SPI_connect() };
-            apply_transaction(cache, txn).map_err(|e| e.to_string())?;
-            progress::store(&node, next, 1, txn.len() as i64)?;
-            // SAFETY: pairs with SPI_connect above.
-            unsafe { pg_sys::SPI_finish() };
-            Ok(())
-        })
+        let attempt = |cache: &mut ApplyCache, careful: bool| {
+            let result = in_transaction_coded(|| {
+                cache.purge_stale();
+                // SAFETY: SPI is connected for the statements of this transaction and finished
+                // below (an error aborts the transaction, which cleans SPI up).
+                unsafe { pg_sys::SPI_connect() };
+                apply_transaction(cache, txn, self.node, careful).map_err(|e| TxnError::from(e.to_string()))?;
+                progress::store(&node, next, 1, txn.len() as i64)?;
+                // SAFETY: pairs with SPI_connect above.
+                unsafe { pg_sys::SPI_finish() };
+                Ok(())
+            });
+            if result.is_err() {
+                crate::conflicts::discard();
+            }
+            crate::worker::apply::after_transaction(result.is_ok());
+            result
+        };
+        match attempt(cache, false) {
+            // A row collided with another on a unique constraint other than the primary key:
+            // do it again, resolving such collisions before each write.
+            Err(e) if e.code == Some(PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION) => attempt(cache, true),
+            other => other,
+        }
+        .map_err(|e| e.message)
     }
 }
 

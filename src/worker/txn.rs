@@ -3,23 +3,45 @@
 
 use pgrx::pg_sys;
 use pgrx::pg_sys::panic::CaughtError;
-use pgrx::PgTryBuilder;
+use pgrx::{PgSqlErrorCode, PgTryBuilder};
 
-/// The message of a caught error, with its detail.
-pub fn message_of(e: &CaughtError) -> String {
+/// A failed transaction: the error's message (with its detail) and SQLSTATE, if PostgreSQL
+/// raised it.
+#[derive(Debug, Clone)]
+pub struct TxnError {
+    /// What went wrong.
+    pub message: String,
+    /// The SQLSTATE of a PostgreSQL error.
+    pub code: Option<PgSqlErrorCode>,
+}
+
+impl From<String> for TxnError {
+    fn from(message: String) -> Self {
+        TxnError { message, code: None }
+    }
+}
+
+impl From<&str> for TxnError {
+    fn from(message: &str) -> Self {
+        TxnError { message: message.to_string(), code: None }
+    }
+}
+
+fn error_of(e: &CaughtError) -> TxnError {
     let report = match e {
         CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r,
         CaughtError::RustPanic { ereport, .. } => ereport,
     };
-    match report.detail() {
+    let message = match report.detail() {
         Some(d) if !d.is_empty() => format!("{} ({d})", report.message()),
         _ => report.message().to_string(),
-    }
+    };
+    TxnError { message, code: Some(report.sql_error_code()) }
 }
 
 /// Runs `f` in a new transaction and commits it; on an error (raised or returned) rolls back
-/// and returns the message.
-pub fn in_transaction<R>(f: impl FnOnce() -> Result<R, String>) -> Result<R, String> {
+/// and returns it.
+pub fn in_transaction_coded<R>(f: impl FnOnce() -> Result<R, TxnError>) -> Result<R, TxnError> {
     // SAFETY: starts a transaction in the worker, outside any other transaction.
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
@@ -36,11 +58,16 @@ pub fn in_transaction<R>(f: impl FnOnce() -> Result<R, String>) -> Result<R, Str
         }
         Ok(value)
     }))
-    .catch_others(|e| Err(message_of(&e)))
+    .catch_others(|e| Err(error_of(&e)))
     .execute();
     if result.is_err() {
         // SAFETY: rolls back whatever transaction state is left (SPI, snapshots, locks).
         unsafe { pg_sys::AbortCurrentTransaction() };
     }
     result
+}
+
+/// [`in_transaction_coded`] for work whose errors are plain messages.
+pub fn in_transaction<R>(f: impl FnOnce() -> Result<R, String>) -> Result<R, String> {
+    in_transaction_coded(|| f().map_err(TxnError::from)).map_err(|e| e.message)
 }

@@ -1,0 +1,189 @@
+//! What local writes do for conflict resolution:
+//!
+//! - a deleted row leaves a tombstone, a truncated table a truncation marker (written at
+//!   commit, in bulk), so that an older change arriving later from a peer does not bring rows
+//!   back;
+//! - a transaction that replaces a version committed "in the future" by its clock (a row last
+//!   written by a peer whose clock runs ahead, or a key deleted there) waits before committing
+//!   until its clock has passed it, so that its own version is the greater one. Without this, a
+//!   node could keep a local write that every other node rejects.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use pgrx::pg_sys;
+use trompe_core::changeset::OldVersion;
+use trompe_core::conflict::commit_wait_needed;
+use trompe_core::pgarray::format_text_array;
+
+use crate::capture::version::version_of;
+use crate::error::TrompeError;
+use crate::log::writer::as_extension_owner;
+
+#[derive(Default)]
+struct Pending {
+    /// The newest commit time this transaction replaces.
+    max_replaced: i64,
+    /// Keys deleted, by table (text[] literals).
+    deleted: HashMap<pg_sys::Oid, Vec<String>>,
+    /// Tables truncated.
+    truncated: Vec<pg_sys::Oid>,
+}
+
+thread_local! {
+    static PENDING: RefCell<Pending> = RefCell::new(Pending::default());
+    /// Per table: (tombstone generation, has tombstones, truncation commit time).
+    static GUARDS: RefCell<HashMap<pg_sys::Oid, (u64, bool, Option<i64>)>> = RefCell::new(HashMap::new());
+}
+
+fn note_replaced(old: OldVersion) {
+    if let OldVersion::Committed { ts, .. } = old {
+        PENDING.with(|p| {
+            let mut p = p.borrow_mut();
+            p.max_replaced = p.max_replaced.max(ts);
+        });
+    }
+}
+
+/// An update or delete replaced the row version `old`.
+pub fn replaced(old: OldVersion) {
+    note_replaced(old);
+}
+
+fn guards_of(relid: pg_sys::Oid) -> Result<(bool, Option<i64>), TrompeError> {
+    let generation = crate::shmem::tombstone_generation();
+    if let Some((g, tombstones, truncated)) = GUARDS.with(|c| c.borrow().get(&relid).copied()) {
+        if g == generation {
+            return Ok((tombstones, truncated));
+        }
+    }
+    let row = as_extension_owner(|| {
+        crate::sql::row(
+            "SELECT EXISTS (SELECT 1 FROM trompe.tombstones WHERE relid = $1::oid),
+                    (SELECT xmin FROM trompe.truncations WHERE relid = $1::oid)",
+            &[Some(&relid.to_u32().to_string())],
+        )
+    })
+    .map_err(TrompeError::Internal)?
+    .unwrap_or_default();
+    let tombstones = row.first().cloned().flatten().as_deref() == Some("t");
+    let truncated = row.get(1).cloned().flatten().and_then(|x| x.parse::<u32>().ok()).and_then(|x| {
+        match version_of(pg_sys::TransactionId::from(x)) {
+            OldVersion::Committed { ts, .. } => Some(ts),
+            _ => None,
+        }
+    });
+    GUARDS.with(|c| c.borrow_mut().insert(relid, (generation, tombstones, truncated)));
+    Ok((tombstones, truncated))
+}
+
+/// An insert of `key`: it replaces the key's tombstone and the table's truncation, if any.
+/// `key` is computed only when the table has tombstones.
+pub fn inserted(relid: pg_sys::Oid, key: impl FnOnce() -> Vec<Option<String>>) -> Result<(), TrompeError> {
+    let (tombstones, truncated) = guards_of(relid)?;
+    if let Some(ts) = truncated {
+        note_replaced(OldVersion::Committed { ts, node: Default::default() });
+    }
+    if tombstones {
+        let key = key();
+        let refs: Vec<Option<&str>> = key.iter().map(|k| k.as_deref()).collect();
+        let xmin = as_extension_owner(|| {
+            crate::sql::value(
+                "SELECT xmin FROM trompe.tombstones WHERE relid = $1::oid AND key = $2::text[]",
+                &[Some(&relid.to_u32().to_string()), Some(&format_text_array(&refs))],
+            )
+        })
+        .map_err(TrompeError::Internal)?;
+        if let Some(x) = xmin.and_then(|x| x.parse::<u32>().ok()) {
+            note_replaced(version_of(pg_sys::TransactionId::from(x)));
+        }
+    }
+    Ok(())
+}
+
+/// A delete of `key` (its values as text, in primary key order).
+pub fn deleted(relid: pg_sys::Oid, key: Vec<Option<String>>) {
+    let refs: Vec<Option<&str>> = key.iter().map(|k| k.as_deref()).collect();
+    let literal = format_text_array(&refs);
+    PENDING.with(|p| p.borrow_mut().deleted.entry(relid).or_default().push(literal));
+}
+
+/// A truncation of table `relid`.
+pub fn truncated(relid: pg_sys::Oid) {
+    PENDING.with(|p| p.borrow_mut().truncated.push(relid));
+}
+
+/// At commit: writes tombstones and truncation markers, then waits until this node's clock
+/// has passed every version the transaction replaced.
+pub fn pre_commit() -> Result<(), TrompeError> {
+    let pending = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    if !pending.deleted.is_empty() || !pending.truncated.is_empty() {
+        write_markers(&pending)?;
+    }
+    wait_for_clock(pending.max_replaced)
+}
+
+fn write_markers(pending: &Pending) -> Result<(), TrompeError> {
+    struct Snapshot;
+    impl Drop for Snapshot {
+        fn drop(&mut self) {
+            // SAFETY: pops the snapshot pushed below.
+            unsafe { pg_sys::PopActiveSnapshot() };
+        }
+    }
+    // SAFETY: commit-time work still runs inside the transaction; SQL needs an active
+    // snapshot, which is popped again by the guard.
+    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
+    let _snapshot = Snapshot;
+    let result = as_extension_owner(|| -> Result<(), String> {
+        for relid in &pending.truncated {
+            let relid = relid.to_u32().to_string();
+            crate::sql::execute(
+                "INSERT INTO trompe.truncations (relid) VALUES ($1::oid)
+                 ON CONFLICT (relid) DO UPDATE SET relid = EXCLUDED.relid",
+                &[Some(&relid)],
+            )?;
+            crate::sql::execute("DELETE FROM trompe.tombstones WHERE relid = $1::oid", &[Some(&relid)])?;
+        }
+        for (relid, keys) in &pending.deleted {
+            let list = format!("{{{}}}", keys.iter().map(|k| format!("\"{}\"", k.replace('\\', "\\\\").replace('"', "\\\""))).collect::<Vec<_>>().join(","));
+            crate::sql::execute(
+                "INSERT INTO trompe.tombstones (relid, key)
+                 SELECT $1::oid, k::text[] FROM unnest($2::text[]) AS k
+                 ON CONFLICT (relid, key) DO UPDATE SET key = EXCLUDED.key",
+                &[Some(&relid.to_u32().to_string()), Some(&list)],
+            )?;
+        }
+        Ok(())
+    });
+    result.map_err(TrompeError::Internal)?;
+    crate::capture::note_markers_written();
+    Ok(())
+}
+
+fn wait_for_clock(max_replaced: i64) -> Result<(), TrompeError> {
+    if max_replaced == 0 {
+        return Ok(());
+    }
+    // SAFETY: reads the clock as PostgreSQL timestamps it.
+    let now = || unsafe { pg_sys::GetCurrentTimestamp() };
+    let wait = commit_wait_needed(max_replaced, now());
+    if wait == 0 {
+        return Ok(());
+    }
+    let limit_us = crate::guc::MAX_CLOCK_SKEW_MS.get() as i64 * 1000;
+    if wait > limit_us {
+        return Err(TrompeError::ClockSkew { ahead_ms: wait / 1000 });
+    }
+    while commit_wait_needed(max_replaced, now()) > 0 {
+        // SAFETY: sleeping in small steps, answering cancel and termination in between.
+        unsafe { pg_sys::pg_usleep(commit_wait_needed(max_replaced, now()).min(10_000) as std::ffi::c_long) };
+        pgrx::check_for_interrupts!();
+    }
+    Ok(())
+}
+
+/// Forgets everything (the transaction ended).
+pub fn end_of_transaction() {
+    PENDING.with(|p| *p.borrow_mut() = Pending::default());
+}

@@ -1,0 +1,178 @@
+//! Conflict resolution during apply, and the conflict log.
+//!
+//! Apply statements carry a condition `trompe._apply_wins(tgt.xmin, tgt, incoming)`: evaluated
+//! on the local row an incoming change meets, it compares that row's version (its xmin's
+//! commit time and origin) with the incoming one under the table's rule, records a conflict if
+//! the two were written concurrently, and lets the statement change the row only if the
+//! incoming version wins. The apply code sets what the condition needs to know about the
+//! change (its version, the version it replaced at its origin) before each statement, and
+//! writes the recorded conflicts to `trompe.conflicts` after it.
+
+use std::cell::RefCell;
+
+use pgrx::prelude::*;
+use pgrx::AnyElement;
+use trompe_core::conflict::{incoming_wins, is_conflict, ConflictKind, LocalVersion, Version};
+use trompe_core::nodeid::NodeId;
+
+use crate::capture::version::version_of;
+
+/// What the conditions of the current apply statement compare against.
+#[derive(Clone)]
+pub struct Incoming {
+    /// The qualified table name, for the log.
+    pub table: String,
+    /// The incoming change's version.
+    pub version: Version,
+    /// The version it replaced at its origin (Unknown for inserts).
+    pub replaced: LocalVersion,
+    /// The kind of conflict a concurrent local row means for this change.
+    pub kind: ConflictKind,
+    /// The primary key as JSON, when the statement changes one row.
+    pub key: Option<String>,
+    /// The incoming row as JSON, when the statement changes one row.
+    pub row: Option<String>,
+}
+
+/// One conflict, as written to `trompe.conflicts`.
+pub struct Recorded {
+    /// Table.
+    pub table: String,
+    /// Primary key (JSON).
+    pub key: Option<String>,
+    /// Kind.
+    pub kind: ConflictKind,
+    /// True if the incoming change won.
+    pub remote_won: bool,
+    /// The local version met.
+    pub local: LocalVersion,
+    /// The local row (JSON), if known.
+    pub local_row: Option<String>,
+    /// The incoming version.
+    pub remote: Version,
+    /// The incoming row (JSON), if any.
+    pub remote_row: Option<String>,
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Incoming>> = const { RefCell::new(None) };
+    static RECORDED: RefCell<Vec<Recorded>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` (an apply statement) with `incoming` as what its conditions compare against.
+pub fn with_incoming<R>(incoming: Incoming, f: impl FnOnce() -> R) -> R {
+    struct Clear;
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            CURRENT.with(|c| *c.borrow_mut() = None);
+        }
+    }
+    CURRENT.with(|c| *c.borrow_mut() = Some(incoming));
+    let _clear = Clear;
+    f()
+}
+
+/// Records a conflict found by the apply code itself (not by a statement's condition).
+pub fn record(conflict: Recorded) {
+    RECORDED.with(|r| r.borrow_mut().push(conflict));
+}
+
+/// The version of a local row or tombstone written by transaction `xmin`.
+pub fn local_version(xmin: pg_sys::TransactionId) -> LocalVersion {
+    version_of(xmin).into()
+}
+
+extern "C-unwind" {
+    /// PostgreSQL's row_to_json(record): reads the composite datum's own type.
+    #[link_name = "row_to_json"]
+    fn pg_row_to_json(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum;
+}
+
+/// The JSON text of a row value (a composite datum).
+fn row_json(row: &AnyElement) -> Option<String> {
+    // SAFETY: row_to_json reads the composite datum's own type; the result is a json text.
+    unsafe {
+        let json = pg_sys::DirectFunctionCall1Coll(Some(pg_row_to_json), pg_sys::InvalidOid, row.datum());
+        let text = pg_sys::text_to_cstring(json.cast_mut_ptr());
+        Some(std::ffi::CStr::from_ptr(text).to_string_lossy().into_owned())
+    }
+}
+
+/// The condition of apply statements: true if the incoming change replaces the local row that
+/// has xmin `local_xmin` (contents `local_row`); `remote_row` is the incoming row when the
+/// statement applies several (NULL otherwise). Records a conflict if the two were concurrent.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _apply_wins(local_xmin: pg_sys::TransactionId, local_row: Option<AnyElement>, remote_row: Option<AnyElement>) -> bool {
+    let Some(incoming) = CURRENT.with(|c| c.borrow().clone()) else {
+        // Outside apply (someone calling it by hand): never change anything.
+        return false;
+    };
+    let local = local_version(local_xmin);
+    let wins = incoming_wins(incoming.version, local);
+    if is_conflict(incoming.version, incoming.replaced, local) {
+        record(Recorded {
+            table: incoming.table.clone(),
+            key: incoming.key.clone(),
+            kind: incoming.kind,
+            remote_won: wins,
+            local,
+            local_row: local_row.as_ref().and_then(row_json),
+            remote: incoming.version,
+            remote_row: incoming.row.clone().or_else(|| remote_row.as_ref().and_then(row_json)),
+        });
+    }
+    wins
+}
+
+/// True if the incoming change of the current apply statement is newer than what transaction
+/// `xmin` wrote (for tombstones and truncation markers; records nothing).
+#[pg_extern(volatile, parallel_unsafe)]
+fn _incoming_newer(xmin: pg_sys::TransactionId) -> bool {
+    CURRENT.with(|c| c.borrow().as_ref().map(|i| incoming_wins(i.version, local_version(xmin)))).unwrap_or(false)
+}
+
+fn timestamp_text(ts: i64) -> String {
+    // PostgreSQL TimestampTz is µs since 2000-01-01; to_timestamp takes Unix seconds.
+    format!("{}", 946_684_800.0 + ts as f64 / 1_000_000.0)
+}
+
+fn node_text(node: NodeId) -> String {
+    node.to_string()
+}
+
+/// Writes the recorded conflicts to `trompe.conflicts` (inside the apply transaction).
+pub fn flush() -> Result<(), String> {
+    let recorded: Vec<Recorded> = RECORDED.with(|r| std::mem::take(&mut *r.borrow_mut()));
+    for c in recorded {
+        let (local_node, local_ts) = match c.local {
+            LocalVersion::Known(v) => (Some(node_text(v.node)), Some(timestamp_text(v.ts))),
+            _ => (None, None),
+        };
+        let remote_node = node_text(c.remote.node);
+        let remote_ts = timestamp_text(c.remote.ts);
+        crate::sql::execute(
+            "INSERT INTO trompe.conflicts (table_name, key, kind, winner, local_origin, local_committed_at,
+                                           local_row, remote_origin, remote_committed_at, remote_row)
+             VALUES ($1, $2::jsonb, $3, $4, $5::uuid, to_timestamp($6::float8), $7::jsonb, $8::uuid,
+                     to_timestamp($9::float8), $10::jsonb)",
+            &[
+                Some(&c.table),
+                c.key.as_deref(),
+                Some(c.kind.name()),
+                Some(if c.remote_won { "remote" } else { "local" }),
+                local_node.as_deref(),
+                local_ts.as_deref(),
+                c.local_row.as_deref(),
+                Some(&remote_node),
+                Some(&remote_ts),
+                c.remote_row.as_deref(),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// Forgets recorded conflicts (the apply transaction failed).
+pub fn discard() {
+    RECORDED.with(|r| r.borrow_mut().clear());
+}

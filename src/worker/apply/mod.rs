@@ -1,0 +1,228 @@
+//! Applying a peer's changes in-process, through SPI with saved plans and typed parameters
+//! (values are converted with each column's input function, never spliced into SQL; names
+//! are always quoted). Only tables replicated on this node are written. Concurrent changes
+//! are resolved by the table's conflict rule (see [`rows`] and `trompe_core::conflict`).
+
+mod rows;
+mod table;
+
+use std::cell::Cell;
+
+use trompe_core::changeset::OldVersion;
+use trompe_core::conflict::{ConflictKind, LocalVersion, Version};
+use trompe_core::logformat::Op;
+use trompe_core::nodeid::NodeId;
+
+pub use table::{register_invalidation, ApplyCache};
+
+use crate::conflicts::{record, with_incoming, Incoming, Recorded};
+use rows::TxnVersion;
+
+/// One change from a peer's log.
+#[derive(Debug)]
+pub struct Change {
+    /// The log id of the last log row of its transaction.
+    pub txn_last: i64,
+    /// Commit time of its transaction at the origin (PostgreSQL TimestampTz).
+    pub commit_us: i64,
+    /// Its position in its transaction at the origin.
+    pub id: i64,
+    /// What kind of change.
+    pub op: Op,
+    /// Schema.
+    pub nsp: String,
+    /// Table.
+    pub rel: String,
+    /// Column names (primary key first).
+    pub cols: Vec<String>,
+    /// New values (I/U), options (T), statement parts (S).
+    pub vals: Option<Vec<Option<String>>>,
+    /// Old primary key (U/D).
+    pub oldkey: Option<Vec<Option<String>>>,
+    /// The row version this change replaced at the origin.
+    pub old: OldVersion,
+}
+
+/// Why a change could not be applied; the message is shown in `trompe.status`.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// A table the change is for does not exist here.
+    #[error("table {0} does not exist on this node")]
+    NoSuchTable(String),
+    /// A table the change is for is not replicated here.
+    #[error("table {0} is not replicated on this node")]
+    NotReplicated(String),
+    /// A column of the change does not exist here.
+    #[error("column {column} of table {table} does not exist on this node")]
+    NoSuchColumn {
+        /// The table.
+        table: String,
+        /// The column.
+        column: String,
+    },
+    /// The primary keys differ between the nodes.
+    #[error("table {0} has a different primary key on this node than on the peer")]
+    KeyMismatch(String),
+    /// The change itself is malformed.
+    #[error("malformed change {id}: {reason}")]
+    Malformed {
+        /// Its position.
+        id: i64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// PostgreSQL raised an error while applying.
+    #[error("{0}")]
+    Postgres(String),
+}
+
+thread_local! {
+    static TOMBSTONES_WRITTEN: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Notes that the current apply transaction wrote tombstones or truncation markers.
+pub(crate) fn note_tombstones_written() {
+    TOMBSTONES_WRITTEN.set(true);
+}
+
+/// After an apply transaction ended: tells other sessions if it changed tombstones.
+pub fn after_transaction(committed: bool) {
+    if TOMBSTONES_WRITTEN.replace(false) && committed {
+        crate::shmem::bump_tombstone_generation();
+    }
+}
+
+/// Applies the changes of one origin transaction (committed at `commit_us` by node `origin`)
+/// inside the current transaction (SPI connected), in order. `careful` checks secondary
+/// unique constraints before writing (used when the fast attempt ran into one).
+pub fn apply_transaction(cache: &mut ApplyCache, txn: &[Change], origin: NodeId, careful: bool) -> Result<(), ApplyError> {
+    let Some(first) = txn.first() else { return Ok(()) };
+    let v = TxnVersion(Version { ts: first.commit_us, node: origin });
+    let mut i = 0;
+    while i < txn.len() {
+        let change = &txn[i];
+        match change.op {
+            Op::Truncate => {
+                let mut group = vec![change];
+                while i + 1 < txn.len() && txn[i + 1].op == Op::Truncate && txn[i + 1].vals == change.vals {
+                    i += 1;
+                    group.push(&txn[i]);
+                }
+                apply_truncate(cache, v, &group)?;
+            }
+            Op::Ddl => apply_ddl(cache, change)?,
+            Op::Insert => {
+                let end = rows::insert_run_end(cache, txn, i)?;
+                rows::insert_run(cache, v, &txn[i..end], careful)?;
+                i = end;
+                continue;
+            }
+            Op::Update => rows::update(cache, v, change, careful)?,
+            Op::Delete => rows::delete(cache, v, change)?,
+        }
+        i += 1;
+    }
+    crate::conflicts::flush().map_err(ApplyError::Postgres)
+}
+
+/// Truncates the tables of consecutive TRUNCATE changes. Under last-update-wins a truncation
+/// removes the rows older than itself (a row written concurrently on another node, with a
+/// newer version, survives on every node) and leaves a marker that drops older changes
+/// arriving later. Tables without newer rows are truncated together in one statement, as at
+/// the origin (foreign keys between them allow nothing else).
+fn apply_truncate(cache: &mut ApplyCache, v: TxnVersion, changes: &[&Change]) -> Result<(), ApplyError> {
+    let restart = changes[0].vals.as_ref().and_then(|v| v.first()).and_then(|v| v.as_deref()) == Some("restart");
+    let mut tables = Vec::with_capacity(changes.len());
+    for c in changes {
+        let table = cache.table(&c.nsp, &c.rel)?;
+        if !table.replicated {
+            return Err(ApplyError::NotReplicated(table.qualified.clone()));
+        }
+        tables.push(table);
+    }
+    let sql = |q: &str, args: &[Option<&str>]| crate::sql::execute(q, args).map_err(ApplyError::Postgres);
+    with_incoming(truncation(v), || -> Result<(), ApplyError> {
+        let mut whole = Vec::new();
+        for table in &tables {
+            let newer = crate::sql::int(
+                &format!("SELECT count(*) FROM {} AS tgt WHERE NOT trompe._incoming_newer(tgt.xmin)", table.qualified),
+                &[],
+            )
+            .map_err(ApplyError::Postgres)?;
+            if newer == 0 {
+                whole.push(table.qualified.as_str());
+                continue;
+            }
+            sql(&format!("DELETE FROM ONLY {} AS tgt WHERE trompe._incoming_newer(tgt.xmin)", table.qualified), &[])?;
+            record(Recorded {
+                table: table.qualified.clone(),
+                key: None,
+                kind: ConflictKind::Truncated,
+                remote_won: false,
+                local: LocalVersion::Unknown,
+                local_row: Some(format!("{{\"rows kept\": {newer}}}")),
+                remote: v.0,
+                remote_row: None,
+            });
+        }
+        if !whole.is_empty() {
+            sql(&format!("TRUNCATE ONLY {}", whole.join(", ")), &[])?;
+        }
+        for table in &tables {
+            let relid = table.relid.to_u32().to_string();
+            sql(
+                "INSERT INTO trompe.truncations (relid) VALUES ($1::oid)
+                 ON CONFLICT (relid) DO UPDATE SET relid = EXCLUDED.relid WHERE trompe._incoming_newer(truncations.xmin)",
+                &[Some(&relid)],
+            )?;
+            sql("DELETE FROM trompe.tombstones WHERE relid = $1::oid AND trompe._incoming_newer(xmin)", &[Some(&relid)])?;
+            if restart {
+                sql(
+                    "SELECT pg_catalog.setval(d.objid::regclass, s.seqstart, false)
+                       FROM pg_depend d JOIN pg_sequence s ON s.seqrelid = d.objid
+                      WHERE d.refobjid = $1::oid AND d.classid = 'pg_class'::regclass
+                        AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')",
+                    &[Some(&relid)],
+                )?;
+            }
+        }
+        note_tombstones_written();
+        Ok(())
+    })
+}
+
+/// What the conditions of a truncation's statements compare against (they record nothing, so
+/// no table name is needed).
+fn truncation(v: TxnVersion) -> Incoming {
+    Incoming {
+        table: String::new(),
+        version: v.0,
+        replaced: LocalVersion::Unknown,
+        kind: ConflictKind::Truncated,
+        key: None,
+        row: None,
+    }
+}
+
+/// Replays a DDL statement with the search_path and role it ran with at the origin, then
+/// starts replicating tables it created in replicated schemas.
+fn apply_ddl(cache: &mut ApplyCache, change: &Change) -> Result<(), ApplyError> {
+    let vals =
+        change.vals.as_ref().ok_or(ApplyError::Malformed { id: change.id, reason: "DDL without statement".into() })?;
+    let part = |i: usize| vals.get(i).and_then(|v| v.as_deref()).unwrap_or_default().to_string();
+    let (statement, search_path, role) = (part(0), part(1), part(2));
+    if statement.trim().is_empty() {
+        return Err(ApplyError::Malformed { id: change.id, reason: "empty DDL statement".into() });
+    }
+    crate::sql::execute(
+        "SELECT set_config('search_path', $1, true), set_config('role', $2, true)",
+        &[Some(&search_path), Some(if role.is_empty() { "none" } else { &role })],
+    )
+    .map_err(ApplyError::Postgres)?;
+    crate::sql::execute(&statement, &[]).map_err(ApplyError::Postgres)?;
+    crate::sql::execute("SELECT set_config('role', 'none', true), set_config('search_path', '', true)", &[])
+        .map_err(ApplyError::Postgres)?;
+    cache.clear();
+    crate::tables::sync_schema_tables().map_err(|e| ApplyError::Postgres(e.to_string()))?;
+    Ok(())
+}

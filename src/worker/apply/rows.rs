@@ -1,0 +1,521 @@
+//! Applying row changes under the table's conflict rule (last update wins).
+//!
+//! The common case costs one statement per change (or per run of inserts): the statement's
+//! condition `trompe._apply_wins` lets it change a row only if the incoming version is newer
+//! than the row's, and records a conflict when the row was written concurrently. Only when the
+//! statement changed nothing does apply look closer: was the row missing, and if so, was it
+//! deleted (tombstone) by a newer change? Tables with tombstones, and transactions that ran
+//! into a secondary unique constraint, take a careful path that checks before writing.
+
+use pgrx::pg_sys;
+use trompe_core::conflict::{incoming_wins, ConflictKind, LocalVersion, Version};
+use trompe_core::ident::quote_ident;
+use trompe_core::json;
+use trompe_core::logformat::Op;
+use trompe_core::pgarray::format_text_array;
+
+use super::table::{run_plan, ApplyCache, Table};
+use super::{ApplyError, Change};
+use crate::conflicts::{local_version, record, with_incoming, Incoming, Recorded};
+
+/// The version of the origin transaction being applied.
+#[derive(Clone, Copy)]
+pub struct TxnVersion(pub Version);
+
+/// Values of the change's columns by name: the new row (`vals`) or the old key (`oldkey`,
+/// which matches the first columns).
+fn value_of<'c>(change: &'c Change, col: &str, old: bool) -> Option<&'c str> {
+    let i = change.cols.iter().position(|c| c == col)?;
+    let list = if old { change.oldkey.as_ref()? } else { change.vals.as_ref()? };
+    list.get(i).and_then(|v| v.as_deref())
+}
+
+/// The local primary key's values, taken from the new row or the old key.
+fn key_values<'c>(table: &Table, change: &'c Change, old: bool) -> Vec<Option<&'c str>> {
+    table.key.iter().map(|k| value_of(change, k, old)).collect()
+}
+
+fn key_json(table: &Table, values: &[Option<&str>]) -> String {
+    json::object(table.key.iter().map(String::as_str).zip(values.iter().copied()))
+}
+
+fn row_json(change: &Change) -> Option<String> {
+    let vals = change.vals.as_ref()?;
+    Some(json::object(change.cols.iter().map(String::as_str).zip(vals.iter().map(|v| v.as_deref()))))
+}
+
+/// Checks that the change's columns exist here and its key is this table's key.
+fn check_columns(table: &Table, change: &Change, nkey: usize) -> Result<(), ApplyError> {
+    if !table.replicated {
+        return Err(ApplyError::NotReplicated(table.qualified.clone()));
+    }
+    if let Some(c) = change.cols.iter().find(|c| !table.attrs.contains_key(c.as_str())) {
+        return Err(ApplyError::NoSuchColumn { table: table.qualified.clone(), column: c.clone() });
+    }
+    if nkey > change.cols.len() {
+        return Err(ApplyError::Malformed { id: change.id, reason: "key longer than the column list".into() });
+    }
+    let mut theirs: Vec<&str> = change.cols[..nkey].iter().map(String::as_str).collect();
+    let mut ours: Vec<&str> = table.key.iter().map(String::as_str).collect();
+    theirs.sort_unstable();
+    ours.sort_unstable();
+    if theirs != ours {
+        return Err(ApplyError::KeyMismatch(table.qualified.clone()));
+    }
+    Ok(())
+}
+
+fn nkey_of(change: &Change) -> Result<usize, ApplyError> {
+    change.oldkey.as_ref().map(|k| k.len()).ok_or(ApplyError::Malformed { id: change.id, reason: "missing old key".into() })
+}
+
+/// `WHERE` over the local key with parameters starting at `$first`.
+fn key_condition(table: &Table, first: usize) -> String {
+    let parts: Vec<String> =
+        table.key.iter().enumerate().map(|(i, k)| format!("tgt.{} = ${}", quote_ident(k), first + i)).collect();
+    parts.join(" AND ")
+}
+
+fn key_datums(table: &Table, keys: &[Option<&str>], values: &mut Vec<pg_sys::Datum>, nulls: &mut Vec<bool>) {
+    for (k, v) in table.key.iter().zip(keys) {
+        let (d, n) = table.attrs[k].datum(*v);
+        values.push(d);
+        nulls.push(n);
+    }
+}
+
+fn incoming(table: &Table, v: TxnVersion, change: &Change, kind: ConflictKind, keys: &[Option<&str>]) -> Incoming {
+    Incoming {
+        table: table.qualified.clone(),
+        version: v.0,
+        replaced: change.old.into(),
+        kind,
+        key: Some(key_json(table, keys)),
+        row: row_json(change),
+    }
+}
+
+/// True if the row with this key exists locally.
+fn row_exists(cache: &mut ApplyCache, table: &Table, keys: &[Option<&str>]) -> Result<bool, ApplyError> {
+    let plan = cache.plan(
+        &format!("X\0{}", table.relid.to_u32()),
+        table.relid,
+        || table.key.iter().map(|k| table.attrs[k].typid).collect(),
+        || format!("SELECT 1 FROM {} AS tgt WHERE {}", table.qualified, key_condition(table, 1)),
+    )?;
+    let mut values = Vec::new();
+    let mut nulls = Vec::new();
+    key_datums(table, keys, &mut values, &mut nulls);
+    Ok(run_plan(plan, &mut values, &nulls)?.0 > 0)
+}
+
+fn key_array(keys: &[Option<&str>]) -> String {
+    format_text_array(keys)
+}
+
+/// The version of the tombstone of this key, if the row was deleted.
+fn tombstone(table: &Table, keys: &[Option<&str>]) -> Result<Option<LocalVersion>, ApplyError> {
+    let xmin = crate::sql::value(
+        "SELECT xmin FROM trompe.tombstones WHERE relid = $1::oid AND key = $2::text[]",
+        &[Some(&table.relid.to_u32().to_string()), Some(&key_array(keys))],
+    )
+    .map_err(ApplyError::Postgres)?;
+    Ok(xmin.and_then(|x| x.parse::<u32>().ok()).map(|x| local_version(pg_sys::TransactionId::from(x))))
+}
+
+/// Writes (or moves forward) the tombstone of a deleted key, inside the current statement
+/// context so it only moves to a newer version.
+fn write_tombstone(table: &Table, keys: &[Option<&str>]) -> Result<(), ApplyError> {
+    crate::sql::execute(
+        "INSERT INTO trompe.tombstones (relid, key) VALUES ($1::oid, $2::text[])
+         ON CONFLICT (relid, key) DO UPDATE SET key = EXCLUDED.key WHERE trompe._incoming_newer(tombstones.xmin)",
+        &[Some(&table.relid.to_u32().to_string()), Some(&key_array(keys))],
+    )
+    .map_err(ApplyError::Postgres)?;
+    super::note_tombstones_written();
+    Ok(())
+}
+
+/// True if the change is older than the table's last truncation (then it is dropped).
+fn truncated_after(cache: &mut ApplyCache, table: &Table, v: TxnVersion, change: &Change) -> Result<bool, ApplyError> {
+    let guards = cache.guards(table.relid)?;
+    match guards.truncated {
+        Some(t) if !incoming_wins(v.0, t) => {
+            record(Recorded {
+                table: table.qualified.clone(),
+                key: None,
+                kind: ConflictKind::Truncated,
+                remote_won: false,
+                local: t,
+                local_row: None,
+                remote: v.0,
+                remote_row: row_json(change),
+            });
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// Inserts one row, or updates the existing row with its key if the incoming version wins.
+fn upsert_one(cache: &mut ApplyCache, table: &Table, change: &Change) -> Result<(), ApplyError> {
+    let cols: Vec<&str> = change.cols.iter().map(String::as_str).collect();
+    let cache_key = format!("I\0{}\0{}", table.relid.to_u32(), cols.join("\0"));
+    let plan = cache.plan(
+        &cache_key,
+        table.relid,
+        || cols.iter().map(|c| table.attrs[*c].typid).collect(),
+        || {
+            let col_list: Vec<String> = cols.iter().map(|c| quote_ident(c)).collect();
+            let placeholders: Vec<String> = (1..=cols.len()).map(|i| format!("${i}")).collect();
+            format!(
+                "INSERT INTO {} AS tgt ({}) VALUES ({}) {}",
+                table.qualified,
+                col_list.join(", "),
+                placeholders.join(", "),
+                on_conflict(table, &cols)
+            )
+        },
+    )?;
+    let mut values = Vec::with_capacity(cols.len());
+    let mut nulls = Vec::with_capacity(cols.len());
+    for (i, c) in cols.iter().enumerate() {
+        let (d, n) = table.attrs[*c].datum(change.vals.as_ref().and_then(|v| v.get(i)).and_then(|v| v.as_deref()));
+        values.push(d);
+        nulls.push(n);
+    }
+    run_plan(plan, &mut values, &nulls)?;
+    Ok(())
+}
+
+/// The ON CONFLICT clause of an insert: the existing row is replaced only if the incoming
+/// version wins.
+fn on_conflict(table: &Table, cols: &[&str]) -> String {
+    let key_list: Vec<String> = table.key.iter().map(|c| quote_ident(c)).collect();
+    let mut updates: Vec<String> = cols
+        .iter()
+        .filter(|c| !table.key.iter().any(|k| k == *c))
+        .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(c)))
+        .collect();
+    if updates.is_empty() {
+        // Only key columns: "updating" a key column to itself still takes the row's new version.
+        updates.push(format!("{0} = EXCLUDED.{0}", quote_ident(&table.key[0])));
+    }
+    format!(
+        "ON CONFLICT ({}) DO UPDATE SET {} WHERE trompe._apply_wins(tgt.xmin, tgt, EXCLUDED)",
+        key_list.join(", "),
+        updates.join(", ")
+    )
+}
+
+/// Inserts a run of rows (same table and columns, distinct keys).
+pub fn insert_run(cache: &mut ApplyCache, v: TxnVersion, run: &[Change], careful: bool) -> Result<(), ApplyError> {
+    let first = &run[0];
+    let table = cache.table(&first.nsp, &first.rel)?;
+    check_columns(&table, first, table.key.len())?;
+    let guards = cache.guards(table.relid)?;
+    let bulk_ok = run.len() > 1
+        && !careful
+        && !guards.tombstones
+        && first.cols.iter().all(|c| table.attrs[c].array_type != pg_sys::InvalidOid);
+    if !bulk_ok {
+        for change in run {
+            insert_one(cache, &table, v, change, careful)?;
+        }
+        return Ok(());
+    }
+    if truncated_after(cache, &table, v, first)? {
+        return Ok(());
+    }
+    let cols: Vec<&str> = first.cols.iter().map(String::as_str).collect();
+    let cache_key = format!("B\0{}\0{}", table.relid.to_u32(), cols.join("\0"));
+    let plan = cache.plan(
+        &cache_key,
+        table.relid,
+        || cols.iter().map(|c| table.attrs[*c].array_type).collect(),
+        || {
+            let col_list: Vec<String> = cols.iter().map(|c| quote_ident(c)).collect();
+            let arrays: Vec<String> = (1..=cols.len()).map(|i| format!("${i}")).collect();
+            format!(
+                "INSERT INTO {} AS tgt ({}) SELECT * FROM unnest({}) {}",
+                table.qualified,
+                col_list.join(", "),
+                arrays.join(", "),
+                on_conflict(&table, &cols)
+            )
+        },
+    )?;
+    let mut values = Vec::with_capacity(cols.len());
+    for (j, col) in cols.iter().enumerate() {
+        let texts: Vec<Option<&str>> =
+            run.iter().map(|c| c.vals.as_ref().and_then(|v| v.get(j)).and_then(|v| v.as_deref())).collect();
+        values.push(table.attrs[*col].array(&texts));
+    }
+    let nulls = vec![false; values.len()];
+    let ctx = Incoming {
+        table: table.qualified.clone(),
+        version: v.0,
+        replaced: LocalVersion::Unknown,
+        kind: ConflictKind::InsertExists,
+        key: None,
+        row: None,
+    };
+    with_incoming(ctx, || run_plan(plan, &mut values, &nulls))?;
+    Ok(())
+}
+
+/// Inserts one row unless a newer tombstone or truncation says it was deleted since.
+fn insert_one(cache: &mut ApplyCache, table: &Table, v: TxnVersion, change: &Change, careful: bool) -> Result<(), ApplyError> {
+    if truncated_after(cache, table, v, change)? {
+        return Ok(());
+    }
+    let keys = key_values(table, change, false);
+    let ctx = incoming(table, v, change, ConflictKind::InsertExists, &keys);
+    if cache.guards(table.relid)?.tombstones {
+        if let Some(t) = tombstone(table, &keys)? {
+            if !incoming_wins(v.0, t) && !row_exists(cache, table, &keys)? {
+                record(Recorded {
+                    table: table.qualified.clone(),
+                    key: ctx.key.clone(),
+                    kind: ConflictKind::UpdateDeleted,
+                    remote_won: false,
+                    local: t,
+                    local_row: None,
+                    remote: v.0,
+                    remote_row: ctx.row.clone(),
+                });
+                return Ok(());
+            }
+        }
+    }
+    if careful && !resolve_unique(cache, table, v, change, &keys)? {
+        return Ok(());
+    }
+    with_incoming(ctx, || upsert_one(cache, table, change))
+}
+
+/// Updates one row (or, when its key changed, deletes the old key and inserts the new one).
+pub fn update(cache: &mut ApplyCache, v: TxnVersion, change: &Change, careful: bool) -> Result<(), ApplyError> {
+    let nkey = nkey_of(change)?;
+    let table = cache.table(&change.nsp, &change.rel)?;
+    check_columns(&table, change, nkey)?;
+    let old_keys = key_values(&table, change, true);
+    let new_keys = key_values(&table, change, false);
+    if old_keys != new_keys {
+        delete_key(cache, &table, v, change, &old_keys)?;
+        return insert_one(cache, &table, v, change, careful);
+    }
+    if truncated_after(cache, &table, v, change)? {
+        return Ok(());
+    }
+    if careful && !resolve_unique(cache, &table, v, change, &new_keys)? {
+        return Ok(());
+    }
+    let cols: Vec<&str> = change.cols.iter().map(String::as_str).collect();
+    let cache_key = format!("U\0{}\0{}", table.relid.to_u32(), cols.join("\0"));
+    let plan = cache.plan(
+        &cache_key,
+        table.relid,
+        || {
+            let mut t: Vec<pg_sys::Oid> = cols.iter().map(|c| table.attrs[*c].typid).collect();
+            t.extend(table.key.iter().map(|k| table.attrs[k].typid));
+            t
+        },
+        || {
+            let sets: Vec<String> = cols.iter().enumerate().map(|(i, c)| format!("{} = ${}", quote_ident(c), i + 1)).collect();
+            format!(
+                "UPDATE {0} AS tgt SET {1} WHERE {2} AND trompe._apply_wins(tgt.xmin, tgt, NULL::{0})",
+                table.qualified,
+                sets.join(", "),
+                key_condition(&table, cols.len() + 1)
+            )
+        },
+    )?;
+    let mut values = Vec::new();
+    let mut nulls = Vec::new();
+    for (i, c) in cols.iter().enumerate() {
+        let (d, n) = table.attrs[*c].datum(change.vals.as_ref().and_then(|v| v.get(i)).and_then(|v| v.as_deref()));
+        values.push(d);
+        nulls.push(n);
+    }
+    key_datums(&table, &old_keys, &mut values, &mut nulls);
+    let ctx = incoming(&table, v, change, ConflictKind::UpdateUpdate, &old_keys);
+    let (updated, _) = with_incoming(ctx.clone(), || run_plan(plan, &mut values, &nulls))?;
+    if updated > 0 || row_exists(cache, &table, &old_keys)? {
+        // Applied, or the local row is newer (the condition recorded the conflict).
+        return Ok(());
+    }
+    // The row is missing here: deleted by a newer change, or never seen (then the update,
+    // which carries the whole row, creates it).
+    if let Some(t) = tombstone(&table, &old_keys)? {
+        if !incoming_wins(v.0, t) {
+            record(Recorded {
+                table: table.qualified.clone(),
+                key: ctx.key.clone(),
+                kind: ConflictKind::UpdateDeleted,
+                remote_won: false,
+                local: t,
+                local_row: None,
+                remote: v.0,
+                remote_row: ctx.row.clone(),
+            });
+            return Ok(());
+        }
+    }
+    if let LocalVersion::Known(_) = ctx.replaced {
+        record(Recorded {
+            table: table.qualified.clone(),
+            key: ctx.key.clone(),
+            kind: ConflictKind::UpdateMissing,
+            remote_won: true,
+            local: LocalVersion::Unknown,
+            local_row: None,
+            remote: v.0,
+            remote_row: ctx.row.clone(),
+        });
+    }
+    with_incoming(ctx, || upsert_one(cache, &table, change))
+}
+
+/// Deletes one row.
+pub fn delete(cache: &mut ApplyCache, v: TxnVersion, change: &Change) -> Result<(), ApplyError> {
+    let nkey = nkey_of(change)?;
+    let table = cache.table(&change.nsp, &change.rel)?;
+    check_columns(&table, change, nkey)?;
+    let keys = key_values(&table, change, true);
+    delete_key(cache, &table, v, change, &keys)
+}
+
+/// Deletes the row with `keys` if the incoming version wins, and keeps a tombstone.
+fn delete_key(cache: &mut ApplyCache, table: &Table, v: TxnVersion, change: &Change, keys: &[Option<&str>]) -> Result<(), ApplyError> {
+    let plan = cache.plan(
+        &format!("D\0{}", table.relid.to_u32()),
+        table.relid,
+        || table.key.iter().map(|k| table.attrs[k].typid).collect(),
+        || {
+            format!(
+                "DELETE FROM {0} AS tgt WHERE {1} AND trompe._apply_wins(tgt.xmin, tgt, NULL::{0})",
+                table.qualified,
+                key_condition(table, 1)
+            )
+        },
+    )?;
+    let mut values = Vec::new();
+    let mut nulls = Vec::new();
+    key_datums(table, keys, &mut values, &mut nulls);
+    let mut ctx = incoming(table, v, change, ConflictKind::DeleteUpdate, keys);
+    ctx.row = None;
+    let (deleted, _) = with_incoming(ctx.clone(), || run_plan(plan, &mut values, &nulls))?;
+    if deleted == 0 && row_exists(cache, table, keys)? {
+        // The local row is newer: it stays (the condition recorded the conflict).
+        return Ok(());
+    }
+    with_incoming(ctx, || write_tombstone(table, keys))
+}
+
+/// Before writing a row: resolves collisions on the table's other unique constraints. Local
+/// rows holding the same values lose to a newer incoming row (they are deleted); if one of
+/// them is newer, the incoming change loses (returns false) and is not applied.
+fn resolve_unique(cache: &mut ApplyCache, table: &Table, v: TxnVersion, change: &Change, keys: &[Option<&str>]) -> Result<bool, ApplyError> {
+    for unique in &table.uniques {
+        let values: Vec<Option<&str>> = unique.iter().map(|c| value_of(change, c, false)).collect();
+        if values.iter().any(Option::is_none) || unique.iter().any(|c| !change.cols.contains(c)) {
+            continue;
+        }
+        let mut sql = format!(
+            "SELECT tgt.xmin, row_to_json(tgt)::text, ARRAY[{}]::text[] FROM {} AS tgt WHERE ",
+            table.key.iter().map(|k| format!("tgt.{}::text", quote_ident(k))).collect::<Vec<_>>().join(", "),
+            table.qualified
+        );
+        let mut params: Vec<Option<&str>> = Vec::new();
+        let mut conds = Vec::new();
+        for (c, val) in unique.iter().zip(&values) {
+            params.push(*val);
+            conds.push(format!("tgt.{} = ${}::{}", quote_ident(c), params.len(), type_name(table.attrs[c].typid)));
+        }
+        let key_list: Vec<String> = table.key.iter().map(|k| format!("tgt.{}", quote_ident(k))).collect();
+        let key_params: Vec<String> = table
+            .key
+            .iter()
+            .zip(keys)
+            .map(|(k, val)| {
+                params.push(*val);
+                format!("${}::{}", params.len(), type_name(table.attrs[k].typid))
+            })
+            .collect();
+        sql += &conds.join(" AND ");
+        sql += &format!(" AND ({}) IS DISTINCT FROM ({}) FOR UPDATE", key_list.join(", "), key_params.join(", "));
+        let rows = crate::sql::rows(&sql, &params).map_err(ApplyError::Postgres)?;
+        let mut losers = Vec::new();
+        for r in &rows {
+            let xmin = r[0].as_deref().and_then(|x| x.parse::<u32>().ok()).unwrap_or(0);
+            let local = local_version(pg_sys::TransactionId::from(xmin));
+            let conflict = Recorded {
+                table: table.qualified.clone(),
+                key: Some(key_json(table, keys)),
+                kind: ConflictKind::UniqueViolation,
+                remote_won: incoming_wins(v.0, local),
+                local,
+                local_row: r[1].clone(),
+                remote: v.0,
+                remote_row: row_json(change),
+            };
+            if !conflict.remote_won {
+                record(conflict);
+                return Ok(false);
+            }
+            record(conflict);
+            losers.push(r[2].clone().unwrap_or_default());
+        }
+        for loser in losers {
+            let loser_keys = trompe_core::pgarray::parse_text_array(&loser)
+                .map_err(|e| ApplyError::Postgres(e.to_string()))?;
+            let loser_refs: Vec<Option<&str>> = loser_keys.iter().map(|k| k.as_deref()).collect();
+            let mut values = Vec::new();
+            let mut nulls = Vec::new();
+            key_datums(table, &loser_refs, &mut values, &mut nulls);
+            let plan = cache.plan(
+                &format!("DU\0{}", table.relid.to_u32()),
+                table.relid,
+                || table.key.iter().map(|k| table.attrs[k].typid).collect(),
+                || format!("DELETE FROM {} AS tgt WHERE {}", table.qualified, key_condition(table, 1)),
+            )?;
+            run_plan(plan, &mut values, &nulls)?;
+            let ctx = Incoming {
+                table: table.qualified.clone(),
+                version: v.0,
+                replaced: LocalVersion::Unknown,
+                kind: ConflictKind::UniqueViolation,
+                key: None,
+                row: None,
+            };
+            with_incoming(ctx, || write_tombstone(table, &loser_refs))?;
+        }
+    }
+    Ok(true)
+}
+
+/// The SQL name of a type (for casts in dynamic SQL).
+fn type_name(typid: pg_sys::Oid) -> String {
+    // SAFETY: format_type_be returns a palloc'd, properly quoted type name.
+    unsafe { std::ffi::CStr::from_ptr(pg_sys::format_type_be(typid)).to_string_lossy().into_owned() }
+}
+
+/// The end of the run of inserts starting at `start`: same table, same columns, distinct
+/// keys (one statement cannot touch a row twice).
+pub fn insert_run_end(cache: &mut ApplyCache, txn: &[Change], start: usize) -> Result<usize, ApplyError> {
+    let first = &txn[start];
+    let table = cache.table(&first.nsp, &first.rel)?;
+    let mut keys = std::collections::HashSet::new();
+    keys.insert(key_values(&table, first, false).into_iter().map(|k| k.map(str::to_string)).collect::<Vec<_>>());
+    let mut end = start + 1;
+    while end < txn.len() {
+        let c = &txn[end];
+        let same = c.op == Op::Insert && c.nsp == first.nsp && c.rel == first.rel && c.cols == first.cols;
+        if !same || !keys.insert(key_values(&table, c, false).into_iter().map(|k| k.map(str::to_string)).collect()) {
+            break;
+        }
+        end += 1;
+    }
+    Ok(end)
+}

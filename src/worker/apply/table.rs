@@ -1,0 +1,367 @@
+//! What apply knows about local tables (columns with their input functions, primary key,
+//! unique constraints, whether the table is replicated here) and the plans it prepared for
+//! them; forgotten when PostgreSQL invalidates a table's relcache entry (after DDL).
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::{CStr, CString};
+use std::rc::Rc;
+
+use pgrx::pg_sys;
+use trompe_core::conflict::LocalVersion;
+use trompe_core::ident::{check_identifier, quote_qualified};
+
+use super::ApplyError;
+
+/// A column of a local table, with what converting text to its type needs.
+pub struct Attr {
+    /// Its type.
+    pub typid: pg_sys::Oid,
+    typmod: i32,
+    /// The type's input function, allocated in the table's memory context.
+    input: *mut pg_sys::FmgrInfo,
+    ioparam: pg_sys::Oid,
+    /// The array type over this type (0 if there is none, e.g. for array columns).
+    pub array_type: pg_sys::Oid,
+    typlen: i16,
+    typbyval: bool,
+    typalign: std::ffi::c_char,
+}
+
+pub(crate) fn cstring(s: &str) -> CString {
+    CString::new(s.replace('\0', "")).unwrap_or_default()
+}
+
+impl Attr {
+    /// Converts a text value with the type's input function (`None` is NULL), as COPY does;
+    /// bad input raises a PostgreSQL error, caught by the caller's transaction.
+    pub fn datum(&self, text: Option<&str>) -> (pg_sys::Datum, bool) {
+        match text {
+            None => (pg_sys::Datum::from(0), true),
+            Some(t) => {
+                let c = cstring(t);
+                // SAFETY: the input function and its parameters come from the column's type.
+                let d = unsafe {
+                    pg_sys::InputFunctionCall(self.input, c.as_ptr() as *mut std::ffi::c_char, self.ioparam, self.typmod)
+                };
+                (d, false)
+            }
+        }
+    }
+
+    /// An array of this type from text values, in the current memory context.
+    pub fn array(&self, texts: &[Option<&str>]) -> pg_sys::Datum {
+        let mut elems = Vec::with_capacity(texts.len());
+        let mut nulls = Vec::with_capacity(texts.len());
+        for t in texts {
+            let (d, n) = self.datum(*t);
+            elems.push(d);
+            nulls.push(n);
+        }
+        let mut dims = [texts.len() as i32];
+        let mut lbs = [1i32];
+        // SAFETY: elems and nulls have texts.len() entries of this type.
+        unsafe {
+            pg_sys::Datum::from(pg_sys::construct_md_array(
+                elems.as_mut_ptr(),
+                nulls.as_mut_ptr(),
+                1,
+                dims.as_mut_ptr(),
+                lbs.as_mut_ptr(),
+                self.typid,
+                self.typlen as i32,
+                self.typbyval,
+                self.typalign,
+            ))
+        }
+    }
+}
+
+/// What apply knows about a local table.
+pub struct Table {
+    /// Its oid.
+    pub relid: pg_sys::Oid,
+    /// Quoted, schema-qualified name.
+    pub qualified: String,
+    /// Whether it is in `trompe.tables`.
+    pub replicated: bool,
+    /// Primary key columns, in key order.
+    pub key: Vec<String>,
+    /// Every other unique constraint or index over plain columns (no expressions, no
+    /// predicate): what a row's values can collide on.
+    pub uniques: Vec<Vec<String>>,
+    /// Columns that can be written (not dropped, not generated), by name.
+    pub attrs: HashMap<String, Attr>,
+    context: pg_sys::MemoryContext,
+}
+
+impl Drop for Table {
+    fn drop(&mut self) {
+        // SAFETY: the context was created by load_table and is deleted only here.
+        unsafe { pg_sys::MemoryContextDelete(self.context) };
+    }
+}
+
+unsafe fn attname(relation: pg_sys::Relation, attnum: i16) -> String {
+    let att = &*(*(*relation).rd_att).attrs.as_ptr().add((attnum - 1) as usize);
+    CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy().into_owned()
+}
+
+/// The unique indexes of a relation other than its primary key, over plain columns.
+unsafe fn unique_columns(relation: pg_sys::Relation) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    let list = pg_sys::RelationGetIndexList(relation);
+    if list.is_null() {
+        return out;
+    }
+    for i in 0..(*list).length as usize {
+        let oid = (*(*list).elements.add(i)).oid_value;
+        let index = pg_sys::index_open(oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let form = (*index).rd_index;
+        let plain = (*index).rd_indexprs.is_null()
+            && pg_sys::heap_attisnull((*index).rd_indextuple, pg_sys::Anum_pg_index_indexprs as i32, std::ptr::null_mut())
+            && pg_sys::heap_attisnull((*index).rd_indextuple, pg_sys::Anum_pg_index_indpred as i32, std::ptr::null_mut());
+        if (*form).indisunique && !(*form).indisprimary && plain {
+            let nkeys = (*form).indnkeyatts as usize;
+            let cols: Vec<String> = (*form).indkey.values.as_slice(nkeys).iter().map(|&a| attname(relation, a)).collect();
+            out.push(cols);
+        }
+        pg_sys::index_close(index, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+    }
+    out
+}
+
+fn load_table(nsp: &str, rel: &str) -> Result<Table, ApplyError> {
+    let qualified = quote_qualified(nsp, rel);
+    for name in [nsp, rel] {
+        check_identifier(name).map_err(|e| ApplyError::Malformed { id: 0, reason: e.to_string() })?;
+    }
+    let nsp_c = cstring(nsp);
+    let rel_c = cstring(rel);
+    // SAFETY: catalog lookups inside a transaction; the relation is opened with
+    // AccessShareLock and closed before returning (apply statements take their own locks).
+    unsafe {
+        let nspoid = pg_sys::get_namespace_oid(nsp_c.as_ptr(), true);
+        let relid =
+            if nspoid == pg_sys::InvalidOid { pg_sys::InvalidOid } else { pg_sys::get_relname_relid(rel_c.as_ptr(), nspoid) };
+        if relid == pg_sys::InvalidOid {
+            return Err(ApplyError::NoSuchTable(qualified));
+        }
+        let relation = pg_sys::try_relation_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        if relation.is_null() {
+            return Err(ApplyError::NoSuchTable(qualified));
+        }
+        let key: Vec<String> = crate::capture::relinfo::primary_key_columns(relation)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|i| attname(relation, i as i16 + 1))
+            .collect();
+        let uniques = unique_columns(relation);
+        let tupdesc = (*relation).rd_att;
+        let context = pg_sys::AllocSetContextCreateInternal(
+            pg_sys::TopMemoryContext,
+            c"trompe apply table".as_ptr(),
+            pg_sys::ALLOCSET_SMALL_MINSIZE as usize,
+            pg_sys::ALLOCSET_SMALL_INITSIZE as usize,
+            pg_sys::ALLOCSET_SMALL_MAXSIZE as usize,
+        );
+        let mut attrs = HashMap::new();
+        for i in 0..(*tupdesc).natts as usize {
+            let att = &*(*tupdesc).attrs.as_ptr().add(i);
+            if att.attisdropped || att.attgenerated != 0 {
+                continue;
+            }
+            let mut infunc = pg_sys::InvalidOid;
+            let mut ioparam = pg_sys::InvalidOid;
+            pg_sys::getTypeInputInfo(att.atttypid, &mut infunc, &mut ioparam);
+            let input = pg_sys::MemoryContextAllocZero(context, std::mem::size_of::<pg_sys::FmgrInfo>())
+                as *mut pg_sys::FmgrInfo;
+            pg_sys::fmgr_info_cxt(infunc, input, context);
+            let mut typlen = 0i16;
+            let mut typbyval = false;
+            let mut typalign: std::ffi::c_char = 0;
+            pg_sys::get_typlenbyvalalign(att.atttypid, &mut typlen, &mut typbyval, &mut typalign);
+            let array_type = pg_sys::get_array_type(att.atttypid);
+            let name = CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy().into_owned();
+            attrs.insert(
+                name,
+                Attr { typid: att.atttypid, typmod: att.atttypmod, input, ioparam, array_type, typlen, typbyval, typalign },
+            );
+        }
+        pg_sys::relation_close(relation, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let mut table = Table { relid, qualified, replicated: false, key, uniques, attrs, context };
+        table.replicated = crate::sql::flag(
+            "SELECT EXISTS (SELECT 1 FROM trompe.tables WHERE relid = $1::oid)",
+            &[Some(&relid.to_u32().to_string())],
+        )
+        .map_err(ApplyError::Postgres)?;
+        Ok(table)
+    }
+}
+
+/// What protects a table against older changes: its last truncation, and whether any of its
+/// rows has a tombstone.
+#[derive(Clone, Copy)]
+pub struct Guards {
+    /// The version of the table's last truncation, if any.
+    pub truncated: Option<LocalVersion>,
+    /// Whether deleted rows of the table have tombstones.
+    pub tombstones: bool,
+}
+
+/// A prepared statement and the sources of its parameters.
+pub struct Statement {
+    /// The kept plan.
+    pub plan: pg_sys::SPIPlanPtr,
+}
+
+/// Plans and table facts kept across transactions; dropped when a table changes.
+#[derive(Default)]
+pub struct ApplyCache {
+    tables: HashMap<(String, String), Rc<Table>>,
+    statements: HashMap<String, (pg_sys::Oid, Statement)>,
+    guards: HashMap<pg_sys::Oid, (u64, Guards)>,
+}
+
+thread_local! {
+    static STALE: std::cell::RefCell<HashSet<pg_sys::Oid>> = std::cell::RefCell::new(HashSet::new());
+    static STALE_ALL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn invalidate(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    if relid == pg_sys::InvalidOid {
+        STALE_ALL.set(true);
+    } else {
+        STALE.with(|s| s.borrow_mut().insert(relid));
+    }
+}
+
+/// Registers the cache's invalidation callback; call once per worker.
+pub fn register_invalidation() {
+    // SAFETY: registering a relcache callback once per process.
+    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(invalidate), pg_sys::Datum::from(0)) };
+}
+
+impl ApplyCache {
+    /// Forgets everything about tables that changed since the last call.
+    pub fn purge_stale(&mut self) {
+        if STALE_ALL.replace(false) {
+            STALE.with(|s| s.borrow_mut().clear());
+            self.clear();
+            return;
+        }
+        let stale: HashSet<pg_sys::Oid> = STALE.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        if stale.is_empty() {
+            return;
+        }
+        self.tables.retain(|_, t| !stale.contains(&t.relid));
+        let dead: Vec<String> =
+            self.statements.iter().filter(|(_, (relid, _))| stale.contains(relid)).map(|(k, _)| k.clone()).collect();
+        for key in dead {
+            if let Some((_, st)) = self.statements.remove(&key) {
+                // SAFETY: the plan was kept by SPI_keepplan and is not in use now.
+                unsafe { pg_sys::SPI_freeplan(st.plan) };
+            }
+        }
+    }
+
+    /// Forgets everything (after applying DDL).
+    pub fn clear(&mut self) {
+        self.tables.clear();
+        self.guards.clear();
+        for (_, (_, st)) in self.statements.drain() {
+            // SAFETY: as in purge_stale.
+            unsafe { pg_sys::SPI_freeplan(st.plan) };
+        }
+    }
+
+    /// The local table `nsp.rel`.
+    pub fn table(&mut self, nsp: &str, rel: &str) -> Result<Rc<Table>, ApplyError> {
+        let key = (nsp.to_string(), rel.to_string());
+        if let Some(table) = self.tables.get(&key) {
+            return Ok(table.clone());
+        }
+        let table = Rc::new(load_table(nsp, rel)?);
+        self.tables.insert(key, table.clone());
+        Ok(table)
+    }
+
+    /// The guards of `relid`, read again only when some tombstone or truncation marker of
+    /// this database changed.
+    pub fn guards(&mut self, relid: pg_sys::Oid) -> Result<Guards, ApplyError> {
+        let generation = crate::shmem::tombstone_generation();
+        if let Some((g, guards)) = self.guards.get(&relid) {
+            if *g == generation {
+                return Ok(*guards);
+            }
+        }
+        let row = crate::sql::row(
+            "SELECT (SELECT xmin FROM trompe.truncations WHERE relid = $1::oid),
+                    EXISTS (SELECT 1 FROM trompe.tombstones WHERE relid = $1::oid)",
+            &[Some(&relid.to_u32().to_string())],
+        )
+        .map_err(ApplyError::Postgres)?
+        .unwrap_or_default();
+        let truncated = row
+            .first()
+            .cloned()
+            .flatten()
+            .and_then(|x| x.parse::<u32>().ok())
+            .map(|x| crate::conflicts::local_version(pg_sys::TransactionId::from(x)));
+        let guards = Guards { truncated, tombstones: row.get(1).cloned().flatten().as_deref() == Some("t") };
+        self.guards.insert(relid, (generation, guards));
+        Ok(guards)
+    }
+
+    /// The kept plan for `cache_key`, preparing `sql` with parameter `types` the first time.
+    pub fn plan(
+        &mut self,
+        cache_key: &str,
+        relid: pg_sys::Oid,
+        types: impl FnOnce() -> Vec<pg_sys::Oid>,
+        sql: impl FnOnce() -> String,
+    ) -> Result<pg_sys::SPIPlanPtr, ApplyError> {
+        if let Some((_, st)) = self.statements.get(cache_key) {
+            return Ok(st.plan);
+        }
+        let sql = sql();
+        let mut types = types();
+        let sql_c = cstring(&sql);
+        // SAFETY: SPI is connected by the caller; the plan is kept until invalidated.
+        let plan = unsafe {
+            let plan = pg_sys::SPI_prepare(sql_c.as_ptr(), types.len() as i32, types.as_mut_ptr());
+            if plan.is_null() {
+                return Err(ApplyError::Postgres(format!("cannot prepare: {sql}")));
+            }
+            pg_sys::SPI_keepplan(plan);
+            plan
+        };
+        self.statements.insert(cache_key.to_string(), (relid, Statement { plan }));
+        Ok(plan)
+    }
+}
+
+/// Runs a kept plan with the given parameter values; returns the rows it processed and the
+/// first column of the rows it returned, as text.
+pub fn run_plan(plan: pg_sys::SPIPlanPtr, values: &mut [pg_sys::Datum], nulls: &[bool]) -> Result<(u64, Vec<Option<String>>), ApplyError> {
+    let flags: Vec<std::ffi::c_char> =
+        nulls.iter().map(|n| if *n { b'n' } else { b' ' } as std::ffi::c_char).chain([0]).collect();
+    // SAFETY: values and nulls match the plan's parameter count; SPI is connected; returned
+    // values are copied into Rust strings before the next SPI call.
+    unsafe {
+        let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), flags.as_ptr(), false, 0);
+        if rc < 0 {
+            return Err(ApplyError::Postgres(format!("applying a change failed (SPI code {rc})")));
+        }
+        let processed = pg_sys::SPI_processed;
+        let mut first = Vec::new();
+        let table = pg_sys::SPI_tuptable;
+        if !table.is_null() && !(*table).tupdesc.is_null() && (*(*table).tupdesc).natts > 0 {
+            for r in 0..processed as usize {
+                let v = pg_sys::SPI_getvalue(*(*table).vals.add(r), (*table).tupdesc, 1);
+                first.push(if v.is_null() { None } else { Some(CStr::from_ptr(v).to_string_lossy().into_owned()) });
+            }
+        }
+        Ok((processed, first))
+    }
+}
