@@ -102,7 +102,11 @@ fn row_json(row: &AnyElement) -> Option<String> {
 /// has xmin `local_xmin` (contents `local_row`); `remote_row` is the incoming row when the
 /// statement applies several (NULL otherwise). Records a conflict if the two were concurrent.
 #[pg_extern(volatile, parallel_unsafe)]
-fn _apply_wins(local_xmin: pg_sys::TransactionId, local_row: Option<AnyElement>, remote_row: Option<AnyElement>) -> bool {
+fn _apply_wins(
+    local_xmin: pg_sys::TransactionId,
+    local_row: Option<AnyElement>,
+    remote_row: Option<AnyElement>,
+) -> bool {
     let Some(incoming) = CURRENT.with(|c| c.borrow().clone()) else {
         // Outside apply (someone calling it by hand): never change anything.
         return false;

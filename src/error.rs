@@ -173,7 +173,9 @@ impl TrompeError {
                 Some("The peer was removed on that node; add it again with trompe.add_peer().")
             }
             TrompeError::NotReplicated(_) => Some("Replicate it first with trompe.add_table() or trompe.add_schema()."),
-            TrompeError::BadRule(_) => Some("See \"Conflicts\" in trompe's README for why only convergent rules are offered."),
+            TrompeError::BadRule(_) => {
+                Some("See \"Conflicts\" in trompe's README for why only convergent rules are offered.")
+            }
             _ => None,
         }
     }

@@ -15,6 +15,7 @@ pub mod log;
 pub mod node;
 pub mod origin;
 pub mod peers;
+pub mod retention;
 pub mod shmem;
 pub mod sql;
 pub mod status;

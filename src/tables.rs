@@ -144,7 +144,9 @@ pub fn remove_table_by_oid(relid: pg_sys::Oid) -> Result<bool, TrompeError> {
         let sql = format!(
             "DROP TRIGGER IF EXISTS trompe_capture ON {table};
              DROP TRIGGER IF EXISTS trompe_truncate ON {table};
-             DELETE FROM trompe.tables WHERE relid = {oid}::oid;",
+             DELETE FROM trompe.tables WHERE relid = {oid}::oid;
+             DELETE FROM trompe.tombstones WHERE relid = {oid}::oid;
+             DELETE FROM trompe.truncations WHERE relid = {oid}::oid;",
             oid = relid.to_u32()
         );
         sql::execute(&sql, &[]).map_err(|e| TrompeError::Internal(format!("removing {table}: {e}")))?;
@@ -308,10 +310,11 @@ fn _forget_dropped(dropped: Vec<pg_sys::Oid>) {
     let _internal = InternalOperation::begin();
     as_extension_owner(|| {
         let list: Vec<String> = dropped.iter().map(|o| o.to_u32().to_string()).collect();
-        sql::execute(
-            "DELETE FROM trompe.tables WHERE relid::oid = ANY($1::oid[])",
-            &[Some(&format!("{{{}}}", list.join(",")))],
-        )
+        let oids = format!("{{{}}}", list.join(","));
+        for table in ["tables", "tombstones", "truncations"] {
+            sql::execute(&format!("DELETE FROM trompe.{table} WHERE relid::oid = ANY($1::oid[])"), &[Some(&oids)])?;
+        }
+        Ok::<(), String>(())
     })
     .map_err(|e| TrompeError::Internal(format!("forgetting dropped tables: {e}")))
     .or_raise();

@@ -50,6 +50,21 @@ pub fn quote_qualified(schema: &str, name: &str) -> String {
     format!("{}.{}", quote_ident(schema), quote_ident(name))
 }
 
+/// A schema-qualified name for people to read (as in `trompe.conflicts`): each part quoted
+/// only when it is not a plain lower-case identifier, as `quote_ident()` does (keywords aside).
+pub fn readable_qualified(schema: &str, name: &str) -> String {
+    let part = |s: &str| {
+        let plain = s.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+            && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '$');
+        if plain {
+            s.to_string()
+        } else {
+            quote_ident(s)
+        }
+    };
+    format!("{}.{}", part(schema), part(name))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,6 +74,8 @@ mod tests {
         assert_eq!(quote_ident("t"), "\"t\"");
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
         assert_eq!(quote_qualified("public", "My Table"), "\"public\".\"My Table\"");
+        assert_eq!(readable_qualified("public", "t_1"), "public.t_1");
+        assert_eq!(readable_qualified("App", "1t"), "\"App\".\"1t\"");
     }
 
     #[test]

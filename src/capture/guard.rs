@@ -145,11 +145,19 @@ fn write_markers(pending: &Pending) -> Result<(), TrompeError> {
             )?;
             crate::sql::execute("DELETE FROM trompe.tombstones WHERE relid = $1::oid", &[Some(&relid)])?;
         }
+        // A key deleted twice in one transaction (deleted, inserted again, deleted) is listed
+        // twice; one statement may not upsert the same tombstone twice.
         for (relid, keys) in &pending.deleted {
-            let list = format!("{{{}}}", keys.iter().map(|k| format!("\"{}\"", k.replace('\\', "\\\\").replace('"', "\\\""))).collect::<Vec<_>>().join(","));
+            let list = format!(
+                "{{{}}}",
+                keys.iter()
+                    .map(|k| format!("\"{}\"", k.replace('\\', "\\\\").replace('"', "\\\"")))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
             crate::sql::execute(
                 "INSERT INTO trompe.tombstones (relid, key)
-                 SELECT $1::oid, k::text[] FROM unnest($2::text[]) AS k
+                 SELECT DISTINCT $1::oid, k::text[] FROM unnest($2::text[]) AS k
                  ON CONFLICT (relid, key) DO UPDATE SET key = EXCLUDED.key",
                 &[Some(&relid.to_u32().to_string()), Some(&list)],
             )?;

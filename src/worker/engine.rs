@@ -94,6 +94,7 @@ struct Engine {
     next_reload_ms: i64,
     next_extension_check_ms: i64,
     next_maintenance_ms: i64,
+    last_pruning_ms: i64,
     extension_seen: bool,
 }
 
@@ -197,7 +198,26 @@ impl Engine {
             }
             self.next_maintenance_ms = now_ms() + MAINTENANCE_EVERY_MS;
         }
-        let mut wake_at = self.next_maintenance_ms.min(self.next_extension_check_ms).min(self.next_reload_ms);
+        // The interval follows the retention settings, which a reload may have just changed.
+        if now_ms() >= self.last_pruning_ms + crate::retention::interval_ms() {
+            self.last_pruning_ms = now_ms();
+            match in_transaction(crate::retention::prune) {
+                Ok(pruned) => {
+                    if pruned.tombstones {
+                        crate::shmem::bump_tombstone_generation();
+                    }
+                    if pruned.more {
+                        self.last_pruning_ms = 0;
+                    }
+                }
+                Err(e) => pgrx::log!("trompe: pruning conflicts and tombstones failed: {e}"),
+            }
+        }
+        let mut wake_at = self
+            .next_maintenance_ms
+            .min(self.last_pruning_ms + crate::retention::interval_ms())
+            .min(self.next_extension_check_ms)
+            .min(self.next_reload_ms);
         for w in &waits {
             if let Some(t) = w.wake_at_ms {
                 wake_at = wake_at.min(t);
@@ -263,6 +283,7 @@ pub fn run(dboid: pg_sys::Oid, slot: &'static DbSlot) -> ! {
         next_reload_ms: 0,
         next_extension_check_ms: 0,
         next_maintenance_ms: 0,
+        last_pruning_ms: 0,
         extension_seen: false,
     };
     // SAFETY: a memory context for one loop iteration, reset at the start of each.

@@ -9,11 +9,13 @@
 pub mod cluster;
 pub mod node;
 pub mod proxy;
+pub mod random;
 pub mod system;
 pub mod wait;
 
 pub use cluster::Cluster;
 pub use node::Node;
+pub use random::Rng;
 pub use wait::wait_for;
 
 /// A PostgreSQL error with its SQLSTATE, message and detail, for assertions and panics.
@@ -43,4 +45,10 @@ pub fn expect_error(client: &mut postgres::Client, sql: &str) -> (String, String
             None => panic!("expected a database error from `{sql}`, got {e}"),
         },
     }
+}
+
+/// A query returning an order-independent fingerprint of a table's whole contents (row count
+/// and a hash of its rows in sorted order), to compare nodes with `Cluster::assert_same`.
+pub fn checksum(table: &str) -> String {
+    format!("SELECT count(*) || ':' || coalesce(md5(string_agg(t::text, ',' ORDER BY t::text)), '') FROM {table} t")
 }

@@ -5,14 +5,9 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use trompe_tests::{wait_for, Cluster, Node};
+use trompe_tests::{checksum, wait_for, Cluster, Node};
 
 const SYNC: Duration = Duration::from_secs(120);
-
-/// An order-independent fingerprint of a table's contents.
-fn checksum(table: &str) -> String {
-    format!("SELECT count(*) || ':' || coalesce(md5(string_agg(t::text, ',' ORDER BY t::text)), '') FROM {table} t")
-}
 
 /// A procedure that commits `txns` transactions of `rows` inserts each into `items`, ids from
 /// `first` upwards.

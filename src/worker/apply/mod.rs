@@ -95,7 +95,12 @@ pub fn after_transaction(committed: bool) {
 /// Applies the changes of one origin transaction (committed at `commit_us` by node `origin`)
 /// inside the current transaction (SPI connected), in order. `careful` checks secondary
 /// unique constraints before writing (used when the fast attempt ran into one).
-pub fn apply_transaction(cache: &mut ApplyCache, txn: &[Change], origin: NodeId, careful: bool) -> Result<(), ApplyError> {
+pub fn apply_transaction(
+    cache: &mut ApplyCache,
+    txn: &[Change],
+    origin: NodeId,
+    careful: bool,
+) -> Result<(), ApplyError> {
     let Some(first) = txn.first() else { return Ok(()) };
     let v = TxnVersion(Version { ts: first.commit_us, node: origin });
     let mut i = 0;
@@ -141,6 +146,10 @@ fn apply_truncate(cache: &mut ApplyCache, v: TxnVersion, changes: &[&Change]) ->
         tables.push(table);
     }
     let sql = |q: &str, args: &[Option<&str>]| crate::sql::execute(q, args).map_err(ApplyError::Postgres);
+    // Lock first: a local transaction still writing to a table would otherwise commit after
+    // the count below and before the TRUNCATE, which would remove its newer rows here only.
+    let names: Vec<&str> = tables.iter().map(|t| t.qualified.as_str()).collect();
+    sql(&format!("LOCK TABLE ONLY {} IN ACCESS EXCLUSIVE MODE", names.join(", ")), &[])?;
     with_incoming(truncation(v), || -> Result<(), ApplyError> {
         let mut whole = Vec::new();
         for table in &tables {
@@ -155,7 +164,7 @@ fn apply_truncate(cache: &mut ApplyCache, v: TxnVersion, changes: &[&Change]) ->
             }
             sql(&format!("DELETE FROM ONLY {} AS tgt WHERE trompe._incoming_newer(tgt.xmin)", table.qualified), &[])?;
             record(Recorded {
-                table: table.qualified.clone(),
+                table: table.readable.clone(),
                 key: None,
                 kind: ConflictKind::Truncated,
                 remote_won: false,
@@ -175,7 +184,10 @@ fn apply_truncate(cache: &mut ApplyCache, v: TxnVersion, changes: &[&Change]) ->
                  ON CONFLICT (relid) DO UPDATE SET relid = EXCLUDED.relid WHERE trompe._incoming_newer(truncations.xmin)",
                 &[Some(&relid)],
             )?;
-            sql("DELETE FROM trompe.tombstones WHERE relid = $1::oid AND trompe._incoming_newer(xmin)", &[Some(&relid)])?;
+            sql(
+                "DELETE FROM trompe.tombstones WHERE relid = $1::oid AND trompe._incoming_newer(xmin)",
+                &[Some(&relid)],
+            )?;
             if restart {
                 sql(
                     "SELECT pg_catalog.setval(d.objid::regclass, s.seqstart, false)

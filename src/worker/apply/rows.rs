@@ -50,7 +50,7 @@ fn check_columns(table: &Table, change: &Change, nkey: usize) -> Result<(), Appl
         return Err(ApplyError::NotReplicated(table.qualified.clone()));
     }
     if let Some(c) = change.cols.iter().find(|c| !table.attrs.contains_key(c.as_str())) {
-        return Err(ApplyError::NoSuchColumn { table: table.qualified.clone(), column: c.clone() });
+        return Err(ApplyError::NoSuchColumn { table: table.readable.clone(), column: c.clone() });
     }
     if nkey > change.cols.len() {
         return Err(ApplyError::Malformed { id: change.id, reason: "key longer than the column list".into() });
@@ -66,7 +66,11 @@ fn check_columns(table: &Table, change: &Change, nkey: usize) -> Result<(), Appl
 }
 
 fn nkey_of(change: &Change) -> Result<usize, ApplyError> {
-    change.oldkey.as_ref().map(|k| k.len()).ok_or(ApplyError::Malformed { id: change.id, reason: "missing old key".into() })
+    change
+        .oldkey
+        .as_ref()
+        .map(|k| k.len())
+        .ok_or(ApplyError::Malformed { id: change.id, reason: "missing old key".into() })
 }
 
 /// `WHERE` over the local key with parameters starting at `$first`.
@@ -86,7 +90,7 @@ fn key_datums(table: &Table, keys: &[Option<&str>], values: &mut Vec<pg_sys::Dat
 
 fn incoming(table: &Table, v: TxnVersion, change: &Change, kind: ConflictKind, keys: &[Option<&str>]) -> Incoming {
     Incoming {
-        table: table.qualified.clone(),
+        table: table.readable.clone(),
         version: v.0,
         replaced: change.old.into(),
         kind,
@@ -142,7 +146,7 @@ fn truncated_after(cache: &mut ApplyCache, table: &Table, v: TxnVersion, change:
     match guards.truncated {
         Some(t) if !incoming_wins(v.0, t) => {
             record(Recorded {
-                table: table.qualified.clone(),
+                table: table.readable.clone(),
                 key: None,
                 kind: ConflictKind::Truncated,
                 remote_won: false,
@@ -253,7 +257,7 @@ pub fn insert_run(cache: &mut ApplyCache, v: TxnVersion, run: &[Change], careful
     }
     let nulls = vec![false; values.len()];
     let ctx = Incoming {
-        table: table.qualified.clone(),
+        table: table.readable.clone(),
         version: v.0,
         replaced: LocalVersion::Unknown,
         kind: ConflictKind::InsertExists,
@@ -265,7 +269,13 @@ pub fn insert_run(cache: &mut ApplyCache, v: TxnVersion, run: &[Change], careful
 }
 
 /// Inserts one row unless a newer tombstone or truncation says it was deleted since.
-fn insert_one(cache: &mut ApplyCache, table: &Table, v: TxnVersion, change: &Change, careful: bool) -> Result<(), ApplyError> {
+fn insert_one(
+    cache: &mut ApplyCache,
+    table: &Table,
+    v: TxnVersion,
+    change: &Change,
+    careful: bool,
+) -> Result<(), ApplyError> {
     if truncated_after(cache, table, v, change)? {
         return Ok(());
     }
@@ -275,7 +285,7 @@ fn insert_one(cache: &mut ApplyCache, table: &Table, v: TxnVersion, change: &Cha
         if let Some(t) = tombstone(table, &keys)? {
             if !incoming_wins(v.0, t) && !row_exists(cache, table, &keys)? {
                 record(Recorded {
-                    table: table.qualified.clone(),
+                    table: table.readable.clone(),
                     key: ctx.key.clone(),
                     kind: ConflictKind::UpdateDeleted,
                     remote_won: false,
@@ -322,7 +332,8 @@ pub fn update(cache: &mut ApplyCache, v: TxnVersion, change: &Change, careful: b
             t
         },
         || {
-            let sets: Vec<String> = cols.iter().enumerate().map(|(i, c)| format!("{} = ${}", quote_ident(c), i + 1)).collect();
+            let sets: Vec<String> =
+                cols.iter().enumerate().map(|(i, c)| format!("{} = ${}", quote_ident(c), i + 1)).collect();
             format!(
                 "UPDATE {0} AS tgt SET {1} WHERE {2} AND trompe._apply_wins(tgt.xmin, tgt, NULL::{0})",
                 table.qualified,
@@ -347,32 +358,23 @@ pub fn update(cache: &mut ApplyCache, v: TxnVersion, change: &Change, careful: b
     }
     // The row is missing here: deleted by a newer change, or never seen (then the update,
     // which carries the whole row, creates it).
-    if let Some(t) = tombstone(&table, &old_keys)? {
-        if !incoming_wins(v.0, t) {
-            record(Recorded {
-                table: table.qualified.clone(),
-                key: ctx.key.clone(),
-                kind: ConflictKind::UpdateDeleted,
-                remote_won: false,
-                local: t,
-                local_row: None,
-                remote: v.0,
-                remote_row: ctx.row.clone(),
-            });
-            return Ok(());
-        }
-    }
-    if let LocalVersion::Known(_) = ctx.replaced {
-        record(Recorded {
-            table: table.qualified.clone(),
-            key: ctx.key.clone(),
-            kind: ConflictKind::UpdateMissing,
-            remote_won: true,
-            local: LocalVersion::Unknown,
-            local_row: None,
-            remote: v.0,
-            remote_row: ctx.row.clone(),
-        });
+    // Either way it is a conflict: the update's origin still had the row.
+    let (kind, local, remote_won) = match tombstone(&table, &old_keys)? {
+        Some(t) => (ConflictKind::UpdateDeleted, t, incoming_wins(v.0, t)),
+        None => (ConflictKind::UpdateMissing, LocalVersion::Unknown, true),
+    };
+    record(Recorded {
+        table: table.readable.clone(),
+        key: ctx.key.clone(),
+        kind,
+        remote_won,
+        local,
+        local_row: None,
+        remote: v.0,
+        remote_row: ctx.row.clone(),
+    });
+    if !remote_won {
+        return Ok(());
     }
     with_incoming(ctx, || upsert_one(cache, &table, change))
 }
@@ -387,7 +389,13 @@ pub fn delete(cache: &mut ApplyCache, v: TxnVersion, change: &Change) -> Result<
 }
 
 /// Deletes the row with `keys` if the incoming version wins, and keeps a tombstone.
-fn delete_key(cache: &mut ApplyCache, table: &Table, v: TxnVersion, change: &Change, keys: &[Option<&str>]) -> Result<(), ApplyError> {
+fn delete_key(
+    cache: &mut ApplyCache,
+    table: &Table,
+    v: TxnVersion,
+    change: &Change,
+    keys: &[Option<&str>],
+) -> Result<(), ApplyError> {
     let plan = cache.plan(
         &format!("D\0{}", table.relid.to_u32()),
         table.relid,
@@ -416,7 +424,13 @@ fn delete_key(cache: &mut ApplyCache, table: &Table, v: TxnVersion, change: &Cha
 /// Before writing a row: resolves collisions on the table's other unique constraints. Local
 /// rows holding the same values lose to a newer incoming row (they are deleted); if one of
 /// them is newer, the incoming change loses (returns false) and is not applied.
-fn resolve_unique(cache: &mut ApplyCache, table: &Table, v: TxnVersion, change: &Change, keys: &[Option<&str>]) -> Result<bool, ApplyError> {
+fn resolve_unique(
+    cache: &mut ApplyCache,
+    table: &Table,
+    v: TxnVersion,
+    change: &Change,
+    keys: &[Option<&str>],
+) -> Result<bool, ApplyError> {
     for unique in &table.uniques {
         let values: Vec<Option<&str>> = unique.iter().map(|c| value_of(change, c, false)).collect();
         if values.iter().any(Option::is_none) || unique.iter().any(|c| !change.cols.contains(c)) {
@@ -451,7 +465,7 @@ fn resolve_unique(cache: &mut ApplyCache, table: &Table, v: TxnVersion, change: 
             let xmin = r[0].as_deref().and_then(|x| x.parse::<u32>().ok()).unwrap_or(0);
             let local = local_version(pg_sys::TransactionId::from(xmin));
             let conflict = Recorded {
-                table: table.qualified.clone(),
+                table: table.readable.clone(),
                 key: Some(key_json(table, keys)),
                 kind: ConflictKind::UniqueViolation,
                 remote_won: incoming_wins(v.0, local),
@@ -468,8 +482,8 @@ fn resolve_unique(cache: &mut ApplyCache, table: &Table, v: TxnVersion, change: 
             losers.push(r[2].clone().unwrap_or_default());
         }
         for loser in losers {
-            let loser_keys = trompe_core::pgarray::parse_text_array(&loser)
-                .map_err(|e| ApplyError::Postgres(e.to_string()))?;
+            let loser_keys =
+                trompe_core::pgarray::parse_text_array(&loser).map_err(|e| ApplyError::Postgres(e.to_string()))?;
             let loser_refs: Vec<Option<&str>> = loser_keys.iter().map(|k| k.as_deref()).collect();
             let mut values = Vec::new();
             let mut nulls = Vec::new();
@@ -482,7 +496,7 @@ fn resolve_unique(cache: &mut ApplyCache, table: &Table, v: TxnVersion, change: 
             )?;
             run_plan(plan, &mut values, &nulls)?;
             let ctx = Incoming {
-                table: table.qualified.clone(),
+                table: table.readable.clone(),
                 version: v.0,
                 replaced: LocalVersion::Unknown,
                 kind: ConflictKind::UniqueViolation,

@@ -8,7 +8,7 @@ use std::rc::Rc;
 
 use pgrx::pg_sys;
 use trompe_core::conflict::LocalVersion;
-use trompe_core::ident::{check_identifier, quote_qualified};
+use trompe_core::ident::{check_identifier, quote_qualified, readable_qualified};
 
 use super::ApplyError;
 
@@ -41,7 +41,12 @@ impl Attr {
                 let c = cstring(t);
                 // SAFETY: the input function and its parameters come from the column's type.
                 let d = unsafe {
-                    pg_sys::InputFunctionCall(self.input, c.as_ptr() as *mut std::ffi::c_char, self.ioparam, self.typmod)
+                    pg_sys::InputFunctionCall(
+                        self.input,
+                        c.as_ptr() as *mut std::ffi::c_char,
+                        self.ioparam,
+                        self.typmod,
+                    )
                 };
                 (d, false)
             }
@@ -82,6 +87,8 @@ pub struct Table {
     pub relid: pg_sys::Oid,
     /// Quoted, schema-qualified name.
     pub qualified: String,
+    /// Schema-qualified name, quoted only where needed (for the conflict log).
+    pub readable: String,
     /// Whether it is in `trompe.tables`.
     pub replicated: bool,
     /// Primary key columns, in key order.
@@ -118,11 +125,20 @@ unsafe fn unique_columns(relation: pg_sys::Relation) -> Vec<Vec<String>> {
         let index = pg_sys::index_open(oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         let form = (*index).rd_index;
         let plain = (*index).rd_indexprs.is_null()
-            && pg_sys::heap_attisnull((*index).rd_indextuple, pg_sys::Anum_pg_index_indexprs as i32, std::ptr::null_mut())
-            && pg_sys::heap_attisnull((*index).rd_indextuple, pg_sys::Anum_pg_index_indpred as i32, std::ptr::null_mut());
+            && pg_sys::heap_attisnull(
+                (*index).rd_indextuple,
+                pg_sys::Anum_pg_index_indexprs as i32,
+                std::ptr::null_mut(),
+            )
+            && pg_sys::heap_attisnull(
+                (*index).rd_indextuple,
+                pg_sys::Anum_pg_index_indpred as i32,
+                std::ptr::null_mut(),
+            );
         if (*form).indisunique && !(*form).indisprimary && plain {
             let nkeys = (*form).indnkeyatts as usize;
-            let cols: Vec<String> = (*form).indkey.values.as_slice(nkeys).iter().map(|&a| attname(relation, a)).collect();
+            let cols: Vec<String> =
+                (*form).indkey.values.as_slice(nkeys).iter().map(|&a| attname(relation, a)).collect();
             out.push(cols);
         }
         pg_sys::index_close(index, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
@@ -132,6 +148,7 @@ unsafe fn unique_columns(relation: pg_sys::Relation) -> Vec<Vec<String>> {
 
 fn load_table(nsp: &str, rel: &str) -> Result<Table, ApplyError> {
     let qualified = quote_qualified(nsp, rel);
+    let readable = readable_qualified(nsp, rel);
     for name in [nsp, rel] {
         check_identifier(name).map_err(|e| ApplyError::Malformed { id: 0, reason: e.to_string() })?;
     }
@@ -141,8 +158,11 @@ fn load_table(nsp: &str, rel: &str) -> Result<Table, ApplyError> {
     // AccessShareLock and closed before returning (apply statements take their own locks).
     unsafe {
         let nspoid = pg_sys::get_namespace_oid(nsp_c.as_ptr(), true);
-        let relid =
-            if nspoid == pg_sys::InvalidOid { pg_sys::InvalidOid } else { pg_sys::get_relname_relid(rel_c.as_ptr(), nspoid) };
+        let relid = if nspoid == pg_sys::InvalidOid {
+            pg_sys::InvalidOid
+        } else {
+            pg_sys::get_relname_relid(rel_c.as_ptr(), nspoid)
+        };
         if relid == pg_sys::InvalidOid {
             return Err(ApplyError::NoSuchTable(qualified));
         }
@@ -184,11 +204,20 @@ fn load_table(nsp: &str, rel: &str) -> Result<Table, ApplyError> {
             let name = CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy().into_owned();
             attrs.insert(
                 name,
-                Attr { typid: att.atttypid, typmod: att.atttypmod, input, ioparam, array_type, typlen, typbyval, typalign },
+                Attr {
+                    typid: att.atttypid,
+                    typmod: att.atttypmod,
+                    input,
+                    ioparam,
+                    array_type,
+                    typlen,
+                    typbyval,
+                    typalign,
+                },
             );
         }
         pg_sys::relation_close(relation, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        let mut table = Table { relid, qualified, replicated: false, key, uniques, attrs, context };
+        let mut table = Table { relid, qualified, readable, replicated: false, key, uniques, attrs, context };
         table.replicated = crate::sql::flag(
             "SELECT EXISTS (SELECT 1 FROM trompe.tables WHERE relid = $1::oid)",
             &[Some(&relid.to_u32().to_string())],
@@ -343,7 +372,11 @@ impl ApplyCache {
 
 /// Runs a kept plan with the given parameter values; returns the rows it processed and the
 /// first column of the rows it returned, as text.
-pub fn run_plan(plan: pg_sys::SPIPlanPtr, values: &mut [pg_sys::Datum], nulls: &[bool]) -> Result<(u64, Vec<Option<String>>), ApplyError> {
+pub fn run_plan(
+    plan: pg_sys::SPIPlanPtr,
+    values: &mut [pg_sys::Datum],
+    nulls: &[bool],
+) -> Result<(u64, Vec<Option<String>>), ApplyError> {
     let flags: Vec<std::ffi::c_char> =
         nulls.iter().map(|n| if *n { b'n' } else { b' ' } as std::ffi::c_char).chain([0]).collect();
     // SAFETY: values and nulls match the plan's parameter count; SPI is connected; returned

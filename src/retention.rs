@@ -1,0 +1,42 @@
+//! Pruning of conflict-resolution state: resolved conflicts after `trompe.conflict_retention`,
+//! tombstones of deleted rows after `trompe.tombstone_retention`. Run by the worker.
+
+use crate::sql;
+
+/// Rows deleted per statement, so that pruning a large backlog never holds long locks.
+const BATCH: i64 = 10_000;
+
+/// How long the worker waits between two prunings: a tenth of the shorter retention, at
+/// least a second and at most a minute.
+pub fn interval_ms() -> i64 {
+    let shorter = crate::guc::CONFLICT_RETENTION_S.get().min(crate::guc::TOMBSTONE_RETENTION_S.get());
+    (i64::from(shorter) * 100).clamp(1_000, 60_000)
+}
+
+/// What one pruning did.
+pub struct Pruned {
+    /// Whether a batch was full, so more may remain.
+    pub more: bool,
+    /// Whether tombstones were deleted (cached facts about them must be refreshed after
+    /// commit).
+    pub tombstones: bool,
+}
+
+/// Deletes one batch of expired conflicts and tombstones.
+pub fn prune() -> Result<Pruned, String> {
+    let conflicts = sql::execute(
+        "DELETE FROM trompe.conflicts WHERE id IN (
+             SELECT id FROM trompe.conflicts WHERE at < now() - make_interval(secs => $1::int)
+             ORDER BY at LIMIT $2::bigint)",
+        &[Some(&crate::guc::CONFLICT_RETENTION_S.get().to_string()), Some(&BATCH.to_string())],
+    )?;
+    // A tombstone's age is its own commit time; one without (frozen) is old by definition.
+    let tombstones = sql::execute(
+        "DELETE FROM trompe.tombstones WHERE ctid = ANY (ARRAY(
+             SELECT ctid FROM trompe.tombstones
+             WHERE coalesce(pg_xact_commit_timestamp(xmin) < now() - make_interval(secs => $1::int), true)
+             LIMIT $2::bigint))",
+        &[Some(&crate::guc::TOMBSTONE_RETENTION_S.get().to_string()), Some(&BATCH.to_string())],
+    )?;
+    Ok(Pruned { more: conflicts as i64 == BATCH || tombstones as i64 == BATCH, tombstones: tombstones > 0 })
+}

@@ -1,0 +1,328 @@
+//! Conflicts between real nodes: whatever the interleaving, every node ends with the same data,
+//! decided by the same rule, and each conflict is on record.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use trompe_tests::{checksum, expect_error, Cluster, Node, Rng};
+
+const SYNC: Duration = Duration::from_secs(120);
+
+/// `t`: a UNIQUE column besides the key; `t2`: a composite key, for truncations.
+const SCHEMA: &str = "CREATE TABLE t (id int PRIMARY KEY, v text, u int UNIQUE);
+    CREATE TABLE t2 (a int, b int, note text, PRIMARY KEY (a, b));";
+
+fn replicate_schema(cluster: &Cluster) {
+    cluster.exec_all(&format!("{SCHEMA} SELECT trompe.add_table('t'); SELECT trompe.add_table('t2');"));
+}
+
+/// The value of `t.v` for `id` on `node`, or None if the row does not exist.
+fn v_of(node: &Node, id: i32) -> Option<String> {
+    node.query_text(&format!("SELECT coalesce((SELECT v FROM t WHERE id = {id}), '<none>')")).filter(|v| v != "<none>")
+}
+
+/// The winners recorded on `node` for conflicts of `kind` on `table`'s row `key` (JSON object).
+fn recorded(node: &Node, table: &str, kind: &str, key: &str) -> String {
+    node.query_text(&format!(
+        "SELECT coalesce(string_agg(winner, ',' ORDER BY id), '') FROM trompe.conflicts
+         WHERE table_name = '{table}' AND kind = '{kind}' AND key @> '{key}'::jsonb"
+    ))
+    .unwrap_or_default()
+}
+
+/// Every kind of two-node conflict at once: the nodes are partitioned, each writes (node 2
+/// always after node 1, so its commits are the later ones), then the partition heals.
+#[test]
+fn concurrent_changes_resolve_the_same_way_everywhere_and_are_recorded() {
+    let cluster = Cluster::start("conflict-kinds", 2);
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all(SCHEMA);
+    // Row 6 exists on node 1 only, from before the table was replicated.
+    n1.exec("INSERT INTO t VALUES (6, 'n1 only', NULL)");
+    cluster.exec_all("SELECT trompe.add_table('t'); SELECT trompe.add_table('t2')");
+    cluster.mesh();
+    n1.exec(
+        "INSERT INTO t VALUES (1, 'base', NULL), (3, 'base', NULL), (4, 'base', NULL), (5, 'base', NULL);
+         INSERT INTO t2 VALUES (1, 1, 'before the truncate')",
+    );
+    // A key deleted, inserted and deleted again in one transaction (two tombstones for one
+    // key) and inserted once more: the row exists everywhere.
+    n1.exec(
+        "INSERT INTO t VALUES (9, 'first', NULL);
+         BEGIN; DELETE FROM t WHERE id = 9; INSERT INTO t VALUES (9, 'again', NULL); DELETE FROM t WHERE id = 9;
+         INSERT INTO t VALUES (9, 'final', NULL); COMMIT",
+    );
+    cluster.wait_sync(SYNC);
+    assert_eq!(v_of(n2, 9).as_deref(), Some("final"));
+
+    cluster.partition(0, 1);
+    // Node 1 writes first ...
+    n1.exec(
+        "UPDATE t SET v = 'n1' WHERE id = 1;
+         INSERT INTO t VALUES (2, 'n1', NULL);
+         UPDATE t SET v = 'n1' WHERE id = 3;
+         DELETE FROM t WHERE id = 5;
+         UPDATE t SET v = 'n1 updated' WHERE id = 6;
+         INSERT INTO t VALUES (7, 'n1', 70);
+         INSERT INTO t2 VALUES (2, 2, 'n1, before the truncate');
+         TRUNCATE t2",
+    );
+    // ... node 2 later.
+    n2.exec(
+        "UPDATE t SET v = 'n2' WHERE id = 1;
+         INSERT INTO t VALUES (2, 'n2', NULL);
+         DELETE FROM t WHERE id = 3;
+         DELETE FROM t WHERE id = 5;
+         INSERT INTO t VALUES (8, 'n2', 70);
+         INSERT INTO t2 VALUES (3, 3, 'n2, after the truncate')",
+    );
+    // Node 1 again, last: an update newer than node 2's delete of row 4.
+    n2.exec("DELETE FROM t WHERE id = 4");
+    n1.exec("UPDATE t SET v = 'n1 after the delete' WHERE id = 4");
+    cluster.heal_pair(0, 1);
+    cluster.wait_sync(SYNC);
+
+    cluster.assert_same(&checksum("t"));
+    cluster.assert_same(&checksum("t2"));
+    for node in cluster.nodes() {
+        assert_eq!(v_of(node, 1).as_deref(), Some("n2"), "update/update: the later update wins");
+        assert_eq!(v_of(node, 2).as_deref(), Some("n2"), "insert/insert: the later insert wins");
+        assert_eq!(v_of(node, 3), None, "a delete newer than an update wins");
+        assert_eq!(v_of(node, 4).as_deref(), Some("n1 after the delete"), "an update newer than a delete wins");
+        assert_eq!(v_of(node, 5), None, "delete/delete");
+        assert_eq!(v_of(node, 6).as_deref(), Some("n1 updated"), "an update of a missing row inserts it");
+        assert_eq!(v_of(node, 7), None, "the older row of a unique collision is removed");
+        assert_eq!(v_of(node, 8).as_deref(), Some("n2"), "the newer row of a unique collision stays");
+        assert_eq!(
+            node.query_text("SELECT string_agg(note, ',' ORDER BY a) FROM t2").as_deref(),
+            Some("n2, after the truncate"),
+            "a truncate removes exactly the rows older than itself"
+        );
+    }
+
+    // Each node recorded its side of every conflict, with the same winner.
+    for node in cluster.nodes() {
+        println!(
+            "conflicts on {}:\n{}",
+            node.name,
+            node.query_text(
+                "SELECT string_agg(format('%s %s %s %s local=%s remote=%s', table_name, kind, key, winner, local_row, remote_row), E'\n' ORDER BY id) FROM trompe.conflicts"
+            )
+            .unwrap_or_default()
+        );
+    }
+    assert_eq!(recorded(n1, "public.t", "update_update", r#"{"id":"1"}"#), "remote");
+    assert_eq!(recorded(n2, "public.t", "update_update", r#"{"id":"1"}"#), "local");
+    assert_eq!(recorded(n1, "public.t", "insert_exists", r#"{"id":"2"}"#), "remote");
+    assert_eq!(recorded(n2, "public.t", "insert_exists", r#"{"id":"2"}"#), "local");
+    assert_eq!(recorded(n1, "public.t", "delete_update", r#"{"id":"3"}"#), "remote");
+    assert_eq!(recorded(n2, "public.t", "update_deleted", r#"{"id":"3"}"#), "local");
+    assert_eq!(recorded(n2, "public.t", "update_deleted", r#"{"id":"4"}"#), "remote");
+    assert_eq!(recorded(n2, "public.t", "update_missing", r#"{"id":"6"}"#), "remote");
+    assert_eq!(recorded(n1, "public.t", "unique_violation", r#"{"id":"8"}"#), "remote");
+    assert_eq!(recorded(n2, "public.t", "unique_violation", r#"{"id":"7"}"#), "local");
+    assert!(
+        n2.query_i64("SELECT count(*) FROM trompe.conflicts WHERE table_name = 'public.t2' AND kind = 'truncated'")
+            >= 1,
+        "the insert older than the truncate is recorded"
+    );
+    let row = n1.query_row(
+        "SELECT local_row->>'v', remote_row->>'v', local_origin = trompe.node_id(), remote_committed_at > local_committed_at
+         FROM trompe.conflicts WHERE kind = 'update_update'",
+    );
+    assert_eq!(
+        row,
+        vec![Some("n1".into()), Some("n2".into()), Some("t".into()), Some("t".into())],
+        "both versions are kept"
+    );
+
+    // Expired conflicts and tombstones are pruned by the worker.
+    assert!(n1.query_i64("SELECT count(*) FROM trompe.tombstones") > 0, "deletes keep tombstones");
+    n1.exec("ALTER SYSTEM SET trompe.conflict_retention = '1s'");
+    n1.exec("ALTER SYSTEM SET trompe.tombstone_retention = '1s'");
+    n1.exec("SELECT pg_reload_conf()");
+    n1.wait_for_value(
+        "SELECT (SELECT count(*) FROM trompe.conflicts) + (SELECT count(*) FROM trompe.tombstones)",
+        "0",
+        Duration::from_secs(30),
+    );
+}
+
+#[test]
+fn only_convergent_rules_can_be_chosen() {
+    let cluster = Cluster::start("conflict-rules", 1);
+    let node = cluster.node(0);
+    node.exec(&format!("{SCHEMA} SELECT trompe.add_table('t')"));
+    assert_eq!(
+        node.query_text("SELECT trompe.set_conflict_rule('t', 'last_update_wins')").as_deref(),
+        Some("last_update_wins")
+    );
+    let mut c = node.connect();
+    for rule in ["first_update_wins", "node_priority"] {
+        let (state, message) = expect_error(&mut c, &format!("SELECT trompe.set_conflict_rule('t', '{rule}')"));
+        assert_eq!(state, "22023", "{message}");
+        assert!(message.contains(rule), "{message}");
+    }
+    let (state, message) = expect_error(&mut c, "SELECT trompe.set_conflict_rule('t', 'whatever')");
+    assert_eq!(state, "22023", "{message}");
+    let (state, message) = expect_error(&mut c, "SELECT trompe.set_conflict_rule('t2', 'last_update_wins')");
+    assert_eq!(state, "55000", "{message}");
+    assert!(message.contains("t2"), "{message}");
+    assert_eq!(
+        node.query_text("SELECT conflict_rule FROM trompe.tables WHERE relid = 't'::regclass").as_deref(),
+        Some("last_update_wins")
+    );
+}
+
+/// What one randomized run does.
+struct Workload {
+    seed: u64,
+    clients_per_node: usize,
+    duration: Duration,
+}
+
+/// One client's random statement: small key spaces, so nodes conflict all the time.
+fn random_statement(rng: &mut Rng, tag: &str) -> String {
+    let id = rng.between(1, 25);
+    let u = if rng.chance(30) { "NULL".to_string() } else { rng.between(1, 30).to_string() };
+    let (a, b) = (rng.between(1, 5), rng.between(1, 5));
+    match rng.below(100) {
+        0..=29 => format!("INSERT INTO t VALUES ({id}, '{tag}', {u})"),
+        30..=54 => format!("UPDATE t SET v = '{tag}', u = {u} WHERE id = {id}"),
+        55..=64 => format!("UPDATE t SET id = {} WHERE id = {id}", rng.between(1, 25)),
+        65..=79 => format!("DELETE FROM t WHERE id = {id}"),
+        80..=89 => {
+            format!("INSERT INTO t2 VALUES ({a}, {b}, '{tag}') ON CONFLICT (a, b) DO UPDATE SET note = EXCLUDED.note")
+        }
+        90..=97 => format!("DELETE FROM t2 WHERE a = {a}"),
+        98 => "TRUNCATE t2".to_string(),
+        _ => "TRUNCATE t".to_string(),
+    }
+}
+
+/// Errors a client expects from its own node (its own constraints, lock waits), as opposed to
+/// trompe failing.
+fn expected_local_error(e: &postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        let code = db.code().code();
+        code.starts_with("23") || code.starts_with("40")
+    })
+}
+
+/// Runs random transactions on `node` until `stop`; returns how many committed.
+fn client(node: &Node, mut rng: Rng, tag: String, stop: &AtomicBool) -> u64 {
+    let mut c = node.connect();
+    let mut committed = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let statements: Vec<String> = (0..rng.between(1, 3)).map(|_| random_statement(&mut rng, &tag)).collect();
+        let sql = format!("BEGIN; {}; COMMIT", statements.join("; "));
+        match c.batch_execute(&sql) {
+            Ok(()) => committed += 1,
+            Err(e) if expected_local_error(&e) => {
+                let _ = c.batch_execute("ROLLBACK");
+            }
+            Err(e) => panic!("client {tag} on {}: {sql}\nfailed: {}", node.name, trompe_tests::describe_error(&e)),
+        }
+        if rng.chance(20) {
+            std::thread::sleep(Duration::from_millis(rng.below(30)));
+        }
+    }
+    committed
+}
+
+/// Three nodes, several clients each, random conflicting writes, a partition and a one-way cut
+/// in the middle; afterwards every table is identical everywhere.
+fn converges(w: Workload) {
+    println!("randomized convergence: seed {} (rerun with TROMPE_SEEDS={})", w.seed, w.seed);
+    let cluster = Cluster::start(&format!("converge-{}", w.seed), 3);
+    replicate_schema(&cluster);
+    cluster.mesh();
+    let mut rng = Rng::new(w.seed);
+    let stop = Arc::new(AtomicBool::new(false));
+    let committed = Arc::new(AtomicU64::new(0));
+    let mut healed_at = String::new();
+    std::thread::scope(|s| {
+        for (i, node) in cluster.nodes().iter().enumerate() {
+            for k in 0..w.clients_per_node {
+                let (rng, stop, committed) = (rng.fork(), stop.clone(), committed.clone());
+                s.spawn(move || {
+                    let n = client(node, rng, format!("n{}c{k}", i + 1), &stop);
+                    committed.fetch_add(n, Ordering::Relaxed);
+                });
+            }
+        }
+        let start = Instant::now();
+        let third = w.duration / 3;
+        std::thread::sleep(third.mul_f64(0.5 + rng.below(100) as f64 / 100.0));
+        cluster.partition(0, 1);
+        cluster.cut(2, 0);
+        std::thread::sleep(third);
+        cluster.heal_pair(0, 1);
+        cluster.link(2, 0).heal();
+        healed_at = cluster.node(0).query_text("SELECT now()::text").unwrap_or_default();
+        std::thread::sleep(w.duration.saturating_sub(start.elapsed()));
+        stop.store(true, Ordering::Relaxed);
+    });
+    let committed = committed.load(Ordering::Relaxed);
+    cluster.wait_sync(SYNC);
+    let conflicts: i64 = cluster.nodes().iter().map(|n| n.query_i64("SELECT count(*) FROM trompe.conflicts")).sum();
+    println!("seed {}: {committed} transactions committed, {conflicts} conflicts resolved", w.seed);
+    assert!(committed > 100, "seed {}: too little work to prove anything ({committed})", w.seed);
+    assert!(conflicts > 0, "seed {}: the workload produced no conflict", w.seed);
+    for table in ["t", "t2"] {
+        let sums: Vec<Option<String>> = cluster.nodes().iter().map(|n| n.query_text(&checksum(table))).collect();
+        if sums.iter().any(|s| s != &sums[0]) {
+            dump_versions(&cluster, table);
+        }
+        cluster.assert_same(&checksum(table));
+    }
+    for node in cluster.nodes() {
+        let errors = node.query_text(&format!(
+            "SELECT string_agg(name || ': ' || last_error, '; ') FROM trompe.status
+             WHERE last_error_at > '{healed_at}'::timestamptz + interval '2 seconds'"
+        ));
+        assert_eq!(errors, None, "seed {}: {} reported errors after the links healed", w.seed, node.name);
+    }
+}
+
+/// Prints every node's rows of `table` with their versions, its tombstones and its conflicts,
+/// to find out why nodes differ.
+fn dump_versions(cluster: &Cluster, table: &str) {
+    for node in cluster.nodes() {
+        let rows = node.query_text(&format!(
+            "SELECT string_agg(format('%s @ %s from %s', r::text, c.timestamp, coalesce(o.roname, 'local')), E'\\n' ORDER BY r::text)
+             FROM {table} r, pg_xact_commit_timestamp_origin(r.xmin) c LEFT JOIN pg_replication_origin o ON o.roident = c.roident"
+        ));
+        let tombstones = node.query_text(&format!(
+            "SELECT string_agg(format('%s @ %s', key, pg_xact_commit_timestamp(xmin)), E'\\n' ORDER BY key)
+             FROM trompe.tombstones WHERE relid = '{table}'::regclass"
+        ));
+        let truncation = node.query_text(&format!(
+            "SELECT pg_xact_commit_timestamp(xmin)::text FROM trompe.truncations WHERE relid = '{table}'::regclass"
+        ));
+        println!(
+            "===== {} ({}): rows\n{}\n----- tombstones\n{}\n----- truncated at {truncation:?}",
+            node.name,
+            node.query_text("SELECT trompe.node_id()::text").unwrap_or_default(),
+            rows.unwrap_or_default(),
+            tombstones.unwrap_or_default()
+        );
+    }
+}
+
+/// The seeds to run: `TROMPE_SEEDS` (comma-separated) or a fixed set for CI.
+fn seeds() -> Vec<u64> {
+    match std::env::var("TROMPE_SEEDS") {
+        Ok(list) => list.split(',').filter_map(|s| s.trim().parse().ok()).collect(),
+        Err(_) => vec![1, 2, 3],
+    }
+}
+
+#[test]
+fn random_concurrent_writes_on_three_nodes_converge() {
+    let secs = std::env::var("TROMPE_CONVERGE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
+    for seed in seeds() {
+        converges(Workload { seed, clients_per_node: 2, duration: Duration::from_secs(secs) });
+    }
+}
