@@ -50,6 +50,7 @@ fn _wait_sync(timeout_s: f64) -> bool {
     // SAFETY: MyDatabaseId is a backend-local global.
     let dboid = unsafe { pg_sys::MyDatabaseId };
     let mut pause = Duration::from_millis(2);
+    let mut last_wake: Option<Instant> = None;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         for t in targets.iter_mut().filter(|t| !t.synced) {
@@ -64,7 +65,12 @@ fn _wait_sync(timeout_s: f64) -> bool {
         if Instant::now() >= deadline {
             return false;
         }
-        crate::worker::control::wake_worker(dboid);
+        // Skip the worker's retry delays (a peer just came back), but not so often that a
+        // change failing to apply is retried (and logged) many times a second.
+        if last_wake.is_none_or(|w| w.elapsed() >= WAKE_EVERY) {
+            crate::worker::control::wake_worker(dboid);
+            last_wake = Some(Instant::now());
+        }
         let wait = pause.min(deadline.saturating_duration_since(Instant::now()));
         crate::libpq::wait_socket(
             pgrx::pg_sys::PGINVALID_SOCKET,
@@ -74,6 +80,9 @@ fn _wait_sync(timeout_s: f64) -> bool {
         pause = (pause * 2).min(Duration::from_millis(50));
     }
 }
+
+/// How often `wait_sync` wakes the worker.
+const WAKE_EVERY: Duration = Duration::from_secs(1);
 
 /// One check of one peer: fixes the target snapshot on first contact, then asks the peer how
 /// many of the changes up to it this node's position does not cover.

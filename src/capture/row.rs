@@ -146,3 +146,26 @@ fn write_values<'b>(
         })
     }
 }
+
+/// Logs, as a change of the current transaction, the delete of the row of `nsp.rel` whose
+/// primary key columns `key_names` have the canonical text values `key`, replacing version
+/// `old`. Apply uses it when resolving a unique collision removes a row: the removal then
+/// reaches every node, also those where the two rows never met.
+pub fn log_delete(
+    nsp: &str,
+    rel: &str,
+    key_names: &[String],
+    key: &[Option<&str>],
+    old: OldVersion,
+) -> Result<(), TrompeError> {
+    buffer::record(|buf, seq| {
+        let mut w = ChangeWriter::begin(buf, Op::Delete, seq, nsp.as_bytes(), rel.as_bytes())
+            .cols(key_names.iter().map(|n| n.as_bytes()))
+            .none()
+            .list(key.len());
+        for k in key {
+            w = w.value(k.map(str::as_bytes));
+        }
+        w.finish(old);
+    })
+}

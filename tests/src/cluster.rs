@@ -187,6 +187,16 @@ impl Cluster {
         values.into_iter().next().flatten()
     }
 
+    /// Writes `contents` to `file` next to the kept server logs (for what a failing test
+    /// wants to keep: dumps of diverging data); returns the path.
+    pub fn keep_file(&self, file: &str, contents: &str) -> PathBuf {
+        let keep = self.kept_logs_dir();
+        let _ = fs::create_dir_all(&keep);
+        let path = keep.join(file);
+        let _ = fs::write(&path, contents);
+        path
+    }
+
     /// Where logs of a failed run are kept.
     fn kept_logs_dir(&self) -> PathBuf {
         let base = std::env::var_os("TROMPE_FAILED_LOGS")

@@ -40,11 +40,16 @@ fn concurrent_changes_resolve_the_same_way_everywhere_and_are_recorded() {
     cluster.exec_all(SCHEMA);
     // Row 6 exists on node 1 only, from before the table was replicated.
     n1.exec("INSERT INTO t VALUES (6, 'n1 only', NULL)");
-    cluster.exec_all("SELECT trompe.add_table('t'); SELECT trompe.add_table('t2')");
+    cluster.exec_all(
+        "SELECT trompe.add_table('t'); SELECT trompe.add_table('t2');
+         CREATE TABLE parent (id int PRIMARY KEY); CREATE TABLE child (id int PRIMARY KEY, parent int REFERENCES parent);
+         SELECT trompe.add_table('parent'); SELECT trompe.add_table('child')",
+    );
     cluster.mesh();
     n1.exec(
         "INSERT INTO t VALUES (1, 'base', NULL), (3, 'base', NULL), (4, 'base', NULL), (5, 'base', NULL);
-         INSERT INTO t2 VALUES (1, 1, 'before the truncate')",
+         INSERT INTO t2 VALUES (1, 1, 'before the truncate');
+         INSERT INTO parent VALUES (1); INSERT INTO child VALUES (1, 1)",
     );
     // A key deleted, inserted and deleted again in one transaction (two tombstones for one
     // key) and inserted once more: the row exists everywhere.
@@ -66,7 +71,8 @@ fn concurrent_changes_resolve_the_same_way_everywhere_and_are_recorded() {
          UPDATE t SET v = 'n1 updated' WHERE id = 6;
          INSERT INTO t VALUES (7, 'n1', 70);
          INSERT INTO t2 VALUES (2, 2, 'n1, before the truncate');
-         TRUNCATE t2",
+         TRUNCATE t2;
+         TRUNCATE parent, child",
     );
     // ... node 2 later.
     n2.exec(
@@ -75,7 +81,9 @@ fn concurrent_changes_resolve_the_same_way_everywhere_and_are_recorded() {
          DELETE FROM t WHERE id = 3;
          DELETE FROM t WHERE id = 5;
          INSERT INTO t VALUES (8, 'n2', 70);
-         INSERT INTO t2 VALUES (3, 3, 'n2, after the truncate')",
+         INSERT INTO t2 VALUES (3, 3, 'n2, after the truncate');
+         DELETE FROM t2 WHERE a = 1;
+         INSERT INTO child VALUES (2, 1)",
     );
     // Node 1 again, last: an update newer than node 2's delete of row 4.
     n2.exec("DELETE FROM t WHERE id = 4");
@@ -85,6 +93,18 @@ fn concurrent_changes_resolve_the_same_way_everywhere_and_are_recorded() {
 
     cluster.assert_same(&checksum("t"));
     cluster.assert_same(&checksum("t2"));
+    // A delete newer than the truncation keeps its tombstone everywhere.
+    assert_eq!(
+        cluster
+            .assert_same("SELECT string_agg(key::text, ',') FROM trompe.tombstones WHERE relid = 't2'::regclass")
+            .as_deref(),
+        Some("{1,1}")
+    );
+    // The truncation of two tables linked by a foreign key, one of which has a newer row on
+    // node 2: the older rows go everywhere, the newer child stays (foreign keys are not checked
+    // during apply, as in pglogical).
+    assert_eq!(cluster.assert_same(&checksum("parent")).as_deref(), Some("0:"));
+    assert_eq!(cluster.assert_same("SELECT string_agg(id::text, ',') FROM child").as_deref(), Some("2"));
     for node in cluster.nodes() {
         assert_eq!(v_of(node, 1).as_deref(), Some("n2"), "update/update: the later update wins");
         assert_eq!(v_of(node, 2).as_deref(), Some("n2"), "insert/insert: the later insert wins");
@@ -301,6 +321,14 @@ fn dump_versions(cluster: &Cluster, table: &str) {
         let truncation = node.query_text(&format!(
             "SELECT pg_xact_commit_timestamp(xmin)::text FROM trompe.truncations WHERE relid = '{table}'::regclass"
         ));
+        let conflicts = node.query_text(&format!(
+            "SELECT string_agg(format('%s %s %s %s winner=%s local=%s@%s %s remote=%s@%s %s', id, at, kind, key, winner,
+                                      local_origin, local_committed_at, local_row, remote_origin, remote_committed_at, remote_row),
+                               E'\\n' ORDER BY id)
+             FROM trompe.conflicts WHERE table_name = 'public.{table}'"
+        ));
+        let path = cluster.keep_file(&format!("{}-conflicts.txt", node.name), &conflicts.unwrap_or_default());
+        println!("conflicts of {} kept in {}", node.name, path.display());
         println!(
             "===== {} ({}): rows\n{}\n----- tombstones\n{}\n----- truncated at {truncation:?}",
             node.name,

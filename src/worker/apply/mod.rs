@@ -133,8 +133,8 @@ pub fn apply_transaction(
 /// Truncates the tables of consecutive TRUNCATE changes. Under last-update-wins a truncation
 /// removes the rows older than itself (a row written concurrently on another node, with a
 /// newer version, survives on every node) and leaves a marker that drops older changes
-/// arriving later. Tables without newer rows are truncated together in one statement, as at
-/// the origin (foreign keys between them allow nothing else).
+/// arriving later. Without newer rows the tables are truncated together in one statement, as
+/// at the origin (foreign keys between them allow nothing else).
 fn apply_truncate(cache: &mut ApplyCache, v: TxnVersion, changes: &[&Change]) -> Result<(), ApplyError> {
     let restart = changes[0].vals.as_ref().and_then(|v| v.first()).and_then(|v| v.as_deref()) == Some("restart");
     let mut tables = Vec::with_capacity(changes.len());
@@ -151,31 +151,42 @@ fn apply_truncate(cache: &mut ApplyCache, v: TxnVersion, changes: &[&Change]) ->
     let names: Vec<&str> = tables.iter().map(|t| t.qualified.as_str()).collect();
     sql(&format!("LOCK TABLE ONLY {} IN ACCESS EXCLUSIVE MODE", names.join(", ")), &[])?;
     with_incoming(truncation(v), || -> Result<(), ApplyError> {
-        let mut whole = Vec::new();
+        let mut newer_rows = Vec::with_capacity(tables.len());
         for table in &tables {
-            let newer = crate::sql::int(
-                &format!("SELECT count(*) FROM {} AS tgt WHERE NOT trompe._incoming_newer(tgt.xmin)", table.qualified),
-                &[],
-            )
-            .map_err(ApplyError::Postgres)?;
-            if newer == 0 {
-                whole.push(table.qualified.as_str());
-                continue;
-            }
-            sql(&format!("DELETE FROM ONLY {} AS tgt WHERE trompe._incoming_newer(tgt.xmin)", table.qualified), &[])?;
-            record(Recorded {
-                table: table.readable.clone(),
-                key: None,
-                kind: ConflictKind::Truncated,
-                remote_won: false,
-                local: LocalVersion::Unknown,
-                local_row: Some(format!("{{\"rows kept\": {newer}}}")),
-                remote: v.0,
-                remote_row: None,
-            });
+            newer_rows.push(
+                crate::sql::int(
+                    &format!(
+                        "SELECT count(*) FROM {} AS tgt WHERE NOT trompe._incoming_newer(tgt.xmin)",
+                        table.qualified
+                    ),
+                    &[],
+                )
+                .map_err(ApplyError::Postgres)?,
+            );
         }
-        if !whole.is_empty() {
-            sql(&format!("TRUNCATE ONLY {}", whole.join(", ")), &[])?;
+        if newer_rows.iter().all(|&n| n == 0) {
+            sql(&format!("TRUNCATE ONLY {}", names.join(", ")), &[])?;
+        } else {
+            // Some rows survive: delete the older ones of every table of the statement (a
+            // TRUNCATE of only some of them could fail on a foreign key between them).
+            for (table, &newer) in tables.iter().zip(&newer_rows) {
+                sql(
+                    &format!("DELETE FROM ONLY {} AS tgt WHERE trompe._incoming_newer(tgt.xmin)", table.qualified),
+                    &[],
+                )?;
+                if newer > 0 {
+                    record(Recorded {
+                        table: table.readable.clone(),
+                        key: None,
+                        kind: ConflictKind::Truncated,
+                        remote_won: false,
+                        local: LocalVersion::Unknown,
+                        local_row: Some(format!("{{\"rows kept\": {newer}}}")),
+                        remote: v.0,
+                        remote_row: None,
+                    });
+                }
+            }
         }
         for table in &tables {
             let relid = table.relid.to_u32().to_string();

@@ -8,6 +8,7 @@
 //! into a secondary unique constraint, take a careful path that checks before writing.
 
 use pgrx::pg_sys;
+use trompe_core::changeset::OldVersion;
 use trompe_core::conflict::{incoming_wins, ConflictKind, LocalVersion, Version};
 use trompe_core::ident::quote_ident;
 use trompe_core::json;
@@ -16,6 +17,7 @@ use trompe_core::pgarray::format_text_array;
 
 use super::table::{run_plan, ApplyCache, Table};
 use super::{ApplyError, Change};
+use crate::capture::row::log_delete;
 use crate::conflicts::{local_version, record, with_incoming, Incoming, Recorded};
 
 /// The version of the origin transaction being applied.
@@ -137,6 +139,63 @@ fn write_tombstone(table: &Table, keys: &[Option<&str>]) -> Result<(), ApplyErro
     )
     .map_err(ApplyError::Postgres)?;
     super::note_tombstones_written();
+    Ok(())
+}
+
+/// After inserting rows with `keys`: takes back those whose key has a tombstone newer than
+/// the insert. The tombstones may have been checked before, but a local delete of the same key
+/// can commit in between; reading them after the insert (with a fresh snapshot) closes that
+/// gap, since such a delete has committed before the insert could find its key free.
+fn undo_if_deleted_since(
+    cache: &mut ApplyCache,
+    table: &Table,
+    v: TxnVersion,
+    keys: &[Vec<Option<&str>>],
+) -> Result<(), ApplyError> {
+    let literals: Vec<String> = keys.iter().map(|k| key_array(k)).collect();
+    let refs: Vec<Option<&str>> = literals.iter().map(|l| Some(l.as_str())).collect();
+    let found = crate::sql::rows(
+        "SELECT k.n, t.xmin FROM unnest($2::text[]) WITH ORDINALITY AS k(lit, n)
+           JOIN trompe.tombstones t ON t.relid = $1::oid AND t.key = k.lit::text[]",
+        &[Some(&table.relid.to_u32().to_string()), Some(&format_text_array(&refs))],
+    )
+    .map_err(ApplyError::Postgres)?;
+    for row in found {
+        let n = row.first().cloned().flatten().and_then(|n| n.parse::<usize>().ok());
+        let xmin = row.get(1).cloned().flatten().and_then(|x| x.parse::<u32>().ok());
+        let (Some(n), Some(xmin)) = (n, xmin) else { continue };
+        let Some(key) = keys.get(n.wrapping_sub(1)) else { continue };
+        let t = local_version(pg_sys::TransactionId::from(xmin));
+        if incoming_wins(v.0, t) {
+            continue;
+        }
+        let plan = cache.plan(
+            &format!("U!\0{}", table.relid.to_u32()),
+            table.relid,
+            || table.key.iter().map(|k| table.attrs[k].typid).collect(),
+            || {
+                format!(
+                    "DELETE FROM {} AS tgt WHERE {} AND tgt.xmin = pg_catalog.pg_current_xact_id()::xid",
+                    table.qualified,
+                    key_condition(table, 1)
+                )
+            },
+        )?;
+        let mut values = Vec::new();
+        let mut nulls = Vec::new();
+        key_datums(table, key, &mut values, &mut nulls);
+        run_plan(plan, &mut values, &nulls)?;
+        record(Recorded {
+            table: table.readable.clone(),
+            key: Some(key_json(table, key)),
+            kind: ConflictKind::UpdateDeleted,
+            remote_won: false,
+            local: t,
+            local_row: None,
+            remote: v.0,
+            remote_row: None,
+        });
+    }
     Ok(())
 }
 
@@ -265,7 +324,8 @@ pub fn insert_run(cache: &mut ApplyCache, v: TxnVersion, run: &[Change], careful
         row: None,
     };
     with_incoming(ctx, || run_plan(plan, &mut values, &nulls))?;
-    Ok(())
+    let keys: Vec<Vec<Option<&str>>> = run.iter().map(|c| key_values(&table, c, false)).collect();
+    undo_if_deleted_since(cache, &table, v, &keys)
 }
 
 /// Inserts one row unless a newer tombstone or truncation says it was deleted since.
@@ -301,7 +361,8 @@ fn insert_one(
     if careful && !resolve_unique(cache, table, v, change, &keys)? {
         return Ok(());
     }
-    with_incoming(ctx, || upsert_one(cache, table, change))
+    with_incoming(ctx, || upsert_one(cache, table, change))?;
+    undo_if_deleted_since(cache, table, v, &[keys])
 }
 
 /// Updates one row (or, when its key changed, deletes the old key and inserts the new one).
@@ -376,7 +437,8 @@ pub fn update(cache: &mut ApplyCache, v: TxnVersion, change: &Change, careful: b
     if !remote_won {
         return Ok(());
     }
-    with_incoming(ctx, || upsert_one(cache, &table, change))
+    with_incoming(ctx, || upsert_one(cache, &table, change))?;
+    undo_if_deleted_since(cache, &table, v, &[new_keys])
 }
 
 /// Deletes one row.
@@ -459,7 +521,11 @@ fn resolve_unique(
             .collect();
         sql += &conds.join(" AND ");
         sql += &format!(" AND ({}) IS DISTINCT FROM ({}) FOR UPDATE", key_list.join(", "), key_params.join(", "));
-        let rows = crate::sql::rows(&sql, &params).map_err(ApplyError::Postgres)?;
+        // Key texts in the canonical format, as a logged delete must carry them.
+        let rows = {
+            let _canonical = crate::capture::CanonicalOutput::enter();
+            crate::sql::rows(&sql, &params).map_err(ApplyError::Postgres)?
+        };
         let mut losers = Vec::new();
         for r in &rows {
             let xmin = r[0].as_deref().and_then(|x| x.parse::<u32>().ok()).unwrap_or(0);
@@ -476,12 +542,13 @@ fn resolve_unique(
             };
             if !conflict.remote_won {
                 record(conflict);
+                retire_incoming(cache, table, v, change, keys)?;
                 return Ok(false);
             }
             record(conflict);
-            losers.push(r[2].clone().unwrap_or_default());
+            losers.push((r[2].clone().unwrap_or_default(), local));
         }
-        for loser in losers {
+        for (loser, loser_version) in losers {
             let loser_keys =
                 trompe_core::pgarray::parse_text_array(&loser).map_err(|e| ApplyError::Postgres(e.to_string()))?;
             let loser_refs: Vec<Option<&str>> = loser_keys.iter().map(|k| k.as_deref()).collect();
@@ -504,9 +571,55 @@ fn resolve_unique(
                 row: None,
             };
             with_incoming(ctx, || write_tombstone(table, &loser_refs))?;
+            let old = match loser_version {
+                LocalVersion::Known(v) => OldVersion::Committed { ts: v.ts, node: v.node },
+                _ => OldVersion::Unknown,
+            };
+            log_delete(&change.nsp, &change.rel, &table.key, &loser_refs, old)
+                .map_err(|e| ApplyError::Postgres(e.to_string()))?;
         }
     }
     Ok(true)
+}
+
+/// An incoming row version lost a unique collision against a newer local row: it counts as
+/// written and at once removed. The local row with its key (an older version) goes, the key
+/// gets a tombstone, and the removal is logged so that nodes which applied the version without
+/// meeting the collision (the winner had moved on there) remove it too. Nothing happens if the
+/// local row with this key is newer than the incoming version anyway.
+fn retire_incoming(
+    cache: &mut ApplyCache,
+    table: &Table,
+    v: TxnVersion,
+    change: &Change,
+    keys: &[Option<&str>],
+) -> Result<(), ApplyError> {
+    let plan = cache.plan(
+        &format!("XV\0{}", table.relid.to_u32()),
+        table.relid,
+        || table.key.iter().map(|k| table.attrs[k].typid).collect(),
+        || format!("SELECT tgt.xmin FROM {} AS tgt WHERE {} FOR UPDATE", table.qualified, key_condition(table, 1)),
+    )?;
+    let mut values = Vec::new();
+    let mut nulls = Vec::new();
+    key_datums(table, keys, &mut values, &mut nulls);
+    let (found, first) = run_plan(plan, &mut values, &nulls)?;
+    if found > 0 {
+        let xmin = first.first().cloned().flatten().and_then(|x| x.parse::<u32>().ok()).unwrap_or(0);
+        if !incoming_wins(v.0, local_version(pg_sys::TransactionId::from(xmin))) {
+            return Ok(());
+        }
+        let plan = cache.plan(
+            &format!("DU\0{}", table.relid.to_u32()),
+            table.relid,
+            || table.key.iter().map(|k| table.attrs[k].typid).collect(),
+            || format!("DELETE FROM {} AS tgt WHERE {}", table.qualified, key_condition(table, 1)),
+        )?;
+        run_plan(plan, &mut values, &nulls)?;
+    }
+    with_incoming(incoming(table, v, change, ConflictKind::UniqueViolation, keys), || write_tombstone(table, keys))?;
+    let old = OldVersion::Committed { ts: v.0.ts, node: v.0.node };
+    log_delete(&change.nsp, &change.rel, &table.key, keys, old).map_err(|e| ApplyError::Postgres(e.to_string()))
 }
 
 /// The SQL name of a type (for casts in dynamic SQL).

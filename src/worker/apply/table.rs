@@ -318,6 +318,11 @@ impl ApplyCache {
     /// The guards of `relid`, read again only when some tombstone or truncation marker of
     /// this database changed.
     pub fn guards(&mut self, relid: pg_sys::Oid) -> Result<Guards, ApplyError> {
+        // Lock the table first (the change is about to take this lock anyway): a local
+        // TRUNCATE then either comes after this transaction, or has committed and announced
+        // its marker (its commit callback runs before it releases its lock).
+        // SAFETY: takes a lock held until the end of the apply transaction.
+        unsafe { pg_sys::LockRelationOid(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) };
         let generation = crate::shmem::tombstone_generation();
         if let Some((g, guards)) = self.guards.get(&relid) {
             if *g == generation {
