@@ -31,7 +31,7 @@ thread_local! {
     static SEQ: Cell<u64> = const { Cell::new(0) };
 }
 
-fn nest_level() -> usize {
+pub(crate) fn nest_level() -> usize {
     // SAFETY: reads the current transaction's nesting level (1 for the top level).
     (unsafe { pg_sys::GetCurrentTransactionNestLevel() }).max(1) as usize
 }

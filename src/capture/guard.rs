@@ -16,6 +16,7 @@ use trompe_core::changeset::OldVersion;
 use trompe_core::conflict::commit_wait_needed;
 use trompe_core::pgarray::format_text_array;
 
+use crate::capture::buffer::nest_level;
 use crate::capture::version::version_of;
 use crate::error::TrompeError;
 use crate::log::writer::as_extension_owner;
@@ -24,10 +25,11 @@ use crate::log::writer::as_extension_owner;
 struct Pending {
     /// The newest commit time this transaction replaces.
     max_replaced: i64,
-    /// Keys deleted, by table (text[] literals).
-    deleted: HashMap<pg_sys::Oid, Vec<String>>,
-    /// Tables truncated.
-    truncated: Vec<pg_sys::Oid>,
+    /// Keys deleted, by table (text[] literals), with the (sub)transaction nesting level that
+    /// deleted them.
+    deleted: HashMap<pg_sys::Oid, Vec<(usize, String)>>,
+    /// Tables truncated, with the nesting level.
+    truncated: Vec<(usize, pg_sys::Oid)>,
 }
 
 thread_local! {
@@ -105,12 +107,37 @@ pub fn inserted(relid: pg_sys::Oid, key: impl FnOnce() -> Vec<Option<String>>) -
 pub fn deleted(relid: pg_sys::Oid, key: Vec<Option<String>>) {
     let refs: Vec<Option<&str>> = key.iter().map(|k| k.as_deref()).collect();
     let literal = format_text_array(&refs);
-    PENDING.with(|p| p.borrow_mut().deleted.entry(relid).or_default().push(literal));
+    let level = nest_level();
+    PENDING.with(|p| p.borrow_mut().deleted.entry(relid).or_default().push((level, literal)));
 }
 
 /// A truncation of table `relid`.
 pub fn truncated(relid: pg_sys::Oid) {
-    PENDING.with(|p| p.borrow_mut().truncated.push(relid));
+    let level = nest_level();
+    PENDING.with(|p| p.borrow_mut().truncated.push((level, relid)));
+}
+
+/// A subtransaction ended: its deletes and truncations become its parent's, or are forgotten
+/// with it (a rolled-back savepoint leaves no tombstone or truncation marker).
+pub fn end_subtransaction(committed: bool) {
+    let depth = nest_level();
+    PENDING.with(|p| {
+        let mut p = p.borrow_mut();
+        if committed {
+            for (level, _) in p.deleted.values_mut().flatten() {
+                *level = (*level).min(depth - 1);
+            }
+            for (level, _) in p.truncated.iter_mut() {
+                *level = (*level).min(depth - 1);
+            }
+        } else {
+            for keys in p.deleted.values_mut() {
+                keys.retain(|(level, _)| *level < depth);
+            }
+            p.deleted.retain(|_, keys| !keys.is_empty());
+            p.truncated.retain(|(level, _)| *level < depth);
+        }
+    });
 }
 
 /// At commit: writes tombstones and truncation markers, then waits until this node's clock
@@ -136,7 +163,7 @@ fn write_markers(pending: &Pending) -> Result<(), TrompeError> {
     unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
     let _snapshot = Snapshot;
     let result = as_extension_owner(|| -> Result<(), String> {
-        for relid in &pending.truncated {
+        for (_, relid) in &pending.truncated {
             let relid = relid.to_u32().to_string();
             crate::sql::execute(
                 "INSERT INTO trompe.truncations (relid) VALUES ($1::oid)
@@ -151,7 +178,7 @@ fn write_markers(pending: &Pending) -> Result<(), TrompeError> {
             let list = format!(
                 "{{{}}}",
                 keys.iter()
-                    .map(|k| format!("\"{}\"", k.replace('\\', "\\\\").replace('"', "\\\"")))
+                    .map(|(_, k)| format!("\"{}\"", k.replace('\\', "\\\\").replace('"', "\\\"")))
                     .collect::<Vec<_>>()
                     .join(",")
             );

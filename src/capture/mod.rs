@@ -96,8 +96,14 @@ unsafe extern "C-unwind" fn on_subxact_event(
     _arg: *mut std::ffi::c_void,
 ) {
     match event {
-        pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB => buffer::end_subtransaction(true),
-        pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB => buffer::end_subtransaction(false),
+        pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB => {
+            buffer::end_subtransaction(true);
+            guard::end_subtransaction(true);
+        }
+        pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB => {
+            buffer::end_subtransaction(false);
+            guard::end_subtransaction(false);
+        }
         _ => {}
     }
 }

@@ -58,8 +58,20 @@ fn concurrent_changes_resolve_the_same_way_everywhere_and_are_recorded() {
          BEGIN; DELETE FROM t WHERE id = 9; INSERT INTO t VALUES (9, 'again', NULL); DELETE FROM t WHERE id = 9;
          INSERT INTO t VALUES (9, 'final', NULL); COMMIT",
     );
+    // A delete or truncation rolled back to a savepoint leaves no tombstone or marker.
+    n1.exec(
+        "INSERT INTO t VALUES (10, 'kept', NULL);
+         BEGIN; SAVEPOINT a; DELETE FROM t WHERE id = 10; TRUNCATE parent, child; ROLLBACK TO a; COMMIT",
+    );
+    assert_eq!(
+        n1.query_i64(
+            "SELECT (SELECT count(*) FROM trompe.tombstones WHERE key = '{10}') + (SELECT count(*) FROM trompe.truncations)"
+        ),
+        0
+    );
     cluster.wait_sync(SYNC);
     assert_eq!(v_of(n2, 9).as_deref(), Some("final"));
+    assert_eq!(v_of(n2, 10).as_deref(), Some("kept"));
 
     cluster.partition(0, 1);
     // Node 1 writes first ...
