@@ -67,8 +67,12 @@ pub struct DbSlot {
     pub log_commits: AtomicU64,
     /// Bumped to make the worker re-read its peers and pull at once.
     pub wake_requests: AtomicU64,
-    /// Bumped after a transaction wrote tombstones or truncation markers.
+    /// Bumped after a transaction wrote tombstones or truncation markers (at its end, before
+    /// it releases its locks).
     pub tombstone_generation: AtomicU64,
+    /// Bumped before such a transaction commits; it equals `tombstone_generation` while no
+    /// such commit is in flight.
+    pub tombstone_writers: AtomicU64,
 }
 
 impl DbSlot {
@@ -423,6 +427,34 @@ pub fn tombstone_generation() -> u64 {
             g | (1 << 63)
         }
     }
+}
+
+/// How many transactions have started to commit tombstones or truncation markers in this
+/// database. If it differs from a `tombstone_generation()` read earlier, some may have
+/// committed since. Without shared memory it changes on every call.
+pub fn tombstone_writers() -> u64 {
+    // SAFETY: MyDatabaseId is a backend-local global.
+    let slot = shared().and_then(|s| s.db_slot(unsafe { pg_sys::MyDatabaseId }));
+    match slot {
+        Some(slot) => slot.tombstone_writers.load(Ordering::Acquire),
+        None => tombstone_generation(),
+    }
+}
+
+/// Announces that this transaction is about to commit tombstones or truncation markers (call
+/// `bump_tombstone_generation` once it ended, committed or not).
+pub fn announce_tombstone_writer() {
+    // SAFETY: MyDatabaseId is a backend-local global.
+    if let Some(slot) = shared().and_then(|s| s.db_slot_or_new(unsafe { pg_sys::MyDatabaseId })) {
+        slot.tombstone_writers.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// Announces that a transaction that ended changed tombstones or truncation markers (both
+/// counters, for writers that did not announce themselves before committing).
+pub fn tombstones_changed() {
+    announce_tombstone_writer();
+    bump_tombstone_generation();
 }
 
 /// Announces that tombstones or truncation markers of this database changed.

@@ -68,6 +68,9 @@ pub fn log_slot_for_transaction() -> Result<usize, crate::error::TrompeError> {
 
 /// Records that this transaction wrote tombstones or truncation markers.
 pub fn note_markers_written() {
+    if !WROTE_MARKERS.get() {
+        crate::shmem::announce_tombstone_writer();
+    }
     WROTE_MARKERS.set(true);
 }
 
@@ -126,7 +129,13 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
             }
             reset_transaction_state();
         }
-        pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PREPARE => reset_transaction_state(),
+        pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
+            if WROTE_MARKERS.get() {
+                // Balances the announcement made before the failed commit.
+                crate::shmem::bump_tombstone_generation();
+            }
+            reset_transaction_state();
+        }
         _ => {}
     }
 }

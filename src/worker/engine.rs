@@ -204,7 +204,7 @@ impl Engine {
             match in_transaction(crate::retention::prune) {
                 Ok(pruned) => {
                     if pruned.tombstones {
-                        crate::shmem::bump_tombstone_generation();
+                        crate::shmem::tombstones_changed();
                     }
                     if pruned.more {
                         self.last_pruning_ms = 0;

@@ -88,7 +88,7 @@ pub(crate) fn note_tombstones_written() {
 /// After an apply transaction ended: tells other sessions if it changed tombstones.
 pub fn after_transaction(committed: bool) {
     if TOMBSTONES_WRITTEN.replace(false) && committed {
-        crate::shmem::bump_tombstone_generation();
+        crate::shmem::tombstones_changed();
     }
 }
 

@@ -324,6 +324,9 @@ pub fn insert_run(cache: &mut ApplyCache, v: TxnVersion, run: &[Change], careful
         row: None,
     };
     with_incoming(ctx, || run_plan(plan, &mut values, &nulls))?;
+    if !guards.recheck_needed() {
+        return Ok(());
+    }
     let keys: Vec<Vec<Option<&str>>> = run.iter().map(|c| key_values(&table, c, false)).collect();
     undo_if_deleted_since(cache, &table, v, &keys)
 }
@@ -361,7 +364,11 @@ fn insert_one(
     if careful && !resolve_unique(cache, table, v, change, &keys)? {
         return Ok(());
     }
+    let guards = cache.guards(table.relid)?;
     with_incoming(ctx, || upsert_one(cache, table, change))?;
+    if !guards.recheck_needed() {
+        return Ok(());
+    }
     undo_if_deleted_since(cache, table, v, &[keys])
 }
 
@@ -437,7 +444,11 @@ pub fn update(cache: &mut ApplyCache, v: TxnVersion, change: &Change, careful: b
     if !remote_won {
         return Ok(());
     }
+    let guards = cache.guards(table.relid)?;
     with_incoming(ctx, || upsert_one(cache, &table, change))?;
+    if !guards.recheck_needed() {
+        return Ok(());
+    }
     undo_if_deleted_since(cache, &table, v, &[new_keys])
 }
 

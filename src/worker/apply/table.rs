@@ -235,6 +235,17 @@ pub struct Guards {
     pub truncated: Option<LocalVersion>,
     /// Whether deleted rows of the table have tombstones.
     pub tombstones: bool,
+    /// The tombstone generation read before these facts: if `tombstone_writers()` still
+    /// equals it after a change, no tombstone can have been committed since.
+    pub generation: u64,
+}
+
+impl Guards {
+    /// Whether keys just inserted must be checked against tombstones again: the table has
+    /// some, or a transaction may have committed some since the guards were read.
+    pub fn recheck_needed(&self) -> bool {
+        self.tombstones || crate::shmem::tombstone_writers() != self.generation
+    }
 }
 
 /// A prepared statement and the sources of its parameters.
@@ -342,7 +353,8 @@ impl ApplyCache {
             .flatten()
             .and_then(|x| x.parse::<u32>().ok())
             .map(|x| crate::conflicts::local_version(pg_sys::TransactionId::from(x)));
-        let guards = Guards { truncated, tombstones: row.get(1).cloned().flatten().as_deref() == Some("t") };
+        let guards =
+            Guards { truncated, tombstones: row.get(1).cloned().flatten().as_deref() == Some("t"), generation };
         self.guards.insert(relid, (generation, guards));
         Ok(guards)
     }
