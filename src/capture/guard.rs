@@ -32,10 +32,14 @@ struct Pending {
     truncated: Vec<(usize, pg_sys::Oid)>,
 }
 
+/// What capture knows about a table's tombstones: (tombstone generation it was read at,
+/// whether the table has tombstones, the commit time of its last truncation).
+type CachedGuards = (u64, bool, Option<i64>);
+
 thread_local! {
     static PENDING: RefCell<Pending> = RefCell::new(Pending::default());
-    /// Per table: (tombstone generation, has tombstones, truncation commit time).
-    static GUARDS: RefCell<HashMap<pg_sys::Oid, (u64, bool, Option<i64>)>> = RefCell::new(HashMap::new());
+    /// Per table: what was read about its tombstones and truncation.
+    static GUARDS: RefCell<HashMap<pg_sys::Oid, CachedGuards>> = RefCell::new(HashMap::new());
 }
 
 fn note_replaced(old: OldVersion) {
