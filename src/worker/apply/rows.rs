@@ -251,6 +251,15 @@ fn upsert_one(cache: &mut ApplyCache, table: &Table, change: &Change) -> Result<
     Ok(())
 }
 
+/// `col = DEFAULT` for every local column the change does not carry (sorted). A change lacks a
+/// column when its origin did not have it yet (DDL still on its way): the write replaces the
+/// whole row, so those columns take the default they got on the origin when the column came.
+fn missing_defaults(table: &Table, cols: &[&str]) -> Vec<String> {
+    let mut missing: Vec<&String> = table.attrs.keys().filter(|c| !cols.contains(&c.as_str())).collect();
+    missing.sort();
+    missing.into_iter().map(|c| format!("{} = DEFAULT", quote_ident(c))).collect()
+}
+
 /// The ON CONFLICT clause of an insert: the existing row is replaced only if the incoming
 /// version wins.
 fn on_conflict(table: &Table, cols: &[&str]) -> String {
@@ -260,6 +269,7 @@ fn on_conflict(table: &Table, cols: &[&str]) -> String {
         .filter(|c| !table.key.iter().any(|k| k == *c))
         .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(c)))
         .collect();
+    updates.extend(missing_defaults(table, cols));
     if updates.is_empty() {
         // Only key columns: "updating" a key column to itself still takes the row's new version.
         updates.push(format!("{0} = EXCLUDED.{0}", quote_ident(&table.key[0])));
@@ -400,8 +410,9 @@ pub fn update(cache: &mut ApplyCache, v: TxnVersion, change: &Change, careful: b
             t
         },
         || {
-            let sets: Vec<String> =
+            let mut sets: Vec<String> =
                 cols.iter().enumerate().map(|(i, c)| format!("{} = ${}", quote_ident(c), i + 1)).collect();
+            sets.extend(missing_defaults(&table, &cols));
             format!(
                 "UPDATE {0} AS tgt SET {1} WHERE {2} AND trompe._apply_wins(tgt.xmin, tgt, NULL::{0})",
                 table.qualified,
