@@ -5,7 +5,10 @@
 CREATE TABLE trompe.node (
     node_id uuid NOT NULL DEFAULT gen_random_uuid() PRIMARY KEY,
     created_at timestamptz NOT NULL DEFAULT now(),
-    one_row boolean NOT NULL DEFAULT true UNIQUE CHECK (one_row)
+    one_row boolean NOT NULL DEFAULT true UNIQUE CHECK (one_row),
+    -- This node's share of replicated sequences (trompe.set_sequence_slot), NULL if none.
+    sequence_slot int,
+    sequence_slots int
 );
 INSERT INTO trompe.node DEFAULT VALUES;
 COMMENT ON TABLE trompe.node IS 'This node''s identity (one row).';

@@ -115,6 +115,12 @@ pub enum TrompeError {
     /// A conflict rule that is not offered.
     #[error("{0}")]
     BadRule(String),
+    /// A sequence slot that does not make sense.
+    #[error("{0}")]
+    BadSequenceSlot(String),
+    /// A sequence has no value left in this node's slot.
+    #[error("sequence {0} has no values left in this node's slot")]
+    SequenceExhausted(String),
     /// The table is not replicated.
     #[error("table {0} is not replicated by trompe")]
     NotReplicated(String),
@@ -149,7 +155,8 @@ impl TrompeError {
             TrompeError::PeerFailed { .. } => ERRCODE_CONNECTION_FAILURE,
             TrompeError::SettingRequired(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             TrompeError::ClockSkew { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            TrompeError::BadRule(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            TrompeError::BadRule(_) | TrompeError::BadSequenceSlot(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            TrompeError::SequenceExhausted(_) => ERRCODE_SEQUENCE_GENERATOR_LIMIT_EXCEEDED,
             TrompeError::NotReplicated(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             TrompeError::Internal(_) => ERRCODE_INTERNAL_ERROR,
         }

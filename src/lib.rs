@@ -16,6 +16,7 @@ pub mod node;
 pub mod origin;
 pub mod peers;
 pub mod retention;
+pub mod sequences;
 pub mod shmem;
 pub mod sql;
 pub mod status;

@@ -130,6 +130,12 @@ pub fn add_table_by_oid(relid: pg_sys::Oid) -> Result<bool, TrompeError> {
         sql::execute(&sql, &[]).map_err(|e| TrompeError::Internal(format!("adding {table}: {e}")))?;
         Ok(true)
     })
+    .and_then(|added| {
+        if added {
+            crate::sequences::adjust()?;
+        }
+        Ok(added)
+    })
 }
 
 /// Stops replicating one table; returns false if it was not replicated.
@@ -302,6 +308,7 @@ fn _after_ddl(touched: Vec<pg_sys::Oid>) {
         }
     }
     sync_schema_tables().or_raise();
+    crate::sequences::adjust().or_raise();
 }
 
 /// Called by the sql_drop event trigger: forgets replicated tables that were dropped.

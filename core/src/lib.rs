@@ -13,4 +13,5 @@ pub mod logformat;
 pub mod nodeid;
 pub mod pgarray;
 pub mod position;
+pub mod seqslot;
 pub mod snapshot;

@@ -247,5 +247,6 @@ fn apply_ddl(cache: &mut ApplyCache, change: &Change) -> Result<(), ApplyError> 
         .map_err(ApplyError::Postgres)?;
     cache.clear();
     crate::tables::sync_schema_tables().map_err(|e| ApplyError::Postgres(e.to_string()))?;
+    crate::sequences::adjust().map_err(|e| ApplyError::Postgres(e.to_string()))?;
     Ok(())
 }
