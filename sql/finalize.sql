@@ -97,6 +97,16 @@ CREATE EVENT TRIGGER trompe_sql_drop ON sql_drop
 -- Everyone may see what is replicated; nobody but the owner may touch trompe's state.
 GRANT USAGE ON SCHEMA trompe TO PUBLIC;
 GRANT SELECT ON trompe.tables, trompe.schemas TO PUBLIC;
+-- Administration, reading the log and serving peers are for superusers (and whoever they grant
+-- them to); the functions DDL and row triggers call stay callable by everyone.
+REVOKE EXECUTE ON FUNCTION
+    trompe.add_peer(text, text), trompe.remove_peer(text), trompe.pause_peer(text), trompe.resume_peer(text),
+    trompe.add_table(regclass), trompe.remove_table(regclass), trompe.add_schema(text), trompe.remove_schema(text),
+    trompe.set_conflict_rule(regclass, text), trompe.set_sequence_slot(integer, integer),
+    trompe.log_changes(), trompe.register_consumer(uuid, text), trompe.unregister_consumer(uuid),
+    trompe.pending_changes(text, text, bigint, text), trompe._pull_plan(uuid, text, text, bigint, integer, integer, bigint, text),
+    trompe._on_create()
+FROM PUBLIC;
 
 -- Pulling this node's log (called by peers over libpq). The plan (which transactions) is
 -- made first, with a fresh snapshot; the rows are read by a later statement, whose snapshot
@@ -122,6 +132,7 @@ BEGIN
          ORDER BY t.ord, l.id;
 END
 $$;
+REVOKE EXECUTE ON FUNCTION trompe.pull(uuid, text, text, bigint, integer, integer, bigint, text) FROM PUBLIC;
 
 -- One row per peer: connection state, position, lag, last pull and error, counters.
 CREATE VIEW trompe.status AS
