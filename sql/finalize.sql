@@ -134,6 +134,22 @@ END
 $$;
 REVOKE EXECUTE ON FUNCTION trompe.pull(uuid, text, text, bigint, integer, integer, bigint, text) FROM PUBLIC;
 
+-- The role peers log in with to pull from this node needs no superuser: membership in
+-- trompe_puller lets it read the log through these functions, register as a consumer and
+-- confirm positions, and nothing else (it cannot read trompe's tables directly).
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'trompe_puller') THEN
+        CREATE ROLE trompe_puller NOLOGIN;
+    END IF;
+END
+$$;
+GRANT EXECUTE ON FUNCTION
+    trompe.pull(uuid, text, text, bigint, integer, integer, bigint, text),
+    trompe.register_consumer(uuid, text), trompe.unregister_consumer(uuid),
+    trompe.pending_changes(text, text, bigint, text)
+TO trompe_puller;
+
 -- One row per peer: connection state, position, lag, last pull and error, counters.
 CREATE VIEW trompe.status AS
 SELECT name,

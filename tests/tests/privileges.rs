@@ -1,7 +1,12 @@
 //! Ordinary users: their writes to replicated tables replicate, but they can neither administer
 //! trompe nor read or forge its log.
 
+use std::time::Duration;
+
+use trompe_tests::node::TEST_DB;
 use trompe_tests::{checksum, expect_error, Cluster};
+
+const SYNC: Duration = Duration::from_secs(120);
 
 #[test]
 fn plain_users_write_replicated_tables_but_cannot_administer_or_read_the_log() {
@@ -51,4 +56,32 @@ fn plain_users_write_replicated_tables_but_cannot_administer_or_read_the_log() {
         1,
         "the delete left its tombstone"
     );
+}
+
+/// Peers pull through a login role that is only a member of `trompe_puller`: replication works,
+/// and that role can do nothing else with trompe.
+#[test]
+fn peers_pull_with_a_least_privilege_role() {
+    let cluster = Cluster::start("puller-role", 2);
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all(
+        "CREATE ROLE puller LOGIN IN ROLE trompe_puller;
+         CREATE TABLE t (id int PRIMARY KEY, v text); SELECT trompe.add_table('t')",
+    );
+    for (from, to) in [(0, 1), (1, 0)] {
+        let conninfo = format!("host=127.0.0.1 port={} dbname={} user=puller", cluster.link(from, to).port, TEST_DB);
+        cluster.node(from).exec(&format!("SELECT trompe.add_peer('{}', '{conninfo}')", cluster.node(to).name));
+    }
+    n1.exec("INSERT INTO t VALUES (1, 'from n1')");
+    n2.exec("INSERT INTO t VALUES (2, 'from n2')");
+    cluster.wait_sync(SYNC);
+    assert_eq!(cluster.assert_same(&checksum("t")).as_deref().map(|s| s.starts_with("2:")), Some(true));
+    let mut c = n1.connect();
+    c.batch_execute("SET ROLE puller").unwrap();
+    for sql in
+        ["SELECT * FROM trompe.log", "SELECT * FROM trompe.peers", "SELECT trompe.add_table('t')", "SELECT * FROM t"]
+    {
+        let (state, message) = expect_error(&mut c, sql);
+        assert_eq!(state, "42501", "{sql}: {message}");
+    }
 }
