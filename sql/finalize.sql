@@ -157,7 +157,10 @@ SELECT name,
        state,
        position AS applied_position,
        behind_changes,
-       (behind_ms / 1000.0)::float8 AS behind_seconds,
+       -- A peer that is not being pulled is at least as far behind as its last pull.
+       CASE WHEN state = 'connected' OR last_pull_ms = 0 THEN (behind_ms / 1000.0)::float8
+            ELSE greatest(behind_ms / 1000.0, extract(epoch FROM now()) - last_pull_ms / 1000.0)::float8
+       END AS behind_seconds,
        to_timestamp(last_pull_ms / 1000.0) AS last_pull,
        last_error,
        to_timestamp(last_error_ms / 1000.0) AS last_error_at,

@@ -96,10 +96,19 @@ fn client(node: &Node, id_base: i64, mut rng: Rng, stop: &AtomicBool) -> Ledger 
 }
 
 /// The kinds of fault, as counted in the summary.
-const FAULTS: [&str; 5] = ["kill -9 and restart", "clean restart", "partition", "one-way cut", "pause peers"];
+const FAULTS: [&str; 7] = [
+    "kill -9 and restart",
+    "clean restart",
+    "partition",
+    "one-way cut",
+    "pause peers",
+    "add a column",
+    "create a table",
+];
 
-/// Injects one random fault and undoes it (a partition or pause lasts a moment).
-fn inject(cluster: &Cluster, rng: &mut Rng) -> &'static str {
+/// Injects one random fault and undoes it (a partition or pause lasts a moment). DDL runs on
+/// a random node while the others write (`ddl` numbers the new objects).
+fn inject(cluster: &Cluster, rng: &mut Rng, ddl: &mut u32) -> &'static str {
     let n = cluster.nodes().len();
     let a = rng.below(n as u64) as usize;
     let b = (a + 1 + rng.below(n as u64 - 1) as usize) % n;
@@ -117,6 +126,16 @@ fn inject(cluster: &Cluster, rng: &mut Rng) -> &'static str {
             cluster.cut(a, b);
             std::thread::sleep(hold);
             cluster.link(a, b).heal();
+        }
+        "add a column" => {
+            *ddl += 1;
+            cluster.node(a).exec(&format!("ALTER TABLE events ADD COLUMN c{ddl} int NOT NULL DEFAULT {ddl}"));
+        }
+        "create a table" => {
+            *ddl += 1;
+            cluster.node(a).exec(&format!(
+                "CREATE TABLE app.t{ddl} (id int PRIMARY KEY, note text); INSERT INTO app.t{ddl} SELECT g, 'n{a}' FROM generate_series(1, 10) g"
+            ));
         }
         _ => {
             let node = cluster.node(a);
@@ -137,7 +156,8 @@ fn chaos(seed: u64, duration: Duration) {
         "CREATE TABLE events (id bigint PRIMARY KEY, v int NOT NULL);
          CREATE TABLE hot (id bigint PRIMARY KEY, note text);
          INSERT INTO hot SELECT g, 'initial' FROM generate_series(1, {HOT_ROWS}) g;
-         SELECT trompe.add_table('events'); SELECT trompe.add_table('hot');"
+         SELECT trompe.add_table('events'); SELECT trompe.add_table('hot');
+         CREATE SCHEMA app; SELECT trompe.add_schema('app');"
     ));
     cluster.mesh();
     let mut rng = Rng::new(seed);
@@ -146,6 +166,7 @@ fn chaos(seed: u64, duration: Duration) {
     let faults = AtomicU64::new(0);
     let mut by_kind: BTreeMap<&str, u32> = BTreeMap::new();
     let mut last_fault_end = Instant::now();
+    let max_lag_bits = AtomicU64::new(0);
     std::thread::scope(|s| {
         for (i, node) in cluster.nodes().iter().enumerate() {
             for k in 0..2 {
@@ -157,10 +178,20 @@ fn chaos(seed: u64, duration: Duration) {
                 });
             }
         }
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                let seen = lag(&cluster);
+                if seen > f64::from_bits(max_lag_bits.load(Ordering::Relaxed)) {
+                    max_lag_bits.store(seen.to_bits(), Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
         let start = Instant::now();
+        let mut ddl = 0;
         while start.elapsed() < duration {
             std::thread::sleep(Duration::from_millis(300 + rng.below(1200)));
-            let kind = inject(&cluster, &mut rng);
+            let kind = inject(&cluster, &mut rng, &mut ddl);
             *by_kind.entry(kind).or_default() += 1;
             faults.fetch_add(1, Ordering::Relaxed);
             last_fault_end = Instant::now();
@@ -169,6 +200,7 @@ fn chaos(seed: u64, duration: Duration) {
     });
     cluster.wait_sync(SYNC);
     let converge = last_fault_end.elapsed();
+    let max_lag = f64::from_bits(max_lag_bits.load(Ordering::Relaxed));
     let ledgers: Vec<Ledger> = std::mem::take(&mut *ledgers.lock().expect("no client panicked holding the lock"));
 
     let mut committed: Vec<i64> = ledgers.iter().flat_map(|l| l.committed.iter().copied()).collect();
@@ -192,21 +224,30 @@ fn chaos(seed: u64, duration: Duration) {
             .map(|r| r.get::<_, i64>(0))
             .unwrap_or_else(|e| panic!("{}: {}", node.name, trompe_tests::describe_error(&e)));
     }
-    let sums: Vec<Vec<Option<String>>> = ["events", "hot"]
-        .iter()
-        .map(|t| cluster.nodes().iter().map(|n| n.query_text(&checksum(t))).collect())
-        .collect();
+    let mut tables = vec!["events".to_string(), "hot".to_string()];
+    tables.extend(
+        cluster
+            .node(0)
+            .query_text("SELECT string_agg(format('app.%I', tablename), ',') FROM pg_tables WHERE schemaname = 'app'")
+            .unwrap_or_default()
+            .split(',')
+            .filter(|t| !t.is_empty())
+            .map(str::to_string),
+    );
+    let sums: Vec<Vec<Option<String>>> =
+        tables.iter().map(|t| cluster.nodes().iter().map(|n| n.query_text(&checksum(t))).collect()).collect();
     let divergent = sums.iter().filter(|s| s.iter().any(|x| x != &s[0])).count();
     let conflicts: i64 = cluster.nodes().iter().map(|n| n.query_i64("SELECT count(*) FROM trompe.conflicts")).sum();
     let kinds: Vec<String> = by_kind.iter().map(|(k, n)| format!("{k}: {n}")).collect();
     println!(
         "chaos seed {seed}: {ops} operations committed ({} inserts kept, {} deletes, {unknown} of unknown outcome), \
-         {} faults ({}), {conflicts} conflicts resolved, converged {:.1} s after the last fault; lost: {lost}, \
-         deleted but back: {back}, divergent: {divergent}",
+         {} faults ({}), {conflicts} conflicts resolved, {} tables compared, maximum lag seen {max_lag:.1} s, \
+         converged {:.1} s after the last fault; lost: {lost}, deleted but back: {back}, divergent: {divergent}",
         committed.len(),
         deleted.len(),
         faults.load(Ordering::Relaxed),
         kinds.join(", "),
+        tables.len(),
         converge.as_secs_f64()
     );
     // No worker is stuck: every link is connected again, and every log is pruned to nothing.
@@ -222,6 +263,19 @@ fn chaos(seed: u64, duration: Duration) {
     assert_eq!(lost, 0, "seed {seed}: committed inserts missing");
     assert_eq!(back, 0, "seed {seed}: committed deletes undone");
     assert_eq!(divergent, 0, "seed {seed}: nodes differ: {sums:?}");
+}
+
+/// The largest replication lag (seconds) of any reachable node right now.
+fn lag(cluster: &Cluster) -> f64 {
+    cluster
+        .nodes()
+        .iter()
+        .filter_map(|n| {
+            let mut c = postgres::Client::connect(&n.conninfo(), postgres::NoTls).ok()?;
+            let row = c.query_one("SELECT coalesce(max(behind_seconds), 0)::float8 FROM trompe.status", &[]).ok()?;
+            Some(row.get::<_, f64>(0))
+        })
+        .fold(0.0, f64::max)
 }
 
 /// The seeds to run: `TROMPE_CHAOS_SEEDS` (comma-separated) or one for CI.
