@@ -1,5 +1,7 @@
 //! Shared pieces of trompe's benchmarks: statistics and running pgbench.
 
+pub mod plot;
+
 use std::process::Command;
 use std::time::Duration;
 
@@ -35,6 +37,31 @@ pub fn pgbench(node: &Node, clients: u32, duration: Duration) -> f64 {
         .args(["-T", &duration.as_secs().to_string(), trompe_tests::node::TEST_DB])
         .output()
         .expect("pgbench runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "pgbench failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    text.lines()
+        .find_map(|l| l.strip_prefix("tps = ").and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok()))
+        .unwrap_or_else(|| panic!("no tps in pgbench output: {text}"))
+}
+
+/// Runs a custom pgbench script against `node` for `duration`, throttled to `rate`
+/// transactions per second if given; returns the TPS.
+pub fn pgbench_script(
+    node: &Node,
+    clients: u32,
+    duration: Duration,
+    script: &std::path::Path,
+    rate: Option<f64>,
+) -> f64 {
+    let mut cmd = Command::new(pg_bin("pgbench"));
+    cmd.args(["-n", "-M", "prepared", "-h", "127.0.0.1", "-U", "postgres"])
+        .args(["-p", &node.port.to_string(), "-c", &clients.to_string(), "-j", &clients.to_string()])
+        .args(["-T", &duration.as_secs().to_string(), "-f"])
+        .arg(script);
+    if let Some(r) = rate {
+        cmd.args(["-R", &format!("{r:.0}")]);
+    }
+    let out = cmd.arg(trompe_tests::node::TEST_DB).output().expect("pgbench runs");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "pgbench failed: {text}{}", String::from_utf8_lossy(&out.stderr));
     text.lines()
