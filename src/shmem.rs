@@ -108,6 +108,9 @@ pub struct PeerSlot {
     pub pending_changes: AtomicI64,
     /// Commit time (ms since epoch) of the oldest change not applied yet, 0 if none.
     pub oldest_pending_ms: AtomicI64,
+    /// How long the last applied transaction took from its commit at the peer to its
+    /// application here (ms); 0 once a pull found nothing new.
+    pub apply_delay_ms: AtomicI64,
     error_len: AtomicU32,
     error: [u8; ERROR_BYTES],
 }
@@ -358,6 +361,7 @@ impl PeerSlot {
         self.applied_changes.store(0, Ordering::Relaxed);
         self.pending_changes.store(-1, Ordering::Relaxed);
         self.oldest_pending_ms.store(0, Ordering::Relaxed);
+        self.apply_delay_ms.store(0, Ordering::Relaxed);
         self.error_len.store(0, Ordering::Relaxed);
     }
 

@@ -94,11 +94,14 @@ fn _status() -> TableIterator<
                 ConnState::label(slot.map_or(0, |s| s.conn_state.load(Ordering::Acquire))).to_string()
             };
             let pending = slot.map(|s| s.pending_changes.load(Ordering::Acquire)).filter(|p| *p >= 0);
+            // How old the oldest change not applied yet is, or, when everything the last pull
+            // returned is applied, how late the last one was applied.
             let behind_ms = slot.and_then(|s| {
                 let oldest = s.oldest_pending_ms.load(Ordering::Acquire);
+                let delay = s.apply_delay_ms.load(Ordering::Acquire).max(0);
                 match pending {
-                    Some(0) => Some(0),
-                    Some(_) if oldest > 0 => Some((now - oldest).max(0)),
+                    Some(0) => Some(delay),
+                    Some(_) if oldest > 0 => Some((now - oldest).max(delay)),
                     _ => None,
                 }
             });

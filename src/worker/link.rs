@@ -496,6 +496,12 @@ impl Link {
             slot.pending_changes.store(left, Ordering::Release);
             let oldest = if left > 0 { batch.oldest_us.map(pg_timestamp_to_ms).unwrap_or(0) } else { 0 };
             slot.oldest_pending_ms.store(oldest, Ordering::Release);
+            let last_commit = batch.txns.last().and_then(|t| t.first()).map(|c| pg_timestamp_to_ms(c.commit_us));
+            match last_commit {
+                Some(ms) => slot.apply_delay_ms.store((now_ms() - ms).max(0), Ordering::Release),
+                None if batch.complete => slot.apply_delay_ms.store(0, Ordering::Release),
+                None => {}
+            }
         }
         Ok(())
     }

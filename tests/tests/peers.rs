@@ -105,8 +105,12 @@ fn pause_keeps_changes_for_later_and_status_tells_the_story() {
         "SELECT name, state, behind_changes, behind_seconds, last_pull IS NOT NULL, last_error, applied_txns, applied_changes
            FROM trompe.status",
     );
-    let row: Vec<&str> = row.iter().map(|v| v.as_deref().unwrap_or("NULL")).collect();
-    assert_eq!(row, vec!["n1", "connected", "0", "0", "t", "NULL", "1", "50"]);
+    let mut row: Vec<&str> = row.iter().map(|v| v.as_deref().unwrap_or("NULL")).collect();
+    // Caught up: behind by at most how late the last change was applied (a moment).
+    let behind: f64 = row[3].parse().unwrap_or(f64::NAN);
+    assert!((0.0..1.0).contains(&behind), "behind_seconds {behind}");
+    row[3] = "<1";
+    assert_eq!(row, vec!["n1", "connected", "0", "<1", "t", "NULL", "1", "50"]);
 }
 
 #[test]

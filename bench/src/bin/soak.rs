@@ -25,11 +25,17 @@ const ACCOUNTS: i64 = 100_000;
 /// most stale peer is here. Every node stamps its own heartbeat row with the time a few times
 /// a second, in its own commit order with its writes, so this is the end-to-end delay from a
 /// commit there to its application here.
-fn lag_of(c: &mut postgres::Client, me: i32) -> Option<f64> {
+/// Also returns what `trompe.status` says (`max(behind_seconds)`), to check the monitoring.
+fn lag_of(c: &mut postgres::Client, me: i32) -> Option<(f64, f64)> {
     let row = c
-        .query_one("SELECT coalesce(max(extract(epoch FROM clock_timestamp() - at)), 0)::float8 FROM heartbeat WHERE node <> $1", &[&me])
+        .query_one(
+            "SELECT coalesce(max(extract(epoch FROM clock_timestamp() - at)), 0)::float8,
+                    (SELECT coalesce(max(behind_seconds), 0)::float8 FROM trompe.status)
+               FROM heartbeat WHERE node <> $1",
+            &[&me],
+        )
         .ok()?;
-    Some(row.get(0))
+    Some((row.get(0), row.get(1)))
 }
 
 /// Runs every node's script at `rate` (None: as fast as it goes) for `duration`, sampling lag;
@@ -47,6 +53,7 @@ fn run(
     }
     cluster.wait_sync(Duration::from_secs(600));
     let series = Mutex::new(vec![Vec::new(); n]);
+    let status_max = Mutex::new(vec![0.0f64; n]);
     let stop = AtomicBool::new(false);
     let start = Instant::now();
     let tps = std::thread::scope(|s| {
@@ -62,8 +69,11 @@ fn run(
                 if t >= next_sample {
                     next_sample = t + 0.5;
                     for (i, c) in clients.iter_mut().enumerate() {
-                        if let (Some(lag), Ok(mut all)) = (lag_of(c, i as i32 + 1), series.lock()) {
+                        if let (Some((lag, reported)), Ok(mut all)) = (lag_of(c, i as i32 + 1), series.lock()) {
                             all[i].push((t, lag));
+                            if let Ok(mut r) = status_max.lock() {
+                                r[i] = r[i].max(reported);
+                            }
                         }
                     }
                 }
@@ -84,7 +94,17 @@ fn run(
         stop.store(true, Ordering::Relaxed);
         tps
     });
-    (tps, series.into_inner().unwrap_or_default())
+    let series = series.into_inner().unwrap_or_default();
+    let status_max = status_max.into_inner().unwrap_or_default();
+    let measured: Vec<String> =
+        series.iter().map(|s| format!("{:.1}", s.iter().map(|p| p.1).fold(0.0, f64::max))).collect();
+    let reported: Vec<String> = status_max.iter().map(|v| format!("{v:.1}")).collect();
+    println!(
+        "    (lag max per node, measured by heartbeat: {} s; reported by trompe.status: {} s)",
+        measured.join(" / "),
+        reported.join(" / ")
+    );
+    (tps, series)
 }
 
 /// Whether lag stayed bounded over a run of `duration`: the worst of its last third is no
