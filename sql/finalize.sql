@@ -150,6 +150,22 @@ GRANT EXECUTE ON FUNCTION
     trompe.pending_changes(text, text, bigint, text)
 TO trompe_puller;
 
+-- Members of trompe_admin administer trompe without being superusers: peers, tables, rules,
+-- sequence slots, and reading its state and conflict log.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'trompe_admin') THEN
+        CREATE ROLE trompe_admin NOLOGIN;
+    END IF;
+END
+$$;
+GRANT EXECUTE ON FUNCTION
+    trompe.add_peer(text, text), trompe.remove_peer(text), trompe.pause_peer(text), trompe.resume_peer(text),
+    trompe.add_table(regclass), trompe.remove_table(regclass), trompe.add_schema(text), trompe.remove_schema(text),
+    trompe.set_conflict_rule(regclass, text), trompe.set_sequence_slot(integer, integer), trompe.log_changes()
+TO trompe_admin;
+GRANT SELECT ON trompe.conflicts, trompe.peers, trompe.consumers TO trompe_admin;
+
 -- One row per peer: connection state, position, lag, last pull and error, counters.
 CREATE VIEW trompe.status AS
 SELECT name,
@@ -168,6 +184,7 @@ SELECT name,
        applied_changes
   FROM trompe._status();
 COMMENT ON VIEW trompe.status IS 'One row per peer: is it connected, how far behind, what went wrong last.';
+GRANT SELECT ON trompe.status TO trompe_admin;
 
 CREATE FUNCTION trompe.wait_sync(timeout interval DEFAULT '1 minute') RETURNS boolean
 LANGUAGE sql AS $$ SELECT trompe._wait_sync(extract(epoch FROM timeout)::float8) $$;

@@ -254,10 +254,12 @@ fn chaos(seed: u64, duration: Duration, nodes: usize) {
         tables.len(),
         converge.as_secs_f64()
     );
-    // No worker is stuck: every link is connected again, and every log is pruned to nothing.
+    // No worker is stuck: every link is connected again without an error, and every log is
+    // pruned to nothing.
     for node in cluster.nodes() {
         node.wait_for_value(
-            "SELECT count(*) FILTER (WHERE state <> 'connected') || '/' || count(*) FROM trompe.status",
+            "SELECT count(*) FILTER (WHERE state <> 'connected' OR last_error IS NOT NULL) || '/' || count(*)
+               FROM trompe.status",
             &format!("0/{}", nodes - 1),
             Duration::from_secs(60),
         );

@@ -85,3 +85,26 @@ fn peers_pull_with_a_least_privilege_role() {
         assert_eq!(state, "42501", "{sql}: {message}");
     }
 }
+
+/// Members of `trompe_admin` administer trompe without being superusers.
+#[test]
+fn trompe_admin_members_administer_without_superuser() {
+    let cluster = Cluster::start("admin-role", 1);
+    let node = cluster.node(0);
+    node.exec(
+        "CREATE ROLE dba LOGIN IN ROLE trompe_admin;
+         CREATE TABLE t (id bigserial PRIMARY KEY, v text)",
+    );
+    let mut c = node.connect();
+    c.batch_execute(
+        "SET ROLE dba;
+         SELECT trompe.add_table('t');
+         SELECT trompe.set_conflict_rule('t', 'last_update_wins');
+         SELECT trompe.set_sequence_slot(1, 16);
+         SELECT count(*) FROM trompe.status; SELECT count(*) FROM trompe.conflicts; SELECT count(*) FROM trompe.peers;
+         SELECT trompe.remove_table('t');",
+    )
+    .unwrap_or_else(|e| panic!("trompe_admin: {}", trompe_tests::describe_error(&e)));
+    let (state, message) = expect_error(&mut c, "SELECT * FROM trompe.log");
+    assert_eq!(state, "42501", "{message}");
+}
