@@ -83,7 +83,28 @@ pub fn origin_name(peer: &str) -> String {
 /// already; on any failure nothing changes. Returns the peer's node id.
 #[pg_extern(volatile, parallel_unsafe)]
 fn add_peer(name: &str, conninfo: &str) -> pgrx::Uuid {
+    hide_statement();
     add_peer_impl(name, conninfo).or_raise()
+}
+
+/// The statement calling `add_peer` carries a connection string that may hold a password:
+/// `pg_stat_activity` shows a placeholder instead, and an error of this transaction does not
+/// write the statement to the server log (`log_min_error_statement`, reset when the
+/// transaction ends).
+fn hide_statement() {
+    // SAFETY: replaces this backend's activity text with a static string; called from the
+    // backend's main thread while running a query.
+    unsafe {
+        pg_sys::pgstat_report_activity(
+            pg_sys::BackendState::STATE_RUNNING,
+            c"SELECT trompe.add_peer(...) -- the connection string is hidden by trompe".as_ptr(),
+        );
+    }
+    let hidden =
+        as_extension_owner(|| sql::execute("SELECT set_config('log_min_error_statement', 'panic', true)", &[]));
+    if let Err(e) = hidden {
+        pgrx::warning!("trompe: cannot keep the add_peer statement out of the server log: {e}");
+    }
 }
 
 fn add_peer_impl(name: &str, conninfo: &str) -> Result<pgrx::Uuid, TrompeError> {

@@ -34,7 +34,9 @@ fn add_peer_checks_everything_and_changes_nothing_on_failure() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     refused(
         &cluster,
-        &format!("SELECT trompe.add_peer('down', 'host=127.0.0.1 port={closed} dbname=app user=postgres')"),
+        &format!(
+            "SELECT trompe.add_peer('down', 'host=127.0.0.1 port={closed} dbname=app user=postgres password=s3cretpw')"
+        ),
         "08001",
         "could not connect to peer \"down\"",
     );
@@ -81,6 +83,14 @@ fn add_peer_checks_everything_and_changes_nothing_on_failure() {
     assert_eq!(code, "42704");
     let (code, _) = expect_error(&mut c, "SELECT trompe.pause_peer('nobody')");
     assert_eq!(code, "42704");
+
+    // No password of a failed add_peer reached either server log.
+    for node in cluster.nodes() {
+        let log = node.log();
+        for secret in ["s3cretpw", "wrong-hunter2"] {
+            assert!(!log.contains(secret), "{} logged {secret}", node.name);
+        }
+    }
 }
 
 #[test]
