@@ -168,7 +168,11 @@ fn add_peer_impl(name: &str, conninfo: &str) -> Result<pgrx::Uuid, TrompeError> 
             "INSERT INTO trompe.progress (node_id, done) VALUES ($1::uuid, $2)",
             &[Some(&peer_id), Some(&snapshot)],
         )?;
-        sql::execute("SELECT pg_replication_origin_create($1)", &[Some(&origin_name(&peer_id))])
+        // A peer removed and added again may still have its origin (dropped by the worker).
+        sql::execute(
+            "SELECT pg_replication_origin_create($1) WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)",
+            &[Some(&origin_name(&peer_id))],
+        )
     })
     .map_err(|e| TrompeError::Internal(format!("recording peer {name}: {e}")))?;
     launch_worker_on_commit();
@@ -191,11 +195,9 @@ fn remove_peer(name: &str) -> pgrx::Uuid {
         let _internal = InternalOperation::begin();
         as_extension_owner(|| {
             sql::execute("DELETE FROM trompe.peers WHERE name = $1", &[Some(name)])?;
-            sql::execute("DELETE FROM trompe.consumers WHERE node_id = $1::uuid", &[Some(&peer_id)])?;
-            sql::execute(
-                "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = $1",
-                &[Some(&origin_name(&peer_id))],
-            )
+            // The replication origin is dropped by the worker once it has let go of the peer
+            // (it may be applying its changes right now, holding the origin).
+            sql::execute("DELETE FROM trompe.consumers WHERE node_id = $1::uuid", &[Some(&peer_id)])
         })
         .map_err(|e| TrompeError::Internal(format!("removing peer {name}: {e}")))
         .or_raise();

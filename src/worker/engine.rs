@@ -32,6 +32,8 @@ struct PeerRow {
     paused: bool,
     origin: u32,
     position: Position,
+    /// When the peer was added: a peer removed and added again starts afresh.
+    added_at: String,
 }
 
 fn extension_exists() -> bool {
@@ -53,7 +55,7 @@ fn load_peers() -> Result<(String, Vec<PeerRow>), String> {
             &[],
         )?;
         let rows = sql::rows(
-            "SELECT p.name, p.node_id, p.conninfo, p.paused, pr.done, pr.cur, pr.after, o.roident
+            "SELECT p.name, p.node_id, p.conninfo, p.paused, pr.done, pr.cur, pr.after, o.roident, p.added_at::text
                FROM trompe.peers p JOIN trompe.progress pr USING (node_id)
                JOIN pg_replication_origin o ON o.roname = 'trompe_' || p.node_id
               ORDER BY p.name",
@@ -78,6 +80,7 @@ fn load_peers() -> Result<(String, Vec<PeerRow>), String> {
                 paused: r[3].as_deref() == Some("t"),
                 origin: text(7).parse().unwrap_or(0),
                 position: Position { done, step },
+                added_at: text(8),
             });
         }
         Ok((me, peers))
@@ -89,6 +92,8 @@ struct Engine {
     dboid: pg_sys::Oid,
     slot: &'static DbSlot,
     links: Vec<Link>,
+    /// When each linked peer was added (a re-added peer gets a new link).
+    added: HashMap<NodeId, String>,
     cache: ApplyCache,
     wake_seen: u64,
     next_reload_ms: i64,
@@ -135,7 +140,9 @@ impl Engine {
                     continue;
                 }
             };
-            match old.remove(&row.node) {
+            let same_peer = self.added.get(&row.node) == Some(&row.added_at);
+            self.added.insert(row.node, row.added_at.clone());
+            match old.remove(&row.node).filter(|_| same_peer) {
                 Some(mut link) => {
                     link.update(row.conninfo, info, row.paused);
                     self.links.push(link);
@@ -159,6 +166,27 @@ impl Engine {
         if let Some(shared) = shared {
             let keep: Vec<[u8; 16]> = self.links.iter().map(|l| l.node.0).collect();
             shared.release_peer_slots(self.dboid, &keep);
+        }
+        // Peers removed since: their links are gone with their origin sessions, so their
+        // replication origins can go too (unless the peer was added again meanwhile).
+        for node in old.keys() {
+            self.added.remove(node);
+        }
+        let removed: Vec<String> = old.into_keys().map(|node| format!("trompe_{node}")).collect();
+        if !removed.is_empty() {
+            let dropped = in_transaction(|| {
+                for name in &removed {
+                    sql::execute(
+                        "SELECT pg_replication_origin_drop(o.roname) FROM pg_replication_origin o
+                          WHERE o.roname = $1 AND NOT EXISTS (SELECT 1 FROM trompe.peers p WHERE 'trompe_' || p.node_id = o.roname)",
+                        &[Some(name)],
+                    )?;
+                }
+                Ok(())
+            });
+            if let Err(e) = dropped {
+                pgrx::log!("trompe: cannot drop the replication origins of removed peers: {e}");
+            }
         }
     }
 
@@ -278,6 +306,7 @@ pub fn run(dboid: pg_sys::Oid, slot: &'static DbSlot) -> ! {
         dboid,
         slot,
         links: Vec::new(),
+        added: HashMap::new(),
         cache: ApplyCache::default(),
         wake_seen: u64::MAX,
         next_reload_ms: 0,

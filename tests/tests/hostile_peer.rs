@@ -1,0 +1,101 @@
+//! A broken or malicious peer: log rows it serves that are garbage, name unknown or
+//! unreplicated tables, smuggle SQL in identifiers, carry values of the wrong type or of huge
+//! size. Each is refused with an error in `trompe.status`, nothing is written outside
+//! replicated tables, and the server stays up.
+
+use std::time::Duration;
+
+use trompe_core::changeset::{chunk, ChangeWriter, OldVersion};
+use trompe_core::logformat::Op;
+use trompe_tests::{wait_for, Cluster, Node};
+
+/// An insert of `cols` = `vals` into `nsp.rel`, as a peer's log row would carry it.
+fn insert(nsp: &str, rel: &str, cols: &[&str], vals: &[&str]) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut w = ChangeWriter::begin(&mut buf, Op::Insert, 1, nsp.as_bytes(), rel.as_bytes())
+        .cols(cols.iter().map(|c| c.as_bytes()))
+        .list(vals.len());
+    for v in vals {
+        w = w.value(Some(v.as_bytes()));
+    }
+    w.none().finish(OldVersion::Unknown);
+    chunk(1, &buf)
+}
+
+/// Appends `bytes` to `origin`'s log as one transaction's row, as if captured there, and
+/// commits an ordinary change after it so that pullers are woken.
+fn serve(origin: &Node, bytes: &[u8]) {
+    let mut c = origin.connect();
+    let slot: i32 = c.query_one("SELECT slot FROM trompe.log_rotation WHERE is_current", &[]).unwrap().get(0);
+    c.execute(
+        &format!(
+            "INSERT INTO trompe.log_{slot} (id, txid, nchanges, changes)
+             VALUES (nextval('trompe.log_id_seq'), pg_current_xact_id(), 1, $1)"
+        ),
+        &[&bytes],
+    )
+    .unwrap();
+    c.execute("INSERT INTO wake DEFAULT VALUES", &[]).unwrap();
+}
+
+/// Waits until `node`'s stream from its peer stops with an error containing `expected`, checks
+/// the server still answers, then starts the stream afresh after the bad row.
+fn refused(cluster: &Cluster, expected: &str) {
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    let mut last = None;
+    let seen = wait_for(Duration::from_secs(30), || {
+        last = n2.query_text("SELECT last_error FROM trompe.status WHERE name = 'n1'");
+        last.as_deref().is_some_and(|e| e.contains(expected))
+    });
+    assert!(seen, "expected an error containing {expected:?}, last error {last:?}\n{}", n2.log_tail(30));
+    assert_eq!(n2.query_text("SELECT 1").as_deref(), Some("1"), "the server is up");
+    assert_eq!(n2.query_i64("SELECT count(*) FROM victim"), 1, "nothing was dropped or changed");
+    // Skip the bad row: forget the peer and add it again (from the current position).
+    n2.exec("SELECT trompe.remove_peer('n1')");
+    n1.exec("DELETE FROM trompe.log");
+    cluster.add_peer(1, 0);
+}
+
+#[test]
+fn malformed_changes_from_a_peer_are_refused_and_the_server_stays_up() {
+    let cluster = Cluster::start("hostile-peer", 2);
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all(
+        "CREATE TABLE t (id int PRIMARY KEY, v text); SELECT trompe.add_table('t');
+         CREATE TABLE wake (id bigserial PRIMARY KEY); SELECT trompe.add_table('wake');
+         CREATE TABLE victim (id int PRIMARY KEY); INSERT INTO victim VALUES (1);",
+    );
+    cluster.add_peer(1, 0);
+    n1.exec("INSERT INTO t VALUES (1, 'fine')");
+    n2.wait_for_value("SELECT count(*) FROM t", "1", Duration::from_secs(30));
+
+    serve(n1, b"\x01garbage that is no change at all");
+    refused(&cluster, "change chunk");
+
+    serve(n1, &insert("public", "nosuch", &["id"], &["1"]));
+    refused(&cluster, "nosuch");
+
+    serve(n1, &insert("public", "victim\"; DROP TABLE victim; --", &["id"], &["2"]));
+    refused(&cluster, "DROP TABLE victim");
+
+    serve(n1, &insert("public", "victim", &["id"], &["2"]));
+    refused(&cluster, "not replicated");
+
+    serve(n1, &insert("trompe", "peers", &["name"], &["evil"]));
+    refused(&cluster, "peers");
+
+    serve(n1, &insert("public", "t", &["id", "v"], &["not a number", "x"]));
+    refused(&cluster, "invalid input syntax for type integer");
+
+    serve(n1, &insert("public", "t", &["id", "nope"], &["2", "x"]));
+    refused(&cluster, "nope");
+
+    let huge = "9".repeat(20 * 1024 * 1024);
+    serve(n1, &insert("public", "t", &["id", "v"], &[&huge, "x"]));
+    refused(&cluster, "value \"999");
+
+    // After all that, replication still works.
+    n1.exec("INSERT INTO t VALUES (2, 'still fine')");
+    n2.wait_for_value("SELECT count(*) FROM t", "2", Duration::from_secs(30));
+    assert_eq!(n2.query_i64("SELECT count(*) FROM trompe.peers WHERE name = 'evil'"), 0);
+}
