@@ -3,7 +3,7 @@
 //! added. Afterwards nothing a client saw committed is missing, nothing it saw deleted is back,
 //! all nodes are identical, every link is up and every log is pruned.
 //!
-//! `TROMPE_CHAOS_SEEDS` (default 7), `TROMPE_CHAOS_SECS` (default 20) and `TROMPE_CHAOS_NODES`
+//! `TROMPE_CHAOS_SEEDS` (default 7), `TROMPE_CHAOS_SECS` (default 60) and `TROMPE_CHAOS_NODES`
 //! (default 3) choose the run.
 
 use std::collections::BTreeMap;
@@ -294,7 +294,7 @@ fn seeds() -> Vec<u64> {
 
 #[test]
 fn nothing_is_lost_and_nodes_converge_under_faults() {
-    let secs = std::env::var("TROMPE_CHAOS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
+    let secs = std::env::var("TROMPE_CHAOS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
     let nodes = std::env::var("TROMPE_CHAOS_NODES").ok().and_then(|s| s.parse().ok()).unwrap_or(3).max(2);
     for seed in seeds() {
         chaos(seed, Duration::from_secs(secs), nodes);
