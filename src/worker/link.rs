@@ -137,18 +137,7 @@ fn parse_batch(result: &PgResult) -> Result<Batch, String> {
             batch.txns.push(finish_transaction(std::mem::take(&mut current)));
         }
         current_last = Some(txn_last);
-        current.extend(records.into_iter().map(|c| Change {
-            txn_last,
-            commit_us,
-            id: c.seq as i64,
-            op: c.op,
-            nsp: c.nsp,
-            rel: c.rel,
-            cols: c.cols,
-            vals: c.vals,
-            oldkey: c.oldkey,
-            old: c.old,
-        }));
+        current.extend(records.into_iter().map(|record| Change { txn_last, commit_us, record }));
     }
     if !current.is_empty() {
         batch.txns.push(finish_transaction(current));
@@ -159,7 +148,7 @@ fn parse_batch(result: &PgResult) -> Result<Batch, String> {
 /// A transaction's changes in the order they were made (chunks written from savepoints can
 /// arrive out of order).
 fn finish_transaction(mut changes: Vec<Change>) -> Vec<Change> {
-    changes.sort_by_key(|c| c.id);
+    changes.sort_by_key(|c| c.seq);
     changes
 }
 

@@ -8,7 +8,7 @@ mod table;
 
 use std::cell::Cell;
 
-use trompe_core::changeset::OldVersion;
+use trompe_core::changeset::ChangeRecord;
 use trompe_core::conflict::{ConflictKind, LocalVersion, Version};
 use trompe_core::logformat::Op;
 use trompe_core::nodeid::NodeId;
@@ -18,29 +18,31 @@ pub use table::{register_invalidation, ApplyCache};
 use crate::conflicts::{record, with_incoming, Incoming, Recorded};
 use rows::TxnVersion;
 
-/// One change from a peer's log.
+/// One change from a peer's log: the decoded change and what its log row says about its
+/// transaction. Reads as the decoded change (`change.nsp`, `change.cols`, ...).
 #[derive(Debug)]
 pub struct Change {
     /// The log id of the last log row of its transaction.
     pub txn_last: i64,
     /// Commit time of its transaction at the origin (PostgreSQL TimestampTz).
     pub commit_us: i64,
+    /// The change as decoded from the log.
+    pub record: ChangeRecord,
+}
+
+impl Change {
     /// Its position in its transaction at the origin.
-    pub id: i64,
-    /// What kind of change.
-    pub op: Op,
-    /// Schema.
-    pub nsp: String,
-    /// Table.
-    pub rel: String,
-    /// Column names (primary key first).
-    pub cols: Vec<String>,
-    /// New values (I/U), options (T), statement parts (S).
-    pub vals: Option<Vec<Option<String>>>,
-    /// Old primary key (U/D).
-    pub oldkey: Option<Vec<Option<String>>>,
-    /// The row version this change replaced at the origin.
-    pub old: OldVersion,
+    pub fn id(&self) -> i64 {
+        self.record.seq as i64
+    }
+}
+
+impl std::ops::Deref for Change {
+    type Target = ChangeRecord;
+
+    fn deref(&self) -> &ChangeRecord {
+        &self.record
+    }
 }
 
 /// Why a change could not be applied; the message is shown in `trompe.status`.
@@ -230,12 +232,14 @@ fn truncation(v: TxnVersion) -> Incoming {
 /// Replays a DDL statement with the search_path and role it ran with at the origin, then
 /// starts replicating tables it created in replicated schemas.
 fn apply_ddl(cache: &mut ApplyCache, change: &Change) -> Result<(), ApplyError> {
-    let vals =
-        change.vals.as_ref().ok_or(ApplyError::Malformed { id: change.id, reason: "DDL without statement".into() })?;
+    let vals = change
+        .vals
+        .as_ref()
+        .ok_or(ApplyError::Malformed { id: change.id(), reason: "DDL without statement".into() })?;
     let part = |i: usize| vals.get(i).and_then(|v| v.as_deref()).unwrap_or_default().to_string();
     let (statement, search_path, role) = (part(0), part(1), part(2));
     if statement.trim().is_empty() {
-        return Err(ApplyError::Malformed { id: change.id, reason: "empty DDL statement".into() });
+        return Err(ApplyError::Malformed { id: change.id(), reason: "empty DDL statement".into() });
     }
     crate::sql::execute(
         "SELECT set_config('search_path', $1, true), set_config('role', $2, true)",

@@ -55,7 +55,7 @@ fn check_columns(table: &Table, change: &Change, nkey: usize) -> Result<(), Appl
         return Err(ApplyError::NoSuchColumn { table: table.readable.clone(), column: c.clone() });
     }
     if nkey > change.cols.len() {
-        return Err(ApplyError::Malformed { id: change.id, reason: "key longer than the column list".into() });
+        return Err(ApplyError::Malformed { id: change.id(), reason: "key longer than the column list".into() });
     }
     let mut theirs: Vec<&str> = change.cols[..nkey].iter().map(String::as_str).collect();
     let mut ours: Vec<&str> = table.key.iter().map(String::as_str).collect();
@@ -72,7 +72,7 @@ fn nkey_of(change: &Change) -> Result<usize, ApplyError> {
         .oldkey
         .as_ref()
         .map(|k| k.len())
-        .ok_or(ApplyError::Malformed { id: change.id, reason: "missing old key".into() })
+        .ok_or(ApplyError::Malformed { id: change.id(), reason: "missing old key".into() })
 }
 
 /// `WHERE` over the local key with parameters starting at `$first`.
