@@ -101,18 +101,47 @@ fn incoming(table: &Table, v: TxnVersion, change: &Change, kind: ConflictKind, k
     }
 }
 
-/// True if the row with this key exists locally.
-fn row_exists(cache: &mut ApplyCache, table: &Table, keys: &[Option<&str>]) -> Result<bool, ApplyError> {
+/// Runs the kept statement `tag` of `table` (built by `sql` the first time) whose parameters
+/// `$1..` are the primary key values `keys`; returns the rows processed and the first row.
+fn run_by_key(
+    cache: &mut ApplyCache,
+    table: &Table,
+    tag: &str,
+    keys: &[Option<&str>],
+    sql: impl FnOnce() -> String,
+) -> Result<(u64, Vec<Option<String>>), ApplyError> {
     let plan = cache.plan(
-        &format!("X\0{}", table.relid.to_u32()),
+        &format!("{tag}\0{}", table.relid.to_u32()),
         table.relid,
         || table.key.iter().map(|k| table.attrs[k].typid).collect(),
-        || format!("SELECT 1 FROM {} AS tgt WHERE {}", table.qualified, key_condition(table, 1)),
+        sql,
     )?;
     let mut values = Vec::new();
     let mut nulls = Vec::new();
     key_datums(table, keys, &mut values, &mut nulls);
-    Ok(run_plan(plan, &mut values, &nulls)?.0 > 0)
+    run_plan(plan, &mut values, &nulls)
+}
+
+/// True if the row with this key exists locally.
+fn row_exists(cache: &mut ApplyCache, table: &Table, keys: &[Option<&str>]) -> Result<bool, ApplyError> {
+    let found = run_by_key(cache, table, "X", keys, || {
+        format!("SELECT 1 FROM {} AS tgt WHERE {}", table.qualified, key_condition(table, 1))
+    })?;
+    Ok(found.0 > 0)
+}
+
+/// Deletes the local row with this key, whatever its version (a unique collision removed it).
+fn delete_by_key(cache: &mut ApplyCache, table: &Table, keys: &[Option<&str>]) -> Result<(), ApplyError> {
+    run_by_key(cache, table, "DU", keys, || {
+        format!("DELETE FROM {} AS tgt WHERE {}", table.qualified, key_condition(table, 1))
+    })?;
+    Ok(())
+}
+
+/// Logs the removal of the row with `keys` (replacing version `old`) as a change of this
+/// transaction, so that every node removes it.
+fn log_removal(change: &Change, table: &Table, keys: &[Option<&str>], old: OldVersion) -> Result<(), ApplyError> {
+    log_delete(&change.nsp, &change.rel, &table.key, keys, old).map_err(|e| ApplyError::Postgres(e.to_string()))
 }
 
 fn key_array(keys: &[Option<&str>]) -> String {
@@ -169,22 +198,13 @@ fn undo_if_deleted_since(
         if incoming_wins(v.0, t) {
             continue;
         }
-        let plan = cache.plan(
-            &format!("U!\0{}", table.relid.to_u32()),
-            table.relid,
-            || table.key.iter().map(|k| table.attrs[k].typid).collect(),
-            || {
-                format!(
-                    "DELETE FROM {} AS tgt WHERE {} AND tgt.xmin = pg_catalog.pg_current_xact_id()::xid",
-                    table.qualified,
-                    key_condition(table, 1)
-                )
-            },
-        )?;
-        let mut values = Vec::new();
-        let mut nulls = Vec::new();
-        key_datums(table, key, &mut values, &mut nulls);
-        run_plan(plan, &mut values, &nulls)?;
+        run_by_key(cache, table, "U!", key, || {
+            format!(
+                "DELETE FROM {} AS tgt WHERE {} AND tgt.xmin = pg_catalog.pg_current_xact_id()::xid",
+                table.qualified,
+                key_condition(table, 1)
+            )
+        })?;
         record(Recorded {
             table: table.readable.clone(),
             key: Some(key_json(table, key)),
@@ -480,24 +500,17 @@ fn delete_key(
     change: &Change,
     keys: &[Option<&str>],
 ) -> Result<(), ApplyError> {
-    let plan = cache.plan(
-        &format!("D\0{}", table.relid.to_u32()),
-        table.relid,
-        || table.key.iter().map(|k| table.attrs[k].typid).collect(),
-        || {
+    let mut ctx = incoming(table, v, change, ConflictKind::DeleteUpdate, keys);
+    ctx.row = None;
+    let (deleted, _) = with_incoming(ctx.clone(), || {
+        run_by_key(cache, table, "D", keys, || {
             format!(
                 "DELETE FROM {0} AS tgt WHERE {1} AND trompe._apply_wins(tgt.xmin, tgt, NULL::{0})",
                 table.qualified,
                 key_condition(table, 1)
             )
-        },
-    )?;
-    let mut values = Vec::new();
-    let mut nulls = Vec::new();
-    key_datums(table, keys, &mut values, &mut nulls);
-    let mut ctx = incoming(table, v, change, ConflictKind::DeleteUpdate, keys);
-    ctx.row = None;
-    let (deleted, _) = with_incoming(ctx.clone(), || run_plan(plan, &mut values, &nulls))?;
+        })
+    })?;
     if deleted == 0 && row_exists(cache, table, keys)? {
         // The local row is newer: it stays (the condition recorded the conflict).
         return Ok(());
@@ -574,16 +587,7 @@ fn resolve_unique(
             let loser_keys =
                 trompe_core::pgarray::parse_text_array(&loser).map_err(|e| ApplyError::Postgres(e.to_string()))?;
             let loser_refs: Vec<Option<&str>> = loser_keys.iter().map(|k| k.as_deref()).collect();
-            let mut values = Vec::new();
-            let mut nulls = Vec::new();
-            key_datums(table, &loser_refs, &mut values, &mut nulls);
-            let plan = cache.plan(
-                &format!("DU\0{}", table.relid.to_u32()),
-                table.relid,
-                || table.key.iter().map(|k| table.attrs[k].typid).collect(),
-                || format!("DELETE FROM {} AS tgt WHERE {}", table.qualified, key_condition(table, 1)),
-            )?;
-            run_plan(plan, &mut values, &nulls)?;
+            delete_by_key(cache, table, &loser_refs)?;
             let ctx = Incoming {
                 table: table.readable.clone(),
                 version: v.0,
@@ -597,8 +601,7 @@ fn resolve_unique(
                 LocalVersion::Known(v) => OldVersion::Committed { ts: v.ts, node: v.node },
                 _ => OldVersion::Unknown,
             };
-            log_delete(&change.nsp, &change.rel, &table.key, &loser_refs, old)
-                .map_err(|e| ApplyError::Postgres(e.to_string()))?;
+            log_removal(change, table, &loser_refs, old)?;
         }
     }
     Ok(true)
@@ -616,32 +619,19 @@ fn retire_incoming(
     change: &Change,
     keys: &[Option<&str>],
 ) -> Result<(), ApplyError> {
-    let plan = cache.plan(
-        &format!("XV\0{}", table.relid.to_u32()),
-        table.relid,
-        || table.key.iter().map(|k| table.attrs[k].typid).collect(),
-        || format!("SELECT tgt.xmin FROM {} AS tgt WHERE {} FOR UPDATE", table.qualified, key_condition(table, 1)),
-    )?;
-    let mut values = Vec::new();
-    let mut nulls = Vec::new();
-    key_datums(table, keys, &mut values, &mut nulls);
-    let (found, first) = run_plan(plan, &mut values, &nulls)?;
+    let (found, first) = run_by_key(cache, table, "XV", keys, || {
+        format!("SELECT tgt.xmin FROM {} AS tgt WHERE {} FOR UPDATE", table.qualified, key_condition(table, 1))
+    })?;
     if found > 0 {
         let xmin = first.first().cloned().flatten().and_then(|x| x.parse::<u32>().ok()).unwrap_or(0);
         if !incoming_wins(v.0, local_version(pg_sys::TransactionId::from(xmin))) {
             return Ok(());
         }
-        let plan = cache.plan(
-            &format!("DU\0{}", table.relid.to_u32()),
-            table.relid,
-            || table.key.iter().map(|k| table.attrs[k].typid).collect(),
-            || format!("DELETE FROM {} AS tgt WHERE {}", table.qualified, key_condition(table, 1)),
-        )?;
-        run_plan(plan, &mut values, &nulls)?;
+        delete_by_key(cache, table, keys)?;
     }
     with_incoming(incoming(table, v, change, ConflictKind::UniqueViolation, keys), || write_tombstone(table, keys))?;
     let old = OldVersion::Committed { ts: v.0.ts, node: v.0.node };
-    log_delete(&change.nsp, &change.rel, &table.key, keys, old).map_err(|e| ApplyError::Postgres(e.to_string()))
+    log_removal(change, table, keys, old)
 }
 
 /// The SQL name of a type (for casts in dynamic SQL).
