@@ -331,18 +331,7 @@ impl PgResult {
 
     /// The value at (row, column) as text, `None` for NULL or out of range.
     pub fn get(&self, row: usize, col: usize) -> Option<&str> {
-        if row >= self.rows() || col >= self.columns() {
-            return None;
-        }
-        // SAFETY: row and col are in range; the value is owned by the result.
-        unsafe {
-            if pq::PQgetisnull(self.raw, row as i32, col as i32) != 0 {
-                return None;
-            }
-            let p = pq::PQgetvalue(self.raw, row as i32, col as i32);
-            let len = pq::PQgetlength(self.raw, row as i32, col as i32).max(0) as usize;
-            std::str::from_utf8(std::slice::from_raw_parts(p as *const u8, len)).ok()
-        }
+        self.bytes(row, col).and_then(|b| std::str::from_utf8(b).ok())
     }
 }
 
