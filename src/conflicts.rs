@@ -77,6 +77,33 @@ pub fn record(conflict: Recorded) {
     RECORDED.with(|r| r.borrow_mut().push(conflict));
 }
 
+/// The transaction that wrote the tombstone of `key` (its values as text, in primary key order)
+/// in table `relid`, if the key has one.
+pub fn tombstone_writer(relid: pg_sys::Oid, key: &[Option<&str>]) -> Result<Option<pg_sys::TransactionId>, String> {
+    let xmin = crate::log::writer::as_extension_owner(|| {
+        crate::sql::value(
+            "SELECT xmin FROM trompe.tombstones WHERE relid = $1::oid AND key = $2::text[]",
+            &[Some(&relid.to_u32().to_string()), Some(&trompe_core::pgarray::format_text_array(key))],
+        )
+    })?;
+    Ok(xmin.and_then(|x| x.parse::<u32>().ok()).map(pg_sys::TransactionId::from))
+}
+
+/// What table `relid` has of conflict markers: the transaction that wrote its truncation
+/// marker, if it was truncated, and whether any of its keys has a tombstone.
+pub fn table_markers(relid: pg_sys::Oid) -> Result<(Option<pg_sys::TransactionId>, bool), String> {
+    let row = crate::log::writer::as_extension_owner(|| {
+        crate::sql::row(
+            "SELECT (SELECT xmin FROM trompe.truncations WHERE relid = $1::oid),
+                    EXISTS (SELECT 1 FROM trompe.tombstones WHERE relid = $1::oid)",
+            &[Some(&relid.to_u32().to_string())],
+        )
+    })?
+    .unwrap_or_default();
+    let truncated = row.first().cloned().flatten().and_then(|x| x.parse::<u32>().ok()).map(pg_sys::TransactionId::from);
+    Ok((truncated, row.get(1).cloned().flatten().as_deref() == Some("t")))
+}
+
 /// The version of a local row or tombstone written by transaction `xmin`.
 pub fn local_version(xmin: pg_sys::TransactionId) -> LocalVersion {
     version_of(xmin).into()

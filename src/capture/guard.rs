@@ -63,21 +63,10 @@ fn guards_of(relid: pg_sys::Oid) -> Result<(bool, Option<i64>), TrompeError> {
             return Ok((tombstones, truncated));
         }
     }
-    let row = as_extension_owner(|| {
-        crate::sql::row(
-            "SELECT EXISTS (SELECT 1 FROM trompe.tombstones WHERE relid = $1::oid),
-                    (SELECT xmin FROM trompe.truncations WHERE relid = $1::oid)",
-            &[Some(&relid.to_u32().to_string())],
-        )
-    })
-    .map_err(TrompeError::Internal)?
-    .unwrap_or_default();
-    let tombstones = row.first().cloned().flatten().as_deref() == Some("t");
-    let truncated = row.get(1).cloned().flatten().and_then(|x| x.parse::<u32>().ok()).and_then(|x| {
-        match version_of(pg_sys::TransactionId::from(x)) {
-            OldVersion::Committed { ts, .. } => Some(ts),
-            _ => None,
-        }
+    let (truncation, tombstones) = crate::conflicts::table_markers(relid).map_err(TrompeError::Internal)?;
+    let truncated = truncation.and_then(|xmin| match version_of(xmin) {
+        OldVersion::Committed { ts, .. } => Some(ts),
+        _ => None,
     });
     GUARDS.with(|c| c.borrow_mut().insert(relid, (generation, tombstones, truncated)));
     Ok((tombstones, truncated))
@@ -93,15 +82,8 @@ pub fn inserted(relid: pg_sys::Oid, key: impl FnOnce() -> Vec<Option<String>>) -
     if tombstones {
         let key = key();
         let refs: Vec<Option<&str>> = key.iter().map(|k| k.as_deref()).collect();
-        let xmin = as_extension_owner(|| {
-            crate::sql::value(
-                "SELECT xmin FROM trompe.tombstones WHERE relid = $1::oid AND key = $2::text[]",
-                &[Some(&relid.to_u32().to_string()), Some(&format_text_array(&refs))],
-            )
-        })
-        .map_err(TrompeError::Internal)?;
-        if let Some(x) = xmin.and_then(|x| x.parse::<u32>().ok()) {
-            note_replaced(version_of(pg_sys::TransactionId::from(x)));
+        if let Some(xmin) = crate::conflicts::tombstone_writer(relid, &refs).map_err(TrompeError::Internal)? {
+            note_replaced(version_of(xmin));
         }
     }
     Ok(())
@@ -179,13 +161,8 @@ fn write_markers(pending: &Pending) -> Result<(), TrompeError> {
         // A key deleted twice in one transaction (deleted, inserted again, deleted) is listed
         // twice; one statement may not upsert the same tombstone twice.
         for (relid, keys) in &pending.deleted {
-            let list = format!(
-                "{{{}}}",
-                keys.iter()
-                    .map(|(_, k)| format!("\"{}\"", k.replace('\\', "\\\\").replace('"', "\\\"")))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            );
+            let literals: Vec<Option<&str>> = keys.iter().map(|(_, k)| Some(k.as_str())).collect();
+            let list = format_text_array(&literals);
             crate::sql::execute(
                 "INSERT INTO trompe.tombstones (relid, key)
                  SELECT DISTINCT $1::oid, k::text[] FROM unnest($2::text[]) AS k

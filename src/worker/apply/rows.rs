@@ -15,7 +15,7 @@ use trompe_core::json;
 use trompe_core::logformat::Op;
 use trompe_core::pgarray::format_text_array;
 
-use super::table::{run_plan, ApplyCache, Table};
+use super::table::{run_plan, ApplyCache, Guards, Table};
 use super::{ApplyError, Change};
 use crate::capture::row::log_delete;
 use crate::conflicts::{local_version, record, with_incoming, Incoming, Recorded};
@@ -150,12 +150,8 @@ fn key_array(keys: &[Option<&str>]) -> String {
 
 /// The version of the tombstone of this key, if the row was deleted.
 fn tombstone(table: &Table, keys: &[Option<&str>]) -> Result<Option<LocalVersion>, ApplyError> {
-    let xmin = crate::sql::value(
-        "SELECT xmin FROM trompe.tombstones WHERE relid = $1::oid AND key = $2::text[]",
-        &[Some(&table.relid.to_u32().to_string()), Some(&key_array(keys))],
-    )
-    .map_err(ApplyError::Postgres)?;
-    Ok(xmin.and_then(|x| x.parse::<u32>().ok()).map(|x| local_version(pg_sys::TransactionId::from(x))))
+    let xmin = crate::conflicts::tombstone_writer(table.relid, keys).map_err(ApplyError::Postgres)?;
+    Ok(xmin.map(local_version))
 }
 
 /// Writes (or moves forward) the tombstone of a deleted key, inside the current statement
@@ -220,8 +216,7 @@ fn undo_if_deleted_since(
 }
 
 /// True if the change is older than the table's last truncation (then it is dropped).
-fn truncated_after(cache: &mut ApplyCache, table: &Table, v: TxnVersion, change: &Change) -> Result<bool, ApplyError> {
-    let guards = cache.guards(table.relid)?;
+fn truncated_after(guards: &Guards, table: &Table, v: TxnVersion, change: &Change) -> bool {
     match guards.truncated {
         Some(t) if !incoming_wins(v.0, t) => {
             record(Recorded {
@@ -234,9 +229,9 @@ fn truncated_after(cache: &mut ApplyCache, table: &Table, v: TxnVersion, change:
                 remote: v.0,
                 remote_row: row_json(change),
             });
-            Ok(true)
+            true
         }
-        _ => Ok(false),
+        _ => false,
     }
 }
 
@@ -317,7 +312,7 @@ pub fn insert_run(cache: &mut ApplyCache, v: TxnVersion, run: &[Change], careful
         }
         return Ok(());
     }
-    if truncated_after(cache, &table, v, first)? {
+    if truncated_after(&guards, &table, v, first) {
         return Ok(());
     }
     let cols: Vec<&str> = first.cols.iter().map(String::as_str).collect();
@@ -369,12 +364,13 @@ fn insert_one(
     change: &Change,
     careful: bool,
 ) -> Result<(), ApplyError> {
-    if truncated_after(cache, table, v, change)? {
+    let guards = cache.guards(table.relid)?;
+    if truncated_after(&guards, table, v, change) {
         return Ok(());
     }
     let keys = key_values(table, change, false);
     let ctx = incoming(table, v, change, ConflictKind::InsertExists, &keys);
-    if cache.guards(table.relid)?.tombstones {
+    if guards.tombstones {
         if let Some(t) = tombstone(table, &keys)? {
             if !incoming_wins(v.0, t) && !row_exists(cache, table, &keys)? {
                 record(Recorded {
@@ -394,7 +390,6 @@ fn insert_one(
     if careful && !resolve_unique(cache, table, v, change, &keys)? {
         return Ok(());
     }
-    let guards = cache.guards(table.relid)?;
     with_incoming(ctx, || upsert_one(cache, table, change))?;
     if !guards.recheck_needed() {
         return Ok(());
@@ -413,7 +408,8 @@ pub fn update(cache: &mut ApplyCache, v: TxnVersion, change: &Change, careful: b
         delete_key(cache, &table, v, change, &old_keys)?;
         return insert_one(cache, &table, v, change, careful);
     }
-    if truncated_after(cache, &table, v, change)? {
+    let guards = cache.guards(table.relid)?;
+    if truncated_after(&guards, &table, v, change) {
         return Ok(());
     }
     if careful && !resolve_unique(cache, &table, v, change, &new_keys)? {
@@ -475,7 +471,6 @@ pub fn update(cache: &mut ApplyCache, v: TxnVersion, change: &Change, careful: b
     if !remote_won {
         return Ok(());
     }
-    let guards = cache.guards(table.relid)?;
     with_incoming(ctx, || upsert_one(cache, &table, change))?;
     if !guards.recheck_needed() {
         return Ok(());

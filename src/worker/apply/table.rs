@@ -340,21 +340,9 @@ impl ApplyCache {
                 return Ok(*guards);
             }
         }
-        let row = crate::sql::row(
-            "SELECT (SELECT xmin FROM trompe.truncations WHERE relid = $1::oid),
-                    EXISTS (SELECT 1 FROM trompe.tombstones WHERE relid = $1::oid)",
-            &[Some(&relid.to_u32().to_string())],
-        )
-        .map_err(ApplyError::Postgres)?
-        .unwrap_or_default();
-        let truncated = row
-            .first()
-            .cloned()
-            .flatten()
-            .and_then(|x| x.parse::<u32>().ok())
-            .map(|x| crate::conflicts::local_version(pg_sys::TransactionId::from(x)));
-        let guards =
-            Guards { truncated, tombstones: row.get(1).cloned().flatten().as_deref() == Some("t"), generation };
+        let (truncation, tombstones) = crate::conflicts::table_markers(relid).map_err(ApplyError::Postgres)?;
+        let truncated = truncation.map(crate::conflicts::local_version);
+        let guards = Guards { truncated, tombstones, generation };
         self.guards.insert(relid, (generation, guards));
         Ok(guards)
     }
