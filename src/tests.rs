@@ -47,6 +47,23 @@ mod tests {
         run("SELECT trompe.add_table('unl')");
     }
 
+    #[pg_test(
+        error = "column \"n\" of table public.ident is an identity column GENERATED ALWAYS outside the primary key"
+    )]
+    fn add_table_refuses_an_always_identity_outside_the_key() {
+        run("CREATE TABLE ident (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, n int GENERATED ALWAYS AS IDENTITY)");
+        run("SELECT trompe.add_table('ident')");
+    }
+
+    #[pg_test(
+        error = "column \"n\" of table public.ident is an identity column GENERATED ALWAYS outside the primary key"
+    )]
+    fn adding_an_always_identity_outside_the_key_to_a_replicated_table_fails() {
+        run("CREATE TABLE ident (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY)");
+        run("SELECT trompe.add_table('ident')");
+        run("ALTER TABLE ident ADD COLUMN n int GENERATED ALWAYS AS IDENTITY");
+    }
+
     #[pg_test(error = "public.v is a view, not an ordinary table")]
     fn add_table_refuses_views() {
         run("CREATE VIEW v AS SELECT 1 AS a");

@@ -247,7 +247,7 @@ fn upsert_one(cache: &mut ApplyCache, table: &Table, change: &Change) -> Result<
             let col_list: Vec<String> = cols.iter().map(|c| quote_ident(c)).collect();
             let placeholders: Vec<String> = (1..=cols.len()).map(|i| format!("${i}")).collect();
             format!(
-                "INSERT INTO {} AS tgt ({}) VALUES ({}) {}",
+                "INSERT INTO {} AS tgt ({}) OVERRIDING SYSTEM VALUE VALUES ({}) {}",
                 table.qualified,
                 col_list.join(", "),
                 placeholders.join(", "),
@@ -275,6 +275,20 @@ fn missing_defaults(table: &Table, cols: &[&str]) -> Vec<String> {
     missing.into_iter().map(|c| format!("{} = DEFAULT", quote_ident(c))).collect()
 }
 
+/// A SET item that changes no value but gives the row a new version (a column set to
+/// itself), for tables whose change sets nothing else; None if every column is an identity
+/// GENERATED ALWAYS, which an UPDATE cannot name.
+fn touch(table: &Table) -> Option<String> {
+    let mut others: Vec<&String> = table.attrs.keys().filter(|c| !table.key.contains(c)).collect();
+    others.sort();
+    table
+        .key
+        .iter()
+        .chain(others)
+        .find(|c| !table.attrs.get(*c).is_some_and(|a| a.always_identity))
+        .map(|c| format!("{0} = tgt.{0}", quote_ident(c)))
+}
+
 /// The ON CONFLICT clause of an insert: the existing row is replaced only if the incoming
 /// version wins.
 fn on_conflict(table: &Table, cols: &[&str]) -> String {
@@ -286,8 +300,11 @@ fn on_conflict(table: &Table, cols: &[&str]) -> String {
         .collect();
     updates.extend(missing_defaults(table, cols));
     if updates.is_empty() {
-        // Only key columns: "updating" a key column to itself still takes the row's new version.
-        updates.push(format!("{0} = EXCLUDED.{0}", quote_ident(&table.key[0])));
+        // Only key columns: the row still takes the incoming version.
+        match touch(table) {
+            Some(set) => updates.push(set),
+            None => return format!("ON CONFLICT ({}) DO NOTHING", key_list.join(", ")),
+        }
     }
     format!(
         "ON CONFLICT ({}) DO UPDATE SET {} WHERE trompe._apply_wins(tgt.xmin, tgt, EXCLUDED)",
@@ -325,7 +342,7 @@ pub fn insert_run(cache: &mut ApplyCache, v: TxnVersion, run: &[Change], careful
             let col_list: Vec<String> = cols.iter().map(|c| quote_ident(c)).collect();
             let arrays: Vec<String> = (1..=cols.len()).map(|i| format!("${i}")).collect();
             format!(
-                "INSERT INTO {} AS tgt ({}) SELECT * FROM unnest({}) {}",
+                "INSERT INTO {} AS tgt ({}) OVERRIDING SYSTEM VALUE SELECT * FROM unnest({}) {}",
                 table.qualified,
                 col_list.join(", "),
                 arrays.join(", "),
@@ -426,9 +443,18 @@ pub fn update(cache: &mut ApplyCache, v: TxnVersion, change: &Change, careful: b
             t
         },
         || {
-            let mut sets: Vec<String> =
-                cols.iter().enumerate().map(|(i, c)| format!("{} = ${}", quote_ident(c), i + 1)).collect();
+            // The key is unchanged here; identity GENERATED ALWAYS columns (key columns, see
+            // tables.rs) cannot be named in an UPDATE.
+            let mut sets: Vec<String> = cols
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| !table.attrs[**c].always_identity)
+                .map(|(i, c)| format!("{} = ${}", quote_ident(c), i + 1))
+                .collect();
             sets.extend(missing_defaults(&table, &cols));
+            if sets.is_empty() {
+                sets.extend(touch(&table));
+            }
             format!(
                 "UPDATE {0} AS tgt SET {1} WHERE {2} AND trompe._apply_wins(tgt.xmin, tgt, NULL::{0})",
                 table.qualified,

@@ -22,6 +22,8 @@ pub struct Attr {
     ioparam: pg_sys::Oid,
     /// The array type over this type (0 if there is none, e.g. for array columns).
     pub array_type: pg_sys::Oid,
+    /// An identity column GENERATED ALWAYS: inserts override it, updates cannot set it.
+    pub always_identity: bool,
     typlen: i16,
     typbyval: bool,
     typalign: std::ffi::c_char,
@@ -210,6 +212,7 @@ fn load_table(nsp: &str, rel: &str) -> Result<Table, ApplyError> {
                     input,
                     ioparam,
                     array_type,
+                    always_identity: att.attidentity as u8 == pg_sys::ATTRIBUTE_IDENTITY_ALWAYS,
                     typlen,
                     typbyval,
                     typalign,
