@@ -105,7 +105,10 @@ REVOKE EXECUTE ON FUNCTION
     trompe.set_conflict_rule(regclass, text), trompe.set_sequence_slot(integer, integer),
     trompe.log_changes(), trompe.register_consumer(uuid, text), trompe.unregister_consumer(uuid),
     trompe.pending_changes(text, text, bigint, text), trompe._pull_plan(uuid, text, text, bigint, integer, integer, bigint, text),
-    trompe._on_create()
+    trompe._on_create(),
+    trompe.compare(text, regclass), trompe.repair(text, regclass),
+    trompe._row_digests(regclass, integer, integer[]), trompe.table_digest(regclass, integer),
+    trompe.fetch_rows(regclass, text[]), trompe._repair_rows(regclass, text, text[], jsonb)
 FROM PUBLIC;
 
 -- Pulling this node's log (called by peers over libpq). The plan (which transactions) is
@@ -147,7 +150,10 @@ $$;
 GRANT EXECUTE ON FUNCTION
     trompe.pull(uuid, text, text, bigint, integer, integer, bigint, text),
     trompe.register_consumer(uuid, text), trompe.unregister_consumer(uuid),
-    trompe.pending_changes(text, text, bigint, text)
+    trompe.pending_changes(text, text, bigint, text),
+    -- trompe.compare and trompe.repair on a peer read its replicated tables through these.
+    trompe._row_digests(regclass, integer, integer[]), trompe.table_digest(regclass, integer),
+    trompe.fetch_rows(regclass, text[])
 TO trompe_puller;
 
 -- Members of trompe_admin administer trompe without being superusers: peers, tables, rules,
@@ -162,9 +168,10 @@ $$;
 GRANT EXECUTE ON FUNCTION
     trompe.add_peer(text, text), trompe.remove_peer(text), trompe.pause_peer(text), trompe.resume_peer(text),
     trompe.add_table(regclass), trompe.remove_table(regclass), trompe.add_schema(text), trompe.remove_schema(text),
-    trompe.set_conflict_rule(regclass, text), trompe.set_sequence_slot(integer, integer), trompe.log_changes()
+    trompe.set_conflict_rule(regclass, text), trompe.set_sequence_slot(integer, integer), trompe.log_changes(),
+    trompe.compare(text, regclass), trompe.repair(text, regclass)
 TO trompe_admin;
-GRANT SELECT ON trompe.conflicts, trompe.peers, trompe.consumers TO trompe_admin;
+GRANT SELECT ON trompe.conflicts, trompe.peers, trompe.consumers, trompe.repairs TO trompe_admin;
 
 -- One row per peer: connection state, position, lag, last pull and error, counters.
 CREATE VIEW trompe.status AS

@@ -7,6 +7,7 @@
 use pgrx::prelude::*;
 
 pub mod capture;
+pub mod compare;
 pub mod conflicts;
 pub mod error;
 pub mod guc;
@@ -31,6 +32,7 @@ mod tests;
 ::pgrx::pg_module_magic!(name, version);
 
 pgrx::extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
+pgrx::extension_sql_file!("../sql/compare.sql", name = "compare", requires = ["bootstrap"]);
 pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 /// Library initialisation: settings and hooks always; shared memory and the supervisor worker
