@@ -1,0 +1,186 @@
+-- Upgrade of trompe from 0.1.0 to 0.2.0 (ALTER EXTENSION trompe UPDATE): adds compare and
+-- repair (trompe.compare, trompe.repair, the functions a peer serves them with, and the
+-- trompe.repairs record). Nothing existing changes; replication keeps running throughout.
+\echo Use "ALTER EXTENSION trompe UPDATE TO '0.2.0'" to load this file. \quit
+
+-- What trompe.repair changed on this node, row by row.
+CREATE TABLE trompe.repairs (
+    id bigserial PRIMARY KEY,
+    repaired_at timestamptz NOT NULL DEFAULT now(),
+    peer text NOT NULL,
+    table_name text NOT NULL,
+    key jsonb NOT NULL,
+    action text NOT NULL CHECK (action IN ('insert', 'update', 'delete')),
+    old_row jsonb,
+    new_row jsonb
+);
+COMMENT ON TABLE trompe.repairs IS 'Rows trompe.repair() inserted, updated or deleted on this node, with their old and new contents.';
+
+-- The pieces of SQL that name a replicated table's columns: its primary key as a jsonb object
+-- (of alias t), the quoted key columns, the writable columns (not generated, not dropped) and
+-- the SET list of an upsert. Raises if the table is not replicated.
+CREATE FUNCTION trompe._table_sql(rel regclass,
+                                  OUT key_object text, OUT key_columns text[], OUT key_list text,
+                                  OUT columns text, OUT set_list text)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    pk int2[];
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM trompe.tables WHERE relid = rel) THEN
+        RAISE EXCEPTION 'table % is not replicated by trompe', rel USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    SELECT i.indkey::int2[] INTO pk FROM pg_index i WHERE i.indrelid = rel AND i.indisprimary;
+    SELECT 'jsonb_build_object(' || string_agg(format('%L, t.%I', a.attname, a.attname), ', ' ORDER BY a.attnum) || ')',
+           array_agg(format('%I', a.attname) ORDER BY a.attnum),
+           string_agg(format('%I', a.attname), ', ' ORDER BY a.attnum)
+      INTO key_object, key_columns, key_list
+      FROM pg_attribute a WHERE a.attrelid = rel AND a.attnum = ANY (pk);
+    SELECT string_agg(format('%I', a.attname), ', ' ORDER BY a.attnum),
+           string_agg(format('%I = EXCLUDED.%I', a.attname, a.attname), ', ' ORDER BY a.attnum)
+               FILTER (WHERE NOT a.attnum = ANY (pk))
+      INTO columns, set_list
+      FROM pg_attribute a
+     WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '';
+END
+$$;
+
+-- The condition that rows `l` and `r` have the same key (columns as _table_sql quotes them).
+CREATE FUNCTION trompe._key_match(key_columns text[], l text, r text) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT string_agg(format('%s.%s = %s.%s', l, c, r, c), ' AND ') FROM unnest(key_columns) c
+$$;
+
+-- Every row of a replicated table (or of the listed buckets only) as bucket, key and row hash.
+CREATE FUNCTION trompe._row_digests(rel regclass, buckets int, wanted int[] DEFAULT NULL)
+RETURNS TABLE (bucket int, key text, row_hash text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET timezone = 'UTC' SET datestyle = 'ISO, YMD'
+SET intervalstyle = 'postgres' SET extra_float_digits = 3 SET bytea_output = 'hex' AS $$
+DECLARE
+    s record;
+BEGIN
+    IF buckets IS NULL OR buckets < 1 THEN
+        RAISE EXCEPTION 'buckets must be at least 1' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    s := trompe._table_sql(rel);
+    RETURN QUERY EXECUTE format(
+        'SELECT d.bucket, d.key, d.row_hash FROM (
+             SELECT ((hashtext(k.key) & 2147483647) %% $1)::int AS bucket, k.key, md5(to_jsonb(t)::text) AS row_hash
+               FROM %s t CROSS JOIN LATERAL (SELECT (%s)::text AS key) k) d
+          WHERE $2 IS NULL OR d.bucket = ANY ($2)', rel, s.key_object)
+        USING buckets, wanted;
+END
+$$;
+
+-- A replicated table's digest: per bucket, the row count and a sum of row hashes (order does
+-- not matter, so no sorting).
+CREATE FUNCTION trompe.table_digest(rel regclass, buckets int)
+RETURNS TABLE (bucket int, row_count bigint, digest text)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT d.bucket, count(*),
+           sum(('x' || substr(d.row_hash, 1, 15))::bit(60)::bigint)::text || ':'
+               || sum(('x' || substr(d.row_hash, 16, 15))::bit(60)::bigint)::text
+      FROM trompe._row_digests(rel, buckets) d
+     GROUP BY d.bucket
+$$;
+
+-- The rows of a replicated table with the given keys (as produced by _row_digests).
+CREATE FUNCTION trompe.fetch_rows(rel regclass, keys text[])
+RETURNS TABLE (key text, row_data jsonb)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET timezone = 'UTC' SET datestyle = 'ISO, YMD'
+SET intervalstyle = 'postgres' SET extra_float_digits = 3 SET bytea_output = 'hex' AS $$
+DECLARE
+    s record;
+BEGIN
+    s := trompe._table_sql(rel);
+    RETURN QUERY EXECUTE format(
+        'SELECT (%s)::text, to_jsonb(t)
+           FROM jsonb_populate_recordset(NULL::%s, (SELECT jsonb_agg(k::jsonb) FROM unnest($1::text[]) k)) a
+           JOIN %s t ON %s', s.key_object, rel, rel, trompe._key_match(s.key_columns, 'a', 't'))
+        USING keys;
+END
+$$;
+
+-- Brings rows of a replicated table in line with a peer's: deletes the rows with keys `gone`,
+-- inserts or updates the rows `incoming` (a jsonb array of rows as fetch_rows returns them),
+-- and records every change in trompe.repairs. These are ordinary writes: they are captured and
+-- reach every node.
+CREATE FUNCTION trompe._repair_rows(rel regclass, peer text, gone text[], incoming jsonb,
+                                    OUT inserted bigint, OUT updated bigint, OUT deleted bigint)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET timezone = 'UTC' SET datestyle = 'ISO, YMD'
+SET intervalstyle = 'postgres' SET extra_float_digits = 3 SET bytea_output = 'hex' AS $$
+DECLARE
+    s record;
+BEGIN
+    s := trompe._table_sql(rel);
+    EXECUTE format(
+        'WITH gone AS (
+             DELETE FROM %s b USING jsonb_populate_recordset(NULL::%s, (SELECT jsonb_agg(k::jsonb) FROM unnest($1::text[]) k)) a
+              WHERE %s RETURNING b.*),
+         logged AS (
+             INSERT INTO trompe.repairs (peer, table_name, key, action, old_row)
+             SELECT $2, $3, %s, ''delete'', to_jsonb(t) FROM gone t RETURNING 1)
+         SELECT count(*) FROM logged', rel, rel, trompe._key_match(s.key_columns, 'a', 'b'), s.key_object)
+        INTO deleted USING gone, peer, rel::text;
+    EXECUTE format(
+        'WITH a AS (SELECT * FROM jsonb_populate_recordset(NULL::%s, $1)),
+         old AS (SELECT b.* FROM %s b JOIN a ON %s),
+         up AS (
+             INSERT INTO %s AS b (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM a
+             ON CONFLICT (%s) DO %s
+             RETURNING b.*, b.xmax = 0 AS "trompe fresh row"),
+         logged AS (
+             INSERT INTO trompe.repairs (peer, table_name, key, action, old_row, new_row)
+             SELECT $2, $3, (SELECT %s FROM (SELECT (u).*) t),
+                    CASE WHEN u."trompe fresh row" THEN ''insert'' ELSE ''update'' END,
+                    to_jsonb(o), to_jsonb(u) - ''trompe fresh row''
+               FROM up u LEFT JOIN old o ON %s
+             RETURNING action)
+         SELECT count(*) FILTER (WHERE action = ''insert''), count(*) FILTER (WHERE action = ''update'') FROM logged',
+        rel, rel, trompe._key_match(s.key_columns, 'a', 'b'), rel, s.columns, s.columns, s.key_list,
+        coalesce('UPDATE SET ' || s.set_list, 'NOTHING'), s.key_object, trompe._key_match(s.key_columns, 'o', 'u'))
+        INTO inserted, updated USING incoming, peer, rel::text;
+END
+$$;
+
+CREATE FUNCTION trompe.compare(
+	"peer" TEXT,
+	"rel" regclass DEFAULT NULL
+) RETURNS TABLE (
+	"table_name" TEXT,
+	"rows_here" bigint,
+	"rows_there" bigint,
+	"only_here" bigint,
+	"only_there" bigint,
+	"different" bigint
+)
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'compare_wrapper';
+
+CREATE FUNCTION trompe.repair(
+	"peer" TEXT,
+	"rel" regclass DEFAULT NULL
+) RETURNS TABLE (
+	"table_name" TEXT,
+	"inserted" bigint,
+	"updated" bigint,
+	"deleted" bigint
+)
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'repair_wrapper';
+
+REVOKE EXECUTE ON FUNCTION
+    trompe.compare(text, regclass), trompe.repair(text, regclass),
+    trompe._row_digests(regclass, integer, integer[]), trompe.table_digest(regclass, integer),
+    trompe.fetch_rows(regclass, text[]), trompe._repair_rows(regclass, text, text[], jsonb)
+FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    trompe._row_digests(regclass, integer, integer[]), trompe.table_digest(regclass, integer),
+    trompe.fetch_rows(regclass, text[])
+TO trompe_puller;
+GRANT EXECUTE ON FUNCTION trompe.compare(text, regclass), trompe.repair(text, regclass) TO trompe_admin;
+GRANT SELECT ON trompe.repairs TO trompe_admin;
