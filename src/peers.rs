@@ -107,6 +107,27 @@ fn hide_statement() {
     }
 }
 
+/// A password in the connection string reaches the server log when statements are logged
+/// before they run (`log_statement = 'all'`) or with their duration: trompe cannot take it back
+/// from there, so it says so.
+fn warn_if_statement_logged(info: &ConnInfo) {
+    if info.get("password").is_none() {
+        return;
+    }
+    let logged = sql::flag(
+        "SELECT current_setting('log_statement') = 'all' OR current_setting('log_min_duration_statement')::int >= 0",
+        &[],
+    )
+    .unwrap_or(false);
+    if logged {
+        pgrx::warning!(
+            "the connection string holds a password, and statement logging (log_statement = 'all' or \
+             log_min_duration_statement) may have written this call to the server log; put the password \
+             in a password file (passfile=...) or a service file instead"
+        );
+    }
+}
+
 fn add_peer_impl(name: &str, conninfo: &str) -> Result<pgrx::Uuid, TrompeError> {
     if crate::shmem::shared().is_none() {
         return Err(TrompeError::NotPreloaded);
@@ -115,6 +136,7 @@ fn add_peer_impl(name: &str, conninfo: &str) -> Result<pgrx::Uuid, TrompeError> 
         return Err(TrompeError::BadPeerName(name.chars().take(80).collect()));
     }
     let info = peer_conninfo(conninfo)?;
+    warn_if_statement_logged(&info);
     if !sql::flag("SELECT current_setting('track_commit_timestamp') = 'on'", &[]).map_err(TrompeError::Internal)? {
         return Err(TrompeError::SettingRequired(
             "track_commit_timestamp must be on (set it in postgresql.conf and restart)".into(),

@@ -1,5 +1,6 @@
 //! `trompe.add_peer` validation, pause/resume, and `trompe.status`.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use trompe_tests::{expect_error, wait_for, Cluster};
@@ -138,4 +139,32 @@ fn wait_sync_times_out_while_a_peer_is_unreachable() {
     cluster.link(1, 0).heal();
     cluster.wait_sync(Duration::from_secs(60));
     assert_eq!(cluster.node(1).query_i64("SELECT count(*) FROM t"), 2);
+}
+
+#[test]
+fn add_peer_warns_when_statement_logging_may_have_caught_a_password() {
+    let cluster = Cluster::start("add-peer-logged", 3);
+    let notices = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut config: postgres::Config = cluster.node(0).conninfo().parse().expect("conninfo parses");
+    let seen = notices.clone();
+    config.notice_callback(move |n| seen.lock().expect("notices").push(n.message().to_string()));
+    let mut c = config.connect(postgres::NoTls).expect("connects");
+    // Without statement logging, a password in the connection string is kept quiet.
+    c.batch_execute(&format!(
+        "SELECT trompe.add_peer('n2', '{} password=ignored-by-trust')",
+        cluster.peer_conninfo(0, 1)
+    ))
+    .expect("add_peer n2");
+    assert!(notices.lock().expect("notices").is_empty());
+    c.batch_execute("SET log_min_duration_statement = 0").expect("SET");
+    c.batch_execute(&format!(
+        "SELECT trompe.add_peer('n3', '{} password=ignored-by-trust')",
+        cluster.peer_conninfo(0, 2)
+    ))
+    .expect("add_peer n3");
+    let notices = notices.lock().expect("notices");
+    assert!(
+        notices.iter().any(|n| n.contains("statement logging") && n.contains("passfile")),
+        "add_peer warns that the password may be in the server log: {notices:?}"
+    );
 }
