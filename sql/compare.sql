@@ -3,8 +3,9 @@
 -- buckets whose digests differ are listed row by row, and only differing rows are shipped.
 --
 -- Canonical form: a row is to_jsonb(row)::text (keys sorted, so column order does not matter),
--- its key jsonb_build_object(primary key columns)::text; the functions fix every setting that
--- changes how values print, so two nodes print the same values the same way.
+-- with columns that may refer to large objects replaced by the objects' global ids (each node
+-- has its own oids), its key jsonb_build_object(primary key columns)::text; the functions fix
+-- every setting that changes how values print, so two nodes print the same values the same way.
 
 -- What trompe.repair changed on this node, row by row.
 CREATE TABLE trompe.repairs (
@@ -20,11 +21,14 @@ CREATE TABLE trompe.repairs (
 COMMENT ON TABLE trompe.repairs IS 'Rows trompe.repair() inserted, updated or deleted on this node, with their old and new contents.';
 
 -- The pieces of SQL that name a replicated table's columns: its primary key as a jsonb object
--- (of alias t), the quoted key columns, the writable columns (not generated, not dropped) and
--- the SET list of an upsert. Raises if the table is not replicated.
+-- (of alias t), the quoted key columns, the writable columns (not generated, not dropped), the
+-- SET list of an upsert, a row of alias t in canonical form (row_json), a canonical row r
+-- turned back into local values (row_local), and the columns that may refer to large objects.
+-- Raises if the table is not replicated.
 CREATE FUNCTION trompe._table_sql(rel regclass,
                                   OUT key_object text, OUT key_columns text[], OUT key_list text,
-                                  OUT columns text, OUT set_list text)
+                                  OUT columns text, OUT set_list text,
+                                  OUT row_json text, OUT row_local text, OUT lo_columns text[])
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     pk int2[];
@@ -44,6 +48,17 @@ BEGIN
       INTO columns, set_list
       FROM pg_attribute a
      WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '';
+    SELECT array_agg(a.attname::text ORDER BY a.attnum),
+           '(to_jsonb(t) || jsonb_build_object('
+               || string_agg(format('%L, trompe._lo_reference(t.%I)', a.attname, a.attname), ', ' ORDER BY a.attnum) || '))',
+           '(r || jsonb_build_object('
+               || string_agg(format('%L, trompe._lo_from_reference(r->>%L)', a.attname, a.attname), ', ' ORDER BY a.attnum) || '))'
+      INTO lo_columns, row_json, row_local
+      FROM pg_attribute a
+     WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped AND NOT a.attnum = ANY (pk)
+       AND (SELECT coalesce(nullif(ty.typbasetype, 0), ty.oid) FROM pg_type ty WHERE ty.oid = a.atttypid) = 'oid'::regtype;
+    row_json := coalesce(row_json, 'to_jsonb(t)');
+    row_local := coalesce(row_local, 'r');
 END
 $$;
 
@@ -68,9 +83,9 @@ BEGIN
     s := trompe._table_sql(rel);
     RETURN QUERY EXECUTE format(
         'SELECT d.bucket, d.key, d.row_hash FROM (
-             SELECT ((hashtext(k.key) & 2147483647) %% $1)::int AS bucket, k.key, md5(to_jsonb(t)::text) AS row_hash
+             SELECT ((hashtext(k.key) & 2147483647) %% $1)::int AS bucket, k.key, md5((%s)::text) AS row_hash
                FROM %s t CROSS JOIN LATERAL (SELECT (%s)::text AS key) k) d
-          WHERE $2 IS NULL OR d.bucket = ANY ($2)', rel, s.key_object)
+          WHERE $2 IS NULL OR d.bucket = ANY ($2)', s.row_json, rel, s.key_object)
         USING buckets, wanted;
 END
 $$;
@@ -98,15 +113,16 @@ DECLARE
 BEGIN
     s := trompe._table_sql(rel);
     RETURN QUERY EXECUTE format(
-        'SELECT (%s)::text, to_jsonb(t)
+        'SELECT (%s)::text, %s
            FROM jsonb_populate_recordset(NULL::%s, (SELECT jsonb_agg(k::jsonb) FROM unnest($1::text[]) k)) a
-           JOIN %s t ON %s', s.key_object, rel, rel, trompe._key_match(s.key_columns, 'a', 't'))
+           JOIN %s t ON %s', s.key_object, s.row_json, rel, rel, trompe._key_match(s.key_columns, 'a', 't'))
         USING keys;
 END
 $$;
 
 -- Brings rows of a replicated table in line with a peer's: deletes the rows with keys `gone`,
--- inserts or updates the rows `incoming` (a jsonb array of rows as fetch_rows returns them),
+-- inserts or updates the rows `incoming` (a jsonb array of rows as fetch_rows returns them; the
+-- large objects they refer to must have been copied here already),
 -- and records every change in trompe.repairs. These are ordinary writes: they are captured and
 -- reach every node.
 CREATE FUNCTION trompe._repair_rows(rel regclass, peer text, gone text[], incoming jsonb,
@@ -128,7 +144,7 @@ BEGIN
          SELECT count(*) FROM logged', rel, rel, trompe._key_match(s.key_columns, 'a', 'b'), s.key_object)
         INTO deleted USING gone, peer, rel::text;
     EXECUTE format(
-        'WITH a AS (SELECT * FROM jsonb_populate_recordset(NULL::%s, $1)),
+        'WITH a AS (SELECT * FROM jsonb_populate_recordset(NULL::%s, (SELECT jsonb_agg(%s) FROM jsonb_array_elements($1) r))),
          old AS (SELECT b.* FROM %s b JOIN a ON %s),
          up AS (
              INSERT INTO %s AS b (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM a
@@ -142,7 +158,7 @@ BEGIN
                FROM up u LEFT JOIN old o ON %s
              RETURNING action)
          SELECT count(*) FILTER (WHERE action = ''insert''), count(*) FILTER (WHERE action = ''update'') FROM logged',
-        rel, rel, trompe._key_match(s.key_columns, 'a', 'b'), rel, s.columns, s.columns, s.key_list,
+        rel, s.row_local, rel, trompe._key_match(s.key_columns, 'a', 'b'), rel, s.columns, s.columns, s.key_list,
         coalesce('UPDATE SET ' || s.set_list, 'NOTHING'), s.key_object, trompe._key_match(s.key_columns, 'o', 'u'))
         INTO inserted, updated USING incoming, peer, rel::text;
 END

@@ -108,7 +108,8 @@ REVOKE EXECUTE ON FUNCTION
     trompe._on_create(),
     trompe.compare(text, regclass), trompe.repair(text, regclass),
     trompe._row_digests(regclass, integer, integer[]), trompe.table_digest(regclass, integer),
-    trompe.fetch_rows(regclass, text[]), trompe._repair_rows(regclass, text, text[], jsonb)
+    trompe.fetch_rows(regclass, text[]), trompe._repair_rows(regclass, text, text[], jsonb),
+    trompe.lo_chunk(uuid, oid, bigint, integer)
 FROM PUBLIC;
 
 -- Pulling this node's log (called by peers over libpq). The plan (which transactions) is
@@ -153,7 +154,9 @@ GRANT EXECUTE ON FUNCTION
     trompe.pending_changes(text, text, bigint, text),
     -- trompe.compare and trompe.repair on a peer read its replicated tables through these.
     trompe._row_digests(regclass, integer, integer[]), trompe.table_digest(regclass, integer),
-    trompe.fetch_rows(regclass, text[])
+    trompe.fetch_rows(regclass, text[]),
+    -- Peers copy large objects referenced by replicated rows through this.
+    trompe.lo_chunk(uuid, oid, bigint, integer)
 TO trompe_puller;
 
 -- Members of trompe_admin administer trompe without being superusers: peers, tables, rules,

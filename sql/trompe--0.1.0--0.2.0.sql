@@ -1,6 +1,7 @@
 -- Upgrade of trompe from 0.1.0 to 0.2.0 (ALTER EXTENSION trompe UPDATE): adds compare and
 -- repair (trompe.compare, trompe.repair, the functions a peer serves them with, and the
--- trompe.repairs record). Nothing existing changes; replication keeps running throughout.
+-- trompe.repairs record) and large-object replication (trompe.large_objects, lo_chunk).
+-- Nothing existing changes; replication keeps running throughout.
 \echo Use "ALTER EXTENSION trompe UPDATE TO '0.2.0'" to load this file. \quit
 
 -- What trompe.repair changed on this node, row by row.
@@ -17,11 +18,14 @@ CREATE TABLE trompe.repairs (
 COMMENT ON TABLE trompe.repairs IS 'Rows trompe.repair() inserted, updated or deleted on this node, with their old and new contents.';
 
 -- The pieces of SQL that name a replicated table's columns: its primary key as a jsonb object
--- (of alias t), the quoted key columns, the writable columns (not generated, not dropped) and
--- the SET list of an upsert. Raises if the table is not replicated.
+-- (of alias t), the quoted key columns, the writable columns (not generated, not dropped), the
+-- SET list of an upsert, a row of alias t in canonical form (row_json), a canonical row r
+-- turned back into local values (row_local), and the columns that may refer to large objects.
+-- Raises if the table is not replicated.
 CREATE FUNCTION trompe._table_sql(rel regclass,
                                   OUT key_object text, OUT key_columns text[], OUT key_list text,
-                                  OUT columns text, OUT set_list text)
+                                  OUT columns text, OUT set_list text,
+                                  OUT row_json text, OUT row_local text, OUT lo_columns text[])
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     pk int2[];
@@ -41,6 +45,17 @@ BEGIN
       INTO columns, set_list
       FROM pg_attribute a
      WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '';
+    SELECT array_agg(a.attname::text ORDER BY a.attnum),
+           '(to_jsonb(t) || jsonb_build_object('
+               || string_agg(format('%L, trompe._lo_reference(t.%I)', a.attname, a.attname), ', ' ORDER BY a.attnum) || '))',
+           '(r || jsonb_build_object('
+               || string_agg(format('%L, trompe._lo_from_reference(r->>%L)', a.attname, a.attname), ', ' ORDER BY a.attnum) || '))'
+      INTO lo_columns, row_json, row_local
+      FROM pg_attribute a
+     WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped AND NOT a.attnum = ANY (pk)
+       AND (SELECT coalesce(nullif(ty.typbasetype, 0), ty.oid) FROM pg_type ty WHERE ty.oid = a.atttypid) = 'oid'::regtype;
+    row_json := coalesce(row_json, 'to_jsonb(t)');
+    row_local := coalesce(row_local, 'r');
 END
 $$;
 
@@ -65,9 +80,9 @@ BEGIN
     s := trompe._table_sql(rel);
     RETURN QUERY EXECUTE format(
         'SELECT d.bucket, d.key, d.row_hash FROM (
-             SELECT ((hashtext(k.key) & 2147483647) %% $1)::int AS bucket, k.key, md5(to_jsonb(t)::text) AS row_hash
+             SELECT ((hashtext(k.key) & 2147483647) %% $1)::int AS bucket, k.key, md5((%s)::text) AS row_hash
                FROM %s t CROSS JOIN LATERAL (SELECT (%s)::text AS key) k) d
-          WHERE $2 IS NULL OR d.bucket = ANY ($2)', rel, s.key_object)
+          WHERE $2 IS NULL OR d.bucket = ANY ($2)', s.row_json, rel, s.key_object)
         USING buckets, wanted;
 END
 $$;
@@ -95,15 +110,16 @@ DECLARE
 BEGIN
     s := trompe._table_sql(rel);
     RETURN QUERY EXECUTE format(
-        'SELECT (%s)::text, to_jsonb(t)
+        'SELECT (%s)::text, %s
            FROM jsonb_populate_recordset(NULL::%s, (SELECT jsonb_agg(k::jsonb) FROM unnest($1::text[]) k)) a
-           JOIN %s t ON %s', s.key_object, rel, rel, trompe._key_match(s.key_columns, 'a', 't'))
+           JOIN %s t ON %s', s.key_object, s.row_json, rel, rel, trompe._key_match(s.key_columns, 'a', 't'))
         USING keys;
 END
 $$;
 
 -- Brings rows of a replicated table in line with a peer's: deletes the rows with keys `gone`,
--- inserts or updates the rows `incoming` (a jsonb array of rows as fetch_rows returns them),
+-- inserts or updates the rows `incoming` (a jsonb array of rows as fetch_rows returns them; the
+-- large objects they refer to must have been copied here already),
 -- and records every change in trompe.repairs. These are ordinary writes: they are captured and
 -- reach every node.
 CREATE FUNCTION trompe._repair_rows(rel regclass, peer text, gone text[], incoming jsonb,
@@ -125,7 +141,7 @@ BEGIN
          SELECT count(*) FROM logged', rel, rel, trompe._key_match(s.key_columns, 'a', 'b'), s.key_object)
         INTO deleted USING gone, peer, rel::text;
     EXECUTE format(
-        'WITH a AS (SELECT * FROM jsonb_populate_recordset(NULL::%s, $1)),
+        'WITH a AS (SELECT * FROM jsonb_populate_recordset(NULL::%s, (SELECT jsonb_agg(%s) FROM jsonb_array_elements($1) r))),
          old AS (SELECT b.* FROM %s b JOIN a ON %s),
          up AS (
              INSERT INTO %s AS b (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM a
@@ -139,7 +155,7 @@ BEGIN
                FROM up u LEFT JOIN old o ON %s
              RETURNING action)
          SELECT count(*) FILTER (WHERE action = ''insert''), count(*) FILTER (WHERE action = ''update'') FROM logged',
-        rel, rel, trompe._key_match(s.key_columns, 'a', 'b'), rel, s.columns, s.columns, s.key_list,
+        rel, s.row_local, rel, trompe._key_match(s.key_columns, 'a', 'b'), rel, s.columns, s.columns, s.key_list,
         coalesce('UPDATE SET ' || s.set_list, 'NOTHING'), s.key_object, trompe._key_match(s.key_columns, 'o', 'u'))
         INTO inserted, updated USING incoming, peer, rel::text;
 END
@@ -173,14 +189,77 @@ VOLATILE PARALLEL UNSAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'repair_wrapper';
 
+-- Large objects referenced by replicated tables (columns of type oid, or a domain over it such
+-- as contrib's lo). A reference travels as the object's global id (the node that created it and
+-- its oid there); each node keeps its own copy of the object and maps the global id to it here.
+CREATE TABLE trompe.large_objects (
+    origin uuid NOT NULL,
+    origin_oid oid NOT NULL,
+    local_oid oid NOT NULL UNIQUE,
+    copied_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (origin, origin_oid)
+);
+COMMENT ON TABLE trompe.large_objects IS 'Large objects copied from other nodes: their global id and the oid of the copy here.';
+
+-- This node's copy of a large object by its global id, NULL if it has none.
+CREATE FUNCTION trompe._lo_local(origin uuid, origin_oid oid) RETURNS oid
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE
+        WHEN origin = (SELECT node_id FROM trompe.node)
+             AND EXISTS (SELECT 1 FROM pg_largeobject_metadata WHERE oid = origin_oid) THEN origin_oid
+        ELSE (SELECT m.local_oid FROM trompe.large_objects m JOIN pg_largeobject_metadata l ON l.oid = m.local_oid
+               WHERE m.origin = _lo_local.origin AND m.origin_oid = _lo_local.origin_oid)
+    END
+$$;
+
+-- What a peer is sent for the value `o` of a column that may refer to large objects: the
+-- object's global id ('lo:<node>:<oid>'), or o itself if no large object has that oid.
+CREATE FUNCTION trompe._lo_reference(o oid) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE
+        WHEN o IS NULL THEN NULL
+        WHEN NOT EXISTS (SELECT 1 FROM pg_largeobject_metadata WHERE oid = o) THEN o::text
+        ELSE coalesce((SELECT format('lo:%s:%s', m.origin, m.origin_oid) FROM trompe.large_objects m WHERE m.local_oid = o),
+                      format('lo:%s:%s', (SELECT node_id FROM trompe.node), o))
+    END
+$$;
+
+-- The local value for what _lo_reference sent: the oid of this node's copy of the object (NULL
+-- if it has none), or the plain oid.
+CREATE FUNCTION trompe._lo_from_reference(reference text) RETURNS oid
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE
+        WHEN reference IS NULL THEN NULL
+        WHEN reference NOT LIKE 'lo:%' THEN reference::oid
+        ELSE trompe._lo_local(split_part(reference, ':', 2)::uuid, split_part(reference, ':', 3)::oid)
+    END
+$$;
+
+-- One piece of a large object by its global id, for a peer copying it (NULL if this node does
+-- not have it, e.g. it was unlinked meanwhile). Peers copy objects piece by piece, never whole.
+CREATE FUNCTION trompe.lo_chunk(origin uuid, origin_oid oid, "offset" bigint, length int) RETURNS bytea
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    here oid;
+BEGIN
+    IF length < 1 OR length > 16777216 OR "offset" < 0 THEN
+        RAISE EXCEPTION 'invalid large object piece: offset %, length %', "offset", length
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    here := trompe._lo_local(origin, origin_oid);
+    RETURN CASE WHEN here IS NULL THEN NULL ELSE lo_get(here, "offset", length) END;
+END
+$$;
+
 REVOKE EXECUTE ON FUNCTION
     trompe.compare(text, regclass), trompe.repair(text, regclass),
     trompe._row_digests(regclass, integer, integer[]), trompe.table_digest(regclass, integer),
-    trompe.fetch_rows(regclass, text[]), trompe._repair_rows(regclass, text, text[], jsonb)
+    trompe.fetch_rows(regclass, text[]), trompe._repair_rows(regclass, text, text[], jsonb),
+    trompe.lo_chunk(uuid, oid, bigint, integer)
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     trompe._row_digests(regclass, integer, integer[]), trompe.table_digest(regclass, integer),
-    trompe.fetch_rows(regclass, text[])
+    trompe.fetch_rows(regclass, text[]), trompe.lo_chunk(uuid, oid, bigint, integer)
 TO trompe_puller;
 GRANT EXECUTE ON FUNCTION trompe.compare(text, regclass), trompe.repair(text, regclass) TO trompe_admin;
 GRANT SELECT ON trompe.repairs TO trompe_admin;

@@ -9,9 +9,11 @@ use pgrx::prelude::*;
 use pgrx::PgRelation;
 use trompe_core::compare::{bucket_count, diff_rows, differing_buckets, BucketDigest, RowDiff};
 use trompe_core::conninfo::ConnInfo;
+use trompe_core::large_object::GlobalLo;
 use trompe_core::pgarray::format_text_array;
 
 use crate::error::{OrRaise, TrompeError};
+use crate::large_objects;
 use crate::libpq::{query_wait, Conn, PgResult};
 use crate::log::writer::as_extension_owner;
 use crate::peers::{connect_peer, peer_conninfo, scrub};
@@ -210,6 +212,26 @@ fn text_array(keys: &[String]) -> String {
     format_text_array(&keys.iter().map(|k| Some(k.as_str())).collect::<Vec<_>>())
 }
 
+/// Copies here, from the peer, the large objects that `incoming_json` (rows as fetch_rows
+/// returns them) refers to and this node has no copy of.
+fn copy_large_objects(peer: &mut PeerSnapshot, table: &str, incoming_json: &str) -> Result<(), TrompeError> {
+    let missing = local_rows(
+        "SELECT DISTINCT e.value
+           FROM trompe._table_sql($1::regclass) s, jsonb_array_elements($2::jsonb) r, jsonb_each_text(r) e
+          WHERE e.key = ANY (s.lo_columns) AND e.value LIKE 'lo:%' AND trompe._lo_from_reference(e.value) IS NULL",
+        &[Some(table), Some(incoming_json)],
+    )?;
+    let source = Some(&mut peer.conn as *mut Conn);
+    for reference in missing.into_iter().filter_map(|r| r.into_iter().next().flatten()) {
+        let Some(Ok(lo)) = GlobalLo::parse(&reference) else {
+            return Err(TrompeError::BadRequest(format!("peer sent a malformed large object reference {reference:?}")));
+        };
+        as_extension_owner(|| large_objects::with_source(source, || large_objects::local_copy(&lo)))
+            .map_err(|e| TrompeError::PeerFailed { name: peer.name.clone(), message: e.to_string() })?;
+    }
+    Ok(())
+}
+
 /// Runs `_repair_rows` here; returns (inserted, updated, deleted).
 fn repair_rows(table: &str, peer: &str, gone: &[String], incoming_json: &str) -> Result<[i64; 3], TrompeError> {
     let gone = text_array(gone);
@@ -236,7 +258,9 @@ fn repair_impl(peer: &str, rel: Option<&PgRelation>) -> Result<Vec<RepairRow>, T
         for keys in wanted.chunks(REPAIR_BATCH) {
             let fetched = snapshot.query(FETCH_SQL, &[Some(&table.name), Some(&text_array(keys))])?;
             let rows: Vec<&str> = (0..fetched.rows()).filter_map(|r| fetched.get(r, 0)).collect();
-            add(repair_rows(&table.name, peer, &[], &format!("[{}]", rows.join(",")))?);
+            let incoming = format!("[{}]", rows.join(","));
+            copy_large_objects(&mut snapshot, &table.name, &incoming)?;
+            add(repair_rows(&table.name, peer, &[], &incoming)?);
         }
         out.push((table.name.clone(), totals[0], totals[1], totals[2]));
     }

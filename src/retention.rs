@@ -1,5 +1,6 @@
 //! Pruning of conflict-resolution state: resolved conflicts after `trompe.conflict_retention`,
-//! tombstones of deleted rows after `trompe.tombstone_retention`. Run by the worker.
+//! tombstones of deleted rows after `trompe.tombstone_retention`, records of large-object
+//! copies that were unlinked. Run by the worker.
 
 use crate::sql;
 
@@ -38,5 +39,13 @@ pub fn prune() -> Result<Pruned, String> {
              LIMIT $2::bigint))",
         &[Some(&crate::guc::TOMBSTONE_RETENTION_S.get().to_string()), Some(&BATCH.to_string())],
     )?;
+    // Copies of large objects that were unlinked here.
+    if crate::large_objects::available() {
+        sql::execute(
+            "DELETE FROM trompe.large_objects m
+              WHERE NOT EXISTS (SELECT 1 FROM pg_largeobject_metadata l WHERE l.oid = m.local_oid)",
+            &[],
+        )?;
+    }
     Ok(Pruned { more: conflicts as i64 == BATCH || tombstones as i64 == BATCH, tombstones: tombstones > 0 })
 }

@@ -10,6 +10,7 @@ pub mod conflict;
 pub mod conninfo;
 pub mod ident;
 pub mod json;
+pub mod large_object;
 pub mod logformat;
 pub mod nodeid;
 pub mod pgarray;

@@ -15,6 +15,8 @@ pub struct Column {
     pub index: usize,
     /// Its output function, allocated in the entry's memory context.
     pub output: *mut pg_sys::FmgrInfo,
+    /// Whether its values may refer to large objects (an `oid` column outside the key).
+    pub large_object: bool,
 }
 
 /// The replication view of one table.
@@ -165,7 +167,8 @@ impl RelInfo {
                 pg_sys::getTypeOutputInfo(att.atttypid, &mut out_fn, &mut varlena);
                 let finfo = pg_sys::palloc0(std::mem::size_of::<pg_sys::FmgrInfo>()) as *mut pg_sys::FmgrInfo;
                 pg_sys::fmgr_info_cxt(out_fn, finfo, context);
-                info.columns.push(Column { index: i, output: finfo });
+                let large_object = !key.contains(&i) && crate::large_objects::holds_large_objects(att.atttypid);
+                info.columns.push(Column { index: i, output: finfo, large_object });
                 info.names.push(CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy().into_owned());
             }
             pg_sys::MemoryContextSwitchTo(old);

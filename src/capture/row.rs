@@ -100,6 +100,11 @@ thread_local! {
     static DEFORM: std::cell::RefCell<(Vec<pg_sys::Datum>, Vec<bool>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
+/// The global id to send instead of an oid column's value, if a large object has that oid.
+fn large_object_reference(oid: &std::ffi::CStr) -> Option<String> {
+    crate::large_objects::reference_for(&oid.to_string_lossy()).map_err(TrompeError::Internal).or_raise()
+}
+
 /// Writes the first `count` replicated columns of `tuple` in canonical text form: a few (the
 /// old primary key) are read one by one, a whole row is deformed once.
 fn write_values<'b>(
@@ -120,7 +125,9 @@ fn write_values<'b>(
                 w.value(None)
             } else {
                 let out = pg_sys::OutputFunctionCall(col.output, value);
-                let w = w.value(Some(std::ffi::CStr::from_ptr(out).to_bytes()));
+                let text = std::ffi::CStr::from_ptr(out);
+                let reference = if col.large_object { large_object_reference(text) } else { None };
+                let w = w.value(Some(reference.as_ref().map_or(text.to_bytes(), |r| r.as_bytes())));
                 pg_sys::pfree(out.cast());
                 w
             }

@@ -535,12 +535,14 @@ impl Link {
             crate::worker::apply::after_transaction(result.is_ok());
             result
         };
-        match attempt(cache, false) {
+        // Large objects the changes refer to are copied over this connection, idle meanwhile.
+        let source = self.conn.as_mut().map(|c| c as *mut Conn);
+        crate::large_objects::with_source(source, || match attempt(cache, false) {
             // A row collided with another on a unique constraint other than the primary key:
             // do it again, resolving such collisions before each write.
             Err(e) if e.code == Some(PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION) => attempt(cache, true),
             other => other,
-        }
+        })
         .map_err(|e| e.message)
     }
 }

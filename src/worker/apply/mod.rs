@@ -20,7 +20,7 @@ use rows::TxnVersion;
 
 /// One change from a peer's log: the decoded change and what its log row says about its
 /// transaction. Reads as the decoded change (`change.nsp`, `change.cols`, ...).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Change {
     /// The log id of the last log row of its transaction.
     pub txn_last: i64,
@@ -120,11 +120,15 @@ pub fn apply_transaction(
             Op::Ddl => apply_ddl(cache, change)?,
             Op::Insert => {
                 let end = rows::insert_run_end(cache, txn, i)?;
-                rows::insert_run(cache, v, &txn[i..end], careful)?;
+                let local = crate::large_objects::localized(cache, &txn[i..end])?;
+                rows::insert_run(cache, v, local.as_deref().unwrap_or(&txn[i..end]), careful)?;
                 i = end;
                 continue;
             }
-            Op::Update => rows::update(cache, v, change, careful)?,
+            Op::Update => {
+                let local = crate::large_objects::localized(cache, std::slice::from_ref(change))?;
+                rows::update(cache, v, local.as_ref().map_or(change, |l| &l[0]), careful)?
+            }
             Op::Delete => rows::delete(cache, v, change)?,
         }
         i += 1;

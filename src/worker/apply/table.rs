@@ -24,6 +24,8 @@ pub struct Attr {
     pub array_type: pg_sys::Oid,
     /// An identity column GENERATED ALWAYS: inserts override it, updates cannot set it.
     pub always_identity: bool,
+    /// An `oid` column (or a domain over it): its values may refer to large objects.
+    pub large_object: bool,
     typlen: i16,
     typbyval: bool,
     typalign: std::ffi::c_char,
@@ -213,6 +215,7 @@ fn load_table(nsp: &str, rel: &str) -> Result<Table, ApplyError> {
                     ioparam,
                     array_type,
                     always_identity: att.attidentity as u8 == pg_sys::ATTRIBUTE_IDENTITY_ALWAYS,
+                    large_object: crate::large_objects::holds_large_objects(att.atttypid),
                     typlen,
                     typbyval,
                     typalign,

@@ -1,0 +1,166 @@
+//! Large objects referenced by replicated tables. A column of type `oid` (or a domain over it,
+//! such as contrib's `lo`) whose value names a large object is sent as the object's global id
+//! (`lo:<node>:<oid>`, see `trompe_core::large_object`), not its local oid. A node applying
+//! such a change uses its own copy of the object, or copies it first from the peer it pulls
+//! from, piece by piece (never whole in memory), inside the apply transaction; the copy is
+//! recorded in `trompe.large_objects`.
+
+use std::cell::Cell;
+use std::time::Duration;
+
+use pgrx::pg_sys;
+use trompe_core::large_object::GlobalLo;
+
+use crate::libpq::{query_wait, Conn};
+use crate::log::writer::as_extension_owner;
+use crate::sql;
+use crate::worker::apply::{ApplyCache, ApplyError, Change};
+
+/// Bytes copied per round trip to the peer.
+const PIECE: usize = 1 << 20;
+/// How long one piece may take to arrive.
+const PIECE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Whether a column of type `typid` can refer to large objects: `oid` or a domain over it.
+pub fn holds_large_objects(typid: pg_sys::Oid) -> bool {
+    // SAFETY: a catalog lookup of a type that exists (it is a column's type).
+    unsafe { pg_sys::getBaseType(typid) == pg_sys::OIDOID }
+}
+
+/// Whether this database's trompe schema can replicate large objects (it cannot before
+/// `ALTER EXTENSION trompe UPDATE` from 0.1.0).
+pub fn available() -> bool {
+    // SAFETY: syscache lookups by name, inside a transaction.
+    unsafe {
+        let nsp = pg_sys::get_namespace_oid(c"trompe".as_ptr(), true);
+        nsp != pg_sys::InvalidOid && pg_sys::get_relname_relid(c"large_objects".as_ptr(), nsp) != pg_sys::InvalidOid
+    }
+}
+
+/// Capture: what to send for the value `oid` (as text) of such a column: the global id of the
+/// large object with that oid, or `None` if there is none (the value is sent as it is).
+pub fn reference_for(oid: &str) -> Result<Option<String>, String> {
+    if !available() {
+        return Ok(None);
+    }
+    let sent = as_extension_owner(|| sql::value("SELECT trompe._lo_reference($1::oid)", &[Some(oid)]))?;
+    Ok(sent.filter(|s| GlobalLo::parse(s).is_some()))
+}
+
+thread_local! {
+    static SOURCE: Cell<Option<*mut Conn>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with `conn` as the peer that large objects are copied from: the connection of the
+/// peer whose changes `f` applies, idle meanwhile.
+pub fn with_source<R>(conn: Option<*mut Conn>, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<*mut Conn>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SOURCE.set(self.0);
+        }
+    }
+    let _restore = Restore(SOURCE.replace(conn));
+    f()
+}
+
+/// Apply: `changes` (inserts or updates of one table) with every large-object reference
+/// replaced by the oid of this node's copy, copying objects it does not have yet; `None` if
+/// the table has no such column or no change refers to a large object.
+pub fn localized(cache: &mut ApplyCache, changes: &[Change]) -> Result<Option<Vec<Change>>, ApplyError> {
+    let Some(first) = changes.first() else { return Ok(None) };
+    let table = cache.table(&first.nsp, &first.rel)?;
+    let mut out: Option<Vec<Change>> = None;
+    for (i, change) in changes.iter().enumerate() {
+        let Some(vals) = &change.vals else { continue };
+        for (c, col) in change.cols.iter().enumerate() {
+            if !table.attrs.get(col).is_some_and(|a| a.large_object) {
+                continue;
+            }
+            let Some(Some(text)) = vals.get(c) else { continue };
+            let Some(parsed) = GlobalLo::parse(text) else { continue };
+            let lo = parsed.map_err(|e| ApplyError::Malformed { id: change.id(), reason: e.to_string() })?;
+            if !available() {
+                return Err(ApplyError::Postgres(
+                    "a change refers to a large object: run ALTER EXTENSION trompe UPDATE on this node".into(),
+                ));
+            }
+            let local = local_copy(&lo)?;
+            let copies = out.get_or_insert_with(|| changes.to_vec());
+            if let Some(slot) = copies[i].record.vals.as_mut().and_then(|v| v.get_mut(c)) {
+                *slot = Some(local.to_string());
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn postgres(e: String) -> ApplyError {
+    ApplyError::Postgres(e)
+}
+
+/// The oid of this node's copy of `lo`, copied from the peer first if there is none (inside
+/// `with_source`).
+pub fn local_copy(lo: &GlobalLo) -> Result<u32, ApplyError> {
+    let oid = lo.oid.to_string();
+    let args = [Some(lo.origin.as_str()), Some(oid.as_str())];
+    let parse = |v: Option<String>| v.and_then(|v| v.parse::<u32>().ok());
+    if let Some(local) = parse(sql::value("SELECT trompe._lo_local($1::uuid, $2::oid)", &args).map_err(postgres)?) {
+        return Ok(local);
+    }
+    let local = parse(sql::value("SELECT lo_create(0)", &[]).map_err(postgres)?)
+        .ok_or_else(|| ApplyError::Postgres("lo_create returned no oid".into()))?;
+    let local_text = local.to_string();
+    let mut offset = 0usize;
+    loop {
+        let Some(piece) = fetch_piece(lo, offset)? else {
+            if offset == 0 {
+                pgrx::warning!(
+                    "trompe: the peer no longer has large object {}: its copy here is empty",
+                    lo.reference()
+                );
+            }
+            break;
+        };
+        let length = piece.len().saturating_sub(2) / 2;
+        let offset_text = offset.to_string();
+        sql::execute(
+            "SELECT lo_put($1::oid, $2::bigint, $3::bytea)",
+            &[Some(&local_text), Some(&offset_text), Some(&piece)],
+        )
+        .map_err(postgres)?;
+        offset += length;
+        if length < PIECE {
+            break;
+        }
+    }
+    sql::execute("DELETE FROM trompe.large_objects WHERE local_oid = $1::oid", &[Some(&local_text)])
+        .map_err(postgres)?;
+    sql::execute(
+        "INSERT INTO trompe.large_objects (origin, origin_oid, local_oid) VALUES ($1::uuid, $2::oid, $3::oid)
+         ON CONFLICT (origin, origin_oid) DO UPDATE SET local_oid = EXCLUDED.local_oid, copied_at = now()",
+        &[args[0], args[1], Some(&local_text)],
+    )
+    .map_err(postgres)?;
+    Ok(local)
+}
+
+/// One piece of `lo` from the peer, as bytea text (`\x...`), or `None` if the peer does not
+/// have the object (any more).
+fn fetch_piece(lo: &GlobalLo, offset: usize) -> Result<Option<String>, ApplyError> {
+    let Some(conn) = SOURCE.get() else {
+        return Err(ApplyError::Postgres("no peer connection to copy large objects from".into()));
+    };
+    // SAFETY: with_source's caller keeps the connection alive and does not use it while the
+    // changes are applied.
+    let conn = unsafe { &mut *conn };
+    let (offset, piece) = (offset.to_string(), PIECE.to_string());
+    let result = query_wait(
+        conn,
+        "SELECT trompe.lo_chunk($1::uuid, $2::oid, $3::bigint, $4::int)",
+        &[Some(&lo.origin), Some(&lo.oid.to_string()), Some(&offset), Some(&piece)],
+        PIECE_TIMEOUT,
+    )
+    .map_err(|e| ApplyError::Postgres(format!("copying large object {}: {}", lo.reference(), e.message)))?;
+    Ok(result.get(0, 0).map(str::to_string))
+}
