@@ -22,6 +22,8 @@ struct RelFacts {
     kind: u8,
     persistence: u8,
     has_pk: bool,
+    /// An identity column GENERATED ALWAYS outside the primary key, if there is one.
+    always_identity_outside_key: Option<String>,
 }
 
 fn rel_facts(relid: pg_sys::Oid) -> Result<RelFacts, TrompeError> {
@@ -45,9 +47,30 @@ fn rel_facts(relid: pg_sys::Oid) -> Result<RelFacts, TrompeError> {
             kind: (*form).relkind as u8,
             persistence: (*form).relpersistence as u8,
             has_pk: (*form).relkind as u8 == pg_sys::RELKIND_RELATION && primary_key_columns(rel).is_some(),
+            always_identity_outside_key: always_identity_outside_key(rel),
         };
         pg_sys::relation_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         Ok(facts)
+    }
+}
+
+/// The first identity column GENERATED ALWAYS that is not part of the primary key: a peer
+/// could not apply an update of it (only `SET col = DEFAULT` changes it, and an UPDATE cannot
+/// set it to a given value).
+///
+/// # Safety
+/// `rel` must be an open relation.
+unsafe fn always_identity_outside_key(rel: pg_sys::Relation) -> Option<String> {
+    // SAFETY: rel is open, so its tuple descriptor is valid; attribute names are NUL-terminated.
+    unsafe {
+        let key = primary_key_columns(rel).unwrap_or_default();
+        let tupdesc = (*rel).rd_att;
+        (0..(*tupdesc).natts as usize).find_map(|i| {
+            let att = &*(*tupdesc).attrs.as_ptr().add(i);
+            let outside =
+                !att.attisdropped && att.attidentity as u8 == pg_sys::ATTRIBUTE_IDENTITY_ALWAYS && !key.contains(&i);
+            outside.then(|| std::ffi::CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy().into_owned())
+        })
     }
 }
 
@@ -86,6 +109,9 @@ impl RelFacts {
         }
         if !self.has_pk {
             return Some(TrompeError::NoPrimaryKey(self.qualified()));
+        }
+        if let Some(column) = &self.always_identity_outside_key {
+            return Some(TrompeError::AlwaysIdentityOutsideKey { table: self.qualified(), column: column.clone() });
         }
         None
     }
@@ -296,6 +322,9 @@ fn _after_ddl(touched: Vec<pg_sys::Oid>) {
         }
         if !facts.has_pk {
             TrompeError::DropPrimaryKey(facts.qualified()).raise();
+        }
+        if let Some(column) = facts.always_identity_outside_key.clone() {
+            TrompeError::AlwaysIdentityOutsideKey { table: facts.qualified(), column }.raise();
         }
         let triggers_on = sql::int(
             "SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::oid
