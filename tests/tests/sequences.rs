@@ -63,3 +63,30 @@ fn serial_keys_from_different_nodes_never_collide() {
         "a table created on another node gets this node's slot too"
     );
 }
+
+#[test]
+fn identity_always_keys_replicate_inserts_updates_key_changes_and_deletes() {
+    let cluster = Cluster::start("identity-always", 2);
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all(
+        "CREATE TABLE a (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v text);
+         CREATE TABLE only_key (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY);
+         SELECT trompe.add_table('a'); SELECT trompe.add_table('only_key');",
+    );
+    assert_eq!(n1.query_i64("SELECT trompe.set_sequence_slot(1, 4)"), 2);
+    assert_eq!(n2.query_i64("SELECT trompe.set_sequence_slot(2, 4)"), 2);
+    cluster.mesh();
+    n1.exec("INSERT INTO a (v) SELECT 'n1-' || i FROM generate_series(1, 5) i; INSERT INTO only_key DEFAULT VALUES");
+    n2.exec("INSERT INTO a (v) VALUES ('n2'); INSERT INTO only_key DEFAULT VALUES");
+    cluster.wait_sync(SYNC);
+    n2.exec("UPDATE a SET v = 'updated on n2' WHERE v = 'n1-1'");
+    n1.exec("UPDATE a SET id = DEFAULT WHERE v = 'n2'; DELETE FROM a WHERE v = 'n1-5'");
+    cluster.wait_sync(SYNC);
+    for table in ["a", "only_key"] {
+        cluster.assert_same(&checksum(table));
+    }
+    assert_eq!(n2.query_i64("SELECT count(*) FROM a"), 5);
+    assert_eq!(n1.query_text("SELECT v FROM a WHERE id = 1").as_deref(), Some("updated on n2"));
+    assert_eq!(n1.query_i64("SELECT count(*) FROM trompe.status WHERE last_error IS NOT NULL"), 0);
+    assert_eq!(n2.query_i64("SELECT count(*) FROM trompe.status WHERE last_error IS NOT NULL"), 0);
+}
