@@ -70,6 +70,9 @@ pub fn with_source<R>(conn: Option<*mut Conn>, f: impl FnOnce() -> R) -> R {
 pub fn localized(cache: &mut ApplyCache, changes: &[Change]) -> Result<Option<Vec<Change>>, ApplyError> {
     let Some(first) = changes.first() else { return Ok(None) };
     let table = cache.table(&first.nsp, &first.rel)?;
+    if !table.has_large_objects {
+        return Ok(None);
+    }
     let mut out: Option<Vec<Change>> = None;
     for (i, change) in changes.iter().enumerate() {
         let Some(vals) = &change.vals else { continue };

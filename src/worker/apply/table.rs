@@ -102,6 +102,8 @@ pub struct Table {
     pub uniques: Vec<Vec<String>>,
     /// Columns that can be written (not dropped, not generated), by name.
     pub attrs: HashMap<String, Attr>,
+    /// Whether any of them may refer to large objects.
+    pub has_large_objects: bool,
     context: pg_sys::MemoryContext,
 }
 
@@ -223,7 +225,9 @@ fn load_table(nsp: &str, rel: &str) -> Result<Table, ApplyError> {
             );
         }
         pg_sys::relation_close(relation, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        let mut table = Table { relid, qualified, readable, replicated: false, key, uniques, attrs, context };
+        let has_large_objects = attrs.values().any(|a| a.large_object);
+        let mut table =
+            Table { relid, qualified, readable, replicated: false, key, uniques, attrs, has_large_objects, context };
         table.replicated = crate::sql::flag(
             "SELECT EXISTS (SELECT 1 FROM trompe.tables WHERE relid = $1::oid)",
             &[Some(&relid.to_u32().to_string())],
