@@ -68,38 +68,54 @@ LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT string_agg(format('%s.%s = %s.%s', l, c, r, c), ' AND ') FROM unnest(key_columns) c
 $$;
 
--- Every row of a replicated table (or of the listed buckets only) as bucket, key and row hash.
+-- The query listing every row of a replicated table (or of the buckets $2 only, all if NULL)
+-- as bucket (of $1 buckets), key and two 64-bit hashes of the row in canonical form
+-- (PostgreSQL's hashtextextended with two seeds).
+CREATE FUNCTION trompe._rows_sql(rel regclass) RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s record;
+BEGIN
+    s := trompe._table_sql(rel);
+    RETURN format(
+        'SELECT d.bucket, d.key, d.h1, d.h2 FROM (
+             SELECT ((hashtext(k.key) & 2147483647) %% $1)::int AS bucket, k.key,
+                    hashtextextended(k.row_text, 0) AS h1, hashtextextended(k.row_text, 1) AS h2
+               FROM %s t CROSS JOIN LATERAL (SELECT (%s)::text AS key, (%s)::text AS row_text) k) d
+          WHERE $2 IS NULL OR d.bucket = ANY ($2)', rel, s.key_object, s.row_json);
+END
+$$;
+
+-- Every row of a replicated table (or of the listed buckets only), as _rows_sql lists them.
 CREATE FUNCTION trompe._row_digests(rel regclass, buckets int, wanted int[] DEFAULT NULL)
-RETURNS TABLE (bucket int, key text, row_hash text)
+RETURNS TABLE (bucket int, key text, h1 bigint, h2 bigint)
 LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp SET timezone = 'UTC' SET datestyle = 'ISO, YMD'
 SET intervalstyle = 'postgres' SET extra_float_digits = 3 SET bytea_output = 'hex' AS $$
-DECLARE
-    s record;
 BEGIN
     IF buckets IS NULL OR buckets < 1 THEN
         RAISE EXCEPTION 'buckets must be at least 1' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    s := trompe._table_sql(rel);
-    RETURN QUERY EXECUTE format(
-        'SELECT d.bucket, d.key, d.row_hash FROM (
-             SELECT ((hashtext(k.key) & 2147483647) %% $1)::int AS bucket, k.key, md5((%s)::text) AS row_hash
-               FROM %s t CROSS JOIN LATERAL (SELECT (%s)::text AS key) k) d
-          WHERE $2 IS NULL OR d.bucket = ANY ($2)', s.row_json, rel, s.key_object)
-        USING buckets, wanted;
+    RETURN QUERY EXECUTE trompe._rows_sql(rel) USING buckets, wanted;
 END
 $$;
 
--- A replicated table's digest: per bucket, the row count and a sum of row hashes (order does
--- not matter, so no sorting).
+-- A replicated table's digest: per bucket, the row count and the sums of both row hashes
+-- (order does not matter, so no sorting; only one row per bucket leaves the function).
 CREATE FUNCTION trompe.table_digest(rel regclass, buckets int)
 RETURNS TABLE (bucket int, row_count bigint, digest text)
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT d.bucket, count(*),
-           sum(('x' || substr(d.row_hash, 1, 15))::bit(60)::bigint)::text || ':'
-               || sum(('x' || substr(d.row_hash, 16, 15))::bit(60)::bigint)::text
-      FROM trompe._row_digests(rel, buckets) d
-     GROUP BY d.bucket
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET timezone = 'UTC' SET datestyle = 'ISO, YMD'
+SET intervalstyle = 'postgres' SET extra_float_digits = 3 SET bytea_output = 'hex' AS $$
+BEGIN
+    IF buckets IS NULL OR buckets < 1 THEN
+        RAISE EXCEPTION 'buckets must be at least 1' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN QUERY EXECUTE format(
+        'SELECT d.bucket, count(*), sum(d.h1)::text || '':'' || sum(d.h2)::text FROM (%s) d GROUP BY d.bucket',
+        trompe._rows_sql(rel))
+        USING buckets, NULL::int[];
+END
 $$;
 
 -- The rows of a replicated table with the given keys (as produced by _row_digests).

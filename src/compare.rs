@@ -14,7 +14,7 @@ use trompe_core::pgarray::format_text_array;
 
 use crate::error::{OrRaise, TrompeError};
 use crate::large_objects;
-use crate::libpq::{query_wait, Conn, PgResult};
+use crate::libpq::{result_wait, send_wait, Conn, PgResult, PqError};
 use crate::log::writer::as_extension_owner;
 use crate::peers::{connect_peer, peer_conninfo, scrub};
 use crate::sql;
@@ -47,8 +47,22 @@ impl PeerSnapshot {
     }
 
     fn query(&mut self, sql: &str, params: &[Option<&str>]) -> Result<PgResult, TrompeError> {
-        query_wait(&mut self.conn, sql, params, PEER_QUERY_TIMEOUT)
-            .map_err(|e| TrompeError::PeerFailed { name: self.name.clone(), message: scrub(&e.message, &self.info) })
+        self.send(sql, params)?;
+        self.result()
+    }
+
+    /// Starts a query on the peer; its result is collected with `result`, so that this node
+    /// can work meanwhile.
+    fn send(&mut self, sql: &str, params: &[Option<&str>]) -> Result<(), TrompeError> {
+        send_wait(&mut self.conn, sql, params, PEER_QUERY_TIMEOUT).map_err(|e| self.failed(e))
+    }
+
+    fn result(&mut self) -> Result<PgResult, TrompeError> {
+        result_wait(&mut self.conn, PEER_QUERY_TIMEOUT).map_err(|e| self.failed(e))
+    }
+
+    fn failed(&self, e: PqError) -> TrompeError {
+        TrompeError::PeerFailed { name: self.name.clone(), message: scrub(&e.message, &self.info) }
     }
 }
 
@@ -91,7 +105,7 @@ struct TableDiff {
 }
 
 const DIGEST_SQL: &str = "SELECT bucket, row_count, digest FROM trompe.table_digest($1::regclass, $2::int)";
-const ROWS_SQL: &str = "SELECT key, row_hash FROM trompe._row_digests($1::regclass, $2::int, $3::int[])";
+const ROWS_SQL: &str = "SELECT key, h1 || ':' || h2 FROM trompe._row_digests($1::regclass, $2::int, $3::int[])";
 
 fn digests(rows: impl Iterator<Item = [Option<String>; 3]>) -> Vec<BucketDigest> {
     rows.map(|[bucket, count, digest]| BucketDigest {
@@ -119,12 +133,14 @@ fn key_hashes(rows: impl Iterator<Item = [Option<String>; 2]>) -> Vec<(String, S
     rows.map(|[key, hash]| (key.unwrap_or_default(), hash.unwrap_or_default())).collect()
 }
 
-/// Compares one table with the peer's: bucket digests first, rows of differing buckets only.
+/// Compares one table with the peer's: bucket digests first, rows of differing buckets only;
+/// both nodes hash at the same time.
 fn diff_table(peer: &mut PeerSnapshot, table: &Table) -> Result<TableDiff, TrompeError> {
     let buckets = bucket_count(table.estimated_rows).to_string();
     let args = [Some(table.name.as_str()), Some(buckets.as_str())];
+    peer.send(DIGEST_SQL, &args)?;
     let here = digests(local_rows(DIGEST_SQL, &args)?.into_iter().map(row_array));
-    let there_result = peer.query(DIGEST_SQL, &args)?;
+    let there_result = peer.result()?;
     let there = digests(result_rows(&there_result));
     let rows_here = here.iter().map(|b| b.rows).sum();
     let rows_there = there.iter().map(|b| b.rows).sum();
@@ -135,8 +151,9 @@ fn diff_table(peer: &mut PeerSnapshot, table: &Table) -> Result<TableDiff, Tromp
     let wanted: Vec<String> = wanted.iter().map(i32::to_string).collect();
     let wanted = format_text_array(&wanted.iter().map(|b| Some(b.as_str())).collect::<Vec<_>>());
     let args = [Some(table.name.as_str()), Some(buckets.as_str()), Some(wanted.as_str())];
+    peer.send(ROWS_SQL, &args)?;
     let here = key_hashes(local_rows(ROWS_SQL, &args)?.into_iter().map(row_array));
-    let there_result = peer.query(ROWS_SQL, &args)?;
+    let there_result = peer.result()?;
     let there = key_hashes(result_rows(&there_result));
     Ok(TableDiff { rows_here, rows_there, rows: diff_rows(here, there) })
 }

@@ -374,6 +374,14 @@ pub fn connect_wait(info: &ConnInfo, timeout: Duration) -> Result<Conn, PqError>
 /// Runs one query on an established connection, waiting (interruptibly) up to `timeout`.
 pub fn query_wait(conn: &mut Conn, sql: &str, params: &[Option<&str>], timeout: Duration) -> Result<PgResult, PqError> {
     let deadline = Instant::now() + timeout;
+    send_wait(conn, sql, params, timeout)?;
+    result_wait(conn, deadline.saturating_duration_since(Instant::now()))
+}
+
+/// Sends one query, waiting (interruptibly) up to `timeout` until it is sent; its result is
+/// then collected with [`result_wait`], and the caller may do other work meanwhile.
+pub fn send_wait(conn: &mut Conn, sql: &str, params: &[Option<&str>], timeout: Duration) -> Result<(), PqError> {
+    let deadline = Instant::now() + timeout;
     let left = || deadline.saturating_duration_since(Instant::now());
     conn.send_query(sql, params)?;
     while conn.flush()? == Want::Write {
@@ -382,6 +390,13 @@ pub fn query_wait(conn: &mut Conn, sql: &str, params: &[Option<&str>], timeout: 
         }
         wait_socket(conn.socket(), Want::Write, left());
     }
+    Ok(())
+}
+
+/// Waits (interruptibly) up to `timeout` for the result of the query sent last.
+pub fn result_wait(conn: &mut Conn, timeout: Duration) -> Result<PgResult, PqError> {
+    let deadline = Instant::now() + timeout;
+    let left = || deadline.saturating_duration_since(Instant::now());
     while conn.consume()? == Want::Read {
         if left().is_zero() {
             conn.cancel();

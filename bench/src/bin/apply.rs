@@ -138,7 +138,7 @@ fn native_run(txns: i64, commits: usize) -> ((Duration, Duration), Vec<f64>) {
 }
 
 fn main() {
-    let txns = env_count("BENCH_TXNS", 20_000) as i64;
+    let txns = env_count("BENCH_TXNS", 100_000) as i64;
     let commits = env_count("BENCH_COMMITS", 300);
     let rows = (txns * 10) as f64;
     println!("bench/apply: backlog of {txns} transactions x 10 rows; {commits} single-row commits for latency");
