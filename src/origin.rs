@@ -58,6 +58,13 @@ fn xid_array(xids: &[u64]) -> String {
 
 /// Lists the transactions in the step `(done, cur]`, ordered by their last change.
 fn step_transactions(done: &Snapshot, cur: &Snapshot) -> Vec<StepTxn> {
+    // The planner has no statistics on txid ranges of the log and, for a log of 100,000
+    // transactions, expects tens of thousands of rows and plans parallel workers: starting them
+    // made each pull take tens of milliseconds. The step is a few index ranges; no parallelism
+    // for the rest of this pull.
+    crate::sql::execute("SELECT pg_catalog.set_config('max_parallel_workers_per_gather', '0', true)", &[])
+        .map_err(|e| TrompeError::Internal(format!("reading the log: {e}")))
+        .or_raise();
     let rows = crate::sql::rows(
         "SELECT txid, max(id), sum(nchanges) FROM trompe.log
           WHERE (txid >= $1::xid8 OR txid = ANY($2::xid8[]))

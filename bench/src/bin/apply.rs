@@ -5,7 +5,8 @@
 //! Backlog: the applying side is paused (trompe: pause_peer; native: subscription disabled)
 //! while the origin commits BENCH_TXNS transactions of 10 rows; then it is resumed and timed
 //! until every row is there. Latency: BENCH_COMMITS single-row commits on an idle pair, each
-//! timed from the commit's return at the origin to the row being visible at the peer.
+//! timed from the commit's return at the origin to the row being visible at the peer, once
+//! autovacuum has finished with the backlog on both nodes.
 
 use std::time::{Duration, Instant};
 
@@ -49,6 +50,16 @@ const ARRIVALS: &str = "CREATE TABLE arrivals (id bigint PRIMARY KEY, at timesta
     END $$;
     CREATE TRIGGER arrive AFTER INSERT ON bench_rows FOR EACH ROW EXECUTE FUNCTION note_arrival();
     ALTER TABLE bench_rows ENABLE ALWAYS TRIGGER arrive";
+
+/// Waits (up to a minute) until neither node runs autovacuum: right after a backlog of a
+/// million rows, vacuuming it competes for the CPU and the latency measured would be its.
+fn settle(nodes: &[&Node]) {
+    wait_for(Duration::from_secs(60), || {
+        nodes
+            .iter()
+            .all(|n| n.query_i64("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'") == 0)
+    });
+}
 
 /// Commit-to-visible latency: single-row commits on `origin`, 5 ms apart; each one's latency
 /// is its arrival time at `peer` minus its commit time at `origin` (one machine, one clock).
@@ -98,6 +109,7 @@ fn trompe_run(txns: i64, commits: usize) -> ((Duration, Duration), Vec<f64>) {
     let took = time_catch_up(b, txns, started);
     assert_eq!(b.query_text("SELECT trompe.wait_sync('60 seconds')").as_deref(), Some("t"));
     assert_eq!(b.query_i64("SELECT count(*) FROM bench_rows"), txns * 10);
+    settle(&[a, b]);
     b.exec(ARRIVALS);
     let lat = latencies(a, b, commits, 1_000_000_000);
     (took, lat)
@@ -132,6 +144,7 @@ fn native_run(txns: i64, commits: usize) -> ((Duration, Duration), Vec<f64>) {
     sub.batch_execute("ALTER SUBSCRIPTION bench ENABLE").unwrap();
     let took = time_catch_up(b, txns, started);
     assert_eq!(b.query_i64("SELECT count(*) FROM bench_rows"), txns * 10 + 1);
+    settle(&[a, b]);
     b.exec(ARRIVALS);
     let lat = latencies(a, b, commits, 1_000_000_000);
     (took, lat)
