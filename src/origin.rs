@@ -58,17 +58,27 @@ fn xid_array(xids: &[u64]) -> String {
 
 /// Lists the transactions in the step `(done, cur]`, ordered by their last change.
 fn step_transactions(done: &Snapshot, cur: &Snapshot) -> Vec<StepTxn> {
-    // The planner has no statistics on txid ranges of the log and, for a log of 100,000
-    // transactions, expects tens of thousands of rows and plans parallel workers: starting them
-    // made each pull take tens of milliseconds. The step is a few index ranges; no parallelism
-    // for the rest of this pull.
-    crate::sql::execute("SELECT pg_catalog.set_config('max_parallel_workers_per_gather', '0', true)", &[])
-        .map_err(|e| TrompeError::Internal(format!("reading the log: {e}")))
-        .or_raise();
+    // A step is one range of transaction ids plus a few ids. The planner has no statistics on
+    // a freshly filled log: written as `(txid >= a OR txid = ANY(..)) AND txid < b` it expected
+    // a third of a 100,000-transaction log and planned parallel workers (tens of milliseconds
+    // to start, per pull) or a sequential scan of the whole log. As a closed range and a list,
+    // it expects fewer rows and reads them through the index. Parallel workers and JIT
+    // compilation (which such estimates also triggered: 10 ms per pull) are off for the rest
+    // of the pull in any case: a pull reads a few index ranges.
+    crate::sql::execute(
+        "SELECT pg_catalog.set_config('max_parallel_workers_per_gather', '0', true),
+                pg_catalog.set_config('jit', 'off', true)",
+        &[],
+    )
+    .map_err(|e| TrompeError::Internal(format!("reading the log: {e}")))
+    .or_raise();
     let rows = crate::sql::rows(
-        "SELECT txid, max(id), sum(nchanges) FROM trompe.log
-          WHERE (txid >= $1::xid8 OR txid = ANY($2::xid8[]))
-            AND txid < $3::xid8 AND txid <> ALL($4::xid8[])
+        "SELECT txid, max(id), sum(nchanges) FROM (
+             SELECT txid, id, nchanges FROM trompe.log WHERE txid >= $1::xid8 AND txid < $3::xid8
+             UNION ALL
+             SELECT txid, id, nchanges FROM trompe.log WHERE txid = ANY($2::xid8[]) AND txid < $1::xid8
+         ) step
+          WHERE txid <> ALL($4::xid8[]) AND txid < $3::xid8
           GROUP BY txid ORDER BY max(id)",
         &[
             Some(&done.xmax.to_string()),

@@ -110,6 +110,10 @@ fn trompe_run(txns: i64, commits: usize) -> ((Duration, Duration), Vec<f64>) {
     assert_eq!(b.query_text("SELECT trompe.wait_sync('60 seconds')").as_deref(), Some("t"));
     assert_eq!(b.query_i64("SELECT count(*) FROM bench_rows"), txns * 10);
     settle(&[a, b]);
+    if let Ok(secs) = std::env::var("BENCH_DEBUG_PAUSE") {
+        eprintln!("PAUSE a={} b={}", a.conninfo(), b.conninfo());
+        std::thread::sleep(Duration::from_secs(secs.parse().unwrap()));
+    }
     b.exec(ARRIVALS);
     let lat = latencies(a, b, commits, 1_000_000_000);
     (took, lat)
