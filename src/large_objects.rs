@@ -125,10 +125,10 @@ pub fn local_copy(lo: &GlobalLo) -> Result<u32, ApplyError> {
             }
             break;
         };
-        let length = piece.len().saturating_sub(2) / 2;
+        let length = piece.len() / 2;
         let offset_text = offset.to_string();
         sql::execute(
-            "SELECT lo_put($1::oid, $2::bigint, $3::bytea)",
+            "SELECT lo_put($1::oid, $2::bigint, decode($3, 'hex'))",
             &[Some(&local_text), Some(&offset_text), Some(&piece)],
         )
         .map_err(postgres)?;
@@ -148,8 +148,8 @@ pub fn local_copy(lo: &GlobalLo) -> Result<u32, ApplyError> {
     Ok(local)
 }
 
-/// One piece of `lo` from the peer, as bytea text (`\x...`), or `None` if the peer does not
-/// have the object (any more).
+/// One piece of `lo` from the peer, in hex (whatever the peer's `bytea_output`), or `None` if
+/// the peer does not have the object (any more).
 fn fetch_piece(lo: &GlobalLo, offset: usize) -> Result<Option<String>, ApplyError> {
     let Some(conn) = SOURCE.get() else {
         return Err(ApplyError::Postgres("no peer connection to copy large objects from".into()));
@@ -160,7 +160,7 @@ fn fetch_piece(lo: &GlobalLo, offset: usize) -> Result<Option<String>, ApplyErro
     let (offset, piece) = (offset.to_string(), PIECE.to_string());
     let result = query_wait(
         conn,
-        "SELECT trompe.lo_chunk($1::uuid, $2::oid, $3::bigint, $4::int)",
+        "SELECT encode(trompe.lo_chunk($1::uuid, $2::oid, $3::bigint, $4::int), 'hex')",
         &[Some(&lo.origin), Some(&lo.oid.to_string()), Some(&offset), Some(&piece)],
         PIECE_TIMEOUT,
     )

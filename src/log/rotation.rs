@@ -106,6 +106,19 @@ fn confirmed_horizon() -> Result<u64, String> {
     Ok(horizon)
 }
 
+/// Takes an exclusive lock on log table `slot` (until the transaction ends) if nobody holds a
+/// lock on it; never waits.
+fn lock_if_free(slot: usize) -> Result<bool, String> {
+    let relid = sql::value(&format!("SELECT 'trompe.log_{slot}'::regclass::oid"), &[])?
+        .and_then(|v| v.parse::<u32>().ok())
+        .ok_or_else(|| format!("trompe.log_{slot} does not exist"))?;
+    // SAFETY: a conditional lock on an existing relation inside the current transaction,
+    // released when it ends.
+    Ok(unsafe {
+        pg_sys::ConditionalLockRelationOid(pg_sys::Oid::from(relid), pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE)
+    })
+}
+
 /// One round of log maintenance (inside a transaction of the worker): records when retired
 /// tables stopped receiving writes, truncates retired tables every consumer has confirmed,
 /// and switches writers to the next table when the current one is old enough.
@@ -131,9 +144,11 @@ pub fn maintain(db: &DbSlot) -> Result<(), String> {
             }
             // Nobody can write here any more, and every consumer has applied all of it.
             Some(below) if below <= xmin && newest_transaction(row.slot)?.is_some_and(|newest| newest < horizon) => {
-                // lock_timeout: never queue behind a reader; try again next round.
-                sql::execute("SET LOCAL lock_timeout = '50ms'", &[])?;
-                sql::execute(&format!("TRUNCATE trompe.log_{}", row.slot), &[])?;
+                // Only if the table is free right now: waiting for a reader would queue every
+                // pull behind this TRUNCATE. Try again next round otherwise.
+                if lock_if_free(row.slot)? {
+                    sql::execute(&format!("TRUNCATE trompe.log_{}", row.slot), &[])?;
+                }
             }
             _ => {}
         }
