@@ -70,12 +70,15 @@ $$;
 
 -- The query listing every row of a replicated table (or of the buckets $2 only, all if NULL)
 -- as bucket (of $1 buckets), key and two 64-bit hashes of the row in canonical form
--- (PostgreSQL's hashtextextended with two seeds).
-CREATE FUNCTION trompe._rows_sql(rel regclass) RETURNS text
+-- (PostgreSQL's hashtextextended with two seeds). Checks the number of buckets it will get.
+CREATE FUNCTION trompe._rows_sql(rel regclass, buckets int) RETURNS text
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     s record;
 BEGIN
+    IF buckets IS NULL OR buckets < 1 THEN
+        RAISE EXCEPTION 'buckets must be at least 1' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     s := trompe._table_sql(rel);
     RETURN format(
         'SELECT d.bucket, d.key, d.h1, d.h2 FROM (
@@ -93,10 +96,7 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp SET timezone = 'UTC' SET datestyle = 'ISO, YMD'
 SET intervalstyle = 'postgres' SET extra_float_digits = 3 SET bytea_output = 'hex' AS $$
 BEGIN
-    IF buckets IS NULL OR buckets < 1 THEN
-        RAISE EXCEPTION 'buckets must be at least 1' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    RETURN QUERY EXECUTE trompe._rows_sql(rel) USING buckets, wanted;
+    RETURN QUERY EXECUTE trompe._rows_sql(rel, buckets) USING buckets, wanted;
 END
 $$;
 
@@ -108,12 +108,9 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp SET timezone = 'UTC' SET datestyle = 'ISO, YMD'
 SET intervalstyle = 'postgres' SET extra_float_digits = 3 SET bytea_output = 'hex' AS $$
 BEGIN
-    IF buckets IS NULL OR buckets < 1 THEN
-        RAISE EXCEPTION 'buckets must be at least 1' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
     RETURN QUERY EXECUTE format(
         'SELECT d.bucket, count(*), sum(d.h1)::text || '':'' || sum(d.h2)::text FROM (%s) d GROUP BY d.bucket',
-        trompe._rows_sql(rel))
+        trompe._rows_sql(rel, buckets))
         USING buckets, NULL::int[];
 END
 $$;
