@@ -143,12 +143,14 @@ pub fn maintain(db: &DbSlot) -> Result<(), String> {
                 )?;
             }
             // Nobody can write here any more, and every consumer has applied all of it.
-            Some(below) if below <= xmin && newest_transaction(row.slot)?.is_some_and(|newest| newest < horizon) => {
-                // Only if the table is free right now: waiting for a reader would queue every
-                // pull behind this TRUNCATE. Try again next round otherwise.
-                if lock_if_free(row.slot)? {
-                    sql::execute(&format!("TRUNCATE trompe.log_{}", row.slot), &[])?;
-                }
+            // Only if the table is free right now: waiting for a reader would queue every pull
+            // behind this TRUNCATE. Otherwise, again next round.
+            Some(below)
+                if below <= xmin
+                    && newest_transaction(row.slot)?.is_some_and(|newest| newest < horizon)
+                    && lock_if_free(row.slot)? =>
+            {
+                sql::execute(&format!("TRUNCATE trompe.log_{}", row.slot), &[])?;
             }
             _ => {}
         }
