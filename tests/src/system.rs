@@ -76,17 +76,22 @@ pub fn make_postgres_dir(path: &Path) {
     }
 }
 
-/// Checks that the trompe extension is installed where the server looks for it.
-pub fn check_extension_installed() {
+/// Where the server looks for extensions' control and script files.
+pub fn extension_dir() -> PathBuf {
     let sharedir = Command::new(pg_bin("pg_config")).arg("--sharedir").output();
     let sharedir = match sharedir {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
         _ => "/usr/share/postgresql/15".to_string(),
     };
-    let control = Path::new(&sharedir).join("extension/trompe.control");
+    Path::new(&sharedir).join("extension")
+}
+
+/// Checks that the trompe extension is installed where the server looks for it.
+pub fn check_extension_installed() {
+    let control = extension_dir().join("trompe.control");
     assert!(
         control.exists(),
-        "the trompe extension is not installed ({} is missing): run scripts/test, or `cargo pgrx install --release`",
+        "the trompe extension is not installed ({} is missing): run scripts/test, or scripts/install",
         control.display()
     );
 }

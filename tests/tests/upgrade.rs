@@ -94,6 +94,12 @@ fn writer(conninfo: String, base: i64, stop: Arc<AtomicBool>, committed: Arc<Ato
 
 #[test]
 fn alter_extension_update_keeps_replicating_without_losing_rows() {
+    let script = trompe_tests::system::extension_dir().join(format!("trompe--{PREVIOUS}.sql"));
+    assert!(
+        script.exists(),
+        "{} is missing: install with scripts/install, which installs sql/released/",
+        script.display()
+    );
     let cluster = Cluster::builder("upgrade").nodes(2).with_extension(false).start();
     let (n1, n2) = (cluster.node(0), cluster.node(1));
     cluster.exec_all(&format!(
