@@ -205,6 +205,8 @@ AS 'MODULE_PATHNAME', 'repair_wrapper';
 -- Large objects referenced by replicated tables (columns of type oid, or a domain over it such
 -- as contrib's lo). A reference travels as the object's global id (the node that created it and
 -- its oid there); each node keeps its own copy of the object and maps the global id to it here.
+-- Objects of this node that it has sent are recorded too (origin = this node, local_oid =
+-- origin_oid): only those can a peer refer to or read.
 CREATE TABLE trompe.large_objects (
     origin uuid NOT NULL,
     origin_oid oid NOT NULL,
@@ -212,17 +214,14 @@ CREATE TABLE trompe.large_objects (
     copied_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (origin, origin_oid)
 );
-COMMENT ON TABLE trompe.large_objects IS 'Large objects copied from other nodes: their global id and the oid of the copy here.';
+COMMENT ON TABLE trompe.large_objects IS 'Large objects copied from other nodes or sent to them: their global id and their oid here.';
 
--- This node's copy of a large object by its global id, NULL if it has none.
+-- This node's copy of a large object by its global id, NULL if it has none (an object of this
+-- node counts only if it was sent: a peer cannot point a row at any other object here).
 CREATE FUNCTION trompe._lo_local(origin uuid, origin_oid oid) RETURNS oid
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT CASE
-        WHEN origin = (SELECT node_id FROM trompe.node)
-             AND EXISTS (SELECT 1 FROM pg_largeobject_metadata WHERE oid = origin_oid) THEN origin_oid
-        ELSE (SELECT m.local_oid FROM trompe.large_objects m JOIN pg_largeobject_metadata l ON l.oid = m.local_oid
-               WHERE m.origin = _lo_local.origin AND m.origin_oid = _lo_local.origin_oid)
-    END
+    SELECT m.local_oid FROM trompe.large_objects m JOIN pg_largeobject_metadata l ON l.oid = m.local_oid
+     WHERE m.origin = _lo_local.origin AND m.origin_oid = _lo_local.origin_oid
 $$;
 
 -- What a peer is sent for the value `o` of a column that may refer to large objects: the
@@ -235,6 +234,20 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
         ELSE coalesce((SELECT format('lo:%s:%s', m.origin, m.origin_oid) FROM trompe.large_objects m WHERE m.local_oid = o),
                       format('lo:%s:%s', (SELECT node_id FROM trompe.node), o))
     END
+$$;
+
+-- Capture: _lo_reference, and a record that this node sent its object `o` (see above).
+CREATE FUNCTION trompe._lo_export(o oid) RETURNS text
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    me uuid := (SELECT node_id FROM trompe.node);
+    sent text := trompe._lo_reference(o);
+BEGIN
+    IF sent = format('lo:%s:%s', me, o) THEN
+        INSERT INTO trompe.large_objects (origin, origin_oid, local_oid) VALUES (me, o, o) ON CONFLICT DO NOTHING;
+    END IF;
+    RETURN sent;
+END
 $$;
 
 -- The local value for what _lo_reference sent: the oid of this node's copy of the object (NULL

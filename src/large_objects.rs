@@ -38,12 +38,13 @@ pub fn available() -> bool {
 }
 
 /// Capture: what to send for the value `oid` (as text) of such a column: the global id of the
-/// large object with that oid, or `None` if there is none (the value is sent as it is).
+/// large object with that oid, or `None` if there is none (the value is sent as it is). An
+/// object of this node is recorded as sent: only such objects can peers refer to and read.
 pub fn reference_for(oid: &str) -> Result<Option<String>, String> {
     if !available() {
         return Ok(None);
     }
-    let sent = as_extension_owner(|| sql::value("SELECT trompe._lo_reference($1::oid)", &[Some(oid)]))?;
+    let sent = as_extension_owner(|| sql::value("SELECT trompe._lo_export($1::oid)", &[Some(oid)]))?;
     Ok(sent.filter(|s| GlobalLo::parse(s).is_some()))
 }
 

@@ -60,6 +60,18 @@ fn large_objects_are_created_rewritten_and_unlinked_on_every_node() {
     cluster.assert_same(DOCS);
     assert_eq!(cluster.assert_same(OBJECTS).as_deref(), Some("2"));
 
+    // Only objects that were sent can be referred to or read by a peer: not a private one.
+    let private = n1.query_text("SELECT lo_from_bytea(0, 'private')").unwrap_or_default();
+    assert_eq!(
+        n1.query_text(&format!(
+            "SELECT (trompe._lo_local(trompe.node_id(), {private}) IS NULL)::text || '/'
+                    || (trompe.lo_chunk(trompe.node_id(), {private}, 0, 10) IS NULL)::text"
+        ))
+        .as_deref(),
+        Some("true/true")
+    );
+    n1.exec(&format!("SELECT lo_unlink({private})"));
+
     // Unlinked with its row.
     n1.exec("DELETE FROM docs WHERE id = 2");
     cluster.wait_sync(SYNC);
