@@ -272,11 +272,20 @@ fn repair_impl(peer: &str, rel: Option<&PgRelation>) -> Result<Vec<RepairRow>, T
             add(repair_rows(&table.name, peer, gone, "[]")?);
         }
         let wanted: Vec<String> = diff.rows.only_there.into_iter().chain(diff.rows.different).collect();
+        let refers_to_large_objects = !wanted.is_empty()
+            && local_rows(
+                "SELECT coalesce(cardinality(lo_columns), 0) > 0 FROM trompe._table_sql($1::regclass)",
+                &[Some(&table.name)],
+            )?
+            .first()
+            .is_some_and(|r| r.first().cloned().flatten().as_deref() == Some("t"));
         for keys in wanted.chunks(REPAIR_BATCH) {
             let fetched = snapshot.query(FETCH_SQL, &[Some(&table.name), Some(&text_array(keys))])?;
             let rows: Vec<&str> = (0..fetched.rows()).filter_map(|r| fetched.get(r, 0)).collect();
             let incoming = format!("[{}]", rows.join(","));
-            copy_large_objects(&mut snapshot, &table.name, &incoming)?;
+            if refers_to_large_objects {
+                copy_large_objects(&mut snapshot, &table.name, &incoming)?;
+            }
             add(repair_rows(&table.name, peer, &[], &incoming)?);
         }
         out.push((table.name.clone(), totals[0], totals[1], totals[2]));
