@@ -100,7 +100,7 @@ GRANT SELECT ON trompe.tables, trompe.schemas TO PUBLIC;
 -- Administration, reading the log and serving peers are for superusers (and whoever they grant
 -- them to); the functions DDL and row triggers call stay callable by everyone.
 REVOKE EXECUTE ON FUNCTION
-    trompe.add_peer(text, text), trompe.remove_peer(text), trompe.pause_peer(text), trompe.resume_peer(text),
+    trompe.add_peer(text, text, boolean), trompe.remove_peer(text), trompe.pause_peer(text), trompe.resume_peer(text),
     trompe.add_table(regclass), trompe.remove_table(regclass), trompe.add_schema(text), trompe.remove_schema(text),
     trompe.set_conflict_rule(regclass, text), trompe.set_sequence_slot(integer, integer),
     trompe.log_changes(), trompe.register_consumer(uuid, text), trompe.unregister_consumer(uuid),
@@ -109,7 +109,10 @@ REVOKE EXECUTE ON FUNCTION
     trompe.compare(text, regclass), trompe.repair(text, regclass),
     trompe._row_digests(regclass, integer, integer[]), trompe.table_digest(regclass, integer),
     trompe.fetch_rows(regclass, text[]), trompe._repair_rows(regclass, text, text[], jsonb),
-    trompe.lo_chunk(uuid, oid, bigint, integer)
+    trompe.lo_chunk(uuid, oid, bigint, integer),
+    trompe.sync_register(uuid, text), trompe.register_consumer_from(uuid, text, uuid),
+    trompe.consumer_confirmed(uuid), trompe.sync_source(), trompe.sync_rows(regclass), trompe.sync_removals(),
+    trompe._sync_insert(regclass, jsonb), trompe._version_sql(text)
 FROM PUBLIC;
 
 -- Pulling this node's log (called by peers over libpq). The plan (which transactions) is
@@ -156,7 +159,10 @@ GRANT EXECUTE ON FUNCTION
     trompe._row_digests(regclass, integer, integer[]), trompe.table_digest(regclass, integer),
     trompe.fetch_rows(regclass, text[]),
     -- Peers copy large objects referenced by replicated rows through this.
-    trompe.lo_chunk(uuid, oid, bigint, integer)
+    trompe.lo_chunk(uuid, oid, bigint, integer),
+    -- A node joining the cluster copies this one through these.
+    trompe.sync_register(uuid, text), trompe.register_consumer_from(uuid, text, uuid),
+    trompe.consumer_confirmed(uuid), trompe.sync_source(), trompe.sync_rows(regclass), trompe.sync_removals()
 TO trompe_puller;
 
 -- Members of trompe_admin administer trompe without being superusers: peers, tables, rules,
@@ -169,30 +175,36 @@ BEGIN
 END
 $$;
 GRANT EXECUTE ON FUNCTION
-    trompe.add_peer(text, text), trompe.remove_peer(text), trompe.pause_peer(text), trompe.resume_peer(text),
+    trompe.add_peer(text, text, boolean), trompe.remove_peer(text), trompe.pause_peer(text), trompe.resume_peer(text),
     trompe.add_table(regclass), trompe.remove_table(regclass), trompe.add_schema(text), trompe.remove_schema(text),
     trompe.set_conflict_rule(regclass, text), trompe.set_sequence_slot(integer, integer), trompe.log_changes(),
     trompe.compare(text, regclass), trompe.repair(text, regclass)
 TO trompe_admin;
-GRANT SELECT ON trompe.conflicts, trompe.peers, trompe.consumers, trompe.repairs TO trompe_admin;
+GRANT SELECT ON trompe.conflicts, trompe.peers, trompe.consumers, trompe.repairs, trompe.syncs,
+    trompe.start_positions TO trompe_admin;
 
 -- One row per peer: connection state, position, lag, last pull and error, counters.
 CREATE VIEW trompe.status AS
-SELECT name,
-       node_id::uuid AS node_id,
-       state,
-       position AS applied_position,
-       behind_changes,
+SELECT s.name,
+       s.node_id::uuid AS node_id,
+       CASE WHEN y.state IN ('waiting', 'copying') THEN 'syncing' ELSE s.state END AS state,
+       s.position AS applied_position,
+       s.behind_changes,
        -- A peer that is not being pulled is at least as far behind as its last pull.
-       CASE WHEN state = 'connected' OR last_pull_ms = 0 THEN (behind_ms / 1000.0)::float8
-            ELSE greatest(behind_ms / 1000.0, extract(epoch FROM now()) - last_pull_ms / 1000.0)::float8
+       CASE WHEN s.state = 'connected' OR s.last_pull_ms = 0 THEN (s.behind_ms / 1000.0)::float8
+            ELSE greatest(s.behind_ms / 1000.0, extract(epoch FROM now()) - s.last_pull_ms / 1000.0)::float8
        END AS behind_seconds,
-       to_timestamp(last_pull_ms / 1000.0) AS last_pull,
-       last_error,
-       to_timestamp(last_error_ms / 1000.0) AS last_error_at,
-       applied_txns,
-       applied_changes
-  FROM trompe._status();
+       to_timestamp(s.last_pull_ms / 1000.0) AS last_pull,
+       s.last_error,
+       to_timestamp(s.last_error_ms / 1000.0) AS last_error_at,
+       s.applied_txns,
+       s.applied_changes,
+       -- The copy made when this node joined through this peer (add_peer(..., sync => true)).
+       y.state AS sync_state,
+       y.tables_copied AS sync_tables_copied,
+       y.tables_total AS sync_tables_total,
+       y.rows_copied AS sync_rows_copied
+  FROM trompe._status() s LEFT JOIN trompe.syncs y ON y.node_id = s.node_id::uuid;
 COMMENT ON VIEW trompe.status IS 'One row per peer: is it connected, how far behind, what went wrong last.';
 GRANT SELECT ON trompe.status TO trompe_admin;
 

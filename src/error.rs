@@ -133,6 +133,15 @@ pub enum TrompeError {
     #[error("table {0} is not replicated by trompe")]
     NotReplicated(String),
     /// Something in trompe's own state is not as it must be.
+    /// `add_peer(..., sync => true)` on a node that is not new and empty.
+    #[error("add_peer with sync => true needs a new, empty node: {0}")]
+    SyncNeedsEmptyNode(String),
+    /// A peer added while this node is still copying from another.
+    #[error("this node is still copying its data from peer \"{0}\"")]
+    SyncInProgress(String),
+    /// The node a joining node must start pulling from no longer keeps its log for it.
+    #[error("peer \"{0}\" no longer keeps its log for this node, which copied its data from another node")]
+    StartPositionLost(String),
     #[error("trompe internal error: {0}")]
     Internal(String),
 }
@@ -167,6 +176,9 @@ impl TrompeError {
             TrompeError::BadRule(_) | TrompeError::BadSequenceSlot(_) => ERRCODE_INVALID_PARAMETER_VALUE,
             TrompeError::SequenceExhausted(_) => ERRCODE_SEQUENCE_GENERATOR_LIMIT_EXCEEDED,
             TrompeError::NotReplicated(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            TrompeError::SyncNeedsEmptyNode(_) | TrompeError::SyncInProgress(_) | TrompeError::StartPositionLost(_) => {
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+            }
             TrompeError::Internal(_) => ERRCODE_INTERNAL_ERROR,
         }
     }
@@ -191,6 +203,15 @@ impl TrompeError {
             TrompeError::NotAConsumer(_) => {
                 Some("The peer was removed on that node; add it again with trompe.add_peer().")
             }
+            TrompeError::SyncNeedsEmptyNode(_) => Some(
+                "Join with a database that has only the trompe extension in it; add peers without sync => true otherwise.",
+            ),
+            TrompeError::SyncInProgress(_) => {
+                Some("Wait until trompe.status shows sync_state 'done' for that peer, then add this one.")
+            }
+            TrompeError::StartPositionLost(_) => Some(
+                "Remove every peer on this node, drop and create the extension in an empty database, and join again.",
+            ),
             TrompeError::NotReplicated(_) => Some("Replicate it first with trompe.add_table() or trompe.add_schema()."),
             TrompeError::BadRule(_) => {
                 Some("See \"Conflicts\" in trompe's README for why only convergent rules are offered.")

@@ -11,6 +11,7 @@ pub mod compare;
 pub mod conflicts;
 pub mod error;
 pub mod guc;
+pub mod join;
 pub mod large_objects;
 pub mod libpq;
 pub mod log;
@@ -35,6 +36,7 @@ mod tests;
 pgrx::extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
 pgrx::extension_sql_file!("../sql/compare.sql", name = "compare", requires = ["bootstrap"]);
 pgrx::extension_sql_file!("../sql/large_objects.sql", name = "large_objects", requires = ["bootstrap"]);
+pgrx::extension_sql_file!("../sql/join.sql", name = "join", requires = ["bootstrap"]);
 pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 /// Library initialisation: settings and hooks always; shared memory and the supervisor worker

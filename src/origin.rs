@@ -308,6 +308,49 @@ fn register_consumer(
     TableIterator::once((node, snapshot, tracked))
 }
 
+/// The position `consumer` has confirmed here (NULL if it is not registered).
+fn confirmed_position(consumer: &pgrx::Uuid) -> Option<String> {
+    let stored = as_extension_owner(|| {
+        crate::sql::value(
+            "SELECT confirmed FROM trompe.consumers WHERE node_id = $1::uuid",
+            &[Some(&consumer.to_string())],
+        )
+    })
+    .map_err(TrompeError::Internal)
+    .or_raise()?;
+    Some(effective_confirmed(consumer.as_bytes(), &stored))
+}
+
+/// Registers `consumer` as a consumer of this node's log at the position `template` (another
+/// consumer) has confirmed: everything after it is kept for `consumer`. A node that a new node
+/// copies its data from calls this on each of its peers, so that they keep, for the new node,
+/// every change it had not applied yet when the copy was taken. Returns that position.
+#[pg_extern(volatile, parallel_unsafe)]
+fn register_consumer_from(consumer: pgrx::Uuid, consumer_name: &str, template: pgrx::Uuid) -> String {
+    let Some(position) = confirmed_position(&template) else {
+        TrompeError::NotAConsumer(template.to_string()).raise();
+    };
+    as_extension_owner(|| {
+        crate::sql::execute(
+            "INSERT INTO trompe.consumers (node_id, name, confirmed) VALUES ($1::uuid, $2, $3)
+             ON CONFLICT (node_id) DO UPDATE SET name = EXCLUDED.name, confirmed = EXCLUDED.confirmed,
+                 registered_at = now(), confirmed_at = now()",
+            &[Some(&consumer.to_string()), Some(consumer_name), Some(&position)],
+        )
+    })
+    .map_err(|e| TrompeError::Internal(format!("registering consumer: {e}")))
+    .or_raise();
+    forget_live_confirmation(&consumer);
+    position
+}
+
+/// The position `consumer` has confirmed as applied here, NULL if this node does not keep its
+/// log for it.
+#[pg_extern(volatile, parallel_unsafe)]
+fn consumer_confirmed(consumer: pgrx::Uuid) -> Option<String> {
+    confirmed_position(&consumer)
+}
+
 /// Forgets what consumer `consumer` confirmed through shared memory (it was removed or
 /// registered anew).
 pub fn forget_live_confirmation(consumer: &pgrx::Uuid) {

@@ -62,7 +62,7 @@ pub fn connect_peer(name: &str, info: &ConnInfo) -> Result<Conn, TrompeError> {
     })
 }
 
-fn peer_query(
+pub(crate) fn peer_query(
     conn: &mut Conn,
     name: &str,
     info: &ConnInfo,
@@ -81,10 +81,51 @@ pub fn origin_name(peer: &str) -> String {
 /// Makes this node pull from a peer. Checks at call time that the connection string parses,
 /// the peer answers and accepts the login, has trompe, is not this node and is not a peer
 /// already; on any failure nothing changes. Returns the peer's node id.
+///
+/// With `sync => true` (on a new, empty node only), this node joins the peer's cluster: its
+/// worker copies the peer's schema and replicated data in one snapshot, then pulls the peer
+/// from that snapshot (progress in `trompe.status`). Peers added afterwards start where the
+/// copy left them.
 #[pg_extern(volatile, parallel_unsafe)]
-fn add_peer(name: &str, conninfo: &str) -> pgrx::Uuid {
+fn add_peer(name: &str, conninfo: &str, sync: default!(bool, false)) -> pgrx::Uuid {
     hide_statement();
-    add_peer_impl(name, conninfo).or_raise()
+    add_peer_impl(name, conninfo, sync).or_raise()
+}
+
+/// Refuses a join unless this node is new and empty: no peers, nothing replicated, no
+/// relations outside trompe's schema.
+fn check_empty_node() -> Result<(), TrompeError> {
+    let found = as_extension_owner(|| {
+        sql::value(
+            "SELECT CASE WHEN EXISTS (SELECT 1 FROM trompe.peers) THEN 'it has peers already'
+                         WHEN EXISTS (SELECT 1 FROM trompe.tables) OR EXISTS (SELECT 1 FROM trompe.schemas)
+                              THEN 'it replicates tables already'
+                         ELSE (SELECT format('it has %s %s', CASE c.relkind WHEN 'S' THEN 'sequence' WHEN 'v' THEN 'view'
+                                                                           ELSE 'relation' END, c.oid::regclass)
+                                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                                WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'trompe')
+                                  AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'
+                                  AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
+                                ORDER BY c.oid LIMIT 1) END",
+            &[],
+        )
+    })
+    .map_err(TrompeError::Internal)?;
+    match found {
+        Some(reason) => Err(TrompeError::SyncNeedsEmptyNode(reason)),
+        None => Ok(()),
+    }
+}
+
+/// The peer this node is still copying from, if a copy is not done.
+fn unfinished_sync() -> Result<Option<String>, TrompeError> {
+    as_extension_owner(|| {
+        sql::value(
+            "SELECT p.name FROM trompe.syncs s JOIN trompe.peers p USING (node_id) WHERE s.state <> 'done' LIMIT 1",
+            &[],
+        )
+    })
+    .map_err(TrompeError::Internal)
 }
 
 /// The statement calling `add_peer` carries a connection string that may hold a password:
@@ -128,7 +169,7 @@ fn warn_if_statement_logged(info: &ConnInfo) {
     }
 }
 
-fn add_peer_impl(name: &str, conninfo: &str) -> Result<pgrx::Uuid, TrompeError> {
+fn add_peer_impl(name: &str, conninfo: &str, sync: bool) -> Result<pgrx::Uuid, TrompeError> {
     if crate::shmem::shared().is_none() {
         return Err(TrompeError::NotPreloaded);
     }
@@ -137,6 +178,12 @@ fn add_peer_impl(name: &str, conninfo: &str) -> Result<pgrx::Uuid, TrompeError> 
     }
     let info = peer_conninfo(conninfo)?;
     warn_if_statement_logged(&info);
+    if let Some(source) = unfinished_sync()? {
+        return Err(TrompeError::SyncInProgress(source));
+    }
+    if sync {
+        check_empty_node()?;
+    }
     if !sql::flag("SELECT current_setting('track_commit_timestamp') = 'on'", &[]).map_err(TrompeError::Internal)? {
         return Err(TrompeError::SettingRequired(
             "track_commit_timestamp must be on (set it in postgresql.conf and restart)".into(),
@@ -167,19 +214,39 @@ fn add_peer_impl(name: &str, conninfo: &str) -> Result<pgrx::Uuid, TrompeError> 
     }
     let consumer_name =
         sql::value("SELECT current_database()", &[]).map_err(TrompeError::Internal)?.unwrap_or_default();
-    let reg = peer_query(
-        &mut conn,
-        name,
-        &info,
-        "SELECT node_id::text, snapshot, commit_timestamps FROM trompe.register_consumer($1::uuid, $2)",
-        &[Some(&me), Some(&consumer_name)],
-    )?;
-    let snapshot = reg.get(0, 1).unwrap_or_default().to_string();
-    if reg.get(0, 2) != Some("t") {
-        return Err(TrompeError::SettingRequired(format!(
-            "track_commit_timestamp must be on at peer \"{name}\" (set it in its postgresql.conf and restart it)"
-        )));
-    }
+    // A node that joined by copying another starts where that copy left this peer's changes;
+    // the copy's source registered it here at a position no later than that.
+    let start = as_extension_owner(|| {
+        sql::row(
+            "SELECT done, cur, after::text FROM trompe.start_positions WHERE node_id = $1::uuid",
+            &[Some(&peer_id)],
+        )
+    })
+    .map_err(TrompeError::Internal)?;
+    let (done, cur, after) = match start {
+        Some(row) => {
+            let kept = peer_query(&mut conn, name, &info, "SELECT trompe.consumer_confirmed($1::uuid)", &[Some(&me)])?;
+            if kept.get(0, 0).is_none() {
+                return Err(TrompeError::StartPositionLost(name.to_string()));
+            }
+            (row[0].clone().unwrap_or_default(), row[1].clone(), row[2].clone().unwrap_or_else(|| "0".into()))
+        }
+        None => {
+            let reg = peer_query(
+                &mut conn,
+                name,
+                &info,
+                "SELECT node_id::text, snapshot, commit_timestamps FROM trompe.register_consumer($1::uuid, $2)",
+                &[Some(&me), Some(&consumer_name)],
+            )?;
+            if reg.get(0, 2) != Some("t") {
+                return Err(TrompeError::SettingRequired(format!(
+                    "track_commit_timestamp must be on at peer \"{name}\" (set it in its postgresql.conf and restart it)"
+                )));
+            }
+            (reg.get(0, 1).unwrap_or_default().to_string(), None, "0".to_string())
+        }
+    };
     let _internal = InternalOperation::begin();
     as_extension_owner(|| {
         sql::execute(
@@ -187,9 +254,13 @@ fn add_peer_impl(name: &str, conninfo: &str) -> Result<pgrx::Uuid, TrompeError> 
             &[Some(name), Some(&peer_id), Some(conninfo)],
         )?;
         sql::execute(
-            "INSERT INTO trompe.progress (node_id, done) VALUES ($1::uuid, $2)",
-            &[Some(&peer_id), Some(&snapshot)],
+            "INSERT INTO trompe.progress (node_id, done, cur, after) VALUES ($1::uuid, $2, $3, $4::bigint)",
+            &[Some(&peer_id), Some(&done), cur.as_deref(), Some(&after)],
         )?;
+        sql::execute("DELETE FROM trompe.start_positions WHERE node_id = $1::uuid", &[Some(&peer_id)])?;
+        if sync {
+            sql::execute("INSERT INTO trompe.syncs (node_id) VALUES ($1::uuid)", &[Some(&peer_id)])?;
+        }
         // A peer removed and added again may still have its origin (dropped by the worker).
         sql::execute(
             "SELECT pg_replication_origin_create($1) WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)",

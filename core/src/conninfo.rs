@@ -110,6 +110,12 @@ impl ConnInfo {
         }
     }
 
+    /// Removes `key` and returns its value, if it had one.
+    pub fn take(&mut self, key: &str) -> Option<String> {
+        let at = self.pairs.iter().position(|(k, _)| k == key)?;
+        Some(self.pairs.remove(at).1)
+    }
+
     /// Sets `key` to `value` unless the user gave a value for it.
     pub fn set_default(&mut self, key: &str, value: &str) {
         if self.get(key).is_none() {

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
 use pgrx::pg_sys;
+use trompe_core::backoff::Backoff;
 use trompe_core::nodeid::NodeId;
 use trompe_core::position::{Position, Step};
 use trompe_core::snapshot::Snapshot;
@@ -101,6 +102,10 @@ struct Engine {
     next_maintenance_ms: i64,
     last_pruning_ms: i64,
     extension_seen: bool,
+    /// A copy from a peer this node is joining through (nothing is pulled until it is done).
+    sync: Option<crate::join::copy::SyncJob>,
+    sync_not_before_ms: i64,
+    sync_backoff: Backoff,
 }
 
 impl Engine {
@@ -123,6 +128,13 @@ impl Engine {
     }
 
     fn reload(&mut self) {
+        self.sync = match crate::join::copy::pending() {
+            Ok(job) => job,
+            Err(e) => {
+                pgrx::log!("trompe: cannot read pending copies: {e}");
+                None
+            }
+        };
         let (me, rows) = match load_peers() {
             Ok(v) => v,
             Err(e) => {
@@ -190,6 +202,39 @@ impl Engine {
         }
     }
 
+    /// Makes the pending copy from a peer (this node is joining a cluster), unless it failed
+    /// shortly before: it is retried with backoff, each attempt from the start.
+    fn drive_sync(&mut self) {
+        let Some(job) = self.sync.take() else { return };
+        if now_ms() < self.sync_not_before_ms {
+            self.sync = Some(job);
+            return;
+        }
+        let slot = shared().and_then(|s| s.peer_slot(self.dboid, &job.node.0));
+        pgrx::log!("trompe: copying the schema and data of peer \"{}\"", job.name);
+        match crate::join::copy::run(&job) {
+            Ok(()) => {
+                pgrx::log!("trompe: copy from peer \"{}\" done; replicating from it", job.name);
+                if let Some(slot) = slot {
+                    slot.clear_error();
+                }
+                self.sync_backoff.succeed();
+                // Links start again from the positions the copy set.
+                self.links.clear();
+                self.added.clear();
+                self.reload();
+            }
+            Err(e) => {
+                pgrx::log!("trompe: copy from peer \"{}\" failed (will start again): {e}", job.name);
+                if let Some(slot) = slot {
+                    slot.set_error(&format!("copying from the peer: {e}"));
+                }
+                self.sync_not_before_ms = now_ms() + self.sync_backoff.fail().as_millis() as i64;
+                self.sync = Some(job);
+            }
+        }
+    }
+
     fn iterate(&mut self) {
         let now = now_ms();
         if now >= self.next_extension_check_ms {
@@ -214,6 +259,14 @@ impl Engine {
                 self.links.iter_mut().for_each(Link::hurry);
             }
             self.next_reload_ms = now + RELOAD_EVERY_MS;
+        }
+        if self.sync.is_some() {
+            self.drive_sync();
+            if self.sync.is_some() {
+                let wake_at = self.sync_not_before_ms.min(self.next_extension_check_ms).min(self.next_reload_ms);
+                wait(&[], (wake_at - now_ms()).max(0));
+                return;
+            }
         }
         let enabled = crate::guc::ENABLED.get();
         let mut waits: Vec<WaitSpec> = Vec::with_capacity(self.links.len());
@@ -314,6 +367,9 @@ pub fn run(dboid: pg_sys::Oid, slot: &'static DbSlot) -> ! {
         next_maintenance_ms: 0,
         last_pruning_ms: 0,
         extension_seen: false,
+        sync: None,
+        sync_not_before_ms: 0,
+        sync_backoff: Backoff::new(std::time::Duration::from_secs(1), std::time::Duration::from_secs(60)),
     };
     // SAFETY: a memory context for one loop iteration, reset at the start of each.
     let loop_context = unsafe {

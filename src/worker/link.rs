@@ -549,7 +549,7 @@ impl Link {
 
 /// The peer's replication origin set up while a batch is applied, so each commit records the
 /// origin's commit time and identity; released when dropped (also after an error).
-struct OriginSession {
+pub(crate) struct OriginSession {
     active: bool,
 }
 
@@ -560,7 +560,13 @@ impl Drop for OriginSession {
 }
 
 impl OriginSession {
-    fn setup(&mut self, origin: pg_sys::RepOriginId, commit_us: i64) {
+    /// No origin set up yet.
+    pub(crate) fn none() -> Self {
+        OriginSession { active: false }
+    }
+
+    /// Sets up `origin` and the commit time the next commit records.
+    pub(crate) fn setup(&mut self, origin: pg_sys::RepOriginId, commit_us: i64) {
         if origin == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
             return;
         }
@@ -578,7 +584,8 @@ impl OriginSession {
         self.active = true;
     }
 
-    fn reset(&mut self) {
+    /// Releases the origin, if one is set up.
+    pub(crate) fn reset(&mut self) {
         if self.active {
             // SAFETY: releases the origin set up by `setup`.
             unsafe {

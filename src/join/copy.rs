@@ -1,0 +1,383 @@
+//! The joining node's side: the worker copies a peer's schema and data in one snapshot of the
+//! peer, each row committed with its original version (the replication origin of the node
+//! that wrote it and its commit time), then sets every position from that snapshot.
+//!
+//! A copy runs in several local transactions: the schema first, then the rows grouped by
+//! version, then tombstones; the last transaction sets the positions. If it is interrupted, the
+//! next attempt first undoes the previous one (drops what its schema created, unlinks the
+//! large objects it copied) and starts over from a new snapshot.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use pgrx::pg_sys;
+use trompe_core::conninfo::ConnInfo;
+use trompe_core::nodeid::NodeId;
+use trompe_core::pgarray::format_text_array;
+
+use crate::capture::InternalOperation;
+use crate::compare::{copy_referenced_large_objects, refers_to_large_objects};
+use crate::libpq::{connect_wait, query_wait, Conn, PgResult};
+use crate::peers::{peer_conninfo, scrub};
+use crate::sql;
+use crate::worker::link::OriginSession;
+use crate::worker::txn::in_transaction;
+
+/// How long one statement on the source may take (sorting a large table takes a while).
+const QUERY_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+/// Rows fetched from the source at a time.
+const FETCH_ROWS: usize = 2000;
+/// How often the progress shown in `trompe.status` is written.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// A copy this node has to make: from which peer.
+pub struct SyncJob {
+    /// The peer's name.
+    pub name: String,
+    /// The peer's node id.
+    pub node: NodeId,
+    /// Its connection string, as stored.
+    pub conninfo: String,
+}
+
+/// The copy waiting to be made, if any (one at most: a node joins once).
+pub fn pending() -> Result<Option<SyncJob>, String> {
+    in_transaction(|| {
+        let row = sql::row(
+            "SELECT p.name, p.node_id, p.conninfo FROM trompe.syncs s JOIN trompe.peers p USING (node_id)
+              WHERE s.state <> 'done' ORDER BY s.node_id LIMIT 1",
+            &[],
+        )?;
+        let Some(row) = row else { return Ok(None) };
+        let text = |i: usize| row[i].clone().unwrap_or_default();
+        let node = text(1).parse::<NodeId>().map_err(|e| e.to_string())?;
+        Ok(Some(SyncJob { name: text(0), node, conninfo: text(2) }))
+    })
+}
+
+/// What the source told about its snapshot.
+#[derive(Default)]
+struct Source {
+    snapshot: String,
+    exported: String,
+    node: String,
+    /// Per peer of the source: node id, done, cur, after.
+    positions: Vec<[Option<String>; 4]>,
+    /// Replicated tables (qualified names) and their conflict rules.
+    tables: Vec<(String, String)>,
+    schemas: Vec<String>,
+}
+
+/// A connection to the source, with errors scrubbed of secrets.
+struct SourceConn {
+    conn: Conn,
+    name: String,
+    info: ConnInfo,
+}
+
+impl SourceConn {
+    fn query(&mut self, sql: &str, params: &[Option<&str>]) -> Result<PgResult, String> {
+        query_wait(&mut self.conn, sql, params, QUERY_TIMEOUT)
+            .map_err(|e| format!("peer \"{}\": {}", self.name, scrub(&e.message, &self.info)))
+    }
+}
+
+fn cell(result: &PgResult, row: usize, col: usize) -> Option<String> {
+    result.get(row, col).map(str::to_string)
+}
+
+fn read_source(conn: &mut SourceConn) -> Result<Source, String> {
+    let result = conn.query("SELECT kind, name, a, b, c FROM trompe.sync_source()", &[])?;
+    let mut source = Source::default();
+    for r in 0..result.rows() {
+        let v = |c: usize| cell(&result, r, c);
+        match result.get(r, 0) {
+            Some("snapshot") => {
+                source.snapshot = v(2).unwrap_or_default();
+                source.exported = v(3).unwrap_or_default();
+                source.node = v(4).unwrap_or_default();
+            }
+            Some("position") => source.positions.push([v(1), v(2), v(3), v(4)]),
+            Some("table") => source.tables.push((v(1).unwrap_or_default(), v(2).unwrap_or_default())),
+            Some("schema") => source.schemas.push(v(1).unwrap_or_default()),
+            _ => {}
+        }
+    }
+    if source.snapshot.is_empty() || source.exported.is_empty() {
+        return Err(format!("peer \"{}\" did not describe its snapshot", conn.name));
+    }
+    Ok(source)
+}
+
+/// Undoes a previous attempt, creates the schema and the replication configuration.
+fn create_schema(job: &SyncJob, source: &Source, script: &trompe_core::dump::SchemaScript) -> Result<(), String> {
+    let node = job.node.to_string();
+    in_transaction(|| {
+        let _internal = InternalOperation::begin();
+        if let Some(undo) = sql::value("SELECT undo FROM trompe.syncs WHERE node_id = $1::uuid", &[Some(&node)])? {
+            sql::execute(
+                "SELECT pg_catalog.lo_unlink(l.local_oid) FROM trompe.large_objects l
+                  WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_largeobject_metadata m WHERE m.oid = l.local_oid)",
+                &[],
+            )?;
+            sql::execute(&undo, &[])?;
+        }
+        for table in ["large_objects", "tombstones", "truncations", "tables", "schemas", "start_positions"] {
+            sql::execute(&format!("DELETE FROM trompe.{table}"), &[])?;
+        }
+        if !script.create.is_empty() {
+            sql::execute(&script.create, &[]).map_err(|e| format!("creating the peer's schema here: {e}"))?;
+        }
+        for (table, rule) in &source.tables {
+            sql::execute("SELECT trompe.add_table($1::regclass)", &[Some(table)])
+                .map_err(|e| format!("replicating {table} here: {e}"))?;
+            sql::execute(
+                "UPDATE trompe.tables SET conflict_rule = $2 WHERE relid = $1::regclass",
+                &[Some(table), Some(rule)],
+            )?;
+        }
+        for schema in &source.schemas {
+            sql::execute(
+                "INSERT INTO trompe.schemas (schema_name) VALUES ($1) ON CONFLICT DO NOTHING",
+                &[Some(schema)],
+            )?;
+        }
+        let total = source.tables.len().to_string();
+        sql::execute(
+            "UPDATE trompe.syncs SET state = 'copying', attempts = attempts + 1, undo = $2, tables_total = $3::int,
+                    tables_copied = 0, rows_copied = 0, started_at = now(), finished_at = NULL
+              WHERE node_id = $1::uuid",
+            &[Some(&node), Some(&script.undo), Some(&total)],
+        )?;
+        Ok(())
+    })?;
+    crate::shmem::tombstones_changed();
+    Ok(())
+}
+
+/// A row version as the source reports it: the node that wrote it and its commit time.
+type VersionKey = (Option<String>, Option<String>);
+
+/// Commits groups of rows with their versions, each through the replication origin of the node
+/// that wrote it, and keeps the copy's progress.
+struct Committer<'a> {
+    job: &'a SyncJob,
+    source_node: String,
+    origins: HashMap<String, pg_sys::RepOriginId>,
+    session: OriginSession,
+    session_origin: Option<pg_sys::RepOriginId>,
+    rows_copied: i64,
+    tables_copied: i64,
+    progress_written: Instant,
+}
+
+impl Committer<'_> {
+    /// The local replication origin of node `node` (created if missing).
+    fn origin(&mut self, node: &str) -> Result<pg_sys::RepOriginId, String> {
+        if let Some(origin) = self.origins.get(node) {
+            return Ok(*origin);
+        }
+        node.parse::<NodeId>().map_err(|e| format!("the peer sent a bad node id {node:?}: {e}"))?;
+        let name = format!("trompe_{node}");
+        let id = in_transaction(|| {
+            sql::execute(
+                "SELECT pg_replication_origin_create($1)
+                  WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)",
+                &[Some(&name)],
+            )?;
+            sql::value("SELECT roident FROM pg_replication_origin WHERE roname = $1", &[Some(&name)])
+        })?
+        .and_then(|v| v.parse::<u16>().ok())
+        .ok_or_else(|| format!("no replication origin {name}"))?;
+        self.origins.insert(node.to_string(), id as pg_sys::RepOriginId);
+        Ok(id as pg_sys::RepOriginId)
+    }
+
+    /// Runs `work` in one local transaction committed with version `version` (a version the
+    /// source did not know, from before commit timestamps were kept, counts as the oldest).
+    fn commit_as(
+        &mut self,
+        version: &VersionKey,
+        rows: i64,
+        work: impl FnOnce() -> Result<(), String>,
+    ) -> Result<(), String> {
+        let node = version.0.clone().unwrap_or_else(|| self.source_node.clone());
+        let ts = version.1.as_deref().and_then(|t| t.parse::<i64>().ok()).unwrap_or(1);
+        let origin = self.origin(&node)?;
+        if self.session_origin != Some(origin) {
+            self.session.reset();
+            self.session.setup(origin, ts);
+            self.session_origin = Some(origin);
+        }
+        // SAFETY: the commit time the next commit records for the session's origin.
+        unsafe { pg_sys::replorigin_session_origin_timestamp = ts };
+        let due = self.progress_written.elapsed() >= PROGRESS_EVERY;
+        let node_id = self.job.node.to_string();
+        let copied = (self.rows_copied + rows).to_string();
+        let tables = self.tables_copied.to_string();
+        in_transaction(|| {
+            work()?;
+            if due {
+                sql::execute(
+                    "UPDATE trompe.syncs SET rows_copied = $2::bigint, tables_copied = $3::int WHERE node_id = $1::uuid",
+                    &[Some(&node_id), Some(&copied), Some(&tables)],
+                )?;
+            }
+            Ok(())
+        })?;
+        if due {
+            self.progress_written = Instant::now();
+        }
+        self.rows_copied += rows;
+        Ok(())
+    }
+
+    fn finish(&mut self) {
+        self.session.reset();
+        self.session_origin = None;
+    }
+}
+
+/// Copies the rows of one table, a batch at a time, each group of rows with one version in a
+/// transaction of its own.
+fn copy_table(conn: &mut SourceConn, committer: &mut Committer<'_>, table: &str) -> Result<(), String> {
+    let has_large_objects = in_transaction(|| refers_to_large_objects(table).map_err(|e| e.to_string()))?;
+    conn.query(
+        "DECLARE trompe_sync NO SCROLL CURSOR FOR SELECT row_data::text, ts, node FROM trompe.sync_rows($1::regclass)",
+        &[Some(table)],
+    )?;
+    let fetch = format!("FETCH {FETCH_ROWS} FROM trompe_sync");
+    loop {
+        let batch = conn.query(&fetch, &[])?;
+        if batch.rows() == 0 {
+            break;
+        }
+        let mut start = 0;
+        while start < batch.rows() {
+            let version: VersionKey = (cell(&batch, start, 2), cell(&batch, start, 1));
+            let mut end = start + 1;
+            while end < batch.rows() && (cell(&batch, end, 2), cell(&batch, end, 1)) == version {
+                end += 1;
+            }
+            let rows: Vec<&str> = (start..end).filter_map(|r| batch.get(r, 0)).collect();
+            let json = format!("[{}]", rows.join(","));
+            let peer = conn.name.clone();
+            let source = &mut conn.conn;
+            committer.commit_as(&version, (end - start) as i64, || {
+                if has_large_objects {
+                    copy_referenced_large_objects(source, &peer, table, &json).map_err(|e| e.to_string())?;
+                }
+                sql::execute("SELECT trompe._sync_insert($1::regclass, $2::jsonb)", &[Some(table), Some(&json)])
+                    .map_err(|e| format!("copying rows of {table}: {e}"))?;
+                Ok(())
+            })?;
+            start = end;
+        }
+    }
+    conn.query("CLOSE trompe_sync", &[])?;
+    committer.tables_copied += 1;
+    Ok(())
+}
+
+/// Copies tombstones and truncation markers, each with its version.
+fn copy_removals(conn: &mut SourceConn, committer: &mut Committer<'_>) -> Result<(), String> {
+    let result = conn.query("SELECT table_name, key::text, node, ts FROM trompe.sync_removals()", &[])?;
+    let mut start = 0;
+    while start < result.rows() {
+        let version: VersionKey = (cell(&result, start, 2), cell(&result, start, 3));
+        let mut end = start + 1;
+        while end < result.rows() && (cell(&result, end, 2), cell(&result, end, 3)) == version {
+            end += 1;
+        }
+        let tables: Vec<Option<&str>> = (start..end).map(|r| result.get(r, 0)).collect();
+        let keys: Vec<Option<&str>> = (start..end).map(|r| result.get(r, 1)).collect();
+        let (tables, keys) = (format_text_array(&tables), format_text_array(&keys));
+        committer.commit_as(&version, 0, || {
+            sql::execute(
+                "INSERT INTO trompe.tombstones (relid, key)
+                 SELECT t::regclass::oid, k::text[] FROM unnest($1::text[], $2::text[]) AS u(t, k)
+                  WHERE k IS NOT NULL ON CONFLICT DO NOTHING",
+                &[Some(&tables), Some(&keys)],
+            )?;
+            sql::execute(
+                "INSERT INTO trompe.truncations (relid)
+                 SELECT t::regclass::oid FROM unnest($1::text[], $2::text[]) AS u(t, k)
+                  WHERE k IS NULL ON CONFLICT DO NOTHING",
+                &[Some(&tables), Some(&keys)],
+            )?;
+            Ok(())
+        })?;
+        start = end;
+    }
+    crate::shmem::tombstones_changed();
+    Ok(())
+}
+
+/// Sets this node's positions from the copy's snapshot and marks the copy done.
+fn finish(job: &SyncJob, source: &Source, rows_copied: i64) -> Result<(), String> {
+    let node = job.node.to_string();
+    let rows = rows_copied.to_string();
+    in_transaction(|| {
+        let me = sql::value("SELECT node_id::text FROM trompe.node", &[])?.unwrap_or_default();
+        sql::execute(
+            "UPDATE trompe.progress SET done = $2, cur = NULL, after = 0, updated_at = now() WHERE node_id = $1::uuid",
+            &[Some(&node), Some(&source.snapshot)],
+        )?;
+        for [peer, done, cur, after] in &source.positions {
+            if peer.as_deref() == Some(me.as_str()) || peer.as_deref() == Some(node.as_str()) {
+                continue;
+            }
+            sql::execute(
+                "INSERT INTO trompe.start_positions (node_id, source, done, cur, after)
+                 VALUES ($1::uuid, $2::uuid, $3, $4, coalesce($5::bigint, 0))
+                 ON CONFLICT (node_id) DO UPDATE SET source = EXCLUDED.source, done = EXCLUDED.done,
+                     cur = EXCLUDED.cur, after = EXCLUDED.after, recorded_at = now()",
+                &[peer.as_deref(), Some(&node), done.as_deref(), cur.as_deref(), after.as_deref()],
+            )?;
+        }
+        sql::execute(
+            "UPDATE trompe.syncs SET state = 'done', finished_at = now(), undo = NULL, rows_copied = $2::bigint,
+                    tables_copied = tables_total
+              WHERE node_id = $1::uuid",
+            &[Some(&node), Some(&rows)],
+        )?;
+        Ok(())
+    })
+}
+
+/// Makes the copy `job` describes, from the start. On an error the copy is left for the next
+/// attempt, which undoes this one first.
+pub fn run(job: &SyncJob) -> Result<(), String> {
+    let info = peer_conninfo(&job.conninfo).map_err(|e| e.to_string())?;
+    let conn = connect_wait(&info, Duration::from_secs(60))
+        .map_err(|e| format!("could not connect to peer \"{}\": {}", job.name, scrub(&e.message, &info)))?;
+    let mut conn = SourceConn { conn, name: job.name.clone(), info };
+    let (me, database) = in_transaction(|| {
+        let me = sql::value("SELECT node_id::text FROM trompe.node", &[])?.unwrap_or_default();
+        Ok((me, sql::value("SELECT current_database()", &[])?.unwrap_or_default()))
+    })?;
+    conn.query("SELECT trompe.sync_register($1::uuid, $2)", &[Some(&me), Some(&database)])?;
+    conn.query("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY", &[])?;
+    let source = read_source(&mut conn)?;
+    let script = crate::join::schema::dump(&conn.info, &source.exported)?;
+    create_schema(job, &source, &script)?;
+    let mut committer = Committer {
+        job,
+        source_node: source.node.clone(),
+        origins: HashMap::new(),
+        session: OriginSession::none(),
+        session_origin: None,
+        rows_copied: 0,
+        tables_copied: 0,
+        progress_written: Instant::now(),
+    };
+    let copied = source
+        .tables
+        .iter()
+        .try_for_each(|(table, _)| copy_table(&mut conn, &mut committer, table))
+        .and_then(|()| copy_removals(&mut conn, &mut committer));
+    committer.finish();
+    copied?;
+    conn.query("COMMIT", &[])?;
+    finish(job, &source, committer.rows_copied)
+}

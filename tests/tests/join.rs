@@ -1,0 +1,146 @@
+//! A node joining a running cluster: `trompe.add_peer(..., sync => true)` on a new, empty node
+//! copies the schema and data (with large objects and tombstones) of one peer in one snapshot
+//! while every node keeps taking writes; after adding the other nodes as peers it ends
+//! identical to them and keeps up.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use trompe_tests::{checksum, expect_error, Cluster, Node, Rng};
+
+const SYNC: Duration = Duration::from_secs(300);
+
+/// Every row of docs as `id:<md5 of its large object>`.
+const DOCS: &str = "SELECT string_agg(format('%s:%s', id, md5(lo_get(body))), ' ' ORDER BY id) FROM docs";
+
+/// Random writes on one node until `stop`: updates of shared rows (so nodes conflict), inserts
+/// of keys of this writer's own, deletes; returns how many statements committed.
+fn writer(node: &Node, seed: u64, base: i64, stop: &AtomicBool) -> u64 {
+    let mut client = node.connect();
+    let mut rng = Rng::new(seed);
+    let mut next_id = base;
+    let mut done = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let sql = match rng.below(10) {
+            0..=5 => format!(
+                "UPDATE acct SET balance = balance + {} WHERE id = {}",
+                rng.between(-50, 50),
+                rng.between(1, 3000)
+            ),
+            6..=7 => {
+                next_id += 1;
+                format!("INSERT INTO acct VALUES ({next_id}, {}, 'from {base}')", rng.below(1000))
+            }
+            8 => format!("DELETE FROM acct WHERE id = {}", rng.between(1, 3000)),
+            _ => format!(
+                "INSERT INTO app.items VALUES ({}, 'v{}') ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v",
+                base + rng.between(0, 200),
+                rng.below(100)
+            ),
+        };
+        if client.batch_execute(&sql).is_ok() {
+            done += 1;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    done
+}
+
+#[test]
+fn a_third_node_joins_under_write_load_and_ends_identical() {
+    let cluster = Cluster::start("join", 3);
+    let (n1, n2, n3) = (cluster.node(0), cluster.node(1), cluster.node(2));
+    for node in [n1, n2] {
+        node.exec(
+            "CREATE TYPE mood AS ENUM ('calm', 'busy');
+             CREATE TABLE acct (id int PRIMARY KEY, balance int NOT NULL, note text, m mood DEFAULT 'calm');
+             CREATE INDEX acct_balance ON acct (balance);
+             SELECT trompe.add_table('acct');
+             CREATE TABLE docs (id int PRIMARY KEY, body oid);
+             SELECT trompe.add_table('docs');
+             CREATE SCHEMA app;
+             SELECT trompe.add_schema('app');",
+        );
+    }
+    cluster.add_peer(0, 1);
+    cluster.add_peer(1, 0);
+    // A table created after the schema was replicated reaches n2 through DDL replication.
+    n1.exec("CREATE TABLE app.items (id int PRIMARY KEY, v text)");
+    n1.exec("INSERT INTO acct SELECT g, g % 100, 'row ' || g FROM generate_series(1, 3000) g");
+    n1.exec("INSERT INTO docs VALUES (1, lo_from_bytea(0, 'first document')), (2, lo_from_bytea(0, repeat('x', 300000)::bytea))");
+    n2.exec("UPDATE acct SET balance = balance + 1 WHERE id % 7 = 0");
+    n2.exec("DELETE FROM acct WHERE id % 11 = 0");
+    for node in [n1, n2] {
+        assert_eq!(node.query_text("SELECT trompe.wait_sync('5 minutes')").as_deref(), Some("t"));
+    }
+
+    // Only a new, empty node can join: nothing changes when it is refused.
+    n3.exec("CREATE TABLE junk (id int)");
+    let sync_sql = format!("SELECT trompe.add_peer('n1', '{}', sync => true)", cluster.peer_conninfo(2, 0));
+    let (code, message) = expect_error(&mut n3.connect(), &sync_sql);
+    assert_eq!(code, "55000", "{message}");
+    assert!(message.contains("junk"), "{message}");
+    assert_eq!(n3.query_i64("SELECT count(*) FROM trompe.peers"), 0);
+    n3.exec("DROP TABLE junk");
+
+    let stop = AtomicBool::new(false);
+    let written = AtomicU64::new(0);
+    std::thread::scope(|scope| {
+        for (node, seed, base) in [(n1, 7, 100_000i64), (n2, 8, 200_000)] {
+            let (stop, written) = (&stop, &written);
+            scope.spawn(move || written.fetch_add(writer(node, seed, base, stop), Ordering::Relaxed));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        // n1 stops applying n2's changes for a while: when n3 copies n1, many of n2's changes
+        // are still on their way, some older than n1's own later updates of the same rows
+        // (which must win on n3 as they did on n1, so the copied rows must keep their versions),
+        // and n3 must pull n2 from where n1 had applied it.
+        n1.exec("SELECT trompe.pause_peer('n2')");
+        std::thread::sleep(Duration::from_secs(1));
+
+        // The join, while n1 and n2 take writes.
+        n3.exec(&sync_sql);
+        // Another peer waits until the copy is done (unless it already is).
+        let add_n2 = format!("SELECT trompe.add_peer('n2', '{}')", cluster.peer_conninfo(2, 1));
+        let added_early = match n3.connect().batch_execute(&add_n2) {
+            Ok(()) => true,
+            Err(e) => {
+                let code = e.as_db_error().map(|d| d.code().code().to_string());
+                assert_eq!(code.as_deref(), Some("55000"), "adding another peer during the copy: {e}");
+                false
+            }
+        };
+        n3.wait_for_value("SELECT sync_state FROM trompe.status WHERE name = 'n1'", "done", SYNC);
+        if !added_early {
+            n3.exec(&add_n2);
+        }
+        n1.exec("SELECT trompe.resume_peer('n2')");
+        cluster.add_peer(0, 2);
+        cluster.add_peer(1, 2);
+        // The new node writes too.
+        let (stop, written) = (&stop, &written);
+        scope.spawn(move || written.fetch_add(writer(n3, 99, 300_000, stop), Ordering::Relaxed));
+        std::thread::sleep(Duration::from_secs(3));
+        stop.store(true, Ordering::Relaxed);
+    });
+    assert!(written.load(Ordering::Relaxed) > 100, "the writers wrote");
+    cluster.wait_sync(SYNC);
+    cluster.wait_sync(SYNC);
+    for table in ["acct", "app.items"] {
+        cluster.assert_same(&checksum(table));
+    }
+    cluster.assert_same(DOCS);
+    cluster.assert_same("SELECT string_agg(relid::text, ',' ORDER BY relid::text) FROM trompe.tables");
+    cluster.assert_same("SELECT string_agg(schema_name, ',') FROM trompe.schemas");
+    assert!(n3.query_i64("SELECT count(*) FROM acct WHERE id > 300000") > 0, "n3's own writes reached n3");
+    assert!(n1.query_i64("SELECT count(*) FROM acct WHERE id > 300000") > 0, "and n1");
+    let status = n3.query_row(
+        "SELECT sync_rows_copied, sync_tables_copied, sync_tables_total FROM trompe.status WHERE name = 'n1'",
+    );
+    let copied: i64 = status[0].as_deref().and_then(|v| v.parse().ok()).unwrap_or(0);
+    assert!(copied >= 2700, "status shows the copy: {status:?}");
+    assert_eq!(status[1], status[2], "every table copied: {status:?}");
+    assert_eq!(n3.query_i64("SELECT count(*) FROM trompe.start_positions"), 0, "n2's start position was used");
+    // Schema beyond the tables came along: the enum, the index.
+    assert_eq!(n3.query_i64("SELECT count(*) FROM pg_indexes WHERE indexname = 'acct_balance'"), 1);
+}
