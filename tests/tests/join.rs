@@ -144,3 +144,37 @@ fn a_third_node_joins_under_write_load_and_ends_identical() {
     // Schema beyond the tables came along: the enum, the index.
     assert_eq!(n3.query_i64("SELECT count(*) FROM pg_indexes WHERE indexname = 'acct_balance'"), 1);
 }
+
+#[test]
+fn an_interrupted_copy_starts_again_cleanly() {
+    let cluster = Cluster::start("join-restart", 2);
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    n1.exec(
+        "CREATE TABLE big (id int PRIMARY KEY, v text, n numeric);
+         SELECT trompe.add_table('big');
+         INSERT INTO big SELECT g, md5(g::text), g / 7.0 FROM generate_series(1, 400000) g;
+         CREATE TABLE docs (id int PRIMARY KEY, body oid);
+         SELECT trompe.add_table('docs');
+         INSERT INTO docs SELECT g, lo_from_bytea(0, convert_to(repeat('doc ' || g, 1000), 'UTF8')) FROM generate_series(1, 5) g;",
+    );
+    for i in 0..200 {
+        n1.exec(&format!("UPDATE big SET v = 'updated' WHERE id = {}", i * 1000 + 1));
+    }
+    n1.exec("DELETE FROM big WHERE id % 1000 = 2");
+    let started = std::time::Instant::now();
+    n2.exec(&format!("SELECT trompe.add_peer('n1', '{}', sync => true)", cluster.peer_conninfo(1, 0)));
+    let copying = "SELECT sync_state = 'copying' AND sync_rows_copied > 0 FROM trompe.status WHERE name = 'n1'";
+    let caught = trompe_tests::wait_for(Duration::from_secs(120), || n2.query_text(copying).as_deref() == Some("t"));
+    assert!(caught, "the copy was not seen in progress: {:?}", n2.query_row("SELECT * FROM trompe.status"));
+    n2.crash_and_restart();
+    n2.wait_for_value("SELECT sync_state FROM trompe.status WHERE name = 'n1'", "done", SYNC);
+    eprintln!("copy with one interruption took {:?}", started.elapsed());
+    assert!(n2.query_i64("SELECT attempts FROM trompe.syncs") >= 2, "the copy was attempted again");
+    cluster.add_peer(0, 1);
+    n1.exec("UPDATE big SET v = 'after the join' WHERE id = 3");
+    cluster.wait_sync(SYNC);
+    cluster.assert_same(&checksum("big"));
+    cluster.assert_same(DOCS);
+    cluster.assert_same("SELECT count(*) FROM pg_largeobject_metadata");
+    cluster.assert_same("SELECT count(*) FROM trompe.tombstones");
+}
