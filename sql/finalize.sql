@@ -111,8 +111,8 @@ REVOKE EXECUTE ON FUNCTION
     trompe.fetch_rows(regclass, text[]), trompe._repair_rows(regclass, text, text[], jsonb),
     trompe.lo_chunk(uuid, oid, bigint, integer),
     trompe.sync_register(uuid, text), trompe.register_consumer_from(uuid, text, uuid),
-    trompe.consumer_confirmed(uuid), trompe.sync_source(), trompe.sync_rows(regclass), trompe.sync_removals(),
-    trompe._sync_insert(regclass, jsonb), trompe._version_sql(text)
+    trompe.consumer_confirmed(uuid), trompe.sync_source(), trompe.sync_rows_sql(regclass), trompe.sync_removals(),
+    trompe._sync_insert_sql(regclass), trompe._version_sql(text)
 FROM PUBLIC;
 
 -- Pulling this node's log (called by peers over libpq). The plan (which transactions) is
@@ -162,7 +162,7 @@ GRANT EXECUTE ON FUNCTION
     trompe.lo_chunk(uuid, oid, bigint, integer),
     -- A node joining the cluster copies this one through these.
     trompe.sync_register(uuid, text), trompe.register_consumer_from(uuid, text, uuid),
-    trompe.consumer_confirmed(uuid), trompe.sync_source(), trompe.sync_rows(regclass), trompe.sync_removals()
+    trompe.consumer_confirmed(uuid), trompe.sync_source(), trompe.sync_rows_sql(regclass), trompe.sync_removals()
 TO trompe_puller;
 
 -- Members of trompe_admin administer trompe without being superusers: peers, tables, rules,

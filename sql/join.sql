@@ -34,32 +34,35 @@ CREATE TABLE trompe.start_positions (
 );
 COMMENT ON TABLE trompe.start_positions IS 'Positions at which add_peer starts pulling nodes this node has copied from another (sync).';
 
--- The version of what transaction `x` wrote: its commit time (µs since 2000-01-01, NULL if not
--- known) and node (this node for local commits, the peer for changes applied from one).
+-- The version of what transaction `xmin_expr` wrote, as SQL: its commit time (µs since
+-- 2000-01-01, NULL if not known) and node (this node for local commits, the peer whose
+-- replication origin applied it otherwise), with the nodes spelled out (a peer running the SQL
+-- may not read trompe.node or pg_replication_origin).
 CREATE FUNCTION trompe._version_sql(xmin_expr text) RETURNS text
-LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
-SELECT format(
-    '(SELECT ((extract(epoch FROM c.timestamp) - 946684800) * 1000000)::bigint AS ts,
-             CASE WHEN c.roident = 0 THEN (SELECT node_id FROM trompe.node)
-                  ELSE (SELECT substr(o.roname, 8)::uuid FROM pg_catalog.pg_replication_origin o
-                         WHERE o.roident = c.roident AND o.roname ~ ''^trompe_[0-9a-f-]{36}$'') END AS node
-        FROM pg_catalog.pg_xact_commit_timestamp_origin(%s) c)', xmin_expr)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN format(
+        '(SELECT ((extract(epoch FROM c.timestamp) - 946684800) * 1000000)::bigint AS ts,
+                 CASE c.roident WHEN 0 THEN %L::uuid %s END AS node
+            FROM pg_catalog.pg_xact_commit_timestamp_origin(%s) c)',
+        (SELECT node_id FROM trompe.node),
+        (SELECT string_agg(format('WHEN %s THEN %L::uuid', o.roident, substr(o.roname, 8)), ' ')
+           FROM pg_catalog.pg_replication_origin o WHERE o.roname ~ '^trompe_[0-9a-f-]{36}$'),
+        xmin_expr);
+END
 $$;
 
--- Every row of a replicated table in canonical form (as fetch_rows returns rows), with the
--- version that wrote it, ordered by version. For a node copying this one (sync).
-CREATE FUNCTION trompe.sync_rows(rel regclass)
-RETURNS TABLE (row_data jsonb, ts bigint, node uuid)
-LANGUAGE plpgsql STABLE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp SET timezone = 'UTC' SET datestyle = 'ISO, YMD'
-SET intervalstyle = 'postgres' SET extra_float_digits = 3 SET bytea_output = 'hex' AS $$
+-- The query that reads every row of a replicated table in canonical form (as fetch_rows
+-- returns rows) with the version that wrote it, in no particular order. For a node copying
+-- this one, which runs it in its snapshot (and so needs to be able to read the table).
+CREATE FUNCTION trompe.sync_rows_sql(rel regclass) RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     s record;
 BEGIN
     s := trompe._table_sql(rel);
-    RETURN QUERY EXECUTE format(
-        'SELECT %s, v.ts, v.node FROM %s t CROSS JOIN LATERAL %s v ORDER BY v.node, v.ts',
-        s.row_json, rel, trompe._version_sql('t.xmin'));
+    RETURN format('SELECT (%s)::text, v.ts, v.node FROM %s t CROSS JOIN LATERAL %s v',
+                  s.row_json, rel, trompe._version_sql('t.xmin'));
 END
 $$;
 
@@ -100,21 +103,21 @@ BEGIN
 END
 $$;
 
--- Inserts copied rows (a jsonb array of canonical rows whose large objects are here already)
--- into a replicated table of this node.
-CREATE FUNCTION trompe._sync_insert(rel regclass, incoming jsonb) RETURNS bigint
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET timezone = 'UTC' SET datestyle = 'ISO, YMD'
-SET intervalstyle = 'postgres' SET extra_float_digits = 3 SET bytea_output = 'hex' AS $$
+-- The statement that inserts copied rows ($1: a jsonb array of canonical rows whose large
+-- objects are here already) into a replicated table of this node.
+CREATE FUNCTION trompe._sync_insert_sql(rel regclass) RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     s record;
-    n bigint;
 BEGIN
     s := trompe._table_sql(rel);
-    EXECUTE format(
-        'WITH a AS (SELECT * FROM jsonb_populate_recordset(NULL::%s, (SELECT jsonb_agg(%s) FROM jsonb_array_elements($1) r)))
+    RETURN format(
+        'WITH a AS (SELECT * FROM jsonb_populate_recordset(NULL::%s, %s))
          INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM a',
-        rel, s.row_local, rel, s.columns, s.columns) USING incoming;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    RETURN n;
+        rel,
+        -- Rows that may refer to large objects get this node's oids; others are taken as sent.
+        CASE WHEN s.row_local = 'r' THEN '$1::jsonb'
+             ELSE format('(SELECT jsonb_agg(%s) FROM jsonb_array_elements($1::jsonb) r)', s.row_local) END,
+        rel, s.columns, s.columns);
 END
 $$;

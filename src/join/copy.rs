@@ -17,7 +17,7 @@ use trompe_core::pgarray::format_text_array;
 
 use crate::capture::InternalOperation;
 use crate::compare::{copy_referenced_large_objects, refers_to_large_objects};
-use crate::libpq::{connect_wait, query_wait, Conn, PgResult};
+use crate::libpq::{connect_wait, result_wait, send_wait, Conn, PgResult, PqError};
 use crate::peers::{peer_conninfo, scrub};
 use crate::sql;
 use crate::worker::link::OriginSession;
@@ -77,8 +77,22 @@ struct SourceConn {
 
 impl SourceConn {
     fn query(&mut self, sql: &str, params: &[Option<&str>]) -> Result<PgResult, String> {
-        query_wait(&mut self.conn, sql, params, QUERY_TIMEOUT)
-            .map_err(|e| format!("peer \"{}\": {}", self.name, scrub(&e.message, &self.info)))
+        send_wait(&mut self.conn, sql, params, QUERY_TIMEOUT).map_err(|e| self.failed(e))?;
+        self.result()
+    }
+
+    /// Sends a statement without parameters; its result is collected with `result`, so that
+    /// this node can work while the peer answers.
+    fn send(&mut self, sql: &str) -> Result<(), String> {
+        send_wait(&mut self.conn, sql, &[], QUERY_TIMEOUT).map_err(|e| self.failed(e))
+    }
+
+    fn result(&mut self) -> Result<PgResult, String> {
+        result_wait(&mut self.conn, QUERY_TIMEOUT).map_err(|e| self.failed(e))
+    }
+
+    fn failed(&self, e: PqError) -> String {
+        format!("peer \"{}\": {}", self.name, scrub(&e.message, &self.info))
     }
 }
 
@@ -238,40 +252,61 @@ impl Committer<'_> {
     }
 }
 
-/// Copies the rows of one table, a batch at a time, each group of rows with one version in a
-/// transaction of its own.
+/// The rows of a batch grouped by version, groups in the order their first row came.
+fn group_by_version(batch: &PgResult) -> Vec<(VersionKey, Vec<usize>)> {
+    let mut groups: Vec<(VersionKey, Vec<usize>)> = Vec::new();
+    let mut index: HashMap<VersionKey, usize> = HashMap::new();
+    for r in 0..batch.rows() {
+        let version: VersionKey = (cell(batch, r, 2), cell(batch, r, 1));
+        let at = *index.entry(version.clone()).or_insert_with(|| {
+            groups.push((version, Vec::new()));
+            groups.len() - 1
+        });
+        groups[at].1.push(r);
+    }
+    groups
+}
+
+/// Copies the rows of one table, a batch at a time (read in no particular order: sorting a
+/// large table on the peer would cost more than it saves), each group of rows of one version
+/// in a transaction of its own.
 fn copy_table(conn: &mut SourceConn, committer: &mut Committer<'_>, table: &str) -> Result<(), String> {
-    let has_large_objects = in_transaction(|| refers_to_large_objects(table).map_err(|e| e.to_string()))?;
-    conn.query(
-        "DECLARE trompe_sync NO SCROLL CURSOR FOR SELECT row_data::text, ts, node FROM trompe.sync_rows($1::regclass)",
-        &[Some(table)],
-    )?;
+    let (has_large_objects, insert) = in_transaction(|| {
+        let lo = refers_to_large_objects(table).map_err(|e| e.to_string())?;
+        let insert = sql::value("SELECT trompe._sync_insert_sql($1::regclass)", &[Some(table)])?;
+        Ok((lo, insert.unwrap_or_default()))
+    })?;
+    let select = conn.query("SELECT trompe.sync_rows_sql($1::regclass)", &[Some(table)])?;
+    let select = select.get(0, 0).ok_or_else(|| format!("peer \"{}\" has no query for {table}", conn.name))?;
+    conn.query(&format!("DECLARE trompe_sync NO SCROLL CURSOR FOR {select}"), &[])?;
     let fetch = format!("FETCH {FETCH_ROWS} FROM trompe_sync");
+    conn.send(&fetch)?;
     loop {
-        let batch = conn.query(&fetch, &[])?;
+        let batch = conn.result()?;
         if batch.rows() == 0 {
             break;
         }
-        let mut start = 0;
-        while start < batch.rows() {
-            let version: VersionKey = (cell(&batch, start, 2), cell(&batch, start, 1));
-            let mut end = start + 1;
-            while end < batch.rows() && (cell(&batch, end, 2), cell(&batch, end, 1)) == version {
-                end += 1;
-            }
-            let rows: Vec<&str> = (start..end).filter_map(|r| batch.get(r, 0)).collect();
-            let json = format!("[{}]", rows.join(","));
+        // The peer reads the next batch while this one is written here, unless large objects
+        // are copied over the same connection meanwhile.
+        let prefetched = !has_large_objects;
+        if prefetched {
+            conn.send(&fetch)?;
+        }
+        for (version, rows) in group_by_version(&batch) {
+            let json: Vec<&str> = rows.iter().filter_map(|r| batch.get(*r, 0)).collect();
+            let json = format!("[{}]", json.join(","));
             let peer = conn.name.clone();
             let source = &mut conn.conn;
-            committer.commit_as(&version, (end - start) as i64, || {
+            committer.commit_as(&version, rows.len() as i64, || {
                 if has_large_objects {
                     copy_referenced_large_objects(source, &peer, table, &json).map_err(|e| e.to_string())?;
                 }
-                sql::execute("SELECT trompe._sync_insert($1::regclass, $2::jsonb)", &[Some(table), Some(&json)])
-                    .map_err(|e| format!("copying rows of {table}: {e}"))?;
+                sql::execute(&insert, &[Some(&json)]).map_err(|e| format!("copying rows of {table}: {e}"))?;
                 Ok(())
             })?;
-            start = end;
+        }
+        if !prefetched {
+            conn.send(&fetch)?;
         }
     }
     conn.query("CLOSE trompe_sync", &[])?;
@@ -335,6 +370,8 @@ fn finish(job: &SyncJob, source: &Source, rows_copied: i64) -> Result<(), String
                 &[peer.as_deref(), Some(&node), done.as_deref(), cur.as_deref(), after.as_deref()],
             )?;
         }
+        // A sequence slot chosen before the copy continues above the keys copied.
+        crate::sequences::adjust().map_err(|e| e.to_string())?;
         sql::execute(
             "UPDATE trompe.syncs SET state = 'done', finished_at = now(), undo = NULL, rows_copied = $2::bigint,
                     tables_copied = tables_total
@@ -356,6 +393,9 @@ pub fn run(job: &SyncJob) -> Result<(), String> {
         let me = sql::value("SELECT node_id::text FROM trompe.node", &[])?.unwrap_or_default();
         Ok((me, sql::value("SELECT current_database()", &[])?.unwrap_or_default()))
     })?;
+    // The copy keeps one transaction open on the source for as long as it takes.
+    conn.query("SET statement_timeout = 0", &[])?;
+    conn.query("SET idle_in_transaction_session_timeout = 0", &[])?;
     conn.query("SELECT trompe.sync_register($1::uuid, $2)", &[Some(&me), Some(&database)])?;
     conn.query("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY", &[])?;
     let source = read_source(&mut conn)?;
