@@ -86,10 +86,19 @@ pub fn origin_name(peer: &str) -> String {
 /// worker copies the peer's schema and replicated data in one snapshot, then pulls the peer
 /// from that snapshot (progress in `trompe.status`). Peers added afterwards start where the
 /// copy left them.
-#[pg_extern(volatile, parallel_unsafe)]
-fn add_peer(name: &str, conninfo: &str, sync: default!(bool, false)) -> pgrx::Uuid {
+#[pg_extern(name = "add_peer", volatile, parallel_unsafe)]
+fn add_peer_with_sync(name: &str, conninfo: &str, sync: default!(bool, false)) -> pgrx::Uuid {
     hide_statement();
     add_peer_impl(name, conninfo, sync).or_raise()
+}
+
+/// `add_peer(name, conninfo)` as versions before 0.3.0 declared it: their SQL definition
+/// calls this symbol until `ALTER EXTENSION trompe UPDATE` replaces it (a symbol keeps its
+/// arguments across versions, so the three-argument function has a symbol of its own).
+#[pg_extern(sql = false)]
+fn add_peer(name: &str, conninfo: &str) -> pgrx::Uuid {
+    hide_statement();
+    add_peer_impl(name, conninfo, false).or_raise()
 }
 
 /// Refuses a join unless this node is new and empty: no peers, nothing replicated, no
@@ -120,6 +129,9 @@ fn check_empty_node() -> Result<(), TrompeError> {
 /// The peer this node is still copying from, if a copy is not done.
 fn unfinished_sync() -> Result<Option<String>, TrompeError> {
     as_extension_owner(|| {
+        if !crate::join::schema_installed()? {
+            return Ok(None);
+        }
         sql::value(
             "SELECT p.name FROM trompe.syncs s JOIN trompe.peers p USING (node_id) WHERE s.state <> 'done' LIMIT 1",
             &[],
@@ -181,7 +193,13 @@ fn add_peer_impl(name: &str, conninfo: &str, sync: bool) -> Result<pgrx::Uuid, T
     if let Some(source) = unfinished_sync()? {
         return Err(TrompeError::SyncInProgress(source));
     }
+    let joining_installed = crate::join::schema_installed().map_err(TrompeError::Internal)?;
     if sync {
+        if !joining_installed {
+            return Err(TrompeError::SettingRequired(
+                "add_peer with sync => true needs trompe 0.3.0 here: run ALTER EXTENSION trompe UPDATE".into(),
+            ));
+        }
         check_empty_node()?;
     }
     if !sql::flag("SELECT current_setting('track_commit_timestamp') = 'on'", &[]).map_err(TrompeError::Internal)? {
@@ -216,13 +234,17 @@ fn add_peer_impl(name: &str, conninfo: &str, sync: bool) -> Result<pgrx::Uuid, T
         sql::value("SELECT current_database()", &[]).map_err(TrompeError::Internal)?.unwrap_or_default();
     // A node that joined by copying another starts where that copy left this peer's changes;
     // the copy's source registered it here at a position no later than that.
-    let start = as_extension_owner(|| {
-        sql::row(
-            "SELECT done, cur, after::text FROM trompe.start_positions WHERE node_id = $1::uuid",
-            &[Some(&peer_id)],
-        )
-    })
-    .map_err(TrompeError::Internal)?;
+    let start = if joining_installed {
+        as_extension_owner(|| {
+            sql::row(
+                "SELECT done, cur, after::text FROM trompe.start_positions WHERE node_id = $1::uuid",
+                &[Some(&peer_id)],
+            )
+        })
+        .map_err(TrompeError::Internal)?
+    } else {
+        None
+    };
     let (done, cur, after) = match start {
         Some(row) => {
             let kept = peer_query(&mut conn, name, &info, "SELECT trompe.consumer_confirmed($1::uuid)", &[Some(&me)])?;
@@ -257,7 +279,9 @@ fn add_peer_impl(name: &str, conninfo: &str, sync: bool) -> Result<pgrx::Uuid, T
             "INSERT INTO trompe.progress (node_id, done, cur, after) VALUES ($1::uuid, $2, $3, $4::bigint)",
             &[Some(&peer_id), Some(&done), cur.as_deref(), Some(&after)],
         )?;
-        sql::execute("DELETE FROM trompe.start_positions WHERE node_id = $1::uuid", &[Some(&peer_id)])?;
+        if joining_installed {
+            sql::execute("DELETE FROM trompe.start_positions WHERE node_id = $1::uuid", &[Some(&peer_id)])?;
+        }
         if sync {
             sql::execute("INSERT INTO trompe.syncs (node_id) VALUES ($1::uuid)", &[Some(&peer_id)])?;
         }

@@ -43,6 +43,9 @@ pub struct SyncJob {
 /// The copy waiting to be made, if any (one at most: a node joins once).
 pub fn pending() -> Result<Option<SyncJob>, String> {
     in_transaction(|| {
+        if !crate::join::schema_installed()? {
+            return Ok(None);
+        }
         let row = sql::row(
             "SELECT p.name, p.node_id, p.conninfo FROM trompe.syncs s JOIN trompe.peers p USING (node_id)
               WHERE s.state <> 'done' ORDER BY s.node_id LIMIT 1",

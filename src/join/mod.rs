@@ -7,3 +7,13 @@
 pub mod copy;
 pub mod schema;
 pub mod source;
+
+/// True once this database's trompe has the tables joining needs (0.3.0 and later): the library
+/// is replaced before `ALTER EXTENSION trompe UPDATE` runs, and must work with the older schema
+/// meanwhile.
+pub fn schema_installed() -> Result<bool, String> {
+    crate::sql::flag(
+        "SELECT to_regclass('trompe.syncs') IS NOT NULL AND to_regclass('trompe.start_positions') IS NOT NULL",
+        &[],
+    )
+}

@@ -1,5 +1,5 @@
-//! Upgrading trompe in place: nodes created at the previous version (0.1.0, its script kept in
-//! sql/released/) replicate, are restarted one by one and updated with
+//! Upgrading trompe in place: nodes created at an earlier version (0.1.0 or 0.2.0, their
+//! scripts kept in sql/released/) replicate, are restarted one by one and updated with
 //! `ALTER EXTENSION trompe UPDATE` while clients keep writing, and keep replicating without
 //! losing a row; the updated schema is exactly what a fresh install of the new version creates.
 
@@ -12,7 +12,6 @@ use postgres::NoTls;
 use trompe_tests::{checksum, Cluster};
 
 const SYNC: Duration = Duration::from_secs(120);
-const PREVIOUS: &str = "0.1.0";
 
 /// The version being built: trompe's own Cargo.toml (not this test crate's).
 fn current_version() -> String {
@@ -93,17 +92,27 @@ fn writer(conninfo: String, base: i64, stop: Arc<AtomicBool>, committed: Arc<Ato
 }
 
 #[test]
-fn alter_extension_update_keeps_replicating_without_losing_rows() {
-    let script = trompe_tests::system::extension_dir().join(format!("trompe--{PREVIOUS}.sql"));
+fn updating_from_0_1_0_keeps_replicating_without_losing_rows() {
+    update_keeps_replicating_without_losing_rows("0.1.0");
+}
+
+#[test]
+fn updating_from_0_2_0_keeps_replicating_without_losing_rows() {
+    update_keeps_replicating_without_losing_rows("0.2.0");
+}
+
+/// Two nodes created at version `previous`, updated one by one under load.
+fn update_keeps_replicating_without_losing_rows(previous: &str) {
+    let script = trompe_tests::system::extension_dir().join(format!("trompe--{previous}.sql"));
     assert!(
         script.exists(),
         "{} is missing: install with scripts/install, which installs sql/released/",
         script.display()
     );
-    let cluster = Cluster::builder("upgrade").nodes(2).with_extension(false).start();
+    let cluster = Cluster::builder(&format!("upgrade-{previous}")).nodes(2).with_extension(false).start();
     let (n1, n2) = (cluster.node(0), cluster.node(1));
     cluster.exec_all(&format!(
-        "CREATE EXTENSION trompe VERSION '{PREVIOUS}';
+        "CREATE EXTENSION trompe VERSION '{previous}';
          CREATE TABLE items (id bigint PRIMARY KEY, note text);
          SELECT trompe.add_table('items');"
     ));
@@ -146,11 +155,13 @@ fn alter_extension_update_keeps_replicating_without_losing_rows() {
         n2.query_text("SELECT count(*) FROM trompe.status WHERE state = 'connected' AND last_error IS NULL").as_deref(),
         Some("1")
     );
-    // What the new version adds works on the updated nodes.
+    // What the later versions add works on the updated nodes.
     assert_eq!(
         n2.query_text("SELECT only_here + only_there + different FROM trompe.compare('n1', 'items')").as_deref(),
         Some("0")
     );
+    assert_eq!(n2.query_text("SELECT sync_state FROM trompe.status WHERE name = 'n1'"), None);
+    assert!(n1.query_text("SELECT trompe.sync_rows_sql('items')").is_some_and(|q| q.contains("items")));
 
     // The updated schema is the one a fresh install creates.
     n1.exec("CREATE DATABASE fresh");
