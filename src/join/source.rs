@@ -14,11 +14,14 @@ use crate::sql;
 /// node pulls it. Fails, naming the peer, if one cannot be reached. Returns how many peers.
 #[pg_extern(volatile, parallel_unsafe)]
 fn sync_register(consumer: pgrx::Uuid, consumer_name: &str) -> i32 {
-    let peers = as_extension_owner(|| sql::rows("SELECT name, conninfo FROM trompe.peers ORDER BY name", &[]))
-        .map_err(TrompeError::Internal)
-        .or_raise();
-    let me = local_node_id().to_string();
     let consumer = consumer.to_string();
+    // The joining node itself may be a peer here already: it registers with this node itself.
+    let peers = as_extension_owner(|| {
+        sql::rows("SELECT name, conninfo FROM trompe.peers WHERE node_id <> $1::uuid ORDER BY name", &[Some(&consumer)])
+    })
+    .map_err(TrompeError::Internal)
+    .or_raise();
+    let me = local_node_id().to_string();
     for peer in &peers {
         let (Some(name), Some(conninfo)) = (&peer[0], &peer[1]) else { continue };
         let registered = peer_conninfo(conninfo).and_then(|info| {

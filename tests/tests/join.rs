@@ -178,3 +178,54 @@ fn an_interrupted_copy_starts_again_cleanly() {
     cluster.assert_same("SELECT count(*) FROM pg_largeobject_metadata");
     cluster.assert_same("SELECT count(*) FROM trompe.tombstones");
 }
+
+/// A node joins through a login that is only a member of `trompe_puller` and
+/// `pg_read_all_data`; a copy that fails (the role owning the tables is missing on the new node)
+/// says why in `trompe.status` and succeeds on its own once the cause is fixed.
+#[test]
+fn a_node_joins_through_a_least_privilege_role_after_a_failed_attempt() {
+    let cluster = Cluster::start("join-puller", 3);
+    let (n1, n2, n3) = (cluster.node(0), cluster.node(1), cluster.node(2));
+    let puller =
+        |from: usize, to: usize| format!("host=127.0.0.1 port={} dbname=app user=puller", cluster.link(from, to).port);
+    for node in [n1, n2] {
+        node.exec(
+            "CREATE ROLE puller LOGIN IN ROLE trompe_puller, pg_read_all_data;
+             CREATE ROLE app_owner;
+             CREATE TABLE t (id int PRIMARY KEY, v text, doc oid);
+             ALTER TABLE t OWNER TO app_owner;
+             SELECT trompe.add_table('t');",
+        );
+    }
+    n1.exec(&format!("SELECT trompe.add_peer('n2', '{}')", puller(0, 1)));
+    n2.exec(&format!("SELECT trompe.add_peer('n1', '{}')", puller(1, 0)));
+    n1.exec("INSERT INTO t SELECT g, 'n1 ' || g FROM generate_series(1, 100) g");
+    n1.exec("UPDATE t SET doc = lo_from_bytea(0, 'document of n1') WHERE id = 1");
+    n2.exec("INSERT INTO t SELECT g, 'n2 ' || g FROM generate_series(101, 200) g");
+    for node in [n1, n2] {
+        assert_eq!(node.query_text("SELECT trompe.wait_sync('2 minutes')").as_deref(), Some("t"));
+    }
+
+    n3.exec(&format!("SELECT trompe.add_peer('n1', '{}', sync => true)", puller(2, 0)));
+    let failed = "SELECT last_error LIKE '%app_owner%' FROM trompe.status WHERE name = 'n1'";
+    n3.wait_for_value(failed, "t", Duration::from_secs(60));
+    assert_eq!(n3.query_text("SELECT state FROM trompe.status").as_deref(), Some("syncing"));
+    assert_eq!(n3.query_i64("SELECT count(*) FROM pg_class WHERE relname = 't'"), 0, "a failed attempt leaves nothing");
+    n3.exec("CREATE ROLE app_owner");
+    n3.wait_for_value("SELECT sync_state FROM trompe.status WHERE name = 'n1'", "done", SYNC);
+    n3.exec(&format!("SELECT trompe.add_peer('n2', '{}')", puller(2, 1)));
+    n3.exec("CREATE ROLE puller LOGIN IN ROLE trompe_puller, pg_read_all_data");
+    n1.exec(&format!("SELECT trompe.add_peer('n3', '{}')", puller(0, 2)));
+    n2.exec(&format!("SELECT trompe.add_peer('n3', '{}')", puller(1, 2)));
+    n3.exec("UPDATE t SET v = 'from n3' WHERE id = 150");
+    n2.exec("UPDATE t SET v = 'from n2' WHERE id = 50");
+    cluster.wait_sync(SYNC);
+    // Each node has its own oid for its copy of a large object: compare the bytes instead.
+    cluster.assert_same(&checksum("(SELECT id, v, md5(lo_get(doc)) AS doc FROM t)"));
+    assert_eq!(
+        cluster.assert_same("SELECT md5(lo_get(doc)) FROM t WHERE id = 1"),
+        n1.query_text("SELECT md5('document of n1'::bytea)")
+    );
+    assert_eq!(n3.query_text("SELECT tableowner FROM pg_tables WHERE tablename = 't'").as_deref(), Some("app_owner"));
+    assert_eq!(n3.query_i64("SELECT count(*) FROM trompe.status WHERE state = 'connected' AND last_error IS NULL"), 2);
+}
