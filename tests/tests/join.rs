@@ -152,7 +152,7 @@ fn an_interrupted_copy_starts_again_cleanly() {
     n1.exec(
         "CREATE TABLE big (id int PRIMARY KEY, v text, n numeric);
          SELECT trompe.add_table('big');
-         INSERT INTO big SELECT g, md5(g::text), g / 7.0 FROM generate_series(1, 400000) g;
+         INSERT INTO big SELECT g, md5(g::text), g / 7.0 FROM generate_series(1, 800000) g;
          CREATE TABLE docs (id int PRIMARY KEY, body oid);
          SELECT trompe.add_table('docs');
          INSERT INTO docs SELECT g, lo_from_bytea(0, convert_to(repeat('doc ' || g, 1000), 'UTF8')) FROM generate_series(1, 5) g;",
