@@ -83,9 +83,22 @@ CREATE TABLE trompe.progress (
     after bigint NOT NULL DEFAULT 0,
     applied_txns bigint NOT NULL DEFAULT 0,
     applied_changes bigint NOT NULL DEFAULT 0,
-    updated_at timestamptz NOT NULL DEFAULT now()
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    -- Inside a step, `after` is kept in the peer's replication origin as after + after_offset
+    -- (committed with each applied transaction); this row is written when a step starts or ends.
+    after_offset bigint NOT NULL DEFAULT 0
 );
-COMMENT ON TABLE trompe.progress IS 'Per peer: the peer snapshot whose changes are all applied here (done), and the step in progress.';
+COMMENT ON TABLE trompe.progress IS 'Per peer: the peer snapshot whose changes are all applied here (done), and the step in progress (see trompe._applied_after).';
+
+-- The `after` of a peer's step in progress: the greater of the stored value and what the peer's
+-- replication origin records under after_offset (core/src/position.rs, in_origin).
+CREATE FUNCTION trompe._applied_after(node uuid, cur text, after bigint, after_offset bigint) RETURNS bigint
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN cur IS NULL THEN after
+                ELSE greatest(after, coalesce((SELECT (pg_replication_origin_progress(o.roname, false) - '0/0'::pg_lsn)::bigint
+                                                 FROM pg_replication_origin o WHERE o.roname = 'trompe_' || node)
+                                              - after_offset, after)) END
+$$;
 
 -- Nodes that pull from this node, and the position each has confirmed as applied: the log is
 -- kept until every one of them has confirmed it.

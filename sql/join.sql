@@ -83,7 +83,9 @@ END
 $$;
 
 -- What a node copying this one needs to know, read in the copy's snapshot (so it must run in
--- a REPEATABLE READ transaction, which then holds the data to copy): that snapshot, exported
+-- a REPEATABLE READ transaction, which then holds the data to copy, begun while the caller holds
+-- the apply lock, pg_advisory_lock(128034844536933), so that the positions it reads from the
+-- replication origins match the snapshot exactly): that snapshot, exported
 -- for pg_dump, and this node's id; the position this node has applied from each of its peers;
 -- the replicated tables with their conflict rules; the replicated schemas.
 CREATE FUNCTION trompe.sync_source()
@@ -96,7 +98,9 @@ BEGIN
     END IF;
     RETURN QUERY SELECT 'snapshot', NULL::text, pg_current_snapshot()::text, pg_export_snapshot(),
                         (SELECT node_id::text FROM trompe.node);
-    RETURN QUERY SELECT 'position', p.node_id::text, p.done, p.cur, p.after::text FROM trompe.progress p;
+    RETURN QUERY SELECT 'position', p.node_id::text, p.done, p.cur,
+                        trompe._applied_after(p.node_id, p.cur, p.after, p.after_offset)::text
+                   FROM trompe.progress p;
     RETURN QUERY SELECT 'table', format('%I.%I', n.nspname, r.relname), t.conflict_rule, NULL::text, NULL::text
                    FROM trompe.tables t JOIN pg_class r ON r.oid = t.relid JOIN pg_namespace n ON n.oid = r.relnamespace;
     RETURN QUERY SELECT 'schema', s.schema_name::text, NULL::text, NULL::text, NULL::text FROM trompe.schemas s;

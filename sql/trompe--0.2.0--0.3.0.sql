@@ -1,8 +1,24 @@
 -- Upgrade of trompe from 0.2.0 to 0.3.0 (ALTER EXTENSION trompe UPDATE): adds joining a
 -- running cluster (trompe.add_peer(..., sync => true), the functions a peer serves the copy with,
 -- trompe.syncs, trompe.start_positions, the sync columns of trompe.status). add_peer gains its
--- sync argument; nothing else existing changes, and replication keeps running throughout.
+-- sync argument; applying nodes keep their position inside a step in the peer's replication
+-- origin (trompe.progress.after_offset). Replication keeps running throughout.
 \echo Use "ALTER EXTENSION trompe UPDATE TO '0.3.0'" to load this file. \quit
+
+-- Inside a step, `after` is kept in the peer's replication origin as after + after_offset
+-- (committed with each applied transaction); this row is written when a step starts or ends.
+ALTER TABLE trompe.progress ADD COLUMN after_offset bigint NOT NULL DEFAULT 0;
+COMMENT ON TABLE trompe.progress IS 'Per peer: the peer snapshot whose changes are all applied here (done), and the step in progress (see trompe._applied_after).';
+
+-- The `after` of a peer's step in progress: the greater of the stored value and what the peer's
+-- replication origin records under after_offset (core/src/position.rs, in_origin).
+CREATE FUNCTION trompe._applied_after(node uuid, cur text, after bigint, after_offset bigint) RETURNS bigint
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN cur IS NULL THEN after
+                ELSE greatest(after, coalesce((SELECT (pg_replication_origin_progress(o.roname, false) - '0/0'::pg_lsn)::bigint
+                                                 FROM pg_replication_origin o WHERE o.roname = 'trompe_' || node)
+                                              - after_offset, after)) END
+$$;
 
 -- A node joining a running cluster: trompe.add_peer(name, conninfo, sync => true) on a new,
 -- empty node makes its worker copy the schema (pg_dump), the rows, the tombstones and the large
@@ -89,7 +105,9 @@ END
 $$;
 
 -- What a node copying this one needs to know, read in the copy's snapshot (so it must run in
--- a REPEATABLE READ transaction, which then holds the data to copy): that snapshot, exported
+-- a REPEATABLE READ transaction, which then holds the data to copy, begun while the caller holds
+-- the apply lock, pg_advisory_lock(128034844536933), so that the positions it reads from the
+-- replication origins match the snapshot exactly): that snapshot, exported
 -- for pg_dump, and this node's id; the position this node has applied from each of its peers;
 -- the replicated tables with their conflict rules; the replicated schemas.
 CREATE FUNCTION trompe.sync_source()
@@ -102,7 +120,9 @@ BEGIN
     END IF;
     RETURN QUERY SELECT 'snapshot', NULL::text, pg_current_snapshot()::text, pg_export_snapshot(),
                         (SELECT node_id::text FROM trompe.node);
-    RETURN QUERY SELECT 'position', p.node_id::text, p.done, p.cur, p.after::text FROM trompe.progress p;
+    RETURN QUERY SELECT 'position', p.node_id::text, p.done, p.cur,
+                        trompe._applied_after(p.node_id, p.cur, p.after, p.after_offset)::text
+                   FROM trompe.progress p;
     RETURN QUERY SELECT 'table', format('%I.%I', n.nspname, r.relname), t.conflict_rule, NULL::text, NULL::text
                    FROM trompe.tables t JOIN pg_class r ON r.oid = t.relid JOIN pg_namespace n ON n.oid = r.relnamespace;
     RETURN QUERY SELECT 'schema', s.schema_name::text, NULL::text, NULL::text, NULL::text FROM trompe.schemas s;
@@ -189,7 +209,7 @@ REVOKE EXECUTE ON FUNCTION
     trompe.add_peer(text, text, boolean),
     trompe.sync_register(uuid, text), trompe.register_consumer_from(uuid, text, uuid),
     trompe.consumer_confirmed(uuid), trompe.sync_source(), trompe.sync_rows_sql(regclass), trompe.sync_removals(),
-    trompe._sync_insert_sql(regclass), trompe._version_sql(text)
+    trompe._sync_insert_sql(regclass), trompe._version_sql(text), trompe._applied_after(uuid, text, bigint, bigint)
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     trompe.sync_register(uuid, text), trompe.register_consumer_from(uuid, text, uuid),

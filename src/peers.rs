@@ -280,6 +280,17 @@ fn add_peer_impl(name: &str, conninfo: &str, sync: bool) -> Result<pgrx::Uuid, T
             &[Some(&peer_id), Some(&done), cur.as_deref(), Some(&after)],
         )?;
         if joining_installed {
+            // A replication origin left from an earlier time this peer was added may still
+            // record a position: the new one starts above it (see worker::progress).
+            sql::execute(
+                "UPDATE trompe.progress SET after_offset = coalesce((
+                        SELECT (pg_replication_origin_progress(o.roname, false) - '0/0'::pg_lsn)::bigint
+                          FROM pg_replication_origin o WHERE o.roname = 'trompe_' || $1), 0)
+                  WHERE node_id = $1::uuid",
+                &[Some(&peer_id)],
+            )?;
+        }
+        if joining_installed {
             sql::execute("DELETE FROM trompe.start_positions WHERE node_id = $1::uuid", &[Some(&peer_id)])?;
         }
         if sync {

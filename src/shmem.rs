@@ -100,9 +100,9 @@ pub struct PeerSlot {
     pub last_pull_ms: AtomicI64,
     /// When the last error happened (ms since epoch), 0 if never.
     pub last_error_ms: AtomicI64,
-    /// Origin transactions applied since the worker started.
+    /// Origin transactions applied since the counters in `trompe.progress` were last written.
     pub applied_txns: AtomicU64,
-    /// Changes applied since the worker started.
+    /// Changes applied since the counters in `trompe.progress` were last written.
     pub applied_changes: AtomicU64,
     /// Changes the peer has committed that are not applied here yet, -1 if unknown.
     pub pending_changes: AtomicI64,

@@ -43,9 +43,12 @@ fn _status() -> TableIterator<
     ),
 > {
     let rows: Vec<StoredPeer> = crate::log::writer::as_extension_owner(|| {
+        let after = crate::worker::progress::after_sql(crate::worker::progress::origin_holds_after()?);
         crate::sql::rows(
-            "SELECT p.name, p.node_id, p.paused, pr.done, pr.cur, pr.after, pr.applied_txns, pr.applied_changes
-               FROM trompe.peers p JOIN trompe.progress pr USING (node_id) ORDER BY p.name",
+            &format!(
+                "SELECT p.name, p.node_id, p.paused, pr.done, pr.cur, {after}, pr.applied_txns, pr.applied_changes
+                   FROM trompe.peers p JOIN trompe.progress pr USING (node_id) ORDER BY p.name"
+            ),
             &[],
         )
     })
@@ -108,6 +111,10 @@ fn _status() -> TableIterator<
             let last_pull = slot.map(|s| s.last_pull_ms.load(Ordering::Acquire)).filter(|v| *v > 0);
             let last_error_ms = slot.map(|s| s.last_error_ms.load(Ordering::Acquire)).filter(|v| *v > 0);
             let last_error = slot.and_then(|s| s.error());
+            // The table's counters are written when a step starts or ends; the worker counts
+            // what it applied since in shared memory.
+            let txns = txns + slot.map_or(0, |s| s.applied_txns.load(Ordering::Acquire) as i64);
+            let changes = changes + slot.map_or(0, |s| s.applied_changes.load(Ordering::Acquire) as i64);
             (name, node, state, position, pending, behind_ms, last_pull, last_error, last_error_ms, txns, changes)
         })
         .collect();

@@ -21,7 +21,11 @@ struct Target {
 
 fn read_position(node: &str) -> Option<(String, Option<String>, i64)> {
     let row = as_extension_owner(|| {
-        sql::row("SELECT done, cur, after FROM trompe.progress WHERE node_id = $1::uuid", &[Some(node)])
+        let after = crate::worker::progress::after_sql(crate::worker::progress::origin_holds_after()?);
+        sql::row(
+            &format!("SELECT pr.done, pr.cur, {after} FROM trompe.progress pr WHERE pr.node_id = $1::uuid"),
+            &[Some(node)],
+        )
     })
     .ok()
     .flatten()?;

@@ -49,12 +49,66 @@ impl Position {
     }
 }
 
+/// Inside a step, the applying node keeps `after` in the peer's replication origin instead of
+/// writing its progress table with every transaction: each transaction commits with the
+/// origin's remote position set to `after + offset`, atomically with its changes (as native
+/// logical replication keeps the remote LSN), and the table is written only when a step starts
+/// or ends, with the step, `after` and `offset`. An origin's position only moves forward, but
+/// log ids can be lower in a later step than in the one before: a step that starts below the
+/// origin's position gets a larger offset.
+pub mod in_origin {
+    /// The origin position that records `after` under `offset`.
+    pub fn value(after: i64, offset: i64) -> u64 {
+        (after.max(0) as u64).saturating_add(offset.max(0) as u64)
+    }
+
+    /// The offset for a step whose first transaction has id `after`, given the offset so far
+    /// and the origin's current position: the same offset if that moves the origin forward.
+    pub fn offset_for_step(after: i64, offset: i64, origin: u64) -> i64 {
+        if value(after, offset) > origin {
+            offset.max(0)
+        } else {
+            (origin.saturating_add(1).saturating_sub(after.max(0) as u64)).min(i64::MAX as u64) as i64
+        }
+    }
+
+    /// The `after` of the recorded step: what the origin records (every commit that moved it
+    /// since the table was written belongs to that step), or the table's value if the origin
+    /// has not moved past it (not used yet, or recreated).
+    pub fn after(table_after: i64, offset: i64, origin: u64) -> i64 {
+        let from_origin = origin as i128 - offset.max(0) as i128;
+        table_after.max(from_origin.clamp(i64::MIN as i128, i64::MAX as i128) as i64)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn snap(s: &str) -> Snapshot {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn after_kept_in_the_origin_survives_steps_that_go_back() {
+        use super::in_origin::*;
+        // Step 1 starts at id 100 with a fresh origin (0).
+        let off = offset_for_step(100, 0, 0);
+        assert_eq!(off, 0);
+        let mut origin = value(100, off);
+        origin = origin.max(value(150, off));
+        assert_eq!(after(100, off, origin), 150, "the origin knows the last transaction of the step");
+        // Step 2 starts at id 120, below the origin (150): the offset grows.
+        let off2 = offset_for_step(120, off, origin);
+        assert!(value(120, off2) > origin);
+        let origin2 = value(130, off2);
+        assert!(origin2 > origin, "the origin keeps moving forward");
+        assert_eq!(after(120, off2, origin2), 130);
+        // A table written at step start with the origin not moved yet, or an origin recreated.
+        assert_eq!(after(120, off2, value(120, off2)), 120);
+        assert_eq!(after(120, off2, 0), 120);
+        // A step starting above the origin keeps the offset.
+        assert_eq!(offset_for_step(10_000, off2, origin2), off2);
     }
 
     #[test]

@@ -400,8 +400,13 @@ pub fn run(job: &SyncJob) -> Result<(), String> {
     conn.query("SET statement_timeout = 0", &[])?;
     conn.query("SET idle_in_transaction_session_timeout = 0", &[])?;
     conn.query("SELECT trompe.sync_register($1::uuid, $2)", &[Some(&me), Some(&database)])?;
+    // The source applies its peers' changes meanwhile: with its apply lock held, none commits
+    // between the snapshot and the positions read from its replication origins.
+    let lock = crate::worker::progress::APPLY_LOCK_KEY.to_string();
+    conn.query("SELECT pg_advisory_lock($1::bigint)", &[Some(&lock)])?;
     conn.query("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY", &[])?;
     let source = read_source(&mut conn)?;
+    conn.query("SELECT pg_advisory_unlock($1::bigint)", &[Some(&lock)])?;
     let script = crate::join::schema::dump(&conn.info, &source.exported)?;
     create_schema(job, &source, &script)?;
     let mut committer = Committer {

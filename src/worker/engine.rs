@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use pgrx::pg_sys;
 use trompe_core::backoff::Backoff;
 use trompe_core::nodeid::NodeId;
-use trompe_core::position::{Position, Step};
+use trompe_core::position::{in_origin, Position, Step};
 use trompe_core::snapshot::Snapshot;
 
 use crate::libpq::Want;
@@ -33,6 +33,7 @@ struct PeerRow {
     paused: bool,
     origin: u32,
     position: Position,
+    stored: crate::worker::link::Stored,
     /// When the peer was added: a peer removed and added again starts afresh.
     added_at: String,
 }
@@ -55,11 +56,16 @@ fn load_peers() -> Result<(String, Vec<PeerRow>), String> {
               WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = 'trompe_' || p.node_id)",
             &[],
         )?;
+        let origin_holds_after = crate::worker::progress::origin_holds_after()?;
         let rows = sql::rows(
-            "SELECT p.name, p.node_id, p.conninfo, p.paused, pr.done, pr.cur, pr.after, o.roident, p.added_at::text
-               FROM trompe.peers p JOIN trompe.progress pr USING (node_id)
-               JOIN pg_replication_origin o ON o.roname = 'trompe_' || p.node_id
-              ORDER BY p.name",
+            &format!(
+                "SELECT p.name, p.node_id, p.conninfo, p.paused, pr.done, pr.cur, pr.after, o.roident, p.added_at::text,
+                        {}, coalesce((pg_replication_origin_progress(o.roname, false) - '0/0'::pg_lsn)::bigint, 0)
+                   FROM trompe.peers p JOIN trompe.progress pr USING (node_id)
+                   JOIN pg_replication_origin o ON o.roname = 'trompe_' || p.node_id
+                  ORDER BY p.name",
+                if origin_holds_after { "pr.after_offset" } else { "0" }
+            ),
             &[],
         )?;
         let mut peers = Vec::new();
@@ -67,12 +73,21 @@ fn load_peers() -> Result<(String, Vec<PeerRow>), String> {
             let text = |i: usize| r[i].clone().unwrap_or_default();
             let node: NodeId = text(1).parse().map_err(|e: trompe_core::nodeid::NodeIdError| e.to_string())?;
             let done: Snapshot = text(4).parse().map_err(|e: trompe_core::snapshot::SnapshotError| e.to_string())?;
+            let offset: i64 = text(9).parse().unwrap_or(0);
+            let origin: u64 = text(10).parse().unwrap_or(0);
             let step = match &r[5] {
                 Some(c) => Some(Step {
                     cur: c.parse().map_err(|e: trompe_core::snapshot::SnapshotError| e.to_string())?,
-                    after: text(6).parse().unwrap_or(0),
+                    after: in_origin::after(text(6).parse().unwrap_or(0), offset, origin),
                 }),
                 None => None,
+            };
+            let stored = crate::worker::link::Stored {
+                origin_holds_after,
+                step: step.as_ref().map(|s| s.cur.clone()),
+                offset,
+                origin,
+                ..Default::default()
             };
             peers.push(PeerRow {
                 name: text(0),
@@ -81,6 +96,7 @@ fn load_peers() -> Result<(String, Vec<PeerRow>), String> {
                 paused: r[3].as_deref() == Some("t"),
                 origin: text(7).parse().unwrap_or(0),
                 position: Position { done, step },
+                stored,
                 added_at: text(8),
             });
         }
@@ -157,6 +173,7 @@ impl Engine {
             match old.remove(&row.node).filter(|_| same_peer) {
                 Some(mut link) => {
                     link.update(row.conninfo, info, row.paused);
+                    link.schema_updated(row.stored.origin_holds_after);
                     self.links.push(link);
                 }
                 None => {
@@ -169,6 +186,7 @@ impl Engine {
                         row.paused,
                         row.origin as pg_sys::RepOriginId,
                         row.position,
+                        row.stored,
                         me.clone(),
                         slot,
                     ));

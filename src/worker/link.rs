@@ -9,7 +9,7 @@ use trompe_core::backoff::Backoff;
 use trompe_core::changeset::decode;
 use trompe_core::conninfo::ConnInfo;
 use trompe_core::nodeid::NodeId;
-use trompe_core::position::{Position, Step};
+use trompe_core::position::{in_origin, Position, Step};
 use trompe_core::snapshot::Snapshot;
 
 use crate::libpq::{Conn, PgResult, PqError, Want};
@@ -94,6 +94,24 @@ pub struct Link {
     seen_commits: i64,
     slot: Option<&'static PeerSlot>,
     me: String,
+    /// How the position is stored (see `worker::progress`).
+    stored: Stored,
+}
+
+/// What the progress table and the replication origin hold for a peer.
+#[derive(Clone, Debug, Default)]
+pub struct Stored {
+    /// Whether the origin keeps `after` inside a step (schema 0.3.0 or later).
+    pub origin_holds_after: bool,
+    /// The step the table records, if any.
+    pub step: Option<Snapshot>,
+    /// The offset the table records.
+    pub offset: i64,
+    /// The origin's position as last committed.
+    pub origin: u64,
+    /// Transactions and changes applied since the table's counters were last written.
+    pub unsaved_txns: i64,
+    pub unsaved_changes: i64,
 }
 
 /// A pull's answer: the step it read and the changes, grouped by transaction.
@@ -163,6 +181,7 @@ impl Link {
         paused: bool,
         origin: pg_sys::RepOriginId,
         pos: Position,
+        stored: Stored,
         me: String,
         slot: Option<&'static PeerSlot>,
     ) -> Link {
@@ -190,6 +209,7 @@ impl Link {
             seen_commits: -2,
             slot,
             me,
+            stored,
         };
         link.publish(if paused { ConnState::Paused } else { ConnState::Disconnected });
         link
@@ -465,10 +485,6 @@ impl Link {
             self.pos = next;
             self.last_persist_ms = now_ms();
             applied_changes += txn.len() as i64;
-            if let Some(slot) = self.slot {
-                slot.applied_txns.fetch_add(1, Ordering::AcqRel);
-                slot.applied_changes.fetch_add(txn.len() as u64, Ordering::AcqRel);
-            }
         }
         if ntxns == 0 && batch.complete {
             // Nothing new in this step: move on to it, and now and then tell the peer.
@@ -500,14 +516,33 @@ impl Link {
         in_transaction(|| {
             // SAFETY: SPI is connected for the update and finished after it.
             unsafe { pg_sys::SPI_connect() };
-            progress::store(&node, pos, 0, 0)?;
+            let offset = self.stored.origin_holds_after.then_some(self.stored.offset);
+            progress::store(&node, pos, self.stored.unsaved_txns, self.stored.unsaved_changes, offset)?;
             // SAFETY: pairs with SPI_connect above.
             unsafe { pg_sys::SPI_finish() };
             Ok(())
         })?;
         self.note_committed(&pos.done);
         self.last_persist_ms = now_ms();
+        self.stored.step = pos.step.as_ref().map(|s| s.cur.clone());
+        self.saved_counters();
         Ok(())
+    }
+
+    /// Starts keeping `after` in the origin once the database was updated to 0.3.0 (until then
+    /// the table was written with every transaction, and the origin was left at 0).
+    pub fn schema_updated(&mut self, origin_holds_after: bool) {
+        self.stored.origin_holds_after |= origin_holds_after;
+    }
+
+    /// The table's counters were written: what is applied since starts from zero.
+    fn saved_counters(&mut self) {
+        self.stored.unsaved_txns = 0;
+        self.stored.unsaved_changes = 0;
+        if let Some(slot) = self.slot {
+            slot.applied_txns.store(0, Ordering::Release);
+            slot.applied_changes.store(0, Ordering::Release);
+        }
     }
 
     /// Applies one origin transaction as one local transaction, with the origin's commit time
@@ -517,16 +552,41 @@ impl Link {
         let node = self.node.to_string();
         // SAFETY: the timestamp the next commit records for the session's replication origin.
         unsafe { pg_sys::replorigin_session_origin_timestamp = txn.first().map_or(0, |c| c.commit_us) };
+        // The table is written when the step changes or ends; inside a step, the origin's
+        // position records `after` (see worker::progress).
+        let next_step = next.step.as_ref().map(|s| &s.cur);
+        let write_table =
+            !self.stored.origin_holds_after || next_step.is_none() || next_step != self.stored.step.as_ref();
+        let (offset, origin_value) = match (&next.step, self.stored.origin_holds_after) {
+            (Some(step), true) => {
+                let offset = if write_table {
+                    in_origin::offset_for_step(step.after, self.stored.offset, self.stored.origin)
+                } else {
+                    self.stored.offset
+                };
+                (offset, in_origin::value(step.after, offset))
+            }
+            _ => (self.stored.offset, 0),
+        };
+        let (txns, changes) = (self.stored.unsaved_txns + 1, self.stored.unsaved_changes + txn.len() as i64);
+        let stored_offset = self.stored.origin_holds_after.then_some(offset);
         let attempt = |cache: &mut ApplyCache, careful: bool| {
             let result = in_transaction_coded(|| {
+                progress::take_apply_lock();
                 cache.purge_stale();
                 // SAFETY: SPI is connected for the statements of this transaction and finished
                 // below (an error aborts the transaction, which cleans SPI up).
                 unsafe { pg_sys::SPI_connect() };
                 apply_transaction(cache, txn, self.node, careful).map_err(|e| TxnError::from(e.to_string()))?;
-                progress::store(&node, next, 1, txn.len() as i64)?;
-                // SAFETY: pairs with SPI_connect above.
-                unsafe { pg_sys::SPI_finish() };
+                if write_table {
+                    progress::store(&node, next, txns, changes, stored_offset)?;
+                }
+                // SAFETY: pairs with SPI_connect above; the origin position the commit records
+                // (0 leaves it where it is).
+                unsafe {
+                    pg_sys::SPI_finish();
+                    pg_sys::replorigin_session_origin_lsn = origin_value;
+                }
                 Ok(())
             });
             if result.is_err() {
@@ -543,7 +603,21 @@ impl Link {
             Err(e) if e.code == Some(PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION) => attempt(cache, true),
             other => other,
         })
-        .map_err(|e| e.message)
+        .map_err(|e| e.message)?;
+        self.stored.origin = self.stored.origin.max(origin_value);
+        self.stored.offset = offset;
+        if write_table {
+            self.stored.step = next_step.cloned();
+            self.saved_counters();
+        } else {
+            self.stored.unsaved_txns = txns;
+            self.stored.unsaved_changes = changes;
+            if let Some(slot) = self.slot {
+                slot.applied_txns.store(txns as u64, Ordering::Release);
+                slot.applied_changes.store(changes as u64, Ordering::Release);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -592,6 +666,7 @@ impl OriginSession {
                 pg_sys::replorigin_session_reset();
                 pg_sys::replorigin_session_origin = pg_sys::InvalidRepOriginId as pg_sys::RepOriginId;
                 pg_sys::replorigin_session_origin_timestamp = 0;
+                pg_sys::replorigin_session_origin_lsn = 0;
             }
             self.active = false;
         }
