@@ -229,3 +229,22 @@ fn a_node_joins_through_a_least_privilege_role_after_a_failed_attempt() {
     assert_eq!(n3.query_text("SELECT tableowner FROM pg_tables WHERE tablename = 't'").as_deref(), Some("app_owner"));
     assert_eq!(n3.query_i64("SELECT count(*) FROM trompe.status WHERE state = 'connected' AND last_error IS NULL"), 2);
 }
+
+/// While a joining node reads the positions of the node it copies, that node applies nothing:
+/// its apply transactions wait for the apply lock the joining node holds.
+#[test]
+fn applying_waits_while_a_joining_node_holds_the_apply_lock() {
+    let cluster = Cluster::start("join-apply-lock", 2);
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all("CREATE TABLE t (id int PRIMARY KEY); SELECT trompe.add_table('t')");
+    cluster.mesh();
+    let mut joining = n1.connect();
+    joining.batch_execute("SELECT pg_advisory_lock(128034844536933)").expect("lock");
+    n2.exec("INSERT INTO t VALUES (1)");
+    let waiting = "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+                    WHERE l.locktype = 'advisory' AND NOT l.granted AND a.application_name = 'trompe worker'";
+    n1.wait_for_value(waiting, "1", SYNC);
+    assert_eq!(n1.query_i64("SELECT count(*) FROM t"), 0, "nothing is applied while the lock is held");
+    joining.batch_execute("SELECT pg_advisory_unlock(128034844536933)").expect("unlock");
+    n1.wait_for_value("SELECT count(*) FROM t", "1", SYNC);
+}
