@@ -289,8 +289,6 @@ fn add_peer_impl(name: &str, conninfo: &str, sync: bool) -> Result<pgrx::Uuid, T
                   WHERE node_id = $1::uuid",
                 &[Some(&peer_id)],
             )?;
-        }
-        if joining_installed {
             sql::execute("DELETE FROM trompe.start_positions WHERE node_id = $1::uuid", &[Some(&peer_id)])?;
         }
         if sync {

@@ -189,7 +189,7 @@ impl Link {
             Duration::from_millis(crate::guc::RETRY_MIN_MS.get() as u64),
             Duration::from_millis(crate::guc::RETRY_MAX_MS.get() as u64),
         );
-        let link = Link {
+        let mut link = Link {
             name,
             node,
             conninfo,
@@ -211,6 +211,12 @@ impl Link {
             me,
             stored,
         };
+        // Applied by an earlier link of this peer since its counters were written (the slot
+        // outlives a worker restart, not a server restart).
+        if let Some(slot) = slot {
+            link.stored.unsaved_txns = slot.applied_txns.load(Ordering::Acquire) as i64;
+            link.stored.unsaved_changes = slot.applied_changes.load(Ordering::Acquire) as i64;
+        }
         link.publish(if paused { ConnState::Paused } else { ConnState::Disconnected });
         link
     }
