@@ -469,7 +469,7 @@ impl Link {
         }
         let ntxns = batch.txns.len();
         let mut applied_changes = 0i64;
-        let mut session = OriginSession { active: false };
+        let mut session = OriginSession::none();
         if ntxns > 0 {
             session.setup(self.origin, 0);
         }
