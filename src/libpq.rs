@@ -237,6 +237,58 @@ impl Conn {
         last.ok_or_else(|| PqError::new(PqErrorKind::Query, "the peer returned no result"))
     }
 
+    /// After a `COPY ... TO STDOUT` was sent and `consume` returned `Done`: checks that the
+    /// server started sending rows (or returns its error).
+    pub fn take_copy_out(&mut self) -> Result<(), PqError> {
+        // SAFETY: raw is valid; PQgetResult returns NULL when no result is left.
+        let first = unsafe { pq::PQgetResult(self.raw) };
+        if first.is_null() {
+            return Err(PqError::new(PqErrorKind::Query, "the peer returned no result"));
+        }
+        let first = PgResult { raw: first };
+        // SAFETY: first is a valid result.
+        if unsafe { pq::PQresultStatus(first.raw) } == pq::ExecStatusType::PGRES_COPY_OUT {
+            return Ok(());
+        }
+        let error = first.check().err();
+        drop(first);
+        // The statement failed: collect what is left, so the connection is idle again.
+        let _ = self.take_result();
+        Err(error.unwrap_or_else(|| PqError::new(PqErrorKind::Query, "the peer did not start a COPY")))
+    }
+
+    /// The next row of a COPY in progress, without blocking.
+    pub fn copy_row(&mut self) -> Result<CopyRow, PqError> {
+        let mut buf: *mut std::ffi::c_char = std::ptr::null_mut();
+        // SAFETY: raw is valid; in async mode PQgetCopyData never blocks; a row it returns is
+        // copied and then freed with PQfreemem.
+        let n = unsafe { pq::PQgetCopyData(self.raw, &mut buf, 1) };
+        match n {
+            0 => Ok(CopyRow::Wait),
+            -1 => {
+                // The COPY ended: its final status tells whether it succeeded.
+                self.take_result().map(|_| CopyRow::End)
+            }
+            n if n > 0 && !buf.is_null() => {
+                // SAFETY: buf holds n bytes allocated by libpq.
+                let row = unsafe { std::slice::from_raw_parts(buf as *const u8, n as usize).to_vec() };
+                // SAFETY: freeing what PQgetCopyData allocated, once.
+                unsafe { pq::PQfreemem(buf as *mut std::ffi::c_void) };
+                Ok(CopyRow::Row(row))
+            }
+            _ => Err(PqError::new(PqErrorKind::Query, self.error_message())),
+        }
+    }
+
+    /// Reads what arrived on the socket into libpq's buffer.
+    pub fn consume_input(&mut self) -> Result<(), PqError> {
+        // SAFETY: raw is a valid connection object.
+        if unsafe { pq::PQconsumeInput(self.raw) } == 0 {
+            return Err(PqError::new(PqErrorKind::Query, self.error_message()));
+        }
+        Ok(())
+    }
+
     /// Sends a cancel request for the query in progress (opens a short second connection).
     pub fn cancel(&self) {
         // SAFETY: PQgetCancel/PQcancel/PQfreeCancel on a valid connection; errbuf is large
@@ -250,6 +302,16 @@ impl Conn {
             }
         }
     }
+}
+
+/// One step of reading a `COPY ... TO STDOUT`.
+pub enum CopyRow {
+    /// A row in COPY text format (with its newline).
+    Row(Vec<u8>),
+    /// No complete row yet: wait until the socket is readable, then `consume_input`.
+    Wait,
+    /// The COPY ended successfully.
+    End,
 }
 
 /// A query result. Freed when dropped.
@@ -405,4 +467,41 @@ pub fn result_wait(conn: &mut Conn, timeout: Duration) -> Result<PgResult, PqErr
         wait_socket(conn.socket(), Want::Read, left());
     }
     conn.take_result()
+}
+
+/// Sends a `COPY ... TO STDOUT` and waits (interruptibly) up to `timeout` until the peer starts
+/// sending its rows; read them with [`copy_out_row`].
+pub fn copy_out_start(conn: &mut Conn, sql: &str, params: &[Option<&str>], timeout: Duration) -> Result<(), PqError> {
+    let deadline = Instant::now() + timeout;
+    send_wait(conn, sql, params, timeout)?;
+    while conn.consume()? == Want::Read {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            conn.cancel();
+            return Err(PqError::new(PqErrorKind::Timeout, "timed out waiting for the peer's answer"));
+        }
+        wait_socket(conn.socket(), Want::Read, left);
+    }
+    conn.take_copy_out()
+}
+
+/// The next row of a COPY started with [`copy_out_start`] (`None` once it ended well), waiting
+/// (interruptibly) up to `timeout` for it.
+pub fn copy_out_row(conn: &mut Conn, timeout: Duration) -> Result<Option<Vec<u8>>, PqError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match conn.copy_row()? {
+            CopyRow::Row(row) => return Ok(Some(row)),
+            CopyRow::End => return Ok(None),
+            CopyRow::Wait => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    conn.cancel();
+                    return Err(PqError::new(PqErrorKind::Timeout, "timed out waiting for the peer's rows"));
+                }
+                wait_socket(conn.socket(), Want::Read, left);
+                conn.consume_input()?;
+            }
+        }
+    }
 }

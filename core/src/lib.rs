@@ -8,6 +8,7 @@ pub mod changeset;
 pub mod compare;
 pub mod conflict;
 pub mod conninfo;
+pub mod copytext;
 pub mod dump;
 pub mod ident;
 pub mod json;

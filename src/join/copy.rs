@@ -12,12 +12,13 @@ use std::time::{Duration, Instant};
 
 use pgrx::pg_sys;
 use trompe_core::conninfo::ConnInfo;
+use trompe_core::copytext::parse_row;
 use trompe_core::nodeid::NodeId;
 use trompe_core::pgarray::format_text_array;
 
 use crate::capture::InternalOperation;
 use crate::compare::{copy_referenced_large_objects, refers_to_large_objects};
-use crate::libpq::{connect_wait, result_wait, send_wait, Conn, PgResult, PqError};
+use crate::libpq::{connect_wait, copy_out_row, copy_out_start, query_wait, Conn, PgResult, PqError};
 use crate::peers::{peer_conninfo, scrub};
 use crate::sql;
 use crate::worker::link::OriginSession;
@@ -25,8 +26,8 @@ use crate::worker::txn::in_transaction;
 
 /// How long one statement on the source may take (sorting a large table takes a while).
 const QUERY_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
-/// Rows fetched from the source at a time.
-const FETCH_ROWS: usize = 2000;
+/// Rows written here at a time (grouped by version; the peer streams on meanwhile).
+const BATCH_ROWS: usize = 2000;
 /// How often the progress shown in `trompe.status` is written.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
@@ -80,18 +81,7 @@ struct SourceConn {
 
 impl SourceConn {
     fn query(&mut self, sql: &str, params: &[Option<&str>]) -> Result<PgResult, String> {
-        send_wait(&mut self.conn, sql, params, QUERY_TIMEOUT).map_err(|e| self.failed(e))?;
-        self.result()
-    }
-
-    /// Sends a statement without parameters; its result is collected with `result`, so that
-    /// this node can work while the peer answers.
-    fn send(&mut self, sql: &str) -> Result<(), String> {
-        send_wait(&mut self.conn, sql, &[], QUERY_TIMEOUT).map_err(|e| self.failed(e))
-    }
-
-    fn result(&mut self) -> Result<PgResult, String> {
-        result_wait(&mut self.conn, QUERY_TIMEOUT).map_err(|e| self.failed(e))
+        query_wait(&mut self.conn, sql, params, QUERY_TIMEOUT).map_err(|e| self.failed(e))
     }
 
     fn failed(&self, e: PqError) -> String {
@@ -255,64 +245,101 @@ impl Committer<'_> {
     }
 }
 
+/// One copied row: its canonical form, and the commit time and node of its version.
+type CopiedRow = [Option<String>; 3];
+
 /// The rows of a batch grouped by version, groups in the order their first row came.
-fn group_by_version(batch: &PgResult) -> Vec<(VersionKey, Vec<usize>)> {
-    let mut groups: Vec<(VersionKey, Vec<usize>)> = Vec::new();
+fn group_by_version(batch: &[CopiedRow]) -> Vec<(VersionKey, Vec<&str>)> {
+    let mut groups: Vec<(VersionKey, Vec<&str>)> = Vec::new();
     let mut index: HashMap<VersionKey, usize> = HashMap::new();
-    for r in 0..batch.rows() {
-        let version: VersionKey = (cell(batch, r, 2), cell(batch, r, 1));
+    for [row, ts, node] in batch {
+        let version: VersionKey = (node.clone(), ts.clone());
         let at = *index.entry(version.clone()).or_insert_with(|| {
             groups.push((version, Vec::new()));
             groups.len() - 1
         });
-        groups[at].1.push(r);
+        groups[at].1.push(row.as_deref().unwrap_or("null"));
     }
     groups
 }
 
-/// Copies the rows of one table, a batch at a time (read in no particular order: sorting a
-/// large table on the peer would cost more than it saves), each group of rows of one version
-/// in a transaction of its own.
-fn copy_table(conn: &mut SourceConn, committer: &mut Committer<'_>, table: &str) -> Result<(), String> {
+/// A second connection to the source in the copy's snapshot, for the large objects rows refer
+/// to (the first one is busy streaming the rows).
+fn snapshot_conn(conn: &SourceConn, exported: &str) -> Result<SourceConn, String> {
+    if exported.is_empty() || !exported.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+        return Err(format!("peer \"{}\" exported a malformed snapshot id {exported:?}", conn.name));
+    }
+    let raw = connect_wait(&conn.info, Duration::from_secs(60))
+        .map_err(|e| format!("could not connect to peer \"{}\": {}", conn.name, scrub(&e.message, &conn.info)))?;
+    let mut second = SourceConn { conn: raw, name: conn.name.clone(), info: conn.info.clone() };
+    second.query("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY", &[])?;
+    second.query(&format!("SET TRANSACTION SNAPSHOT '{exported}'"), &[])?;
+    Ok(second)
+}
+
+/// Writes one batch of copied rows here, each group of rows of one version in a transaction of
+/// its own (copying the large objects they refer to first, over `objects`).
+fn write_batch(
+    committer: &mut Committer<'_>,
+    table: &str,
+    insert: &str,
+    batch: &[CopiedRow],
+    mut objects: Option<&mut SourceConn>,
+) -> Result<(), String> {
+    for (version, rows) in group_by_version(batch) {
+        let json = format!("[{}]", rows.join(","));
+        committer.commit_as(&version, rows.len() as i64, || {
+            if let Some(source) = objects.as_deref_mut() {
+                copy_referenced_large_objects(&mut source.conn, &source.name, table, &json)
+                    .map_err(|e| e.to_string())?;
+            }
+            sql::execute(insert, &[Some(&json)]).map_err(|e| format!("copying rows of {table}: {e}"))?;
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
+/// Copies the rows of one table, streamed with `COPY ... TO STDOUT` in no particular order
+/// (sorting a large table on the peer would cost more than it saves), written here a batch at
+/// a time, each group of rows of one version in a transaction of its own.
+fn copy_table(
+    conn: &mut SourceConn,
+    objects: &mut Option<SourceConn>,
+    exported: &str,
+    committer: &mut Committer<'_>,
+    table: &str,
+) -> Result<(), String> {
     let (has_large_objects, insert) = in_transaction(|| {
         let lo = refers_to_large_objects(table).map_err(|e| e.to_string())?;
         let insert = sql::value("SELECT trompe._sync_insert_sql($1::regclass)", &[Some(table)])?;
         Ok((lo, insert.unwrap_or_default()))
     })?;
+    if has_large_objects && objects.is_none() {
+        *objects = Some(snapshot_conn(conn, exported)?);
+    }
     let select = conn.query("SELECT trompe.sync_rows_sql($1::regclass)", &[Some(table)])?;
     let select = select.get(0, 0).ok_or_else(|| format!("peer \"{}\" has no query for {table}", conn.name))?;
-    conn.query(&format!("DECLARE trompe_sync NO SCROLL CURSOR FOR {select}"), &[])?;
-    let fetch = format!("FETCH {FETCH_ROWS} FROM trompe_sync");
-    conn.send(&fetch)?;
+    copy_out_start(&mut conn.conn, &format!("COPY ({select}) TO STDOUT"), &[], QUERY_TIMEOUT)
+        .map_err(|e| conn.failed(e))?;
+    let mut batch: Vec<CopiedRow> = Vec::with_capacity(BATCH_ROWS);
     loop {
-        let batch = conn.result()?;
-        if batch.rows() == 0 {
+        let row = copy_out_row(&mut conn.conn, QUERY_TIMEOUT).map_err(|e| conn.failed(e))?;
+        let ended = row.is_none();
+        if let Some(row) = row {
+            let columns = parse_row(&row, 3).map_err(|e| format!("peer \"{}\": {e}", conn.name))?;
+            let mut columns = columns.into_iter();
+            batch.push(std::array::from_fn(|_| columns.next().flatten()));
+        }
+        if batch.len() >= BATCH_ROWS || (ended && !batch.is_empty()) {
+            let objects = if has_large_objects { objects.as_mut() } else { None };
+            write_batch(committer, table, &insert, &batch, objects)?;
+            batch.clear();
+        }
+        if ended {
             break;
         }
-        // The peer reads the next batch while this one is written here, unless large objects
-        // are copied over the same connection meanwhile.
-        let prefetched = !has_large_objects;
-        if prefetched {
-            conn.send(&fetch)?;
-        }
-        for (version, rows) in group_by_version(&batch) {
-            let json: Vec<&str> = rows.iter().filter_map(|r| batch.get(*r, 0)).collect();
-            let json = format!("[{}]", json.join(","));
-            let peer = conn.name.clone();
-            let source = &mut conn.conn;
-            committer.commit_as(&version, rows.len() as i64, || {
-                if has_large_objects {
-                    copy_referenced_large_objects(source, &peer, table, &json).map_err(|e| e.to_string())?;
-                }
-                sql::execute(&insert, &[Some(&json)]).map_err(|e| format!("copying rows of {table}: {e}"))?;
-                Ok(())
-            })?;
-        }
-        if !prefetched {
-            conn.send(&fetch)?;
-        }
     }
-    conn.query("CLOSE trompe_sync", &[])?;
     committer.tables_copied += 1;
     Ok(())
 }
@@ -419,11 +446,13 @@ pub fn run(job: &SyncJob) -> Result<(), String> {
         tables_copied: 0,
         progress_written: Instant::now(),
     };
+    let mut objects = None;
     let copied = source
         .tables
         .iter()
-        .try_for_each(|(table, _)| copy_table(&mut conn, &mut committer, table))
+        .try_for_each(|(table, _)| copy_table(&mut conn, &mut objects, &source.exported, &mut committer, table))
         .and_then(|()| copy_removals(&mut conn, &mut committer));
+    drop(objects);
     committer.finish();
     copied?;
     conn.query("COMMIT", &[])?;

@@ -67,6 +67,8 @@ fn a_third_node_joins_under_write_load_and_ends_identical() {
     // A table created after the schema was replicated reaches n2 through DDL replication.
     n1.exec("CREATE TABLE app.items (id int PRIMARY KEY, v text)");
     n1.exec("INSERT INTO acct SELECT g, g % 100, 'row ' || g FROM generate_series(1, 3000) g");
+    // Values the COPY stream escapes: tabs, newlines, backslashes, quotes, non-ASCII.
+    n1.exec("INSERT INTO acct VALUES (99999, 1, E'tab\\there\\nnew line \\\\ back \"q\" é✓ \\\\N')");
     n1.exec("INSERT INTO docs VALUES (1, lo_from_bytea(0, 'first document')), (2, lo_from_bytea(0, repeat('x', 300000)::bytea))");
     n2.exec("UPDATE acct SET balance = balance + 1 WHERE id % 7 = 0");
     n2.exec("DELETE FROM acct WHERE id % 11 = 0");
