@@ -250,3 +250,29 @@ fn applying_waits_while_a_joining_node_holds_the_apply_lock() {
     joining.batch_execute("SELECT pg_advisory_unlock(128034844536933)").expect("unlock");
     n1.wait_for_value("SELECT count(*) FROM t", "1", SYNC);
 }
+
+/// A joined node adds the other nodes as peers from where its copy left them; if one of them
+/// stopped keeping its log for the new node meanwhile, `add_peer` refuses (55000) instead of
+/// starting later and losing changes, and changes nothing.
+#[test]
+fn a_peer_that_no_longer_keeps_its_log_for_the_joined_node_is_refused() {
+    let cluster = Cluster::start("join-lost-start", 3);
+    let (n1, n2, n3) = (cluster.node(0), cluster.node(1), cluster.node(2));
+    for node in [n1, n2] {
+        node.exec("CREATE TABLE t (id int PRIMARY KEY); SELECT trompe.add_table('t')");
+    }
+    cluster.add_peer(0, 1);
+    cluster.add_peer(1, 0);
+    n2.exec("INSERT INTO t VALUES (1)");
+    n3.exec(&format!("SELECT trompe.add_peer('n1', '{}', sync => true)", cluster.peer_conninfo(2, 0)));
+    n3.wait_for_value("SELECT sync_state FROM trompe.status WHERE name = 'n1'", "done", SYNC);
+    let n3_id = n3.query_text("SELECT trompe.node_id()").unwrap_or_default();
+    assert_eq!(n2.query_i64(&format!("SELECT count(*) FROM trompe.consumers WHERE node_id = '{n3_id}'")), 1);
+    n2.exec(&format!("SELECT trompe.unregister_consumer('{n3_id}')"));
+    let (code, message) =
+        expect_error(&mut n3.connect(), &format!("SELECT trompe.add_peer('n2', '{}')", cluster.peer_conninfo(2, 1)));
+    assert_eq!(code, "55000", "{message}");
+    assert!(message.contains("no longer keeps its log"), "{message}");
+    assert_eq!(n3.query_i64("SELECT count(*) FROM trompe.peers"), 1, "nothing changed");
+    assert_eq!(n3.query_i64("SELECT count(*) FROM trompe.start_positions"), 1, "the start position is kept");
+}
