@@ -320,6 +320,11 @@ fn remove_peer(name: &str) -> pgrx::Uuid {
     {
         let _internal = InternalOperation::begin();
         as_extension_owner(|| {
+            // A copy from this peer that did not finish leaves nothing behind: the node is
+            // empty again and can join anew.
+            if crate::join::schema_installed()? {
+                crate::join::copy::undo_attempt(&peer_id)?;
+            }
             sql::execute("DELETE FROM trompe.peers WHERE name = $1", &[Some(name)])?;
             // The replication origin is dropped by the worker once it has let go of the peer
             // (it may be applying its changes right now, holding the origin).

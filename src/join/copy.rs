@@ -116,22 +116,35 @@ fn read_source(conn: &mut SourceConn) -> Result<Source, String> {
     Ok(source)
 }
 
+/// Undoes what an unfinished copy from peer `node` created here (inside the caller's
+/// transaction, trompe's own operations not captured): drops its schema objects, unlinks the
+/// large objects it copied, forgets its replication configuration, tombstones and start
+/// positions. Nothing is done for a copy that is done or that created nothing yet.
+pub fn undo_attempt(node: &str) -> Result<(), String> {
+    let Some(undo) =
+        sql::value("SELECT undo FROM trompe.syncs WHERE node_id = $1::uuid AND state <> 'done'", &[Some(node)])?
+    else {
+        return Ok(());
+    };
+    sql::execute(
+        "SELECT pg_catalog.lo_unlink(l.local_oid) FROM trompe.large_objects l
+          WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_largeobject_metadata m WHERE m.oid = l.local_oid)",
+        &[],
+    )?;
+    sql::execute(&undo, &[])?;
+    for table in ["large_objects", "tombstones", "truncations", "tables", "schemas", "start_positions"] {
+        sql::execute(&format!("DELETE FROM trompe.{table}"), &[])?;
+    }
+    sql::execute("UPDATE trompe.syncs SET undo = NULL WHERE node_id = $1::uuid", &[Some(node)])?;
+    Ok(())
+}
+
 /// Undoes a previous attempt, creates the schema and the replication configuration.
 fn create_schema(job: &SyncJob, source: &Source, script: &trompe_core::dump::SchemaScript) -> Result<(), String> {
     let node = job.node.to_string();
     in_transaction(|| {
         let _internal = InternalOperation::begin();
-        if let Some(undo) = sql::value("SELECT undo FROM trompe.syncs WHERE node_id = $1::uuid", &[Some(&node)])? {
-            sql::execute(
-                "SELECT pg_catalog.lo_unlink(l.local_oid) FROM trompe.large_objects l
-                  WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_largeobject_metadata m WHERE m.oid = l.local_oid)",
-                &[],
-            )?;
-            sql::execute(&undo, &[])?;
-        }
-        for table in ["large_objects", "tombstones", "truncations", "tables", "schemas", "start_positions"] {
-            sql::execute(&format!("DELETE FROM trompe.{table}"), &[])?;
-        }
+        undo_attempt(&node)?;
         if !script.create.is_empty() {
             sql::execute(&script.create, &[]).map_err(|e| format!("creating the peer's schema here: {e}"))?;
         }

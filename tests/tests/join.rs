@@ -276,3 +276,30 @@ fn a_peer_that_no_longer_keeps_its_log_for_the_joined_node_is_refused() {
     assert_eq!(n3.query_i64("SELECT count(*) FROM trompe.peers"), 1, "nothing changed");
     assert_eq!(n3.query_i64("SELECT count(*) FROM trompe.start_positions"), 1, "the start position is kept");
 }
+
+/// A copy that keeps failing in the middle (a row the new node's schema refuses) is undone by
+/// `remove_peer`: the node is empty again and joins once the cause is fixed.
+#[test]
+fn removing_the_peer_of_an_unfinished_copy_leaves_an_empty_node() {
+    let cluster = Cluster::start("join-removed", 2);
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    n1.exec("CREATE TABLE t (id int PRIMARY KEY, v int, doc oid); SELECT trompe.add_table('t')");
+    // Two transactions, so two versions: the first is copied (with its large object) before
+    // the second fails.
+    n1.exec("INSERT INTO t VALUES (1, 5, lo_from_bytea(0, 'kept'))");
+    n1.exec("INSERT INTO t VALUES (2, -1, NULL)");
+    n1.exec("ALTER TABLE t ADD CONSTRAINT positive CHECK (v > 0) NOT VALID");
+    let join = format!("SELECT trompe.add_peer('n1', '{}', sync => true)", cluster.peer_conninfo(1, 0));
+    n2.exec(&join);
+    n2.wait_for_value("SELECT last_error LIKE '%positive%' FROM trompe.status", "t", SYNC);
+    assert_eq!(n2.query_i64("SELECT count(*) FROM pg_class WHERE relname = 't'"), 1, "the copy got as far as the rows");
+    assert!(n2.query_i64("SELECT count(*) FROM pg_largeobject_metadata") <= 1);
+    n2.exec("SELECT trompe.remove_peer('n1')");
+    assert_eq!(n2.query_i64("SELECT count(*) FROM pg_class WHERE relname = 't'"), 0);
+    assert_eq!(n2.query_i64("SELECT count(*) FROM pg_largeobject_metadata"), 0, "copied large objects are unlinked");
+    assert_eq!(n2.query_i64("SELECT count(*) FROM trompe.tables"), 0);
+    n1.exec("UPDATE t SET v = 1 WHERE id = 2");
+    n2.exec(&join);
+    n2.wait_for_value("SELECT sync_state FROM trompe.status WHERE name = 'n1'", "done", SYNC);
+    cluster.assert_same(&checksum("(SELECT id, v, md5(lo_get(doc)) FROM t)"));
+}
