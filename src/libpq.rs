@@ -265,10 +265,7 @@ impl Conn {
         let n = unsafe { pq::PQgetCopyData(self.raw, &mut buf, 1) };
         match n {
             0 => Ok(CopyRow::Wait),
-            -1 => {
-                // The COPY ended: its final status tells whether it succeeded.
-                self.take_result().map(|_| CopyRow::End)
-            }
+            -1 => Ok(CopyRow::End),
             n if n > 0 && !buf.is_null() => {
                 // SAFETY: buf holds n bytes allocated by libpq.
                 let row = unsafe { std::slice::from_raw_parts(buf as *const u8, n as usize).to_vec() };
@@ -310,7 +307,7 @@ pub enum CopyRow {
     Row(Vec<u8>),
     /// No complete row yet: wait until the socket is readable, then `consume_input`.
     Wait,
-    /// The COPY ended successfully.
+    /// The COPY ended: its final status follows (`consume` until `Done`, then `take_result`).
     End,
 }
 
@@ -492,7 +489,11 @@ pub fn copy_out_row(conn: &mut Conn, timeout: Duration) -> Result<Option<Vec<u8>
     loop {
         match conn.copy_row()? {
             CopyRow::Row(row) => return Ok(Some(row)),
-            CopyRow::End => return Ok(None),
+            CopyRow::End => {
+                // The COPY's final status tells whether it succeeded.
+                result_wait(conn, deadline.saturating_duration_since(Instant::now()))?;
+                return Ok(None);
+            }
             CopyRow::Wait => {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
