@@ -229,12 +229,6 @@ fn text_array(keys: &[String]) -> String {
     format_text_array(&keys.iter().map(|k| Some(k.as_str())).collect::<Vec<_>>())
 }
 
-/// Copies here, from the peer, the large objects that `incoming_json` (rows as fetch_rows
-/// returns them) refers to and this node has no copy of.
-fn copy_large_objects(peer: &mut PeerSnapshot, table: &str, incoming_json: &str) -> Result<(), TrompeError> {
-    copy_referenced_large_objects(&mut peer.conn, &peer.name, table, incoming_json)
-}
-
 /// Copies here, over `conn` to peer `peer`, the large objects that `incoming_json` (a jsonb
 /// array of rows of `table` in canonical form) refers to and this node has no copy of.
 pub fn copy_referenced_large_objects(
@@ -299,7 +293,7 @@ fn repair_impl(peer: &str, rel: Option<&PgRelation>) -> Result<Vec<RepairRow>, T
             let rows: Vec<&str> = (0..fetched.rows()).filter_map(|r| fetched.get(r, 0)).collect();
             let incoming = format!("[{}]", rows.join(","));
             if has_large_objects {
-                copy_large_objects(&mut snapshot, &table.name, &incoming)?;
+                copy_referenced_large_objects(&mut snapshot.conn, &snapshot.name, &table.name, &incoming)?;
             }
             add(repair_rows(&table.name, peer, &[], &incoming)?);
         }

@@ -126,12 +126,13 @@ fn check_empty_node() -> Result<(), TrompeError> {
     }
 }
 
-/// The peer this node is still copying from, if a copy is not done.
-fn unfinished_sync() -> Result<Option<String>, TrompeError> {
+/// The peer this node is still copying from, if a copy is not done (a schema older than 0.3.0
+/// has none).
+fn unfinished_sync(joining_installed: bool) -> Result<Option<String>, TrompeError> {
+    if !joining_installed {
+        return Ok(None);
+    }
     as_extension_owner(|| {
-        if !crate::join::schema_installed()? {
-            return Ok(None);
-        }
         sql::value(
             "SELECT p.name FROM trompe.syncs s JOIN trompe.peers p USING (node_id) WHERE s.state <> 'done' LIMIT 1",
             &[],
@@ -190,10 +191,10 @@ fn add_peer_impl(name: &str, conninfo: &str, sync: bool) -> Result<pgrx::Uuid, T
     }
     let info = peer_conninfo(conninfo)?;
     warn_if_statement_logged(&info);
-    if let Some(source) = unfinished_sync()? {
+    let joining_installed = crate::join::schema_installed().map_err(TrompeError::Internal)?;
+    if let Some(source) = unfinished_sync(joining_installed)? {
         return Err(TrompeError::SyncInProgress(source));
     }
-    let joining_installed = crate::join::schema_installed().map_err(TrompeError::Internal)?;
     if sync {
         if !joining_installed {
             return Err(TrompeError::SettingRequired(

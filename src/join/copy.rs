@@ -180,8 +180,9 @@ type VersionKey = (Option<String>, Option<String>);
 
 /// Commits groups of rows with their versions, each through the replication origin of the node
 /// that wrote it, and keeps the copy's progress.
-struct Committer<'a> {
-    job: &'a SyncJob,
+struct Committer {
+    /// The node id of the peer copied from, as `trompe.syncs` names it.
+    source_peer: String,
     source_node: String,
     origins: HashMap<String, pg_sys::RepOriginId>,
     session: OriginSession,
@@ -191,7 +192,7 @@ struct Committer<'a> {
     progress_written: Instant,
 }
 
-impl Committer<'_> {
+impl Committer {
     /// The local replication origin of node `node` (created if missing).
     fn origin(&mut self, node: &str) -> Result<pg_sys::RepOriginId, String> {
         if let Some(origin) = self.origins.get(node) {
@@ -232,7 +233,6 @@ impl Committer<'_> {
         // SAFETY: the commit time the next commit records for the session's origin.
         unsafe { pg_sys::replorigin_session_origin_timestamp = ts };
         let due = self.progress_written.elapsed() >= PROGRESS_EVERY;
-        let node_id = self.job.node.to_string();
         let copied = (self.rows_copied + rows).to_string();
         let tables = self.tables_copied.to_string();
         in_transaction(|| {
@@ -240,7 +240,7 @@ impl Committer<'_> {
             if due {
                 sql::execute(
                     "UPDATE trompe.syncs SET rows_copied = $2::bigint, tables_copied = $3::int WHERE node_id = $1::uuid",
-                    &[Some(&node_id), Some(&copied), Some(&tables)],
+                    &[Some(&self.source_peer), Some(&copied), Some(&tables)],
                 )?;
             }
             Ok(())
@@ -293,7 +293,7 @@ fn snapshot_conn(conn: &SourceConn, exported: &str) -> Result<SourceConn, String
 /// Writes one batch of copied rows here, each group of rows of one version in a transaction of
 /// its own (copying the large objects they refer to first, over `objects`).
 fn write_batch(
-    committer: &mut Committer<'_>,
+    committer: &mut Committer,
     table: &str,
     insert: &str,
     batch: &[CopiedRow],
@@ -320,7 +320,7 @@ fn copy_table(
     conn: &mut SourceConn,
     objects: &mut Option<SourceConn>,
     exported: &str,
-    committer: &mut Committer<'_>,
+    committer: &mut Committer,
     table: &str,
 ) -> Result<(), String> {
     let (has_large_objects, insert) = in_transaction(|| {
@@ -358,7 +358,7 @@ fn copy_table(
 }
 
 /// Copies tombstones and truncation markers, each with its version.
-fn copy_removals(conn: &mut SourceConn, committer: &mut Committer<'_>) -> Result<(), String> {
+fn copy_removals(conn: &mut SourceConn, committer: &mut Committer) -> Result<(), String> {
     let result = conn.query("SELECT table_name, key::text, node, ts FROM trompe.sync_removals()", &[])?;
     let mut start = 0;
     while start < result.rows() {
@@ -450,7 +450,7 @@ pub fn run(job: &SyncJob) -> Result<(), String> {
     let script = crate::join::schema::dump(&conn.info, &source.exported)?;
     create_schema(job, &source, &script)?;
     let mut committer = Committer {
-        job,
+        source_peer: job.node.to_string(),
         source_node: source.node.clone(),
         origins: HashMap::new(),
         session: OriginSession::none(),

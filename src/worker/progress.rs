@@ -19,12 +19,15 @@ thread_local! {
 #[derive(Clone, Copy)]
 struct Plan(pg_sys::SPIPlanPtr);
 
-const LEGACY_SQL: &str = "UPDATE trompe.progress SET done = $2, cur = $3, after = $4, applied_txns = applied_txns + $5,
-                                 applied_changes = applied_changes + $6, updated_at = now()
-                           WHERE node_id = $1::text::uuid";
-const SQL: &str = "UPDATE trompe.progress SET done = $2, cur = $3, after = $4, applied_txns = applied_txns + $5,
-                          applied_changes = applied_changes + $6, updated_at = now(), after_offset = $7
-                    WHERE node_id = $1::text::uuid";
+/// The position update; a schema older than 0.3.0 has no `after_offset`.
+fn update_sql(legacy: bool) -> String {
+    format!(
+        "UPDATE trompe.progress SET done = $2, cur = $3, after = $4, applied_txns = applied_txns + $5,
+                applied_changes = applied_changes + $6, updated_at = now(){}
+          WHERE node_id = $1::text::uuid",
+        if legacy { "" } else { ", after_offset = $7" }
+    )
+}
 
 /// The advisory lock (`pg_advisory_lock(128034844536933)`, "trompe" in ASCII) every applying
 /// transaction holds in share mode until it commits: a node that is being copied (a joining
@@ -72,7 +75,7 @@ fn plan(legacy: bool) -> Result<Plan, String> {
     if let Some(p) = PLANS.get()[index] {
         return Ok(p);
     }
-    let sql = CString::new(if legacy { LEGACY_SQL } else { SQL }).map_err(|e| e.to_string())?;
+    let sql = CString::new(update_sql(legacy)).map_err(|e| e.to_string())?;
     let mut types = [
         pg_sys::TEXTOID,
         pg_sys::TEXTOID,
