@@ -45,11 +45,30 @@ unsafe extern "C-unwind" fn process_utility(
     qc: *mut pg_sys::QueryCompletion,
 ) {
     let node = (*pstmt).utilityStmt;
+    // BEGIN, COMMIT, SAVEPOINT and the like are never DDL: no statement to remember.
+    if !node.is_null() && (*node).type_ == pg_sys::NodeTag::T_TransactionStmt {
+        return run_previous(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc);
+    }
     let restart = !node.is_null()
         && (*node).type_ == pg_sys::NodeTag::T_TruncateStmt
         && (*(node as *mut pg_sys::TruncateStmt)).restart_seqs;
     crate::worker::dbguard::before_utility(node);
     let _scope = StatementScope::enter(statement_text(pstmt, query_string), restart);
+    run_previous(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc);
+}
+
+/// Runs the statement through the hook installed before ours, or the standard one.
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_previous(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const std::ffi::c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
     match PREVIOUS_HOOK {
         Some(previous) => previous(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
         None => {

@@ -148,10 +148,16 @@ impl<'a> ChangeWriter<'a> {
 
 /// Wraps encoded changes into a chunk.
 pub fn chunk(count: u64, changes: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(changes.len() + 10);
+    let mut out = chunk_header(count);
+    out.extend_from_slice(changes);
+    out
+}
+
+/// What a chunk of `count` changes starts with; the encoded changes follow it.
+pub fn chunk_header(count: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(11);
     out.push(FORMAT);
     put_varint(&mut out, count);
-    out.extend_from_slice(changes);
     out
 }
 

@@ -61,15 +61,29 @@ pub fn record(encode: impl FnOnce(&mut Vec<u8>, u64)) -> Result<(), TrompeError>
     Ok(())
 }
 
+/// A buffer up to this size is kept for the next transaction instead of being freed.
+const KEEP_BYTES: usize = 64 << 10;
+
 /// Writes the buffer of nesting level `depth` as a log row (in the current subtransaction).
 fn flush_level(depth: usize) -> Result<(), TrompeError> {
     let taken = LEVELS.with(|levels| {
         let mut levels = levels.borrow_mut();
         levels.get_mut(depth - 1).map(std::mem::take)
     });
-    let Some(level) = taken.filter(|l| l.count > 0) else { return Ok(()) };
+    let Some(mut level) = taken.filter(|l| l.count > 0) else { return Ok(()) };
     let slot = crate::capture::log_slot_for_transaction()?;
-    crate::log::writer::append_chunk(slot, level.count, &level.bytes)
+    crate::log::writer::append_chunk(slot, level.count, &level.bytes)?;
+    if level.bytes.capacity() <= KEEP_BYTES {
+        // Hand the emptied buffer back, so the next changes reuse its memory.
+        level.bytes.clear();
+        level.count = 0;
+        LEVELS.with(|levels| {
+            if let Some(l) = levels.borrow_mut().get_mut(depth - 1).filter(|l| l.count == 0) {
+                *l = level;
+            }
+        });
+    }
+    Ok(())
 }
 
 /// Writes everything still buffered, at commit or prepare of the top-level transaction.
@@ -98,9 +112,20 @@ pub fn end_subtransaction(committed: bool) {
     });
 }
 
-/// Forgets everything (the top-level transaction ended).
+/// Forgets everything (the top-level transaction ended), keeping a small top-level buffer's
+/// memory for the next transaction.
 pub fn reset() {
-    LEVELS.with(|levels| levels.borrow_mut().clear());
+    LEVELS.with(|levels| {
+        let mut levels = levels.borrow_mut();
+        levels.truncate(1);
+        if let Some(top) = levels.first_mut() {
+            if top.bytes.capacity() > KEEP_BYTES {
+                top.bytes = Vec::new();
+            }
+            top.bytes.clear();
+            top.count = 0;
+        }
+    });
     SEQ.set(0);
 }
 

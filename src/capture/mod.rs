@@ -143,9 +143,7 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
 fn reset_transaction_state() {
     WROTE_LOG.set(false);
     LOG_SLOT.set(None);
-    crate::log::writer::reset_target();
     buffer::reset();
-    version::end_of_transaction();
     guard::end_of_transaction();
     WROTE_MARKERS.set(false);
 }

@@ -43,7 +43,13 @@ fn capture(td: &pg_sys::TriggerData) -> Result<(), TrompeError> {
         }
         (Op::Update, Some(n), Some(o)) => {
             guard::replaced(old_version);
-            let (old_key, new_key) = (key_texts(&info, rel, o), key_texts(&info, rel, n));
+            // SAFETY: both are tuples of rel, handed over by the trigger manager.
+            let same_key_image = unsafe { same_key_image(&info, rel, o, n) };
+            let (old_key, new_key) = if same_key_image {
+                (Vec::new(), Vec::new())
+            } else {
+                (key_texts(&info, rel, o), key_texts(&info, rel, n))
+            };
             if old_key != new_key {
                 // The row moved to another key: the old one is deleted, the new one inserted.
                 guard::deleted(relid, old_key);
@@ -66,6 +72,37 @@ fn capture(td: &pg_sys::TriggerData) -> Result<(), TrompeError> {
         };
         w.finish(old_version);
     })
+}
+
+extern "C-unwind" {
+    /// utils/datum.h: whether two datums of one type have the same binary image.
+    fn datum_image_eq(value1: pg_sys::Datum, value2: pg_sys::Datum, typ_by_val: bool, typ_len: i32) -> bool;
+}
+
+/// Whether the primary key columns of `a` and `b` hold binary-identical values (then the key
+/// did not change; different images may still print the same, which the caller checks).
+///
+/// # Safety
+/// `a` and `b` must be tuples of the open relation `rel`.
+unsafe fn same_key_image(info: &RelInfo, rel: pg_sys::Relation, a: pg_sys::HeapTuple, b: pg_sys::HeapTuple) -> bool {
+    // SAFETY: attributes of rel's tuples, read with rel's descriptor (1-based attribute
+    // numbers); datum_image_eq gets each column's own by-value flag and length.
+    unsafe {
+        let tupdesc = (*rel).rd_att;
+        info.columns[..info.nkey].iter().all(|col| {
+            let att = &*(*tupdesc).attrs.as_ptr().add(col.index);
+            let (mut a_null, mut b_null) = (false, false);
+            let va = pg_sys::heap_getattr(a, col.index as i32 + 1, tupdesc, &mut a_null);
+            let vb = pg_sys::heap_getattr(b, col.index as i32 + 1, tupdesc, &mut b_null);
+            match (a_null, b_null) {
+                (true, true) => true,
+                (false, false) => {
+                    pg_sys::ffi::pg_guard_ffi_boundary(|| datum_image_eq(va, vb, att.attbyval, att.attlen as i32))
+                }
+                _ => false,
+            }
+        })
+    }
 }
 
 /// The primary key values of `tuple` as canonical text, in key order.

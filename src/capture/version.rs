@@ -11,26 +11,35 @@ use trompe_core::nodeid::NodeId;
 
 thread_local! {
     /// This node's id, with the oid of the `trompe.node` table it was read from (a new table
-    /// means the extension was created again, with a new id), and whether that was checked in
-    /// the current transaction.
+    /// means the extension was created again, with a new id), and whether that is still known
+    /// to hold (until PostgreSQL invalidates that table).
     static LOCAL: RefCell<Option<(pg_sys::Oid, NodeId)>> = const { RefCell::new(None) };
     static CHECKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static CALLBACK_REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// Replication origins mapped to the peers they stand for.
     static ORIGINS: RefCell<HashMap<pg_sys::RepOriginId, Option<NodeId>>> = RefCell::new(HashMap::new());
 }
 
-/// Forgets that the cached node id was checked (at the end of every transaction).
-pub fn end_of_transaction() {
-    CHECKED.set(false);
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn invalidate(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    let cached = LOCAL.with(|l| l.borrow().map(|(oid, _)| oid));
+    if relid == pg_sys::InvalidOid || cached.is_none_or(|oid| oid == relid) {
+        CHECKED.set(false);
+    }
 }
 
-/// This node's id (read once per backend, checked once per transaction, read again if the
-/// extension was created again).
+/// This node's id (read once per backend, looked up again when PostgreSQL invalidates the
+/// `trompe.node` table, read again if the extension was created again).
 pub fn local_node() -> Option<NodeId> {
     if CHECKED.get() {
         if let Some((_, id)) = LOCAL.with(|l| *l.borrow()) {
             return Some(id);
         }
+    }
+    if !CALLBACK_REGISTERED.get() {
+        // SAFETY: registering a relcache callback once per backend, with a valid function.
+        unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(invalidate), pg_sys::Datum::from(0)) };
+        CALLBACK_REGISTERED.set(true);
     }
     // SAFETY: syscache lookups inside a transaction.
     let ext = unsafe {
@@ -40,9 +49,12 @@ pub fn local_node() -> Option<NodeId> {
         }
         pg_sys::get_relname_relid(c"node".as_ptr(), nsp)
     };
-    CHECKED.set(true);
+    if ext == pg_sys::InvalidOid {
+        return None;
+    }
     if let Some((oid, id)) = LOCAL.with(|l| *l.borrow()) {
         if oid == ext {
+            CHECKED.set(true);
             return Some(id);
         }
     }
@@ -51,6 +63,7 @@ pub fn local_node() -> Option<NodeId> {
         .flatten()?;
     let id = text.parse::<NodeId>().ok()?;
     LOCAL.with(|l| *l.borrow_mut() = Some((ext, id)));
+    CHECKED.set(true);
     Some(id)
 }
 

@@ -9,20 +9,34 @@ use pgrx::pg_sys;
 use crate::error::TrompeError;
 use crate::log::LOG_SLOTS;
 
-/// Where this transaction's entries go: resolved once per transaction (the objects belong to
-/// the extension and could be dropped and recreated between transactions).
+/// Where entries of one log table go: resolved on first use and kept until PostgreSQL
+/// invalidates the table, its index or the id sequence (they belong to the extension and are
+/// dropped and recreated with it).
 #[derive(Clone, Copy)]
 struct Target {
-    slot: usize,
     table: pg_sys::Oid,
     sequence: pg_sys::Oid,
-    /// The log table's (txid, id) index and its IndexInfo (in TopTransactionContext).
+    /// The log table's (txid, id) index and its IndexInfo (in `context`).
     index: pg_sys::Oid,
     index_info: *mut pg_sys::IndexInfo,
+    /// Memory owned by this entry, deleted once the entry is dropped as stale.
+    context: pg_sys::MemoryContext,
+}
+
+#[derive(Default)]
+struct Targets {
+    slots: [Option<Target>; LOG_SLOTS],
+    /// An invalidation concerned a cached entry: rebuild on next use. Entries are not freed in
+    /// the invalidation callback itself, which can run while an entry is in use (any lock
+    /// acquisition accepts invalidations).
+    stale: bool,
+    /// An entry is being built: any invalidation meanwhile makes it stale too.
+    building: bool,
+    callback_registered: bool,
 }
 
 thread_local! {
-    static TARGET: RefCell<Option<Target>> = const { RefCell::new(None) };
+    static TARGETS: RefCell<Targets> = RefCell::new(Targets::default());
 }
 
 extern "C-unwind" {
@@ -30,9 +44,33 @@ extern "C-unwind" {
     fn nextval_internal(relid: pg_sys::Oid, check_permissions: bool) -> i64;
 }
 
-/// Forgets the cached target (at the end of every transaction).
-pub fn reset_target() {
-    TARGET.with(|t| *t.borrow_mut() = None);
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn invalidate(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    TARGETS.with(|t| {
+        let mut t = t.borrow_mut();
+        let concerned = relid == pg_sys::InvalidOid
+            || t.building
+            || t.slots.iter().flatten().any(|e| e.table == relid || e.index == relid || e.sequence == relid);
+        if concerned {
+            t.stale = true;
+        }
+    });
+}
+
+/// Drops every cached entry if an invalidation concerned one of them (called before use).
+fn drop_stale_targets() {
+    TARGETS.with(|t| {
+        let mut t = t.borrow_mut();
+        if !t.stale {
+            return;
+        }
+        for entry in t.slots.iter_mut().filter_map(Option::take) {
+            // SAFETY: the context was created for this entry by `target` and is referenced by
+            // nothing else now that the entry is gone.
+            unsafe { pg_sys::MemoryContextDelete(entry.context) };
+        }
+        t.stale = false;
+    });
 }
 
 fn lookup(name: &str) -> Result<pg_sys::Oid, TrompeError> {
@@ -53,27 +91,58 @@ fn lookup(name: &str) -> Result<pg_sys::Oid, TrompeError> {
 }
 
 fn target(slot: usize) -> Result<Target, TrompeError> {
-    if let Some(t) = TARGET.with(|t| *t.borrow()).filter(|t| t.slot == slot) {
+    drop_stale_targets();
+    if let Some(t) = TARGETS.with(|t| t.borrow().slots[slot]) {
         return Ok(t);
     }
+    if !TARGETS.with(|t| t.borrow().callback_registered) {
+        // SAFETY: registering a relcache callback once per backend, with a valid function.
+        unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(invalidate), pg_sys::Datum::from(0)) };
+        TARGETS.with(|t| t.borrow_mut().callback_registered = true);
+    }
+    struct Building;
+    impl Drop for Building {
+        fn drop(&mut self) {
+            TARGETS.with(|t| t.borrow_mut().building = false);
+        }
+    }
+    TARGETS.with(|t| t.borrow_mut().building = true);
+    let building = Building;
+    let t = build_target(slot)?;
+    drop(building);
+    TARGETS.with(|cell| cell.borrow_mut().slots[slot] = Some(t));
+    Ok(t)
+}
+
+fn build_target(slot: usize) -> Result<Target, TrompeError> {
     let index = lookup(&format!("log_{slot}_txid"))?;
+    let table = lookup(&format!("log_{slot}"))?;
+    let sequence = lookup("log_id_seq")?;
     // SAFETY: the index is opened and closed (lock kept to the end of the transaction); the
-    // IndexInfo is built in TopTransactionContext, which lives exactly as long as the cache.
-    let index_info = unsafe {
+    // IndexInfo is built in a context of its own under CacheMemoryContext, deleted when the
+    // entry is dropped.
+    let (index_info, context) = unsafe {
         let rel = pg_sys::index_open(index, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
         let form = (*rel).rd_index;
         let keys = (*form).indkey.values.as_slice((*form).indnatts as usize);
         let expected = (*form).indnatts == 2 && keys == [2, 1];
-        let old = pg_sys::MemoryContextSwitchTo(pg_sys::TopTransactionContext);
+        if !expected {
+            pg_sys::index_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+            return Err(TrompeError::Internal(format!("index trompe.log_{slot}_txid is not on (txid, id)")));
+        }
+        let context = pg_sys::AllocSetContextCreateInternal(
+            pg_sys::CacheMemoryContext,
+            c"trompe log target".as_ptr(),
+            pg_sys::ALLOCSET_SMALL_MINSIZE as usize,
+            pg_sys::ALLOCSET_SMALL_INITSIZE as usize,
+            pg_sys::ALLOCSET_SMALL_MAXSIZE as usize,
+        );
+        let old = pg_sys::MemoryContextSwitchTo(context);
         let info = pg_sys::BuildIndexInfo(rel);
         pg_sys::MemoryContextSwitchTo(old);
         pg_sys::index_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
-        if !expected {
-            return Err(TrompeError::Internal(format!("index trompe.log_{slot}_txid is not on (txid, id)")));
-        }
-        info
+        (info, context)
     };
-    let table = lookup(&format!("log_{slot}"))?;
     // SAFETY: the table is opened to read its index list (relcache) and closed, lock kept.
     let index_count = unsafe {
         let rel = pg_sys::table_open(table, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
@@ -83,11 +152,11 @@ fn target(slot: usize) -> Result<Target, TrompeError> {
         n
     };
     if index_count != 1 {
+        // SAFETY: the context was just created and nothing refers to it.
+        unsafe { pg_sys::MemoryContextDelete(context) };
         return Err(TrompeError::Internal(format!("trompe.log_{slot} must have exactly one index")));
     }
-    let t = Target { slot, table, sequence: lookup("log_id_seq")?, index, index_info };
-    TARGET.with(|cell| *cell.borrow_mut() = Some(t));
-    Ok(t)
+    Ok(Target { table, sequence, index, index_info, context })
 }
 
 /// Runs `f` as the bootstrap superuser (restored afterwards, also on error), like a SECURITY
@@ -121,7 +190,8 @@ pub fn append_chunk(slot: usize, count: u64, changes: &[u8]) -> Result<(), Tromp
         return Err(TrompeError::Internal(format!("no log table {slot}")));
     }
     let t = target(slot)?;
-    let bytes = trompe_core::changeset::chunk(count, changes);
+    let header = trompe_core::changeset::chunk_header(count);
+    let len = header.len() + changes.len();
     // SAFETY: the log table and its index are opened with RowExclusiveLock (kept to commit, as
     // an INSERT would); the tuple matches the table's descriptor (id, txid, nchanges, changes)
     // and the index entry the index's columns (txid, id), checked when the target was resolved.
@@ -129,9 +199,11 @@ pub fn append_chunk(slot: usize, count: u64, changes: &[u8]) -> Result<(), Tromp
     unsafe {
         let id = pg_sys::ffi::pg_guard_ffi_boundary(|| nextval_internal(t.sequence, false));
         let txid = pg_sys::GetTopFullTransactionId().value;
-        let varlena = pg_sys::palloc(bytes.len() + pg_sys::VARHDRSZ) as *mut pg_sys::varlena;
-        pgrx::set_varsize_4b(varlena, (bytes.len() + pg_sys::VARHDRSZ) as i32);
-        std::ptr::copy_nonoverlapping(bytes.as_ptr(), pgrx::vardata_any(varlena) as *mut u8, bytes.len());
+        let varlena = pg_sys::palloc(len + pg_sys::VARHDRSZ) as *mut pg_sys::varlena;
+        pgrx::set_varsize_4b(varlena, (len + pg_sys::VARHDRSZ) as i32);
+        let data = pgrx::vardata_any(varlena) as *mut u8;
+        std::ptr::copy_nonoverlapping(header.as_ptr(), data, header.len());
+        std::ptr::copy_nonoverlapping(changes.as_ptr(), data.add(header.len()), changes.len());
         let mut values = [
             pg_sys::Datum::from(id),
             pg_sys::Datum::from(txid as i64),
