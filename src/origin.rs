@@ -56,15 +56,12 @@ fn xid_array(xids: &[u64]) -> String {
     format!("{{{}}}", items.join(","))
 }
 
-/// Lists the transactions in the step `(done, cur]`, ordered by their last change.
-fn step_transactions(done: &Snapshot, cur: &Snapshot) -> Vec<StepTxn> {
-    // A step is one range of transaction ids plus a few ids. The planner has no statistics on
-    // a freshly filled log: written as `(txid >= a OR txid = ANY(..)) AND txid < b` it expected
-    // a third of a 100,000-transaction log and planned parallel workers (tens of milliseconds
-    // to start, per pull) or a sequential scan of the whole log. As a closed range and a list,
-    // it expects fewer rows and reads them through the index. Parallel workers and JIT
-    // compilation (which such estimates also triggered: 10 ms per pull) are off for the rest
-    // of the pull in any case: a pull reads a few index ranges.
+/// Turns parallel workers and JIT compilation off until the calling function (or transaction)
+/// ends: reading the log means a few index ranges, but estimates on a freshly filled log
+/// (no statistics) planned parallel workers (tens of milliseconds to start) and JIT
+/// compilation (10 ms, and two thirds of the origin's CPU time during a catch-up when every
+/// pull of a step compiled the statement that returns its rows).
+fn plain_reads() {
     crate::sql::execute(
         "SELECT pg_catalog.set_config('max_parallel_workers_per_gather', '0', true),
                 pg_catalog.set_config('jit', 'off', true)",
@@ -72,6 +69,15 @@ fn step_transactions(done: &Snapshot, cur: &Snapshot) -> Vec<StepTxn> {
     )
     .map_err(|e| TrompeError::Internal(format!("reading the log: {e}")))
     .or_raise();
+}
+
+/// Lists the transactions in the step `(done, cur]`, ordered by their last change.
+fn step_transactions(done: &Snapshot, cur: &Snapshot) -> Vec<StepTxn> {
+    // A step is one range of transaction ids plus a few ids. The planner has no statistics on
+    // a freshly filled log: written as `(txid >= a OR txid = ANY(..)) AND txid < b` it expected
+    // a third of a 100,000-transaction log and planned parallel workers or a sequential scan
+    // of the whole log. As a closed range and a list, it expects fewer rows and reads them
+    // through the index. Callers have made reads plain (`plain_reads`).
     let rows = crate::sql::rows(
         "SELECT txid, max(id), sum(nchanges) FROM (
              SELECT txid, id, nchanges FROM trompe.log WHERE txid >= $1::xid8 AND txid < $3::xid8
@@ -229,6 +235,8 @@ fn _pull_plan(
         name!(commit_us, Vec<Option<i64>>),
     ),
 > {
+    // For the rest of trompe.pull too, which returns the rows this plan chooses.
+    plain_reads();
     let done_snap = parse_snapshot(done, "done");
     as_extension_owner(|| check_consumer(consumer, &done_snap, confirmed));
     let (cur_text, commits) = match cur {
@@ -392,6 +400,7 @@ fn pending_changes(done: &str, cur: Option<&str>, after: i64, upto: &str) -> i64
     if done_snap.covers(&upto_snap) {
         return 0;
     }
+    plain_reads();
     let txns = as_extension_owner(|| step_transactions(&done_snap, &upto_snap));
     txns.iter()
         .filter(|t| !cur_snap.as_ref().is_some_and(|c| c.sees(t.txid) && t.last_id <= after))
