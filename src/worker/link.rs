@@ -555,7 +555,6 @@ impl Link {
     /// recorded as this transaction's (through the peer's replication origin, set up by the
     /// caller), and the new position stored in the same transaction.
     fn apply_transaction(&mut self, cache: &mut ApplyCache, txn: &[Change], next: &Position) -> Result<(), String> {
-        let node = self.node.to_string();
         // SAFETY: the timestamp the next commit records for the session's replication origin.
         unsafe { pg_sys::replorigin_session_origin_timestamp = txn.first().map_or(0, |c| c.commit_us) };
         // The table is written when the step changes or ends; inside a step, the origin's
@@ -585,7 +584,7 @@ impl Link {
                 unsafe { pg_sys::SPI_connect() };
                 apply_transaction(cache, txn, self.node, careful).map_err(|e| TxnError::from(e.to_string()))?;
                 if write_table {
-                    progress::store(&node, next, txns, changes, stored_offset)?;
+                    progress::store(&self.node.to_string(), next, txns, changes, stored_offset)?;
                 }
                 // SAFETY: pairs with SPI_connect above; the origin position the commit records
                 // (0 leaves it where it is).

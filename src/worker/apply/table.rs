@@ -32,7 +32,12 @@ pub struct Attr {
 }
 
 pub(crate) fn cstring(s: &str) -> CString {
-    CString::new(s.replace('\0', "")).unwrap_or_default()
+    CString::new(s).unwrap_or_else(|_| CString::new(s.replace('\0', "")).unwrap_or_default())
+}
+
+thread_local! {
+    /// Reused for the NUL-terminated copy of each value handed to an input function.
+    static INPUT_TEXT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl Attr {
@@ -41,19 +46,23 @@ impl Attr {
     pub fn datum(&self, text: Option<&str>) -> (pg_sys::Datum, bool) {
         match text {
             None => (pg_sys::Datum::from(0), true),
-            Some(t) => {
-                let c = cstring(t);
-                // SAFETY: the input function and its parameters come from the column's type.
+            Some(t) => INPUT_TEXT.with(|buf| {
+                // A NUL cannot be part of a value: it is dropped, as before.
+                let mut buf = buf.borrow_mut();
+                buf.clear();
+                if t.contains('\0') {
+                    buf.extend(t.bytes().filter(|&b| b != 0));
+                } else {
+                    buf.extend_from_slice(t.as_bytes());
+                }
+                buf.push(0);
+                // SAFETY: the input function and its parameters come from the column's type;
+                // it reads the NUL-terminated text and copies what it keeps.
                 let d = unsafe {
-                    pg_sys::InputFunctionCall(
-                        self.input,
-                        c.as_ptr() as *mut std::ffi::c_char,
-                        self.ioparam,
-                        self.typmod,
-                    )
+                    pg_sys::InputFunctionCall(self.input, buf.as_mut_ptr().cast(), self.ioparam, self.typmod)
                 };
                 (d, false)
-            }
+            }),
         }
     }
 
@@ -61,8 +70,15 @@ impl Attr {
     pub fn array(&self, texts: &[Option<&str>]) -> pg_sys::Datum {
         let mut elems = Vec::with_capacity(texts.len());
         let mut nulls = Vec::with_capacity(texts.len());
+        let mut previous: Option<(Option<&str>, pg_sys::Datum, bool)> = None;
         for t in texts {
-            let (d, n) = self.datum(*t);
+            // Runs of one value (a transaction's timestamp, a foreign key) are converted once:
+            // the array copies each element.
+            let (d, n) = match previous {
+                Some((p, d, n)) if p == *t => (d, n),
+                _ => self.datum(*t),
+            };
+            previous = Some((*t, d, n));
             elems.push(d);
             nulls.push(n);
         }
