@@ -274,3 +274,78 @@ fn ddl_and_dml_replicate_in_order_and_truncate_follows() {
     cluster.wait_sync(SYNC);
     assert_eq!(n2.query_i64("SELECT count(*) FROM pg_tables WHERE tablename = 'child'"), 0);
 }
+
+/// Applied inserts behave as the `INSERT` a user would run on the applying node: identity and
+/// generated columns, domains and CHECK constraints, BEFORE and AFTER row triggers enabled for
+/// replicas, secondary unique constraints; a constraint the node adds stops the stream with
+/// its error until it is dropped; a column only the applying node has takes its default.
+#[test]
+fn applied_inserts_keep_the_tables_rules() {
+    let cluster = Cluster::start("insert-rules", 2);
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all(
+        "CREATE DOMAIN positive AS int CHECK (VALUE > 0);
+         CREATE TABLE things (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, qty positive NOT NULL,
+                              price numeric(10,2) CHECK (price >= 0), total numeric GENERATED ALWAYS AS (qty * price) STORED,
+                              label text UNIQUE, note text);
+         SELECT trompe.add_table('things')",
+    );
+    n1.exec("CREATE TABLE notes (id int PRIMARY KEY, body text); SELECT trompe.add_table('notes')");
+    n2.exec(
+        "CREATE TABLE notes (id int PRIMARY KEY, body text, extra text DEFAULT 'local'); SELECT trompe.add_table('notes');
+         CREATE TABLE seen (id bigint, label text);
+         CREATE FUNCTION things_before() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.label = 'skip' THEN RETURN NULL; END IF;
+             NEW.note := NEW.note || ' (seen by n2)';
+             RETURN NEW;
+         END $$;
+         CREATE FUNCTION things_after() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO public.seen VALUES (NEW.id, NEW.label);
+             RETURN NULL;
+         END $$;
+         CREATE TRIGGER before_insert BEFORE INSERT ON things FOR EACH ROW EXECUTE FUNCTION things_before();
+         CREATE TRIGGER after_insert AFTER INSERT ON things FOR EACH ROW EXECUTE FUNCTION things_after();
+         ALTER TABLE things ENABLE ALWAYS TRIGGER before_insert, ENABLE ALWAYS TRIGGER after_insert;
+         ALTER TABLE things ADD CONSTRAINT cheap CHECK (price < 1000);
+         SELECT setval(pg_get_serial_sequence('things', 'id'), 1000)",
+    );
+    // A label n2 holds already, written before n1's rows (which therefore win it).
+    n2.exec("INSERT INTO things (qty, price, label, note) VALUES (1, 1, 'taken', 'n2''s own')");
+    cluster.add_peer(1, 0);
+    n1.exec(
+        "INSERT INTO things (qty, price, label, note) VALUES
+             (2, 1.50, 'a', 'first'), (3, 2.25, 'skip', 'skipped on n2'), (4, 0, 'b', 'third'), (5, 10, 'taken', 'n1''s')",
+    );
+    n1.exec("INSERT INTO notes SELECT g, 'note ' || g FROM generate_series(1, 5) g");
+    n1.exec("INSERT INTO things (qty, price, label, note) VALUES (1, 5000, 'dear', 'too dear for n2'), (1, 1, 'after', 'behind it')");
+    let stuck = wait_for(Duration::from_secs(30), || {
+        n2.query_text("SELECT last_error FROM trompe.status WHERE name = 'n1'").is_some_and(|e| e.contains("cheap"))
+    });
+    assert!(stuck, "the constraint n2 added stops the stream, named in the error");
+    assert_eq!(n2.query_i64("SELECT count(*) FROM things WHERE label IN ('dear', 'after')"), 0);
+    assert_eq!(
+        n2.query_text("SELECT string_agg(id || ':' || qty || ':' || price || ':' || total || ':' || note, ',' ORDER BY id) FROM things WHERE label IN ('a', 'b', 'taken')")
+            .as_deref(),
+        Some("1:2:1.50:3.00:first (seen by n2),3:4:0.00:0.00:third (seen by n2),4:5:10.00:50.00:n1's (seen by n2)"),
+        "identity values kept, generated column computed, BEFORE trigger applied, n1's row won the label"
+    );
+    assert_eq!(n2.query_i64("SELECT count(*) FROM things WHERE label = 'skip'"), 0, "BEFORE trigger skipped it");
+    assert_eq!(
+        n2.query_text("SELECT string_agg(label, ',' ORDER BY id) FROM seen WHERE label <> 'taken' OR id = 4")
+            .as_deref(),
+        Some("a,b,taken"),
+        "AFTER trigger fired for each applied row"
+    );
+    assert_eq!(
+        n2.query_text("SELECT string_agg(body || '/' || extra, ',' ORDER BY id) FROM notes").as_deref(),
+        Some("note 1/local,note 2/local,note 3/local,note 4/local,note 5/local"),
+        "a column only n2 has takes its default"
+    );
+    n2.exec("ALTER TABLE things DROP CONSTRAINT cheap");
+    n2.wait_for_value("SELECT count(*) FROM things WHERE label IN ('dear', 'after')", "2", Duration::from_secs(60));
+    assert!(wait_for(Duration::from_secs(10), || n2
+        .query_i64("SELECT count(*) FROM trompe.status WHERE last_error IS NOT NULL")
+        == 0));
+}

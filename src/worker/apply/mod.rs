@@ -3,6 +3,7 @@
 //! are always quoted). Only tables replicated on this node are written. Concurrent changes
 //! are resolved by the table's conflict rule (see [`rows`] and `trompe_core::conflict`).
 
+mod direct;
 mod rows;
 mod table;
 

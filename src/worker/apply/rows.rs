@@ -332,6 +332,20 @@ pub fn insert_run(cache: &mut ApplyCache, v: TxnVersion, run: &[Change], careful
     if truncated_after(&guards, &table, v, first) {
         return Ok(());
     }
+    if !super::direct::insert_rows(&table, run)? {
+        insert_statement(cache, &table, run)?;
+    }
+    if !guards.recheck_needed() {
+        return Ok(());
+    }
+    let keys: Vec<Vec<Option<&str>>> = run.iter().map(|c| key_values(&table, c, false)).collect();
+    undo_if_deleted_since(cache, &table, v, &keys)
+}
+
+/// Inserts `run` with one `INSERT ... SELECT FROM unnest(...)` statement (columns left out
+/// of the changes take their defaults).
+fn insert_statement(cache: &mut ApplyCache, table: &Table, run: &[Change]) -> Result<(), ApplyError> {
+    let first = &run[0];
     let cols: Vec<&str> = first.cols.iter().map(String::as_str).collect();
     let cache_key = format!("P\0{}\0{}", table.relid.to_u32(), cols.join("\0"));
     let plan = cache.plan(
@@ -360,11 +374,7 @@ pub fn insert_run(cache: &mut ApplyCache, v: TxnVersion, run: &[Change], careful
     }
     let nulls = vec![false; values.len()];
     run_plan(plan, &mut values, &nulls)?;
-    if !guards.recheck_needed() {
-        return Ok(());
-    }
-    let keys: Vec<Vec<Option<&str>>> = run.iter().map(|c| key_values(&table, c, false)).collect();
-    undo_if_deleted_since(cache, &table, v, &keys)
+    Ok(())
 }
 
 /// Inserts one row unless a newer tombstone or truncation says it was deleted since.

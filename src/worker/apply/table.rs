@@ -29,6 +29,8 @@ pub struct Attr {
     typlen: i16,
     typbyval: bool,
     typalign: std::ffi::c_char,
+    /// Its position in the table's tuple descriptor (0-based).
+    pub index: usize,
 }
 
 pub(crate) fn cstring(s: &str) -> CString {
@@ -237,6 +239,7 @@ fn load_table(nsp: &str, rel: &str) -> Result<Table, ApplyError> {
                     typlen,
                     typbyval,
                     typalign,
+                    index: i,
                 },
             );
         }
