@@ -313,33 +313,34 @@ fn on_conflict(table: &Table, cols: &[&str]) -> String {
     )
 }
 
-/// Inserts a run of rows (same table and columns, distinct keys).
+/// Inserts a run of rows (same table and columns, distinct keys). Without tombstones on the
+/// table, and unless the transaction is being applied carefully, the rows are inserted
+/// without any conflict check: a row that exists already raises a unique violation and the
+/// caller applies the transaction again carefully, row by row.
 pub fn insert_run(cache: &mut ApplyCache, v: TxnVersion, run: &[Change], careful: bool) -> Result<(), ApplyError> {
     let first = &run[0];
     let table = cache.table(&first.nsp, &first.rel)?;
     check_columns(&table, first, table.key.len())?;
     let guards = cache.guards(table.relid)?;
-    let bulk_ok = run.len() > 1
-        && !careful
-        && !guards.tombstones
-        && first.cols.iter().all(|c| table.attrs[c].array_type != pg_sys::InvalidOid);
-    if !bulk_ok {
-        for change in run {
-            insert_one(cache, &table, v, change, careful)?;
+    if !careful && !guards.tombstones {
+        if truncated_after(&guards, &table, v, first) {
+            return Ok(());
         }
-        return Ok(());
+        let arrays = first.cols.iter().all(|c| table.attrs[c].array_type != pg_sys::InvalidOid);
+        let inserted = super::direct::insert_rows(&table, run)?
+            || (run.len() > 1 && arrays && insert_statement(cache, &table, run).map(|()| true)?);
+        if inserted {
+            if !guards.recheck_needed() {
+                return Ok(());
+            }
+            let keys: Vec<Vec<Option<&str>>> = run.iter().map(|c| key_values(&table, c, false)).collect();
+            return undo_if_deleted_since(cache, &table, v, &keys);
+        }
     }
-    if truncated_after(&guards, &table, v, first) {
-        return Ok(());
+    for change in run {
+        insert_one(cache, &table, v, change, careful)?;
     }
-    if !super::direct::insert_rows(&table, run)? {
-        insert_statement(cache, &table, run)?;
-    }
-    if !guards.recheck_needed() {
-        return Ok(());
-    }
-    let keys: Vec<Vec<Option<&str>>> = run.iter().map(|c| key_values(&table, c, false)).collect();
-    undo_if_deleted_since(cache, &table, v, &keys)
+    Ok(())
 }
 
 /// Inserts `run` with one `INSERT ... SELECT FROM unnest(...)` statement (columns left out
