@@ -2,8 +2,9 @@
 //! logical replication applies them: no statement to start and end per transaction, no
 //! arrays to build and unnest. It does what the `INSERT` statement would (BEFORE and AFTER row
 //! triggers that fire in replica mode, stored generated columns, CHECK and NOT NULL
-//! constraints, every index, a unique violation raised as an error), for plain tables whose
-//! every writable column the change carries (nothing to fill from defaults).
+//! constraints, every index, a unique violation raised as an error) except fire statement
+//! triggers (native logical replication fires none either), for plain tables whose every
+//! writable column the change carries (nothing to fill from defaults).
 
 use pgrx::pg_sys;
 
@@ -87,6 +88,11 @@ pub fn insert_rows(table: &Table, run: &[Change]) -> Result<bool, ApplyError> {
             }
             pg_sys::ExecStoreVirtualTuple(slot);
             pg_sys::ExecSimpleRelationInsert(rri, estate, slot);
+            // What constraint checks allocated for this row (ResetPerTupleExprContext).
+            let per_tuple = (*estate).es_per_tuple_exprcontext;
+            if !per_tuple.is_null() {
+                pg_sys::MemoryContextReset((*per_tuple).ecxt_per_tuple_memory);
+            }
         }
         pg_sys::ExecCloseIndices(rri);
         pg_sys::AfterTriggerEndQuery(estate);
