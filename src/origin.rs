@@ -250,31 +250,32 @@ fn _pull_plan(
     if !cur_snap.covers(&done_snap) {
         TrompeError::BadRequest(format!("snapshot {cur_text} is older than position {done}")).raise();
     }
-    let txns = STEP.with(|s| {
-        let mut cache = s.borrow_mut();
-        match &*cache {
-            Some(c) if c.done == done && c.cur == cur_text => c.txns.clone(),
-            _ => {
-                let txns = as_extension_owner(|| step_transactions(&done_snap, &cur_snap));
-                *cache = Some(StepCache { done: done.to_string(), cur: cur_text.clone(), txns: txns.clone() });
-                txns
-            }
-        }
-    });
-    let start = txns.partition_point(|t| t.last_id <= after);
-    let remaining = &txns[start..];
-    let pending: i64 = remaining.iter().map(|t| t.changes).sum();
-    let mut chosen = Vec::new();
-    let mut rows = 0i64;
-    for t in remaining {
-        if !chosen.is_empty() && rows >= max_rows as i64 {
-            break;
-        }
-        rows += t.changes;
-        chosen.push(t.clone());
+    let cached = STEP.with(|s| s.borrow().as_ref().is_some_and(|c| c.done == done && c.cur == cur_text));
+    if !cached {
+        let txns = as_extension_owner(|| step_transactions(&done_snap, &cur_snap));
+        STEP.with(|s| *s.borrow_mut() = Some(StepCache { done: done.to_string(), cur: cur_text.clone(), txns }));
     }
-    let complete = chosen.len() == remaining.len();
-    let oldest = remaining.first().and_then(|t| commit_time(t.txid));
+    // The step's transactions stay in the cache (a step can hold hundreds of thousands, read a
+    // batch at a time): only the chosen ones are copied out.
+    let (chosen, pending, complete, oldest_txid) = STEP.with(|s| {
+        let cache = s.borrow();
+        let txns = cache.as_ref().map_or(&[][..], |c| &c.txns[..]);
+        let start = txns.partition_point(|t| t.last_id <= after);
+        let remaining = &txns[start..];
+        let pending: i64 = remaining.iter().map(|t| t.changes).sum();
+        let mut chosen = Vec::new();
+        let mut rows = 0i64;
+        for t in remaining {
+            if !chosen.is_empty() && rows >= max_rows as i64 {
+                break;
+            }
+            rows += t.changes;
+            chosen.push(t.clone());
+        }
+        let complete = chosen.len() == remaining.len();
+        (chosen, pending, complete, remaining.first().map(|t| t.txid))
+    });
+    let oldest = oldest_txid.and_then(commit_time);
     let row = (
         Some(cur_text),
         complete,
