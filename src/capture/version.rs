@@ -93,7 +93,11 @@ pub fn version_of(xmin: pg_sys::TransactionId) -> OldVersion {
         if pg_sys::TransactionIdIsCurrentTransactionId(xmin) {
             return OldVersion::SameTransaction;
         }
-        let Some((ts, origin)) = commit_ts_data(xmin) else { return OldVersion::Unknown };
+        let mut ts: pg_sys::TimestampTz = 0;
+        let mut origin: pg_sys::RepOriginId = 0;
+        if !pg_sys::TransactionIdGetCommitTsData(xmin, &mut ts, &mut origin) {
+            return OldVersion::Unknown;
+        }
         let node = if origin == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
             local_node()
         } else {
@@ -104,56 +108,4 @@ pub fn version_of(xmin: pg_sys::TransactionId) -> OldVersion {
             None => OldVersion::Unknown,
         }
     }
-}
-
-/// Entries of the commit timestamp cache (direct-mapped by transaction id).
-const COMMIT_TS_CACHE: usize = 256;
-
-/// A cached commit timestamp: (xid, commit time, origin, this backend's transaction id when it
-/// was stored).
-type CommitTsEntry = (pg_sys::TransactionId, pg_sys::TimestampTz, pg_sys::RepOriginId, pg_sys::TransactionId);
-
-thread_local! {
-    static COMMIT_TS: RefCell<Vec<Option<CommitTsEntry>>> = const { RefCell::new(Vec::new()) };
-}
-
-/// An entry stored when this backend's transaction id was `stored_at` is trusted while fewer
-/// than 2^30 transaction ids have been used since: an xid is only reused after 2^32.
-const COMMIT_TS_TRUSTED: u32 = 1 << 30;
-
-/// The commit time and origin of committed transaction `xid`, if recorded. A transaction's
-/// commit timestamp never changes, so lookups (an SLRU read under two shared locks, one of them
-/// taken exclusively by every commit) are cached, which helps most with rows loaded or last
-/// updated together (many rows share one xmin).
-fn commit_ts_data(xid: pg_sys::TransactionId) -> Option<(pg_sys::TimestampTz, pg_sys::RepOriginId)> {
-    // SAFETY: reads this backend's top transaction id (no lock).
-    let now = unsafe { pg_sys::GetTopTransactionIdIfAny() };
-    let cacheable = now != pg_sys::InvalidTransactionId;
-    let slot = xid.into_inner() as usize % COMMIT_TS_CACHE;
-    if cacheable {
-        let hit = COMMIT_TS.with(|c| {
-            c.borrow().get(slot).copied().flatten().filter(|&(x, _, _, stored_at)| {
-                x == xid && now.into_inner().wrapping_sub(stored_at.into_inner()) < COMMIT_TS_TRUSTED
-            })
-        });
-        if let Some((_, ts, origin, _)) = hit {
-            return Some((ts, origin));
-        }
-    }
-    let mut ts: pg_sys::TimestampTz = 0;
-    let mut origin: pg_sys::RepOriginId = 0;
-    // SAFETY: looks up the commit timestamp SLRU for a transaction id read from a tuple.
-    if !unsafe { pg_sys::TransactionIdGetCommitTsData(xid, &mut ts, &mut origin) } {
-        return None;
-    }
-    if cacheable {
-        COMMIT_TS.with(|c| {
-            let mut c = c.borrow_mut();
-            if c.len() < COMMIT_TS_CACHE {
-                c.resize(COMMIT_TS_CACHE, None);
-            }
-            c[slot] = Some((xid, ts, origin, now));
-        });
-    }
-    Some((ts, origin))
 }

@@ -292,7 +292,7 @@ impl Engine {
             waits.push(link.drive(&mut self.cache, enabled));
         }
         if now_ms() >= self.next_maintenance_ms {
-            if let Err(e) = housekeeping(|| crate::log::rotation::maintain(self.slot)) {
+            if let Err(e) = in_transaction(|| crate::log::rotation::maintain(self.slot)) {
                 pgrx::log!("trompe: log maintenance failed: {e}");
             }
             self.next_maintenance_ms = now_ms() + MAINTENANCE_EVERY_MS;
@@ -300,7 +300,7 @@ impl Engine {
         // The interval follows the retention settings, which a reload may have just changed.
         if now_ms() >= self.last_pruning_ms + crate::retention::interval_ms() {
             self.last_pruning_ms = now_ms();
-            match housekeeping(crate::retention::prune) {
+            match yielding_locks(crate::retention::prune) {
                 Ok(pruned) => {
                     if pruned.tombstones {
                         crate::shmem::tombstones_changed();
@@ -416,11 +416,11 @@ pub fn run(dboid: pg_sys::Oid, slot: &'static DbSlot) -> ! {
     }
 }
 
-/// Runs a housekeeping transaction (log rotation, pruning) that gives way to anyone holding a
-/// lock it needs: it waits at most 100 ms for a lock and is simply tried again later. Without
-/// this, `DROP EXTENSION` (or any command locking trompe's tables in another order) could
-/// deadlock with it and be the one cancelled.
-fn housekeeping<R>(f: impl FnOnce() -> Result<R, String>) -> Result<R, String> {
+/// Runs pruning in a transaction that gives way to anyone holding a lock it needs: it waits at
+/// most 100 ms for a lock and is simply tried again at the next interval. Without this,
+/// `DROP EXTENSION` (which locks trompe's tables in another order) could deadlock with it and be
+/// the one cancelled. (Log rotation keeps waiting: it must not fall behind under load.)
+fn yielding_locks<R>(f: impl FnOnce() -> Result<R, String>) -> Result<R, String> {
     in_transaction(|| {
         crate::sql::execute("SELECT pg_catalog.set_config('lock_timeout', '100ms', true)", &[])?;
         f()
