@@ -391,3 +391,43 @@ fn ddl_against_concurrent_dml_converges() {
         "{sum:?}"
     );
 }
+
+/// A node that keeps its own row against an incoming one on a UNIQUE column removes the
+/// incoming row everywhere, also on a node that hears of the removal before the row itself and
+/// never meets the collision (the winner moved on): the delete is newer than the retired row
+/// whichever way the node ids sort (run both ways round).
+#[test]
+fn a_row_retired_by_a_unique_collision_is_removed_everywhere() {
+    let cluster = Cluster::start("unique-retired", 3);
+    replicate_schema(&cluster);
+    cluster.mesh();
+    let set_all = |what: &str| {
+        for node in cluster.nodes() {
+            for peer in cluster.nodes().iter().filter(|p| p.name != node.name) {
+                node.exec(&format!("SELECT trompe.{what}_peer('{}')", peer.name));
+            }
+        }
+    };
+    for (round, (a, b, c)) in [(0usize, 1usize, 2usize), (1, 0, 2)].into_iter().enumerate() {
+        let (na, nb, nc) = (cluster.node(a), cluster.node(b), cluster.node(c));
+        let (retired, winner, u) = (12 + round as i32, 22 + round as i32, 27 + round as i32);
+        set_all("pause");
+        na.exec(&format!("INSERT INTO t VALUES ({retired}, 'retired', {u})"));
+        nb.exec(&format!("INSERT INTO t VALUES ({winner}, 'winner', {u})"));
+        // b meets the collision: its own row is newer and keeps the value.
+        nb.exec(&format!("SELECT trompe.resume_peer('{}')", na.name));
+        let tombstone = format!("SELECT count(*) FROM trompe.tombstones WHERE key = ARRAY['{retired}']");
+        nb.wait_for_value(&tombstone, "1", SYNC);
+        // The winner moves on; c hears all of it from b before the retired row reaches it from a.
+        nb.exec(&format!("UPDATE t SET u = {} WHERE id = {winner}", u + 100));
+        nc.exec(&format!("SELECT trompe.resume_peer('{}')", nb.name));
+        nc.wait_for_value(&format!("SELECT count(*) FROM t WHERE id = {winner} AND u = {}", u + 100), "1", SYNC);
+        set_all("resume");
+        cluster.wait_sync(SYNC);
+        for node in cluster.nodes() {
+            assert_eq!(v_of(node, retired), None, "round {round}: the retired row is gone on {}", node.name);
+            assert_eq!(v_of(node, winner).as_deref(), Some("winner"), "round {round}: on {}", node.name);
+        }
+        cluster.assert_same(&checksum("t"));
+    }
+}
