@@ -609,9 +609,6 @@ impl Link {
             other => other,
         })
         .map_err(|e| e.message)?;
-        if let Err(e) = crate::worker::apply::log_retirements() {
-            pgrx::warning!("trompe: logging rows retired by a unique collision failed: {e}");
-        }
         self.stored.origin = self.stored.origin.max(origin_value);
         self.stored.offset = offset;
         if write_table {

@@ -394,8 +394,9 @@ fn ddl_against_concurrent_dml_converges() {
 
 /// A node that keeps its own row against an incoming one on a UNIQUE column removes the
 /// incoming row everywhere, also on a node that hears of the removal before the row itself and
-/// never meets the collision (the winner moved on): the delete is newer than the retired row
-/// whichever way the node ids sort (run both ways round).
+/// never meets the collision (the winner moved on). The removal carries the retired row's own
+/// version, so it wins over the row where the row came first, and its tombstone keeps the row
+/// out where it comes later, whichever way the node ids sort (run both ways round).
 #[test]
 fn a_row_retired_by_a_unique_collision_is_removed_everywhere() {
     let cluster = Cluster::start("unique-retired", 3);

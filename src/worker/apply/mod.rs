@@ -9,8 +9,6 @@ mod table;
 
 use std::cell::Cell;
 
-use pgrx::pg_sys;
-
 use trompe_core::changeset::ChangeRecord;
 use trompe_core::conflict::{ConflictKind, LocalVersion, Version};
 use trompe_core::logformat::Op;
@@ -90,76 +88,11 @@ pub(crate) fn note_tombstones_written() {
     TOMBSTONES_WRITTEN.set(true);
 }
 
-/// After an apply transaction ended: tells other sessions if it changed tombstones, and
-/// forgets the retirements of a transaction that did not commit.
+/// After an apply transaction ended: tells other sessions if it changed tombstones.
 pub fn after_transaction(committed: bool) {
     if TOMBSTONES_WRITTEN.replace(false) && committed {
         crate::shmem::tombstones_changed();
     }
-    if !committed {
-        RETIREMENTS.with(|r| r.borrow_mut().clear());
-    }
-}
-
-/// An incoming row that lost a unique collision here: every node must remove it.
-pub(crate) struct Retirement {
-    pub nsp: String,
-    pub rel: String,
-    pub key_names: Vec<String>,
-    pub key: Vec<Option<String>>,
-    /// The retired row's version (the incoming transaction's).
-    pub old: trompe_core::changeset::OldVersion,
-}
-
-thread_local! {
-    static RETIREMENTS: std::cell::RefCell<Vec<Retirement>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Remembers a retirement, logged by [`log_retirements`] once the apply transaction commits.
-pub(crate) fn retire_later(r: Retirement) {
-    RETIREMENTS.with(|list| list.borrow_mut().push(r));
-}
-
-/// Logs the deletes of the rows retired by the apply transaction that just committed, as this
-/// node's own transaction (no replication origin): its commit time is later than the retired
-/// row's, so the delete wins on every node. Logged inside the apply transaction, it would carry
-/// that very commit time and lose to the row on nodes whose id sorts higher. The tombstone is
-/// stamped again in the same transaction, so this node compares later changes with the same
-/// version as its peers. (A crash between the two transactions loses the delete: documented.)
-pub fn log_retirements() -> Result<(), String> {
-    let pending = RETIREMENTS.with(|r| std::mem::take(&mut *r.borrow_mut()));
-    if pending.is_empty() {
-        return Ok(());
-    }
-    // SAFETY: the session's replication origin stays set up; only whether the next commit is
-    // stamped with it changes, and it is restored below.
-    let origin = unsafe {
-        let origin = pg_sys::replorigin_session_origin;
-        pg_sys::replorigin_session_origin = pg_sys::InvalidRepOriginId as pg_sys::RepOriginId;
-        origin
-    };
-    let result = crate::worker::txn::in_transaction(|| {
-        for r in &pending {
-            crate::capture::guard::replaced(r.old);
-            let relid = crate::sql::value(
-                "SELECT c.oid::text FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-                  WHERE n.nspname = $1 AND c.relname = $2",
-                &[Some(&r.nsp), Some(&r.rel)],
-            )?;
-            let key: Vec<Option<&str>> = r.key.iter().map(|k| k.as_deref()).collect();
-            crate::sql::execute(
-                "INSERT INTO trompe.tombstones (relid, key) VALUES ($1::oid, $2::text[])
-                 ON CONFLICT (relid, key) DO UPDATE SET key = EXCLUDED.key",
-                &[relid.as_deref(), Some(&trompe_core::pgarray::format_text_array(&key))],
-            )?;
-            crate::capture::row::log_delete(&r.nsp, &r.rel, &r.key_names, &key, r.old).map_err(|e| e.to_string())?;
-        }
-        Ok(())
-    });
-    // SAFETY: restores the value replaced above.
-    unsafe { pg_sys::replorigin_session_origin = origin };
-    crate::shmem::tombstones_changed();
-    result
 }
 
 /// Applies the changes of one origin transaction (committed at `commit_us` by node `origin`)

@@ -656,14 +656,8 @@ fn retire_incoming(
         delete_by_key(cache, table, keys)?;
     }
     with_incoming(incoming(table, v, change, ConflictKind::UniqueViolation, keys), || write_tombstone(table, keys))?;
-    super::retire_later(super::Retirement {
-        nsp: change.nsp.clone(),
-        rel: change.rel.clone(),
-        key_names: table.key.clone(),
-        key: keys.iter().map(|k| k.map(str::to_string)).collect(),
-        old: OldVersion::Committed { ts: v.0.ts, node: v.0.node },
-    });
-    Ok(())
+    let old = OldVersion::Committed { ts: v.0.ts, node: v.0.node };
+    log_removal(change, table, keys, old)
 }
 
 /// The SQL name of a type (for casts in dynamic SQL).
