@@ -67,9 +67,7 @@ pub fn insert_rows(table: &Table, run: &[Change]) -> Result<bool, ApplyError> {
         pg_sys::AfterTriggerBeginQuery();
         pg_sys::ExecOpenIndices(rri, false);
         let slot = pg_sys::ExecInitExtraTupleSlot(estate, (*rel).rd_att, &pg_sys::TTSOpsVirtual);
-        // A run of one value in a column (a transaction's timestamp, a foreign key) is
-        // converted once.
-        let mut previous: Vec<Option<(Option<&str>, pg_sys::Datum, bool)>> = vec![None; attrs.len()];
+        let mut last = vec![None; attrs.len()];
         for change in run {
             let vals = change.vals.as_deref().unwrap_or_default();
             pg_sys::ExecClearTuple(slot);
@@ -77,12 +75,7 @@ pub fn insert_rows(table: &Table, run: &[Change]) -> Result<bool, ApplyError> {
             let nulls = std::slice::from_raw_parts_mut((*slot).tts_isnull, natts);
             nulls.fill(true);
             for (j, attr) in attrs.iter().enumerate() {
-                let text = vals.get(j).and_then(|v| v.as_deref());
-                let (d, n) = match previous[j] {
-                    Some((p, d, n)) if p == text => (d, n),
-                    _ => attr.datum(text),
-                };
-                previous[j] = Some((text, d, n));
+                let (d, n) = attr.datum_reusing(vals.get(j).and_then(|v| v.as_deref()), &mut last[j]);
                 values[positions[j]] = d;
                 nulls[positions[j]] = n;
             }

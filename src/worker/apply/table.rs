@@ -37,6 +37,9 @@ pub(crate) fn cstring(s: &str) -> CString {
     CString::new(s).unwrap_or_else(|_| CString::new(s.replace('\0', "")).unwrap_or_default())
 }
 
+/// A text value and what [`Attr::datum`] made of it.
+pub type LastDatum<'t> = (Option<&'t str>, pg_sys::Datum, bool);
+
 thread_local! {
     /// Reused for the NUL-terminated copy of each value handed to an input function.
     static INPUT_TEXT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -68,19 +71,25 @@ impl Attr {
         }
     }
 
+    /// Like [`Attr::datum`], reusing the previous conversion when `text` equals the text
+    /// `last` was converted from: a run of one value in a column (a transaction's timestamp, a
+    /// foreign key) is converted once. Callers copy the datum (into a tuple or an array).
+    pub fn datum_reusing<'t>(&self, text: Option<&'t str>, last: &mut Option<LastDatum<'t>>) -> (pg_sys::Datum, bool) {
+        let (d, n) = match *last {
+            Some((t, d, n)) if t == text => (d, n),
+            _ => self.datum(text),
+        };
+        *last = Some((text, d, n));
+        (d, n)
+    }
+
     /// An array of this type from text values, in the current memory context.
     pub fn array(&self, texts: &[Option<&str>]) -> pg_sys::Datum {
         let mut elems = Vec::with_capacity(texts.len());
         let mut nulls = Vec::with_capacity(texts.len());
-        let mut previous: Option<(Option<&str>, pg_sys::Datum, bool)> = None;
+        let mut last = None;
         for t in texts {
-            // Runs of one value (a transaction's timestamp, a foreign key) are converted once:
-            // the array copies each element.
-            let (d, n) = match previous {
-                Some((p, d, n)) if p == *t => (d, n),
-                _ => self.datum(*t),
-            };
-            previous = Some((*t, d, n));
+            let (d, n) = self.datum_reusing(*t, &mut last);
             elems.push(d);
             nulls.push(n);
         }
