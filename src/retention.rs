@@ -23,8 +23,12 @@ pub struct Pruned {
     pub tombstones: bool,
 }
 
-/// Deletes one batch of expired conflicts and tombstones.
+/// Deletes one batch of expired conflicts and tombstones. It gives way to anyone holding a lock
+/// it needs: it waits at most 100 ms for a lock and is simply tried again at the next interval.
+/// Without this, `DROP EXTENSION` (which locks trompe's tables in another order) could deadlock
+/// with it and be the one cancelled.
 pub fn prune() -> Result<Pruned, String> {
+    sql::execute("SELECT pg_catalog.set_config('lock_timeout', '100ms', true)", &[])?;
     let conflicts = sql::execute(
         "DELETE FROM trompe.conflicts WHERE id IN (
              SELECT id FROM trompe.conflicts WHERE at < now() - make_interval(secs => $1::int)

@@ -300,7 +300,7 @@ impl Engine {
         // The interval follows the retention settings, which a reload may have just changed.
         if now_ms() >= self.last_pruning_ms + crate::retention::interval_ms() {
             self.last_pruning_ms = now_ms();
-            match yielding_locks(crate::retention::prune) {
+            match in_transaction(crate::retention::prune) {
                 Ok(pruned) => {
                     if pruned.tombstones {
                         crate::shmem::tombstones_changed();
@@ -414,15 +414,4 @@ pub fn run(dboid: pg_sys::Oid, slot: &'static DbSlot) -> ! {
         pgrx::check_for_interrupts!();
         engine.iterate();
     }
-}
-
-/// Runs pruning in a transaction that gives way to anyone holding a lock it needs: it waits at
-/// most 100 ms for a lock and is simply tried again at the next interval. Without this,
-/// `DROP EXTENSION` (which locks trompe's tables in another order) could deadlock with it and be
-/// the one cancelled. (Log rotation keeps waiting: it must not fall behind under load.)
-fn yielding_locks<R>(f: impl FnOnce() -> Result<R, String>) -> Result<R, String> {
-    in_transaction(|| {
-        crate::sql::execute("SELECT pg_catalog.set_config('lock_timeout', '100ms', true)", &[])?;
-        f()
-    })
 }
