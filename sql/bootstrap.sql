@@ -127,6 +127,17 @@ CREATE TABLE trompe.truncations (
 );
 COMMENT ON TABLE trompe.truncations IS 'Last truncation of each replicated table (version = the row''s own xmin).';
 
+-- Rows of peers this node retired because they lost a unique collision to a newer local row:
+-- the apply transaction queues them (with the tombstone it writes, same xmin), and the worker
+-- then deletes them as a transaction of this node, whose version is newer than the retired
+-- row's, so that the removal wins on every node (see src/worker/apply/retire.rs).
+CREATE TABLE trompe.retirements (
+    relid oid NOT NULL,
+    key text[] NOT NULL,
+    PRIMARY KEY (relid, key)
+);
+COMMENT ON TABLE trompe.retirements IS 'Rows retired by a unique collision whose removal the worker has still to log as this node''s own change.';
+
 -- Every conflict resolved, with both versions and which won.
 CREATE TABLE trompe.conflicts (
     id bigserial PRIMARY KEY,

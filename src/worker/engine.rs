@@ -291,6 +291,8 @@ impl Engine {
         for link in self.links.iter_mut() {
             waits.push(link.drive(&mut self.cache, enabled));
         }
+        // Outside any batch (no replication origin set up): this node's own transaction.
+        crate::worker::apply::retire::log_queued(&mut self.cache);
         if now_ms() >= self.next_maintenance_ms {
             if let Err(e) = in_transaction(|| crate::log::rotation::maintain(self.slot)) {
                 pgrx::log!("trompe: log maintenance failed: {e}");

@@ -432,3 +432,69 @@ fn a_row_retired_by_a_unique_collision_is_removed_everywhere() {
         cluster.assert_same(&checksum("t"));
     }
 }
+
+/// The path of the divergence once seen with seed 2: the node that wrote a row retired
+/// elsewhere by a unique collision never meets the collision itself (its own later write of
+/// the winner's key has a different value), and hears of the retirement only. The removal must
+/// win over the row there whichever way the node ids sort (run both ways round), and the
+/// retirer's tombstone must agree with its peers'.
+#[test]
+fn a_retired_row_is_removed_on_the_node_that_wrote_it() {
+    let cluster = Cluster::start("unique-retired-origin", 2);
+    replicate_schema(&cluster);
+    cluster.mesh();
+    let set_all = |what: &str| {
+        for (i, node) in cluster.nodes().iter().enumerate() {
+            node.exec(&format!("SELECT trompe.{what}_peer('{}')", cluster.node(1 - i).name));
+        }
+    };
+    for (round, (a, b)) in [(0usize, 1usize), (1, 0)].into_iter().enumerate() {
+        let (na, nb) = (cluster.node(a), cluster.node(b));
+        let (retired, winner, u) = (12 + round as i32, 22 + round as i32, 27 + round as i32);
+        set_all("pause");
+        na.exec(&format!("INSERT INTO t VALUES ({retired}, 'retired', {u})"));
+        nb.exec(&format!("INSERT INTO t VALUES ({winner}, 'winner', {u})"));
+        // b meets the collision: its own row is newer and keeps the value.
+        nb.exec(&format!("SELECT trompe.resume_peer('{}')", na.name));
+        let tombstone = format!("SELECT count(*) FROM trompe.tombstones WHERE key = ARRAY['{retired}']");
+        nb.wait_for_value(&tombstone, "1", SYNC);
+        // a writes the winner's key too, later and with another value: when b's row arrives,
+        // it loses there without colliding with the retired row.
+        na.exec(&format!("INSERT INTO t VALUES ({winner}, 'moved on', {})", u + 100));
+        set_all("resume");
+        cluster.wait_sync(SYNC);
+        for node in cluster.nodes() {
+            assert_eq!(v_of(node, retired), None, "round {round}: the retired row is gone on {}", node.name);
+            assert_eq!(v_of(node, winner).as_deref(), Some("moved on"), "round {round}: on {}", node.name);
+        }
+        cluster.assert_same(&checksum("t"));
+        cluster.assert_same(&format!(
+            "SELECT pg_xact_commit_timestamp(xmin)::text FROM trompe.tombstones WHERE key = ARRAY['{retired}']"
+        ));
+        // The removal is b's own transaction, not the apply of the retired row.
+        let origin = format!(
+            "SELECT (pg_xact_commit_timestamp_origin(xmin)).roident FROM trompe.tombstones WHERE key = ARRAY['{retired}']"
+        );
+        assert_eq!(nb.query_text(&origin).as_deref(), Some("0"), "round {round}");
+    }
+    // A crash right after the apply transaction that retired a row leaves the removal queued
+    // (written here by hand, as that transaction writes it: tombstone and queue together, while
+    // the peer's row is on its way); the worker logs it when it starts again.
+    let (na, nb) = (cluster.node(0), cluster.node(1));
+    set_all("pause");
+    na.exec("INSERT INTO t VALUES (14, 'retired', 29)");
+    nb.exec(
+        "BEGIN;
+         INSERT INTO trompe.tombstones (relid, key) VALUES ('t'::regclass, ARRAY['14']);
+         INSERT INTO trompe.retirements (relid, key) VALUES ('t'::regclass, ARRAY['14']);
+         COMMIT",
+    );
+    nb.crash_and_restart();
+    set_all("resume");
+    cluster.wait_sync(SYNC);
+    for node in cluster.nodes() {
+        assert_eq!(v_of(node, 14), None, "a queued removal survives a crash: row still on {}", node.name);
+    }
+    assert_eq!(nb.query_i64("SELECT count(*) FROM trompe.retirements"), 0);
+    cluster.assert_same(&checksum("t"));
+}

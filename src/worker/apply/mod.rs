@@ -4,6 +4,7 @@
 //! are resolved by the table's conflict rule (see [`rows`] and `trompe_core::conflict`).
 
 mod direct;
+pub mod retire;
 mod rows;
 mod table;
 

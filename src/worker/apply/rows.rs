@@ -123,7 +123,7 @@ fn run_by_key(
 }
 
 /// True if the row with this key exists locally.
-fn row_exists(cache: &mut ApplyCache, table: &Table, keys: &[Option<&str>]) -> Result<bool, ApplyError> {
+pub(super) fn row_exists(cache: &mut ApplyCache, table: &Table, keys: &[Option<&str>]) -> Result<bool, ApplyError> {
     let found = run_by_key(cache, table, "X", keys, || {
         format!("SELECT 1 FROM {} AS tgt WHERE {}", table.qualified, key_condition(table, 1))
     })?;
@@ -635,9 +635,10 @@ fn resolve_unique(
 
 /// An incoming row version lost a unique collision against a newer local row: it counts as
 /// written and at once removed. The local row with its key (an older version) goes, the key
-/// gets a tombstone, and the removal is logged so that nodes which applied the version without
-/// meeting the collision (the winner had moved on there) remove it too. Nothing happens if the
-/// local row with this key is newer than the incoming version anyway.
+/// gets a tombstone, and the removal is queued, to be logged after the apply (see
+/// [`super::retire`]) so that nodes which applied the version without meeting the collision (the
+/// winner had moved on there) remove it too. Nothing happens if the local row with this key is
+/// newer than the incoming version anyway.
 fn retire_incoming(
     cache: &mut ApplyCache,
     table: &Table,
@@ -656,6 +657,10 @@ fn retire_incoming(
         delete_by_key(cache, table, keys)?;
     }
     with_incoming(incoming(table, v, change, ConflictKind::UniqueViolation, keys), || write_tombstone(table, keys))?;
+    if super::retire::queue(table, keys)? {
+        return Ok(());
+    }
+    // A schema older than 0.4.0: logged here, with the row's own version (see retire.rs).
     let old = OldVersion::Committed { ts: v.0.ts, node: v.0.node };
     log_removal(change, table, keys, old)
 }
