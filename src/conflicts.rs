@@ -78,11 +78,24 @@ pub fn record(conflict: Recorded) {
 }
 
 /// The transaction that wrote the tombstone of `key` (its values as text, in primary key order)
-/// in table `relid`, if the key has one.
-pub fn tombstone_writer(relid: pg_sys::Oid, key: &[Option<&str>]) -> Result<Option<pg_sys::TransactionId>, String> {
+/// in table `relid`, if the key has one. With `key_share`, the tombstone stays locked FOR KEY
+/// SHARE until the transaction ends (a local insert of the key): the worker then leaves it alone
+/// when logging a queued retirement of the key (see `worker::apply::retire`), and an insert that
+/// comes while the worker holds it waits for it, so that the two never commit out of order.
+/// Updates of tombstones (by apply and local deletes) do not conflict with that lock.
+pub fn tombstone_writer(
+    relid: pg_sys::Oid,
+    key: &[Option<&str>],
+    key_share: bool,
+) -> Result<Option<pg_sys::TransactionId>, String> {
+    let sql = if key_share {
+        "SELECT xmin FROM trompe.tombstones WHERE relid = $1::oid AND key = $2::text[] FOR KEY SHARE"
+    } else {
+        "SELECT xmin FROM trompe.tombstones WHERE relid = $1::oid AND key = $2::text[]"
+    };
     let xmin = crate::log::writer::as_extension_owner(|| {
         crate::sql::value(
-            "SELECT xmin FROM trompe.tombstones WHERE relid = $1::oid AND key = $2::text[]",
+            sql,
             &[Some(&relid.to_u32().to_string()), Some(&trompe_core::pgarray::format_text_array(key))],
         )
     })?;

@@ -82,7 +82,7 @@ pub fn inserted(relid: pg_sys::Oid, key: impl FnOnce() -> Vec<Option<String>>) -
     if tombstones {
         let key = key();
         let refs: Vec<Option<&str>> = key.iter().map(|k| k.as_deref()).collect();
-        if let Some(xmin) = crate::conflicts::tombstone_writer(relid, &refs).map_err(TrompeError::Internal)? {
+        if let Some(xmin) = crate::conflicts::tombstone_writer(relid, &refs, true).map_err(TrompeError::Internal)? {
             note_replaced(version_of(xmin));
         }
     }

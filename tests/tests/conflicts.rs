@@ -497,4 +497,31 @@ fn a_retired_row_is_removed_on_the_node_that_wrote_it() {
     }
     assert_eq!(nb.query_i64("SELECT count(*) FROM trompe.retirements"), 0);
     cluster.assert_same(&checksum("t"));
+
+    // A local insert of a queued key, still open when the worker looks at the queue: the key
+    // stays queued (logging the delete now could commit after the insert, and peers would
+    // remove a row this node keeps), and once the insert has committed it needs nothing.
+    nb.exec(
+        "BEGIN;
+         INSERT INTO trompe.tombstones (relid, key) VALUES ('t'::regclass, ARRAY['16']);
+         INSERT INTO trompe.retirements (relid, key) VALUES ('t'::regclass, ARRAY['16']);
+         COMMIT",
+    );
+    let mut open = nb.connect();
+    open.batch_execute("BEGIN; INSERT INTO t VALUES (16, 'inserted', NULL)").expect("insert");
+    nb.exec("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'trompe worker'");
+    // Two changes from the peer applied after the restart: the worker went through the queue
+    // at least once meanwhile (it does so after each round of pulls).
+    for marker in [17, 18] {
+        na.exec(&format!("INSERT INTO t VALUES ({marker}, 'marker', NULL)"));
+        nb.wait_for_value(&format!("SELECT count(*) FROM t WHERE id = {marker}"), "1", SYNC);
+    }
+    assert_eq!(nb.query_i64("SELECT count(*) FROM trompe.retirements"), 1, "the held key stays queued");
+    open.batch_execute("COMMIT").expect("commit");
+    nb.wait_for_value("SELECT count(*) FROM trompe.retirements", "0", SYNC);
+    cluster.wait_sync(SYNC);
+    for node in cluster.nodes() {
+        assert_eq!(v_of(node, 16).as_deref(), Some("inserted"), "on {}", node.name);
+    }
+    cluster.assert_same(&checksum("t"));
 }

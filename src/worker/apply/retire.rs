@@ -12,6 +12,14 @@
 //! later than the row's: that delete wins on every node, and the tombstone here moves to its
 //! version so this node decides later changes as its peers do. The queue is durable, so a
 //! crash between the two transactions loses nothing: the worker drains it when it starts.
+//!
+//! A local insert of the same key must not commit between the worker's check that the key has
+//! no row and the commit of its delete: peers would get the insert, then the newer delete,
+//! while this node keeps the row. Local inserts of a key that has a tombstone read it FOR KEY
+//! SHARE (capture's commit wait needs its version anyway), and the worker locks the tombstone
+//! FOR UPDATE SKIP LOCKED: a key an open insert holds stays queued for the next round (it then
+//! has a row and needs nothing), and an insert that comes while the worker holds the key waits
+//! and commits after the delete, newer than it.
 
 use std::cell::Cell;
 
@@ -78,29 +86,30 @@ pub fn log_queued(cache: &mut ApplyCache) {
     }
 }
 
-/// Empties the queue; returns how many removals it logged.
+/// Works through the queue; returns how many removals it logged. Keys a local insert holds
+/// (its transaction has the tombstone locked) stay queued and are looked at again later.
 fn drain(cache: &mut ApplyCache) -> Result<usize, ApplyError> {
     if !queue_exists().map_err(ApplyError::Postgres)? {
         return Ok(0);
     }
-    // Taken off the queue at once. A key whose tombstone another transaction has rewritten
-    // since (a newer delete) or whose table is gone needs nothing: only keys still holding the
-    // retirement's own tombstone (same xmin) are logged.
+    // Only keys still holding the retirement's own tombstone (same xmin) need logging: a newer
+    // delete has rewritten the others, or their table is gone (cleared below).
     let queued = crate::sql::rows(
-        "WITH taken AS (DELETE FROM trompe.retirements RETURNING relid, key, xmin)
-         SELECT n.nspname, c.relname, taken.key::text, t.xmin::text
-           FROM taken
-           JOIN trompe.tombstones t ON t.relid = taken.relid AND t.key = taken.key AND t.xmin = taken.xmin
-           JOIN pg_catalog.pg_class c ON c.oid = taken.relid
+        "SELECT n.nspname, c.relname, r.key::text, t.xmin::text
+           FROM trompe.retirements r
+           JOIN trompe.tombstones t ON t.relid = r.relid AND t.key = r.key AND t.xmin = r.xmin
+           JOIN pg_catalog.pg_class c ON c.oid = r.relid
            JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-            FOR UPDATE OF t",
+            FOR UPDATE OF t SKIP LOCKED",
         &[],
     )
     .map_err(ApplyError::Postgres)?;
     let mut logged = 0;
+    let mut done: Vec<(String, String)> = Vec::with_capacity(queued.len());
     for q in &queued {
         let [Some(nsp), Some(rel), Some(key), Some(xmin)] = &q[..] else { continue };
         let table = cache.table(nsp, rel)?;
+        done.push((table.relid.to_u32().to_string(), key.clone()));
         let keys = parse_text_array(key).map_err(|e| ApplyError::Postgres(e.to_string()))?;
         let keys: Vec<Option<&str>> = keys.iter().map(|k| k.as_deref()).collect();
         // A row with the key now is newer than the retired one and replaces it everywhere.
@@ -120,6 +129,22 @@ fn drain(cache: &mut ApplyCache) -> Result<usize, ApplyError> {
         )
         .map_err(ApplyError::Postgres)?;
         logged += 1;
+    }
+    let relids: Vec<Option<&str>> = done.iter().map(|(r, _)| Some(r.as_str())).collect();
+    let keys: Vec<Option<&str>> = done.iter().map(|(_, k)| Some(k.as_str())).collect();
+    crate::sql::execute(
+        "WITH done AS (SELECT d.relid::oid AS relid, d.key::text[] AS key
+                         FROM unnest($1::text[], $2::text[]) AS d(relid, key))
+         DELETE FROM trompe.retirements r
+          WHERE (r.relid, r.key) IN (SELECT relid, key FROM done)
+             OR NOT EXISTS (SELECT 1 FROM trompe.tombstones t
+                             WHERE t.relid = r.relid AND t.key = r.key AND t.xmin = r.xmin)
+             OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = r.relid)",
+        &[Some(&format_text_array(&relids)), Some(&format_text_array(&keys))],
+    )
+    .map_err(ApplyError::Postgres)?;
+    if crate::sql::flag("SELECT EXISTS (SELECT 1 FROM trompe.retirements)", &[]).map_err(ApplyError::Postgres)? {
+        QUEUED.set(true);
     }
     Ok(logged)
 }

@@ -150,7 +150,7 @@ fn key_array(keys: &[Option<&str>]) -> String {
 
 /// The version of the tombstone of this key, if the row was deleted.
 fn tombstone(table: &Table, keys: &[Option<&str>]) -> Result<Option<LocalVersion>, ApplyError> {
-    let xmin = crate::conflicts::tombstone_writer(table.relid, keys).map_err(ApplyError::Postgres)?;
+    let xmin = crate::conflicts::tombstone_writer(table.relid, keys, false).map_err(ApplyError::Postgres)?;
     Ok(xmin.map(local_version))
 }
 
