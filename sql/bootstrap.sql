@@ -21,6 +21,13 @@ CREATE TABLE trompe.tables (
 );
 COMMENT ON TABLE trompe.tables IS 'Replicated tables; change with trompe.add_table() and trompe.remove_table().';
 
+-- Node priorities for tables under conflict rule node_priority (see core/src/conflict.rs).
+CREATE TABLE trompe.node_priorities (
+    node_id uuid PRIMARY KEY,
+    priority int NOT NULL
+);
+COMMENT ON TABLE trompe.node_priorities IS 'Priority of each node for tables under conflict rule node_priority (0 if not listed); set with trompe.set_node_priority(), the same on every node.';
+
 -- Schemas whose tables, present and future, are replicated.
 CREATE TABLE trompe.schemas (
     schema_name name PRIMARY KEY,

@@ -102,7 +102,7 @@ GRANT SELECT ON trompe.tables, trompe.schemas TO PUBLIC;
 REVOKE EXECUTE ON FUNCTION
     trompe.add_peer(text, text, boolean), trompe.remove_peer(text), trompe.pause_peer(text), trompe.resume_peer(text),
     trompe.add_table(regclass), trompe.remove_table(regclass), trompe.add_schema(text), trompe.remove_schema(text),
-    trompe.set_conflict_rule(regclass, text), trompe.set_sequence_slot(integer, integer),
+    trompe.set_conflict_rule(regclass, text), trompe.set_node_priority(uuid, integer), trompe.set_sequence_slot(integer, integer),
     trompe.log_changes(), trompe.register_consumer(uuid, text), trompe.unregister_consumer(uuid),
     trompe.pending_changes(text, text, bigint, text), trompe._pull_plan(uuid, text, text, bigint, integer, integer, bigint, text),
     trompe._on_create(),
@@ -177,7 +177,8 @@ $$;
 GRANT EXECUTE ON FUNCTION
     trompe.add_peer(text, text, boolean), trompe.remove_peer(text), trompe.pause_peer(text), trompe.resume_peer(text),
     trompe.add_table(regclass), trompe.remove_table(regclass), trompe.add_schema(text), trompe.remove_schema(text),
-    trompe.set_conflict_rule(regclass, text), trompe.set_sequence_slot(integer, integer), trompe.log_changes(),
+    trompe.set_conflict_rule(regclass, text), trompe.set_node_priority(uuid, integer),
+    trompe.set_sequence_slot(integer, integer), trompe.log_changes(),
     trompe.compare(text, regclass), trompe.repair(text, regclass)
 TO trompe_admin;
 GRANT SELECT ON trompe.conflicts, trompe.peers, trompe.consumers, trompe.repairs, trompe.syncs,

@@ -12,7 +12,7 @@ use std::cell::RefCell;
 
 use pgrx::prelude::*;
 use pgrx::AnyElement;
-use trompe_core::conflict::{incoming_wins, is_conflict, ConflictKind, LocalVersion, Version};
+use trompe_core::conflict::{is_conflict, ConflictKind, LocalVersion, Ranking, Rule, Version};
 use trompe_core::nodeid::NodeId;
 
 use crate::capture::version::version_of;
@@ -32,6 +32,8 @@ pub struct Incoming {
     pub key: Option<String>,
     /// The incoming row as JSON, when the statement changes one row.
     pub row: Option<String>,
+    /// How versions rank: the table's conflict rule (last_update_wins for truncations).
+    pub ranking: std::rc::Rc<Ranking>,
 }
 
 /// One conflict, as written to `trompe.conflicts`.
@@ -102,6 +104,31 @@ pub fn tombstone_writer(
     Ok(xmin.and_then(|x| x.parse::<u32>().ok()).map(pg_sys::TransactionId::from))
 }
 
+/// How the row versions of table `relid` rank: its conflict rule and, for `node_priority`, the
+/// node priorities (none on a schema older than 0.4.0).
+pub fn ranking_of(relid: pg_sys::Oid) -> Result<Ranking, String> {
+    crate::log::writer::as_extension_owner(|| {
+        let rule = crate::sql::value(
+            "SELECT conflict_rule FROM trompe.tables WHERE relid = $1::oid",
+            &[Some(&relid.to_u32().to_string())],
+        )?;
+        let rule = rule.as_deref().and_then(|r| Rule::parse(r).ok()).unwrap_or_default();
+        let mut priorities = Vec::new();
+        if rule == Rule::NodePriority
+            && crate::sql::flag("SELECT to_regclass('trompe.node_priorities') IS NOT NULL", &[])?
+        {
+            for r in crate::sql::rows("SELECT node_id::text, priority::text FROM trompe.node_priorities", &[])? {
+                let node = r.first().cloned().flatten().and_then(|n| n.parse::<NodeId>().ok());
+                let priority = r.get(1).cloned().flatten().and_then(|p| p.parse::<i32>().ok());
+                if let (Some(node), Some(priority)) = (node, priority) {
+                    priorities.push((node, priority));
+                }
+            }
+        }
+        Ok(Ranking { rule, priorities })
+    })
+}
+
 /// What table `relid` has of conflict markers: the transaction that wrote its truncation
 /// marker, if it was truncated, and whether any of its keys has a tombstone.
 pub fn table_markers(relid: pg_sys::Oid) -> Result<(Option<pg_sys::TransactionId>, bool), String> {
@@ -152,7 +179,7 @@ fn _apply_wins(
         return false;
     };
     let local = local_version(local_xmin);
-    let wins = incoming_wins(incoming.version, local);
+    let wins = incoming.ranking.wins(incoming.version, local);
     if is_conflict(incoming.version, incoming.replaced, local) {
         record(Recorded {
             table: incoming.table.clone(),
@@ -172,7 +199,7 @@ fn _apply_wins(
 /// `xmin` wrote (for tombstones and truncation markers; records nothing).
 #[pg_extern(volatile, parallel_unsafe)]
 fn _incoming_newer(xmin: pg_sys::TransactionId) -> bool {
-    CURRENT.with(|c| c.borrow().as_ref().map(|i| incoming_wins(i.version, local_version(xmin)))).unwrap_or(false)
+    CURRENT.with(|c| c.borrow().as_ref().map(|i| i.ranking.wins(i.version, local_version(xmin)))).unwrap_or(false)
 }
 
 fn timestamp_text(ts: i64) -> String {

@@ -200,12 +200,24 @@ fn remove_table(rel: PgRelation) -> bool {
     remove_table_by_oid(rel.oid()).or_raise()
 }
 
-/// Sets the conflict rule of a replicated table and returns it. Only rules under which every
-/// node converges are offered: `last_update_wins` (the default). `first_update_wins` and node
-/// priorities are refused with an explanation (README, "Conflicts").
+/// Sets the conflict rule of a replicated table and returns it: `last_update_wins` (the
+/// default), `first_update_wins` or `node_priority` (README, "Conflicts"). Every node must use
+/// the same rule for a table. Rules under which nodes could disagree are refused.
 #[pg_extern(volatile, parallel_unsafe)]
 fn set_conflict_rule(rel: PgRelation, rule: &str) -> String {
     set_rule(rel.oid(), rule).or_raise()
+}
+
+/// Whether this database's schema has the node priorities (0.4.0 and later).
+fn has_node_priorities() -> Result<bool, TrompeError> {
+    sql::flag("SELECT to_regclass('trompe.node_priorities') IS NOT NULL", &[]).map_err(TrompeError::Internal)
+}
+
+/// Makes every backend read the rule of table `relid` again (capture and apply keep it with
+/// the table's relcache entry).
+fn forget_ranking(relid: pg_sys::Oid) {
+    // SAFETY: queues a relcache invalidation of the table, sent when the transaction commits.
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relid) };
 }
 
 fn set_rule(relid: pg_sys::Oid, rule: &str) -> Result<String, TrompeError> {
@@ -214,6 +226,12 @@ fn set_rule(relid: pg_sys::Oid, rule: &str) -> Result<String, TrompeError> {
     if !is_replicated(relid) {
         return Err(TrompeError::NotReplicated(facts.qualified()));
     }
+    if rule != Rule::LastUpdateWins && !has_node_priorities()? {
+        return Err(TrompeError::SettingRequired(format!(
+            "conflict rule {} needs trompe 0.4.0 here: run ALTER EXTENSION trompe UPDATE",
+            rule.name()
+        )));
+    }
     as_extension_owner(|| {
         sql::execute(
             "UPDATE trompe.tables SET conflict_rule = $2 WHERE relid = $1::oid",
@@ -221,7 +239,40 @@ fn set_rule(relid: pg_sys::Oid, rule: &str) -> Result<String, TrompeError> {
         )
     })
     .map_err(TrompeError::Internal)?;
+    forget_ranking(relid);
     Ok(rule.name().to_string())
+}
+
+/// Sets the priority of node `node` for tables under conflict rule `node_priority` (nodes not
+/// listed have priority 0; higher wins) and returns it. Every node must hold the same
+/// priorities: set them on each node, before the tables take writes.
+#[pg_extern(volatile, parallel_unsafe)]
+fn set_node_priority(node: pgrx::Uuid, priority: i32) -> i32 {
+    set_priority(node, priority).or_raise()
+}
+
+fn set_priority(node: pgrx::Uuid, priority: i32) -> Result<i32, TrompeError> {
+    if !has_node_priorities()? {
+        return Err(TrompeError::SettingRequired(
+            "set_node_priority needs trompe 0.4.0 here: run ALTER EXTENSION trompe UPDATE".into(),
+        ));
+    }
+    let node = node.to_string();
+    let tables = as_extension_owner(|| {
+        sql::execute(
+            "INSERT INTO trompe.node_priorities (node_id, priority) VALUES ($1::uuid, $2::int)
+             ON CONFLICT (node_id) DO UPDATE SET priority = EXCLUDED.priority",
+            &[Some(&node), Some(&priority.to_string())],
+        )?;
+        sql::rows("SELECT relid::text FROM trompe.tables WHERE conflict_rule = 'node_priority'", &[])
+    })
+    .map_err(TrompeError::Internal)?;
+    for t in tables {
+        if let Some(relid) = t.first().cloned().flatten().and_then(|r| r.parse::<u32>().ok()) {
+            forget_ranking(pg_sys::Oid::from(relid));
+        }
+    }
+    Ok(priority)
 }
 
 fn check_schema(schema_name: &str) -> Result<(), TrompeError> {

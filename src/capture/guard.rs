@@ -3,17 +3,19 @@
 //! - a deleted row leaves a tombstone, a truncated table a truncation marker (written at
 //!   commit, in bulk), so that an older change arriving later from a peer does not bring rows
 //!   back;
-//! - a transaction that replaces a version committed "in the future" by its clock (a row last
-//!   written by a peer whose clock runs ahead, or a key deleted there) waits before committing
-//!   until its clock has passed it, so that its own version is the greater one. Without this, a
-//!   node could keep a local write that every other node rejects.
+//! - a transaction waits before committing until its version ranks above every version it
+//!   replaces under the table's rule: past a version committed "in the future" by its clock (a
+//!   row last written by a peer whose clock runs ahead, or a key deleted there), and under
+//!   `first_update_wins` or `node_priority` past the window of a higher-ranked version (a
+//!   truncation, past the window of every row it removes). Without this, a node could keep a
+//!   local write that every other node rejects.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 
 use pgrx::pg_sys;
 use trompe_core::changeset::OldVersion;
-use trompe_core::conflict::commit_wait_needed;
+use trompe_core::conflict::{commit_wait_needed, Ranking, Version};
 use trompe_core::pgarray::format_text_array;
 
 use crate::capture::buffer::nest_level;
@@ -25,6 +27,9 @@ use crate::log::writer::as_extension_owner;
 struct Pending {
     /// The newest commit time this transaction replaces.
     max_replaced: i64,
+    /// The earliest commit time at which this transaction's version ranks above every version
+    /// it replaces (under each table's rule).
+    commit_after: i64,
     /// Keys deleted, by table (text[] literals), with the (sub)transaction nesting level that
     /// deleted them.
     deleted: HashMap<pg_sys::Oid, Vec<(usize, String)>>,
@@ -33,8 +38,8 @@ struct Pending {
 }
 
 /// What capture knows about a table's tombstones: (tombstone generation it was read at,
-/// whether the table has tombstones, the commit time of its last truncation).
-type CachedGuards = (u64, bool, Option<i64>);
+/// whether the table has tombstones, the version of its last truncation).
+type CachedGuards = (u64, bool, Option<Version>);
 
 thread_local! {
     static PENDING: RefCell<Pending> = RefCell::new(Pending::default());
@@ -42,48 +47,60 @@ thread_local! {
     static GUARDS: RefCell<HashMap<pg_sys::Oid, CachedGuards>> = RefCell::new(HashMap::new());
 }
 
-fn note_replaced(old: OldVersion) {
-    if let OldVersion::Committed { ts, .. } = old {
+fn note_replaced(ranking: &Ranking, old: OldVersion) {
+    if let OldVersion::Committed { ts, node } = old {
+        let writer = crate::capture::version::local_node().unwrap_or_default();
+        let after = ranking.earliest_commit_above(writer, Version { ts, node });
         PENDING.with(|p| {
             let mut p = p.borrow_mut();
             p.max_replaced = p.max_replaced.max(ts);
+            p.commit_after = p.commit_after.max(after);
         });
     }
 }
 
-/// An update or delete replaced the row version `old`.
-pub fn replaced(old: OldVersion) {
-    note_replaced(old);
+/// An update or delete replaced the row version `old` of a table whose versions rank by
+/// `ranking`.
+pub fn replaced(ranking: &Ranking, old: OldVersion) {
+    note_replaced(ranking, old);
 }
 
-fn guards_of(relid: pg_sys::Oid) -> Result<(bool, Option<i64>), TrompeError> {
+/// What table `relid` has of tombstones and truncation, read again whenever a transaction may
+/// have committed some since (writers announce themselves before they commit): a missed
+/// tombstone would skip the commit wait, which `first_update_wins` and `node_priority` need.
+fn guards_of(relid: pg_sys::Oid) -> Result<(bool, Option<Version>), TrompeError> {
     let generation = crate::shmem::tombstone_generation();
     if let Some((g, tombstones, truncated)) = GUARDS.with(|c| c.borrow().get(&relid).copied()) {
-        if g == generation {
+        if g == crate::shmem::tombstone_writers() {
             return Ok((tombstones, truncated));
         }
     }
     let (truncation, tombstones) = crate::conflicts::table_markers(relid).map_err(TrompeError::Internal)?;
     let truncated = truncation.and_then(|xmin| match version_of(xmin) {
-        OldVersion::Committed { ts, .. } => Some(ts),
+        OldVersion::Committed { ts, node } => Some(Version { ts, node }),
         _ => None,
     });
     GUARDS.with(|c| c.borrow_mut().insert(relid, (generation, tombstones, truncated)));
     Ok((tombstones, truncated))
 }
 
-/// An insert of `key`: it replaces the key's tombstone and the table's truncation, if any.
-/// `key` is computed only when the table has tombstones.
-pub fn inserted(relid: pg_sys::Oid, key: impl FnOnce() -> Vec<Option<String>>) -> Result<(), TrompeError> {
+/// An insert of `key` in a table whose versions rank by `ranking`: it replaces the key's
+/// tombstone and the table's truncation, if any. `key` is computed only when the table has
+/// tombstones.
+pub fn inserted(
+    relid: pg_sys::Oid,
+    ranking: &Ranking,
+    key: impl FnOnce() -> Vec<Option<String>>,
+) -> Result<(), TrompeError> {
     let (tombstones, truncated) = guards_of(relid)?;
-    if let Some(ts) = truncated {
-        note_replaced(OldVersion::Committed { ts, node: Default::default() });
+    if let Some(t) = truncated {
+        note_replaced(ranking, OldVersion::Committed { ts: t.ts, node: t.node });
     }
     if tombstones {
         let key = key();
         let refs: Vec<Option<&str>> = key.iter().map(|k| k.as_deref()).collect();
         if let Some(xmin) = crate::conflicts::tombstone_writer(relid, &refs, true).map_err(TrompeError::Internal)? {
-            note_replaced(version_of(xmin));
+            note_replaced(ranking, version_of(xmin));
         }
     }
     Ok(())
@@ -98,7 +115,15 @@ pub fn deleted(relid: pg_sys::Oid, key: Vec<Option<String>>) {
 }
 
 /// A truncation of table `relid`.
-pub fn truncated(relid: pg_sys::Oid) {
+pub fn truncated(relid: pg_sys::Oid, ranking: &Ranking) {
+    // It must rank above every row it removes (under a windowed rule, it commits in the next
+    // window).
+    // SAFETY: reads the clock as PostgreSQL timestamps it.
+    let after = ranking.earliest_commit_above_all_until(unsafe { pg_sys::GetCurrentTimestamp() });
+    PENDING.with(|p| {
+        let mut p = p.borrow_mut();
+        p.commit_after = p.commit_after.max(after);
+    });
     let level = nest_level();
     PENDING.with(|p| p.borrow_mut().truncated.push((level, relid)));
 }
@@ -133,7 +158,7 @@ pub fn pre_commit() -> Result<(), TrompeError> {
     if !pending.deleted.is_empty() || !pending.truncated.is_empty() {
         write_markers(&pending)?;
     }
-    wait_for_clock(pending.max_replaced)
+    wait_for_clock(pending.max_replaced, pending.commit_after)
 }
 
 fn write_markers(pending: &Pending) -> Result<(), TrompeError> {
@@ -177,23 +202,25 @@ fn write_markers(pending: &Pending) -> Result<(), TrompeError> {
     Ok(())
 }
 
-fn wait_for_clock(max_replaced: i64) -> Result<(), TrompeError> {
-    if max_replaced == 0 {
+fn wait_for_clock(max_replaced: i64, commit_after: i64) -> Result<(), TrompeError> {
+    if commit_after == 0 {
         return Ok(());
     }
     // SAFETY: reads the clock as PostgreSQL timestamps it.
     let now = || unsafe { pg_sys::GetCurrentTimestamp() };
-    let wait = commit_wait_needed(max_replaced, now());
-    if wait == 0 {
+    if commit_after <= now() {
         return Ok(());
     }
+    // A replaced version "in the future" by more than the allowed skew is a clock problem;
+    // waiting for a rule's next window is not.
     let limit_us = crate::guc::MAX_CLOCK_SKEW_MS.get() as i64 * 1000;
-    if wait > limit_us {
-        return Err(TrompeError::ClockSkew { ahead_ms: wait / 1000 });
+    let ahead = commit_wait_needed(max_replaced, now());
+    if ahead > limit_us {
+        return Err(TrompeError::ClockSkew { ahead_ms: ahead / 1000 });
     }
-    while commit_wait_needed(max_replaced, now()) > 0 {
+    while commit_after > now() {
         // SAFETY: sleeping in small steps, answering cancel and termination in between.
-        unsafe { pg_sys::pg_usleep(commit_wait_needed(max_replaced, now()).min(10_000) as std::ffi::c_long) };
+        unsafe { pg_sys::pg_usleep((commit_after - now()).clamp(1, 10_000) as std::ffi::c_long) };
         pgrx::check_for_interrupts!();
     }
     Ok(())

@@ -32,6 +32,8 @@ pub struct RelInfo {
     pub nkey: usize,
     /// The names of `columns`, in the same order.
     pub names: Vec<String>,
+    /// How its row versions rank (its conflict rule), for the commit wait of local writes.
+    pub ranking: trompe_core::conflict::Ranking,
     /// Memory for everything above that PostgreSQL allocates.
     context: pg_sys::MemoryContext,
 }
@@ -122,6 +124,7 @@ pub unsafe fn primary_key_columns(rel: pg_sys::Relation) -> Option<Vec<usize>> {
 impl RelInfo {
     unsafe fn build(rel: pg_sys::Relation) -> Result<RelInfo, TrompeError> {
         let key = primary_key_columns(rel).ok_or_else(|| TrompeError::NoPrimaryKey(qualified_name(rel)))?;
+        let ranking = crate::conflicts::ranking_of((*rel).rd_id).map_err(TrompeError::Internal)?;
         // SAFETY: rel is open and its tuple descriptor valid for the duration of this call; all
         // allocations go to a context we own.
         unsafe {
@@ -138,6 +141,7 @@ impl RelInfo {
                 columns: Vec::new(),
                 nkey: key.len(),
                 names: Vec::new(),
+                ranking,
                 context,
             };
             let form = (*rel).rd_rel;

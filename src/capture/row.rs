@@ -36,13 +36,13 @@ fn capture(td: &pg_sys::TriggerData) -> Result<(), TrompeError> {
     // SAFETY: rel is open.
     let relid = unsafe { (*rel).rd_id };
     match (op, new, old) {
-        (Op::Insert, Some(t), _) => guard::inserted(relid, || key_texts(&info, rel, t))?,
+        (Op::Insert, Some(t), _) => guard::inserted(relid, &info.ranking, || key_texts(&info, rel, t))?,
         (Op::Delete, _, Some(t)) => {
-            guard::replaced(old_version);
+            guard::replaced(&info.ranking, old_version);
             guard::deleted(relid, key_texts(&info, rel, t));
         }
         (Op::Update, Some(n), Some(o)) => {
-            guard::replaced(old_version);
+            guard::replaced(&info.ranking, old_version);
             // SAFETY: both are tuples of rel, handed over by the trigger manager.
             let same_key_image = unsafe { same_key_image(&info, rel, o, n) };
             let (old_key, new_key) = if same_key_image {
@@ -53,7 +53,7 @@ fn capture(td: &pg_sys::TriggerData) -> Result<(), TrompeError> {
             if old_key != new_key {
                 // The row moved to another key: the old one is deleted, the new one inserted.
                 guard::deleted(relid, old_key);
-                guard::inserted(relid, || new_key)?;
+                guard::inserted(relid, &info.ranking, || new_key)?;
             }
         }
         _ => {}

@@ -36,7 +36,9 @@ fn capture(td: &pg_sys::TriggerData) -> Result<(), TrompeError> {
     };
     let restart = if crate::capture::ddl::truncate_restarts_identity() { "restart" } else { "continue" };
     // SAFETY: rel is open.
-    crate::capture::guard::truncated(unsafe { (*rel).rd_id });
+    let relid = unsafe { (*rel).rd_id };
+    let ranking = crate::conflicts::ranking_of(relid).map_err(TrompeError::Internal)?;
+    crate::capture::guard::truncated(relid, &ranking);
     buffer::record(|buf, seq| {
         ChangeWriter::begin(buf, Op::Truncate, seq, nsp.as_bytes(), name.as_bytes())
             .cols(std::iter::empty())

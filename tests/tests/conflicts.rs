@@ -190,11 +190,15 @@ fn only_convergent_rules_can_be_chosen() {
         node.query_text("SELECT trompe.set_conflict_rule('t', 'last_update_wins')").as_deref(),
         Some("last_update_wins")
     );
+    for rule in ["first_update_wins", "node_priority", "last_update_wins"] {
+        let set = node.query_text(&format!("SELECT trompe.set_conflict_rule('t', '{rule}')"));
+        assert_eq!(set.as_deref(), Some(rule));
+    }
     let mut c = node.connect();
-    for rule in ["first_update_wins", "node_priority"] {
+    for rule in ["keep_local", "apply_remote"] {
         let (state, message) = expect_error(&mut c, &format!("SELECT trompe.set_conflict_rule('t', '{rule}')"));
         assert_eq!(state, "22023", "{message}");
-        assert!(message.contains(rule), "{message}");
+        assert!(message.contains(rule) && message.contains("converge"), "{message}");
     }
     let (state, message) = expect_error(&mut c, "SELECT trompe.set_conflict_rule('t', 'whatever')");
     assert_eq!(state, "22023", "{message}");
@@ -265,10 +269,23 @@ fn client(node: &Node, mut rng: Rng, tag: String, stop: &AtomicBool) -> u64 {
 
 /// Three nodes, several clients each, random conflicting writes, a partition and a one-way cut
 /// in the middle; afterwards every table is identical everywhere.
-fn converges(w: Workload) {
+fn converges(mut w: Workload) {
     println!("randomized convergence: seed {} (rerun with TROMPE_SEEDS={})", w.seed, w.seed);
     let cluster = Cluster::start(&format!("converge-{}", w.seed), 3);
     replicate_schema(&cluster);
+    if w.seed % 3 == 2 {
+        // Every third seed runs the windowed rules (node 3 outranks node 1, which outranks node 2).
+        let ids: Vec<String> =
+            cluster.nodes().iter().map(|n| n.query_text("SELECT trompe.node_id()::text").unwrap_or_default()).collect();
+        cluster.exec_all(&format!(
+            "SELECT trompe.set_conflict_rule('t', 'node_priority'); SELECT trompe.set_conflict_rule('t2', 'first_update_wins');
+             SELECT trompe.set_node_priority('{}', 7); SELECT trompe.set_node_priority('{}', 3);",
+            ids[2], ids[0]
+        ));
+        println!("seed {}: t under node_priority, t2 under first_update_wins", w.seed);
+        // Their commit waits (up to a window per transaction) leave less done per second.
+        w.duration *= 2;
+    }
     cluster.mesh();
     let mut rng = Rng::new(w.seed);
     let stop = Arc::new(AtomicBool::new(false));
@@ -524,4 +541,115 @@ fn a_retired_row_is_removed_on_the_node_that_wrote_it() {
         assert_eq!(v_of(node, 16).as_deref(), Some("inserted"), "on {}", node.name);
     }
     cluster.assert_same(&checksum("t"));
+}
+
+/// Sleeps until the start of a conflict window (a whole second of the clock), so that a few
+/// quick writes commit in one window.
+fn start_of_a_window() {
+    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_millis());
+    if ms > 50 {
+        std::thread::sleep(Duration::from_millis(u64::from(1000 - ms)));
+    }
+}
+
+/// The conflict window (whole seconds of the clock) in which the row of `from where` on
+/// `node` was committed.
+fn window_of(node: &Node, from_where: &str) -> i64 {
+    node.query_i64(&format!("SELECT floor(extract(epoch FROM pg_xact_commit_timestamp(xmin)))::int8 FROM {from_where}"))
+}
+
+/// `node_priority` and `first_update_wins`: writes of one row on several nodes within one
+/// conflict window are decided by the rule the same way on every node, whichever arrives first
+/// where; a local write that replaces a higher-ranked version of its window waits for the next
+/// window at commit, so that it wins everywhere as it did locally.
+#[test]
+fn windowed_rules_decide_the_same_way_everywhere() {
+    let cluster = Cluster::start("conflict-windowed", 3);
+    replicate_schema(&cluster);
+    let ids: Vec<String> =
+        cluster.nodes().iter().map(|n| n.query_text("SELECT trompe.node_id()::text").unwrap_or_default()).collect();
+    // Node 2 outranks node 3, which outranks node 1 (not listed: 0).
+    cluster.exec_all(&format!(
+        "SELECT trompe.set_conflict_rule('t', 'node_priority'); SELECT trompe.set_conflict_rule('t2', 'first_update_wins');
+         SELECT trompe.set_node_priority('{}', 10); SELECT trompe.set_node_priority('{}', 5);",
+        ids[1], ids[2]
+    ));
+    cluster.mesh();
+    let set_all = |what: &str| {
+        for (i, node) in cluster.nodes().iter().enumerate() {
+            for (j, peer) in cluster.nodes().iter().enumerate() {
+                if i != j {
+                    node.exec(&format!("SELECT trompe.{what}_peer('{}')", peer.name));
+                }
+            }
+        }
+    };
+    let mut decided = None;
+    for id in 100..105 {
+        set_all("pause");
+        start_of_a_window();
+        // node_priority: node 2 writes first, then node 1, then node 3 (each its own version).
+        for (i, tag) in [(1, "n2"), (0, "n1"), (2, "n3")] {
+            cluster.node(i).exec(&format!("INSERT INTO t VALUES ({id}, '{tag}', NULL)"));
+        }
+        // first_update_wins: node 3 first, then node 1, then node 2.
+        for (i, tag) in [(2, "n3"), (0, "n1"), (1, "n2")] {
+            cluster.node(i).exec(&format!("INSERT INTO t2 VALUES ({id}, 1, '{tag}')"));
+        }
+        let windows: std::collections::HashSet<i64> = cluster
+            .nodes()
+            .iter()
+            .flat_map(|n| [window_of(n, &format!("t WHERE id = {id}")), window_of(n, &format!("t2 WHERE a = {id}"))])
+            .collect();
+        set_all("resume");
+        cluster.wait_sync(SYNC);
+        if windows.len() == 1 {
+            decided = Some(id);
+            break;
+        }
+        // The writes straddled two windows (a slow machine): try again with another key.
+    }
+    let id = decided.expect("the writes of one round committed within one conflict window");
+    for node in cluster.nodes() {
+        assert_eq!(v_of(node, id).as_deref(), Some("n2"), "node_priority on {}", node.name);
+        let note = node.query_text(&format!("SELECT note FROM t2 WHERE a = {id} AND b = 1"));
+        assert_eq!(note.as_deref(), Some("n3"), "first_update_wins on {}", node.name);
+    }
+
+    // Node 1, the lowest, updates a row node 2 has just written, in the same window: its commit
+    // waits for the next window, and its update then wins everywhere.
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    let mut waited = false;
+    for id in 200..205 {
+        start_of_a_window();
+        n2.exec(&format!("INSERT INTO t VALUES ({id}, 'n2', NULL)"));
+        let n2_window = window_of(n2, &format!("t WHERE id = {id}"));
+        n1.wait_for_value(&format!("SELECT count(*) FROM t WHERE id = {id}"), "1", SYNC);
+        let started = n1.query_row(&format!(
+            "BEGIN; UPDATE t SET v = 'n1 later' WHERE id = {id};
+             SELECT floor(extract(epoch FROM now()))::int8; COMMIT"
+        ));
+        let started: i64 = started.first().cloned().flatten().and_then(|s| s.parse().ok()).unwrap_or(-1);
+        let committed = window_of(n1, &format!("t WHERE id = {id}"));
+        cluster.wait_sync(SYNC);
+        for node in cluster.nodes() {
+            assert_eq!(v_of(node, id).as_deref(), Some("n1 later"), "the local write wins on {}", node.name);
+        }
+        if started == n2_window {
+            assert_eq!(committed, n2_window + 1, "the update waited for the next window");
+            waited = true;
+            break;
+        }
+        // The update started in a later window already (slow replication): nothing to wait for.
+    }
+    assert!(waited, "an update started within the window of the version it replaced");
+    // first_update_wins: a later update of the round's row, right away, wins everywhere too.
+    n1.exec(&format!("UPDATE t2 SET note = 'n1 later' WHERE a = {id} AND b = 1"));
+    cluster.wait_sync(SYNC);
+    for node in cluster.nodes() {
+        let note = node.query_text(&format!("SELECT note FROM t2 WHERE a = {id} AND b = 1"));
+        assert_eq!(note.as_deref(), Some("n1 later"), "on {}", node.name);
+    }
+    cluster.assert_same(&checksum("t"));
+    cluster.assert_same(&checksum("t2"));
 }

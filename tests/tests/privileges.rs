@@ -31,6 +31,7 @@ fn plain_users_write_replicated_tables_but_cannot_administer_or_read_the_log() {
         ("SELECT trompe.pause_peer('n2')", "pause_peer"),
         ("SELECT trompe.remove_peer('n2')", "remove_peer"),
         ("SELECT trompe.set_conflict_rule('t', 'last_update_wins')", "set_conflict_rule"),
+        ("SELECT trompe.set_node_priority(gen_random_uuid(), 1)", "set_node_priority"),
         ("SELECT trompe.set_sequence_slot(1, 16)", "set_sequence_slot"),
         ("SELECT * FROM trompe.log_changes()", "log_changes"),
         ("SELECT * FROM trompe.pull(gen_random_uuid(), '', NULL, 0, 10, 0, 0, '')", "pull"),
@@ -100,6 +101,7 @@ fn trompe_admin_members_administer_without_superuser() {
         "SET ROLE dba;
          SELECT trompe.add_table('t');
          SELECT trompe.set_conflict_rule('t', 'last_update_wins');
+         SELECT trompe.set_node_priority(trompe.node_id(), 1);
          SELECT trompe.set_sequence_slot(1, 16);
          SELECT count(*) FROM trompe.status; SELECT count(*) FROM trompe.conflicts; SELECT count(*) FROM trompe.peers;
          SELECT trompe.remove_table('t');",

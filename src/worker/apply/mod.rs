@@ -84,15 +84,19 @@ thread_local! {
     static TOMBSTONES_WRITTEN: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Notes that the current apply transaction wrote tombstones or truncation markers.
+/// Notes that the current apply transaction wrote tombstones or truncation markers, and
+/// announces it before it commits (sessions that cached what tables have tombstones look
+/// again from then on, see `capture::guard`).
 pub(crate) fn note_tombstones_written() {
-    TOMBSTONES_WRITTEN.set(true);
+    if !TOMBSTONES_WRITTEN.replace(true) {
+        crate::shmem::announce_tombstone_writer();
+    }
 }
 
-/// After an apply transaction ended: tells other sessions if it changed tombstones.
-pub fn after_transaction(committed: bool) {
-    if TOMBSTONES_WRITTEN.replace(false) && committed {
-        crate::shmem::tombstones_changed();
+/// After an apply transaction ended: balances the announcement of tombstone writes.
+pub fn after_transaction(_committed: bool) {
+    if TOMBSTONES_WRITTEN.replace(false) {
+        crate::shmem::bump_tombstone_generation();
     }
 }
 
@@ -138,10 +142,10 @@ pub fn apply_transaction(
     crate::conflicts::flush().map_err(ApplyError::Postgres)
 }
 
-/// Truncates the tables of consecutive TRUNCATE changes. Under last-update-wins a truncation
-/// removes the rows older than itself (a row written concurrently on another node, with a
-/// newer version, survives on every node) and leaves a marker that drops older changes
-/// arriving later. Without newer rows the tables are truncated together in one statement, as
+/// Truncates the tables of consecutive TRUNCATE changes. A truncation is a version like any
+/// write: it removes the rows ranking below it under the table's rule (a row written
+/// concurrently on another node that ranks higher survives on every node) and leaves a marker
+/// that drops lower-ranked changes arriving later. Without newer rows the tables are truncated together in one statement, as
 /// at the origin (foreign keys between them allow nothing else).
 fn apply_truncate(cache: &mut ApplyCache, v: TxnVersion, changes: &[&Change]) -> Result<(), ApplyError> {
     let restart = changes[0].vals.as_ref().and_then(|v| v.first()).and_then(|v| v.as_deref()) == Some("restart");
@@ -158,46 +162,43 @@ fn apply_truncate(cache: &mut ApplyCache, v: TxnVersion, changes: &[&Change]) ->
     // the count below and before the TRUNCATE, which would remove its newer rows here only.
     let names: Vec<&str> = tables.iter().map(|t| t.qualified.as_str()).collect();
     sql(&format!("LOCK TABLE ONLY {} IN ACCESS EXCLUSIVE MODE", names.join(", ")), &[])?;
-    with_incoming(truncation(v), || -> Result<(), ApplyError> {
-        let mut newer_rows = Vec::with_capacity(tables.len());
-        for table in &tables {
-            newer_rows.push(
-                crate::sql::int(
-                    &format!(
-                        "SELECT count(*) FROM {} AS tgt WHERE NOT trompe._incoming_newer(tgt.xmin)",
-                        table.qualified
-                    ),
-                    &[],
-                )
-                .map_err(ApplyError::Postgres)?,
-            );
-        }
-        if newer_rows.iter().all(|&n| n == 0) {
-            sql(&format!("TRUNCATE ONLY {}", names.join(", ")), &[])?;
-        } else {
-            // Some rows survive: delete the older ones of every table of the statement (a
-            // TRUNCATE of only some of them could fail on a foreign key between them).
-            for (table, &newer) in tables.iter().zip(&newer_rows) {
-                sql(
-                    &format!("DELETE FROM ONLY {} AS tgt WHERE trompe._incoming_newer(tgt.xmin)", table.qualified),
-                    &[],
-                )?;
-                if newer > 0 {
-                    record(Recorded {
-                        table: table.readable.clone(),
-                        key: None,
-                        kind: ConflictKind::Truncated,
-                        remote_won: false,
-                        local: LocalVersion::Unknown,
-                        local_row: Some(format!("{{\"rows kept\": {newer}}}")),
-                        remote: v.0,
-                        remote_row: None,
-                    });
-                }
+    // Each table's rows rank against the truncation under the table's own rule.
+    let mut newer_rows = Vec::with_capacity(tables.len());
+    for table in &tables {
+        newer_rows.push(with_incoming(truncation(v, table), || {
+            crate::sql::int(
+                &format!("SELECT count(*) FROM {} AS tgt WHERE NOT trompe._incoming_newer(tgt.xmin)", table.qualified),
+                &[],
+            )
+            .map_err(ApplyError::Postgres)
+        })?);
+    }
+    if newer_rows.iter().all(|&n| n == 0) {
+        sql(&format!("TRUNCATE ONLY {}", names.join(", ")), &[])?;
+    } else {
+        // Some rows survive: delete the older ones of every table of the statement (a
+        // TRUNCATE of only some of them could fail on a foreign key between them).
+        for (table, &newer) in tables.iter().zip(&newer_rows) {
+            with_incoming(truncation(v, table), || {
+                sql(&format!("DELETE FROM ONLY {} AS tgt WHERE trompe._incoming_newer(tgt.xmin)", table.qualified), &[])
+            })?;
+            if newer > 0 {
+                record(Recorded {
+                    table: table.readable.clone(),
+                    key: None,
+                    kind: ConflictKind::Truncated,
+                    remote_won: false,
+                    local: LocalVersion::Unknown,
+                    local_row: Some(format!("{{\"rows kept\": {newer}}}")),
+                    remote: v.0,
+                    remote_row: None,
+                });
             }
         }
-        for table in &tables {
-            let relid = table.relid.to_u32().to_string();
+    }
+    for table in &tables {
+        let relid = table.relid.to_u32().to_string();
+        with_incoming(truncation(v, table), || -> Result<(), ApplyError> {
             sql(
                 "INSERT INTO trompe.truncations (relid) VALUES ($1::oid)
                  ON CONFLICT (relid) DO UPDATE SET relid = EXCLUDED.relid WHERE trompe._incoming_newer(truncations.xmin)",
@@ -207,24 +208,25 @@ fn apply_truncate(cache: &mut ApplyCache, v: TxnVersion, changes: &[&Change]) ->
                 "DELETE FROM trompe.tombstones WHERE relid = $1::oid AND trompe._incoming_newer(xmin)",
                 &[Some(&relid)],
             )?;
-            if restart {
-                sql(
-                    "SELECT pg_catalog.setval(d.objid::regclass, s.seqstart, false)
-                       FROM pg_depend d JOIN pg_sequence s ON s.seqrelid = d.objid
-                      WHERE d.refobjid = $1::oid AND d.classid = 'pg_class'::regclass
-                        AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')",
-                    &[Some(&relid)],
-                )?;
-            }
+            Ok(())
+        })?;
+        if restart {
+            sql(
+                "SELECT pg_catalog.setval(d.objid::regclass, s.seqstart, false)
+                   FROM pg_depend d JOIN pg_sequence s ON s.seqrelid = d.objid
+                  WHERE d.refobjid = $1::oid AND d.classid = 'pg_class'::regclass
+                    AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')",
+                &[Some(&relid)],
+            )?;
         }
-        note_tombstones_written();
-        Ok(())
-    })
+    }
+    note_tombstones_written();
+    Ok(())
 }
 
-/// What the conditions of a truncation's statements compare against (they record nothing, so
-/// no table name is needed).
-fn truncation(v: TxnVersion) -> Incoming {
+/// What the conditions of a truncation's statements on `table` compare against (they record
+/// nothing, so no table name is needed): the truncation ranks under the table's rule.
+fn truncation(v: TxnVersion, table: &table::Table) -> Incoming {
     Incoming {
         table: String::new(),
         version: v.0,
@@ -232,6 +234,7 @@ fn truncation(v: TxnVersion) -> Incoming {
         kind: ConflictKind::Truncated,
         key: None,
         row: None,
+        ranking: table.ranking.clone(),
     }
 }
 

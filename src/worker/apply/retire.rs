@@ -1,12 +1,14 @@
-//! Rows retired by a unique collision, removed everywhere with a version of their own.
+//! Rows removed by a unique collision, removed everywhere with a version of their own.
 //!
-//! When an incoming row loses a collision on a secondary unique constraint against a newer
-//! local row (`rows::retire_incoming`), this node treats it as written and at once removed,
-//! and every node must remove it too, also those where the two rows never meet (the winner
+//! When an incoming row loses a collision on a secondary unique constraint against a
+//! higher-ranked local row (`rows::retire_incoming`), this node treats it as written and at
+//! once removed; when it wins, the local row it collides with is removed (`rows::resolve_unique`).
+//! Every node must remove that row too, also those where the two rows never meet (one of them
 //! moved on there). The removal cannot be logged by the apply transaction itself: that
-//! transaction commits with the retired row's own commit time (it carries the peer's version),
-//! so peers would see a delete exactly as old as the row, which loses to it wherever the
-//! retiring node's id sorts lower than the row's origin. So the apply transaction only queues
+//! transaction commits with the incoming row's commit time (it carries the peer's version),
+//! so peers would see a delete exactly as old as the incoming row, with this node's id, which
+//! need not rank above the removed row (a retired row wins against it wherever the retiring
+//! node's id sorts lower than the row's origin). So the apply transaction only queues
 //! the key (`trompe.retirements`, written with the key's tombstone, same xmin), and the worker
 //! then logs the delete in a transaction of this node, after the apply, whose commit time is
 //! later than the row's: that delete wins on every node, and the tombstone here moves to its
@@ -118,9 +120,10 @@ fn drain(cache: &mut ApplyCache) -> Result<usize, ApplyError> {
         }
         let Ok(xmin) = xmin.parse::<u32>() else { continue };
         let retired = version_of(pg_sys::TransactionId::from(xmin));
-        // This transaction's version must be newer than the retired row's (a peer whose clock
-        // runs ahead may have written it "in the future"): commit waits for it if needed.
-        crate::capture::guard::replaced(retired);
+        // This transaction's version must rank above the tombstone's (a peer whose clock runs
+        // ahead may have written it "in the future", or the rule may need the next window):
+        // commit waits for it if needed.
+        crate::capture::guard::replaced(&table.ranking, retired);
         crate::capture::row::log_delete(nsp, rel, &table.key, &keys, retired)
             .map_err(|e| ApplyError::Postgres(e.to_string()))?;
         crate::sql::execute(

@@ -9,7 +9,7 @@
 
 use pgrx::pg_sys;
 use trompe_core::changeset::OldVersion;
-use trompe_core::conflict::{incoming_wins, ConflictKind, LocalVersion, Version};
+use trompe_core::conflict::{ConflictKind, LocalVersion, Version};
 use trompe_core::ident::quote_ident;
 use trompe_core::json;
 use trompe_core::logformat::Op;
@@ -98,6 +98,7 @@ fn incoming(table: &Table, v: TxnVersion, change: &Change, kind: ConflictKind, k
         kind,
         key: Some(key_json(table, keys)),
         row: row_json(change),
+        ranking: table.ranking.clone(),
     }
 }
 
@@ -191,7 +192,7 @@ fn undo_if_deleted_since(
         let (Some(n), Some(xmin)) = (n, xmin) else { continue };
         let Some(key) = keys.get(n.wrapping_sub(1)) else { continue };
         let t = local_version(pg_sys::TransactionId::from(xmin));
-        if incoming_wins(v.0, t) {
+        if table.ranking.wins(v.0, t) {
             continue;
         }
         run_by_key(cache, table, "U!", key, || {
@@ -218,7 +219,7 @@ fn undo_if_deleted_since(
 /// True if the change is older than the table's last truncation (then it is dropped).
 fn truncated_after(guards: &Guards, table: &Table, v: TxnVersion, change: &Change) -> bool {
     match guards.truncated {
-        Some(t) if !incoming_wins(v.0, t) => {
+        Some(t) if !table.ranking.wins(v.0, t) => {
             record(Recorded {
                 table: table.readable.clone(),
                 key: None,
@@ -394,7 +395,7 @@ fn insert_one(
     let ctx = incoming(table, v, change, ConflictKind::InsertExists, &keys);
     if guards.tombstones {
         if let Some(t) = tombstone(table, &keys)? {
-            if !incoming_wins(v.0, t) && !row_exists(cache, table, &keys)? {
+            if !table.ranking.wins(v.0, t) && !row_exists(cache, table, &keys)? {
                 record(Recorded {
                     table: table.readable.clone(),
                     key: ctx.key.clone(),
@@ -486,7 +487,7 @@ pub fn update(cache: &mut ApplyCache, v: TxnVersion, change: &Change, careful: b
     // which carries the whole row, creates it).
     // Either way it is a conflict: the update's origin still had the row.
     let (kind, local, remote_won) = match tombstone(&table, &old_keys)? {
-        Some(t) => (ConflictKind::UpdateDeleted, t, incoming_wins(v.0, t)),
+        Some(t) => (ConflictKind::UpdateDeleted, t, table.ranking.wins(v.0, t)),
         None => (ConflictKind::UpdateMissing, LocalVersion::Unknown, true),
     };
     record(Recorded {
@@ -595,7 +596,7 @@ fn resolve_unique(
                 table: table.readable.clone(),
                 key: Some(key_json(table, keys)),
                 kind: ConflictKind::UniqueViolation,
-                remote_won: incoming_wins(v.0, local),
+                remote_won: table.ranking.wins(v.0, local),
                 local,
                 local_row: r[1].clone(),
                 remote: v.0,
@@ -621,8 +622,15 @@ fn resolve_unique(
                 kind: ConflictKind::UniqueViolation,
                 key: None,
                 row: None,
+                ranking: table.ranking.clone(),
             };
             with_incoming(ctx, || write_tombstone(table, &loser_refs))?;
+            // Logged after the apply, like a retired incoming row (see retire.rs): inside the
+            // apply transaction the delete would carry the incoming row's commit time with this
+            // node's id, which need not rank above the loser's version under every rule.
+            if super::retire::queue(table, &loser_refs)? {
+                continue;
+            }
             let old = match loser_version {
                 LocalVersion::Known(v) => OldVersion::Committed { ts: v.ts, node: v.node },
                 _ => OldVersion::Unknown,
@@ -651,7 +659,7 @@ fn retire_incoming(
     })?;
     if found > 0 {
         let xmin = first.first().cloned().flatten().and_then(|x| x.parse::<u32>().ok()).unwrap_or(0);
-        if !incoming_wins(v.0, local_version(pg_sys::TransactionId::from(xmin))) {
+        if !table.ranking.wins(v.0, local_version(pg_sys::TransactionId::from(xmin))) {
             return Ok(());
         }
         delete_by_key(cache, table, keys)?;

@@ -131,6 +131,8 @@ pub struct Table {
     pub attrs: HashMap<String, Attr>,
     /// Whether any of them may refer to large objects.
     pub has_large_objects: bool,
+    /// How its row versions rank (its conflict rule).
+    pub ranking: std::rc::Rc<trompe_core::conflict::Ranking>,
     context: pg_sys::MemoryContext,
 }
 
@@ -254,13 +256,24 @@ fn load_table(nsp: &str, rel: &str) -> Result<Table, ApplyError> {
         }
         pg_sys::relation_close(relation, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         let has_large_objects = attrs.values().any(|a| a.large_object);
-        let mut table =
-            Table { relid, qualified, readable, replicated: false, key, uniques, attrs, has_large_objects, context };
+        let mut table = Table {
+            relid,
+            qualified,
+            readable,
+            replicated: false,
+            key,
+            uniques,
+            attrs,
+            has_large_objects,
+            ranking: Default::default(),
+            context,
+        };
         table.replicated = crate::sql::flag(
             "SELECT EXISTS (SELECT 1 FROM trompe.tables WHERE relid = $1::oid)",
             &[Some(&relid.to_u32().to_string())],
         )
         .map_err(ApplyError::Postgres)?;
+        table.ranking = std::rc::Rc::new(crate::conflicts::ranking_of(relid).map_err(ApplyError::Postgres)?);
         Ok(table)
     }
 }
