@@ -87,7 +87,7 @@ $$;
 -- the apply lock, pg_advisory_lock(128034844536933), so that the positions it reads from the
 -- replication origins match the snapshot exactly): that snapshot, exported
 -- for pg_dump, and this node's id; the position this node has applied from each of its peers;
--- the replicated tables with their conflict rules; the replicated schemas.
+-- the replicated tables with their conflict rules; the node priorities; the replicated schemas.
 CREATE FUNCTION trompe.sync_source()
 RETURNS TABLE (kind text, name text, a text, b text, c text)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -103,6 +103,8 @@ BEGIN
                    FROM trompe.progress p;
     RETURN QUERY SELECT 'table', format('%I.%I', n.nspname, r.relname), t.conflict_rule, NULL::text, NULL::text
                    FROM trompe.tables t JOIN pg_class r ON r.oid = t.relid JOIN pg_namespace n ON n.oid = r.relnamespace;
+    RETURN QUERY SELECT 'priority', p.node_id::text, p.priority::text, NULL::text, NULL::text
+                   FROM trompe.node_priorities p;
     RETURN QUERY SELECT 'schema', s.schema_name::text, NULL::text, NULL::text, NULL::text FROM trompe.schemas s;
 END
 $$;

@@ -29,3 +29,25 @@ LANGUAGE c
 AS 'MODULE_PATHNAME', 'set_node_priority_wrapper';
 REVOKE EXECUTE ON FUNCTION trompe.set_node_priority(uuid, integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION trompe.set_node_priority(uuid, integer) TO trompe_admin;
+
+-- A node joining with add_peer(..., sync => true) copies the node priorities too.
+CREATE OR REPLACE FUNCTION trompe.sync_source()
+RETURNS TABLE (kind text, name text, a text, b text, c text)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF current_setting('transaction_isolation') <> 'repeatable read' THEN
+        RAISE EXCEPTION 'trompe.sync_source() must run in a REPEATABLE READ transaction'
+            USING ERRCODE = 'invalid_transaction_state';
+    END IF;
+    RETURN QUERY SELECT 'snapshot', NULL::text, pg_current_snapshot()::text, pg_export_snapshot(),
+                        (SELECT node_id::text FROM trompe.node);
+    RETURN QUERY SELECT 'position', p.node_id::text, p.done, p.cur,
+                        trompe._applied_after(p.node_id, p.cur, p.after, p.after_offset)::text
+                   FROM trompe.progress p;
+    RETURN QUERY SELECT 'table', format('%I.%I', n.nspname, r.relname), t.conflict_rule, NULL::text, NULL::text
+                   FROM trompe.tables t JOIN pg_class r ON r.oid = t.relid JOIN pg_namespace n ON n.oid = r.relnamespace;
+    RETURN QUERY SELECT 'priority', p.node_id::text, p.priority::text, NULL::text, NULL::text
+                   FROM trompe.node_priorities p;
+    RETURN QUERY SELECT 'schema', s.schema_name::text, NULL::text, NULL::text, NULL::text FROM trompe.schemas s;
+END
+$$;

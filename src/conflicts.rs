@@ -32,7 +32,7 @@ pub struct Incoming {
     pub key: Option<String>,
     /// The incoming row as JSON, when the statement changes one row.
     pub row: Option<String>,
-    /// How versions rank: the table's conflict rule (last_update_wins for truncations).
+    /// How versions rank: the conflict rule of the table the statement writes.
     pub ranking: std::rc::Rc<Ranking>,
 }
 

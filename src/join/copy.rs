@@ -69,6 +69,8 @@ struct Source {
     positions: Vec<[Option<String>; 4]>,
     /// Replicated tables (qualified names) and their conflict rules.
     tables: Vec<(String, String)>,
+    /// Node priorities (node id, priority), from a source at 0.4.0 or later.
+    priorities: Vec<(String, String)>,
     schemas: Vec<String>,
 }
 
@@ -106,6 +108,7 @@ fn read_source(conn: &mut SourceConn) -> Result<Source, String> {
             }
             Some("position") => source.positions.push([v(1), v(2), v(3), v(4)]),
             Some("table") => source.tables.push((v(1).unwrap_or_default(), v(2).unwrap_or_default())),
+            Some("priority") => source.priorities.push((v(1).unwrap_or_default(), v(2).unwrap_or_default())),
             Some("schema") => source.schemas.push(v(1).unwrap_or_default()),
             _ => {}
         }
@@ -154,6 +157,17 @@ fn create_schema(job: &SyncJob, source: &Source, script: &trompe_core::dump::Sch
             sql::execute(
                 "UPDATE trompe.tables SET conflict_rule = $2 WHERE relid = $1::regclass",
                 &[Some(table), Some(rule)],
+            )?;
+        }
+        if !source.priorities.is_empty() && !sql::flag("SELECT to_regclass('trompe.node_priorities') IS NOT NULL", &[])?
+        {
+            return Err("the peer has node priorities: run ALTER EXTENSION trompe UPDATE here first".into());
+        }
+        for (node, priority) in &source.priorities {
+            sql::execute(
+                "INSERT INTO trompe.node_priorities (node_id, priority) VALUES ($1::uuid, $2::int)
+                 ON CONFLICT (node_id) DO UPDATE SET priority = EXCLUDED.priority",
+                &[Some(node), Some(priority)],
             )?;
         }
         for schema in &source.schemas {

@@ -58,6 +58,8 @@ fn a_third_node_joins_under_write_load_and_ends_identical() {
              SELECT trompe.add_table('acct');
              CREATE TABLE docs (id int PRIMARY KEY, body oid);
              SELECT trompe.add_table('docs');
+             SELECT trompe.set_conflict_rule('docs', 'node_priority');
+             SELECT trompe.set_node_priority('00000000-0000-0000-0000-00000000000a', 5);
              CREATE SCHEMA app;
              SELECT trompe.add_schema('app');",
         );
@@ -132,7 +134,14 @@ fn a_third_node_joins_under_write_load_and_ends_identical() {
         cluster.assert_same(&checksum(table));
     }
     cluster.assert_same(DOCS);
-    cluster.assert_same("SELECT string_agg(relid::text, ',' ORDER BY relid::text) FROM trompe.tables");
+    // The replication configuration came along: tables with their rules, node priorities.
+    cluster.assert_same(
+        "SELECT string_agg(relid::text || ' ' || conflict_rule, ',' ORDER BY relid::text) FROM trompe.tables",
+    );
+    assert_eq!(
+        n3.query_text("SELECT string_agg(node_id || ' ' || priority, ',') FROM trompe.node_priorities").as_deref(),
+        Some("00000000-0000-0000-0000-00000000000a 5")
+    );
     cluster.assert_same("SELECT string_agg(schema_name, ',') FROM trompe.schemas");
     assert!(n3.query_i64("SELECT count(*) FROM acct WHERE id > 300000") > 0, "n3's own writes reached n3");
     assert!(n1.query_i64("SELECT count(*) FROM acct WHERE id > 300000") > 0, "and n1");

@@ -10,9 +10,10 @@
 //! need not rank above the removed row (a retired row wins against it wherever the retiring
 //! node's id sorts lower than the row's origin). So the apply transaction only queues
 //! the key (`trompe.retirements`, written with the key's tombstone, same xmin), and the worker
-//! then logs the delete in a transaction of this node, after the apply, whose commit time is
-//! later than the row's: that delete wins on every node, and the tombstone here moves to its
-//! version so this node decides later changes as its peers do. The queue is durable, so a
+//! then logs the delete in a transaction of this node, after the apply, that commits once its
+//! version ranks above the tombstone's (capture's commit wait): that delete wins on every node,
+//! and the tombstone here moves to its version so this node decides later changes as its peers
+//! do. The queue is durable, so a
 //! crash between the two transactions loses nothing: the worker drains it when it starts.
 //!
 //! A local insert of the same key must not commit between the worker's check that the key has
