@@ -114,9 +114,7 @@ pub fn ranking_of(relid: pg_sys::Oid) -> Result<Ranking, String> {
         )?;
         let rule = rule.as_deref().and_then(|r| Rule::parse(r).ok()).unwrap_or_default();
         let mut priorities = Vec::new();
-        if rule == Rule::NodePriority
-            && crate::sql::flag("SELECT to_regclass('trompe.node_priorities') IS NOT NULL", &[])?
-        {
+        if rule == Rule::NodePriority && crate::sql::relation_exists("trompe.node_priorities")? {
             for r in crate::sql::rows("SELECT node_id::text, priority::text FROM trompe.node_priorities", &[])? {
                 let node = r.first().cloned().flatten().and_then(|n| n.parse::<NodeId>().ok());
                 let priority = r.get(1).cloned().flatten().and_then(|p| p.parse::<i32>().ok());

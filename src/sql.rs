@@ -69,6 +69,12 @@ pub fn run(sql: &str, args: &[Option<&str>]) -> Result<(Vec<Row>, u64), String> 
     }
 }
 
+/// Whether relation `qualified` (e.g. `trompe.retirements`) exists: what a library newer than
+/// the database's schema checks before using what a later version added.
+pub fn relation_exists(qualified: &str) -> Result<bool, String> {
+    flag("SELECT to_regclass($1) IS NOT NULL", &[Some(qualified)])
+}
+
 /// Runs a query and returns its rows.
 pub fn rows(sql: &str, args: &[Option<&str>]) -> Result<Vec<Row>, String> {
     run(sql, args).map(|(rows, _)| rows)

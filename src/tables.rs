@@ -210,7 +210,7 @@ fn set_conflict_rule(rel: PgRelation, rule: &str) -> String {
 
 /// Whether this database's schema has the node priorities (0.4.0 and later).
 fn has_node_priorities() -> Result<bool, TrompeError> {
-    sql::flag("SELECT to_regclass('trompe.node_priorities') IS NOT NULL", &[]).map_err(TrompeError::Internal)
+    sql::relation_exists("trompe.node_priorities").map_err(TrompeError::Internal)
 }
 
 /// Makes every backend read the rule of table `relid` again (capture and apply keep it with

@@ -173,12 +173,6 @@ impl Ranking {
     }
 }
 
-/// True if an incoming version replaces the local one under `last_update_wins`. Equal
-/// versions are the same write seen twice: applying it again changes nothing.
-pub fn incoming_wins(incoming: Version, local: LocalVersion) -> bool {
-    Ranking::last_update_wins().wins(incoming, local)
-}
-
 /// True if the incoming change met a local version other than the one it replaced at its
 /// origin: the two nodes wrote the row concurrently.
 pub fn is_conflict(incoming: Version, replaced_at_origin: LocalVersion, local: LocalVersion) -> bool {
@@ -239,6 +233,10 @@ mod tests {
 
     fn v(ts: i64, node: u8) -> Version {
         Version { ts, node: NodeId([node; 16]) }
+    }
+
+    fn incoming_wins(incoming: Version, local: LocalVersion) -> bool {
+        Ranking::last_update_wins().wins(incoming, local)
     }
 
     #[test]

@@ -159,8 +159,7 @@ fn create_schema(job: &SyncJob, source: &Source, script: &trompe_core::dump::Sch
                 &[Some(table), Some(rule)],
             )?;
         }
-        if !source.priorities.is_empty() && !sql::flag("SELECT to_regclass('trompe.node_priorities') IS NOT NULL", &[])?
-        {
+        if !source.priorities.is_empty() && !sql::relation_exists("trompe.node_priorities")? {
             return Err("the peer has node priorities: run ALTER EXTENSION trompe UPDATE here first".into());
         }
         for (node, priority) in &source.priorities {

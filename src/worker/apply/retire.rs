@@ -41,7 +41,7 @@ thread_local! {
 
 /// Whether this database's schema has the queue (0.4.0 and later).
 fn queue_exists() -> Result<bool, String> {
-    crate::sql::flag("SELECT to_regclass('trompe.retirements') IS NOT NULL", &[])
+    crate::sql::relation_exists("trompe.retirements")
 }
 
 /// Inside the apply transaction that retired the row with `keys` of `table` (and wrote its
