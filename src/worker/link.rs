@@ -597,7 +597,7 @@ impl Link {
             if result.is_err() {
                 crate::conflicts::discard();
             }
-            crate::worker::apply::after_transaction(result.is_ok());
+            crate::worker::apply::after_transaction();
             result
         };
         // Large objects the changes refer to are copied over this connection, idle meanwhile.

@@ -93,8 +93,9 @@ pub(crate) fn note_tombstones_written() {
     }
 }
 
-/// After an apply transaction ended: balances the announcement of tombstone writes.
-pub fn after_transaction(_committed: bool) {
+/// After an apply transaction ended (committed or not): balances the announcement of its
+/// tombstone writes.
+pub fn after_transaction() {
     if TOMBSTONES_WRITTEN.replace(false) {
         crate::shmem::bump_tombstone_generation();
     }
@@ -145,8 +146,9 @@ pub fn apply_transaction(
 /// Truncates the tables of consecutive TRUNCATE changes. A truncation is a version like any
 /// write: it removes the rows ranking below it under the table's rule (a row written
 /// concurrently on another node that ranks higher survives on every node) and leaves a marker
-/// that drops lower-ranked changes arriving later. Without newer rows the tables are truncated together in one statement, as
-/// at the origin (foreign keys between them allow nothing else).
+/// that drops lower-ranked changes arriving later. Without higher-ranked rows the tables are
+/// truncated together in one statement, as at the origin (foreign keys between them allow
+/// nothing else).
 fn apply_truncate(cache: &mut ApplyCache, v: TxnVersion, changes: &[&Change]) -> Result<(), ApplyError> {
     let restart = changes[0].vals.as_ref().and_then(|v| v.first()).and_then(|v| v.as_deref()) == Some("restart");
     let mut tables = Vec::with_capacity(changes.len());
