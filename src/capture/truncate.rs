@@ -35,10 +35,9 @@ fn capture(td: &pg_sys::TriggerData) -> Result<(), TrompeError> {
         )
     };
     let restart = if crate::capture::ddl::truncate_restarts_identity() { "restart" } else { "continue" };
-    // SAFETY: rel is open.
-    let relid = unsafe { (*rel).rd_id };
-    let ranking = crate::conflicts::ranking_of(relid).map_err(TrompeError::Internal)?;
-    crate::capture::guard::truncated(relid, &ranking);
+    // SAFETY: rel is open (the trigger manager hands it over).
+    let (relid, info) = unsafe { ((*rel).rd_id, crate::capture::relinfo::relinfo(rel)?) };
+    crate::capture::guard::truncated(relid, &info.ranking);
     buffer::record(|buf, seq| {
         ChangeWriter::begin(buf, Op::Truncate, seq, nsp.as_bytes(), name.as_bytes())
             .cols(std::iter::empty())

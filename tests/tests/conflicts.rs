@@ -409,6 +409,27 @@ fn ddl_against_concurrent_dml_converges() {
     );
 }
 
+/// Pauses or resumes (`what`) every link of the cluster.
+fn every_link(cluster: &Cluster, what: &str) {
+    for node in cluster.nodes() {
+        for peer in cluster.nodes().iter().filter(|p| p.name != node.name) {
+            node.exec(&format!("SELECT trompe.{what}_peer('{}')", peer.name));
+        }
+    }
+}
+
+/// With every link paused: `na` writes row `retired` and `nb` then row `winner`, both with
+/// `u` in the UNIQUE column; `nb` hears of `na`'s row and meets the collision (its own row is
+/// newer and keeps the value), retiring `na`'s row.
+fn retire_on_unique_collision(cluster: &Cluster, na: &Node, nb: &Node, retired: i32, winner: i32, u: i32) {
+    every_link(cluster, "pause");
+    na.exec(&format!("INSERT INTO t VALUES ({retired}, 'retired', {u})"));
+    nb.exec(&format!("INSERT INTO t VALUES ({winner}, 'winner', {u})"));
+    nb.exec(&format!("SELECT trompe.resume_peer('{}')", na.name));
+    let tombstone = format!("SELECT count(*) FROM trompe.tombstones WHERE key = ARRAY['{retired}']");
+    nb.wait_for_value(&tombstone, "1", SYNC);
+}
+
 /// A node that keeps its own row against an incoming one on a UNIQUE column removes the
 /// incoming row everywhere, also on a node that hears of the removal before the row itself and
 /// never meets the collision (the winner moved on). The removal carries the retired row's own
@@ -419,28 +440,15 @@ fn a_row_retired_by_a_unique_collision_is_removed_everywhere() {
     let cluster = Cluster::start("unique-retired", 3);
     replicate_schema(&cluster);
     cluster.mesh();
-    let set_all = |what: &str| {
-        for node in cluster.nodes() {
-            for peer in cluster.nodes().iter().filter(|p| p.name != node.name) {
-                node.exec(&format!("SELECT trompe.{what}_peer('{}')", peer.name));
-            }
-        }
-    };
     for (round, (a, b, c)) in [(0usize, 1usize, 2usize), (1, 0, 2)].into_iter().enumerate() {
         let (na, nb, nc) = (cluster.node(a), cluster.node(b), cluster.node(c));
         let (retired, winner, u) = (12 + round as i32, 22 + round as i32, 27 + round as i32);
-        set_all("pause");
-        na.exec(&format!("INSERT INTO t VALUES ({retired}, 'retired', {u})"));
-        nb.exec(&format!("INSERT INTO t VALUES ({winner}, 'winner', {u})"));
-        // b meets the collision: its own row is newer and keeps the value.
-        nb.exec(&format!("SELECT trompe.resume_peer('{}')", na.name));
-        let tombstone = format!("SELECT count(*) FROM trompe.tombstones WHERE key = ARRAY['{retired}']");
-        nb.wait_for_value(&tombstone, "1", SYNC);
+        retire_on_unique_collision(&cluster, na, nb, retired, winner, u);
         // The winner moves on; c hears all of it from b before the retired row reaches it from a.
         nb.exec(&format!("UPDATE t SET u = {} WHERE id = {winner}", u + 100));
         nc.exec(&format!("SELECT trompe.resume_peer('{}')", nb.name));
         nc.wait_for_value(&format!("SELECT count(*) FROM t WHERE id = {winner} AND u = {}", u + 100), "1", SYNC);
-        set_all("resume");
+        every_link(&cluster, "resume");
         cluster.wait_sync(SYNC);
         for node in cluster.nodes() {
             assert_eq!(v_of(node, retired), None, "round {round}: the retired row is gone on {}", node.name);
@@ -460,25 +468,14 @@ fn a_retired_row_is_removed_on_the_node_that_wrote_it() {
     let cluster = Cluster::start("unique-retired-origin", 2);
     replicate_schema(&cluster);
     cluster.mesh();
-    let set_all = |what: &str| {
-        for (i, node) in cluster.nodes().iter().enumerate() {
-            node.exec(&format!("SELECT trompe.{what}_peer('{}')", cluster.node(1 - i).name));
-        }
-    };
     for (round, (a, b)) in [(0usize, 1usize), (1, 0)].into_iter().enumerate() {
         let (na, nb) = (cluster.node(a), cluster.node(b));
         let (retired, winner, u) = (12 + round as i32, 22 + round as i32, 27 + round as i32);
-        set_all("pause");
-        na.exec(&format!("INSERT INTO t VALUES ({retired}, 'retired', {u})"));
-        nb.exec(&format!("INSERT INTO t VALUES ({winner}, 'winner', {u})"));
-        // b meets the collision: its own row is newer and keeps the value.
-        nb.exec(&format!("SELECT trompe.resume_peer('{}')", na.name));
-        let tombstone = format!("SELECT count(*) FROM trompe.tombstones WHERE key = ARRAY['{retired}']");
-        nb.wait_for_value(&tombstone, "1", SYNC);
+        retire_on_unique_collision(&cluster, na, nb, retired, winner, u);
         // a writes the winner's key too, later and with another value: when b's row arrives,
         // it loses there without colliding with the retired row.
         na.exec(&format!("INSERT INTO t VALUES ({winner}, 'moved on', {})", u + 100));
-        set_all("resume");
+        every_link(&cluster, "resume");
         cluster.wait_sync(SYNC);
         for node in cluster.nodes() {
             assert_eq!(v_of(node, retired), None, "round {round}: the retired row is gone on {}", node.name);
@@ -498,7 +495,7 @@ fn a_retired_row_is_removed_on_the_node_that_wrote_it() {
     // (written here by hand, as that transaction writes it: tombstone and queue together, while
     // the peer's row is on its way); the worker logs it when it starts again.
     let (na, nb) = (cluster.node(0), cluster.node(1));
-    set_all("pause");
+    every_link(&cluster, "pause");
     na.exec("INSERT INTO t VALUES (14, 'retired', 29)");
     nb.exec(
         "BEGIN;
@@ -507,7 +504,7 @@ fn a_retired_row_is_removed_on_the_node_that_wrote_it() {
          COMMIT",
     );
     nb.crash_and_restart();
-    set_all("resume");
+    every_link(&cluster, "resume");
     cluster.wait_sync(SYNC);
     for node in cluster.nodes() {
         assert_eq!(v_of(node, 14), None, "a queued removal survives a crash: row still on {}", node.name);
@@ -575,18 +572,9 @@ fn windowed_rules_decide_the_same_way_everywhere() {
         ids[1], ids[2]
     ));
     cluster.mesh();
-    let set_all = |what: &str| {
-        for (i, node) in cluster.nodes().iter().enumerate() {
-            for (j, peer) in cluster.nodes().iter().enumerate() {
-                if i != j {
-                    node.exec(&format!("SELECT trompe.{what}_peer('{}')", peer.name));
-                }
-            }
-        }
-    };
     let mut decided = None;
     for id in 100..105 {
-        set_all("pause");
+        every_link(&cluster, "pause");
         start_of_a_window();
         // node_priority: node 2 writes first, then node 1, then node 3 (each its own version).
         for (i, tag) in [(1, "n2"), (0, "n1"), (2, "n3")] {
@@ -601,7 +589,7 @@ fn windowed_rules_decide_the_same_way_everywhere() {
             .iter()
             .flat_map(|n| [window_of(n, &format!("t WHERE id = {id}")), window_of(n, &format!("t2 WHERE a = {id}"))])
             .collect();
-        set_all("resume");
+        every_link(&cluster, "resume");
         cluster.wait_sync(SYNC);
         if windows.len() == 1 {
             decided = Some(id);
