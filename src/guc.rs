@@ -25,6 +25,9 @@ pub static MAX_CLOCK_SKEW_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static CONFLICT_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 86_400);
 /// `trompe.tombstone_retention`: how long the keys of deleted rows are kept, in seconds.
 pub static TOMBSTONE_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 86_400);
+/// `trompe.commit_time_cache`: how many transactions' commit times are cached in shared memory
+/// (16 bytes each) for capture and apply, which look up the version of every row they replace.
+pub static COMMIT_TIME_CACHE: GucSetting<i32> = GucSetting::<i32>::new(1 << 20);
 
 /// Registers every setting.
 pub fn define() {
@@ -115,6 +118,16 @@ pub fn define() {
         i32::MAX,
         GucContext::Sighup,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"trompe.commit_time_cache",
+        c"Transactions whose commit time and origin are cached in shared memory (16 bytes each).",
+        c"Capture and apply look up the version of every row they replace; a miss reads pg_commit_ts. 0 disables the cache.",
+        &COMMIT_TIME_CACHE,
+        0,
+        1 << 27,
+        GucContext::Postmaster,
+        GucFlags::default(),
     );
     GucRegistry::define_int_guc(
         c"trompe.log_rotation_interval",

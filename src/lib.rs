@@ -7,6 +7,7 @@
 use pgrx::prelude::*;
 
 pub mod capture;
+pub mod commit_times;
 pub mod compare;
 pub mod conflicts;
 pub mod error;

@@ -166,6 +166,7 @@ pub fn request() {
 
 unsafe fn request_space() {
     pg_sys::RequestAddinShmemSpace(std::mem::size_of::<Shared>());
+    pg_sys::RequestAddinShmemSpace(crate::commit_times::shmem_size());
     pg_sys::RequestNamedLWLockTranche(c"trompe".as_ptr(), 1);
 }
 
@@ -197,6 +198,7 @@ unsafe extern "C-unwind" fn shmem_startup() {
         }
     }
     SHARED = shared;
+    crate::commit_times::attach();
     pg_sys::LWLockRelease(init_lock);
 }
 

@@ -5,6 +5,7 @@
 
 pub mod backoff;
 pub mod changeset;
+pub mod committime;
 pub mod compare;
 pub mod conflict;
 pub mod conninfo;

@@ -121,6 +121,10 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
             }
         }
         pg_sys::XactEvent::XACT_EVENT_COMMIT => {
+            if WROTE_LOG.get() || applying_for_peer() {
+                // Its rows are the ones capture and apply will look up the version of.
+                crate::commit_times::record_current_commit();
+            }
             if WROTE_LOG.get() {
                 crate::shmem::announce_log_commit();
             }

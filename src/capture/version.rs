@@ -86,18 +86,25 @@ pub fn origin_node(origin: pg_sys::RepOriginId) -> Option<NodeId> {
     node
 }
 
-/// The version written by transaction `xmin`.
+/// The version written by transaction `xmin` (from trompe's commit time cache, else from
+/// PostgreSQL's commit timestamps).
 pub fn version_of(xmin: pg_sys::TransactionId) -> OldVersion {
     // SAFETY: plain lookups in this backend's transaction state and the commit timestamp SLRU.
     unsafe {
         if pg_sys::TransactionIdIsCurrentTransactionId(xmin) {
             return OldVersion::SameTransaction;
         }
-        let mut ts: pg_sys::TimestampTz = 0;
-        let mut origin: pg_sys::RepOriginId = 0;
-        if !pg_sys::TransactionIdGetCommitTsData(xmin, &mut ts, &mut origin) {
-            return OldVersion::Unknown;
-        }
+        let (ts, origin) = match crate::commit_times::lookup(xmin) {
+            Some(cached) => cached,
+            None => {
+                let mut ts: pg_sys::TimestampTz = 0;
+                let mut origin: pg_sys::RepOriginId = 0;
+                if !pg_sys::TransactionIdGetCommitTsData(xmin, &mut ts, &mut origin) {
+                    return OldVersion::Unknown;
+                }
+                (ts, origin)
+            }
+        };
         let node = if origin == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
             local_node()
         } else {

@@ -190,3 +190,50 @@ fn large_transactions_are_written_in_chunks_and_read_in_order() {
     cluster.assert_same("SELECT count(*) || ':' || sum(v) FROM t");
     assert_eq!(cluster.node(1).query_text("SELECT count(*) || ':' || sum(v) FROM t").as_deref(), Some("6000:5010"));
 }
+
+/// The version a logged change says it replaced is exactly the commit time and node PostgreSQL
+/// recorded for the row it replaced: for rows written here (also in a subtransaction), rows
+/// applied from a peer, and rows written before their table was replicated (whose commits
+/// trompe did not see; trompe's commit time cache only ever answers for commits it recorded).
+#[test]
+fn replaced_versions_are_the_commit_times_postgresql_recorded() {
+    replaced_versions_match("capture-replaced-versions", "1048576");
+}
+
+/// The same with trompe's commit time cache turned off: every lookup asks PostgreSQL.
+#[test]
+fn replaced_versions_are_right_without_the_commit_time_cache() {
+    replaced_versions_match("capture-replaced-versions-uncached", "0");
+}
+
+fn replaced_versions_match(name: &str, commit_time_cache: &str) {
+    let cluster = Cluster::builder(name).nodes(2).setting("trompe.commit_time_cache", commit_time_cache).start();
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    assert_eq!(n1.query_text("SHOW trompe.commit_time_cache").as_deref(), Some(commit_time_cache));
+    n1.exec("CREATE TABLE early (id int PRIMARY KEY, v text); INSERT INTO early VALUES (1, 'before add_table')");
+    n1.exec("SELECT trompe.add_table('early')");
+    for n in [n1, n2] {
+        n.exec("CREATE TABLE t (id int PRIMARY KEY, v text); SELECT trompe.add_table('t')");
+    }
+    cluster.add_peer(0, 1);
+    n2.exec("INSERT INTO t VALUES (1, 'applied')");
+    n1.wait_for_value("SELECT count(*) FROM t", "1", Duration::from_secs(60));
+    n1.exec("INSERT INTO t VALUES (2, 'local')");
+    n1.exec("BEGIN; SAVEPOINT s; INSERT INTO t VALUES (3, 'subtransaction'); RELEASE s; COMMIT");
+    n1.exec("INSERT INTO t VALUES (4, 'updated twice'); UPDATE t SET v = 'updated once' WHERE id = 4");
+    let versions = "SELECT string_agg(format('%s %s@%s', id,
+                (extract(epoch FROM c.timestamp - timestamptz '2000-01-01 00:00:00+00') * 1000000)::bigint,
+                coalesce(p.node_id, trompe.node_id())), ',' ORDER BY id)
+           FROM {table}, pg_xact_commit_timestamp_origin(xmin) c
+           LEFT JOIN pg_replication_origin o ON o.roident = c.roident
+           LEFT JOIN trompe.peers p ON 'trompe_' || p.node_id = o.roname";
+    let expected_t = n1.query_text(&versions.replace("{table}", "t")).expect("versions of t");
+    let expected_early = n1.query_text(&versions.replace("{table}", "early")).expect("versions of early");
+    assert!(expected_t.contains(&n2.query_text("SELECT trompe.node_id()").expect("n2's id")), "{expected_t}");
+
+    n1.exec("UPDATE t SET v = v || '!'; UPDATE early SET v = v || '!'");
+    let logged = "SELECT string_agg(format('%s %s', vals[1], old_version), ',' ORDER BY vals[1]::int)
+                    FROM trompe.log_changes() WHERE op = 'U' AND rel = '{table}' AND vals[2] LIKE '%!'";
+    assert_eq!(n1.query_text(&logged.replace("{table}", "t")).as_deref(), Some(expected_t.as_str()));
+    assert_eq!(n1.query_text(&logged.replace("{table}", "early")).as_deref(), Some(expected_early.as_str()));
+}
