@@ -120,16 +120,6 @@ pub fn define() {
         GucFlags::UNIT_S,
     );
     GucRegistry::define_int_guc(
-        c"trompe.commit_time_cache",
-        c"Transactions whose commit time and origin are cached in shared memory (16 bytes each).",
-        c"Capture and apply look up the version of every row they replace; a miss reads pg_commit_ts. 0 disables the cache.",
-        &COMMIT_TIME_CACHE,
-        0,
-        1 << 27,
-        GucContext::Postmaster,
-        GucFlags::default(),
-    );
-    GucRegistry::define_int_guc(
         c"trompe.log_rotation_interval",
         c"How often writers switch to the next change log table.",
         c"A log table is truncated once every peer has confirmed it.",
@@ -138,5 +128,20 @@ pub fn define() {
         86_400_000,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
+    );
+}
+
+/// Registers the settings that size shared memory (PostgreSQL accepts them only while the
+/// library is preloaded).
+pub fn define_preloaded() {
+    GucRegistry::define_int_guc(
+        c"trompe.commit_time_cache",
+        c"Transactions whose commit time and origin are cached in shared memory (16 bytes each).",
+        c"Capture and apply look up the version of every row they replace; a miss reads pg_commit_ts. 0 disables the cache.",
+        &COMMIT_TIME_CACHE,
+        0,
+        1 << 27,
+        GucContext::Postmaster,
+        GucFlags::default(),
     );
 }

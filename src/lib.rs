@@ -48,6 +48,7 @@ pub extern "C-unwind" fn _PG_init() {
     utility_hook::install();
     // SAFETY: reading a global set by the postmaster while it loads preloaded libraries.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        guc::define_preloaded();
         shmem::request();
         worker::supervisor::register();
     }
