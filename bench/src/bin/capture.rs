@@ -3,7 +3,9 @@
 //! trigger writing `to_jsonb(NEW)` into a log table (what trigger-based replicators
 //! traditionally do). Every variant has a bigserial primary key on pgbench_history; trompe
 //! logs as with a peer attached (a second node pulls from this one, paused, so the log is
-//! kept). Prints the TPS of each run and the ratios against no capture.
+//! kept). Prints the TPS of each run and the ratios against no capture: of the medians, and
+//! the median of each round's own ratio. Knobs: BENCH_SECONDS (20 per run), BENCH_ROUNDS (5),
+//! BENCH_CLIENTS (2).
 
 use trompe_bench::{env_count, env_secs, median, pgbench};
 use trompe_tests::Cluster;
@@ -38,7 +40,7 @@ fn set_variant(node: &trompe_tests::Node, variant: &str) {
 
 fn main() {
     let duration = env_secs("BENCH_SECONDS", 20);
-    let rounds = env_count("BENCH_ROUNDS", 3);
+    let rounds = env_count("BENCH_ROUNDS", 5);
     let clients = env_count("BENCH_CLIENTS", 2) as u32;
     // PostgreSQL's defaults for everything that affects write speed (the harness turns fsync
     // and full-page writes off to speed tests up).
@@ -85,9 +87,19 @@ fn main() {
         }
     }
     let base = median(&tps[0]);
-    println!("bench/capture results (median of {rounds} runs; ratio against no capture):");
+    println!(
+        "bench/capture results (median of {rounds} runs; ratio against no capture, and the median of the \
+         ratios within each round, less exposed to the machine's drift):"
+    );
     for (i, v) in variants.iter().enumerate() {
-        println!("  {:>8}: {:8.1} tps  ratio {:.3}", v, median(&tps[i]), median(&tps[i]) / base);
+        let per_round: Vec<f64> = tps[i].iter().zip(&tps[0]).map(|(t, none)| t / none).collect();
+        println!(
+            "  {:>8}: {:8.1} tps  ratio {:.3}  per round {:.3}",
+            v,
+            median(&tps[i]),
+            median(&tps[i]) / base,
+            median(&per_round)
+        );
     }
     println!("  log rows written by trompe: {}", node.query_i64("SELECT count(*) FROM trompe.log"));
 }
