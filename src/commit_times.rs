@@ -34,7 +34,8 @@ pub unsafe fn attach() {
     }
     let bytes = len * std::mem::size_of::<Entry>();
     let mut found = false;
-    // SAFETY (caller): ShmemInitStruct under AddinShmemInitLock; the space was requested.
+    // SAFETY: the caller holds AddinShmemInitLock in the startup hook, and the space was
+    // requested; a fresh segment is zeroed before anyone reads it.
     let ptr = pg_sys::ShmemInitStruct(c"trompe commit times".as_ptr(), bytes, &mut found) as *mut Entry;
     if !found {
         // All-zero entries are empty.
