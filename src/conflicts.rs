@@ -104,6 +104,11 @@ pub fn tombstone_writer(
     Ok(xmin.and_then(|x| x.parse::<u32>().ok()).map(pg_sys::TransactionId::from))
 }
 
+/// Whether this database's schema has the node priorities (0.4.0 and later).
+pub fn node_priorities_exist() -> Result<bool, String> {
+    crate::sql::relation_exists("trompe.node_priorities")
+}
+
 /// How the row versions of table `relid` rank: its conflict rule and, for `node_priority`, the
 /// node priorities (none on a schema older than 0.4.0).
 pub fn ranking_of(relid: pg_sys::Oid) -> Result<Ranking, String> {
@@ -114,7 +119,7 @@ pub fn ranking_of(relid: pg_sys::Oid) -> Result<Ranking, String> {
         )?;
         let rule = rule.as_deref().and_then(|r| Rule::parse(r).ok()).unwrap_or_default();
         let mut priorities = Vec::new();
-        if rule == Rule::NodePriority && crate::sql::relation_exists("trompe.node_priorities")? {
+        if rule == Rule::NodePriority && node_priorities_exist()? {
             for r in crate::sql::rows("SELECT node_id::text, priority::text FROM trompe.node_priorities", &[])? {
                 let node = r.first().cloned().flatten().and_then(|n| n.parse::<NodeId>().ok());
                 let priority = r.get(1).cloned().flatten().and_then(|p| p.parse::<i32>().ok());

@@ -208,9 +208,13 @@ fn set_conflict_rule(rel: PgRelation, rule: &str) -> String {
     set_rule(rel.oid(), rule).or_raise()
 }
 
-/// Whether this database's schema has the node priorities (0.4.0 and later).
-fn has_node_priorities() -> Result<bool, TrompeError> {
-    sql::relation_exists("trompe.node_priorities").map_err(TrompeError::Internal)
+/// Fails unless this database's schema has the node priorities (0.4.0 and later), which `what`
+/// needs.
+fn require_node_priorities(what: &str) -> Result<(), TrompeError> {
+    if crate::conflicts::node_priorities_exist().map_err(TrompeError::Internal)? {
+        return Ok(());
+    }
+    Err(TrompeError::SettingRequired(format!("{what} needs trompe 0.4.0 here: run ALTER EXTENSION trompe UPDATE")))
 }
 
 /// Makes every backend read the rule of table `relid` again (capture and apply keep it with
@@ -226,11 +230,8 @@ fn set_rule(relid: pg_sys::Oid, rule: &str) -> Result<String, TrompeError> {
     if !is_replicated(relid) {
         return Err(TrompeError::NotReplicated(facts.qualified()));
     }
-    if rule != Rule::LastUpdateWins && !has_node_priorities()? {
-        return Err(TrompeError::SettingRequired(format!(
-            "conflict rule {} needs trompe 0.4.0 here: run ALTER EXTENSION trompe UPDATE",
-            rule.name()
-        )));
+    if rule != Rule::LastUpdateWins {
+        require_node_priorities(&format!("conflict rule {}", rule.name()))?;
     }
     as_extension_owner(|| {
         sql::execute(
@@ -252,11 +253,7 @@ fn set_node_priority(node: pgrx::Uuid, priority: i32) -> i32 {
 }
 
 fn set_priority(node: pgrx::Uuid, priority: i32) -> Result<i32, TrompeError> {
-    if !has_node_priorities()? {
-        return Err(TrompeError::SettingRequired(
-            "set_node_priority needs trompe 0.4.0 here: run ALTER EXTENSION trompe UPDATE".into(),
-        ));
-    }
+    require_node_priorities("set_node_priority")?;
     let node = node.to_string();
     let tables = as_extension_owner(|| {
         sql::execute(

@@ -120,12 +120,12 @@ pub fn truncated(relid: pg_sys::Oid, ranking: &Ranking) {
     // window).
     // SAFETY: reads the clock as PostgreSQL timestamps it.
     let after = ranking.earliest_commit_above_all_until(unsafe { pg_sys::GetCurrentTimestamp() });
+    let level = nest_level();
     PENDING.with(|p| {
         let mut p = p.borrow_mut();
         p.commit_after = p.commit_after.max(after);
+        p.truncated.push((level, relid));
     });
-    let level = nest_level();
-    PENDING.with(|p| p.borrow_mut().truncated.push((level, relid)));
 }
 
 /// A subtransaction ended: its deletes and truncations become its parent's, or are forgotten

@@ -159,7 +159,7 @@ fn create_schema(job: &SyncJob, source: &Source, script: &trompe_core::dump::Sch
                 &[Some(table), Some(rule)],
             )?;
         }
-        if !source.priorities.is_empty() && !sql::relation_exists("trompe.node_priorities")? {
+        if !source.priorities.is_empty() && !crate::conflicts::node_priorities_exist()? {
             return Err("the peer has node priorities: run ALTER EXTENSION trompe UPDATE here first".into());
         }
         for (node, priority) in &source.priorities {

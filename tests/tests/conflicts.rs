@@ -275,13 +275,7 @@ fn converges(mut w: Workload) {
     replicate_schema(&cluster);
     if w.seed % 3 == 2 {
         // Every third seed runs the windowed rules (node 3 outranks node 1, which outranks node 2).
-        let ids: Vec<String> =
-            cluster.nodes().iter().map(|n| n.query_text("SELECT trompe.node_id()::text").unwrap_or_default()).collect();
-        cluster.exec_all(&format!(
-            "SELECT trompe.set_conflict_rule('t', 'node_priority'); SELECT trompe.set_conflict_rule('t2', 'first_update_wins');
-             SELECT trompe.set_node_priority('{}', 7); SELECT trompe.set_node_priority('{}', 3);",
-            ids[2], ids[0]
-        ));
+        use_windowed_rules(&cluster, [(2, 7), (0, 3)]);
         println!("seed {}: t under node_priority, t2 under first_update_wins", w.seed);
         // Their commit waits (up to a window per transaction) leave less done per second.
         w.duration *= 2;
@@ -555,6 +549,19 @@ fn window_of(node: &Node, from_where: &str) -> i64 {
     node.query_i64(&format!("SELECT floor(extract(epoch FROM pg_xact_commit_timestamp(xmin)))::int8 FROM {from_where}"))
 }
 
+/// Puts `t` under `node_priority` and `t2` under `first_update_wins` on every node, with the
+/// priorities given as (node index, priority).
+fn use_windowed_rules(cluster: &Cluster, priorities: [(usize, i32); 2]) {
+    let mut sql = "SELECT trompe.set_conflict_rule('t', 'node_priority');
+                   SELECT trompe.set_conflict_rule('t2', 'first_update_wins');"
+        .to_string();
+    for (node, priority) in priorities {
+        let id = cluster.node(node).query_text("SELECT trompe.node_id()::text").expect("a node id");
+        sql += &format!("SELECT trompe.set_node_priority('{id}', {priority});");
+    }
+    cluster.exec_all(&sql);
+}
+
 /// `node_priority` and `first_update_wins`: writes of one row on several nodes within one
 /// conflict window are decided by the rule the same way on every node, whichever arrives first
 /// where; a local write that replaces a higher-ranked version of its window waits for the next
@@ -563,14 +570,8 @@ fn window_of(node: &Node, from_where: &str) -> i64 {
 fn windowed_rules_decide_the_same_way_everywhere() {
     let cluster = Cluster::start("conflict-windowed", 3);
     replicate_schema(&cluster);
-    let ids: Vec<String> =
-        cluster.nodes().iter().map(|n| n.query_text("SELECT trompe.node_id()::text").unwrap_or_default()).collect();
     // Node 2 outranks node 3, which outranks node 1 (not listed: 0).
-    cluster.exec_all(&format!(
-        "SELECT trompe.set_conflict_rule('t', 'node_priority'); SELECT trompe.set_conflict_rule('t2', 'first_update_wins');
-         SELECT trompe.set_node_priority('{}', 10); SELECT trompe.set_node_priority('{}', 5);",
-        ids[1], ids[2]
-    ));
+    use_windowed_rules(&cluster, [(1, 10), (2, 5)]);
     cluster.mesh();
     let mut decided = None;
     for id in 100..105 {
