@@ -1,4 +1,4 @@
-//! Upgrading trompe in place: nodes created at an earlier version (0.1.0, 0.2.0 or 0.3.0, their
+//! Upgrading trompe in place: nodes created at an earlier version (0.1.0 to 0.4.0, their
 //! scripts kept in sql/released/) replicate, are restarted one by one and updated with
 //! `ALTER EXTENSION trompe UPDATE` while clients keep writing, and keep replicating without
 //! losing a row; the updated schema is exactly what a fresh install of the new version creates.
@@ -104,6 +104,11 @@ fn updating_from_0_2_0_keeps_replicating_without_losing_rows() {
 #[test]
 fn updating_from_0_3_0_keeps_replicating_without_losing_rows() {
     update_keeps_replicating_without_losing_rows("0.3.0");
+}
+
+#[test]
+fn updating_from_0_4_0_keeps_replicating_without_losing_rows() {
+    update_keeps_replicating_without_losing_rows("0.4.0");
 }
 
 /// Two nodes created at version `previous`, updated one by one under load.
