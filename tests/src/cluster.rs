@@ -17,9 +17,17 @@ pub struct ClusterBuilder {
     nodes: usize,
     extension: bool,
     settings: Vec<(String, String)>,
+    clock_offsets: Vec<(usize, String)>,
 }
 
 impl ClusterBuilder {
+    /// Runs node `i`'s server with its clock off by `offset` (libfaketime syntax: `+3s`, `-3s`),
+    /// from its first start on.
+    pub fn clock_offset(mut self, i: usize, offset: &str) -> Self {
+        self.clock_offsets.push((i, offset.to_string()));
+        self
+    }
+
     /// Sets how many nodes to start (default 2).
     pub fn nodes(mut self, n: usize) -> Self {
         self.nodes = n;
@@ -47,7 +55,8 @@ impl ClusterBuilder {
         make_postgres_dir(&root);
         let mut cluster = Cluster { name: self.name.clone(), root, nodes: Vec::new(), links: Vec::new() };
         for i in 0..self.nodes {
-            let node = start_node(&format!("n{}", i + 1), &cluster.root, template, &self.settings);
+            let offset = self.clock_offsets.iter().find(|(n, _)| *n == i).map(|(_, o)| o.clone());
+            let node = start_node(&format!("n{}", i + 1), &cluster.root, template, &self.settings, offset);
             cluster.nodes.push(node);
         }
         for from in 0..self.nodes {
@@ -64,11 +73,18 @@ impl ClusterBuilder {
 }
 
 /// Starts a node on a free port, trying another port if the one picked was taken meanwhile.
-fn start_node(name: &str, root: &std::path::Path, template: &std::path::Path, settings: &[(String, String)]) -> Node {
+fn start_node(
+    name: &str,
+    root: &std::path::Path,
+    template: &std::path::Path,
+    settings: &[(String, String)],
+    clock_offset: Option<String>,
+) -> Node {
     let mut last_error = String::new();
     for _ in 0..5 {
         let port = free_port();
-        let node = Node::create(name, root, template, port, settings);
+        let mut node = Node::create(name, root, template, port, settings);
+        node.clock_offset = clock_offset.clone();
         match node.try_start() {
             Ok(()) => return node,
             Err(e) => {
@@ -96,7 +112,13 @@ pub struct Cluster {
 impl Cluster {
     /// Options for a cluster named `name` (used for its directory and kept logs).
     pub fn builder(name: &str) -> ClusterBuilder {
-        ClusterBuilder { name: name.to_string(), nodes: 2, extension: true, settings: Vec::new() }
+        ClusterBuilder {
+            name: name.to_string(),
+            nodes: 2,
+            extension: true,
+            settings: Vec::new(),
+            clock_offsets: Vec::new(),
+        }
     }
 
     /// `n` started nodes with trompe created in the test database.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use postgres::{Client, NoTls};
 
-use crate::system::{pg_bin, run_as_postgres, RunError};
+use crate::system::{pg_bin, run_as_postgres, run_as_postgres_with_env, RunError};
 use crate::wait::wait_for;
 
 /// The database every node replicates in tests.
@@ -31,6 +31,9 @@ pub const BASE_SETTINGS: &[(&str, &str)] = &[
     ("max_connections", "60"),
 ];
 
+/// Debian's libfaketime (package `libfaketime`), preloaded into a node whose clock is skewed.
+pub const FAKETIME_LIBRARY: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
 /// A PostgreSQL node under test.
 pub struct Node {
     /// Short name used in messages and as the peer name in meshes (`n1`, `n2`, ...).
@@ -41,6 +44,8 @@ pub struct Node {
     pub datadir: PathBuf,
     /// Its server log file.
     pub logfile: PathBuf,
+    /// How far its server's clock is off (libfaketime's `FAKETIME`, e.g. `+3s`), if at all.
+    pub clock_offset: Option<String>,
 }
 
 impl Node {
@@ -62,7 +67,7 @@ impl Node {
         let mut existing = fs::read_to_string(&conf_path).expect("template postgresql.conf readable");
         existing.push_str(&conf);
         fs::write(&conf_path, existing).expect("postgresql.conf writable");
-        Node { name: name.to_string(), port, datadir, logfile }
+        Node { name: name.to_string(), port, datadir, logfile, clock_offset: None }
     }
 
     /// A libpq connection string for `dbname` on this node, as the superuser.
@@ -82,10 +87,14 @@ impl Node {
 
     /// Starts the server, reporting failure instead of panicking.
     pub fn try_start(&self) -> Result<(), RunError> {
-        run_as_postgres(
-            &pg_bin("pg_ctl"),
-            &["start", "-w", "-t", "120", "-D", path_str(&self.datadir), "-l", path_str(&self.logfile)],
-        )?;
+        let args = ["start", "-w", "-t", "120", "-D", path_str(&self.datadir), "-l", path_str(&self.logfile)];
+        let mut env: Vec<(&str, &str)> = Vec::new();
+        if let Some(offset) = &self.clock_offset {
+            // Every process of the server sees a clock off by `offset`; timeouts and latches
+            // (the monotonic clock) run normally.
+            env.extend([("LD_PRELOAD", FAKETIME_LIBRARY), ("FAKETIME", offset.as_str()), ("DONT_FAKE_MONOTONIC", "1")]);
+        }
+        run_as_postgres_with_env(&pg_bin("pg_ctl"), &args, &env)?;
         Ok(())
     }
 

@@ -1,0 +1,399 @@
+//! Convergence under routine operations that race replication: table rewrites and freezing,
+//! DDL against changes in flight, clocks that disagree, and streams that cannot go on (each
+//! must end with identical nodes, or stop visibly with a way out).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use trompe_tests::{checksum, expect_error, wait_for, Cluster, Node};
+
+const SYNC: Duration = Duration::from_secs(120);
+
+/// `node` stops (`pause`) or starts again (`resume`) pulling from `peer`.
+fn link(node: &Node, what: &str, peer: &Node) {
+    node.exec(&format!("SELECT trompe.{what}_peer('{}')", peer.name));
+}
+
+/// Waits until `node` has applied everything `peer` committed so far.
+fn caught_up(node: &Node) {
+    assert_eq!(
+        node.query_text("SELECT trompe.wait_sync('120 seconds')").as_deref(),
+        Some("t"),
+        "{} caught up",
+        node.name
+    );
+}
+
+/// Updates committed on one node while another rewrites the table (ALTER ... TYPE, VACUUM FULL
+/// with FREEZE, CLUSTER) arrive after the rewrite and still win: a rewrite gives every row a
+/// new physical version, but not a new replication version.
+#[test]
+fn updates_in_flight_win_over_table_rewrites() {
+    let cluster = Cluster::start("rewrite-versions", 2);
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all("CREATE TABLE r (id int PRIMARY KEY, v int, w text); SELECT trompe.add_table('r')");
+    cluster.mesh();
+    a.exec("INSERT INTO r SELECT g, 0, 'x' FROM generate_series(1, 6) g");
+    cluster.wait_sync(SYNC);
+    let rewrites = [
+        "ALTER TABLE r ALTER COLUMN v TYPE bigint",
+        "VACUUM (FULL, FREEZE) r",
+        "CLUSTER r USING r_pkey",
+        "ALTER TABLE r ALTER COLUMN w TYPE varchar(20)",
+        "ALTER TABLE r ALTER COLUMN w SET DATA TYPE text, ALTER COLUMN v TYPE numeric",
+        "VACUUM FREEZE r",
+    ];
+    for (i, rewrite) in rewrites.iter().enumerate() {
+        let id = i + 1;
+        link(a, "pause", b);
+        // b's update commits first; a rewrites its table afterwards and b applies the rewrite.
+        b.exec(&format!("UPDATE r SET v = 2 WHERE id = {id}"));
+        a.exec(rewrite);
+        caught_up(b);
+        link(a, "resume", b);
+        cluster.wait_sync(SYNC);
+        for node in cluster.nodes() {
+            assert_eq!(
+                node.query_text(&format!("SELECT v::int FROM r WHERE id = {id}")).as_deref(),
+                Some("2"),
+                "on {}: b's update of row {id} was older than `{rewrite}` but newer than the row it replaced",
+                node.name
+            );
+        }
+    }
+    cluster.assert_same(&checksum("r"));
+}
+
+/// A row's version outlives PostgreSQL's commit timestamps: once `pg_commit_ts` has been
+/// truncated past the transaction that wrote it (after freezing), an older change arriving late
+/// still loses to it.
+#[test]
+fn row_versions_outlive_commit_timestamp_truncation() {
+    let cluster = Cluster::start("commit-ts-truncation", 2);
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all(
+        "CREATE TABLE r (id int PRIMARY KEY, v int); SELECT trompe.add_table('r');
+         CREATE PROCEDURE burn(n int) LANGUAGE plpgsql AS $$
+         BEGIN FOR i IN 1..n LOOP PERFORM pg_current_xact_id(); COMMIT; END LOOP; END $$",
+    );
+    cluster.mesh();
+    a.exec("INSERT INTO r VALUES (1, 0)");
+    cluster.wait_sync(SYNC);
+    link(a, "pause", b);
+    b.exec("UPDATE r SET v = 2 WHERE id = 1");
+    a.exec("UPDATE r SET v = 3 WHERE id = 1");
+    caught_up(b);
+    assert_eq!(b.query_text("SELECT v FROM r").as_deref(), Some("3"), "a's update is the newer one");
+    // Move a's commit timestamps past that update: burn transactions, freeze every database.
+    a.exec("CALL burn(70000)");
+    a.exec("ALTER DATABASE template0 WITH ALLOW_CONNECTIONS true");
+    for db in ["template0", "template1", "postgres", "app"] {
+        let mut c = a.connect_to(db);
+        c.batch_execute("VACUUM FREEZE").expect("vacuum freeze");
+    }
+    a.exec("ALTER DATABASE template0 WITH ALLOW_CONNECTIONS false");
+    // Nothing of the update left in memory either (trompe's commit time cache).
+    a.restart();
+    assert_eq!(
+        a.query_text("SELECT pg_xact_commit_timestamp(xmin) IS NULL FROM r").as_deref(),
+        Some("t"),
+        "the row's commit timestamp is gone"
+    );
+    link(a, "resume", b);
+    cluster.wait_sync(SYNC);
+    for node in cluster.nodes() {
+        assert_eq!(node.query_text("SELECT v FROM r").as_deref(), Some("3"), "on {}", node.name);
+    }
+}
+
+/// A column added on one node while another keeps inserting ends with the same value on every
+/// node for every row, whichever side of the DDL each insert falls on.
+#[test]
+fn a_column_added_during_inserts_gets_the_same_values_everywhere() {
+    let cluster = Cluster::start("add-column-race", 2);
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all("CREATE TABLE d (id int PRIMARY KEY, v text); SELECT trompe.add_table('d')");
+    cluster.mesh();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, conninfo) = (stop.clone(), b.conninfo());
+        std::thread::spawn(move || {
+            let mut client = postgres::Client::connect(&conninfo, postgres::NoTls).expect("connect");
+            let mut id = 0;
+            while !stop.load(Ordering::SeqCst) {
+                id += 1;
+                client.execute("INSERT INTO d (id, v) VALUES ($1, 'b')", &[&id]).expect("insert on b");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            id
+        })
+    };
+    for i in 0..8 {
+        std::thread::sleep(Duration::from_millis(150));
+        a.exec(&format!("ALTER TABLE d ADD COLUMN extra{i} int DEFAULT {i}"));
+    }
+    std::thread::sleep(Duration::from_millis(150));
+    stop.store(true, Ordering::SeqCst);
+    let inserted = writer.join().expect("writer");
+    cluster.wait_sync(SYNC);
+    assert_eq!(cluster.assert_same("SELECT count(*) FROM d").as_deref(), Some(inserted.to_string().as_str()));
+    cluster.assert_same(&checksum("d"));
+    let nulls: String = (0..8).map(|i| format!(" + count(*) FILTER (WHERE extra{i} IS NULL)")).collect();
+    assert_eq!(cluster.assert_same(&format!("SELECT 0{nulls} FROM d")).as_deref(), Some("0"));
+}
+
+/// A column default that gives each node a different value (volatile, or evaluated when the
+/// DDL runs) cannot fill existing rows alike: refused up front with a way to do it instead.
+#[test]
+fn a_default_that_would_differ_between_nodes_is_refused() {
+    let cluster = Cluster::start("volatile-default", 2);
+    let a = cluster.node(0);
+    cluster.exec_all("CREATE TABLE d (id int PRIMARY KEY); SELECT trompe.add_table('d')");
+    cluster.mesh();
+    a.exec("INSERT INTO d VALUES (1), (2)");
+    for ddl in [
+        "ALTER TABLE d ADD COLUMN r float8 DEFAULT random()",
+        "ALTER TABLE d ADD COLUMN at timestamptz DEFAULT now()",
+        "ALTER TABLE d ADD COLUMN n bigserial",
+        "ALTER TABLE d ADD COLUMN g bigint GENERATED BY DEFAULT AS IDENTITY",
+        "ALTER TABLE d ALTER COLUMN id TYPE bigint USING (id + (random() * 0)::int)",
+    ] {
+        let (code, message) = expect_error(&mut a.connect(), ddl);
+        assert_eq!(code, "0A000", "{ddl}: {message}");
+        assert!(message.contains("table public.d"), "{ddl}: {message}");
+    }
+    // What works instead: the column without a default, then the values as a replicated update.
+    a.exec("ALTER TABLE d ADD COLUMN at timestamptz; ALTER TABLE d ALTER COLUMN at SET DEFAULT now(); UPDATE d SET at = now()");
+    // A constant default, or one with a stable value, is fine.
+    a.exec("ALTER TABLE d ADD COLUMN k int DEFAULT 7, ADD COLUMN s text DEFAULT 'x' || 'y'");
+    cluster.wait_sync(SYNC);
+    cluster.assert_same(&checksum("d"));
+}
+
+/// Changes in flight that name a column or table dropped or renamed on the applying node are
+/// applied to what remains, and the stream goes on.
+#[test]
+fn changes_in_flight_for_dropped_or_renamed_columns_apply_to_what_remains() {
+    let cluster = Cluster::start("drop-column-race", 2);
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all(
+        "CREATE TABLE t (id int PRIMARY KEY, b int, c int, x int);
+         CREATE TABLE gone (id int PRIMARY KEY);
+         CREATE TABLE moved (id int PRIMARY KEY, v int);
+         SELECT trompe.add_table('t'), trompe.add_table('gone'), trompe.add_table('moved')",
+    );
+    cluster.mesh();
+    a.exec("INSERT INTO t VALUES (1, 1, 1, 1), (2, 2, 2, 2); INSERT INTO moved VALUES (1, 1)");
+    cluster.wait_sync(SYNC);
+    link(a, "pause", b);
+    b.exec(
+        "UPDATE t SET b = 50 WHERE id = 1; UPDATE t SET c = 60 WHERE id = 2; UPDATE t SET x = 70 WHERE id = 1;
+         INSERT INTO t VALUES (3, 3, 3, 3); INSERT INTO gone VALUES (1); UPDATE moved SET v = 2",
+    );
+    a.exec(
+        "ALTER TABLE t DROP COLUMN b; ALTER TABLE t RENAME COLUMN x TO y; DROP TABLE gone;
+         ALTER TABLE moved RENAME TO moved_here",
+    );
+    caught_up(b);
+    link(a, "resume", b);
+    cluster.wait_sync(SYNC);
+    assert_eq!(
+        cluster.assert_same("SELECT string_agg(format('%s:%s:%s', id, c, y), ' ' ORDER BY id) FROM t").as_deref(),
+        Some("1:1:70 2:60:2 3:3:3")
+    );
+    assert_eq!(cluster.assert_same("SELECT v FROM moved_here").as_deref(), Some("2"));
+    assert_eq!(a.query_i64("SELECT count(*) FROM trompe.status WHERE last_error IS NOT NULL"), 0);
+    // The stream goes on.
+    b.exec("INSERT INTO t VALUES (4, 4, 4)");
+    cluster.wait_sync(SYNC);
+    cluster.assert_same(&checksum("t"));
+}
+
+/// Index builds that cannot run inside a transaction replicate without stalling any stream.
+#[test]
+fn concurrent_index_builds_replicate() {
+    let cluster = Cluster::start("concurrent-index", 2);
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all("CREATE SCHEMA s; SELECT trompe.add_schema('s'); CREATE TABLE i (id int PRIMARY KEY, v int)");
+    cluster.exec_all("SELECT trompe.add_table('i')");
+    cluster.mesh();
+    a.exec("CREATE TABLE s.t (id int PRIMARY KEY, v int)");
+    cluster.wait_sync(SYNC);
+    a.exec("INSERT INTO i SELECT g, g FROM generate_series(1, 100) g; INSERT INTO s.t SELECT g, g FROM generate_series(1, 100) g");
+    a.exec("CREATE INDEX CONCURRENTLY i_v ON i (v)");
+    a.exec("CREATE UNIQUE INDEX CONCURRENTLY ON s.t (v)");
+    a.exec("REINDEX INDEX CONCURRENTLY i_v");
+    b.exec("INSERT INTO i VALUES (101, 101)");
+    cluster.wait_sync(SYNC);
+    let indexes = "SELECT string_agg(indexname || ':' || indexdef, ' ' ORDER BY indexname) FROM pg_indexes WHERE tablename IN ('i', 't')";
+    let both = cluster.assert_same(indexes).unwrap_or_default();
+    assert!(both.contains("i_v") && both.contains("t_v_idx"), "{both}");
+    assert_eq!(cluster.assert_same("SELECT count(*) FROM pg_index WHERE NOT indisvalid").as_deref(), Some("0"));
+    a.exec("DROP INDEX CONCURRENTLY i_v");
+    a.exec("DROP INDEX CONCURRENTLY s.t_v_idx");
+    a.exec("INSERT INTO i VALUES (102, 102)");
+    cluster.wait_sync(SYNC);
+    assert_eq!(
+        cluster.assert_same("SELECT count(*) FROM pg_indexes WHERE indexname IN ('i_v', 't_v_idx')").as_deref(),
+        Some("0")
+    );
+    cluster.assert_same(&checksum("i"));
+    for node in cluster.nodes() {
+        assert_eq!(
+            node.query_i64("SELECT count(*) FROM trompe.status WHERE last_error IS NOT NULL"),
+            0,
+            "{}",
+            node.name
+        );
+    }
+}
+
+/// With one node's clock ahead (within `trompe.max_clock_skew`): a TRUNCATE ranks above every
+/// row it removes, also rows from that node, which carry commit times in this node's future.
+#[test]
+fn a_truncate_ranks_above_rows_from_a_node_whose_clock_runs_ahead() {
+    let cluster = Cluster::builder("skew-truncate").nodes(2).clock_offset(1, "+3s").start();
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all("CREATE TABLE t (id int PRIMARY KEY, v text); SELECT trompe.add_table('t')");
+    cluster.mesh();
+    b.exec("INSERT INTO t VALUES (1, 'from the node ahead')");
+    caught_up(a);
+    a.exec("TRUNCATE t");
+    cluster.wait_sync(SYNC);
+    assert_eq!(cluster.assert_same("SELECT count(*) FROM t").as_deref(), Some("0"));
+}
+
+/// With one node's clock ahead: a delete from that node, applied while a local transaction
+/// still holds a new row of the same key, ends the same on both nodes.
+#[test]
+fn a_remote_delete_racing_a_local_insert_converges_under_clock_skew() {
+    let cluster = Cluster::builder("skew-delete-insert").nodes(2).clock_offset(1, "+3s").start();
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all("CREATE TABLE t (id int PRIMARY KEY, v text); SELECT trompe.add_table('t')");
+    cluster.mesh();
+    a.exec("INSERT INTO t VALUES (1, 'old'), (2, 'old')");
+    cluster.wait_sync(SYNC);
+    let mut local = a.connect();
+    local.batch_execute("BEGIN; DELETE FROM t WHERE id = 1; INSERT INTO t VALUES (1, 'new on a'); INSERT INTO t VALUES (3, 'new on a')").expect("local");
+    b.exec("DELETE FROM t WHERE id = 1; INSERT INTO t VALUES (3, 'b'); DELETE FROM t WHERE id = 3");
+    // The delete is being applied on a, waiting for the local transaction.
+    let blocked = wait_for(Duration::from_secs(30), || {
+        a.query_i64(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'trompe%' AND wait_event_type = 'Lock'",
+        ) > 0
+    });
+    assert!(blocked, "a's worker waits for the local transaction");
+    local.batch_execute("COMMIT").expect("commit");
+    cluster.wait_sync(SYNC);
+    cluster.assert_same(&checksum("t"));
+}
+
+/// A transaction that cannot be applied stops its stream visibly: state `error`, what waits
+/// behind it counted, a one-line error naming the SQLSTATE and the transaction; fixing the
+/// cause resumes it, and `trompe.skip` sets it aside, content kept, for the stream to go on.
+#[test]
+fn a_stalled_stream_is_visible_and_skip_sets_the_transaction_aside() {
+    let cluster = Cluster::start("stall-skip", 2);
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all("CREATE TABLE t (id int PRIMARY KEY, v int); SELECT trompe.add_table('t')");
+    b.exec("ALTER TABLE t ADD CONSTRAINT small CHECK (v < 100)");
+    cluster.mesh();
+    a.exec("INSERT INTO t VALUES (1, 1)");
+    cluster.wait_sync(SYNC);
+    a.exec("INSERT INTO t VALUES (2, 500), (3, 3)");
+    for i in 4..9 {
+        a.exec(&format!("INSERT INTO t VALUES ({i}, {i})"));
+    }
+    let stalled = "SELECT state = 'error' AND behind_changes = 7 AND last_error LIKE '%23514%' FROM trompe.status";
+    let shown = wait_for(SYNC, || b.query_text(stalled).as_deref() == Some("t"));
+    assert!(
+        shown,
+        "status shows the stall: {:?}",
+        b.query_row("SELECT state, behind_changes, last_error FROM trompe.status")
+    );
+    let error = b.query_text("SELECT last_error FROM trompe.status").unwrap_or_default();
+    assert!(!error.contains('\n'), "one line: {error}");
+    assert!(error.contains("small") && error.contains("INSERT") && error.contains("public.t"), "{error}");
+    let last_pull = b.query_text("SELECT last_pull FROM trompe.status");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(b.query_text("SELECT last_pull FROM trompe.status"), last_pull, "failed attempts are not pulls");
+    assert!(
+        b.query_text("SELECT behind_seconds FROM trompe.status").and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0)
+            >= 3.0
+    );
+    // Skipping needs the transaction that fails; anything else is refused.
+    let (code, _) = expect_error(&mut b.connect(), "SELECT trompe.skip('n1', 1)");
+    assert_eq!(code, "22023");
+    b.exec("SELECT trompe.skip('n1')");
+    cluster.wait_sync(SYNC);
+    assert_eq!(b.query_text("SELECT string_agg(id::text, ',' ORDER BY id) FROM t").as_deref(), Some("1,4,5,6,7,8"));
+    assert_eq!(
+        b.query_text("SELECT count(*) || ':' || bool_and(changes::text LIKE '%500%') || ':' || bool_and(error LIKE '%23514%') FROM trompe.exceptions")
+            .as_deref(),
+        Some("1:true:true")
+    );
+    assert_eq!(
+        b.query_text("SELECT state || ':' || coalesce(last_error, '') FROM trompe.status").as_deref(),
+        Some("connected:")
+    );
+}
+
+/// Conflicts name only the rows in conflict: an applied update never evaluates its condition on
+/// other rows of the table, whatever plan the statement gets.
+#[test]
+fn conflicts_name_only_the_rows_in_conflict() {
+    let cluster = Cluster::start("spurious-conflicts", 2);
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all("CREATE TABLE t (id int PRIMARY KEY, v int); SELECT trompe.add_table('t')");
+    cluster.mesh();
+    a.exec("INSERT INTO t SELECT g, 0 FROM generate_series(1, 5) g");
+    cluster.wait_sync(SYNC);
+    // Statistics that make a sequential scan the cheapest plan for any key.
+    cluster.exec_all("ANALYZE t");
+    link(a, "pause", b);
+    // Concurrent with b's updates of row 1, but on other rows.
+    a.exec("UPDATE t SET v = 1 WHERE id > 1");
+    for i in 0..12 {
+        b.exec(&format!("UPDATE t SET v = {i} WHERE id = 1; DELETE FROM t WHERE id = 99"));
+    }
+    link(a, "resume", b);
+    cluster.wait_sync(SYNC);
+    cluster.assert_same(&checksum("t"));
+    assert_eq!(
+        a.query_text("SELECT coalesce(string_agg(kind || ' ' || key::text, ', '), 'none') FROM trompe.conflicts")
+            .as_deref(),
+        Some("none")
+    );
+}
+
+/// Rows applied from a peer keep that peer as their origin after it is removed and another
+/// peer is added (a replication origin's number can be reused).
+#[test]
+fn rows_keep_their_origin_after_their_peer_is_removed() {
+    let cluster = Cluster::start("origin-reuse", 3);
+    let (a, b, c) = (cluster.node(0), cluster.node(1), cluster.node(2));
+    cluster.exec_all("CREATE TABLE t (id int PRIMARY KEY, v text); SELECT trompe.add_table('t')");
+    cluster.mesh();
+    b.exec("INSERT INTO t VALUES (1, 'base')");
+    cluster.wait_sync(SYNC);
+    for node in cluster.nodes() {
+        for peer in cluster.nodes().iter().filter(|p| p.name != node.name) {
+            link(node, "pause", peer);
+        }
+    }
+    a.exec("UPDATE t SET v = 'a' WHERE id = 1");
+    b.exec("UPDATE t SET v = 'b' WHERE id = 1");
+    // c applies a's update, then forgets a; resuming b makes its worker act on both.
+    link(c, "resume", a);
+    c.wait_for_value("SELECT v FROM t", "a", SYNC);
+    c.exec("SELECT trompe.remove_peer('n1')");
+    link(c, "resume", b);
+    c.wait_for_value("SELECT v FROM t", "b", SYNC);
+    let a_id = a.query_text("SELECT trompe.node_id()::text").unwrap_or_default();
+    assert_eq!(
+        c.query_text("SELECT local_origin::text FROM trompe.conflicts WHERE kind = 'update_update'").as_deref(),
+        Some(a_id.as_str()),
+        "the row c held came from a"
+    );
+}
