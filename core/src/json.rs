@@ -35,9 +35,84 @@ pub fn object<'a>(pairs: impl Iterator<Item = (&'a str, Option<&'a str>)>) -> St
     out
 }
 
+/// The changes of one transaction as a JSON array, for people to read (the exception log):
+/// each change with its position, kind, table, the new row (`new`, by column), the old primary
+/// key (`old_key`), the options of a truncation or the parts of a DDL statement (`statement`,
+/// `search_path`, `role`, `tag`).
+pub fn changes(changes: &[crate::changeset::ChangeRecord]) -> String {
+    use crate::logformat::Op;
+    let mut out = String::from("[");
+    for (i, c) in changes.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let vals: Vec<Option<&str>> = c.vals.iter().flatten().map(|v| v.as_deref()).collect();
+        out.push_str(&format!("{{\"seq\":{},\"op\":", c.seq));
+        push_string(&mut out, c.op.code());
+        out.push_str(",\"table\":");
+        push_string(&mut out, &format!("{}.{}", c.nsp, c.rel));
+        match c.op {
+            Op::Insert | Op::Update => {
+                out.push_str(",\"new\":");
+                out.push_str(&object(c.cols.iter().map(String::as_str).zip(vals.iter().copied())));
+            }
+            Op::Truncate => {
+                out.push_str(",\"options\":");
+                out.push_str(&object(["restart_identity"].into_iter().zip(vals.iter().copied())));
+            }
+            Op::Ddl => {
+                out.push(',');
+                let names = ["statement", "search_path", "role", "tag"];
+                let parts = object(names.into_iter().zip(vals.iter().copied()));
+                out.push_str(&parts[1..parts.len() - 1]);
+            }
+            Op::Delete => {}
+        }
+        if let Some(old) = &c.oldkey {
+            out.push_str(",\"old_key\":");
+            out.push_str(&object(c.cols.iter().map(String::as_str).zip(old.iter().map(|v| v.as_deref()))));
+        }
+        out.push('}');
+    }
+    out.push(']');
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::changeset::{ChangeRecord, OldVersion};
+    use crate::logformat::Op;
+
+    #[test]
+    fn changes_read_as_json() {
+        let change = |op, vals: Option<Vec<Option<&str>>>, oldkey: Option<Vec<Option<&str>>>| ChangeRecord {
+            seq: 1,
+            op,
+            nsp: "public".into(),
+            rel: "t\"x".into(),
+            cols: vec!["id".into(), "v".into()],
+            vals: vals.map(|v| v.into_iter().map(|x| x.map(str::to_string)).collect()),
+            oldkey: oldkey.map(|v| v.into_iter().map(|x| x.map(str::to_string)).collect()),
+            old: OldVersion::Unknown,
+        };
+        let json = changes(&[
+            change(Op::Insert, Some(vec![Some("1"), None]), None),
+            change(Op::Update, Some(vec![Some("2"), Some("b")]), Some(vec![Some("1")])),
+            change(Op::Delete, None, Some(vec![Some("2")])),
+            change(Op::Ddl, Some(vec![Some("DROP TABLE t"), Some("public"), Some(""), Some("DROP TABLE")]), None),
+        ]);
+        assert_eq!(
+            json,
+            concat!(
+                r#"[{"seq":1,"op":"I","table":"public.t\"x","new":{"id":"1","v":null}},"#,
+                r#"{"seq":1,"op":"U","table":"public.t\"x","new":{"id":"2","v":"b"},"old_key":{"id":"1"}},"#,
+                r#"{"seq":1,"op":"D","table":"public.t\"x","old_key":{"id":"2"}},"#,
+                r#"{"seq":1,"op":"S","table":"public.t\"x","statement":"DROP TABLE t","search_path":"public","role":"","tag":"DROP TABLE"}]"#
+            )
+        );
+        assert_eq!(changes(&[]), "[]");
+    }
 
     #[test]
     fn objects_escape_everything() {

@@ -20,3 +20,5 @@ pub mod pgarray;
 pub mod position;
 pub mod seqslot;
 pub mod snapshot;
+pub mod sqlstate;
+pub mod timestamp;
