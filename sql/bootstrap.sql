@@ -162,3 +162,64 @@ CREATE TABLE trompe.conflicts (
 );
 CREATE INDEX conflicts_at ON trompe.conflicts (at);
 COMMENT ON TABLE trompe.conflicts IS 'Conflicts resolved on this node; pruned after trompe.conflict_retention.';
+
+-- Peer transactions an admin set aside with trompe.skip() because they could not be applied:
+-- kept whole, with the error, so nothing is discarded unseen.
+CREATE TABLE trompe.exceptions (
+    id bigserial PRIMARY KEY,
+    node_id uuid NOT NULL,
+    peer text NOT NULL,
+    origin_txn bigint NOT NULL,
+    committed_at timestamptz,
+    error text NOT NULL,
+    changes jsonb NOT NULL,
+    skipped_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE trompe.exceptions IS 'Peer transactions set aside by trompe.skip(), with their error and every change.';
+
+-- The transaction of a peer an admin asked to set aside (trompe.skip); the worker removes the
+-- request when it has done so.
+CREATE TABLE trompe.skip_requests (
+    node_id uuid PRIMARY KEY REFERENCES trompe.peers (node_id) ON DELETE CASCADE,
+    txn bigint NOT NULL,
+    requested_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE trompe.skip_requests IS 'Failing peer transactions trompe.skip() asked the worker to set aside.';
+
+-- Renames and drops of replicated tables and their columns made on this node, kept for the
+-- tombstone retention: a peer's change written before the DDL reached it names the old table or
+-- column, and apply maps it to what remains (src/ddl_history.rs).
+CREATE TABLE trompe.schema_changes (
+    id bigserial PRIMARY KEY,
+    relid oid NOT NULL,
+    kind text NOT NULL CHECK (kind IN ('rename_table', 'drop_table', 'rename_column', 'drop_column')),
+    old_nsp name,
+    old_rel name,
+    old_column name,
+    new_column name,
+    at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX schema_changes_relid ON trompe.schema_changes (relid);
+COMMENT ON TABLE trompe.schema_changes IS 'Renames and drops of replicated tables and columns, for changes of peers still naming them.';
+
+-- Row versions PostgreSQL's records no longer tell (src/row_versions.rs): kept before a table
+-- rewrite (under the rewriting transaction) and before vacuum may freeze a row (under the row's
+-- own xmin); a row reads its kept version when its xmin is the one kept.
+CREATE TABLE trompe.row_versions (
+    relid oid NOT NULL,
+    key text[] NOT NULL,
+    row_xmin xid NOT NULL,
+    committed_us bigint,
+    node_id uuid,
+    PRIMARY KEY (relid, key)
+);
+COMMENT ON TABLE trompe.row_versions IS 'Versions of rows kept across table rewrites and freezing (commit time in µs since 2000-01-01, node).';
+
+-- Transactions that rewrote a replicated table: their rows have kept versions.
+CREATE TABLE trompe.rewrites (
+    relid oid NOT NULL,
+    xid xid8 NOT NULL,
+    at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (relid, xid)
+);
+COMMENT ON TABLE trompe.rewrites IS 'Transactions that rewrote replicated tables (their rows'' versions are in trompe.row_versions).';

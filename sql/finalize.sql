@@ -53,7 +53,9 @@ BEGIN
 END
 $$;
 
--- DDL capture of DROP commands (their objects are gone by ddl_command_end).
+-- DDL capture of DROP commands (their objects are gone by ddl_command_end). It fires for DDL
+-- applied for a peer too (ENABLE ALWAYS): dropped tables and columns are recorded and forgotten
+-- on every node, whoever ran the DROP; only the logging is for local DDL.
 CREATE FUNCTION trompe.on_sql_drop() RETURNS event_trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -62,25 +64,25 @@ DECLARE
     object_schema text;
     object_name text;
 BEGIN
-    IF trompe._capture_skipped() THEN
-        RETURN;
-    END IF;
-    IF EXISTS (SELECT 1 FROM pg_event_trigger_dropped_objects() o
-                WHERE o.object_type = 'trigger'
-                  AND o.address_names[array_length(o.address_names, 1)] IN ('trompe_capture', 'trompe_truncate')
-                  AND o.original AND NOT o.is_temporary) THEN
+    IF NOT trompe._capture_skipped()
+       AND EXISTS (SELECT 1 FROM pg_event_trigger_dropped_objects() o
+                    WHERE o.object_type = 'trigger'
+                      AND o.address_names[array_length(o.address_names, 1)] IN ('trompe_capture', 'trompe_truncate')
+                      AND o.original AND NOT o.is_temporary) THEN
         RAISE EXCEPTION 'cannot drop trompe''s capture trigger of a replicated table'
               USING ERRCODE = 'dependent_objects_still_exist',
                     HINT = 'Stop replicating the table with trompe.remove_table() instead.';
     END IF;
     SELECT array_agg(o.objid) FILTER (WHERE o.object_type = 'table'),
            bool_or(o.schema_name IN (SELECT schema_name::text FROM trompe.schemas)
-                   OR (o.object_type = 'table' AND o.objid IN (SELECT relid::oid FROM trompe.tables))),
+                   OR (o.object_type = 'table' AND o.objid IN (SELECT relid::oid FROM trompe.tables))
+                   OR (o.object_type = 'index' AND trompe._dropped_index_table(o.objid) IN (SELECT relid::oid FROM trompe.tables))),
            min(o.schema_name), min(o.object_identity)
       INTO dropped_tables, replicate, object_schema, object_name
       FROM pg_event_trigger_dropped_objects() o
      WHERE NOT o.is_temporary;
-    IF coalesce(replicate, false) AND tg_tag LIKE 'DROP %' THEN
+    PERFORM trompe._note_dropped();
+    IF NOT trompe._capture_skipped() AND coalesce(replicate, false) AND tg_tag LIKE 'DROP %' THEN
         PERFORM trompe._log_ddl(tg_tag, coalesce(object_schema, ''), coalesce(object_name, ''));
     END IF;
     IF dropped_tables IS NOT NULL THEN
@@ -89,10 +91,23 @@ BEGIN
 END
 $$;
 
+-- Before a replicated table is rewritten (also by DDL applied for a peer): keep its rows'
+-- versions, which the rewrite would replace by its own (src/row_versions.rs).
+CREATE FUNCTION trompe.on_table_rewrite() RETURNS event_trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM trompe._preserve_versions(pg_event_trigger_table_rewrite_oid());
+END
+$$;
+
 CREATE EVENT TRIGGER trompe_ddl_command_end ON ddl_command_end
     EXECUTE FUNCTION trompe.on_ddl_command_end();
 CREATE EVENT TRIGGER trompe_sql_drop ON sql_drop
     EXECUTE FUNCTION trompe.on_sql_drop();
+ALTER EVENT TRIGGER trompe_sql_drop ENABLE ALWAYS;
+CREATE EVENT TRIGGER trompe_table_rewrite ON table_rewrite
+    EXECUTE FUNCTION trompe.on_table_rewrite();
+ALTER EVENT TRIGGER trompe_table_rewrite ENABLE ALWAYS;
 
 -- Everyone may see what is replicated; nobody but the owner may touch trompe's state.
 GRANT USAGE ON SCHEMA trompe TO PUBLIC;
@@ -106,13 +121,14 @@ REVOKE EXECUTE ON FUNCTION
     trompe.log_changes(), trompe.register_consumer(uuid, text), trompe.unregister_consumer(uuid),
     trompe.pending_changes(text, text, bigint, text), trompe._pull_plan(uuid, text, text, bigint, integer, integer, bigint, text),
     trompe._on_create(),
-    trompe.compare(text, regclass), trompe.repair(text, regclass),
+    trompe.compare(text, regclass), trompe.repair(text, regclass), trompe.skip(text, bigint),
     trompe._row_digests(regclass, integer, integer[]), trompe.table_digest(regclass, integer),
     trompe.fetch_rows(regclass, text[]), trompe._repair_rows(regclass, text, text[], jsonb),
     trompe.lo_chunk(uuid, oid, bigint, integer),
     trompe.sync_register(uuid, text), trompe.register_consumer_from(uuid, text, uuid),
     trompe.consumer_confirmed(uuid), trompe.sync_source(), trompe.sync_rows_sql(regclass), trompe.sync_removals(),
-    trompe._sync_insert_sql(regclass), trompe._version_sql(text), trompe._applied_after(uuid, text, bigint, bigint)
+    trompe._sync_insert_sql(regclass), trompe._version_sql(text), trompe._applied_after(uuid, text, bigint, bigint),
+    trompe._row_version(oid, xid, text[])
 FROM PUBLIC;
 
 -- Pulling this node's log (called by peers over libpq). The plan (which transactions) is
@@ -179,9 +195,9 @@ GRANT EXECUTE ON FUNCTION
     trompe.add_table(regclass), trompe.remove_table(regclass), trompe.add_schema(text), trompe.remove_schema(text),
     trompe.set_conflict_rule(regclass, text), trompe.set_node_priority(uuid, integer),
     trompe.set_sequence_slot(integer, integer), trompe.log_changes(),
-    trompe.compare(text, regclass), trompe.repair(text, regclass)
+    trompe.compare(text, regclass), trompe.repair(text, regclass), trompe.skip(text, bigint)
 TO trompe_admin;
-GRANT SELECT ON trompe.conflicts, trompe.peers, trompe.consumers, trompe.repairs, trompe.syncs,
+GRANT SELECT ON trompe.conflicts, trompe.exceptions, trompe.peers, trompe.consumers, trompe.repairs, trompe.syncs,
     trompe.start_positions TO trompe_admin;
 
 -- One row per peer: connection state, position, lag, last pull and error, counters.

@@ -34,6 +34,9 @@ pub struct Incoming {
     pub row: Option<String>,
     /// How versions rank: the conflict rule of the table the statement writes.
     pub ranking: std::rc::Rc<Ranking>,
+    /// How the versions of the table's rows are read, and the primary key (canonical text) of
+    /// the one row the statement changes, when it changes one (see `crate::row_versions`).
+    pub rows: Option<(std::rc::Rc<crate::row_versions::TableVersions>, Vec<Option<String>>)>,
 }
 
 /// One conflict, as written to `trompe.conflicts`.
@@ -57,6 +60,9 @@ pub struct Recorded {
 }
 
 thread_local! {
+    /// How often `_apply_wins` decided in this process (apply code tells from it whether a
+    /// statement met the local row at all).
+    static DECISIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
     static CURRENT: RefCell<Option<Incoming>> = const { RefCell::new(None) };
     static RECORDED: RefCell<Vec<Recorded>> = const { RefCell::new(Vec::new()) };
 }
@@ -72,6 +78,12 @@ pub fn with_incoming<R>(incoming: Incoming, f: impl FnOnce() -> R) -> R {
     CURRENT.with(|c| *c.borrow_mut() = Some(incoming));
     let _clear = Clear;
     f()
+}
+
+/// How many times a statement's condition has decided between an incoming change and a local
+/// row in this process so far.
+pub fn decisions() -> u64 {
+    DECISIONS.get()
 }
 
 /// Records a conflict found by the apply code itself (not by a statement's condition).
@@ -181,7 +193,11 @@ fn _apply_wins(
         // Outside apply (someone calling it by hand): never change anything.
         return false;
     };
-    let local = local_version(local_xmin);
+    DECISIONS.set(DECISIONS.get() + 1);
+    let local = match &incoming.rows {
+        Some((versions, key)) => versions.row_version(local_xmin, || key.clone()).into(),
+        None => local_version(local_xmin),
+    };
     let wins = incoming.ranking.wins(incoming.version, local);
     if is_conflict(incoming.version, incoming.replaced, local) {
         record(Recorded {
@@ -196,6 +212,24 @@ fn _apply_wins(
         });
     }
     wins
+}
+
+/// True if the incoming change of the current apply statement ranks above the row of its table
+/// with primary key `key` (canonical text) written by transaction `xmin` (for truncations;
+/// records nothing).
+#[pg_extern(volatile, parallel_unsafe)]
+fn _incoming_above_row(xmin: pg_sys::TransactionId, key: Vec<Option<String>>) -> bool {
+    CURRENT
+        .with(|c| {
+            let c = c.borrow();
+            let incoming = c.as_ref()?;
+            let local = match &incoming.rows {
+                Some((versions, _)) => versions.row_version(xmin, || key).into(),
+                None => local_version(xmin),
+            };
+            Some(incoming.ranking.wins(incoming.version, local))
+        })
+        .unwrap_or(false)
 }
 
 /// True if the incoming change of the current apply statement is newer than what transaction

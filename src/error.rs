@@ -142,6 +142,34 @@ pub enum TrompeError {
     /// The node a joining node must start pulling from no longer keeps its log for it.
     #[error("peer \"{0}\" no longer keeps its log for this node, which copied its data from another node")]
     StartPositionLost(String),
+    /// `trompe.skip` for a peer whose stream is not stopped by a failing transaction.
+    #[error("peer \"{0}\" has no transaction that fails to apply")]
+    NothingToSkip(String),
+    /// `trompe.skip` naming another transaction than the one that fails.
+    #[error("transaction {txn} of peer \"{peer}\" is not the one that fails to apply ({failing})")]
+    NotTheFailingTransaction {
+        /// The peer.
+        peer: String,
+        /// The transaction named.
+        txn: i64,
+        /// The transaction that fails.
+        failing: i64,
+    },
+    /// DDL on a replicated table that would leave the nodes with different data.
+    #[error("{what} on replicated table {table} would give each node different values: {reason}")]
+    DivergentDdl {
+        /// What the statement does.
+        what: String,
+        /// The table.
+        table: String,
+        /// Why the values would differ.
+        reason: String,
+        /// What to do instead.
+        hint: &'static str,
+    },
+    /// DDL that cannot be replayed on the peers.
+    #[error("{0} cannot be replicated")]
+    UnreplicableDdl(String, &'static str),
     #[error("trompe internal error: {0}")]
     Internal(String),
 }
@@ -179,6 +207,9 @@ impl TrompeError {
             TrompeError::SyncNeedsEmptyNode(_) | TrompeError::SyncInProgress(_) | TrompeError::StartPositionLost(_) => {
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
+            TrompeError::NothingToSkip(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            TrompeError::NotTheFailingTransaction { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
+            TrompeError::DivergentDdl { .. } | TrompeError::UnreplicableDdl(..) => ERRCODE_FEATURE_NOT_SUPPORTED,
             TrompeError::Internal(_) => ERRCODE_INTERNAL_ERROR,
         }
     }
@@ -216,6 +247,10 @@ impl TrompeError {
             TrompeError::BadRule(_) => {
                 Some("See \"Conflicts\" in trompe's README for why only convergent rules are offered.")
             }
+            TrompeError::NothingToSkip(_) => {
+                Some("trompe.status shows state 'error' and the transaction in last_error while a stream is stopped.")
+            }
+            TrompeError::DivergentDdl { hint, .. } | TrompeError::UnreplicableDdl(_, hint) => Some(hint),
             _ => None,
         }
     }

@@ -43,6 +43,7 @@ pub fn prune() -> Result<Pruned, String> {
              LIMIT $2::bigint))",
         &[Some(&crate::guc::TOMBSTONE_RETENTION_S.get().to_string()), Some(&BATCH.to_string())],
     )?;
+    crate::ddl_history::prune(i64::from(crate::guc::TOMBSTONE_RETENTION_S.get()) * 1000)?;
     // Copies of large objects that were unlinked here.
     if crate::large_objects::available() {
         sql::execute(

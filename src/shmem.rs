@@ -73,6 +73,10 @@ pub struct DbSlot {
     /// Bumped before such a transaction commits; it equals `tombstone_generation` while no
     /// such commit is in flight.
     pub tombstone_writers: AtomicU64,
+    /// The newest commit time (PostgreSQL TimestampTz) of the peer transactions applied here
+    /// since the server started, 0 if none: rows, tombstones and truncation markers of peers
+    /// are no newer (see [`newest_applied_commit`]).
+    pub newest_applied_us: AtomicI64,
 }
 
 impl DbSlot {
@@ -94,7 +98,7 @@ pub struct PeerSlot {
     pub dboid: AtomicU32,
     /// The peer's node id.
     pub node_id: [u8; 16],
-    /// Connection state (see `worker::peer::ConnState`).
+    /// Connection state (see `worker::link::ConnState`).
     pub conn_state: AtomicU32,
     /// When the last pull succeeded (ms since epoch), 0 if never.
     pub last_pull_ms: AtomicI64,
@@ -111,6 +115,9 @@ pub struct PeerSlot {
     /// How long the last applied transaction took from its commit at the peer to its
     /// application here (ms); 0 once a pull found nothing new.
     pub apply_delay_ms: AtomicI64,
+    /// The log id closing the peer's transaction that failed to apply (what `trompe.skip`
+    /// sets aside), 0 while none fails.
+    pub failing_txn: AtomicI64,
     error_len: AtomicU32,
     error: [u8; ERROR_BYTES],
 }
@@ -255,6 +262,7 @@ impl Shared {
             slot.worker_pid.store(0, Ordering::Relaxed);
             slot.retry_at.store(0, Ordering::Relaxed);
             slot.log_slot.store(-1, Ordering::Relaxed);
+            slot.newest_applied_us.store(0, Ordering::Relaxed);
             slot.dboid.store(dboid.to_u32(), Ordering::Release);
             Some(slot)
         })
@@ -364,6 +372,7 @@ impl PeerSlot {
         self.pending_changes.store(-1, Ordering::Relaxed);
         self.oldest_pending_ms.store(0, Ordering::Relaxed);
         self.apply_delay_ms.store(0, Ordering::Relaxed);
+        self.failing_txn.store(0, Ordering::Relaxed);
         self.error_len.store(0, Ordering::Relaxed);
     }
 
@@ -461,6 +470,33 @@ pub fn announce_tombstone_writer() {
 pub fn tombstones_changed() {
     announce_tombstone_writer();
     bump_tombstone_generation();
+}
+
+/// The apply worker is about to apply (and announce the tombstones of) a peer transaction
+/// committed at `commit_us`: local transactions that must rank above what it writes read it
+/// through [`newest_applied_commit`].
+pub fn note_applied_commit(commit_us: i64) {
+    // SAFETY: MyDatabaseId is a backend-local global.
+    if let Some(slot) = shared().and_then(|s| s.db_slot_or_new(unsafe { pg_sys::MyDatabaseId })) {
+        slot.newest_applied_us.fetch_max(commit_us, Ordering::AcqRel);
+    }
+}
+
+/// No row, tombstone or truncation marker written here for a peer has a newer commit time than
+/// this. Rows applied before the server started count too: they are no newer than its start
+/// plus `trompe.max_clock_skew` (how far ahead a peer's clock may be).
+pub fn newest_applied_commit() -> i64 {
+    // SAFETY: PgStartTime is set once by the postmaster.
+    let before_start = unsafe { pg_sys::PgStartTime } + i64::from(crate::guc::MAX_CLOCK_SKEW_MS.get()) * 1000;
+    newest_applied_since_start().max(before_start)
+}
+
+/// The newest commit time of the peer transactions applied since the server started (0 if
+/// none): what a transaction running now can meet of what the worker applies meanwhile.
+pub fn newest_applied_since_start() -> i64 {
+    // SAFETY: MyDatabaseId is a backend-local global.
+    let slot = shared().and_then(|s| s.db_slot(unsafe { pg_sys::MyDatabaseId }));
+    slot.map_or(0, |s| s.newest_applied_us.load(Ordering::Acquire))
 }
 
 /// Announces that tombstones or truncation markers of this database changed.

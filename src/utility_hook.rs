@@ -4,6 +4,7 @@
 use pgrx::pg_sys;
 
 use crate::capture::ddl::StatementScope;
+use crate::error::OrRaise;
 
 static mut PREVIOUS_HOOK: pg_sys::ProcessUtility_hook_type = None;
 
@@ -53,8 +54,18 @@ unsafe extern "C-unwind" fn process_utility(
         && (*node).type_ == pg_sys::NodeTag::T_TruncateStmt
         && (*(node as *mut pg_sys::TruncateStmt)).restart_seqs;
     crate::worker::dbguard::before_utility(node);
+    crate::capture::ddl::note_index_drops(node);
+    crate::row_versions::before_utility(node);
+    let rename = crate::ddl_history::before_utility(node);
+    let added = crate::capture::ddl_policy::before_utility(node).or_raise();
     let _scope = StatementScope::enter(statement_text(pstmt, query_string), restart);
     run_previous(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc);
+    if let Some(added) = added {
+        added.check().or_raise();
+    }
+    if let Some(rename) = rename {
+        rename.record();
+    }
 }
 
 /// Runs the statement through the hook installed before ours, or the standard one.

@@ -23,6 +23,53 @@ struct Statement {
 
 thread_local! {
     static STATEMENTS: RefCell<Vec<Statement>> = const { RefCell::new(Vec::new()) };
+    /// The table of each index the statement being run drops (their catalog rows are gone by
+    /// the time the `sql_drop` event trigger decides whether to log the statement).
+    static DROPPED_INDEXES: RefCell<Vec<(pg_sys::Oid, pg_sys::Oid)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Before a `DROP INDEX` runs: notes the table of each index it drops.
+///
+/// # Safety
+/// `node` must be a utility statement's parse tree (or NULL).
+pub unsafe fn note_index_drops(node: *mut pg_sys::Node) {
+    if node.is_null() || (*node).type_ != pg_sys::NodeTag::T_DropStmt {
+        return;
+    }
+    let stmt = node as *mut pg_sys::DropStmt;
+    if (*stmt).removeType != pg_sys::ObjectType::OBJECT_INDEX || (*stmt).objects.is_null() {
+        return;
+    }
+    let list = (*stmt).objects;
+    let mut found = Vec::new();
+    for i in 0..(*list).length as usize {
+        // SAFETY: each element of a DROP INDEX's object list is a list of name strings; the
+        // lookups return InvalidOid for what does not exist (DROP INDEX IF EXISTS).
+        unsafe {
+            let names = (*(*list).elements.add(i)).ptr_value as *mut pg_sys::List;
+            let range = pg_sys::makeRangeVarFromNameList(names);
+            let index = pg_sys::RangeVarGetRelidExtended(
+                range,
+                pg_sys::NoLock as pg_sys::LOCKMODE,
+                pg_sys::RVROption::RVR_MISSING_OK,
+                None,
+                std::ptr::null_mut(),
+            );
+            if index != pg_sys::InvalidOid {
+                let table = pg_sys::IndexGetRelation(index, true);
+                if table != pg_sys::InvalidOid {
+                    found.push((index, table));
+                }
+            }
+        }
+    }
+    DROPPED_INDEXES.with(|d| *d.borrow_mut() = found);
+}
+
+/// The table of index `index`, which the statement being run drops (NULL if not known).
+#[pg_extern(volatile, parallel_unsafe)]
+fn _dropped_index_table(index: pg_sys::Oid) -> Option<pg_sys::Oid> {
+    DROPPED_INDEXES.with(|d| d.borrow().iter().find(|(i, _)| *i == index).map(|(_, t)| *t))
 }
 
 /// While alive, `text` is the innermost utility statement being executed.

@@ -35,6 +35,10 @@ struct Pending {
     deleted: HashMap<pg_sys::Oid, Vec<(usize, String)>>,
     /// Tables truncated, with the nesting level.
     truncated: Vec<(usize, pg_sys::Oid)>,
+    /// The tombstone generation when this transaction first inserted a row of a replicated
+    /// table: tombstones committed (or announced) by peers' transactions since then may be of
+    /// its keys.
+    inserted_at_generation: Option<u64>,
 }
 
 /// What capture knows about a table's tombstones: (tombstone generation it was read at,
@@ -92,6 +96,9 @@ pub fn inserted(
     ranking: &Ranking,
     key: impl FnOnce() -> Vec<Option<String>>,
 ) -> Result<(), TrompeError> {
+    PENDING.with(|p| {
+        p.borrow_mut().inserted_at_generation.get_or_insert_with(crate::shmem::tombstone_generation);
+    });
     let (tombstones, truncated) = guards_of(relid)?;
     if let Some(t) = truncated {
         note_replaced(ranking, OldVersion::Committed { ts: t.ts, node: t.node });
@@ -117,12 +124,15 @@ pub fn deleted(relid: pg_sys::Oid, key: Vec<Option<String>>) {
 /// A truncation of table `relid`.
 pub fn truncated(relid: pg_sys::Oid, ranking: &Ranking) {
     // It must rank above every row it removes (under a windowed rule, it commits in the next
-    // window).
+    // window), also rows of peers whose clocks run ahead of this node's.
     // SAFETY: reads the clock as PostgreSQL timestamps it.
-    let after = ranking.earliest_commit_above_all_until(unsafe { pg_sys::GetCurrentTimestamp() });
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+    let newest_applied = crate::shmem::newest_applied_commit();
+    let after = ranking.earliest_commit_above_all_until(now.max(newest_applied + 1));
     let level = nest_level();
     PENDING.with(|p| {
         let mut p = p.borrow_mut();
+        p.max_replaced = p.max_replaced.max(newest_applied);
         p.commit_after = p.commit_after.max(after);
         p.truncated.push((level, relid));
     });
@@ -152,11 +162,19 @@ pub fn end_subtransaction(committed: bool) {
 }
 
 /// At commit: writes tombstones and truncation markers, then waits until this node's clock
-/// has passed every version the transaction replaced.
+/// has passed every version the transaction replaced. A transaction that inserted rows while
+/// a peer's transaction wrote tombstones or truncation markers (which may be of its keys, and
+/// which it did not see when it inserted) commits after every version applied here, so that
+/// its rows rank above them as they do on the peers.
 pub fn pre_commit() -> Result<(), TrompeError> {
-    let pending = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    let mut pending = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
     if !pending.deleted.is_empty() || !pending.truncated.is_empty() {
         write_markers(&pending)?;
+    }
+    if pending.inserted_at_generation.is_some_and(|g| g != crate::shmem::tombstone_writers()) {
+        let newest_applied = crate::shmem::newest_applied_since_start();
+        pending.max_replaced = pending.max_replaced.max(newest_applied);
+        pending.commit_after = pending.commit_after.max(newest_applied + 1);
     }
     wait_for_clock(pending.max_replaced, pending.commit_after)
 }

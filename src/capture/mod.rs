@@ -4,6 +4,7 @@
 
 pub mod buffer;
 pub mod ddl;
+pub mod ddl_policy;
 pub mod guard;
 pub mod relinfo;
 pub mod row;
@@ -149,6 +150,7 @@ fn reset_transaction_state() {
     LOG_SLOT.set(None);
     buffer::reset();
     guard::end_of_transaction();
+    crate::row_versions::end_of_transaction();
     WROTE_MARKERS.set(false);
 }
 

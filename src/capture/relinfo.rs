@@ -34,6 +34,8 @@ pub struct RelInfo {
     pub names: Vec<String>,
     /// How its row versions rank (its conflict rule), for the commit wait of local writes.
     pub ranking: trompe_core::conflict::Ranking,
+    /// How its rows' versions are read.
+    pub versions: crate::row_versions::TableVersions,
     /// Memory for everything above that PostgreSQL allocates.
     context: pg_sys::MemoryContext,
 }
@@ -125,6 +127,7 @@ impl RelInfo {
     unsafe fn build(rel: pg_sys::Relation) -> Result<RelInfo, TrompeError> {
         let key = primary_key_columns(rel).ok_or_else(|| TrompeError::NoPrimaryKey(qualified_name(rel)))?;
         let ranking = crate::conflicts::ranking_of((*rel).rd_id).map_err(TrompeError::Internal)?;
+        let versions = crate::row_versions::TableVersions::of(rel).map_err(TrompeError::Internal)?;
         // SAFETY: rel is open and its tuple descriptor valid for the duration of this call; all
         // allocations go to a context we own.
         unsafe {
@@ -142,6 +145,7 @@ impl RelInfo {
                 nkey: key.len(),
                 names: Vec::new(),
                 ranking,
+                versions,
                 context,
             };
             let form = (*rel).rd_rel;

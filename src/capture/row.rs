@@ -6,7 +6,6 @@ use trompe_core::changeset::{ChangeWriter, OldVersion};
 use trompe_core::logformat::Op;
 
 use crate::capture::relinfo::{relinfo, RelInfo};
-use crate::capture::version::version_of;
 use crate::capture::{applying_for_peer, buffer, guard, CanonicalOutput};
 use crate::error::{OrRaise, TrompeError};
 
@@ -31,7 +30,8 @@ fn capture(td: &pg_sys::TriggerData) -> Result<(), TrompeError> {
         pg_sys::TRIGGER_EVENT_DELETE => (Op::Delete, None, Some(td.tg_trigtuple)),
         other => return Err(TrompeError::Internal(format!("capture_row fired for unexpected event {other}"))),
     };
-    let old_version = old.map_or(OldVersion::Unknown, |t| version_of(xmin_of(t)));
+    let old_version =
+        old.map_or(OldVersion::Unknown, |t| info.versions.row_version(xmin_of(t), || key_texts(&info, rel, t)));
     let _format = CanonicalOutput::enter();
     // SAFETY: rel is open.
     let relid = unsafe { (*rel).rd_id };
@@ -57,6 +57,13 @@ fn capture(td: &pg_sys::TriggerData) -> Result<(), TrompeError> {
             }
         }
         _ => {}
+    }
+    if crate::row_versions::rewritten_here(relid) {
+        // This transaction rewrote the table: the rows it writes now have its own version.
+        for t in [new, old].into_iter().flatten() {
+            crate::row_versions::written_after_rewrite(relid, &key_texts(&info, rel, t))
+                .map_err(TrompeError::Internal)?;
+        }
     }
     buffer::record(|buf, seq| {
         let names = if op == Op::Delete { &info.names[..info.nkey] } else { &info.names[..] };
@@ -126,10 +133,13 @@ fn key_texts(info: &RelInfo, rel: pg_sys::Relation, tuple: pg_sys::HeapTuple) ->
     }
 }
 
-/// The transaction that wrote a row version (FrozenTransactionId if frozen).
+/// The transaction that wrote a row version, also once vacuum froze it (freezing keeps the
+/// transaction id in the header, as the `xmin` system column shows it): its commit time stays
+/// known until PostgreSQL truncates its commit timestamps.
 fn xmin_of(tuple: pg_sys::HeapTuple) -> pg_sys::TransactionId {
-    // SAFETY: the trigger manager hands us a valid tuple with a header.
-    unsafe { pg_sys::HeapTupleHeaderGetXmin((*tuple).t_data) }
+    // SAFETY: the trigger manager hands us a valid tuple with a header; t_xmin is the raw xmin
+    // (HeapTupleHeaderGetRawXmin).
+    unsafe { (*(*tuple).t_data).t_choice.t_heap.t_xmin }
 }
 
 thread_local! {

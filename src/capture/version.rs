@@ -28,6 +28,28 @@ unsafe extern "C-unwind" fn invalidate(_arg: pg_sys::Datum, relid: pg_sys::Oid) 
     }
 }
 
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn forget_origins(_arg: pg_sys::Datum, _cacheid: std::ffi::c_int, _hash: u32) {
+    ORIGINS.with(|o| o.borrow_mut().clear());
+}
+
+/// Registers the callbacks that keep the caches above true (once per backend).
+fn ensure_callbacks() {
+    if !CALLBACK_REGISTERED.get() {
+        // SAFETY: registering cache callbacks once per backend, with valid functions: a
+        // replication origin created or dropped (its number can be reused) empties the map.
+        unsafe {
+            pg_sys::CacheRegisterRelcacheCallback(Some(invalidate), pg_sys::Datum::from(0));
+            pg_sys::CacheRegisterSyscacheCallback(
+                pg_sys::SysCacheIdentifier::REPLORIGIDENT as std::ffi::c_int,
+                Some(forget_origins),
+                pg_sys::Datum::from(0),
+            );
+        }
+        CALLBACK_REGISTERED.set(true);
+    }
+}
+
 /// This node's id (read once per backend, looked up again when PostgreSQL invalidates the
 /// `trompe.node` table, read again if the extension was created again).
 pub fn local_node() -> Option<NodeId> {
@@ -36,11 +58,7 @@ pub fn local_node() -> Option<NodeId> {
             return Some(id);
         }
     }
-    if !CALLBACK_REGISTERED.get() {
-        // SAFETY: registering a relcache callback once per backend, with a valid function.
-        unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(invalidate), pg_sys::Datum::from(0)) };
-        CALLBACK_REGISTERED.set(true);
-    }
+    ensure_callbacks();
     // SAFETY: syscache lookups inside a transaction.
     let ext = unsafe {
         let nsp = pg_sys::get_namespace_oid(c"trompe".as_ptr(), true);
@@ -69,6 +87,7 @@ pub fn local_node() -> Option<NodeId> {
 
 /// The peer a replication origin stands for (`trompe_<node id>`), if it is one of trompe's.
 pub fn origin_node(origin: pg_sys::RepOriginId) -> Option<NodeId> {
+    ensure_callbacks();
     if let Some(known) = ORIGINS.with(|o| o.borrow().get(&origin).copied()) {
         return known;
     }

@@ -22,6 +22,8 @@ use crate::worker::txn::in_transaction;
 const RELOAD_EVERY_MS: i64 = 10_000;
 /// How often it checks that the extension still exists.
 const EXTENSION_CHECK_MS: i64 = 1_000;
+/// How often it keeps the versions of rows vacuum may freeze soon (see `crate::row_versions`).
+const VERSIONS_EVERY_MS: i64 = 60_000;
 /// How often it runs log maintenance.
 const MAINTENANCE_EVERY_MS: i64 = 1_000;
 
@@ -47,7 +49,10 @@ fn extension_exists() -> bool {
     .unwrap_or(false)
 }
 
-fn load_peers() -> Result<(String, Vec<PeerRow>), String> {
+/// This node's id, its peers, and the transactions of peers an admin asked to set aside.
+type LoadedPeers = (String, Vec<PeerRow>, Vec<(NodeId, i64)>);
+
+fn load_peers() -> Result<LoadedPeers, String> {
     in_transaction(|| {
         let me = sql::value("SELECT node_id FROM trompe.node", &[])?.ok_or("trompe.node is empty")?;
         // Create missing replication origins (e.g. after a restore) before reading them.
@@ -100,7 +105,7 @@ fn load_peers() -> Result<(String, Vec<PeerRow>), String> {
                 added_at: text(8),
             });
         }
-        Ok((me, peers))
+        Ok((me, peers, crate::exceptions::skip_requests()?))
     })
 }
 
@@ -116,6 +121,7 @@ struct Engine {
     next_reload_ms: i64,
     next_extension_check_ms: i64,
     next_maintenance_ms: i64,
+    next_versions_ms: i64,
     last_pruning_ms: i64,
     extension_seen: bool,
     /// A copy from a peer this node is joining through (nothing is pulled until it is done).
@@ -151,7 +157,7 @@ impl Engine {
                 None
             }
         };
-        let (me, rows) = match load_peers() {
+        let (me, rows, skips) = match load_peers() {
             Ok(v) => v,
             Err(e) => {
                 pgrx::log!("trompe: cannot read peers: {e}");
@@ -193,30 +199,18 @@ impl Engine {
                 }
             }
         }
+        for link in self.links.iter_mut() {
+            link.set_skip(skips.iter().find(|(node, _)| *node == link.node).map(|(_, txn)| *txn));
+        }
         if let Some(shared) = shared {
             let keep: Vec<[u8; 16]> = self.links.iter().map(|l| l.node.0).collect();
             shared.release_peer_slots(self.dboid, &keep);
         }
-        // Peers removed since: their links are gone with their origin sessions, so their
-        // replication origins can go too (unless the peer was added again meanwhile).
+        // Peers removed since: their replication origins stay. Rows applied from a peer keep
+        // its origin's number as their version's node, for as long as they exist; a dropped
+        // origin's number would be given to the next one created.
         for node in old.keys() {
             self.added.remove(node);
-        }
-        let removed: Vec<String> = old.into_keys().map(|node| format!("trompe_{node}")).collect();
-        if !removed.is_empty() {
-            let dropped = in_transaction(|| {
-                for name in &removed {
-                    sql::execute(
-                        "SELECT pg_replication_origin_drop(o.roname) FROM pg_replication_origin o
-                          WHERE o.roname = $1 AND NOT EXISTS (SELECT 1 FROM trompe.peers p WHERE 'trompe_' || p.node_id = o.roname)",
-                        &[Some(name)],
-                    )?;
-                }
-                Ok(())
-            });
-            if let Err(e) = dropped {
-                pgrx::log!("trompe: cannot drop the replication origins of removed peers: {e}");
-            }
         }
     }
 
@@ -291,6 +285,15 @@ impl Engine {
         for link in self.links.iter_mut() {
             waits.push(link.drive(&mut self.cache, enabled));
         }
+        if self.links.iter_mut().fold(false, |any, l| l.take_applied_ddl() || any) {
+            // A change that waited for DDL from another peer may go through now.
+            for (link, wait) in self.links.iter_mut().zip(waits.iter_mut()) {
+                link.retry_failed();
+                if wait.socket.is_none() {
+                    wait.wake_at_ms = Some(now_ms());
+                }
+            }
+        }
         // Outside any batch (no replication origin set up): this node's own transaction.
         crate::worker::apply::retire::log_queued(&mut self.cache);
         if now_ms() >= self.next_maintenance_ms {
@@ -298,6 +301,12 @@ impl Engine {
                 pgrx::log!("trompe: log maintenance failed: {e}");
             }
             self.next_maintenance_ms = now_ms() + MAINTENANCE_EVERY_MS;
+        }
+        if now_ms() >= self.next_versions_ms {
+            if let Err(e) = in_transaction(crate::row_versions::maintain) {
+                pgrx::log!("trompe: keeping the versions of aging rows failed: {e}");
+            }
+            self.next_versions_ms = now_ms() + VERSIONS_EVERY_MS;
         }
         // The interval follows the retention settings, which a reload may have just changed.
         if now_ms() >= self.last_pruning_ms + crate::retention::interval_ms() {
@@ -318,6 +327,7 @@ impl Engine {
             .next_maintenance_ms
             .min(self.last_pruning_ms + crate::retention::interval_ms())
             .min(self.next_extension_check_ms)
+            .min(self.next_versions_ms)
             .min(self.next_reload_ms);
         for w in &waits {
             if let Some(t) = w.wake_at_ms {
@@ -387,6 +397,7 @@ pub fn run(dboid: pg_sys::Oid, slot: &'static DbSlot) -> ! {
         next_reload_ms: 0,
         next_extension_check_ms: 0,
         next_maintenance_ms: 0,
+        next_versions_ms: 0,
         last_pruning_ms: 0,
         extension_seen: false,
         sync: None,

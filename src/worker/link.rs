@@ -35,6 +35,8 @@ pub enum ConnState {
     Connected = 2,
     /// Paused by `trompe.pause_peer`.
     Paused = 3,
+    /// Connected, but a transaction of the peer cannot be applied (retried with backoff).
+    Error = 4,
 }
 
 impl ConnState {
@@ -44,6 +46,7 @@ impl ConnState {
             1 => "connecting",
             2 => "connected",
             3 => "paused",
+            4 => "error",
             _ => "disconnected",
         }
     }
@@ -96,6 +99,12 @@ pub struct Link {
     me: String,
     /// How the position is stored (see `worker::progress`).
     stored: Stored,
+    /// The transaction (its closing log id) an admin asked to set aside (`trompe.skip`).
+    skip_txn: Option<i64>,
+    /// The transaction that failed to apply last, with the error shown for it.
+    failure: Option<(i64, String)>,
+    /// Whether a transaction with DDL was applied since the engine last asked.
+    applied_ddl: bool,
 }
 
 /// What the progress table and the replication origin hold for a peer.
@@ -210,6 +219,9 @@ impl Link {
             slot,
             me,
             stored,
+            skip_txn: None,
+            failure: None,
+            applied_ddl: false,
         };
         // Applied by an earlier link of this peer since its counters were written (the slot
         // outlives a worker restart, not a server restart).
@@ -246,6 +258,14 @@ impl Link {
         }
     }
 
+    /// The transaction an admin asked to set aside, as `trompe.skip_requests` holds it.
+    pub fn set_skip(&mut self, txn: Option<i64>) {
+        if txn.is_some() && txn != self.skip_txn {
+            self.not_before_ms = 0;
+        }
+        self.skip_txn = txn;
+    }
+
     /// Re-reads the retry bounds after a configuration reload.
     pub fn reload_settings(&mut self) {
         self.backoff.set_bounds(
@@ -262,9 +282,27 @@ impl Link {
         self.publish(if self.paused { ConnState::Paused } else { ConnState::Disconnected });
     }
 
-    /// Makes the next pull happen now (skipping a retry delay).
+    /// Makes the next pull happen now, skipping the delay before retrying a connection (a
+    /// peer may be back). A transaction that fails to apply keeps its backoff: it is retried
+    /// sooner only when something may have fixed it ([`Link::retry_failed`]).
     pub fn hurry(&mut self) {
-        self.not_before_ms = 0;
+        if self.failure.is_none() {
+            self.not_before_ms = 0;
+        }
+    }
+
+    /// Retries a transaction that failed to apply now: DDL was applied, which may be what it
+    /// waited for.
+    pub fn retry_failed(&mut self) {
+        if self.failure.is_some() {
+            self.not_before_ms = 0;
+        }
+    }
+
+    /// Whether the last pull applied DDL (then another link's failed transaction may go
+    /// through now); reading it resets it.
+    pub fn take_applied_ddl(&mut self) -> bool {
+        std::mem::take(&mut self.applied_ddl)
     }
 
     fn fail(&mut self, message: &str) {
@@ -457,10 +495,8 @@ impl Link {
     fn handle_batch(&mut self, cache: &mut ApplyCache, result: &PgResult) -> Result<(), String> {
         let batch = parse_batch(result)?;
         self.seen_commits = batch.commits;
-        if let Some(slot) = self.slot {
-            slot.last_pull_ms.store(now_ms(), Ordering::Release);
-        }
         let Some(cur) = batch.cur.clone() else {
+            self.pulled();
             return Ok(());
         };
         if self.pos.step.is_none() && !(batch.txns.is_empty() && batch.complete) {
@@ -477,20 +513,20 @@ impl Link {
             let last = i + 1 == ntxns;
             let txn_last = txn.last().map_or(0, |c| c.txn_last);
             let next = self.pos.after_transaction(&cur, txn_last, last && batch.complete);
-            if let Err(e) = self.apply_transaction(cache, txn, &next) {
-                // The position stays before this transaction: retry it after a delay.
-                let delay = self.backoff.fail();
-                self.not_before_ms = now_ms() + delay.as_millis() as i64;
-                if let Some(slot) = self.slot {
-                    slot.set_error(&e);
-                }
-                pgrx::log!("trompe: peer \"{}\": cannot apply: {e}; retrying in {} ms", self.name, delay.as_millis());
+            let set_aside = (self.skip_txn == Some(txn_last)).then(|| self.failure_text(txn_last));
+            if let Err(e) = self.apply_transaction(cache, txn, &next, set_aside.as_deref()) {
+                self.stall(txn, txn_last, &e, (batch.pending - applied_changes).max(0));
                 return Ok(());
+            }
+            if set_aside.is_some() {
+                pgrx::log!("trompe: peer \"{}\": transaction {txn_last} set aside in trompe.exceptions", self.name);
+                self.skip_txn = None;
             }
             self.note_committed(&next.done);
             self.pos = next;
             self.last_persist_ms = now_ms();
             applied_changes += txn.len() as i64;
+            self.applied_ddl |= txn.iter().any(|c| c.op == trompe_core::logformat::Op::Ddl);
         }
         if ntxns == 0 && batch.complete {
             // Nothing new in this step: move on to it, and now and then tell the peer.
@@ -501,8 +537,8 @@ impl Link {
             self.pos = next;
         }
         self.backoff.succeed();
+        self.pulled();
         if let Some(slot) = self.slot {
-            slot.clear_error();
             let left = (batch.pending - applied_changes).max(0);
             slot.pending_changes.store(left, Ordering::Release);
             let oldest = if left > 0 { batch.oldest_us.map(pg_timestamp_to_ms).unwrap_or(0) } else { 0 };
@@ -515,6 +551,79 @@ impl Link {
             }
         }
         Ok(())
+    }
+
+    /// A pull went through and everything it brought is applied: the stream flows.
+    fn pulled(&mut self) {
+        if let Some(slot) = self.slot {
+            slot.last_pull_ms.store(now_ms(), Ordering::Release);
+            slot.failing_txn.store(0, Ordering::Release);
+            slot.clear_error();
+        }
+        if self.failure.take().is_some() {
+            self.publish(ConnState::Connected);
+        }
+    }
+
+    /// Transaction `txn` (closing log id `txn_last`) cannot be applied: the stream stops before
+    /// it, visibly (state `error`, the transaction and what waits behind it), and it is
+    /// retried after a delay.
+    fn stall(&mut self, txn: &[Change], txn_last: i64, e: &TxnError, behind: i64) {
+        let at = crate::worker::apply::current_change().min(txn.len().saturating_sub(1));
+        let (what, commit_us) = match txn.get(at) {
+            Some(c) if c.op == trompe_core::logformat::Op::Ddl => {
+                (format!("change {} (DDL on {})", at + 1, c.rel), c.commit_us)
+            }
+            Some(c) => (format!("change {} ({} {}.{})", at + 1, op_name(c.op), c.nsp, c.rel), c.commit_us),
+            None => ("an empty transaction".to_string(), 0),
+        };
+        let code = e.code.map_or_else(|| "XX000".to_string(), |c| trompe_core::sqlstate::text(c as i64));
+        let message = format!(
+            "{} (SQLSTATE {code}; transaction {txn_last} of the peer, committed {}, {what})",
+            trompe_core::sqlstate::one_line(&e.message, 300),
+            trompe_core::timestamp::utc_text(commit_us),
+        );
+        let behind = self.pending_at_peer().unwrap_or(behind).max(behind);
+        let behind = self.pending_at_peer().unwrap_or(behind).max(behind);
+        let delay = self.backoff.fail();
+        self.not_before_ms = now_ms() + delay.as_millis() as i64;
+        if let Some(slot) = self.slot {
+            slot.set_error(&message);
+            slot.failing_txn.store(txn_last, Ordering::Release);
+            slot.pending_changes.store(behind, Ordering::Release);
+            slot.oldest_pending_ms.store(pg_timestamp_to_ms(commit_us), Ordering::Release);
+        }
+        self.publish(ConnState::Error);
+        pgrx::log!("trompe: peer \"{}\": cannot apply: {message}; retrying in {} ms", self.name, delay.as_millis());
+        self.failure = Some((txn_last, message));
+    }
+
+    /// How many changes the peer has committed that are not applied here (the current step's
+    /// and those after it), asked over the idle connection; None if the peer does not answer
+    /// quickly.
+    fn pending_at_peer(&mut self) -> Option<i64> {
+        let done = self.pos.done.to_string();
+        let (cur, after) = match &self.pos.step {
+            Some(s) => (Some(s.cur.to_string()), s.after.to_string()),
+            None => (None, "0".to_string()),
+        };
+        let conn = self.conn.as_mut()?;
+        let result = crate::libpq::query_wait(
+            conn,
+            "SELECT trompe.pending_changes($1, $2, $3::bigint, trompe.current_snapshot())",
+            &[Some(&done), cur.as_deref(), Some(&after)],
+            Duration::from_secs(2),
+        )
+        .ok()?;
+        result.get(0, 0).and_then(|v| v.parse().ok())
+    }
+
+    /// What the exception log keeps as the error of transaction `txn_last` set aside.
+    fn failure_text(&self, txn_last: i64) -> String {
+        match &self.failure {
+            Some((t, message)) if *t == txn_last => message.clone(),
+            _ => self.slot.and_then(|s| s.error()).unwrap_or_else(|| "set aside on request".to_string()),
+        }
     }
 
     fn persist(&mut self, pos: &Position) -> Result<(), String> {
@@ -553,10 +662,18 @@ impl Link {
 
     /// Applies one origin transaction as one local transaction, with the origin's commit time
     /// recorded as this transaction's (through the peer's replication origin, set up by the
-    /// caller), and the new position stored in the same transaction.
-    fn apply_transaction(&mut self, cache: &mut ApplyCache, txn: &[Change], next: &Position) -> Result<(), String> {
+    /// caller), and the new position stored in the same transaction. With `set_aside` (the
+    /// error it failed with), the transaction is kept in `trompe.exceptions` instead of applied.
+    fn apply_transaction(
+        &mut self,
+        cache: &mut ApplyCache,
+        txn: &[Change],
+        next: &Position,
+        set_aside: Option<&str>,
+    ) -> Result<(), TxnError> {
+        let commit_us = txn.first().map_or(0, |c| c.commit_us);
         // SAFETY: the timestamp the next commit records for the session's replication origin.
-        unsafe { pg_sys::replorigin_session_origin_timestamp = txn.first().map_or(0, |c| c.commit_us) };
+        unsafe { pg_sys::replorigin_session_origin_timestamp = commit_us };
         // The table is written when the step changes or ends; inside a step, the origin's
         // position records `after` (see worker::progress).
         let next_step = next.step.as_ref().map(|s| &s.cur);
@@ -574,15 +691,31 @@ impl Link {
             _ => (self.stored.offset, 0),
         };
         let (txns, changes) = (self.stored.unsaved_txns + 1, self.stored.unsaved_changes + txn.len() as i64);
+        // DDL that cannot run in a transaction block runs on its own first; the apply
+        // transaction then only moves the position past it.
+        let txn = match (set_aside, outside_transaction(txn)?) {
+            (None, Some((kind, change))) => {
+                let part =
+                    |i: usize| change.vals.as_ref().and_then(|v| v.get(i).cloned().flatten()).unwrap_or_default();
+                crate::worker::toplevel::run(kind, &part(0), &part(1), &part(2), &change.rel)?;
+                &[]
+            }
+            _ => txn,
+        };
         let stored_offset = self.stored.origin_holds_after.then_some(offset);
         let attempt = |cache: &mut ApplyCache, careful: bool| {
             let result = in_transaction_coded(|| {
                 progress::take_apply_lock();
-                cache.purge_stale();
+                // Before anything it writes is announced (see capture::guard::pre_commit).
+                crate::shmem::note_applied_commit(commit_us);
+                cache.begin_transaction();
                 // SAFETY: SPI is connected for the statements of this transaction and finished
                 // below (an error aborts the transaction, which cleans SPI up).
                 unsafe { pg_sys::SPI_connect() };
-                apply_transaction(cache, txn, self.node, careful).map_err(|e| TxnError::from(e.to_string()))?;
+                match set_aside {
+                    Some(error) => crate::exceptions::set_aside(&self.node, &self.name, txn, error)?,
+                    None => apply_transaction(cache, txn, self.node, careful)?,
+                }
                 if write_table {
                     progress::store(&self.node.to_string(), next, txns, changes, stored_offset)?;
                 }
@@ -607,8 +740,7 @@ impl Link {
             // do it again, resolving such collisions before each write.
             Err(e) if e.code == Some(PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION) => attempt(cache, true),
             other => other,
-        })
-        .map_err(|e| e.message)?;
+        })?;
         self.stored.origin = self.stored.origin.max(origin_value);
         self.stored.offset = offset;
         if write_table {
@@ -675,6 +807,30 @@ impl OriginSession {
             }
             self.active = false;
         }
+    }
+}
+
+/// The DDL change and what it does, if `txn` is one DDL statement that cannot run inside a
+/// transaction block.
+fn outside_transaction(txn: &[Change]) -> Result<Option<(crate::worker::toplevel::Kind, &Change)>, TxnError> {
+    let [change] = txn else { return Ok(None) };
+    if change.op != trompe_core::logformat::Op::Ddl {
+        return Ok(None);
+    }
+    let statement = change.vals.as_ref().and_then(|v| v.first().cloned().flatten()).unwrap_or_default();
+    let kind = in_transaction(|| Ok(crate::worker::toplevel::kind_of(&statement)))?;
+    Ok(kind.map(|k| (k, change)))
+}
+
+/// How a change's kind reads in messages.
+fn op_name(op: trompe_core::logformat::Op) -> &'static str {
+    use trompe_core::logformat::Op;
+    match op {
+        Op::Insert => "INSERT into",
+        Op::Update => "UPDATE of",
+        Op::Delete => "DELETE from",
+        Op::Truncate => "TRUNCATE of",
+        Op::Ddl => "DDL in",
     }
 }
 

@@ -8,6 +8,7 @@ pub mod engine;
 pub mod link;
 pub mod progress;
 pub mod supervisor;
+pub mod toplevel;
 pub mod txn;
 
 use pgrx::prelude::*;

@@ -27,7 +27,8 @@ impl From<&str> for TxnError {
     }
 }
 
-fn error_of(e: &CaughtError) -> TxnError {
+/// The error PostgreSQL (or a Rust panic) raised, as a message with its SQLSTATE.
+pub fn error_of(e: &CaughtError) -> TxnError {
     let report = match e {
         CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r,
         CaughtError::RustPanic { ereport, .. } => ereport,

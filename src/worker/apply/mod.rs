@@ -4,18 +4,21 @@
 //! are resolved by the table's conflict rule (see [`rows`] and `trompe_core::conflict`).
 
 mod direct;
+mod resolve;
 pub mod retire;
 mod rows;
 mod table;
 
 use std::cell::Cell;
 
+use pgrx::pg_sys;
+
 use trompe_core::changeset::ChangeRecord;
 use trompe_core::conflict::{ConflictKind, LocalVersion, Version};
 use trompe_core::logformat::Op;
 use trompe_core::nodeid::NodeId;
 
-pub use table::{register_invalidation, ApplyCache};
+pub use table::{cstring, register_invalidation, ApplyCache};
 
 use crate::conflicts::{record, with_incoming, Incoming, Recorded};
 use rows::TxnVersion;
@@ -80,8 +83,37 @@ pub enum ApplyError {
     Postgres(String),
 }
 
+impl ApplyError {
+    /// The SQLSTATE reported for it.
+    pub fn code(&self) -> pgrx::PgSqlErrorCode {
+        use pgrx::PgSqlErrorCode::*;
+        match self {
+            ApplyError::NoSuchTable(_) => ERRCODE_UNDEFINED_TABLE,
+            ApplyError::NotReplicated(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            ApplyError::NoSuchColumn { .. } => ERRCODE_UNDEFINED_COLUMN,
+            ApplyError::KeyMismatch(_) => ERRCODE_INVALID_TABLE_DEFINITION,
+            ApplyError::Malformed { .. } => ERRCODE_DATA_CORRUPTED,
+            ApplyError::Postgres(_) => ERRCODE_INTERNAL_ERROR,
+        }
+    }
+}
+
+impl From<ApplyError> for crate::worker::txn::TxnError {
+    fn from(e: ApplyError) -> Self {
+        crate::worker::txn::TxnError { code: Some(e.code()), message: e.to_string() }
+    }
+}
+
 thread_local! {
     static TOMBSTONES_WRITTEN: Cell<bool> = const { Cell::new(false) };
+    /// The position (in its transaction) of the change being applied, for error reports.
+    static CURRENT_CHANGE: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The position, in the transaction last given to [`apply_transaction`], of the change it was
+/// applying when it stopped (the change that failed, if it failed).
+pub fn current_change() -> usize {
+    CURRENT_CHANGE.get()
 }
 
 /// Notes that the current apply transaction wrote tombstones or truncation markers, and
@@ -112,9 +144,15 @@ pub fn apply_transaction(
 ) -> Result<(), ApplyError> {
     let Some(first) = txn.first() else { return Ok(()) };
     let v = TxnVersion(Version { ts: first.commit_us, node: origin });
+    let txn = resolve::resolve(cache, txn)?;
+    let txn = &txn[..];
     let mut i = 0;
     while i < txn.len() {
         let change = &txn[i];
+        CURRENT_CHANGE.set(i);
+        if crate::row_versions::any_rewritten_here() && matches!(change.op, Op::Insert | Op::Update | Op::Delete) {
+            written_after_rewrite(cache, change)?;
+        }
         match change.op {
             Op::Truncate => {
                 let mut group = vec![change];
@@ -127,6 +165,11 @@ pub fn apply_transaction(
             Op::Ddl => apply_ddl(cache, change)?,
             Op::Insert => {
                 let end = rows::insert_run_end(cache, txn, i)?;
+                if crate::row_versions::any_rewritten_here() {
+                    for c in &txn[i + 1..end] {
+                        written_after_rewrite(cache, c)?;
+                    }
+                }
                 let local = crate::large_objects::localized(cache, &txn[i..end])?;
                 rows::insert_run(cache, v, local.as_deref().unwrap_or(&txn[i..end]), careful)?;
                 i = end;
@@ -143,6 +186,24 @@ pub fn apply_transaction(
     crate::conflicts::flush().map_err(ApplyError::Postgres)
 }
 
+/// A change applied by a transaction that rewrote its table earlier: the row it writes has this
+/// transaction's version, not the one kept from before the rewrite.
+fn written_after_rewrite(cache: &mut ApplyCache, change: &Change) -> Result<(), ApplyError> {
+    let table = cache.table(&change.nsp, &change.rel)?;
+    if !crate::row_versions::rewritten_here(table.relid) {
+        return Ok(());
+    }
+    for old in [false, true] {
+        if (old && change.oldkey.is_none()) || (!old && change.vals.is_none()) {
+            continue;
+        }
+        let key: Vec<Option<String>> =
+            rows::key_values(&table, change, old).into_iter().map(|k| k.map(str::to_string)).collect();
+        crate::row_versions::written_after_rewrite(table.relid, &key).map_err(ApplyError::Postgres)?;
+    }
+    Ok(())
+}
+
 /// Truncates the tables of consecutive TRUNCATE changes. A truncation is a version like any
 /// write: it removes the rows ranking below it under the table's rule (a row written
 /// concurrently on another node that ranks higher survives on every node) and leaves a marker
@@ -153,7 +214,7 @@ fn apply_truncate(cache: &mut ApplyCache, v: TxnVersion, changes: &[&Change]) ->
     let restart = changes[0].vals.as_ref().and_then(|v| v.first()).and_then(|v| v.as_deref()) == Some("restart");
     let mut tables = Vec::with_capacity(changes.len());
     for c in changes {
-        let table = cache.table(&c.nsp, &c.rel)?;
+        let table = cache.table_locked(&c.nsp, &c.rel, pg_sys::AccessExclusiveLock)?;
         if !table.replicated {
             return Err(ApplyError::NotReplicated(table.qualified.clone()));
         }
@@ -165,11 +226,12 @@ fn apply_truncate(cache: &mut ApplyCache, v: TxnVersion, changes: &[&Change]) ->
     let names: Vec<&str> = tables.iter().map(|t| t.qualified.as_str()).collect();
     sql(&format!("LOCK TABLE ONLY {} IN ACCESS EXCLUSIVE MODE", names.join(", ")), &[])?;
     // Each table's rows rank against the truncation under the table's own rule.
+    let _canonical = crate::capture::CanonicalOutput::enter();
     let mut newer_rows = Vec::with_capacity(tables.len());
     for table in &tables {
         newer_rows.push(with_incoming(truncation(v, table), || {
             crate::sql::int(
-                &format!("SELECT count(*) FROM {} AS tgt WHERE NOT trompe._incoming_newer(tgt.xmin)", table.qualified),
+                &format!("SELECT count(*) FROM {} AS tgt WHERE NOT {}", table.qualified, above_row(table)),
                 &[],
             )
             .map_err(ApplyError::Postgres)
@@ -182,7 +244,7 @@ fn apply_truncate(cache: &mut ApplyCache, v: TxnVersion, changes: &[&Change]) ->
         // TRUNCATE of only some of them could fail on a foreign key between them).
         for (table, &newer) in tables.iter().zip(&newer_rows) {
             with_incoming(truncation(v, table), || {
-                sql(&format!("DELETE FROM ONLY {} AS tgt WHERE trompe._incoming_newer(tgt.xmin)", table.qualified), &[])
+                sql(&format!("DELETE FROM ONLY {} AS tgt WHERE {}", table.qualified, above_row(table)), &[])
             })?;
             if newer > 0 {
                 record(Recorded {
@@ -226,6 +288,17 @@ fn apply_truncate(cache: &mut ApplyCache, v: TxnVersion, changes: &[&Change]) ->
     Ok(())
 }
 
+/// The condition that a truncation ranks above the row `tgt` of `table` (its primary key is
+/// printed as capture prints keys: run it under `CanonicalOutput`).
+fn above_row(table: &table::Table) -> String {
+    let key: Vec<String> = table
+        .key
+        .iter()
+        .map(|k| format!("pg_catalog.format('%s', tgt.{})", trompe_core::ident::quote_ident(k)))
+        .collect();
+    format!("trompe._incoming_above_row(tgt.xmin, ARRAY[{}]::text[])", key.join(", "))
+}
+
 /// What the conditions of a truncation's statements on `table` compare against (they record
 /// nothing, so no table name is needed): the truncation ranks under the table's rule.
 fn truncation(v: TxnVersion, table: &table::Table) -> Incoming {
@@ -237,6 +310,7 @@ fn truncation(v: TxnVersion, table: &table::Table) -> Incoming {
         key: None,
         row: None,
         ranking: table.ranking.clone(),
+        rows: Some((table.versions.clone(), Vec::new())),
     }
 }
 

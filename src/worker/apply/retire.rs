@@ -70,7 +70,7 @@ pub fn log_queued(cache: &mut ApplyCache) {
     }
     let result = crate::worker::txn::in_transaction(|| {
         crate::worker::progress::take_apply_lock();
-        cache.purge_stale();
+        cache.begin_transaction();
         // SAFETY: SPI is connected for the statements below (the apply path's kept plans
         // need it) and finished before the commit; an error aborts, which cleans SPI up.
         unsafe { pg_sys::SPI_connect() };

@@ -20,6 +20,22 @@ use super::{ApplyError, Change};
 use crate::capture::row::log_delete;
 use crate::conflicts::{local_version, record, with_incoming, Incoming, Recorded};
 
+/// How many times an update or delete is run again when it found no row although one exists:
+/// each run takes a new snapshot, which sees a row committed while the previous one waited.
+const MEETING_ATTEMPTS: usize = 5;
+
+/// The condition under which a statement changes the local row `tgt`, for a table whose key
+/// parameters start at `$first`: the key comparison is written again inside a CASE, so that
+/// whatever plan the statement gets, the conflict function only ever sees the row with that key
+/// (a sequential scan may evaluate a qual list in any order).
+fn wins_condition(table: &Table, first: usize) -> String {
+    format!(
+        "CASE WHEN {} THEN trompe._apply_wins(tgt.xmin, tgt, NULL::{}) ELSE false END",
+        key_condition(table, first),
+        table.qualified
+    )
+}
+
 /// The version of the origin transaction being applied.
 #[derive(Clone, Copy)]
 pub struct TxnVersion(pub Version);
@@ -33,7 +49,7 @@ fn value_of<'c>(change: &'c Change, col: &str, old: bool) -> Option<&'c str> {
 }
 
 /// The local primary key's values, taken from the new row or the old key.
-fn key_values<'c>(table: &Table, change: &'c Change, old: bool) -> Vec<Option<&'c str>> {
+pub(super) fn key_values<'c>(table: &Table, change: &'c Change, old: bool) -> Vec<Option<&'c str>> {
     table.key.iter().map(|k| value_of(change, k, old)).collect()
 }
 
@@ -99,7 +115,14 @@ fn incoming(table: &Table, v: TxnVersion, change: &Change, kind: ConflictKind, k
         key: Some(key_json(table, keys)),
         row: row_json(change),
         ranking: table.ranking.clone(),
+        rows: Some((table.versions.clone(), keys.iter().map(|k| k.map(str::to_string)).collect())),
     }
+}
+
+/// The version of the local row with primary key `keys` written by `xmin`.
+fn row_version(table: &Table, xmin: u32, keys: &[Option<&str>]) -> LocalVersion {
+    let xmin = pg_sys::TransactionId::from(xmin);
+    table.versions.row_version(xmin, || keys.iter().map(|k| k.map(str::to_string)).collect()).into()
 }
 
 /// Runs the kept statement `tag` of `table` (built by `sql` the first time) whose parameters
@@ -462,10 +485,11 @@ pub fn update(cache: &mut ApplyCache, v: TxnVersion, change: &Change, careful: b
                 sets.extend(touch(&table));
             }
             format!(
-                "UPDATE {0} AS tgt SET {1} WHERE {2} AND trompe._apply_wins(tgt.xmin, tgt, NULL::{0})",
+                "UPDATE {0} AS tgt SET {1} WHERE {2} AND {3}",
                 table.qualified,
                 sets.join(", "),
-                key_condition(&table, cols.len() + 1)
+                key_condition(&table, cols.len() + 1),
+                wins_condition(&table, cols.len() + 1)
             )
         },
     )?;
@@ -478,10 +502,20 @@ pub fn update(cache: &mut ApplyCache, v: TxnVersion, change: &Change, careful: b
     }
     key_datums(&table, &old_keys, &mut values, &mut nulls);
     let ctx = incoming(&table, v, change, ConflictKind::UpdateUpdate, &old_keys);
-    let (updated, _) = with_incoming(ctx.clone(), || run_plan(plan, &mut values, &nulls))?;
-    if updated > 0 || row_exists(cache, &table, &old_keys)? {
-        // Applied, or the local row is newer (the condition recorded the conflict).
-        return Ok(());
+    for _ in 0..MEETING_ATTEMPTS {
+        let decided = crate::conflicts::decisions();
+        let (updated, _) = with_incoming(ctx.clone(), || run_plan(plan, &mut values, &nulls))?;
+        if updated > 0 {
+            return Ok(());
+        }
+        if !row_exists(cache, &table, &old_keys)? {
+            break;
+        }
+        if crate::conflicts::decisions() != decided {
+            // The local row is newer: it stays (the condition recorded the conflict).
+            return Ok(());
+        }
+        // A row the statement did not see (committed after it started): decide against it.
     }
     // The row is missing here: deleted by a newer change, or never seen (then the update,
     // which carries the whole row, creates it).
@@ -529,18 +563,27 @@ fn delete_key(
 ) -> Result<(), ApplyError> {
     let mut ctx = incoming(table, v, change, ConflictKind::DeleteUpdate, keys);
     ctx.row = None;
-    let (deleted, _) = with_incoming(ctx.clone(), || {
-        run_by_key(cache, table, "D", keys, || {
-            format!(
-                "DELETE FROM {0} AS tgt WHERE {1} AND trompe._apply_wins(tgt.xmin, tgt, NULL::{0})",
-                table.qualified,
-                key_condition(table, 1)
-            )
-        })
-    })?;
-    if deleted == 0 && row_exists(cache, table, keys)? {
-        // The local row is newer: it stays (the condition recorded the conflict).
-        return Ok(());
+    for _ in 0..MEETING_ATTEMPTS {
+        let decided = crate::conflicts::decisions();
+        let (deleted, _) = with_incoming(ctx.clone(), || {
+            run_by_key(cache, table, "D", keys, || {
+                format!(
+                    "DELETE FROM {0} AS tgt WHERE {1} AND {2}",
+                    table.qualified,
+                    key_condition(table, 1),
+                    wins_condition(table, 1)
+                )
+            })
+        })?;
+        if deleted > 0 || !row_exists(cache, table, keys)? {
+            break;
+        }
+        if crate::conflicts::decisions() != decided {
+            // The local row is newer: it stays (the condition recorded the conflict).
+            return Ok(());
+        }
+        // A row the statement did not see (committed after it started, e.g. deleted and
+        // inserted again by a local transaction it waited for): decide against that one.
     }
     with_incoming(ctx, || write_tombstone(table, keys))
 }
@@ -591,7 +634,10 @@ fn resolve_unique(
         let mut losers = Vec::new();
         for r in &rows {
             let xmin = r[0].as_deref().and_then(|x| x.parse::<u32>().ok()).unwrap_or(0);
-            let local = local_version(pg_sys::TransactionId::from(xmin));
+            let their_key = r[2].as_deref().map(trompe_core::pgarray::parse_text_array).transpose();
+            let their_key = their_key.map_err(|e| ApplyError::Postgres(e.to_string()))?.unwrap_or_default();
+            let their_refs: Vec<Option<&str>> = their_key.iter().map(|k| k.as_deref()).collect();
+            let local = row_version(table, xmin, &their_refs);
             let conflict = Recorded {
                 table: table.readable.clone(),
                 key: Some(key_json(table, keys)),
@@ -623,6 +669,7 @@ fn resolve_unique(
                 key: None,
                 row: None,
                 ranking: table.ranking.clone(),
+                rows: None,
             };
             with_incoming(ctx, || write_tombstone(table, &loser_refs))?;
             // Logged after the apply, like a retired incoming row (see retire.rs): inside the
@@ -659,7 +706,7 @@ fn retire_incoming(
     })?;
     if found > 0 {
         let xmin = first.first().cloned().flatten().and_then(|x| x.parse::<u32>().ok()).unwrap_or(0);
-        if !table.ranking.wins(v.0, local_version(pg_sys::TransactionId::from(xmin))) {
+        if !table.ranking.wins(v.0, row_version(table, xmin, keys)) {
             return Ok(());
         }
         delete_by_key(cache, table, keys)?;

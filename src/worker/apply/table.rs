@@ -33,7 +33,8 @@ pub struct Attr {
     pub index: usize,
 }
 
-pub(crate) fn cstring(s: &str) -> CString {
+/// `s` as a C string (a NUL inside is dropped).
+pub fn cstring(s: &str) -> CString {
     CString::new(s).unwrap_or_else(|_| CString::new(s.replace('\0', "")).unwrap_or_default())
 }
 
@@ -133,6 +134,8 @@ pub struct Table {
     pub has_large_objects: bool,
     /// How its row versions rank (its conflict rule).
     pub ranking: std::rc::Rc<trompe_core::conflict::Ranking>,
+    /// How its rows' versions are read.
+    pub versions: std::rc::Rc<crate::row_versions::TableVersions>,
     context: pg_sys::MemoryContext,
 }
 
@@ -181,26 +184,30 @@ unsafe fn unique_columns(relation: pg_sys::Relation) -> Vec<Vec<String>> {
     out
 }
 
-fn load_table(nsp: &str, rel: &str) -> Result<Table, ApplyError> {
-    let qualified = quote_qualified(nsp, rel);
-    let readable = readable_qualified(nsp, rel);
+/// The oid of table `nsp.rel`, if it exists.
+fn relid_of(nsp: &str, rel: &str) -> Result<Option<pg_sys::Oid>, ApplyError> {
     for name in [nsp, rel] {
         check_identifier(name).map_err(|e| ApplyError::Malformed { id: 0, reason: e.to_string() })?;
     }
-    let nsp_c = cstring(nsp);
-    let rel_c = cstring(rel);
-    // SAFETY: catalog lookups inside a transaction; the relation is opened with
-    // AccessShareLock and closed before returning (apply statements take their own locks).
-    unsafe {
+    let (nsp_c, rel_c) = (cstring(nsp), cstring(rel));
+    // SAFETY: syscache lookups inside a transaction, with NUL-terminated names.
+    let relid = unsafe {
         let nspoid = pg_sys::get_namespace_oid(nsp_c.as_ptr(), true);
-        let relid = if nspoid == pg_sys::InvalidOid {
+        if nspoid == pg_sys::InvalidOid {
             pg_sys::InvalidOid
         } else {
             pg_sys::get_relname_relid(rel_c.as_ptr(), nspoid)
-        };
-        if relid == pg_sys::InvalidOid {
-            return Err(ApplyError::NoSuchTable(qualified));
         }
+    };
+    Ok((relid != pg_sys::InvalidOid).then_some(relid))
+}
+
+fn load_table(nsp: &str, rel: &str, relid: pg_sys::Oid) -> Result<Table, ApplyError> {
+    let qualified = quote_qualified(nsp, rel);
+    let readable = readable_qualified(nsp, rel);
+    // SAFETY: catalog lookups inside a transaction; the relation is opened with
+    // AccessShareLock and closed before returning (apply statements take their own locks).
+    unsafe {
         let relation = pg_sys::try_relation_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         if relation.is_null() {
             return Err(ApplyError::NoSuchTable(qualified));
@@ -211,6 +218,8 @@ fn load_table(nsp: &str, rel: &str) -> Result<Table, ApplyError> {
             .map(|i| attname(relation, i as i16 + 1))
             .collect();
         let uniques = unique_columns(relation);
+        let versions =
+            std::rc::Rc::new(crate::row_versions::TableVersions::of(relation).map_err(ApplyError::Postgres)?);
         let tupdesc = (*relation).rd_att;
         let context = pg_sys::AllocSetContextCreateInternal(
             pg_sys::TopMemoryContext,
@@ -266,6 +275,7 @@ fn load_table(nsp: &str, rel: &str) -> Result<Table, ApplyError> {
             attrs,
             has_large_objects,
             ranking: Default::default(),
+            versions,
             context,
         };
         table.replicated = crate::sql::flag(
@@ -309,6 +319,8 @@ pub struct Statement {
 #[derive(Default)]
 pub struct ApplyCache {
     tables: HashMap<(String, String), Rc<Table>>,
+    /// Tables locked by the current apply transaction (no DDL can change them until it ends).
+    locked: HashSet<(String, String)>,
     statements: HashMap<String, (pg_sys::Oid, Statement)>,
     guards: HashMap<pg_sys::Oid, (u64, Guards)>,
 }
@@ -334,8 +346,15 @@ pub fn register_invalidation() {
 }
 
 impl ApplyCache {
+    /// At the start of an apply transaction: forgets what changed since the last one, and
+    /// which tables the last one had locked.
+    pub fn begin_transaction(&mut self) {
+        self.locked.clear();
+        self.purge_stale();
+    }
+
     /// Forgets everything about tables that changed since the last call.
-    pub fn purge_stale(&mut self) {
+    fn purge_stale(&mut self) {
         if STALE_ALL.replace(false) {
             STALE.with(|s| s.borrow_mut().clear());
             self.clear();
@@ -359,6 +378,7 @@ impl ApplyCache {
     /// Forgets everything (after applying DDL).
     pub fn clear(&mut self) {
         self.tables.clear();
+        self.locked.clear();
         self.guards.clear();
         for (_, (_, st)) in self.statements.drain() {
             // SAFETY: as in purge_stale.
@@ -366,15 +386,45 @@ impl ApplyCache {
         }
     }
 
-    /// The local table `nsp.rel`.
+    /// The local table `nsp.rel`, locked in ROW EXCLUSIVE mode (as the apply's writes need)
+    /// before what is known about it is used: DDL that committed before the lock was granted
+    /// has invalidated that by then, and no DDL can change the table until this transaction ends.
     pub fn table(&mut self, nsp: &str, rel: &str) -> Result<Rc<Table>, ApplyError> {
+        self.table_locked(nsp, rel, pg_sys::RowExclusiveLock)
+    }
+
+    /// [`ApplyCache::table`] with the lock `mode` (a truncation takes ACCESS EXCLUSIVE at once).
+    pub fn table_locked(&mut self, nsp: &str, rel: &str, mode: u32) -> Result<Rc<Table>, ApplyError> {
         let key = (nsp.to_string(), rel.to_string());
-        if let Some(table) = self.tables.get(&key) {
+        if mode == pg_sys::RowExclusiveLock && self.locked.contains(&key) {
+            if let Some(table) = self.tables.get(&key) {
+                return Ok(table.clone());
+            }
+        }
+        let relid = relid_of(nsp, rel)?.ok_or_else(|| ApplyError::NoSuchTable(quote_qualified(nsp, rel)))?;
+        // SAFETY: takes a lock held until the end of the apply transaction; accepting the
+        // invalidations that come with it runs the relcache callback below.
+        unsafe { pg_sys::LockRelationOid(relid, mode as pg_sys::LOCKMODE) };
+        self.purge_stale();
+        // The name may point to another table now (renamed while we waited for the lock).
+        if relid_of(nsp, rel)? != Some(relid) {
+            return Err(ApplyError::Postgres(format!(
+                "table {} changed while being locked",
+                quote_qualified(nsp, rel)
+            )));
+        }
+        self.locked.insert(key.clone());
+        if let Some(table) = self.tables.get(&key).filter(|t| t.relid == relid) {
             return Ok(table.clone());
         }
-        let table = Rc::new(load_table(nsp, rel)?);
+        let table = Rc::new(load_table(nsp, rel, relid)?);
         self.tables.insert(key, table.clone());
         Ok(table)
+    }
+
+    /// Whether table `nsp.rel` exists here.
+    pub fn exists(&self, nsp: &str, rel: &str) -> Result<bool, ApplyError> {
+        Ok(relid_of(nsp, rel)?.is_some())
     }
 
     /// The guards of `relid`, read again only when some tombstone or truncation marker of

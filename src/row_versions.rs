@@ -1,0 +1,439 @@
+//! Row versions PostgreSQL's own records no longer tell.
+//!
+//! A row's version is the commit time and node of the transaction that wrote it, read from its
+//! `xmin` through commit timestamps and replication origins. Two things lose that:
+//!
+//! - a **table rewrite** (`ALTER TABLE ... TYPE`, `SET ACCESS METHOD`, ...) writes every row
+//!   again with the rewriting transaction as `xmin`. The `table_rewrite` event trigger (which
+//!   fires for DDL applied for a peer too) keeps every row's version first, in
+//!   `trompe.row_versions` under the rewriting transaction, and records that transaction in
+//!   `trompe.rewrites`; rows of that transaction read their kept version, unless the transaction
+//!   wrote them itself after the rewrite (then their entry is removed as it writes them).
+//! - **freezing**, after which PostgreSQL may truncate the commit timestamps of the row's
+//!   transaction: a row whose `xmin` precedes its table's `relfrozenxid` may be frozen, and a
+//!   frozen row's raw `xmin` cannot be trusted (it may be more than 2^31 transactions old, and
+//!   then reads as a recent one). Such rows read their version from `trompe.row_versions`,
+//!   where it is kept before vacuum can freeze them: by the ProcessUtility hook before `VACUUM`
+//!   (with `FREEZE`, `FULL`, or not) and `CLUSTER`, and by the worker for autovacuum, for rows
+//!   older than half of `vacuum_freeze_min_age` (see [`archive_aging`]). A frozen row without a
+//!   kept version is older than anything that matters: its version is unknown (it loses).
+//!
+//! Only versions younger than `trompe.tombstone_retention` are kept, and entries are pruned
+//! after it: an older version loses to every change a node can still receive, as an unknown
+//! one does.
+
+use std::cell::RefCell;
+use std::collections::HashSet;
+
+use pgrx::prelude::*;
+use trompe_core::changeset::OldVersion;
+use trompe_core::nodeid::NodeId;
+
+use crate::capture::version::version_of;
+use crate::log::writer::as_extension_owner;
+
+/// What decides how a table's row versions are read: the transactions that rewrote it (whose
+/// rows have kept versions) and the transaction before which rows may be frozen.
+#[derive(Clone, Debug, Default)]
+pub struct TableVersions {
+    /// The table.
+    pub relid: pg_sys::Oid,
+    /// Transactions that rewrote the table within the retention, as raw xids.
+    pub rewrites: Vec<u32>,
+    /// The table's `relfrozenxid`: rows with an older `xmin` may be frozen.
+    pub frozen_before: pg_sys::TransactionId,
+}
+
+thread_local! {
+    /// Tables the current transaction rewrote (its own later writes of their rows take their
+    /// kept versions back).
+    static REWRITTEN_HERE: RefCell<HashSet<pg_sys::Oid>> = RefCell::new(HashSet::new());
+}
+
+/// Whether this database has the version archive (trompe 0.5.0 or later).
+fn archive_exists() -> bool {
+    // SAFETY: syscache lookups inside a transaction.
+    unsafe {
+        let nsp = pg_sys::get_namespace_oid(c"trompe".as_ptr(), true);
+        nsp != pg_sys::InvalidOid && pg_sys::get_relname_relid(c"rewrites".as_ptr(), nsp) != pg_sys::InvalidOid
+    }
+}
+
+impl TableVersions {
+    /// What decides how the row versions of the open relation `rel` are read (cached with
+    /// the relation's other facts: a rewrite or a vacuum that moves `relfrozenxid` invalidates
+    /// them).
+    ///
+    /// # Safety
+    /// `rel` must be an open relation.
+    pub unsafe fn of(rel: pg_sys::Relation) -> Result<TableVersions, String> {
+        // SAFETY: rel is open (caller's contract).
+        let (relid, frozen_before) = unsafe { ((*rel).rd_id, (*(*rel).rd_rel).relfrozenxid) };
+        let mut rewrites = Vec::new();
+        if archive_exists() {
+            let rows = as_extension_owner(|| {
+                crate::sql::rows(
+                    "SELECT (xid::text::bigint % 4294967296)::text FROM trompe.rewrites WHERE relid = $1::oid",
+                    &[Some(&relid.to_u32().to_string())],
+                )
+            })?;
+            rewrites = rows.into_iter().filter_map(|r| r.first().cloned().flatten()?.parse::<u32>().ok()).collect();
+        }
+        Ok(TableVersions { relid, rewrites, frozen_before })
+    }
+
+    /// The version of this table's row written by transaction `xmin` (its raw `xmin`) whose
+    /// primary key, as canonical text, `key` computes (only when needed).
+    pub fn row_version(&self, xmin: pg_sys::TransactionId, key: impl FnOnce() -> Vec<Option<String>>) -> OldVersion {
+        let raw = xmin.into_inner();
+        if raw < pg_sys::TransactionId::FIRST_NORMAL.into_inner() {
+            return OldVersion::Unknown;
+        }
+        if self.rewrites.contains(&raw) {
+            return kept(self.relid, raw, &key()).unwrap_or_else(|| version_of(xmin));
+        }
+        // SAFETY: plain comparison of transaction ids.
+        let maybe_frozen = self.frozen_before.into_inner() >= pg_sys::TransactionId::FIRST_NORMAL.into_inner()
+            && unsafe { pg_sys::TransactionIdPrecedes(xmin, self.frozen_before) };
+        if maybe_frozen {
+            return kept(self.relid, raw, &key()).unwrap_or(OldVersion::Unknown);
+        }
+        version_of(xmin)
+    }
+}
+
+/// The version kept for the row `key` of table `relid` whose `xmin` is `raw`, if any.
+fn kept(relid: pg_sys::Oid, raw: u32, key: &[Option<String>]) -> Option<OldVersion> {
+    if !archive_exists() {
+        return None;
+    }
+    let refs: Vec<Option<&str>> = key.iter().map(|k| k.as_deref()).collect();
+    let row = as_extension_owner(|| {
+        crate::sql::row(
+            "SELECT committed_us::text, node_id::text
+               FROM trompe.row_versions WHERE relid = $1::oid AND key = $2::text[] AND row_xmin = $3::xid",
+            &[
+                Some(&relid.to_u32().to_string()),
+                Some(&trompe_core::pgarray::format_text_array(&refs)),
+                Some(&raw.to_string()),
+            ],
+        )
+    })
+    .ok()
+    .flatten()?;
+    let ts = row.first().cloned().flatten().and_then(|t| t.parse::<i64>().ok());
+    let node = row.get(1).cloned().flatten().and_then(|n| n.parse::<NodeId>().ok());
+    Some(match (ts, node) {
+        (Some(ts), Some(node)) => OldVersion::Committed { ts, node },
+        _ => OldVersion::Unknown,
+    })
+}
+
+/// The SQL expressions of table `relid`'s primary key values as canonical text (output
+/// functions, as capture prints them), for rows aliased `t`.
+fn key_expressions(relid: pg_sys::Oid) -> Result<(String, String), String> {
+    // SAFETY: opens the relation to read its primary key and name; closed before returning.
+    let (cols, table) = unsafe {
+        let rel = pg_sys::try_relation_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        if rel.is_null() {
+            return Err(format!("relation {} does not exist", relid.to_u32()));
+        }
+        let key = crate::capture::relinfo::primary_key_columns(rel).unwrap_or_default();
+        let tupdesc = (*rel).rd_att;
+        let cols: Vec<String> = key
+            .iter()
+            .map(|&i| {
+                let att = &*(*tupdesc).attrs.as_ptr().add(i);
+                std::ffi::CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy().into_owned()
+            })
+            .collect();
+        let nsp = pg_sys::get_namespace_name((*(*rel).rd_rel).relnamespace);
+        let name = std::ffi::CStr::from_ptr((*(*rel).rd_rel).relname.data.as_ptr()).to_string_lossy();
+        let nsp =
+            if nsp.is_null() { String::new() } else { std::ffi::CStr::from_ptr(nsp).to_string_lossy().into_owned() };
+        let table = trompe_core::ident::quote_qualified(&nsp, &name);
+        pg_sys::relation_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        (cols, table)
+    };
+    if cols.is_empty() {
+        return Err(format!("table {table} has no primary key"));
+    }
+    let parts: Vec<String> =
+        cols.iter().map(|c| format!("pg_catalog.format('%s', t.{})", trompe_core::ident::quote_ident(c))).collect();
+    Ok((format!("ARRAY[{}]::text[]", parts.join(", ")), table))
+}
+
+/// Keeps the versions of the rows of replicated table `relid` that `condition` (over rows
+/// aliased `t`) selects, under the transaction id `xmin_expr` gives for each, unless that
+/// version is kept already. With `recent_only`, only versions younger than the tombstone
+/// retention are kept (an older or unknown one reads as unknown without). Returns how many
+/// were kept.
+fn keep(relid: pg_sys::Oid, xmin_expr: &str, condition: &str, recent_only: bool) -> Result<u64, String> {
+    let (key, table) = key_expressions(relid)?;
+    let _canonical = crate::capture::CanonicalOutput::enter();
+    as_extension_owner(|| {
+        crate::sql::execute(
+            &format!(
+                "INSERT INTO trompe.row_versions (relid, key, row_xmin, committed_us, node_id)
+                 SELECT $1::oid, k.key, {xmin_expr}, v.committed_us, v.node_id
+                   FROM {table} t
+                  CROSS JOIN LATERAL (SELECT {key} AS key) k
+                  CROSS JOIN LATERAL trompe._row_version($1::oid, t.xmin, k.key) v
+                  WHERE ({condition})
+                    AND (NOT $3::bool OR v.committed_us > $2::bigint)
+                 ON CONFLICT (relid, key) DO UPDATE
+                    SET row_xmin = EXCLUDED.row_xmin, committed_us = EXCLUDED.committed_us, node_id = EXCLUDED.node_id
+                  WHERE (row_versions.row_xmin, row_versions.committed_us, row_versions.node_id)
+                        IS DISTINCT FROM (EXCLUDED.row_xmin, EXCLUDED.committed_us, EXCLUDED.node_id)"
+            ),
+            &[
+                Some(&relid.to_u32().to_string()),
+                Some(&retention_horizon().to_string()),
+                Some(&recent_only.to_string()),
+            ],
+        )
+    })
+}
+
+/// The commit time (PostgreSQL TimestampTz) before which versions are older than the tombstone
+/// retention.
+fn retention_horizon() -> i64 {
+    // SAFETY: reads the clock as PostgreSQL timestamps it.
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+    now - i64::from(crate::guc::TOMBSTONE_RETENTION_S.get()) * 1_000_000
+}
+
+fn is_replicated(relid: pg_sys::Oid) -> Result<bool, String> {
+    as_extension_owner(|| {
+        crate::sql::flag(
+            "SELECT EXISTS (SELECT 1 FROM trompe.tables WHERE relid = $1::oid)",
+            &[Some(&relid.to_u32().to_string())],
+        )
+    })
+}
+
+/// Called by the `table_rewrite` event trigger before table `relid` is rewritten: keeps the
+/// version of each of its rows under this transaction, which rewrites them.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _preserve_versions(relid: pg_sys::Oid) {
+    let result = (|| -> Result<(), String> {
+        if !archive_exists() || !is_replicated(relid)? {
+            return Ok(());
+        }
+        keep(relid, "pg_catalog.pg_current_xact_id()::xid", "true", false)?;
+        as_extension_owner(|| {
+            crate::sql::execute(
+                "INSERT INTO trompe.rewrites (relid, xid) VALUES ($1::oid, pg_catalog.pg_current_xact_id())
+                 ON CONFLICT DO NOTHING",
+                &[Some(&relid.to_u32().to_string())],
+            )
+        })?;
+        REWRITTEN_HERE.with(|r| r.borrow_mut().insert(relid));
+        Ok(())
+    })();
+    if let Err(e) = result {
+        crate::error::TrompeError::Internal(format!("keeping the row versions of a rewritten table: {e}")).raise();
+    }
+}
+
+/// The version of row `key` of table `relid` written by transaction `xmin` (see
+/// [`TableVersions::row_version`]): its commit time and node, NULL when unknown.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _row_version(
+    relid: pg_sys::Oid,
+    xmin: pg_sys::TransactionId,
+    key: Vec<Option<String>>,
+) -> TableIterator<'static, (name!(committed_us, Option<i64>), name!(node_id, Option<pgrx::Uuid>))> {
+    // SAFETY: opens the relation to read what decides its versions; closed before returning.
+    let versions = unsafe {
+        let rel = pg_sys::try_relation_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        if rel.is_null() {
+            return TableIterator::new(vec![(None, None)]);
+        }
+        let v = TableVersions::of(rel);
+        pg_sys::relation_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        v
+    };
+    let versions = versions.map_err(crate::error::TrompeError::Internal).unwrap_or_else(|e| e.raise());
+    let row = match versions.row_version(xmin, || key) {
+        OldVersion::Committed { ts, node } => (Some(ts), Some(pgrx::Uuid::from_bytes(node.0))),
+        _ => (None, None),
+    };
+    TableIterator::new(vec![row])
+}
+
+/// A row of table `relid` with primary key `key` was written by the transaction that rewrote
+/// the table (after the rewrite): it has that transaction's version, not the kept one.
+pub fn written_after_rewrite(relid: pg_sys::Oid, key: &[Option<String>]) -> Result<(), String> {
+    if !REWRITTEN_HERE.with(|r| r.borrow().contains(&relid)) {
+        return Ok(());
+    }
+    let refs: Vec<Option<&str>> = key.iter().map(|k| k.as_deref()).collect();
+    as_extension_owner(|| {
+        crate::sql::execute(
+            "DELETE FROM trompe.row_versions WHERE relid = $1::oid AND key = $2::text[]
+                AND row_xmin = pg_catalog.pg_current_xact_id()::xid",
+            &[Some(&relid.to_u32().to_string()), Some(&trompe_core::pgarray::format_text_array(&refs))],
+        )
+    })
+    .map(|_| ())
+}
+
+/// Whether the current transaction rewrote any replicated table.
+pub fn any_rewritten_here() -> bool {
+    REWRITTEN_HERE.with(|r| !r.borrow().is_empty())
+}
+
+/// Whether table `relid` was rewritten by the current transaction.
+pub fn rewritten_here(relid: pg_sys::Oid) -> bool {
+    REWRITTEN_HERE.with(|r| r.borrow().contains(&relid))
+}
+
+/// The transaction ended: forgets which tables it rewrote.
+pub fn end_of_transaction() {
+    REWRITTEN_HERE.with(|r| r.borrow_mut().clear());
+}
+
+/// Keeps the versions of the rows of replicated table `relid` whose `xmin` is at least
+/// `min_age` transactions old (vacuum may freeze them), under their own `xmin`.
+pub fn archive_aging(relid: pg_sys::Oid, min_age: i64) -> Result<u64, String> {
+    if !archive_exists() || !is_replicated(relid)? {
+        return Ok(0);
+    }
+    keep(relid, "t.xmin", &format!("pg_catalog.age(t.xmin) >= {}", min_age.max(0)), true)
+}
+
+/// The replicated tables a utility statement about to run may freeze rows of, with the age
+/// from which it freezes them: `VACUUM` (all tables, or those listed; every row with `FREEZE`)
+/// and `CLUSTER`.
+///
+/// # Safety
+/// `node` must be a utility statement's parse tree (or NULL).
+pub unsafe fn before_utility(node: *mut pg_sys::Node) {
+    if node.is_null() {
+        return;
+    }
+    // SAFETY: the node's tag says which statement it is; options are DefElems.
+    let (relations, freeze_all) = unsafe {
+        match (*node).type_ {
+            pg_sys::NodeTag::T_VacuumStmt if (*(node as *mut pg_sys::VacuumStmt)).is_vacuumcmd => {
+                let stmt = node as *mut pg_sys::VacuumStmt;
+                let freeze = option_set((*stmt).options, "freeze");
+                let mut rels = Vec::new();
+                let list = (*stmt).rels;
+                if !list.is_null() {
+                    for i in 0..(*list).length as usize {
+                        let vr = (*(*list).elements.add(i)).ptr_value as *mut pg_sys::VacuumRelation;
+                        if !(*vr).relation.is_null() {
+                            rels.push((*vr).relation);
+                        }
+                    }
+                }
+                (Some(rels), freeze)
+            }
+            pg_sys::NodeTag::T_ClusterStmt => {
+                let stmt = node as *mut pg_sys::ClusterStmt;
+                let rels = if (*stmt).relation.is_null() { vec![] } else { vec![(*stmt).relation] };
+                (Some(rels), false)
+            }
+            _ => (None, false),
+        }
+    };
+    let Some(relations) = relations else { return };
+    if !archive_exists() {
+        return;
+    }
+    let min_age = if freeze_all { 0 } else { i64::from(freeze_min_age()) };
+    let relids: Vec<pg_sys::Oid> = if relations.is_empty() {
+        replicated_tables().unwrap_or_default()
+    } else {
+        relations
+            .into_iter()
+            .map(|r| {
+                // SAFETY: a name lookup without locking (the statement locks the table itself).
+                unsafe {
+                    pg_sys::RangeVarGetRelidExtended(
+                        r,
+                        pg_sys::NoLock as pg_sys::LOCKMODE,
+                        pg_sys::RVROption::RVR_MISSING_OK,
+                        None,
+                        std::ptr::null_mut(),
+                    )
+                }
+            })
+            .filter(|r| *r != pg_sys::InvalidOid)
+            .collect()
+    };
+    for relid in relids {
+        if let Err(e) = archive_aging(relid, min_age) {
+            crate::error::TrompeError::Internal(format!("keeping row versions before vacuum: {e}")).raise();
+        }
+    }
+}
+
+/// Whether a list of `DefElem` options has `name` set (to true, or without a value).
+unsafe fn option_set(list: *mut pg_sys::List, name: &str) -> bool {
+    if list.is_null() {
+        return false;
+    }
+    // SAFETY: the list holds DefElems (caller's contract).
+    unsafe {
+        (0..(*list).length as usize).any(|i| {
+            let def = (*(*list).elements.add(i)).ptr_value as *mut pg_sys::DefElem;
+            !(*def).defname.is_null()
+                && std::ffi::CStr::from_ptr((*def).defname).to_bytes() == name.as_bytes()
+                && pg_sys::defGetBoolean(def)
+        })
+    }
+}
+
+/// `vacuum_freeze_min_age` as this session has it.
+fn freeze_min_age() -> i32 {
+    // SAFETY: reads the GUC's backend-local variable.
+    unsafe { pg_sys::vacuum_freeze_min_age }
+}
+
+fn replicated_tables() -> Result<Vec<pg_sys::Oid>, String> {
+    let rows = as_extension_owner(|| crate::sql::rows("SELECT relid::oid::text FROM trompe.tables", &[]))?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| r.first().cloned().flatten()?.parse::<u32>().ok())
+        .map(pg_sys::Oid::from)
+        .collect())
+}
+
+/// Run by the worker now and then: keeps the versions of rows autovacuum may freeze soon
+/// (older than half of `vacuum_freeze_min_age`), in tables old enough to have such rows
+/// (`age(relfrozenxid)` past that), and prunes kept versions older than the retention.
+pub fn maintain() -> Result<(), String> {
+    if !archive_exists() {
+        return Ok(());
+    }
+    let half = i64::from(freeze_min_age() / 2);
+    let due = as_extension_owner(|| {
+        crate::sql::rows(
+            "SELECT t.relid::oid::text FROM trompe.tables t JOIN pg_catalog.pg_class c ON c.oid = t.relid
+              WHERE pg_catalog.age(c.relfrozenxid) >= $1::int",
+            &[Some(&half.to_string())],
+        )
+    })?;
+    for r in due {
+        if let Some(relid) = r.first().cloned().flatten().and_then(|v| v.parse::<u32>().ok()) {
+            archive_aging(pg_sys::Oid::from(relid), half)?;
+        }
+    }
+    as_extension_owner(|| {
+        let retention = crate::guc::TOMBSTONE_RETENTION_S.get().to_string();
+        crate::sql::execute(
+            "DELETE FROM trompe.rewrites WHERE at < now() - make_interval(secs => $1::int)",
+            &[Some(&retention)],
+        )?;
+        crate::sql::execute(
+            "DELETE FROM trompe.row_versions v
+              WHERE coalesce(v.committed_us < $1::bigint, true)
+                AND NOT EXISTS (SELECT 1 FROM trompe.rewrites w WHERE w.relid = v.relid AND w.xid::xid = v.row_xmin)",
+            &[Some(&retention_horizon().to_string())],
+        )
+    })?;
+    Ok(())
+}
