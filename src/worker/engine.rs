@@ -47,7 +47,9 @@ fn extension_exists() -> bool {
     .unwrap_or(false)
 }
 
-fn load_peers() -> Result<(String, Vec<PeerRow>), String> {
+/// This node's id, its peers, and the replication origins of removed peers whose position is
+/// kept (`trompe.progress` rows without a peer: adding the peer again resumes from there).
+fn load_peers() -> Result<(String, Vec<PeerRow>, Vec<String>), String> {
     in_transaction(|| {
         let me = sql::value("SELECT node_id FROM trompe.node", &[])?.ok_or("trompe.node is empty")?;
         // Create missing replication origins (e.g. after a restore) before reading them.
@@ -100,7 +102,15 @@ fn load_peers() -> Result<(String, Vec<PeerRow>), String> {
                 added_at: text(8),
             });
         }
-        Ok((me, peers))
+        let kept = sql::rows(
+            "SELECT 'trompe_' || pr.node_id FROM trompe.progress pr
+              WHERE NOT EXISTS (SELECT 1 FROM trompe.peers p WHERE p.node_id = pr.node_id)",
+            &[],
+        )?
+        .into_iter()
+        .filter_map(|r| r.into_iter().next().flatten())
+        .collect();
+        Ok((me, peers, kept))
     })
 }
 
@@ -111,6 +121,8 @@ struct Engine {
     links: Vec<Link>,
     /// When each linked peer was added (a re-added peer gets a new link).
     added: HashMap<NodeId, String>,
+    /// The replication origins of removed peers whose position is kept.
+    kept_origins: Vec<String>,
     cache: ApplyCache,
     wake_seen: u64,
     next_reload_ms: i64,
@@ -125,9 +137,11 @@ struct Engine {
 }
 
 impl Engine {
-    /// Drops the replication origins of the peers this worker knew (after DROP EXTENSION).
+    /// Drops the replication origins of the peers this worker knew, and of removed peers whose
+    /// position was kept (after DROP EXTENSION).
     fn drop_origins(&mut self) {
-        let names: Vec<String> = self.links.iter().map(|l| format!("trompe_{}", l.node)).collect();
+        let mut names: Vec<String> = self.links.iter().map(|l| format!("trompe_{}", l.node)).collect();
+        names.append(&mut self.kept_origins);
         self.links.clear();
         let result = in_transaction(|| {
             for name in &names {
@@ -151,13 +165,14 @@ impl Engine {
                 None
             }
         };
-        let (me, rows) = match load_peers() {
+        let (me, rows, kept) = match load_peers() {
             Ok(v) => v,
             Err(e) => {
                 pgrx::log!("trompe: cannot read peers: {e}");
                 return;
             }
         };
+        self.kept_origins = kept;
         let shared = shared();
         let mut old: HashMap<NodeId, Link> = self.links.drain(..).map(|l| (l.node, l)).collect();
         for row in rows {
@@ -198,7 +213,8 @@ impl Engine {
             shared.release_peer_slots(self.dboid, &keep);
         }
         // Peers removed since: their links are gone with their origin sessions, so their
-        // replication origins can go too (unless the peer was added again meanwhile).
+        // replication origins can go too, unless the peer was added again meanwhile or its
+        // position is kept (it resumes from there if added again).
         for node in old.keys() {
             self.added.remove(node);
         }
@@ -208,7 +224,9 @@ impl Engine {
                 for name in &removed {
                     sql::execute(
                         "SELECT pg_replication_origin_drop(o.roname) FROM pg_replication_origin o
-                          WHERE o.roname = $1 AND NOT EXISTS (SELECT 1 FROM trompe.peers p WHERE 'trompe_' || p.node_id = o.roname)",
+                          WHERE o.roname = $1
+                            AND NOT EXISTS (SELECT 1 FROM trompe.peers p WHERE 'trompe_' || p.node_id = o.roname)
+                            AND NOT EXISTS (SELECT 1 FROM trompe.progress pr WHERE 'trompe_' || pr.node_id = o.roname)",
                         &[Some(name)],
                     )?;
                 }
@@ -382,6 +400,7 @@ pub fn run(dboid: pg_sys::Oid, slot: &'static DbSlot) -> ! {
         slot,
         links: Vec::new(),
         added: HashMap::new(),
+        kept_origins: Vec::new(),
         cache: ApplyCache::default(),
         wake_seen: u64::MAX,
         next_reload_ms: 0,
