@@ -66,6 +66,14 @@ pub enum TrompeError {
         /// The node it tried to act for.
         node: String,
     },
+    /// The peer does not let this connection string's login act for this node.
+    #[error("peer \"{name}\" does not accept this login for this node: {message}")]
+    PeerDeniesNode {
+        /// The peer.
+        name: String,
+        /// The peer's error.
+        message: String,
+    },
     /// A login serves no node that pulls from this one.
     #[error("permission denied: login \"{0}\" is not registered for any node pulling from this one")]
     NotAPeerLogin(String),
@@ -193,7 +201,9 @@ impl TrompeError {
             TrompeError::NotAConsumer(_) | TrompeError::PositionRegressed(_) => {
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
-            TrompeError::NotNodesLogin { .. } | TrompeError::NotAPeerLogin(_) => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            TrompeError::NotNodesLogin { .. } | TrompeError::NotAPeerLogin(_) | TrompeError::PeerDeniesNode { .. } => {
+                ERRCODE_INSUFFICIENT_PRIVILEGE
+            }
             TrompeError::LogNotKept(_) | TrompeError::ResumeImpossible(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             TrompeError::OtherNode { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             TrompeError::NoSuchRole(_) => ERRCODE_UNDEFINED_OBJECT,
@@ -240,6 +250,10 @@ impl TrompeError {
             TrompeError::NotNodesLogin { .. } => Some(
                 "A node's registration belongs to the login it registered with; an administrator of this node can \
                  change it with trompe.set_consumer_logins().",
+            ),
+            TrompeError::PeerDeniesNode { .. } => Some(
+                "An administrator of the peer lets the login act for this node with trompe.set_consumer_logins() there \
+                 (list the old login too while the node switches).",
             ),
             TrompeError::NotAPeerLogin(_) => Some(
                 "Only the logins nodes pull this node with may call this; an administrator can register one with \

@@ -501,7 +501,12 @@ fn alter_peer_impl(name: &str, conninfo: &str) -> Result<pgrx::Uuid, TrompeError
     }
     // A login that may not act for this node there is refused (permission denied).
     let me = local_node_id().to_string();
-    peer_query(&mut conn, name, &info, "SELECT trompe.consumer_confirmed($1::uuid)", &[Some(&me)])?;
+    query_wait(&mut conn, "SELECT trompe.consumer_confirmed($1::uuid)", &[Some(&me)], CALL_TIMEOUT).map_err(
+        |e| match e.sqlstate.as_deref() {
+            Some("42501") => TrompeError::PeerDeniesNode { name: name.to_string(), message: scrub(&e.message, &info) },
+            _ => peer_failed(name, &info, &e),
+        },
+    )?;
     let _internal = InternalOperation::begin();
     as_extension_owner(|| {
         sql::execute("UPDATE trompe.peers SET conninfo = $2 WHERE name = $1", &[Some(name), Some(conninfo)])
