@@ -17,6 +17,7 @@ pub struct ClusterBuilder {
     nodes: usize,
     extension: bool,
     settings: Vec<(String, String)>,
+    env: Vec<(String, String)>,
 }
 
 impl ClusterBuilder {
@@ -38,6 +39,13 @@ impl ClusterBuilder {
         self
     }
 
+    /// Sets an environment variable for every node's server (e.g. `LANGUAGE`, which picks the
+    /// language of its messages when `lc_messages` is not `C`).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
     /// Creates and starts the nodes.
     pub fn start(self) -> Cluster {
         static SEQ: AtomicUsize = AtomicUsize::new(0);
@@ -47,7 +55,7 @@ impl ClusterBuilder {
         make_postgres_dir(&root);
         let mut cluster = Cluster { name: self.name.clone(), root, nodes: Vec::new(), links: Vec::new() };
         for i in 0..self.nodes {
-            let node = start_node(&format!("n{}", i + 1), &cluster.root, template, &self.settings);
+            let node = start_node(&format!("n{}", i + 1), &cluster.root, template, &self.settings, &self.env);
             cluster.nodes.push(node);
         }
         for from in 0..self.nodes {
@@ -64,11 +72,18 @@ impl ClusterBuilder {
 }
 
 /// Starts a node on a free port, trying another port if the one picked was taken meanwhile.
-fn start_node(name: &str, root: &std::path::Path, template: &std::path::Path, settings: &[(String, String)]) -> Node {
+fn start_node(
+    name: &str,
+    root: &std::path::Path,
+    template: &std::path::Path,
+    settings: &[(String, String)],
+    env: &[(String, String)],
+) -> Node {
     let mut last_error = String::new();
     for _ in 0..5 {
         let port = free_port();
-        let node = Node::create(name, root, template, port, settings);
+        let mut node = Node::create(name, root, template, port, settings);
+        node.env = env.to_vec();
         match node.try_start() {
             Ok(()) => return node,
             Err(e) => {
@@ -96,7 +111,7 @@ pub struct Cluster {
 impl Cluster {
     /// Options for a cluster named `name` (used for its directory and kept logs).
     pub fn builder(name: &str) -> ClusterBuilder {
-        ClusterBuilder { name: name.to_string(), nodes: 2, extension: true, settings: Vec::new() }
+        ClusterBuilder { name: name.to_string(), nodes: 2, extension: true, settings: Vec::new(), env: Vec::new() }
     }
 
     /// `n` started nodes with trompe created in the test database.

@@ -41,6 +41,8 @@ pub struct Node {
     pub datadir: PathBuf,
     /// Its server log file.
     pub logfile: PathBuf,
+    /// Environment variables its server starts with.
+    pub env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -62,7 +64,7 @@ impl Node {
         let mut existing = fs::read_to_string(&conf_path).expect("template postgresql.conf readable");
         existing.push_str(&conf);
         fs::write(&conf_path, existing).expect("postgresql.conf writable");
-        Node { name: name.to_string(), port, datadir, logfile }
+        Node { name: name.to_string(), port, datadir, logfile, env: Vec::new() }
     }
 
     /// A libpq connection string for `dbname` on this node, as the superuser.
@@ -82,10 +84,18 @@ impl Node {
 
     /// Starts the server, reporting failure instead of panicking.
     pub fn try_start(&self) -> Result<(), RunError> {
-        run_as_postgres(
-            &pg_bin("pg_ctl"),
-            &["start", "-w", "-t", "120", "-D", path_str(&self.datadir), "-l", path_str(&self.logfile)],
-        )?;
+        let pg_ctl = pg_bin("pg_ctl");
+        let start = ["start", "-w", "-t", "120", "-D", path_str(&self.datadir), "-l", path_str(&self.logfile)];
+        if self.env.is_empty() {
+            run_as_postgres(&pg_ctl, &start)?;
+        } else {
+            // Through env(1): runuser does not pass every variable on.
+            let vars: Vec<String> = self.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let mut args: Vec<&str> = vars.iter().map(String::as_str).collect();
+            args.push(&pg_ctl);
+            args.extend(start);
+            run_as_postgres("/usr/bin/env", &args)?;
+        }
         Ok(())
     }
 
