@@ -79,6 +79,8 @@ pub struct Registration {
     pub unbound: bool,
     /// It waits to be claimed with its node's secret.
     pub claim_pending: bool,
+    /// This transaction bound it to the session's login (and holds its row lock).
+    pub bound_now: bool,
 }
 
 /// How a login acts for a consumer.
@@ -113,18 +115,19 @@ pub fn read(node: &str) -> Result<Option<Registration>, TrompeError> {
         mine: r[1].as_deref() == Some("t"),
         unbound: r[2].as_deref() == Some("t"),
         claim_pending: r[3].as_deref() == Some("t"),
+        bound_now: false,
     }))
 }
 
 /// Checks that the session's login may act for consumer `node`, registered as `reg`; with
-/// `Act::Bind`, a registration without login (nor claim) becomes this login's.
-pub fn authorize(node: &str, reg: &Registration, act: Act) -> Result<(), TrompeError> {
+/// `Act::Bind`, a registration without login (nor claim) becomes this login's (then true).
+pub fn authorize(node: &str, reg: &Registration, act: Act) -> Result<bool, TrompeError> {
     if reg.mine {
-        return Ok(());
+        return Ok(false);
     }
     if reg.unbound && !reg.claim_pending {
         if act == Act::Use {
-            return Ok(());
+            return Ok(false);
         }
         let login = session_login();
         let bound = as_extension_owner(|| {
@@ -135,17 +138,17 @@ pub fn authorize(node: &str, reg: &Registration, act: Act) -> Result<(), TrompeE
         })
         .map_err(TrompeError::Internal)?;
         if bound == 1 {
-            return Ok(());
+            return Ok(true);
         }
         // Another login bound it meanwhile: judge again with what it recorded.
         if let Some(now) = read(node)? {
             if now.mine {
-                return Ok(());
+                return Ok(false);
             }
         }
     }
     if privileged() {
-        return Ok(());
+        return Ok(false);
     }
     Err(TrompeError::NotNodesLogin { login: session_login(), node: node.to_string() })
 }
@@ -153,8 +156,8 @@ pub fn authorize(node: &str, reg: &Registration, act: Act) -> Result<(), TrompeE
 /// The registration of consumer `node` if the session's login may act for it (`act`), `None`
 /// if it is not registered.
 pub fn authorized(node: &str, act: Act) -> Result<Option<Registration>, TrompeError> {
-    let Some(reg) = read(node)? else { return Ok(None) };
-    authorize(node, &reg, act)?;
+    let Some(mut reg) = read(node)? else { return Ok(None) };
+    reg.bound_now = authorize(node, &reg, act)?;
     Ok(Some(reg))
 }
 

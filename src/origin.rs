@@ -137,8 +137,9 @@ pub fn effective_confirmed(consumer: &[u8; 16], stored: &str) -> String {
 /// needs may be gone); then records the position it confirmed as applied (in shared memory; the
 /// worker saves it to `trompe.consumers`). A confirmed position ahead of the consumer's own
 /// position is refused; one older than what it confirmed before is ignored (positions never go
-/// back).
-fn check_consumer(consumer: pgrx::Uuid, done: &Snapshot, cur: Option<&Snapshot>, confirmed: Option<&str>) {
+/// back). Returns true if the registration was bound to the session's login now: the pull then
+/// does not wait for news, so as not to hold the row lock of that write.
+fn check_consumer(consumer: pgrx::Uuid, done: &Snapshot, cur: Option<&Snapshot>, confirmed: Option<&str>) -> bool {
     let consumer_text = consumer.to_string();
     let Some(reg) = crate::consumers::authorized(&consumer_text, crate::consumers::Act::Bind).or_raise() else {
         TrompeError::NotAConsumer(consumer_text).raise();
@@ -153,7 +154,7 @@ fn check_consumer(consumer: pgrx::Uuid, done: &Snapshot, cur: Option<&Snapshot>,
     }
     check_served(done, cur);
     let Some(confirmed) = confirmed.filter(|c| *c != stored) else {
-        return;
+        return reg.bound_now;
     };
     let confirmed_snap = parse_snapshot(confirmed, "confirmed");
     if !done.covers(&confirmed_snap) {
@@ -161,12 +162,12 @@ fn check_consumer(consumer: pgrx::Uuid, done: &Snapshot, cur: Option<&Snapshot>,
             .raise();
     }
     if stored_snap.as_ref().is_some_and(|s| !confirmed_snap.covers(s)) {
-        return;
+        return reg.bound_now;
     }
     // SAFETY: MyDatabaseId is a backend-local global.
     let dboid = unsafe { pg_sys::MyDatabaseId };
     if shmem::shared().is_some_and(|s| s.set_confirmed(dboid, &id, confirmed)) {
-        return;
+        return reg.bound_now;
     }
     let due = CONFIRMED.with(|c| c.borrow().as_ref().is_none_or(|(at, _)| at.elapsed() >= Duration::from_secs(1)));
     if due {
@@ -178,6 +179,7 @@ fn check_consumer(consumer: pgrx::Uuid, done: &Snapshot, cur: Option<&Snapshot>,
         .or_raise();
         CONFIRMED.with(|c| *c.borrow_mut() = Some((Instant::now(), confirmed.to_string())));
     }
+    reg.bound_now
 }
 
 /// Refuses a position (`done`, and the step `cur` in progress) that this node did not serve:
@@ -268,11 +270,11 @@ fn _pull_plan(
     plain_reads();
     let done_snap = parse_snapshot(done, "done");
     let given_cur = cur.map(|c| parse_snapshot(c, "cur"));
-    as_extension_owner(|| check_consumer(consumer, &done_snap, given_cur.as_ref(), confirmed));
+    let bound_now = as_extension_owner(|| check_consumer(consumer, &done_snap, given_cur.as_ref(), confirmed));
     let (cur_text, commits) = match cur {
         Some(c) => (c.to_string(), seen),
         None => {
-            let commits = wait_for_commit(seen, wait_ms);
+            let commits = wait_for_commit(seen, if bound_now { 0 } else { wait_ms });
             (snapshot_now(), commits)
         }
     };
