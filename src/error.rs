@@ -244,9 +244,10 @@ impl TrompeError {
             TrompeError::PositionRegressed(_) => {
                 Some("Remove the peer on the node that lags and add it again with sync => true.")
             }
-            TrompeError::NotAConsumer(_) => {
-                Some("The peer was removed on that node; add it again with trompe.add_peer().")
-            }
+            TrompeError::NotAConsumer(_) => Some(
+                "That node no longer keeps its log for this one (it was removed there, or dropped by an administrator): \
+                 remove the peer here and add it again, which resumes if its log still goes back far enough.",
+            ),
             TrompeError::NotNodesLogin { .. } => Some(
                 "A node's registration belongs to the login it registered with; an administrator of this node can \
                  change it with trompe.set_consumer_logins().",

@@ -138,6 +138,35 @@ fn a_login_acts_only_for_its_own_node() {
         denied(&mut evil, &sql, "\"evil\" is not registered for any node");
     }
     assert_eq!(registration(n1, &id3), before, "nothing changed");
+    // What such a login can do: register a node no login has registered yet, which is then
+    // that login's.
+    let newcomer = "7a3c0c55-2b4e-4c1e-9a51-6f0e7e5d0b11";
+    evil.batch_execute(&format!("SELECT * FROM trompe.register_consumer('{newcomer}', 'app')")).expect("a new node");
+    assert_eq!(
+        n1.query_text(&format!("SELECT logins::text FROM trompe.consumers WHERE node_id = '{newcomer}'")).as_deref(),
+        Some("{evil}")
+    );
+    denied(&mut login(n1, "node_n2"), &format!("SELECT trompe.unregister_consumer('{newcomer}')"), newcomer);
+    n1.exec(&format!("SELECT trompe.drop_consumer('{newcomer}')"));
+    // Users who are neither pullers nor administrators call none of it.
+    n1.exec("CREATE ROLE plain LOGIN");
+    let mut plain = login(n1, "plain");
+    for function in [
+        "alter_peer('n2', 'host=localhost')".to_string(),
+        format!("drop_consumer('{id3}')"),
+        format!("set_consumer_logins('{id3}', NULL)"),
+        format!("resume_consumer('{id3}', 'app', '{position}')"),
+        format!("claim_consumer('{id3}', 'x')"),
+        format!("sync_register('{id3}', 'app', 'x')"),
+        format!("register_consumer_from('{id3}', 'app', '{id2}', 'x')"),
+    ] {
+        let name = function.split('(').next().unwrap_or_default().to_string();
+        denied(
+            &mut plain,
+            &format!("SELECT * FROM trompe.{function}"),
+            &format!("permission denied for function {name}"),
+        );
+    }
 
     // Each login acts for its own node; superusers and administrators for every node.
     let mut own = login(n1, "node_n3");
