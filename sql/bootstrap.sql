@@ -8,7 +8,10 @@ CREATE TABLE trompe.node (
     one_row boolean NOT NULL DEFAULT true UNIQUE CHECK (one_row),
     -- This node's share of replicated sequences (trompe.set_sequence_slot), NULL if none.
     sequence_slot int,
-    sequence_slots int
+    sequence_slots int,
+    -- Known to this node only: when it joins a cluster, the peers of the node it copies keep
+    -- their registration of it for whoever presents this secret (trompe.claim_consumer).
+    claim_secret text NOT NULL DEFAULT encode(sha256(convert_to(gen_random_uuid()::text || gen_random_uuid()::text, 'UTF8')), 'hex')
 );
 INSERT INTO trompe.node DEFAULT VALUES;
 COMMENT ON TABLE trompe.node IS 'This node''s identity (one row).';
@@ -66,7 +69,10 @@ CREATE TABLE trompe.log_rotation (
     is_current boolean NOT NULL,
     -- For a table that is not current: every transaction that wrote to it has a smaller id.
     retired_below xid8,
-    switched_at timestamptz NOT NULL DEFAULT now()
+    switched_at timestamptz NOT NULL DEFAULT now(),
+    -- The newest transaction whose changes were truncated from this table: a node resuming
+    -- from a position that does not see it may have missed changes.
+    truncated_through xid8
 );
 INSERT INTO trompe.log_rotation (slot, is_current) VALUES (0, true), (1, false), (2, false);
 COMMENT ON TABLE trompe.log_rotation IS 'Which log table writers append to, and when the others were retired.';
@@ -82,9 +88,10 @@ CREATE TABLE trompe.peers (
 COMMENT ON TABLE trompe.peers IS 'Peers this node pulls changes from; change with trompe.add_peer() and friends.';
 
 -- How far each peer's log has been applied here. Updated in the same transaction as the
--- changes it covers: the position is exactly what is applied, after any crash.
+-- changes it covers: the position is exactly what is applied, after any crash. Kept when the
+-- peer is removed: adding it again resumes from there.
 CREATE TABLE trompe.progress (
-    node_id uuid PRIMARY KEY REFERENCES trompe.peers (node_id) ON DELETE CASCADE,
+    node_id uuid PRIMARY KEY,
     done text NOT NULL,
     cur text,
     after bigint NOT NULL DEFAULT 0,
@@ -114,9 +121,15 @@ CREATE TABLE trompe.consumers (
     name text NOT NULL,
     confirmed text NOT NULL,
     registered_at timestamptz NOT NULL DEFAULT now(),
-    confirmed_at timestamptz NOT NULL DEFAULT now()
+    confirmed_at timestamptz NOT NULL DEFAULT now(),
+    -- The login roles that may act for this node (pull, confirm, register, unregister); NULL:
+    -- the next login that pulls or registers as it (see src/consumers.rs).
+    logins text[],
+    -- For a registration made for a joining node by the node it copies: the SHA-256 of the
+    -- joining node's secret, which binds the registration to the login that presents it.
+    claim text
 );
-COMMENT ON TABLE trompe.consumers IS 'Nodes pulling from this node and the position they confirmed (holds back log truncation).';
+COMMENT ON TABLE trompe.consumers IS 'Nodes pulling from this node, the position they confirmed (holds back log truncation) and the logins they pull with.';
 
 -- Conflict resolution. A row's version is the commit time and node of the transaction that
 -- wrote it (its xmin's commit timestamp and replication origin); a deleted row's version is

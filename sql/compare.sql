@@ -96,6 +96,7 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp SET timezone = 'UTC' SET datestyle = 'ISO, YMD'
 SET intervalstyle = 'postgres' SET extra_float_digits = 3 SET bytea_output = 'hex' AS $$
 BEGIN
+    PERFORM trompe._require_peer_login();
     RETURN QUERY EXECUTE trompe._rows_sql(rel, buckets) USING buckets, wanted;
 END
 $$;
@@ -108,6 +109,7 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp SET timezone = 'UTC' SET datestyle = 'ISO, YMD'
 SET intervalstyle = 'postgres' SET extra_float_digits = 3 SET bytea_output = 'hex' AS $$
 BEGIN
+    PERFORM trompe._require_peer_login();
     RETURN QUERY EXECUTE format(
         'SELECT d.bucket, count(*), sum(d.h1)::text || '':'' || sum(d.h2)::text FROM (%s) d GROUP BY d.bucket',
         trompe._rows_sql(rel, buckets))
@@ -124,6 +126,7 @@ SET intervalstyle = 'postgres' SET extra_float_digits = 3 SET bytea_output = 'he
 DECLARE
     s record;
 BEGIN
+    PERFORM trompe._require_peer_login();
     s := trompe._table_sql(rel);
     RETURN QUERY EXECUTE format(
         'SELECT (%s)::text, %s

@@ -200,6 +200,22 @@ TO trompe_admin;
 GRANT SELECT ON trompe.conflicts, trompe.exceptions, trompe.peers, trompe.consumers, trompe.repairs, trompe.syncs,
     trompe.start_positions TO trompe_admin;
 
+-- A consumer's identity is bound to its login (src/consumers.rs): a node resumes or claims its
+-- own registration through the puller functions; administrators change a peer's connection
+-- string in place, drop a consumer, or set the logins a consumer pulls with.
+REVOKE EXECUTE ON FUNCTION
+    trompe.resume_consumer(uuid, text, text), trompe.claim_consumer(uuid, text),
+    trompe.sync_register(uuid, text, text), trompe.register_consumer_from(uuid, text, uuid, text),
+    trompe.alter_peer(text, text), trompe.drop_consumer(uuid), trompe.set_consumer_logins(uuid, text[])
+FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    trompe.resume_consumer(uuid, text, text), trompe.claim_consumer(uuid, text),
+    trompe.sync_register(uuid, text, text), trompe.register_consumer_from(uuid, text, uuid, text)
+TO trompe_puller;
+GRANT EXECUTE ON FUNCTION
+    trompe.alter_peer(text, text), trompe.drop_consumer(uuid), trompe.set_consumer_logins(uuid, text[])
+TO trompe_admin;
+
 -- One row per peer: connection state, position, lag, last pull and error, counters.
 CREATE VIEW trompe.status AS
 SELECT s.name,

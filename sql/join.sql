@@ -60,6 +60,7 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp A
 DECLARE
     s record;
 BEGIN
+    PERFORM trompe._require_peer_login();
     s := trompe._table_sql(rel);
     RETURN format('SELECT (%s)::text, v.ts, v.node FROM %s t CROSS JOIN LATERAL %s v',
                   s.row_json, rel, trompe._version_sql('t.xmin'));
@@ -72,6 +73,7 @@ CREATE FUNCTION trompe.sync_removals()
 RETURNS TABLE (table_name text, key text[], ts bigint, node uuid)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    PERFORM trompe._require_peer_login();
     RETURN QUERY EXECUTE format(
         'SELECT r.relid::regclass::text, r.key, v.ts, v.node
            FROM (SELECT relid, key, xmin FROM trompe.tombstones
@@ -88,10 +90,12 @@ $$;
 -- replication origins match the snapshot exactly): that snapshot, exported
 -- for pg_dump, and this node's id; the position this node has applied from each of its peers;
 -- the replicated tables with their conflict rules; the node priorities; the replicated schemas.
+-- Positions kept for removed peers are not listed: the copy does not pull them.
 CREATE FUNCTION trompe.sync_source()
 RETURNS TABLE (kind text, name text, a text, b text, c text)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    PERFORM trompe._require_peer_login();
     IF current_setting('transaction_isolation') <> 'repeatable read' THEN
         RAISE EXCEPTION 'trompe.sync_source() must run in a REPEATABLE READ transaction'
             USING ERRCODE = 'invalid_transaction_state';
@@ -100,7 +104,7 @@ BEGIN
                         (SELECT node_id::text FROM trompe.node);
     RETURN QUERY SELECT 'position', p.node_id::text, p.done, p.cur,
                         trompe._applied_after(p.node_id, p.cur, p.after, p.after_offset)::text
-                   FROM trompe.progress p;
+                   FROM trompe.progress p WHERE EXISTS (SELECT 1 FROM trompe.peers x WHERE x.node_id = p.node_id);
     RETURN QUERY SELECT 'table', format('%I.%I', n.nspname, r.relname), t.conflict_rule, NULL::text, NULL::text
                    FROM trompe.tables t JOIN pg_class r ON r.oid = t.relid JOIN pg_namespace n ON n.oid = r.relnamespace;
     RETURN QUERY SELECT 'priority', p.node_id::text, p.priority::text, NULL::text, NULL::text

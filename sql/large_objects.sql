@@ -64,6 +64,7 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp A
 DECLARE
     here oid;
 BEGIN
+    PERFORM trompe._require_peer_login();
     IF length < 1 OR length > 16777216 OR "offset" < 0 THEN
         RAISE EXCEPTION 'invalid large object piece: offset %, length %', "offset", length
               USING ERRCODE = 'invalid_parameter_value';

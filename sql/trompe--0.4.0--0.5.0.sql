@@ -161,3 +161,213 @@ $$;
 CREATE EVENT TRIGGER trompe_table_rewrite ON table_rewrite
     EXECUTE FUNCTION trompe.on_table_rewrite();
 ALTER EVENT TRIGGER trompe_table_rewrite ENABLE ALWAYS;
+
+-- ===== Trust between nodes (issue 19: items 1, 2, 5) ==========================================
+-- A consumer's identity is bound to its login (src/consumers.rs): trompe.consumers records the
+-- logins each node pulls with, and the claim a joining node presents; only those logins (or
+-- superusers and trompe_admin) act for the node. Removing a peer keeps this node's position
+-- there (trompe.progress no longer follows trompe.peers), so that adding it again resumes, if
+-- the peer still has its log from there (trompe.log_rotation.truncated_through tells).
+-- trompe.alter_peer changes a connection string in place; trompe.drop_consumer and
+-- trompe.set_consumer_logins are for administrators. The functions peers read replicated data
+-- through serve the logins of registered nodes only.
+
+ALTER TABLE trompe.node
+    ADD COLUMN claim_secret text NOT NULL DEFAULT encode(sha256(convert_to(gen_random_uuid()::text || gen_random_uuid()::text, 'UTF8')), 'hex');
+ALTER TABLE trompe.consumers ADD COLUMN logins text[], ADD COLUMN claim text;
+COMMENT ON TABLE trompe.consumers IS 'Nodes pulling from this node, the position they confirmed (holds back log truncation) and the logins they pull with.';
+ALTER TABLE trompe.progress DROP CONSTRAINT progress_node_id_fkey;
+-- Which transactions were truncated before is not known: a node resuming from a position
+-- older than this update is refused, unless it is still registered.
+ALTER TABLE trompe.log_rotation ADD COLUMN truncated_through xid8;
+UPDATE trompe.log_rotation SET truncated_through = pg_snapshot_xmin(pg_current_snapshot());
+
+CREATE FUNCTION trompe."_require_peer_login"() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_require_peer_login_wrapper';
+
+CREATE FUNCTION trompe."resume_consumer"(
+	"consumer" uuid,
+	"consumer_name" TEXT,
+	"position" TEXT
+) RETURNS TABLE (
+	"node_id" uuid,
+	"commit_timestamps" bool
+)
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'resume_consumer_wrapper';
+
+CREATE FUNCTION trompe."claim_consumer"(
+	"consumer" uuid,
+	"secret" TEXT
+) RETURNS TEXT
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'claim_consumer_wrapper';
+
+CREATE FUNCTION trompe."sync_register"(
+	"consumer" uuid,
+	"consumer_name" TEXT,
+	"claim" TEXT
+) RETURNS INT
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'sync_register_claimed_wrapper';
+
+CREATE FUNCTION trompe."register_consumer_from"(
+	"consumer" uuid,
+	"consumer_name" TEXT,
+	"template" uuid,
+	"claim" TEXT
+) RETURNS TEXT
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'register_consumer_from_claimed_wrapper';
+
+CREATE FUNCTION trompe."alter_peer"(
+	"name" TEXT,
+	"conninfo" TEXT
+) RETURNS uuid
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'alter_peer_wrapper';
+
+CREATE FUNCTION trompe."drop_consumer"(
+	"node" uuid
+) RETURNS bool
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'drop_consumer_wrapper';
+
+CREATE FUNCTION trompe."set_consumer_logins"(
+	"node" uuid,
+	"logins" TEXT[]
+) RETURNS bool
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'set_consumer_logins_wrapper';
+
+REVOKE EXECUTE ON FUNCTION
+    trompe.resume_consumer(uuid, text, text), trompe.claim_consumer(uuid, text),
+    trompe.sync_register(uuid, text, text), trompe.register_consumer_from(uuid, text, uuid, text),
+    trompe.alter_peer(text, text), trompe.drop_consumer(uuid), trompe.set_consumer_logins(uuid, text[])
+FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    trompe.resume_consumer(uuid, text, text), trompe.claim_consumer(uuid, text),
+    trompe.sync_register(uuid, text, text), trompe.register_consumer_from(uuid, text, uuid, text)
+TO trompe_puller;
+GRANT EXECUTE ON FUNCTION
+    trompe.alter_peer(text, text), trompe.drop_consumer(uuid), trompe.set_consumer_logins(uuid, text[])
+TO trompe_admin;
+
+-- The functions peers read replicated data through check the login first; sync_source lists
+-- the positions of current peers only.
+CREATE OR REPLACE FUNCTION trompe._row_digests(rel regclass, buckets int, wanted int[] DEFAULT NULL)
+RETURNS TABLE (bucket int, key text, h1 bigint, h2 bigint)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET timezone = 'UTC' SET datestyle = 'ISO, YMD'
+SET intervalstyle = 'postgres' SET extra_float_digits = 3 SET bytea_output = 'hex' AS $$
+BEGIN
+    PERFORM trompe._require_peer_login();
+    RETURN QUERY EXECUTE trompe._rows_sql(rel, buckets) USING buckets, wanted;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION trompe.table_digest(rel regclass, buckets int)
+RETURNS TABLE (bucket int, row_count bigint, digest text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET timezone = 'UTC' SET datestyle = 'ISO, YMD'
+SET intervalstyle = 'postgres' SET extra_float_digits = 3 SET bytea_output = 'hex' AS $$
+BEGIN
+    PERFORM trompe._require_peer_login();
+    RETURN QUERY EXECUTE format(
+        'SELECT d.bucket, count(*), sum(d.h1)::text || '':'' || sum(d.h2)::text FROM (%s) d GROUP BY d.bucket',
+        trompe._rows_sql(rel, buckets))
+        USING buckets, NULL::int[];
+END
+$$;
+
+CREATE OR REPLACE FUNCTION trompe.fetch_rows(rel regclass, keys text[])
+RETURNS TABLE (key text, row_data jsonb)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET timezone = 'UTC' SET datestyle = 'ISO, YMD'
+SET intervalstyle = 'postgres' SET extra_float_digits = 3 SET bytea_output = 'hex' AS $$
+DECLARE
+    s record;
+BEGIN
+    PERFORM trompe._require_peer_login();
+    s := trompe._table_sql(rel);
+    RETURN QUERY EXECUTE format(
+        'SELECT (%s)::text, %s
+           FROM jsonb_populate_recordset(NULL::%s, (SELECT jsonb_agg(k::jsonb) FROM unnest($1::text[]) k)) a
+           JOIN %s t ON %s', s.key_object, s.row_json, rel, rel, trompe._key_match(s.key_columns, 'a', 't'))
+        USING keys;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION trompe.lo_chunk(origin uuid, origin_oid oid, "offset" bigint, length int) RETURNS bytea
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    here oid;
+BEGIN
+    PERFORM trompe._require_peer_login();
+    IF length < 1 OR length > 16777216 OR "offset" < 0 THEN
+        RAISE EXCEPTION 'invalid large object piece: offset %, length %', "offset", length
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    here := trompe._lo_local(origin, origin_oid);
+    RETURN CASE WHEN here IS NULL THEN NULL ELSE lo_get(here, "offset", length) END;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION trompe.sync_rows_sql(rel regclass) RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s record;
+BEGIN
+    PERFORM trompe._require_peer_login();
+    s := trompe._table_sql(rel);
+    RETURN format('SELECT (%s)::text, v.ts, v.node FROM %s t CROSS JOIN LATERAL %s v',
+                  s.row_json, rel, trompe._version_sql('t.xmin'));
+END
+$$;
+
+CREATE OR REPLACE FUNCTION trompe.sync_removals()
+RETURNS TABLE (table_name text, key text[], ts bigint, node uuid)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM trompe._require_peer_login();
+    RETURN QUERY EXECUTE format(
+        'SELECT r.relid::regclass::text, r.key, v.ts, v.node
+           FROM (SELECT relid, key, xmin FROM trompe.tombstones
+                 UNION ALL SELECT relid, NULL, xmin FROM trompe.truncations) r
+           JOIN trompe.tables t ON t.relid = r.relid
+          CROSS JOIN LATERAL %s v
+          ORDER BY v.node, v.ts', trompe._version_sql('r.xmin'));
+END
+$$;
+
+CREATE OR REPLACE FUNCTION trompe.sync_source()
+RETURNS TABLE (kind text, name text, a text, b text, c text)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM trompe._require_peer_login();
+    IF current_setting('transaction_isolation') <> 'repeatable read' THEN
+        RAISE EXCEPTION 'trompe.sync_source() must run in a REPEATABLE READ transaction'
+            USING ERRCODE = 'invalid_transaction_state';
+    END IF;
+    RETURN QUERY SELECT 'snapshot', NULL::text, pg_current_snapshot()::text, pg_export_snapshot(),
+                        (SELECT node_id::text FROM trompe.node);
+    RETURN QUERY SELECT 'position', p.node_id::text, p.done, p.cur,
+                        trompe._applied_after(p.node_id, p.cur, p.after, p.after_offset)::text
+                   FROM trompe.progress p WHERE EXISTS (SELECT 1 FROM trompe.peers x WHERE x.node_id = p.node_id);
+    RETURN QUERY SELECT 'table', format('%I.%I', n.nspname, r.relname), t.conflict_rule, NULL::text, NULL::text
+                   FROM trompe.tables t JOIN pg_class r ON r.oid = t.relid JOIN pg_namespace n ON n.oid = r.relnamespace;
+    RETURN QUERY SELECT 'priority', p.node_id::text, p.priority::text, NULL::text, NULL::text
+                   FROM trompe.node_priorities p;
+    RETURN QUERY SELECT 'schema', s.schema_name::text, NULL::text, NULL::text, NULL::text FROM trompe.schemas s;
+END
+$$;
+-- ===== end of trust between nodes ==========================================================

@@ -58,6 +58,44 @@ pub enum TrompeError {
     /// A node pulls without being registered as a consumer here.
     #[error("node {0} is not registered as a consumer of this node")]
     NotAConsumer(String),
+    /// A login acts for a node it is not registered for.
+    #[error("permission denied for node {node}: login \"{login}\" is not registered for it")]
+    NotNodesLogin {
+        /// The login (session user).
+        login: String,
+        /// The node it tried to act for.
+        node: String,
+    },
+    /// The peer does not let this connection string's login act for this node.
+    #[error("peer \"{name}\" does not accept this login for this node: {message}")]
+    PeerDeniesNode {
+        /// The peer.
+        name: String,
+        /// The peer's error.
+        message: String,
+    },
+    /// A login serves no node that pulls from this one.
+    #[error("permission denied: login \"{0}\" is not registered for any node pulling from this one")]
+    NotAPeerLogin(String),
+    /// A position a consumer asks to resume from, whose changes this node no longer keeps.
+    #[error("this node no longer keeps its log from position {0}")]
+    LogNotKept(String),
+    /// The peer no longer keeps its log from where this node stopped pulling it.
+    #[error("peer \"{0}\" no longer keeps its log from where this node stopped pulling it")]
+    ResumeImpossible(String),
+    /// A connection string that reaches another node than the peer's.
+    #[error("peer \"{name}\" is node {expected}, but the new connection string reaches node {found}")]
+    OtherNode {
+        /// The peer.
+        name: String,
+        /// Its node id.
+        expected: String,
+        /// The node the connection string reaches.
+        found: String,
+    },
+    /// A role named as a consumer's login does not exist.
+    #[error("role \"{0}\" does not exist")]
+    NoSuchRole(String),
     /// A consumer's position went back past what it had confirmed.
     #[error("node {0} asks for changes older than it had confirmed; the log may have been pruned")]
     PositionRegressed(String),
@@ -191,6 +229,12 @@ impl TrompeError {
             TrompeError::NotAConsumer(_) | TrompeError::PositionRegressed(_) => {
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
+            TrompeError::NotNodesLogin { .. } | TrompeError::NotAPeerLogin(_) | TrompeError::PeerDeniesNode { .. } => {
+                ERRCODE_INSUFFICIENT_PRIVILEGE
+            }
+            TrompeError::LogNotKept(_) | TrompeError::ResumeImpossible(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            TrompeError::OtherNode { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
+            TrompeError::NoSuchRole(_) => ERRCODE_UNDEFINED_OBJECT,
             TrompeError::BadPeerName(_) | TrompeError::BadConninfo(_) => ERRCODE_INVALID_PARAMETER_VALUE,
             TrompeError::PeerExists(_) | TrompeError::NodeAlreadyPeer { .. } => ERRCODE_DUPLICATE_OBJECT,
             TrompeError::NoSuchPeer(_) => ERRCODE_UNDEFINED_OBJECT,
@@ -231,9 +275,25 @@ impl TrompeError {
             TrompeError::PositionRegressed(_) => {
                 Some("Remove the peer on the node that lags and add it again with sync => true.")
             }
-            TrompeError::NotAConsumer(_) => {
-                Some("The peer was removed on that node; add it again with trompe.add_peer().")
-            }
+            TrompeError::NotAConsumer(_) => Some(
+                "That node no longer keeps its log for this one (it was removed there, or dropped by an administrator): \
+                 remove the peer here and add it again, which resumes if its log still goes back far enough.",
+            ),
+            TrompeError::NotNodesLogin { .. } => Some(
+                "A node's registration belongs to the login it registered with; an administrator of this node can \
+                 change it with trompe.set_consumer_logins().",
+            ),
+            TrompeError::PeerDeniesNode { .. } => Some(
+                "An administrator of the peer lets the login act for this node with trompe.set_consumer_logins() there \
+                 (list the old login too while the node switches).",
+            ),
+            TrompeError::NotAPeerLogin(_) => Some(
+                "Only the logins nodes pull this node with may call this; an administrator can register one with \
+                 trompe.set_consumer_logins().",
+            ),
+            TrompeError::ResumeImpossible(_) => Some(
+                "Changes made there since would be lost: join again with add_peer(..., sync => true) on a new, empty node.",
+            ),
             TrompeError::SyncNeedsEmptyNode(_) => Some(
                 "Join with a database that has only the trompe extension in it; add peers without sync => true otherwise.",
             ),

@@ -10,6 +10,7 @@ pub mod capture;
 pub mod commit_times;
 pub mod compare;
 pub mod conflicts;
+pub mod consumers;
 pub mod ddl_history;
 pub mod error;
 pub mod exceptions;

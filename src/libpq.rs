@@ -6,6 +6,12 @@
 //! socket, so signals and postmaster death are answered at once. The `*_wait` helpers do that
 //! waiting for one connection (for SQL functions such as `add_peer`); the worker multiplexes
 //! many connections itself.
+//!
+//! A query that takes too long is cancelled the same way: libpq's `PQcancel` blocks until the
+//! server has taken the request (forever behind a link that drops packets), and the
+//! non-blocking cancel functions came with libpq 17 (Debian 12's is 15), so
+//! [`Conn::cancel_wait`] opens a second connection to the same server, like any other, and runs
+//! `pg_cancel_backend` there, giving up after [`CANCEL_TIMEOUT`].
 
 use std::ffi::{CStr, CString};
 use std::time::{Duration, Instant};
@@ -61,9 +67,15 @@ pub enum Want {
     Done,
 }
 
+/// How long cancelling a query on a peer may take before it is given up (the connection is
+/// closed anyway).
+pub const CANCEL_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// An open (or opening) connection to a peer. Closed when dropped.
 pub struct Conn {
     raw: *mut pq::PGconn,
+    /// The parameters it was opened with (a cancel connects again with them).
+    info: ConnInfo,
 }
 
 impl Drop for Conn {
@@ -91,10 +103,14 @@ impl Conn {
         if raw.is_null() {
             return Err(PqError::new(PqErrorKind::Connect, "out of memory starting a connection"));
         }
-        let conn = Conn { raw };
-        // SAFETY: raw is a valid connection object.
-        if unsafe { pq::PQstatus(raw) } == pq::ConnStatusType::CONNECTION_BAD {
-            return Err(conn.connect_error());
+        let conn = Conn { raw, info: info.clone() };
+        // SAFETY: raw is a valid connection object. While connecting, errors carry their
+        // SQLSTATE (see connect_error).
+        unsafe {
+            pq::PQsetErrorVerbosity(raw, pq::PGVerbosity::PQERRORS_VERBOSE);
+            if pq::PQstatus(raw) == pq::ConnStatusType::CONNECTION_BAD {
+                return Err(conn.connect_error());
+            }
         }
         Ok(conn)
     }
@@ -104,8 +120,12 @@ impl Conn {
         // SAFETY: raw is a valid connection object.
         match unsafe { pq::PQconnectPoll(self.raw) } {
             pq::PostgresPollingStatusType::PGRES_POLLING_OK => {
-                // SAFETY: as above; switching an established connection to non-blocking mode.
-                unsafe { pq::PQsetnonblocking(self.raw, 1) };
+                // SAFETY: as above; switching an established connection to non-blocking mode and
+                // its messages back to the default verbosity.
+                unsafe {
+                    pq::PQsetnonblocking(self.raw, 1);
+                    pq::PQsetErrorVerbosity(self.raw, pq::PGVerbosity::PQERRORS_DEFAULT);
+                }
                 Ok(Want::Done)
             }
             pq::PostgresPollingStatusType::PGRES_POLLING_READING => Ok(Want::Read),
@@ -115,17 +135,19 @@ impl Conn {
         }
     }
 
+    /// Why connecting failed. A refused login is told by the server's SQLSTATE (libpq reports
+    /// connection failures only as text, in the client's and the server's language, but with
+    /// verbose errors each server error carries its SQLSTATE) or by libpq's own finding that a
+    /// password is needed.
     fn connect_error(&self) -> PqError {
-        let message = self.error_message();
+        let (sqlstate, message) = trompe_core::pqmessage::split_verbose(&self.error_message());
         // SAFETY: raw is a valid connection object.
         let needs_password = unsafe { pq::PQconnectionNeedsPassword(self.raw) } != 0;
-        let login = needs_password
-            || ["password authentication failed", "no pg_hba.conf entry", "authentication failed", "permission denied"]
-                .iter()
-                .any(|m| message.contains(m))
-            || (message.contains("role \"") && message.contains("does not exist"));
+        let login = needs_password || sqlstate.as_deref().is_some_and(trompe_core::pqmessage::is_login_failure);
         let kind = if login { PqErrorKind::Login } else { PqErrorKind::Connect };
-        PqError::new(kind, message)
+        let mut e = PqError::new(kind, message);
+        e.sqlstate = sqlstate;
+        e
     }
 
     /// libpq's last error message for this connection.
@@ -286,19 +308,53 @@ impl Conn {
         Ok(())
     }
 
-    /// Sends a cancel request for the query in progress (opens a short second connection).
-    pub fn cancel(&self) {
-        // SAFETY: PQgetCancel/PQcancel/PQfreeCancel on a valid connection; errbuf is large
-        // enough as libpq documents (256 bytes).
-        unsafe {
-            let c = pq::PQgetCancel(self.raw);
-            if !c.is_null() {
-                let mut buf = [0 as std::ffi::c_char; 256];
-                pq::PQcancel(c, buf.as_mut_ptr(), buf.len() as i32);
-                pq::PQfreeCancel(c);
+    /// Cancels the query in progress without blocking in libpq: connects to the same server
+    /// again (the host and address this connection reached, with the same parameters) and
+    /// runs `pg_cancel_backend` on this connection's server process, which the same login may
+    /// do. Waits (interruptibly) at most `timeout`, and gives up after it.
+    pub fn cancel_wait(&self, timeout: Duration) -> Result<(), PqError> {
+        let deadline = Instant::now() + timeout;
+        let left = || deadline.saturating_duration_since(Instant::now());
+        // SAFETY: raw is a valid connection object.
+        let pid = unsafe { pq::PQbackendPID(self.raw) };
+        if pid == 0 {
+            return Ok(());
+        }
+        let mut info = self.info.clone();
+        // SAFETY: PQhost, PQhostaddr and PQport return strings owned by the connection, or NULL.
+        let (host, hostaddr, port) =
+            unsafe { (owned(pq::PQhost(self.raw)), owned(pq::PQhostaddr(self.raw)), owned(pq::PQport(self.raw))) };
+        for (key, value) in [("host", host), ("hostaddr", hostaddr), ("port", port)] {
+            match value.filter(|v| !v.is_empty()) {
+                Some(v) => info.set(key, &v),
+                None => {
+                    info.take(key);
+                }
             }
         }
+        info.take("target_session_attrs");
+        info.set("application_name", "trompe cancel");
+        let mut conn = connect_wait(&info, timeout)?;
+        send_wait(&mut conn, "SELECT pg_catalog.pg_cancel_backend($1::int)", &[Some(&pid.to_string())], left())?;
+        collect(&mut conn, deadline, false).map(drop)
     }
+
+    /// [`Conn::cancel_wait`] within [`CANCEL_TIMEOUT`]; a cancel that fails is only noted in
+    /// the server log at DEBUG1 (the caller gives up on the query either way).
+    fn cancel_quietly(&self) {
+        if let Err(e) = self.cancel_wait(CANCEL_TIMEOUT) {
+            pgrx::debug1!("trompe: cancelling a query on a peer failed: {e}");
+        }
+    }
+}
+
+/// A C string owned by libpq, copied (`None` for NULL).
+///
+/// # Safety
+/// `p` is NULL or a NUL-terminated string that stays valid during the call.
+unsafe fn owned(p: *const std::ffi::c_char) -> Option<String> {
+    // SAFETY: as the caller promises.
+    (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
 }
 
 /// One step of reading a `COPY ... TO STDOUT`.
@@ -452,13 +508,21 @@ pub fn send_wait(conn: &mut Conn, sql: &str, params: &[Option<&str>], timeout: D
     Ok(())
 }
 
-/// Waits (interruptibly) up to `timeout` for the result of the query sent last.
+/// Waits (interruptibly) up to `timeout` for the result of the query sent last; a query that
+/// takes longer is cancelled (see [`Conn::cancel_wait`]).
 pub fn result_wait(conn: &mut Conn, timeout: Duration) -> Result<PgResult, PqError> {
-    let deadline = Instant::now() + timeout;
+    collect(conn, Instant::now() + timeout, true)
+}
+
+/// Waits until `deadline` for the result of the query sent last, cancelling it on timeout if
+/// `cancel` (not for the cancel's own query).
+fn collect(conn: &mut Conn, deadline: Instant, cancel: bool) -> Result<PgResult, PqError> {
     let left = || deadline.saturating_duration_since(Instant::now());
     while conn.consume()? == Want::Read {
         if left().is_zero() {
-            conn.cancel();
+            if cancel {
+                conn.cancel_quietly();
+            }
             return Err(PqError::new(PqErrorKind::Timeout, "timed out waiting for the peer's answer"));
         }
         wait_socket(conn.socket(), Want::Read, left());
@@ -474,7 +538,7 @@ pub fn copy_out_start(conn: &mut Conn, sql: &str, params: &[Option<&str>], timeo
     while conn.consume()? == Want::Read {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            conn.cancel();
+            conn.cancel_quietly();
             return Err(PqError::new(PqErrorKind::Timeout, "timed out waiting for the peer's answer"));
         }
         wait_socket(conn.socket(), Want::Read, left);
@@ -497,7 +561,7 @@ pub fn copy_out_row(conn: &mut Conn, timeout: Duration) -> Result<Option<Vec<u8>
             CopyRow::Wait => {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
-                    conn.cancel();
+                    conn.cancel_quietly();
                     return Err(PqError::new(PqErrorKind::Timeout, "timed out waiting for the peer's rows"));
                 }
                 wait_socket(conn.socket(), Want::Read, left);

@@ -39,6 +39,8 @@ thread_local! {
     static STEP: RefCell<Option<StepCache>> = const { RefCell::new(None) };
     /// When this session last wrote the consumer's confirmed position, and what it wrote.
     static CONFIRMED: RefCell<Option<(Instant, String)>> = const { RefCell::new(None) };
+    /// The position (done, step) this session checked last against this node's snapshot.
+    static SERVED: RefCell<Option<(String, Option<String>)>> = const { RefCell::new(None) };
 }
 
 fn parse_snapshot(text: &str, what: &str) -> Snapshot {
@@ -129,34 +131,43 @@ pub fn effective_confirmed(consumer: &[u8; 16], stored: &str) -> String {
     }
 }
 
-/// Checks that `consumer` is registered and records the position it confirmed as applied (in
-/// shared memory; the worker saves it to `trompe.consumers`). A consumer whose position went
-/// backwards past what it confirmed (restored from a backup) is refused: the log it needs may
-/// be gone.
-fn check_consumer(consumer: pgrx::Uuid, done: &Snapshot, confirmed: Option<&str>) {
+/// Checks that `consumer` is registered, that the session's login may pull as it (see
+/// `consumers`), and that its position is one this node served (not ahead of this node's current
+/// snapshot) and not older than what it confirmed (a consumer restored from a backup: the log it
+/// needs may be gone); then records the position it confirmed as applied (in shared memory; the
+/// worker saves it to `trompe.consumers`). A confirmed position ahead of the consumer's own
+/// position is refused; one older than what it confirmed before is ignored (positions never go
+/// back). Returns true if the registration was bound to the session's login now: the pull then
+/// does not wait for news, so as not to hold the row lock of that write.
+fn check_consumer(consumer: pgrx::Uuid, done: &Snapshot, cur: Option<&Snapshot>, confirmed: Option<&str>) -> bool {
     let consumer_text = consumer.to_string();
-    let stored =
-        crate::sql::value("SELECT confirmed FROM trompe.consumers WHERE node_id = $1::uuid", &[Some(&consumer_text)])
-            .map_err(TrompeError::Internal)
-            .or_raise();
-    let Some(stored) = stored else {
-        TrompeError::NotAConsumer(consumer.to_string()).raise();
+    let Some(reg) = crate::consumers::authorized(&consumer_text, crate::consumers::Act::Bind).or_raise() else {
+        TrompeError::NotAConsumer(consumer_text).raise();
     };
     let id: [u8; 16] = *consumer.as_bytes();
-    let stored = effective_confirmed(&id, &stored);
-    if let Ok(stored_snap) = stored.parse::<Snapshot>() {
-        if !done.covers(&stored_snap) {
+    let stored = effective_confirmed(&id, &reg.confirmed);
+    let stored_snap = stored.parse::<Snapshot>().ok();
+    if let Some(stored_snap) = &stored_snap {
+        if !done.covers(stored_snap) {
             TrompeError::PositionRegressed(consumer.to_string()).raise();
         }
     }
+    check_served(done, cur);
     let Some(confirmed) = confirmed.filter(|c| *c != stored) else {
-        return;
+        return reg.bound_now;
     };
-    parse_snapshot(confirmed, "confirmed");
+    let confirmed_snap = parse_snapshot(confirmed, "confirmed");
+    if !done.covers(&confirmed_snap) {
+        TrompeError::BadRequest(format!("confirmed position {confirmed} is ahead of the position {done} pulled from"))
+            .raise();
+    }
+    if stored_snap.as_ref().is_some_and(|s| !confirmed_snap.covers(s)) {
+        return reg.bound_now;
+    }
     // SAFETY: MyDatabaseId is a backend-local global.
     let dboid = unsafe { pg_sys::MyDatabaseId };
     if shmem::shared().is_some_and(|s| s.set_confirmed(dboid, &id, confirmed)) {
-        return;
+        return reg.bound_now;
     }
     let due = CONFIRMED.with(|c| c.borrow().as_ref().is_none_or(|(at, _)| at.elapsed() >= Duration::from_secs(1)));
     if due {
@@ -168,6 +179,26 @@ fn check_consumer(consumer: pgrx::Uuid, done: &Snapshot, confirmed: Option<&str>
         .or_raise();
         CONFIRMED.with(|c| *c.borrow_mut() = Some((Instant::now(), confirmed.to_string())));
     }
+    reg.bound_now
+}
+
+/// Refuses a position (`done`, and the step `cur` in progress) that this node did not serve:
+/// one its current snapshot does not cover. Positions checked once are not checked again by
+/// this session (a consumer sends the same `done` for every pull of a step).
+fn check_served(done: &Snapshot, cur: Option<&Snapshot>) {
+    let key = (done.to_string(), cur.map(Snapshot::to_string));
+    if SERVED.with(|s| s.borrow().as_ref() == Some(&key)) {
+        return;
+    }
+    let now = crate::log::rotation::snapshot_now().map_err(TrompeError::Internal).or_raise();
+    for (what, snapshot) in [("position", Some(done)), ("step", cur)] {
+        if let Some(snapshot) = snapshot {
+            if !now.covers(snapshot) {
+                TrompeError::BadRequest(format!("{what} {snapshot} is ahead of this node ({now})")).raise();
+            }
+        }
+    }
+    SERVED.with(|s| *s.borrow_mut() = Some(key));
 }
 
 /// Waits up to `wait_ms` for a commit that wrote to this database's log, unless the commit
@@ -238,11 +269,12 @@ fn _pull_plan(
     // For the rest of trompe.pull too, which returns the rows this plan chooses.
     plain_reads();
     let done_snap = parse_snapshot(done, "done");
-    as_extension_owner(|| check_consumer(consumer, &done_snap, confirmed));
+    let given_cur = cur.map(|c| parse_snapshot(c, "cur"));
+    let bound_now = as_extension_owner(|| check_consumer(consumer, &done_snap, given_cur.as_ref(), confirmed));
     let (cur_text, commits) = match cur {
         Some(c) => (c.to_string(), seen),
         None => {
-            let commits = wait_for_commit(seen, wait_ms);
+            let commits = wait_for_commit(seen, if bound_now { 0 } else { wait_ms });
             (snapshot_now(), commits)
         }
     };
@@ -298,13 +330,26 @@ fn register_consumer(
     consumer_name: &str,
 ) -> TableIterator<'static, (name!(node_id, pgrx::Uuid), name!(snapshot, String), name!(commit_timestamps, bool))> {
     let consumer_text = consumer.to_string();
+    let login = crate::consumers::session_login();
     let (node, snapshot) = as_extension_owner(|| {
+        let bound = crate::consumers::logins_installed();
+        if bound {
+            // Under the lock, nothing registers this node meanwhile and nothing is truncated
+            // between the snapshot and the registration.
+            crate::consumers::lock_registrations().map_err(TrompeError::Internal).or_raise();
+            crate::consumers::authorized(&consumer_text, crate::consumers::Act::Bind).or_raise();
+        }
         let snapshot = snapshot_now();
+        let logins = bound.then(|| trompe_core::pgarray::format_text_array(&[Some(login.as_str())]));
         crate::sql::execute(
-            "INSERT INTO trompe.consumers (node_id, name, confirmed) VALUES ($1::uuid, $2, $3)
-             ON CONFLICT (node_id) DO UPDATE SET name = EXCLUDED.name, confirmed = EXCLUDED.confirmed,
-                 registered_at = now(), confirmed_at = now()",
-            &[Some(&consumer_text), Some(consumer_name), Some(&snapshot)],
+            &format!(
+                "INSERT INTO trompe.consumers (node_id, name, confirmed{}) VALUES ($1::uuid, $2, $3{})
+                 ON CONFLICT (node_id) DO UPDATE SET name = EXCLUDED.name, confirmed = EXCLUDED.confirmed,
+                     registered_at = now(), confirmed_at = now()",
+                if bound { ", logins" } else { "" },
+                if bound { ", $4::text[]" } else { "" }
+            ),
+            &[Some(&consumer_text), Some(consumer_name), Some(&snapshot), logins.as_deref()],
         )
         .map_err(|e| TrompeError::Internal(format!("registering consumer: {e}")))
         .or_raise();
@@ -317,38 +362,73 @@ fn register_consumer(
     TableIterator::once((node, snapshot, tracked))
 }
 
-/// The position `consumer` has confirmed here (NULL if it is not registered).
-fn confirmed_position(consumer: &pgrx::Uuid) -> Option<String> {
-    let stored = as_extension_owner(|| {
-        crate::sql::value(
-            "SELECT confirmed FROM trompe.consumers WHERE node_id = $1::uuid",
-            &[Some(&consumer.to_string())],
-        )
-    })
-    .map_err(TrompeError::Internal)
-    .or_raise()?;
-    Some(effective_confirmed(consumer.as_bytes(), &stored))
+/// The position `consumer` has confirmed here (NULL if it is not registered), if the session's
+/// login may act for it (`act`).
+fn confirmed_position(consumer: &pgrx::Uuid, act: crate::consumers::Act) -> Option<String> {
+    let reg = crate::consumers::authorized(&consumer.to_string(), act).or_raise()?;
+    Some(effective_confirmed(consumer.as_bytes(), &reg.confirmed))
 }
 
 /// Registers `consumer` as a consumer of this node's log at the position `template` (another
 /// consumer) has confirmed: everything after it is kept for `consumer`. A node that a new node
 /// copies its data from calls this on each of its peers, so that they keep, for the new node,
 /// every change it had not applied yet when the copy was taken. Returns that position.
+///
+/// Only a login that may act for `template` may call this; the registration it makes has no
+/// login (the first login that pulls as `consumer` gets it), unless the new node's claim
+/// comes with it (see `register_consumer_from` with four arguments). A registration of
+/// `consumer` that has a login already may be changed only by one that may act for it.
 #[pg_extern(volatile, parallel_unsafe)]
 fn register_consumer_from(consumer: pgrx::Uuid, consumer_name: &str, template: pgrx::Uuid) -> String {
-    let Some(position) = confirmed_position(&template) else {
-        TrompeError::NotAConsumer(template.to_string()).raise();
-    };
-    as_extension_owner(|| {
-        crate::sql::execute(
+    register_from(consumer, consumer_name, template, None)
+}
+
+/// `register_consumer_from` for a new node that gives the SHA-256 (hex) of its secret: only
+/// that node (presenting the secret, see `claim_consumer`) or an administrator may act for the
+/// registration.
+#[pg_extern(name = "register_consumer_from", volatile, parallel_unsafe)]
+fn register_consumer_from_claimed(
+    consumer: pgrx::Uuid,
+    consumer_name: &str,
+    template: pgrx::Uuid,
+    claim: &str,
+) -> String {
+    if claim.len() != 64 || !claim.bytes().all(|b| b.is_ascii_hexdigit()) {
+        TrompeError::BadRequest("claim: expected a SHA-256 in hex".into()).raise();
+    }
+    register_from(consumer, consumer_name, template, Some(&claim.to_ascii_lowercase()))
+}
+
+fn register_from(consumer: pgrx::Uuid, consumer_name: &str, template: pgrx::Uuid, claim: Option<&str>) -> String {
+    use crate::consumers::{authorize, logins_installed, read, Act};
+    let node = consumer.to_string();
+    let bound = logins_installed();
+    let position = as_extension_owner(|| {
+        if bound {
+            crate::consumers::lock_registrations().map_err(TrompeError::Internal).or_raise();
+        }
+        let Some(position) = confirmed_position(&template, Act::Bind) else {
+            TrompeError::NotAConsumer(template.to_string()).raise();
+        };
+        let existing = read(&node).or_raise();
+        if let Some(reg) = existing.as_ref().filter(|r| !r.unbound) {
+            authorize(&node, reg, Act::Use).or_raise();
+        }
+        let sql = if bound {
+            "INSERT INTO trompe.consumers (node_id, name, confirmed, claim) VALUES ($1::uuid, $2, $3, $4)
+             ON CONFLICT (node_id) DO UPDATE SET name = EXCLUDED.name, confirmed = EXCLUDED.confirmed,
+                 registered_at = now(), confirmed_at = now(),
+                 claim = CASE WHEN consumers.logins IS NULL THEN EXCLUDED.claim END"
+        } else {
             "INSERT INTO trompe.consumers (node_id, name, confirmed) VALUES ($1::uuid, $2, $3)
              ON CONFLICT (node_id) DO UPDATE SET name = EXCLUDED.name, confirmed = EXCLUDED.confirmed,
-                 registered_at = now(), confirmed_at = now()",
-            &[Some(&consumer.to_string()), Some(consumer_name), Some(&position)],
-        )
-    })
-    .map_err(|e| TrompeError::Internal(format!("registering consumer: {e}")))
-    .or_raise();
+                 registered_at = now(), confirmed_at = now()"
+        };
+        crate::sql::execute(sql, &[Some(&node), Some(consumer_name), Some(&position), claim])
+            .map_err(|e| TrompeError::Internal(format!("registering consumer: {e}")))
+            .or_raise();
+        position
+    });
     forget_live_confirmation(&consumer);
     position
 }
@@ -357,7 +437,7 @@ fn register_consumer_from(consumer: pgrx::Uuid, consumer_name: &str, template: p
 /// log for it.
 #[pg_extern(volatile, parallel_unsafe)]
 fn consumer_confirmed(consumer: pgrx::Uuid) -> Option<String> {
-    confirmed_position(&consumer)
+    confirmed_position(&consumer, crate::consumers::Act::Use)
 }
 
 /// Forgets what consumer `consumer` confirmed through shared memory (it was removed or
@@ -370,12 +450,16 @@ pub fn forget_live_confirmation(consumer: &pgrx::Uuid) {
     }
 }
 
-/// Forgets a consumer: its position no longer holds back log truncation. Returns whether it
-/// was registered.
+/// Forgets a consumer, at its own request (it removed this node as a peer): its position no
+/// longer holds back log truncation. Returns whether it was registered. Only a login that may
+/// act for it may do so (an administrator uses `trompe.drop_consumer`).
 #[pg_extern(volatile, parallel_unsafe)]
 fn unregister_consumer(consumer: pgrx::Uuid) -> bool {
-    forget_live_confirmation(&consumer);
     let consumer_text = consumer.to_string();
+    if crate::consumers::authorized(&consumer_text, crate::consumers::Act::Use).or_raise().is_none() {
+        return false;
+    }
+    forget_live_confirmation(&consumer);
     as_extension_owner(|| {
         crate::sql::execute("DELETE FROM trompe.consumers WHERE node_id = $1::uuid", &[Some(&consumer_text)])
     })
@@ -395,6 +479,7 @@ fn current_snapshot() -> String {
 /// (`done`, `cur`, `after`) has not applied yet.
 #[pg_extern(volatile, parallel_unsafe)]
 fn pending_changes(done: &str, cur: Option<&str>, after: i64, upto: &str) -> i64 {
+    crate::consumers::require_peer_login().or_raise();
     let done_snap = parse_snapshot(done, "done");
     let upto_snap = parse_snapshot(upto, "upto");
     let cur_snap = cur.map(|c| parse_snapshot(c, "cur"));

@@ -1,10 +1,19 @@
-//! Peers: `trompe.add_peer`, `remove_peer`, `pause_peer`, `resume_peer`. `add_peer` checks
-//! everything it can at call time and changes nothing when a check fails.
+//! Peers: `trompe.add_peer`, `alter_peer`, `remove_peer`, `pause_peer`, `resume_peer`. `add_peer`
+//! and `alter_peer` check everything they can at call time and change nothing when a check
+//! fails.
+//!
+//! Removing a peer touches only what this node pulls from it: the peer is asked to stop
+//! keeping its log for this node, but this node's position there (and the replication origin
+//! recording it) is kept, so that adding the peer again resumes where it stopped if the peer
+//! still has its log from there, and is refused otherwise. What other nodes pull from this
+//! node (`trompe.consumers`) is theirs: only they, an administrator (`trompe.drop_consumer`)
+//! or log size limits remove them.
 
 use std::time::Duration;
 
 use pgrx::prelude::*;
 use trompe_core::conninfo::{ConnInfo, ConninfoError};
+use trompe_core::snapshot::Snapshot;
 
 use crate::capture::InternalOperation;
 use crate::error::{OrRaise, TrompeError};
@@ -69,8 +78,24 @@ pub(crate) fn peer_query(
     sql: &str,
     params: &[Option<&str>],
 ) -> Result<crate::libpq::PgResult, TrompeError> {
-    query_wait(conn, sql, params, CALL_TIMEOUT)
-        .map_err(|e: PqError| TrompeError::PeerFailed { name: name.to_string(), message: scrub(&e.message, info) })
+    query_wait(conn, sql, params, CALL_TIMEOUT).map_err(|e: PqError| peer_failed(name, info, &e))
+}
+
+/// A query on the peer that failed, as an error of this node (the password scrubbed).
+fn peer_failed(name: &str, info: &ConnInfo, e: &PqError) -> TrompeError {
+    TrompeError::PeerFailed { name: name.to_string(), message: scrub(&e.message, info) }
+}
+
+/// Whether the peer has function `signature` (e.g. `trompe.claim_consumer(uuid,text)`): what a
+/// node checks before calling what a later version added on a peer that may be older.
+pub(crate) fn peer_has_function(
+    conn: &mut Conn,
+    name: &str,
+    info: &ConnInfo,
+    signature: &str,
+) -> Result<bool, TrompeError> {
+    let found = peer_query(conn, name, info, "SELECT to_regprocedure($1) IS NOT NULL", &[Some(signature)])?;
+    Ok(found.get(0, 0) == Some("t"))
 }
 
 /// The replication origin of a peer: its name records the peer's node id.
@@ -88,7 +113,7 @@ pub fn origin_name(peer: &str) -> String {
 /// copy left them.
 #[pg_extern(name = "add_peer", volatile, parallel_unsafe)]
 fn add_peer_with_sync(name: &str, conninfo: &str, sync: default!(bool, false)) -> pgrx::Uuid {
-    hide_statement();
+    hide_statement("add_peer");
     add_peer_impl(name, conninfo, sync).or_raise()
 }
 
@@ -97,7 +122,7 @@ fn add_peer_with_sync(name: &str, conninfo: &str, sync: default!(bool, false)) -
 /// arguments across versions, so the three-argument function has a symbol of its own).
 #[pg_extern(sql = false)]
 fn add_peer(name: &str, conninfo: &str) -> pgrx::Uuid {
-    hide_statement();
+    hide_statement("add_peer");
     add_peer_impl(name, conninfo, false).or_raise()
 }
 
@@ -145,19 +170,19 @@ fn unfinished_sync(joining_installed: bool) -> Result<Option<String>, TrompeErro
 /// `pg_stat_activity` shows a placeholder instead, and an error of this transaction does not
 /// write the statement to the server log (`log_min_error_statement`, reset when the
 /// transaction ends).
-fn hide_statement() {
-    // SAFETY: replaces this backend's activity text with a static string; called from the
+fn hide_statement(function: &str) {
+    let shown =
+        std::ffi::CString::new(format!("SELECT trompe.{function}(...) -- the connection string is hidden by trompe"))
+            .unwrap_or_default();
+    // SAFETY: replaces this backend's activity text (pgstat copies it); called from the
     // backend's main thread while running a query.
     unsafe {
-        pg_sys::pgstat_report_activity(
-            pg_sys::BackendState::STATE_RUNNING,
-            c"SELECT trompe.add_peer(...) -- the connection string is hidden by trompe".as_ptr(),
-        );
+        pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, shown.as_ptr());
     }
     let hidden =
         as_extension_owner(|| sql::execute("SELECT set_config('log_min_error_statement', 'panic', true)", &[]));
     if let Err(e) = hidden {
-        pgrx::warning!("trompe: cannot keep the add_peer statement out of the server log: {e}");
+        pgrx::warning!("trompe: cannot keep the {function} statement out of the server log: {e}");
     }
 }
 
@@ -233,6 +258,40 @@ fn add_peer_impl(name: &str, conninfo: &str, sync: bool) -> Result<pgrx::Uuid, T
     }
     let consumer_name =
         sql::value("SELECT current_database()", &[]).map_err(TrompeError::Internal)?.unwrap_or_default();
+    if sync {
+        // A node that joins starts from the copy: positions it kept from peers it pulled from
+        // before (it was emptied since) mean nothing any more.
+        as_extension_owner(|| {
+            sql::execute(
+                "DELETE FROM trompe.progress p WHERE NOT EXISTS (SELECT 1 FROM trompe.peers x WHERE x.node_id = p.node_id)",
+                &[],
+            )
+        })
+        .map_err(TrompeError::Internal)?;
+    }
+    // Where this node stopped pulling the peer, if it pulled it before (removed, now added
+    // again): it resumes from there.
+    let kept = as_extension_owner(|| {
+        sql::value("SELECT done FROM trompe.progress WHERE node_id = $1::uuid", &[Some(&peer_id)])
+    })
+    .map_err(TrompeError::Internal)?;
+    if let Some(done) = &kept {
+        resume_at_peer(&mut conn, name, &info, &me, &consumer_name, done)?;
+        let _internal = InternalOperation::begin();
+        as_extension_owner(|| {
+            sql::execute(
+                "INSERT INTO trompe.peers (name, node_id, conninfo) VALUES ($1, $2::uuid, $3)",
+                &[Some(name), Some(&peer_id), Some(conninfo)],
+            )?;
+            sql::execute(
+                "SELECT pg_replication_origin_create($1) WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)",
+                &[Some(&origin_name(&peer_id))],
+            )
+        })
+        .map_err(|e| TrompeError::Internal(format!("recording peer {name}: {e}")))?;
+        launch_worker_on_commit();
+        return to_uuid(&peer_id);
+    }
     // A node that joined by copying another starts where that copy left this peer's changes;
     // the copy's source registered it here at a position no later than that.
     let start = if joining_installed {
@@ -248,10 +307,7 @@ fn add_peer_impl(name: &str, conninfo: &str, sync: bool) -> Result<pgrx::Uuid, T
     };
     let (done, cur, after) = match start {
         Some(row) => {
-            let kept = peer_query(&mut conn, name, &info, "SELECT trompe.consumer_confirmed($1::uuid)", &[Some(&me)])?;
-            if kept.get(0, 0).is_none() {
-                return Err(TrompeError::StartPositionLost(name.to_string()));
-            }
+            claim_at_peer(&mut conn, name, &info, &me)?;
             (row[0].clone().unwrap_or_default(), row[1].clone(), row[2].clone().unwrap_or_else(|| "0".into()))
         }
         None => {
@@ -306,9 +362,11 @@ fn add_peer_impl(name: &str, conninfo: &str, sync: bool) -> Result<pgrx::Uuid, T
     to_uuid(&peer_id)
 }
 
-/// Stops pulling from a peer and forgets it: its position, its replication origin, and its
-/// claim on this node's log (the peer is asked to forget this node too, if it can be reached).
-/// Returns the peer's node id.
+/// Stops pulling from a peer and forgets it; the peer is asked to stop keeping its log for
+/// this node. This node keeps its position there (and the replication origin that records it),
+/// so that adding the peer again resumes where it stopped, as long as the peer still has its
+/// log from there. Nothing changes for the nodes that pull from this node, the removed peer
+/// included. Returns the peer's node id.
 #[pg_extern(volatile, parallel_unsafe)]
 fn remove_peer(name: &str) -> pgrx::Uuid {
     let found =
@@ -322,20 +380,25 @@ fn remove_peer(name: &str) -> pgrx::Uuid {
         let _internal = InternalOperation::begin();
         as_extension_owner(|| {
             // A copy from this peer that did not finish leaves nothing behind: the node is
-            // empty again and can join anew.
-            if crate::join::schema_installed()? {
+            // empty again and can join anew (its position there means nothing).
+            let unfinished = crate::join::schema_installed()?
+                && sql::flag(
+                    "SELECT EXISTS (SELECT 1 FROM trompe.syncs WHERE node_id = $1::uuid AND state <> 'done')",
+                    &[Some(&peer_id)],
+                )?;
+            if unfinished {
                 crate::join::copy::undo_attempt(&peer_id)?;
             }
             sql::execute("DELETE FROM trompe.peers WHERE name = $1", &[Some(name)])?;
-            // The replication origin is dropped by the worker once it has let go of the peer
-            // (it may be applying its changes right now, holding the origin).
-            sql::execute("DELETE FROM trompe.consumers WHERE node_id = $1::uuid", &[Some(&peer_id)])
+            if unfinished {
+                sql::execute("DELETE FROM trompe.progress WHERE node_id = $1::uuid", &[Some(&peer_id)])?;
+            }
+            Ok::<(), String>(())
         })
         .map_err(|e| TrompeError::Internal(format!("removing peer {name}: {e}")))
         .or_raise();
     }
     let peer_uuid = to_uuid(&peer_id).or_raise();
-    crate::origin::forget_live_confirmation(&peer_uuid);
     wake_worker_on_commit();
     let me = local_node_id().to_string();
     let told = peer_conninfo(&conninfo).and_then(|info| {
@@ -345,10 +408,112 @@ fn remove_peer(name: &str) -> pgrx::Uuid {
     if let Err(e) = told {
         pgrx::warning!(
             "peer \"{name}\" was removed here, but could not be told to stop keeping its log for this node: {e}; \
-             run SELECT trompe.remove_peer(...) for this node on it"
+             an administrator there can run SELECT trompe.drop_consumer('{me}')"
         );
     }
     peer_uuid
+}
+
+/// Asks the peer to keep its log for this node again from `done`, where this node stopped
+/// pulling it; refused if the peer no longer has it (a peer older than 0.5.0: if it stopped
+/// keeping it for this node).
+fn resume_at_peer(
+    conn: &mut Conn,
+    name: &str,
+    info: &ConnInfo,
+    me: &str,
+    consumer_name: &str,
+    done: &str,
+) -> Result<(), TrompeError> {
+    if !peer_has_function(conn, name, info, "trompe.resume_consumer(uuid,text,text)")? {
+        let kept = peer_query(conn, name, info, "SELECT trompe.consumer_confirmed($1::uuid)", &[Some(me)])?;
+        let confirmed = kept.get(0, 0).and_then(|c| c.parse::<Snapshot>().ok());
+        let done = done.parse::<Snapshot>().ok();
+        return match (done, confirmed) {
+            (Some(done), Some(confirmed)) if done.covers(&confirmed) => Ok(()),
+            _ => Err(TrompeError::ResumeImpossible(name.to_string())),
+        };
+    }
+    let resumed = query_wait(
+        conn,
+        "SELECT commit_timestamps FROM trompe.resume_consumer($1::uuid, $2, $3)",
+        &[Some(me), Some(consumer_name), Some(done)],
+        CALL_TIMEOUT,
+    )
+    .map_err(|e| match e.sqlstate.as_deref() {
+        Some("55000") => TrompeError::ResumeImpossible(name.to_string()),
+        _ => peer_failed(name, info, &e),
+    })?;
+    if resumed.get(0, 0) != Some("t") {
+        return Err(TrompeError::SettingRequired(format!(
+            "track_commit_timestamp must be on at peer \"{name}\" (set it in its postgresql.conf and restart it)"
+        )));
+    }
+    Ok(())
+}
+
+/// For a node that joined by copying another: makes the registration the copy's source made
+/// for this node at the peer this node's own (presenting this node's secret), or checks that
+/// the peer still keeps its log for this node (a peer older than 0.5.0).
+fn claim_at_peer(conn: &mut Conn, name: &str, info: &ConnInfo, me: &str) -> Result<(), TrompeError> {
+    let lost = || TrompeError::StartPositionLost(name.to_string());
+    if !peer_has_function(conn, name, info, "trompe.claim_consumer(uuid,text)")? {
+        let kept = peer_query(conn, name, info, "SELECT trompe.consumer_confirmed($1::uuid)", &[Some(me)])?;
+        return if kept.get(0, 0).is_some() { Ok(()) } else { Err(lost()) };
+    }
+    let secret = as_extension_owner(|| sql::value("SELECT claim_secret FROM trompe.node", &[]))
+        .map_err(TrompeError::Internal)?
+        .unwrap_or_default();
+    query_wait(conn, "SELECT trompe.claim_consumer($1::uuid, $2)", &[Some(me), Some(&secret)], CALL_TIMEOUT).map_err(
+        |e| match e.sqlstate.as_deref() {
+            Some("55000") => lost(),
+            _ => peer_failed(name, info, &e),
+        },
+    )?;
+    Ok(())
+}
+
+/// Changes the connection string of a peer in place: its position, its replication origin and
+/// this node's registration there stay as they are, and the worker reconnects with the new
+/// string. Checks first that it reaches the same node, which accepts its login for this node;
+/// on any failure nothing changes. Returns the peer's node id.
+#[pg_extern(volatile, parallel_unsafe)]
+fn alter_peer(name: &str, conninfo: &str) -> pgrx::Uuid {
+    hide_statement("alter_peer");
+    alter_peer_impl(name, conninfo).or_raise()
+}
+
+fn alter_peer_impl(name: &str, conninfo: &str) -> Result<pgrx::Uuid, TrompeError> {
+    let info = peer_conninfo(conninfo)?;
+    warn_if_statement_logged(&info);
+    let peer_id = as_extension_owner(|| sql::value("SELECT node_id FROM trompe.peers WHERE name = $1", &[Some(name)]))
+        .map_err(TrompeError::Internal)?
+        .ok_or_else(|| TrompeError::NoSuchPeer(name.to_string()))?;
+    let mut conn = connect_peer(name, &info)?;
+    let ext = peer_query(&mut conn, name, &info, "SELECT extversion FROM pg_extension WHERE extname = 'trompe'", &[])?;
+    if ext.rows() == 0 {
+        return Err(TrompeError::PeerWithoutTrompe(name.to_string()));
+    }
+    let ids = peer_query(&mut conn, name, &info, "SELECT trompe.node_id()::text", &[])?;
+    let found = ids.get(0, 0).unwrap_or_default().to_string();
+    if found != peer_id {
+        return Err(TrompeError::OtherNode { name: name.to_string(), expected: peer_id, found });
+    }
+    // A login that may not act for this node there is refused (permission denied).
+    let me = local_node_id().to_string();
+    query_wait(&mut conn, "SELECT trompe.consumer_confirmed($1::uuid)", &[Some(&me)], CALL_TIMEOUT).map_err(
+        |e| match e.sqlstate.as_deref() {
+            Some("42501") => TrompeError::PeerDeniesNode { name: name.to_string(), message: scrub(&e.message, &info) },
+            _ => peer_failed(name, &info, &e),
+        },
+    )?;
+    let _internal = InternalOperation::begin();
+    as_extension_owner(|| {
+        sql::execute("UPDATE trompe.peers SET conninfo = $2 WHERE name = $1", &[Some(name), Some(conninfo)])
+    })
+    .map_err(|e| TrompeError::Internal(format!("changing peer {name}: {e}")))?;
+    wake_worker_on_commit();
+    to_uuid(&peer_id)
 }
 
 fn set_paused(name: &str, paused: bool) -> bool {

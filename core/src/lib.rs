@@ -18,6 +18,7 @@ pub mod logformat;
 pub mod nodeid;
 pub mod pgarray;
 pub mod position;
+pub mod pqmessage;
 pub mod seqslot;
 pub mod snapshot;
 pub mod sqlstate;

@@ -445,14 +445,27 @@ pub fn run(job: &SyncJob) -> Result<(), String> {
     let conn = connect_wait(&info, Duration::from_secs(60))
         .map_err(|e| format!("could not connect to peer \"{}\": {}", job.name, scrub(&e.message, &info)))?;
     let mut conn = SourceConn { conn, name: job.name.clone(), info };
-    let (me, database) = in_transaction(|| {
+    let (me, database, claim) = in_transaction(|| {
         let me = sql::value("SELECT node_id::text FROM trompe.node", &[])?.unwrap_or_default();
-        Ok((me, sql::value("SELECT current_database()", &[])?.unwrap_or_default()))
+        // The source's peers keep their registration of this node for whoever presents this
+        // node's secret (see consumers::claim_consumer); they get its SHA-256.
+        let claim = if crate::consumers::logins_installed() {
+            sql::value("SELECT encode(sha256(convert_to(claim_secret, 'UTF8')), 'hex') FROM trompe.node", &[])?
+        } else {
+            None
+        };
+        Ok((me, sql::value("SELECT current_database()", &[])?.unwrap_or_default(), claim))
     })?;
     // The copy keeps one transaction open on the source for as long as it takes.
     conn.query("SET statement_timeout = 0", &[])?;
     conn.query("SET idle_in_transaction_session_timeout = 0", &[])?;
-    conn.query("SELECT trompe.sync_register($1::uuid, $2)", &[Some(&me), Some(&database)])?;
+    let claims = conn.query("SELECT to_regprocedure('trompe.sync_register(uuid,text,text)') IS NOT NULL", &[])?;
+    match claim.filter(|_| claims.get(0, 0) == Some("t")) {
+        Some(claim) => {
+            conn.query("SELECT trompe.sync_register($1::uuid, $2, $3)", &[Some(&me), Some(&database), Some(&claim)])?
+        }
+        None => conn.query("SELECT trompe.sync_register($1::uuid, $2)", &[Some(&me), Some(&database)])?,
+    };
     // The source applies its peers' changes meanwhile: with its apply lock held, none commits
     // between the snapshot and the positions read from its replication origins.
     let lock = crate::worker::progress::APPLY_LOCK_KEY.to_string();

@@ -128,6 +128,10 @@ pub fn maintain(db: &DbSlot) -> Result<(), String> {
         return Err("trompe.log_rotation has no current log table".into());
     };
     db.log_slot.store(current as i32, Ordering::Release);
+    // Registering a consumer takes this lock: the consumers read below are all there are until
+    // this transaction ends, or nothing is truncated this round.
+    let may_truncate = crate::consumers::try_lock_registrations()?;
+    let watermark = crate::consumers::logins_installed();
     let horizon = confirmed_horizon()?;
     let xmin = snapshot_now()?.xmin;
     for row in rows.iter().filter(|r| !r.is_current) {
@@ -144,13 +148,23 @@ pub fn maintain(db: &DbSlot) -> Result<(), String> {
             }
             // Nobody can write here any more, and every consumer has applied all of it.
             // Only if the table is free right now: waiting for a reader would queue every pull
-            // behind this TRUNCATE. Otherwise, again next round.
-            Some(below)
-                if below <= xmin
-                    && newest_transaction(row.slot)?.is_some_and(|newest| newest < horizon)
-                    && lock_if_free(row.slot)? =>
-            {
-                sql::execute(&format!("TRUNCATE trompe.log_{}", row.slot), &[])?;
+            // behind this TRUNCATE. Otherwise, again next round. The newest transaction
+            // truncated is recorded: a node resuming from a position older than it may have
+            // missed changes (see consumers::resume_consumer).
+            Some(below) if may_truncate && below <= xmin => {
+                let Some(newest) = newest_transaction(row.slot)?.filter(|newest| *newest < horizon) else {
+                    continue;
+                };
+                if lock_if_free(row.slot)? {
+                    sql::execute(&format!("TRUNCATE trompe.log_{}", row.slot), &[])?;
+                    if watermark {
+                        sql::execute(
+                            "UPDATE trompe.log_rotation SET truncated_through = greatest(truncated_through, $2::xid8)
+                              WHERE slot = $1::int",
+                            &[Some(&slot), Some(&newest.to_string())],
+                        )?;
+                    }
+                }
             }
             _ => {}
         }

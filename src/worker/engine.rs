@@ -49,8 +49,10 @@ fn extension_exists() -> bool {
     .unwrap_or(false)
 }
 
-/// This node's id, its peers, and the transactions of peers an admin asked to set aside.
-type LoadedPeers = (String, Vec<PeerRow>, Vec<(NodeId, i64)>);
+/// This node's id, its peers, the replication origins of removed peers whose position is kept
+/// (`trompe.progress` rows without a peer: adding the peer again resumes from there), and the
+/// transactions of peers an admin asked to set aside.
+type LoadedPeers = (String, Vec<PeerRow>, Vec<String>, Vec<(NodeId, i64)>);
 
 fn load_peers() -> Result<LoadedPeers, String> {
     in_transaction(|| {
@@ -105,7 +107,15 @@ fn load_peers() -> Result<LoadedPeers, String> {
                 added_at: text(8),
             });
         }
-        Ok((me, peers, crate::exceptions::skip_requests()?))
+        let kept = sql::rows(
+            "SELECT 'trompe_' || pr.node_id FROM trompe.progress pr
+              WHERE NOT EXISTS (SELECT 1 FROM trompe.peers p WHERE p.node_id = pr.node_id)",
+            &[],
+        )?
+        .into_iter()
+        .filter_map(|r| r.into_iter().next().flatten())
+        .collect();
+        Ok((me, peers, kept, crate::exceptions::skip_requests()?))
     })
 }
 
@@ -116,6 +126,8 @@ struct Engine {
     links: Vec<Link>,
     /// When each linked peer was added (a re-added peer gets a new link).
     added: HashMap<NodeId, String>,
+    /// The replication origins of removed peers whose position is kept.
+    kept_origins: Vec<String>,
     cache: ApplyCache,
     wake_seen: u64,
     next_reload_ms: i64,
@@ -131,9 +143,11 @@ struct Engine {
 }
 
 impl Engine {
-    /// Drops the replication origins of the peers this worker knew (after DROP EXTENSION).
+    /// Drops the replication origins of the peers this worker knew, and of removed peers whose
+    /// position was kept (after DROP EXTENSION).
     fn drop_origins(&mut self) {
-        let names: Vec<String> = self.links.iter().map(|l| format!("trompe_{}", l.node)).collect();
+        let mut names: Vec<String> = self.links.iter().map(|l| format!("trompe_{}", l.node)).collect();
+        names.append(&mut self.kept_origins);
         self.links.clear();
         let result = in_transaction(|| {
             for name in &names {
@@ -157,13 +171,14 @@ impl Engine {
                 None
             }
         };
-        let (me, rows, skips) = match load_peers() {
+        let (me, rows, kept, skips) = match load_peers() {
             Ok(v) => v,
             Err(e) => {
                 pgrx::log!("trompe: cannot read peers: {e}");
                 return;
             }
         };
+        self.kept_origins = kept;
         let shared = shared();
         let mut old: HashMap<NodeId, Link> = self.links.drain(..).map(|l| (l.node, l)).collect();
         for row in rows {
@@ -207,8 +222,9 @@ impl Engine {
             shared.release_peer_slots(self.dboid, &keep);
         }
         // Peers removed since: their replication origins stay. Rows applied from a peer keep
-        // its origin's number as their version's node, for as long as they exist; a dropped
-        // origin's number would be given to the next one created.
+        // its origin's number as their version's node, for as long as they exist (a dropped
+        // origin's number would be given to the next one created), and a peer added again
+        // resumes from its position.
         for node in old.keys() {
             self.added.remove(node);
         }
@@ -392,6 +408,7 @@ pub fn run(dboid: pg_sys::Oid, slot: &'static DbSlot) -> ! {
         slot,
         links: Vec::new(),
         added: HashMap::new(),
+        kept_origins: Vec::new(),
         cache: ApplyCache::default(),
         wake_seen: u64::MAX,
         next_reload_ms: 0,

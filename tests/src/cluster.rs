@@ -17,6 +17,7 @@ pub struct ClusterBuilder {
     nodes: usize,
     extension: bool,
     settings: Vec<(String, String)>,
+    env: Vec<(String, String)>,
     clock_offsets: Vec<(usize, String)>,
 }
 
@@ -46,6 +47,13 @@ impl ClusterBuilder {
         self
     }
 
+    /// Sets an environment variable for every node's server (e.g. `LANGUAGE`, which picks the
+    /// language of its messages when `lc_messages` is not `C`).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
     /// Creates and starts the nodes.
     pub fn start(self) -> Cluster {
         static SEQ: AtomicUsize = AtomicUsize::new(0);
@@ -56,7 +64,7 @@ impl ClusterBuilder {
         let mut cluster = Cluster { name: self.name.clone(), root, nodes: Vec::new(), links: Vec::new() };
         for i in 0..self.nodes {
             let offset = self.clock_offsets.iter().find(|(n, _)| *n == i).map(|(_, o)| o.clone());
-            let node = start_node(&format!("n{}", i + 1), &cluster.root, template, &self.settings, offset);
+            let node = start_node(&format!("n{}", i + 1), &cluster.root, template, &self.settings, &self.env, offset);
             cluster.nodes.push(node);
         }
         for from in 0..self.nodes {
@@ -78,12 +86,14 @@ fn start_node(
     root: &std::path::Path,
     template: &std::path::Path,
     settings: &[(String, String)],
+    env: &[(String, String)],
     clock_offset: Option<String>,
 ) -> Node {
     let mut last_error = String::new();
     for _ in 0..5 {
         let port = free_port();
         let mut node = Node::create(name, root, template, port, settings);
+        node.env = env.to_vec();
         node.clock_offset = clock_offset.clone();
         match node.try_start() {
             Ok(()) => return node,
@@ -117,6 +127,7 @@ impl Cluster {
             nodes: 2,
             extension: true,
             settings: Vec::new(),
+            env: Vec::new(),
             clock_offsets: Vec::new(),
         }
     }

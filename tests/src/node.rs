@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use postgres::{Client, NoTls};
 
-use crate::system::{pg_bin, run_as_postgres, run_as_postgres_with_env, RunError};
+use crate::system::{pg_bin, run_as_postgres, RunError};
 use crate::wait::wait_for;
 
 /// The database every node replicates in tests.
@@ -44,6 +44,8 @@ pub struct Node {
     pub datadir: PathBuf,
     /// Its server log file.
     pub logfile: PathBuf,
+    /// Environment variables its server starts with.
+    pub env: Vec<(String, String)>,
     /// How far its server's clock is off (libfaketime's `FAKETIME`, e.g. `+3s`), if at all.
     pub clock_offset: Option<String>,
 }
@@ -67,7 +69,7 @@ impl Node {
         let mut existing = fs::read_to_string(&conf_path).expect("template postgresql.conf readable");
         existing.push_str(&conf);
         fs::write(&conf_path, existing).expect("postgresql.conf writable");
-        Node { name: name.to_string(), port, datadir, logfile, clock_offset: None }
+        Node { name: name.to_string(), port, datadir, logfile, env: Vec::new(), clock_offset: None }
     }
 
     /// A libpq connection string for `dbname` on this node, as the superuser.
@@ -87,14 +89,28 @@ impl Node {
 
     /// Starts the server, reporting failure instead of panicking.
     pub fn try_start(&self) -> Result<(), RunError> {
-        let args = ["start", "-w", "-t", "120", "-D", path_str(&self.datadir), "-l", path_str(&self.logfile)];
-        let mut env: Vec<(&str, &str)> = Vec::new();
+        let pg_ctl = pg_bin("pg_ctl");
+        let start = ["start", "-w", "-t", "120", "-D", path_str(&self.datadir), "-l", path_str(&self.logfile)];
+        let mut env = self.env.clone();
         if let Some(offset) = &self.clock_offset {
             // Every process of the server sees a clock off by `offset`; timeouts and latches
             // (the monotonic clock) run normally.
-            env.extend([("LD_PRELOAD", FAKETIME_LIBRARY), ("FAKETIME", offset.as_str()), ("DONT_FAKE_MONOTONIC", "1")]);
+            for (k, v) in
+                [("LD_PRELOAD", FAKETIME_LIBRARY), ("FAKETIME", offset.as_str()), ("DONT_FAKE_MONOTONIC", "1")]
+            {
+                env.push((k.to_string(), v.to_string()));
+            }
         }
-        run_as_postgres_with_env(&pg_bin("pg_ctl"), &args, &env)?;
+        if env.is_empty() {
+            run_as_postgres(&pg_ctl, &start)?;
+        } else {
+            // Through env(1): runuser does not pass every variable on.
+            let vars: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let mut args: Vec<&str> = vars.iter().map(String::as_str).collect();
+            args.push(&pg_ctl);
+            args.extend(start);
+            run_as_postgres("/usr/bin/env", &args)?;
+        }
         Ok(())
     }
 

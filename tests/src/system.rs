@@ -53,14 +53,7 @@ pub fn postgres_command(program: &str) -> Command {
 
 /// Runs a program as the `postgres` user and returns its stdout.
 pub fn run_as_postgres(program: &str, args: &[&str]) -> Result<String, RunError> {
-    run_as_postgres_with_env(program, args, &[])
-}
-
-/// Runs a program as the `postgres` user with extra environment variables; returns its stdout.
-pub fn run_as_postgres_with_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<String, RunError> {
-    let mut cmd = postgres_command(program);
-    cmd.args(args).envs(env.iter().copied());
-    let out = cmd.output().map_err(|e| RunError(format!("{program}: {e}")))?;
+    let out = postgres_command(program).args(args).output().map_err(|e| RunError(format!("{program}: {e}")))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {

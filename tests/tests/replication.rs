@@ -193,23 +193,40 @@ fn network_cut_with_writes_on_both_sides_heals_by_itself() {
     }));
 }
 
+/// Removing a peer and adding it again (what changing a connection string took before
+/// `alter_peer`) loses nothing: the node resumes where it stopped, so what the peer committed
+/// meanwhile arrives too; and the removal touches only what this node pulls, not what the
+/// removed peer pulls from it.
 #[test]
-fn removed_and_re_added_peer_replicates_again() {
-    let cluster = Cluster::start("remove-readd", 2);
+fn removed_and_re_added_peer_resumes_where_it_stopped() {
+    // No log rotation during the test: the removed node's position stays in n1's log.
+    let cluster = Cluster::builder("remove-readd").nodes(2).setting("trompe.log_rotation_interval", "'1h'").start();
     items_everywhere(&cluster);
     cluster.mesh();
     let (n1, n2) = (cluster.node(0), cluster.node(1));
+    let n1_id = n1.query_text("SELECT trompe.node_id()").unwrap_or_default();
     n1.exec("INSERT INTO items VALUES (1, 'before')");
     cluster.wait_sync(SYNC);
     n2.exec("SELECT trompe.remove_peer('n1')");
     assert_eq!(n2.query_i64("SELECT count(*) FROM trompe.peers"), 0);
     assert_eq!(n1.query_i64("SELECT count(*) FROM trompe.consumers"), 0, "n1 no longer keeps its log for n2");
-    n2.wait_for_value("SELECT count(*) FROM pg_replication_origin", "0", Duration::from_secs(10));
+    assert_eq!(n2.query_i64("SELECT count(*) FROM trompe.consumers"), 1, "n1 still pulls from n2");
+    // Once n2's worker has let go of n1, its position there is still kept.
+    n1.wait_for_value(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'trompe' AND backend_type = 'client backend'",
+        "0",
+        Duration::from_secs(30),
+    );
+    assert_eq!(n2.query_i64(&format!("SELECT count(*) FROM trompe.progress WHERE node_id = '{n1_id}'")), 1);
+    assert_eq!(n2.query_i64(&format!("SELECT count(*) FROM pg_replication_origin WHERE roname = 'trompe_{n1_id}'")), 1);
     n1.exec("INSERT INTO items VALUES (2, 'while removed')");
+    n2.exec("INSERT INTO items VALUES (20, 'on n2 while n1 is removed there')");
+    n1.wait_for_value("SELECT count(*) FROM items WHERE id = 20", "1", SYNC);
     cluster.add_peer(1, 0);
     n1.exec("INSERT INTO items VALUES (3, 'after')");
     cluster.wait_sync(SYNC);
-    assert_eq!(n2.query_text("SELECT string_agg(id::text, ',' ORDER BY id) FROM items").as_deref(), Some("1,3"));
+    assert_eq!(n2.query_text("SELECT string_agg(id::text, ',' ORDER BY id) FROM items").as_deref(), Some("1,2,3,20"));
+    cluster.assert_same(&checksum("items"));
     assert_eq!(n2.query_i64("SELECT count(*) FROM trompe.status WHERE last_error IS NOT NULL"), 0);
 }
 
