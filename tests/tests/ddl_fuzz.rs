@@ -8,7 +8,7 @@
 //! meet the DDL in flight. CI runs one short seed; a longer run:
 //!
 //! ```sh
-//! TROMPE_SEEDS=11,12,13 TROMPE_FUZZ_SECS=120 cargo test -p trompe-tests --test ddl_fuzz -- --nocapture
+//! TROMPE_SEEDS=11,12,13 TROMPE_FUZZ_DDL=100 cargo test -p trompe-tests --test ddl_fuzz -- --nocapture
 //! ```
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -163,7 +163,7 @@ fn resume_all(cluster: &Cluster) {
 
 const RULES: [&str; 3] = ["last_update_wins", "first_update_wins", "node_priority"];
 
-fn fuzz(seed: u64, duration: Duration) {
+fn fuzz(seed: u64, ddl_statements: usize) {
     let rule = RULES[(seed % 3) as usize];
     println!("DDL fuzz: seed {seed}, rule {rule} (rerun with TROMPE_SEEDS={seed})");
     let cluster =
@@ -194,8 +194,7 @@ fn fuzz(seed: u64, duration: Duration) {
             });
         }
         let start = Instant::now();
-        let mut crashed = false;
-        while start.elapsed() < duration {
+        while statements < ddl_statements {
             // The last DDL has reached every node; a random link stops for a while, and the
             // next DDL meets the changes piling up behind it.
             resume_all(&cluster);
@@ -204,26 +203,26 @@ fn fuzz(seed: u64, duration: Duration) {
             if from != to {
                 cluster.node(from).exec(&format!("SELECT trompe.pause_peer('{}')", cluster.node(to).name));
             }
-            std::thread::sleep(Duration::from_millis(100 + rng.below(400)));
+            std::thread::sleep(Duration::from_millis(50 + rng.below(250)));
             let node = cluster.node(rng.below(3) as usize);
             let ddl = random_ddl(&mut rng, &mut schema.lock().expect("schema"));
             node.exec(&ddl);
             statements += 1;
-            std::thread::sleep(Duration::from_millis(100 + rng.below(400)));
-            if !crashed && start.elapsed() > duration / 2 {
-                crashed = true;
+            std::thread::sleep(Duration::from_millis(50 + rng.below(250)));
+            if statements == ddl_statements / 2 {
                 let victim = cluster.node(rng.below(3) as usize);
                 println!("seed {seed}: killing {}", victim.name);
                 victim.crash_and_restart();
             }
         }
         stop.store(true, Ordering::Relaxed);
+        println!("seed {seed}: {statements} DDL statements in {:?}", start.elapsed());
     });
     resume_all(&cluster);
     cluster.wait_sync(SYNC);
     let committed = committed.load(Ordering::Relaxed);
-    println!("seed {seed}: {statements} DDL statements, {committed} transactions committed");
-    assert!(committed > 50 && statements > 5, "seed {seed}: too little work to prove anything");
+    println!("seed {seed}: {committed} transactions committed");
+    assert!(committed > 50, "seed {seed}: too little work to prove anything ({committed} transactions)");
     let columns = "SELECT string_agg(c.relname || '.' || a.attname || ':' || format_type(a.atttypid, a.atttypmod), ' '
                           ORDER BY c.relname, a.attname)
                      FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
@@ -261,8 +260,8 @@ fn seeds() -> Vec<u64> {
 
 #[test]
 fn random_ddl_against_random_dml_under_clock_skew_converges() {
-    let secs = std::env::var("TROMPE_FUZZ_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(25);
+    let statements = std::env::var("TROMPE_FUZZ_DDL").ok().and_then(|s| s.parse().ok()).unwrap_or(16);
     for seed in seeds() {
-        fuzz(seed, Duration::from_secs(secs));
+        fuzz(seed, statements);
     }
 }
