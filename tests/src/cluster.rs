@@ -199,11 +199,16 @@ impl Cluster {
     }
 
     /// Asserts that `trompe.wait_sync` returns true on every node within `timeout`.
+    ///
+    /// It calls `wait_sync` for two seconds at a time: a call's transaction holds a snapshot,
+    /// which a `CREATE INDEX CONCURRENTLY` being replayed on that node waits for.
     pub fn wait_sync(&self, timeout: Duration) {
-        let secs = timeout.as_secs_f64();
+        let deadline = std::time::Instant::now() + timeout;
         for node in &self.nodes {
-            let got = node.query_text(&format!("SELECT trompe.wait_sync(interval '{secs} seconds')"));
-            assert_eq!(got.as_deref(), Some("t"), "trompe.wait_sync timed out on node {}", node.name);
+            let synced = crate::wait::wait_for(deadline.saturating_duration_since(std::time::Instant::now()), || {
+                node.query_text("SELECT trompe.wait_sync(interval '2 seconds')").as_deref() == Some("t")
+            });
+            assert!(synced, "trompe.wait_sync timed out on node {}", node.name);
         }
     }
 
