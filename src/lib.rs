@@ -19,6 +19,7 @@ pub mod log;
 pub mod node;
 pub mod origin;
 pub mod peers;
+pub mod pg_compat;
 pub mod retention;
 pub mod sequences;
 pub mod shmem;
