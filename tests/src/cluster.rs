@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::node::{path_str, Node};
 use crate::proxy::Proxy;
-use crate::system::{make_postgres_dir, pg_bin, run_as_postgres, scratch_root, template_datadir};
+use crate::system::{make_postgres_dir, pg_bindir, run_as_postgres, scratch_root, template_datadir_for};
 
 /// Options for a cluster.
 pub struct ClusterBuilder {
@@ -17,6 +17,7 @@ pub struct ClusterBuilder {
     nodes: usize,
     extension: bool,
     settings: Vec<(String, String)>,
+    bindirs: Vec<(usize, PathBuf)>,
 }
 
 impl ClusterBuilder {
@@ -38,16 +39,24 @@ impl ClusterBuilder {
         self
     }
 
+    /// Runs node `i` on the PostgreSQL installation whose binaries are in `bindir` (with trompe
+    /// installed) instead of the default one (`TROMPE_PG_BIN`).
+    pub fn node_bindir(mut self, i: usize, bindir: PathBuf) -> Self {
+        self.bindirs.push((i, bindir));
+        self
+    }
+
     /// Creates and starts the nodes.
     pub fn start(self) -> Cluster {
         static SEQ: AtomicUsize = AtomicUsize::new(0);
-        let template = template_datadir();
         let root = scratch_root().join(format!("{}-{}", self.name, SEQ.fetch_add(1, Ordering::SeqCst)));
         let _ = fs::remove_dir_all(&root);
         make_postgres_dir(&root);
         let mut cluster = Cluster { name: self.name.clone(), root, nodes: Vec::new(), links: Vec::new() };
         for i in 0..self.nodes {
-            let node = start_node(&format!("n{}", i + 1), &cluster.root, template, &self.settings);
+            let bindir =
+                self.bindirs.iter().rev().find(|(n, _)| *n == i).map(|(_, d)| d.clone()).unwrap_or_else(pg_bindir);
+            let node = start_node(&format!("n{}", i + 1), &cluster.root, &bindir, &self.settings);
             cluster.nodes.push(node);
         }
         for from in 0..self.nodes {
@@ -64,11 +73,12 @@ impl ClusterBuilder {
 }
 
 /// Starts a node on a free port, trying another port if the one picked was taken meanwhile.
-fn start_node(name: &str, root: &std::path::Path, template: &std::path::Path, settings: &[(String, String)]) -> Node {
+fn start_node(name: &str, root: &std::path::Path, bindir: &std::path::Path, settings: &[(String, String)]) -> Node {
+    let template = template_datadir_for(bindir);
     let mut last_error = String::new();
     for _ in 0..5 {
         let port = free_port();
-        let node = Node::create(name, root, template, port, settings);
+        let node = Node::create(name, root, bindir, &template, port, settings);
         match node.try_start() {
             Ok(()) => return node,
             Err(e) => {
@@ -96,7 +106,7 @@ pub struct Cluster {
 impl Cluster {
     /// Options for a cluster named `name` (used for its directory and kept logs).
     pub fn builder(name: &str) -> ClusterBuilder {
-        ClusterBuilder { name: name.to_string(), nodes: 2, extension: true, settings: Vec::new() }
+        ClusterBuilder { name: name.to_string(), nodes: 2, extension: true, settings: Vec::new(), bindirs: Vec::new() }
     }
 
     /// `n` started nodes with trompe created in the test database.
@@ -227,8 +237,10 @@ impl Drop for Cluster {
         }
         self.links.clear();
         for node in &self.nodes {
-            let _ =
-                run_as_postgres(&pg_bin("pg_ctl"), &["stop", "-w", "-m", "immediate", "-D", path_str(&node.datadir)]);
+            let _ = run_as_postgres(
+                &node.pg_bin("pg_ctl"),
+                &["stop", "-w", "-m", "immediate", "-D", path_str(&node.datadir)],
+            );
         }
         let _ = fs::remove_dir_all(&self.root);
     }
