@@ -80,6 +80,26 @@ fn set_parameter(line: &str) -> Option<&str> {
     (!name.is_empty()).then_some(name)
 }
 
+/// The column option recent minor releases of older branches (15.20) keep internally in
+/// `attoptions`: their own pg_dump leaves it out, a newer major's pg_dump (older than them)
+/// dumps it, and no server accepts it back.
+const ATTRIBUTE_VERSION_OPTION: &str = "pg_attver=";
+
+/// A line of the dump without the internal column option, `None` if nothing is left of it
+/// (`ALTER TABLE ONLY t ALTER COLUMN c SET (pg_attver=22163696);`).
+fn without_internal_options(line: &str) -> Option<String> {
+    let Some(at) = line.find(" SET (").filter(|_| line.starts_with("ALTER TABLE ") && line.ends_with(");")) else {
+        return Some(line.to_string());
+    };
+    let (head, options) = (&line[..at], &line[at + " SET (".len()..line.len() - ");".len()]);
+    if !options.contains(ATTRIBUTE_VERSION_OPTION) {
+        return Some(line.to_string());
+    }
+    let kept: Vec<&str> =
+        options.split(", ").filter(|o| !o.trim_start().starts_with(ATTRIBUTE_VERSION_OPTION)).collect();
+    (!kept.is_empty()).then(|| format!("{head} SET ({});", kept.join(", ")))
+}
+
 /// The major version a `pg_dump --version` output names (`pg_dump (PostgreSQL) 18.4`,
 /// `pg_dump (PostgreSQL) 15.20 (Debian 15.20-0+deb12u1)`, `... 19devel`).
 pub fn pg_dump_major(version_output: &str) -> Option<u32> {
@@ -139,7 +159,9 @@ pub fn prepare_for(dump: &str, known: impl Fn(&str) -> bool) -> Result<SchemaScr
         }
         // Settings between entries hold for the entries after them, even after a skipped one.
         if !skipping || line.starts_with("SET ") {
-            create.push(localized(line));
+            if let Some(line) = without_internal_options(line) {
+                create.push(localized(&line));
+            }
         }
     }
     let settings = settings.join("\n");
@@ -276,6 +298,23 @@ CREATE TRIGGER audit AFTER INSERT ON public.t FOR EACH ROW EXECUTE FUNCTION publ
         assert!(!s.create.contains("transaction_timeout"), "{}", s.create);
         assert!(s.create.contains("SET LOCAL statement_timeout = 0;"));
         assert!(prepare(&newer).unwrap().create.contains("SET LOCAL transaction_timeout = 0;"));
+    }
+
+    #[test]
+    fn internal_column_options_of_older_branches_are_left_out() {
+        let newer = DUMP.replace(
+            "CREATE TRIGGER audit",
+            "ALTER TABLE ONLY public.t ALTER COLUMN id SET (pg_attver=22163696);\n\
+             ALTER TABLE ONLY public.t ALTER COLUMN v SET (n_distinct=-1, pg_attver=22163696);\n\
+             CREATE TRIGGER audit",
+        );
+        let s = prepare(&newer).unwrap();
+        assert!(!s.create.contains("pg_attver"), "{}", s.create);
+        assert!(s.create.contains("ALTER TABLE ONLY public.t ALTER COLUMN v SET (n_distinct=-1);"), "{}", s.create);
+        assert_eq!(
+            without_internal_options("ALTER TABLE ONLY t SET (fillfactor=50);").as_deref(),
+            Some("ALTER TABLE ONLY t SET (fillfactor=50);")
+        );
     }
 
     #[test]
