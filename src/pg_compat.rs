@@ -127,6 +127,32 @@ pub unsafe fn install_signal_handler(signal: u32, handler: unsafe extern "C-unwi
     }
 }
 
+/// Runs a started portal to completion (`PortalRun`; up to 17 with `run_once`, which 18
+/// dropped: a portal run only once, as every caller here does).
+///
+/// # Safety
+/// `portal` must be a started portal; `dest` and `altdest` valid receivers; `qc` null or a
+/// command completion to fill in.
+pub unsafe fn portal_run(
+    portal: pg_sys::Portal,
+    count: std::ffi::c_long,
+    is_top_level: bool,
+    dest: *mut pg_sys::DestReceiver,
+    altdest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) -> bool {
+    #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16", feature = "pg17"))]
+    // SAFETY: the caller guarantees the portal and receivers.
+    unsafe {
+        pg_sys::PortalRun(portal, count, is_top_level, true, dest, altdest, qc)
+    }
+    #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16", feature = "pg17")))]
+    // SAFETY: the caller guarantees the portal and receivers.
+    unsafe {
+        pg_sys::PortalRun(portal, count, is_top_level, dest, altdest, qc)
+    }
+}
+
 /// Ends this process cleanly with `code` (`proc_exit`, which never returns; pgrx's bindings of
 /// 18 no longer say so).
 ///
