@@ -29,6 +29,10 @@ pub static TOMBSTONE_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 8
 /// (16 bytes each) for capture and apply, which look up the version of every row they replace.
 pub static COMMIT_TIME_CACHE: GucSetting<i32> = GucSetting::<i32>::new(1 << 20);
 
+/// `trompe.pg_dump_path`: directories (separated by `:`) where a joining node also looks for a
+/// `pg_dump` new enough to read its source, after this server's own bin directory.
+pub static PG_DUMP_PATH: GucSetting<Option<std::ffi::CString>> = GucSetting::<Option<std::ffi::CString>>::new(None);
+
 /// Registers every setting.
 pub fn define() {
     GucRegistry::define_bool_guc(
@@ -128,6 +132,14 @@ pub fn define() {
         86_400_000,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_string_guc(
+        c"trompe.pg_dump_path",
+        c"Directories (separated by ':') where a joining node looks for a pg_dump new enough for its source.",
+        c"Searched after this server's own bin directory and before /usr/lib/postgresql/<version>/bin.",
+        &PG_DUMP_PATH,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
     );
 }
 

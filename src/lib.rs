@@ -22,6 +22,7 @@ pub mod log;
 pub mod node;
 pub mod origin;
 pub mod peers;
+pub mod pg_compat;
 pub mod retention;
 pub mod row_versions;
 pub mod sequences;

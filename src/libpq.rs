@@ -169,6 +169,12 @@ impl Conn {
         unsafe { pq::PQsocket(self.raw) }
     }
 
+    /// The server's version as `server_version_num` (180004 for 18.4); 0 if not connected.
+    pub fn server_version(&self) -> i32 {
+        // SAFETY: raw is a valid connection object.
+        unsafe { pq::PQserverVersion(self.raw) }
+    }
+
     /// True if the connection is established and not broken.
     pub fn is_ok(&self) -> bool {
         // SAFETY: raw is a valid connection object.

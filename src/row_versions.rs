@@ -143,7 +143,7 @@ fn key_expressions(relid: pg_sys::Oid) -> Result<(String, String), String> {
         let cols: Vec<String> = key
             .iter()
             .map(|&i| {
-                let att = &*(*tupdesc).attrs.as_ptr().add(i);
+                let att = &*crate::pg_compat::tuple_desc_attr(tupdesc, i);
                 std::ffi::CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy().into_owned()
             })
             .collect();

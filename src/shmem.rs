@@ -152,20 +152,12 @@ pub struct Shared {
 
 static mut SHARED: *mut Shared = std::ptr::null_mut();
 static mut PREV_STARTUP: pg_sys::shmem_startup_hook_type = None;
-#[cfg(not(any(feature = "pg13", feature = "pg14")))]
-static mut PREV_REQUEST: pg_sys::shmem_request_hook_type = None;
 
 /// Asks for the segment and the lock; called from `_PG_init` while preloading.
 pub fn request() {
     // SAFETY: hook installation from _PG_init, single-threaded, in the postmaster.
     unsafe {
-        #[cfg(not(any(feature = "pg13", feature = "pg14")))]
-        {
-            PREV_REQUEST = pg_sys::shmem_request_hook;
-            pg_sys::shmem_request_hook = Some(shmem_request);
-        }
-        #[cfg(any(feature = "pg13", feature = "pg14"))]
-        request_space();
+        crate::pg_compat::request_shared_memory(request_space);
         PREV_STARTUP = pg_sys::shmem_startup_hook;
         pg_sys::shmem_startup_hook = Some(shmem_startup);
     }
@@ -177,22 +169,12 @@ unsafe fn request_space() {
     pg_sys::RequestNamedLWLockTranche(c"trompe".as_ptr(), 1);
 }
 
-#[cfg(not(any(feature = "pg13", feature = "pg14")))]
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn shmem_request() {
-    if let Some(prev) = PREV_REQUEST {
-        prev();
-    }
-    request_space();
-}
-
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn shmem_startup() {
     if let Some(prev) = PREV_STARTUP {
         prev();
     }
-    // AddinShmemInitLock is entry 21 of the main LWLock array (lwlocknames.txt).
-    let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+    let init_lock = crate::pg_compat::addin_shmem_init_lock();
     pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
     let mut found = false;
     let shared = pg_sys::ShmemInitStruct(c"trompe".as_ptr(), std::mem::size_of::<Shared>(), &mut found) as *mut Shared;

@@ -66,7 +66,7 @@ unsafe fn always_identity_outside_key(rel: pg_sys::Relation) -> Option<String> {
         let key = primary_key_columns(rel).unwrap_or_default();
         let tupdesc = (*rel).rd_att;
         (0..(*tupdesc).natts as usize).find_map(|i| {
-            let att = &*(*tupdesc).attrs.as_ptr().add(i);
+            let att = &*crate::pg_compat::tuple_desc_attr(tupdesc, i);
             let outside =
                 !att.attisdropped && att.attidentity as u8 == pg_sys::ATTRIBUTE_IDENTITY_ALWAYS && !key.contains(&i);
             outside.then(|| std::ffi::CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy().into_owned())

@@ -73,8 +73,56 @@ fn is_kept_drop(line: &str) -> bool {
     )
 }
 
+/// The parameter a `SET name = value;` line sets, if it is one.
+fn set_parameter(line: &str) -> Option<&str> {
+    let rest = line.strip_prefix("SET ")?;
+    let name = rest.split([' ', '=']).next()?;
+    (!name.is_empty()).then_some(name)
+}
+
+/// The column option recent minor releases of older branches (15.20) keep internally in
+/// `attoptions`: their own pg_dump leaves it out, a newer major's pg_dump (older than them)
+/// dumps it, and no server accepts it back.
+const ATTRIBUTE_VERSION_OPTION: &str = "pg_attver=";
+
+/// A line of the dump without the internal column option, `None` if nothing is left of it
+/// (`ALTER TABLE ONLY t ALTER COLUMN c SET (pg_attver=22163696);`).
+fn without_internal_options(line: &str) -> Option<String> {
+    let Some(at) = line.find(" SET (").filter(|_| line.starts_with("ALTER TABLE ") && line.ends_with(");")) else {
+        return Some(line.to_string());
+    };
+    let (head, options) = (&line[..at], &line[at + " SET (".len()..line.len() - ");".len()]);
+    if !options.contains(ATTRIBUTE_VERSION_OPTION) {
+        return Some(line.to_string());
+    }
+    let kept: Vec<&str> =
+        options.split(", ").filter(|o| !o.trim_start().starts_with(ATTRIBUTE_VERSION_OPTION)).collect();
+    (!kept.is_empty()).then(|| format!("{head} SET ({});", kept.join(", ")))
+}
+
+/// The major version a `pg_dump --version` output names (`pg_dump (PostgreSQL) 18.4`,
+/// `pg_dump (PostgreSQL) 15.20 (Debian 15.20-0+deb12u1)`, `... 19devel`).
+pub fn pg_dump_major(version_output: &str) -> Option<u32> {
+    let version = version_output.split_whitespace().skip_while(|w| *w != "(PostgreSQL)").nth(1)?;
+    let digits: String = version.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// Which `pg_dump` reads a source server of major version `source_major`: the first of
+/// `candidates` (in order of preference, each with its major version) at least that new.
+pub fn choose_pg_dump<T>(candidates: &[(T, u32)], source_major: u32) -> Option<&T> {
+    candidates.iter().find(|(_, major)| *major >= source_major).map(|(c, _)| c)
+}
+
 /// Splits and prepares a `pg_dump --schema-only --clean --if-exists` script.
 pub fn prepare(dump: &str) -> Result<SchemaScript, DumpError> {
+    prepare_for(dump, |_| true)
+}
+
+/// As [`prepare`], for a server that knows only the parameters `known` accepts: a dump made
+/// by a newer `pg_dump` (to read a newer source) sets parameters an older server lacks
+/// (`transaction_timeout`), which are left out.
+pub fn prepare_for(dump: &str, known: impl Fn(&str) -> bool) -> Result<SchemaScript, DumpError> {
     if !dump.contains("-- PostgreSQL database dump") {
         return Err(DumpError::NotADump);
     }
@@ -98,6 +146,9 @@ pub fn prepare(dump: &str) -> Result<SchemaScript, DumpError> {
             }
         }
         previous_blank_comment = line == "--";
+        if set_parameter(line).is_some_and(|name| !known(name)) {
+            continue;
+        }
         if !in_entries {
             if line.starts_with("SET ") || line.starts_with("SELECT pg_catalog.set_config(") {
                 settings.push(localized(line));
@@ -108,7 +159,9 @@ pub fn prepare(dump: &str) -> Result<SchemaScript, DumpError> {
         }
         // Settings between entries hold for the entries after them, even after a skipped one.
         if !skipping || line.starts_with("SET ") {
-            create.push(localized(line));
+            if let Some(line) = without_internal_options(line) {
+                create.push(localized(&line));
+            }
         }
     }
     let settings = settings.join("\n");
@@ -235,6 +288,46 @@ CREATE TRIGGER audit AFTER INSERT ON public.t FOR EACH ROW EXECUTE FUNCTION publ
         let with_connect = DUMP.replace("\\restrict abc123", "\\connect other");
         assert!(matches!(prepare(&with_connect), Err(DumpError::MetaCommand(_))));
         assert_eq!(prepare("SELECT 1;"), Err(DumpError::NotADump));
+    }
+
+    #[test]
+    fn settings_the_server_lacks_are_left_out() {
+        let newer =
+            DUMP.replace("SET statement_timeout = 0;", "SET statement_timeout = 0;\nSET transaction_timeout = 0;");
+        let s = prepare_for(&newer, |name| name != "transaction_timeout").unwrap();
+        assert!(!s.create.contains("transaction_timeout"), "{}", s.create);
+        assert!(s.create.contains("SET LOCAL statement_timeout = 0;"));
+        assert!(prepare(&newer).unwrap().create.contains("SET LOCAL transaction_timeout = 0;"));
+    }
+
+    #[test]
+    fn internal_column_options_of_older_branches_are_left_out() {
+        let newer = DUMP.replace(
+            "CREATE TRIGGER audit",
+            "ALTER TABLE ONLY public.t ALTER COLUMN id SET (pg_attver=22163696);\n\
+             ALTER TABLE ONLY public.t ALTER COLUMN v SET (n_distinct=-1, pg_attver=22163696);\n\
+             CREATE TRIGGER audit",
+        );
+        let s = prepare(&newer).unwrap();
+        assert!(!s.create.contains("pg_attver"), "{}", s.create);
+        assert!(s.create.contains("ALTER TABLE ONLY public.t ALTER COLUMN v SET (n_distinct=-1);"), "{}", s.create);
+        assert_eq!(
+            without_internal_options("ALTER TABLE ONLY t SET (fillfactor=50);").as_deref(),
+            Some("ALTER TABLE ONLY t SET (fillfactor=50);")
+        );
+    }
+
+    #[test]
+    fn the_pg_dump_for_a_source_is_the_first_new_enough() {
+        assert_eq!(pg_dump_major("pg_dump (PostgreSQL) 18.4\n"), Some(18));
+        assert_eq!(pg_dump_major("pg_dump (PostgreSQL) 15.20 (Debian 15.20-0+deb12u1)"), Some(15));
+        assert_eq!(pg_dump_major("pg_dump (PostgreSQL) 19devel"), Some(19));
+        assert_eq!(pg_dump_major("pg_dump: not found"), None);
+        let candidates = [("own", 15), ("configured", 18), ("debian", 16)];
+        assert_eq!(choose_pg_dump(&candidates, 15), Some(&"own"));
+        assert_eq!(choose_pg_dump(&candidates, 16), Some(&"configured"));
+        assert_eq!(choose_pg_dump(&candidates, 18), Some(&"configured"));
+        assert_eq!(choose_pg_dump(&candidates, 19), None);
     }
 
     #[test]

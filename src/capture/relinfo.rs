@@ -109,7 +109,7 @@ pub unsafe fn primary_key_columns(rel: pg_sys::Relation) -> Option<Vec<usize>> {
     // SAFETY: rel is open; the primary key index is opened and closed here with a lock that the
     // caller's lock on the table already implies.
     unsafe {
-        let pk = pg_sys::RelationGetPrimaryKeyIndex(rel);
+        let pk = crate::pg_compat::primary_key_index(rel);
         if pk == pg_sys::InvalidOid {
             return None;
         }
@@ -160,7 +160,7 @@ impl RelInfo {
             let natts = (*tupdesc).natts as usize;
             let mut order: Vec<usize> = key.clone();
             for i in 0..natts {
-                let att = &*(*tupdesc).attrs.as_ptr().add(i);
+                let att = &*crate::pg_compat::tuple_desc_attr(tupdesc, i);
                 if att.attisdropped || att.attgenerated != 0 || key.contains(&i) {
                     continue;
                 }
@@ -169,7 +169,7 @@ impl RelInfo {
             let old = pg_sys::MemoryContextSwitchTo(context);
 
             for &i in &order {
-                let att = &*(*tupdesc).attrs.as_ptr().add(i);
+                let att = &*crate::pg_compat::tuple_desc_attr(tupdesc, i);
                 let mut out_fn = pg_sys::InvalidOid;
                 let mut varlena = false;
                 pg_sys::getTypeOutputInfo(att.atttypid, &mut out_fn, &mut varlena);

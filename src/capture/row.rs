@@ -97,7 +97,7 @@ unsafe fn same_key_image(info: &RelInfo, rel: pg_sys::Relation, a: pg_sys::HeapT
     unsafe {
         let tupdesc = (*rel).rd_att;
         info.columns[..info.nkey].iter().all(|col| {
-            let att = &*(*tupdesc).attrs.as_ptr().add(col.index);
+            let att = &*crate::pg_compat::tuple_desc_attr(tupdesc, col.index);
             let (mut a_null, mut b_null) = (false, false);
             let va = pg_sys::heap_getattr(a, col.index as i32 + 1, tupdesc, &mut a_null);
             let vb = pg_sys::heap_getattr(b, col.index as i32 + 1, tupdesc, &mut b_null);

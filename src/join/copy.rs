@@ -473,7 +473,7 @@ pub fn run(job: &SyncJob) -> Result<(), String> {
     conn.query("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY", &[])?;
     let source = read_source(&mut conn)?;
     conn.query("SELECT pg_advisory_unlock($1::bigint)", &[Some(&lock)])?;
-    let script = crate::join::schema::dump(&conn.info, &source.exported)?;
+    let script = crate::join::schema::dump(&conn.info, &source.exported, conn.conn.server_version())?;
     create_schema(job, &source, &script)?;
     let mut committer = Committer {
         source_peer: job.node.to_string(),

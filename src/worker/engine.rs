@@ -273,7 +273,7 @@ impl Engine {
                     self.drop_origins();
                 }
                 // SAFETY: a clean exit of the background worker.
-                unsafe { pg_sys::proc_exit(0) };
+                unsafe { crate::pg_compat::proc_exit(0) };
             }
             self.extension_seen = true;
             self.next_extension_check_ms = now + EXTENSION_CHECK_MS;
@@ -360,10 +360,7 @@ fn wait(waits: &[WaitSpec], timeout_ms: i64) {
     // sockets belong to live connections.
     unsafe {
         let sockets: Vec<(pg_sys::pgsocket, Want)> = waits.iter().filter_map(|w| w.socket).collect();
-        #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16"))]
-        let set = pg_sys::CreateWaitEventSet(pg_sys::CurrentMemoryContext, 2 + sockets.len() as i32);
-        #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16")))]
-        let set = pg_sys::CreateWaitEventSet(std::ptr::null_mut(), 2 + sockets.len() as i32);
+        let set = crate::pg_compat::create_wait_event_set(2 + sockets.len() as i32);
         pg_sys::AddWaitEventToSet(
             set,
             pg_sys::WL_LATCH_SET,

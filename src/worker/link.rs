@@ -784,10 +784,7 @@ impl OriginSession {
         // SAFETY: sets up the session's replication origin (one at a time in this process) and
         // the timestamp the next commit records.
         unsafe {
-            #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
-            pg_sys::replorigin_session_setup(origin);
-            #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
-            pg_sys::replorigin_session_setup(origin, 0);
+            crate::pg_compat::replorigin_session_setup(origin);
             pg_sys::replorigin_session_origin = origin;
             pg_sys::replorigin_session_origin_timestamp = commit_us;
             pg_sys::replorigin_session_origin_lsn = 0;

@@ -32,16 +32,8 @@ pub fn register() {
 pub fn install_signal_handlers() {
     // SAFETY: standard PostgreSQL handlers, installed before signals are unblocked.
     unsafe {
-        #[cfg(not(feature = "pg18"))]
-        {
-            pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(postgres_die));
-            pg_sys::pqsignal(pg_sys::SIGHUP as i32, Some(postgres_reload_handler));
-        }
-        #[cfg(feature = "pg18")]
-        {
-            pg_sys::pqsignal_be(pg_sys::SIGTERM as i32, Some(postgres_die));
-            pg_sys::pqsignal_be(pg_sys::SIGHUP as i32, Some(postgres_reload_handler));
-        }
+        crate::pg_compat::install_signal_handler(pg_sys::SIGTERM, postgres_die);
+        crate::pg_compat::install_signal_handler(pg_sys::SIGHUP, postgres_reload_handler);
         pg_sys::BackgroundWorkerUnblockSignals();
     }
 }

@@ -135,10 +135,9 @@ fn toplevel(statement: &str, search_path: &str, role: &str) -> Result<(), TxnErr
                 std::ptr::null_mut(),
             );
             pg_sys::PortalStart(portal, std::ptr::null_mut(), 0, std::ptr::null_mut());
-            pg_sys::PortalRun(
+            crate::pg_compat::portal_run(
                 portal,
                 std::ffi::c_long::MAX,
-                true,
                 true,
                 pg_sys::None_Receiver,
                 pg_sys::None_Receiver,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::node::{path_str, Node};
 use crate::proxy::Proxy;
-use crate::system::{make_postgres_dir, pg_bin, run_as_postgres, scratch_root, template_datadir};
+use crate::system::{make_postgres_dir, pg_bindir, run_as_postgres, scratch_root, template_datadir_for};
 
 /// Options for a cluster.
 pub struct ClusterBuilder {
@@ -19,6 +19,7 @@ pub struct ClusterBuilder {
     settings: Vec<(String, String)>,
     env: Vec<(String, String)>,
     clock_offsets: Vec<(usize, String)>,
+    bindirs: Vec<(usize, PathBuf)>,
 }
 
 impl ClusterBuilder {
@@ -54,17 +55,25 @@ impl ClusterBuilder {
         self
     }
 
+    /// Runs node `i` on the PostgreSQL installation whose binaries are in `bindir` (with trompe
+    /// installed) instead of the default one (`TROMPE_PG_BIN`).
+    pub fn node_bindir(mut self, i: usize, bindir: PathBuf) -> Self {
+        self.bindirs.push((i, bindir));
+        self
+    }
+
     /// Creates and starts the nodes.
     pub fn start(self) -> Cluster {
         static SEQ: AtomicUsize = AtomicUsize::new(0);
-        let template = template_datadir();
         let root = scratch_root().join(format!("{}-{}", self.name, SEQ.fetch_add(1, Ordering::SeqCst)));
         let _ = fs::remove_dir_all(&root);
         make_postgres_dir(&root);
         let mut cluster = Cluster { name: self.name.clone(), root, nodes: Vec::new(), links: Vec::new() };
         for i in 0..self.nodes {
+            let bindir =
+                self.bindirs.iter().rev().find(|(n, _)| *n == i).map(|(_, d)| d.clone()).unwrap_or_else(pg_bindir);
             let offset = self.clock_offsets.iter().find(|(n, _)| *n == i).map(|(_, o)| o.clone());
-            let node = start_node(&format!("n{}", i + 1), &cluster.root, template, &self.settings, &self.env, offset);
+            let node = start_node(&format!("n{}", i + 1), &cluster.root, &bindir, &self.settings, &self.env, offset);
             cluster.nodes.push(node);
         }
         for from in 0..self.nodes {
@@ -84,15 +93,16 @@ impl ClusterBuilder {
 fn start_node(
     name: &str,
     root: &std::path::Path,
-    template: &std::path::Path,
+    bindir: &std::path::Path,
     settings: &[(String, String)],
     env: &[(String, String)],
     clock_offset: Option<String>,
 ) -> Node {
+    let template = template_datadir_for(bindir);
     let mut last_error = String::new();
     for _ in 0..5 {
         let port = free_port();
-        let mut node = Node::create(name, root, template, port, settings);
+        let mut node = Node::create(name, root, bindir, &template, port, settings);
         node.env = env.to_vec();
         node.clock_offset = clock_offset.clone();
         match node.try_start() {
@@ -129,6 +139,7 @@ impl Cluster {
             settings: Vec::new(),
             env: Vec::new(),
             clock_offsets: Vec::new(),
+            bindirs: Vec::new(),
         }
     }
 
@@ -265,8 +276,10 @@ impl Drop for Cluster {
         }
         self.links.clear();
         for node in &self.nodes {
-            let _ =
-                run_as_postgres(&pg_bin("pg_ctl"), &["stop", "-w", "-m", "immediate", "-D", path_str(&node.datadir)]);
+            let _ = run_as_postgres(
+                &node.pg_bin("pg_ctl"),
+                &["stop", "-w", "-m", "immediate", "-D", path_str(&node.datadir)],
+            );
         }
         let _ = fs::remove_dir_all(&self.root);
     }

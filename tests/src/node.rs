@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use postgres::{Client, NoTls};
 
-use crate::system::{pg_bin, run_as_postgres, RunError};
+use crate::system::{pg_bin_in, run_as_postgres, RunError};
 use crate::wait::wait_for;
 
 /// The database every node replicates in tests.
@@ -48,11 +48,20 @@ pub struct Node {
     pub env: Vec<(String, String)>,
     /// How far its server's clock is off (libfaketime's `FAKETIME`, e.g. `+3s`), if at all.
     pub clock_offset: Option<String>,
+    /// The bin directory of the PostgreSQL installation it runs.
+    pub bindir: PathBuf,
 }
 
 impl Node {
     /// Creates the node's data directory from an initialised template and configures it.
-    pub(crate) fn create(name: &str, root: &Path, template: &Path, port: u16, extra: &[(String, String)]) -> Node {
+    pub(crate) fn create(
+        name: &str,
+        root: &Path,
+        bindir: &Path,
+        template: &Path,
+        port: u16,
+        extra: &[(String, String)],
+    ) -> Node {
         let datadir = root.join(name);
         let logfile = root.join(format!("{name}.log"));
         let status = Command::new("cp").arg("-a").arg(template).arg(&datadir).status().expect("cp runs");
@@ -69,7 +78,25 @@ impl Node {
         let mut existing = fs::read_to_string(&conf_path).expect("template postgresql.conf readable");
         existing.push_str(&conf);
         fs::write(&conf_path, existing).expect("postgresql.conf writable");
-        Node { name: name.to_string(), port, datadir, logfile, env: Vec::new(), clock_offset: None }
+        Node {
+            name: name.to_string(),
+            port,
+            datadir,
+            logfile,
+            env: Vec::new(),
+            clock_offset: None,
+            bindir: bindir.to_path_buf(),
+        }
+    }
+
+    /// The path of one of the binaries of this node's PostgreSQL installation.
+    pub fn pg_bin(&self, name: &str) -> String {
+        pg_bin_in(&self.bindir, name)
+    }
+
+    /// The major version of PostgreSQL this node runs.
+    pub fn major(&self) -> u32 {
+        crate::system::pg_major(&self.bindir)
     }
 
     /// A libpq connection string for `dbname` on this node, as the superuser.
@@ -89,7 +116,7 @@ impl Node {
 
     /// Starts the server, reporting failure instead of panicking.
     pub fn try_start(&self) -> Result<(), RunError> {
-        let pg_ctl = pg_bin("pg_ctl");
+        let pg_ctl = self.pg_bin("pg_ctl");
         let start = ["start", "-w", "-t", "120", "-D", path_str(&self.datadir), "-l", path_str(&self.logfile)];
         let mut env = self.env.clone();
         if let Some(offset) = &self.clock_offset {
@@ -117,7 +144,7 @@ impl Node {
     /// Stops the server cleanly (fast shutdown) and waits for it.
     pub fn stop(&self) {
         let _ = run_as_postgres(
-            &pg_bin("pg_ctl"),
+            &self.pg_bin("pg_ctl"),
             &["stop", "-w", "-t", "120", "-m", "fast", "-D", path_str(&self.datadir)],
         );
     }

@@ -1,10 +1,11 @@
 //! The host side of the harness: PostgreSQL binaries, running them as the `postgres` user, and
 //! the initialised data directory every node is copied from.
 
+use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 /// A command that failed, with what it printed.
 #[derive(Debug)]
@@ -23,7 +24,41 @@ pub fn pg_bindir() -> PathBuf {
 
 /// The path of one PostgreSQL binary.
 pub fn pg_bin(name: &str) -> String {
-    pg_bindir().join(name).to_string_lossy().into_owned()
+    pg_bin_in(&pg_bindir(), name)
+}
+
+/// The path of one binary of the PostgreSQL installation whose binaries are in `bindir`.
+pub fn pg_bin_in(bindir: &Path, name: &str) -> String {
+    bindir.join(name).to_string_lossy().into_owned()
+}
+
+/// The major version of the PostgreSQL installation in `bindir` (from its `pg_config`).
+pub fn pg_major(bindir: &Path) -> u32 {
+    static CACHE: OnceLock<Mutex<HashMap<PathBuf, u32>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+    *cache.entry(bindir.to_path_buf()).or_insert_with(|| {
+        let out = Command::new(pg_bin_in(bindir, "pg_config"))
+            .arg("--version")
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run pg_config of {}: {e}", bindir.display()));
+        // "PostgreSQL 18.4", "PostgreSQL 15.20 (Debian 15.20-0+deb12u1)"
+        let text = String::from_utf8_lossy(&out.stdout);
+        let version = text.split_whitespace().nth(1).unwrap_or_default();
+        let digits: String = version.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().unwrap_or_else(|_| panic!("pg_config of {} says {text:?}", bindir.display()))
+    })
+}
+
+/// The bin directory of an installation of PostgreSQL `major` with trompe installed:
+/// `TROMPE_PG<major>_BIN` (as `scripts/test` sets them for the mixed-version tests), else the
+/// default one (`TROMPE_PG_BIN`) if it is that version.
+pub fn bindir_for_major(major: u32) -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os(format!("TROMPE_PG{major}_BIN")) {
+        return Some(PathBuf::from(dir));
+    }
+    let default = pg_bindir();
+    (default.join("pg_config").exists() && pg_major(&default) == major).then_some(default)
 }
 
 fn running_as_root() -> bool {
@@ -78,7 +113,12 @@ pub fn make_postgres_dir(path: &Path) {
 
 /// Where the server looks for extensions' control and script files.
 pub fn extension_dir() -> PathBuf {
-    let sharedir = Command::new(pg_bin("pg_config")).arg("--sharedir").output();
+    extension_dir_in(&pg_bindir())
+}
+
+/// Where the server of the installation in `bindir` looks for extensions.
+pub fn extension_dir_in(bindir: &Path) -> PathBuf {
+    let sharedir = Command::new(pg_bin_in(bindir, "pg_config")).arg("--sharedir").output();
     let sharedir = match sharedir {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
         _ => "/usr/share/postgresql/15".to_string(),
@@ -86,9 +126,15 @@ pub fn extension_dir() -> PathBuf {
     Path::new(&sharedir).join("extension")
 }
 
-/// Checks that the trompe extension is installed where the server looks for it.
-pub fn check_extension_installed() {
-    let control = extension_dir().join("trompe.control");
+/// True if the extension `name` (e.g. contrib's `lo`) is installed in the default
+/// installation: the PostgreSQL 16 and 18 used here come without contrib.
+pub fn has_extension(name: &str) -> bool {
+    extension_dir().join(format!("{name}.control")).exists()
+}
+
+/// Checks that the trompe extension is installed where the server of `bindir` looks for it.
+pub fn check_extension_installed(bindir: &Path) {
+    let control = extension_dir_in(bindir).join("trompe.control");
     assert!(
         control.exists(),
         "the trompe extension is not installed ({} is missing): run scripts/test, or scripts/install",
@@ -111,33 +157,52 @@ pub fn scratch_root() -> &'static Path {
     })
 }
 
-/// An initialised data directory with the test database, created once per test process.
-pub fn template_datadir() -> &'static Path {
-    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
-    TEMPLATE.get_or_init(|| {
-        check_extension_installed();
-        let dir = scratch_root().join("template");
-        let dir_s = dir.to_string_lossy().into_owned();
-        run_as_postgres(
-            &pg_bin("initdb"),
-            &["-D", &dir_s, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"],
-        )
-        .unwrap_or_else(|e| panic!("initdb failed: {e}"));
-        // Create the test database in single-user mode: no port needed, nothing to clean up.
-        let mut child = postgres_command(&pg_bin("postgres"));
-        child
-            .args(["--single", "-D", &dir_s, "postgres"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        let mut proc = child.spawn().expect("postgres --single starts");
-        {
-            use std::io::Write;
-            let stdin = proc.stdin.as_mut().expect("stdin piped");
-            stdin.write_all(format!("CREATE DATABASE {};\n", crate::node::TEST_DB).as_bytes()).expect("write");
-        }
-        let out = proc.wait_with_output().expect("postgres --single finishes");
-        assert!(out.status.success(), "creating the test database failed: {}", String::from_utf8_lossy(&out.stderr));
-        dir
-    })
+/// An initialised data directory of the default installation with the test database, created
+/// once per test process.
+pub fn template_datadir() -> PathBuf {
+    template_datadir_for(&pg_bindir())
+}
+
+/// An initialised data directory of the installation in `bindir` with the test database,
+/// created once per test process and installation.
+pub fn template_datadir_for(bindir: &Path) -> PathBuf {
+    static TEMPLATES: OnceLock<Mutex<HashMap<PathBuf, PathBuf>>> = OnceLock::new();
+    let templates = TEMPLATES.get_or_init(|| Mutex::new(HashMap::new()));
+    // Held while initdb runs: tests that start at once wait for one template.
+    let mut templates = templates.lock().unwrap_or_else(|e| e.into_inner());
+    let n = templates.len();
+    templates
+        .entry(bindir.to_path_buf())
+        .or_insert_with(|| {
+            let name = if n == 0 { "template".to_string() } else { format!("template{n}") };
+            create_template(bindir, &scratch_root().join(name))
+        })
+        .clone()
+}
+
+/// Runs initdb for the installation in `bindir` into `dir` and creates the test database.
+fn create_template(bindir: &Path, dir: &Path) -> PathBuf {
+    check_extension_installed(bindir);
+    let dir_s = dir.to_string_lossy().into_owned();
+    run_as_postgres(
+        &pg_bin_in(bindir, "initdb"),
+        &["-D", &dir_s, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"],
+    )
+    .unwrap_or_else(|e| panic!("initdb failed: {e}"));
+    // Create the test database in single-user mode: no port needed, nothing to clean up.
+    let mut child = postgres_command(&pg_bin_in(bindir, "postgres"));
+    child
+        .args(["--single", "-D", &dir_s, "postgres"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut proc = child.spawn().expect("postgres --single starts");
+    {
+        use std::io::Write;
+        let stdin = proc.stdin.as_mut().expect("stdin piped");
+        stdin.write_all(format!("CREATE DATABASE {};\n", crate::node::TEST_DB).as_bytes()).expect("write");
+    }
+    let out = proc.wait_with_output().expect("postgres --single finishes");
+    assert!(out.status.success(), "creating the test database failed: {}", String::from_utf8_lossy(&out.stderr));
+    dir.to_path_buf()
 }

@@ -366,3 +366,26 @@ fn applied_inserts_keep_the_tables_rules() {
         .query_i64("SELECT count(*) FROM trompe.status WHERE last_error IS NOT NULL")
         == 0));
 }
+
+/// A row that a constraint of the applying node refuses stops that stream with PostgreSQL's
+/// own message, on every version: the direct insert path describes the failing row as an
+/// INSERT does (from 16 on, only with the permission info of its range table entry).
+#[test]
+fn a_row_refused_by_a_local_constraint_stops_the_stream_with_postgresqls_message() {
+    let cluster = Cluster::start("refused-row", 2);
+    cluster.exec_all("CREATE TABLE r (id int PRIMARY KEY, v text); SELECT trompe.add_table('r')");
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    // One way only: n2's own DDL stays on n2.
+    cluster.add_peer(1, 0);
+    n2.exec("ALTER TABLE r ALTER COLUMN v SET NOT NULL");
+    n1.exec("INSERT INTO r VALUES (1, NULL)");
+    let error = "SELECT last_error FROM trompe.status WHERE name = 'n1'";
+    let stuck = wait_for(Duration::from_secs(30), || {
+        n2.query_text(error).is_some_and(|e| e.contains("violates not-null constraint"))
+    });
+    assert!(stuck, "n2 says why: {:?}", n2.query_text(error));
+    assert_eq!(n2.query_i64("SELECT count(*) FROM r"), 0);
+    n2.exec("ALTER TABLE r ALTER COLUMN v DROP NOT NULL");
+    assert_eq!(n2.query_text("SELECT trompe.wait_sync('60 seconds')").as_deref(), Some("t"));
+    assert_eq!(n2.query_i64("SELECT count(*) FROM r WHERE v IS NULL"), 1);
+}

@@ -7,11 +7,17 @@
 //! until every row is there. Latency: BENCH_COMMITS single-row commits on an idle pair, each
 //! timed from the commit's return at the origin to the row being visible at the peer, once
 //! autovacuum has finished with the backlog on both nodes.
+//!
+//! On PostgreSQL 16 and later (the nodes run `TROMPE_PG_BIN`'s) it also measures native
+//! *bidirectional* logical replication, the closest native counterpart of a trompe mesh: each
+//! node publishes the table and subscribes to the other with `origin = none` (so neither sends
+//! the other's changes back), the same backlog and latency measured on the same pair.
 
 use std::time::{Duration, Instant};
 
 use postgres::{Client, NoTls};
 use trompe_bench::{env_count, median, percentile};
+use trompe_tests::system::{pg_bindir, pg_major};
 use trompe_tests::{wait_for, Cluster, Node};
 
 const TABLE: &str = "CREATE TABLE bench_rows (id bigint PRIMARY KEY, txn int NOT NULL, payload text NOT NULL, at timestamptz NOT NULL DEFAULT now())";
@@ -119,8 +125,10 @@ fn trompe_run(txns: i64, commits: usize) -> ((Duration, Duration), Vec<f64>) {
     (took, lat)
 }
 
-fn native_run(txns: i64, commits: usize) -> ((Duration, Duration), Vec<f64>) {
-    let cluster = Cluster::builder("bench-apply-native")
+/// Native logical replication from node 1 to node 2; with `bidirectional`, node 1 also
+/// subscribes to node 2, both subscriptions with `origin = none` (PostgreSQL 16 and later).
+fn native_run(txns: i64, commits: usize, bidirectional: bool) -> ((Duration, Duration), Vec<f64>) {
+    let cluster = Cluster::builder(if bidirectional { "bench-apply-native-bidi" } else { "bench-apply-native" })
         .nodes(2)
         .with_extension(false)
         .setting("wal_level", "logical")
@@ -130,9 +138,17 @@ fn native_run(txns: i64, commits: usize) -> ((Duration, Duration), Vec<f64>) {
     let (a, b) = (cluster.node(0), cluster.node(1));
     a.exec(FILL);
     a.exec("CREATE PUBLICATION bench FOR TABLE bench_rows");
+    let origin = if bidirectional { ", origin = none" } else { "" };
+    if bidirectional {
+        b.exec("CREATE PUBLICATION bench_back FOR TABLE bench_rows");
+        a.exec(&format!(
+            "CREATE SUBSCRIPTION bench_back CONNECTION '{}' PUBLICATION bench_back WITH (copy_data = false{origin})",
+            b.conninfo()
+        ));
+    }
     let mut sub = b.connect();
     sub.batch_execute(&format!(
-        "CREATE SUBSCRIPTION bench CONNECTION '{}' PUBLICATION bench WITH (copy_data = false)",
+        "CREATE SUBSCRIPTION bench CONNECTION '{}' PUBLICATION bench WITH (copy_data = false{origin})",
         a.conninfo()
     ))
     .expect("create subscription");
@@ -140,7 +156,10 @@ fn native_run(txns: i64, commits: usize) -> ((Duration, Duration), Vec<f64>) {
     a.exec("INSERT INTO bench_rows VALUES (-1, -1, 'warm-up')");
     assert!(wait_for(Duration::from_secs(60), || b.query_i64("SELECT count(*) FROM bench_rows") == 1));
     sub.batch_execute("ALTER SUBSCRIPTION bench DISABLE").unwrap();
-    assert!(wait_for(Duration::from_secs(60), || { a.query_i64("SELECT count(*) FROM pg_stat_replication") == 0 }));
+    // The walsender serving b's subscription (named after it) has gone.
+    assert!(wait_for(Duration::from_secs(60), || {
+        a.query_i64("SELECT count(*) FROM pg_stat_replication WHERE application_name = 'bench'") == 0
+    }));
     a.exec(&format!("CALL bench_fill({txns})"));
     a.exec("CHECKPOINT");
     b.exec("CHECKPOINT");
@@ -148,6 +167,10 @@ fn native_run(txns: i64, commits: usize) -> ((Duration, Duration), Vec<f64>) {
     sub.batch_execute("ALTER SUBSCRIPTION bench ENABLE").unwrap();
     let took = time_catch_up(b, txns, started);
     assert_eq!(b.query_i64("SELECT count(*) FROM bench_rows"), txns * 10 + 1);
+    if bidirectional {
+        // Nothing came back: a has exactly its own rows.
+        assert!(wait_for(Duration::from_secs(60), || a.query_i64("SELECT count(*) FROM bench_rows") == txns * 10 + 1));
+    }
     settle(&[a, b]);
     b.exec(ARRIVALS);
     let lat = latencies(a, b, commits, 1_000_000_000);
@@ -159,7 +182,10 @@ fn main() {
     let commits = env_count("BENCH_COMMITS", 300);
     let rows = (txns * 10) as f64;
     println!("bench/apply: backlog of {txns} transactions x 10 rows; {commits} single-row commits for latency");
-    let (native_t, native_lat) = native_run(txns, commits);
+    let major = pg_major(&pg_bindir());
+    println!("PostgreSQL {major}");
+    let (native_t, native_lat) = native_run(txns, commits, false);
+    let bidi = (major >= 16).then(|| native_run(txns, commits, true));
     let (trompe_t, trompe_lat) = trompe_run(txns, commits);
     let native_rate = rows / native_t.1.as_secs_f64();
     let trompe_rate = rows / trompe_t.1.as_secs_f64();
@@ -170,6 +196,14 @@ fn main() {
         native_rate,
         native_t.0.as_secs_f64()
     );
+    if let Some((bidi_t, _)) = &bidi {
+        println!(
+            "  native bidirectional:       {:7.2} s  {:9.0} rows/s  [{:.2} s]",
+            bidi_t.1.as_secs_f64(),
+            rows / bidi_t.1.as_secs_f64(),
+            bidi_t.0.as_secs_f64()
+        );
+    }
     println!(
         "  trompe:                     {:7.2} s  {:9.0} rows/s  [{:.2} s]",
         trompe_t.1.as_secs_f64(),
@@ -177,12 +211,18 @@ fn main() {
         trompe_t.0.as_secs_f64()
     );
     println!("  ratio trompe/native: {:.2}", trompe_rate / native_rate);
+    if let Some((bidi_t, _)) = &bidi {
+        println!("  ratio trompe/native bidirectional: {:.2}", trompe_rate / (rows / bidi_t.1.as_secs_f64()));
+    }
     println!("commit-to-visible latency on an idle pair (ms):");
     println!(
         "  native logical replication: p50 {:6.2}  p99 {:6.2}",
         median(&native_lat),
         percentile(&native_lat, 99.0)
     );
+    if let Some((_, bidi_lat)) = &bidi {
+        println!("  native bidirectional:       p50 {:6.2}  p99 {:6.2}", median(bidi_lat), percentile(bidi_lat, 99.0));
+    }
     println!(
         "  trompe:                     p50 {:6.2}  p99 {:6.2}",
         median(&trompe_lat),

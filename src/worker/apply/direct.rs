@@ -60,7 +60,7 @@ pub fn insert_rows(table: &Table, run: &[Change]) -> Result<bool, ApplyError> {
         (*rte).relid = table.relid;
         (*rte).relkind = (*(*rel).rd_rel).relkind;
         (*rte).rellockmode = lock;
-        pg_sys::ExecInitRangeTable(estate, pg_sys::lappend(std::ptr::null_mut(), rte.cast()));
+        crate::pg_compat::exec_init_range_table(estate, rte);
         let rri = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>()) as *mut pg_sys::ResultRelInfo;
         (*rri).type_ = pg_sys::NodeTag::T_ResultRelInfo;
         pg_sys::InitResultRelInfo(rri, rel, 1, std::ptr::null_mut(), 0);

@@ -147,7 +147,7 @@ impl Drop for Table {
 }
 
 unsafe fn attname(relation: pg_sys::Relation, attnum: i16) -> String {
-    let att = &*(*(*relation).rd_att).attrs.as_ptr().add((attnum - 1) as usize);
+    let att = &*crate::pg_compat::tuple_desc_attr((*relation).rd_att, (attnum - 1) as usize);
     CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy().into_owned()
 }
 
@@ -230,7 +230,7 @@ fn load_table(nsp: &str, rel: &str, relid: pg_sys::Oid) -> Result<Table, ApplyEr
         );
         let mut attrs = HashMap::new();
         for i in 0..(*tupdesc).natts as usize {
-            let att = &*(*tupdesc).attrs.as_ptr().add(i);
+            let att = &*crate::pg_compat::tuple_desc_attr(tupdesc, i);
             if att.attisdropped || att.attgenerated != 0 {
                 continue;
             }
