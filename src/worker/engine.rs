@@ -301,7 +301,12 @@ impl Engine {
         for link in self.links.iter_mut() {
             waits.push(link.drive(&mut self.cache, enabled));
         }
-        if self.links.iter_mut().fold(false, |any, l| l.take_applied_ddl() || any) {
+        // Every link's flag is taken (and reset), so no short-circuit here.
+        let mut applied_ddl = false;
+        for link in self.links.iter_mut() {
+            applied_ddl |= link.take_applied_ddl();
+        }
+        if applied_ddl {
             // A change that waited for DDL from another peer may go through now.
             for (link, wait) in self.links.iter_mut().zip(waits.iter_mut()) {
                 link.retry_failed();

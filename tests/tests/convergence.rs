@@ -65,6 +65,49 @@ fn updates_in_flight_win_over_table_rewrites() {
     cluster.assert_same(&checksum("r"));
 }
 
+/// A rewrite reads each row's version with the layout the row was written in: the key column
+/// is not the first one, a column before it changes size, and an index on a changed column is
+/// built anew by the same statement (planning any query on the table then fails).
+#[test]
+fn rewrites_read_rows_in_their_layout_before_the_statement() {
+    let cluster = Cluster::start("rewrite-layout", 2);
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all(
+        "CREATE TABLE s (v int, id int PRIMARY KEY, w int); CREATE INDEX s_v ON s (v); SELECT trompe.add_table('s')",
+    );
+    cluster.mesh();
+    a.exec("INSERT INTO s SELECT g * 10, g, 0 FROM generate_series(1, 6) g");
+    cluster.wait_sync(SYNC);
+    let rewrites = [
+        "ALTER TABLE s ALTER COLUMN v TYPE bigint",
+        "ALTER TABLE s ALTER COLUMN id TYPE bigint",
+        "ALTER TABLE s ALTER COLUMN v TYPE text USING v::text",
+        "ALTER TABLE s ALTER COLUMN v TYPE varchar(30)",
+    ];
+    for (i, rewrite) in rewrites.iter().enumerate() {
+        let id = i + 1;
+        link(a, "pause", b);
+        b.exec(&format!("UPDATE s SET w = 2 WHERE id = {id}"));
+        a.exec(rewrite);
+        caught_up(b);
+        link(a, "resume", b);
+        cluster.wait_sync(SYNC);
+        for node in cluster.nodes() {
+            assert_eq!(
+                node.query_text(&format!("SELECT w FROM s WHERE id = {id}")).as_deref(),
+                Some("2"),
+                "on {}: b's update of row {id} was older than `{rewrite}` but newer than the row it replaced",
+                node.name
+            );
+        }
+    }
+    // The same on the node that applied the earlier rewrites for its peer.
+    b.exec("CREATE INDEX CONCURRENTLY s_w ON s (w)");
+    b.exec("ALTER TABLE s ALTER COLUMN w TYPE bigint");
+    cluster.wait_sync(SYNC);
+    cluster.assert_same(&checksum("s"));
+}
+
 /// A row's version outlives PostgreSQL's commit timestamps: once `pg_commit_ts` has been
 /// truncated past the transaction that wrote it (after freezing), an older change arriving late
 /// still loses to it.

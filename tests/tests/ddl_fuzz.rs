@@ -225,6 +225,7 @@ fn fuzz(seed: u64, ddl_statements: usize) {
             std::thread::sleep(Duration::from_millis(50 + rng.below(250)));
             let node = cluster.node(rng.below(3) as usize);
             let ddl = random_ddl(&mut rng, &mut schema.lock().expect("schema"));
+            println!("seed {seed}: {} {ddl}", node.name);
             node.exec(&ddl);
             statements += 1;
             std::thread::sleep(Duration::from_millis(50 + rng.below(250)));

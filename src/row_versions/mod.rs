@@ -7,7 +7,7 @@
 //!   again with the rewriting transaction as `xmin`. The `table_rewrite` event trigger (which
 //!   fires for DDL applied for a peer too) keeps every row's version first, in
 //!   `trompe.row_versions` under the rewriting transaction, and records that transaction in
-//!   `trompe.rewrites`; rows of that transaction read their kept version, unless the transaction
+//!   `trompe.rewrites` (module [`rewrite`]); rows of that transaction read their kept version, unless the transaction
 //!   wrote them itself after the rewrite (then their entry is removed as it writes them).
 //! - **freezing**, after which PostgreSQL may truncate the commit timestamps of the row's
 //!   transaction: a row whose `xmin` precedes its table's `relfrozenxid` may be frozen, and a
@@ -31,6 +31,8 @@ use trompe_core::nodeid::NodeId;
 
 use crate::capture::version::version_of;
 use crate::log::writer::as_extension_owner;
+
+mod rewrite;
 
 /// What decides how a table's row versions are read: the transactions that rewrote it (whose
 /// rows have kept versions) and the transaction before which rows may be frozen.
@@ -220,7 +222,14 @@ fn _preserve_versions(relid: pg_sys::Oid) {
         if !archive_exists() || !is_replicated(relid)? {
             return Ok(());
         }
-        keep(relid, "pg_catalog.pg_current_xact_id()::xid", "true", false)?;
+        if rewrite::keep_before_rewrite(relid)?.is_none() {
+            pgrx::warning!(
+                "trompe: the row versions of table {} are not kept across this rewrite: \
+                 a change a peer made before it may lose to it; run ALTER TABLE on the table itself",
+                crate::ddl_history::qualified(relid)
+            );
+            return Ok(());
+        }
         as_extension_owner(|| {
             crate::sql::execute(
                 "INSERT INTO trompe.rewrites (relid, xid) VALUES ($1::oid, pg_catalog.pg_current_xact_id())
@@ -292,6 +301,7 @@ pub fn rewritten_here(relid: pg_sys::Oid) -> bool {
 /// The transaction ended: forgets which tables it rewrote.
 pub fn end_of_transaction() {
     REWRITTEN_HERE.with(|r| r.borrow_mut().clear());
+    rewrite::end_of_transaction();
 }
 
 /// Keeps the versions of the rows of replicated table `relid` whose `xmin` is at least
@@ -305,7 +315,8 @@ pub fn archive_aging(relid: pg_sys::Oid, min_age: i64) -> Result<u64, String> {
 
 /// The replicated tables a utility statement about to run may freeze rows of, with the age
 /// from which it freezes them: `VACUUM` (all tables, or those listed; every row with `FREEZE`)
-/// and `CLUSTER`.
+/// and `CLUSTER`; before an `ALTER TABLE`, the layout of the replicated tables it may rewrite
+/// (see [`rewrite`]).
 ///
 /// # Safety
 /// `node` must be a utility statement's parse tree (or NULL).
@@ -339,6 +350,13 @@ pub unsafe fn before_utility(node: *mut pg_sys::Node) {
             _ => (None, false),
         }
     };
+    if node_is_alter_table(node) && archive_exists() {
+        // SAFETY: an AlterTableStmt (checked).
+        if let Err(e) = unsafe { rewrite::before_alter_table(node.cast()) } {
+            crate::error::TrompeError::Internal(format!("reading the layout of an altered table: {e}")).raise();
+        }
+        return;
+    }
     let Some(relations) = relations else { return };
     if !archive_exists() {
         return;
@@ -369,6 +387,12 @@ pub unsafe fn before_utility(node: *mut pg_sys::Node) {
             crate::error::TrompeError::Internal(format!("keeping row versions before vacuum: {e}")).raise();
         }
     }
+}
+
+/// Whether `node` (not NULL) is an `ALTER TABLE` (or `ALTER INDEX`, ...) statement.
+fn node_is_alter_table(node: *mut pg_sys::Node) -> bool {
+    // SAFETY: the caller passes a valid node; only its tag is read.
+    unsafe { (*node).type_ == pg_sys::NodeTag::T_AlterTableStmt }
 }
 
 /// Whether a list of `DefElem` options has `name` set (to true, or without a value).
