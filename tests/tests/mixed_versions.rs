@@ -258,3 +258,154 @@ fn mixed_versions_an_18_node_joins_from_a_15_node() {
     let (pg15, pg18) = bindirs_15_and_18();
     join_across_versions("mixed-join-18-from-15", pg15, pg18.clone(), pg18, None);
 }
+
+/// Inserts rows of its own into `ledger` on one node until `stop`, each in its own
+/// transaction; returns the ids whose commit succeeded.
+fn ledger_writer(node: &Node, base: i64, stop: &AtomicBool) -> Vec<i64> {
+    let mut client = node.connect();
+    let mut committed = Vec::new();
+    let mut id = base;
+    while !stop.load(Ordering::Relaxed) {
+        id += 1;
+        if client.batch_execute(&format!("INSERT INTO ledger VALUES ({id}, '{}')", node.name)).is_ok() {
+            committed.push(id);
+        }
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    committed
+}
+
+/// The major upgrade the README describes: a mesh of two PostgreSQL 15 nodes moves to two 18
+/// nodes while clients keep writing on every node: the 18 nodes join, clients move to them, the
+/// 15 nodes are taken out. Every committed row is on both 18 nodes exactly once, and they end
+/// identical, with nothing of the 15 nodes left holding their logs.
+#[test]
+fn mixed_versions_zero_downtime_major_upgrade_from_15_to_18() {
+    let (pg15, pg18) = bindirs_15_and_18();
+    let cluster = Cluster::builder("mixed-upgrade")
+        .nodes(4)
+        .node_bindir(0, pg15.clone())
+        .node_bindir(1, pg15)
+        .node_bindir(2, pg18.clone())
+        .node_bindir(3, pg18)
+        .start();
+    assert_versions(&cluster, &[15, 15, 18, 18]);
+    let (old1, old2, new1, new2) = (cluster.node(0), cluster.node(1), cluster.node(2), cluster.node(3));
+    for node in [old1, old2] {
+        node.exec(SCHEMA);
+        node.exec(
+            "CREATE TABLE ledger (id bigint PRIMARY KEY, written_on text NOT NULL); SELECT trompe.add_table('ledger')",
+        );
+    }
+    cluster.add_peer(0, 1);
+    cluster.add_peer(1, 0);
+    old1.exec("INSERT INTO acct (id, balance, note) SELECT g, g % 100, 'row ' || g FROM generate_series(1, 2000) g");
+    cluster.node(0).query_text("SELECT trompe.wait_sync('5 minutes')");
+
+    let stop_old = AtomicBool::new(false);
+    let stop_new = AtomicBool::new(false);
+    let committed = std::thread::scope(|scope| {
+        let _stop_old = StopOnDrop(&stop_old);
+        let _stop_new = StopOnDrop(&stop_new);
+        let mut ledgers = Vec::new();
+        let mut writers = Vec::new();
+        for (node, seed, base) in [(old1, 11, 1_000_000i64), (old2, 12, 2_000_000)] {
+            let stop = &stop_old;
+            ledgers.push(scope.spawn(move || ledger_writer(node, base, stop)));
+            writers.push(scope.spawn(move || writer(node, seed, base, stop)));
+        }
+        // 1. The 18 nodes join (each copies from a 15 node under load), then complete the mesh.
+        std::thread::sleep(Duration::from_millis(500));
+        for (i, source) in [(2usize, 0usize), (3, 1)] {
+            let source_name = &cluster.node(source).name;
+            cluster.node(i).exec(&format!(
+                "SELECT trompe.add_peer('{source_name}', '{}', sync => true)",
+                cluster.peer_conninfo(i, source)
+            ));
+            cluster.node(i).wait_for_value(
+                &format!("SELECT sync_state FROM trompe.status WHERE name = '{source_name}'"),
+                "done",
+                SYNC,
+            );
+            for other in 0..4 {
+                let linked = |from: usize, to: usize| {
+                    cluster.node(from).query_i64(&format!(
+                        "SELECT count(*) FROM trompe.peers WHERE name = '{}'",
+                        cluster.node(to).name
+                    )) > 0
+                };
+                if other != i && cluster.node(other).query_i64("SELECT count(*) FROM trompe.tables") > 0 {
+                    if !linked(i, other) {
+                        cluster.add_peer(i, other);
+                    }
+                    if !linked(other, i) {
+                        cluster.add_peer(other, i);
+                    }
+                }
+            }
+        }
+        // 2. Clients move: the 18 nodes take writes, for a while alongside the 15 nodes.
+        for (node, seed, base) in [(new1, 13, 3_000_000i64), (new2, 14, 4_000_000)] {
+            let stop = &stop_new;
+            ledgers.push(scope.spawn(move || ledger_writer(node, base, stop)));
+            writers.push(scope.spawn(move || writer(node, seed, base, stop)));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        stop_old.store(true, Ordering::Relaxed);
+        // 3. The 15 nodes go: once the 18 nodes have everything they committed, each 18 node
+        //    stops pulling from them and each 15 node tells its peers to drop its position.
+        for node in [new1, new2] {
+            assert_eq!(node.query_text("SELECT trompe.wait_sync('5 minutes')").as_deref(), Some("t"));
+        }
+        for new in [new1, new2] {
+            for old in [old1, old2] {
+                new.exec(&format!("SELECT trompe.remove_peer('{}')", old.name));
+            }
+        }
+        for old in [old1, old2] {
+            let peers = old.query_text("SELECT string_agg(name, ',') FROM trompe.peers").unwrap_or_default();
+            for peer in peers.split(',').filter(|p| !p.is_empty()) {
+                old.exec(&format!("SELECT trompe.remove_peer('{peer}')"));
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        stop_new.store(true, Ordering::Relaxed);
+        let written: u64 = writers.into_iter().map(|w| w.join().expect("writer")).sum();
+        assert!(written > 100, "the writers wrote ({written})");
+        ledgers.into_iter().flat_map(|l| l.join().expect("ledger writer")).collect::<Vec<i64>>()
+    });
+    for node in [new1, new2] {
+        assert_eq!(node.query_text("SELECT trompe.wait_sync('5 minutes')").as_deref(), Some("t"));
+    }
+    for node in [new1, new2] {
+        assert_eq!(node.query_text("SELECT trompe.wait_sync('5 minutes')").as_deref(), Some("t"));
+        let on_node = node.query_i64("SELECT count(*) FROM ledger");
+        assert_eq!(on_node, committed.len() as i64, "node {}: every committed ledger row, once", node.name);
+        let ids: Vec<String> = committed.iter().map(|id| id.to_string()).collect();
+        let missing = node.query_i64(&format!(
+            "SELECT count(*) FROM unnest('{{{}}}'::bigint[]) AS c(id) WHERE NOT EXISTS (SELECT 1 FROM ledger l WHERE l.id = c.id)",
+            ids.join(",")
+        ));
+        assert_eq!(missing, 0, "node {}: committed ledger rows missing", node.name);
+        assert_eq!(
+            node.query_i64("SELECT count(*) FROM trompe.consumers"),
+            1,
+            "node {}: only the other 18 node pulls from it (the 15 nodes no longer hold its log)",
+            node.name
+        );
+        let errors =
+            node.query_text("SELECT string_agg(last_error, '; ') FROM trompe.status WHERE last_error IS NOT NULL");
+        assert_eq!(errors, None, "node {} shows errors in trompe.status", node.name);
+    }
+    let pair = |sql: &str| {
+        let (a, b) = (new1.query_text(sql), new2.query_text(sql));
+        assert_eq!(a, b, "{sql}");
+    };
+    for table in ["acct", "app.items", "ledger"] {
+        if new1.query_i64(&format!("SELECT count(*) FROM pg_class WHERE oid = to_regclass('{table}')")) > 0 {
+            pair(&checksum(table));
+        }
+    }
+    assert!(new2.query_i64("SELECT count(*) FROM ledger WHERE id > 3000000 AND id < 4000000") > 0);
+    assert!(new1.query_i64("SELECT count(*) FROM ledger WHERE id > 4000000") > 0);
+}
