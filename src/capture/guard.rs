@@ -171,13 +171,32 @@ pub fn pre_commit() -> Result<(), TrompeError> {
     if !pending.deleted.is_empty() || !pending.truncated.is_empty() {
         write_markers(&pending)?;
     }
-    if pending.inserted_at_generation.is_some_and(|g| g != crate::shmem::tombstone_writers()) {
-        let newest_applied = crate::shmem::newest_applied_since_start();
-        pending.max_replaced = pending.max_replaced.max(newest_applied);
-        pending.commit_after = pending.commit_after.max(newest_applied + 1);
+    let Some(mut seen) = pending.inserted_at_generation else {
+        return wait_for_clock(pending.max_replaced, pending.commit_after);
+    };
+    // Until no tombstone writer announced itself while waiting (at most a few rounds, each
+    // bounded by the clock skew): the last look is the last thing before the commit record,
+    // so a peer's delete applied from then on finds this transaction's rows once they are
+    // visible, or ranks below them.
+    for _ in 0..COMMIT_WAIT_ROUNDS {
+        let writers = crate::shmem::tombstone_writers();
+        if writers != seen {
+            let newest_applied = crate::shmem::newest_applied_since_start();
+            pending.max_replaced = pending.max_replaced.max(newest_applied);
+            pending.commit_after = pending.commit_after.max(newest_applied + 1);
+        }
+        wait_for_clock(pending.max_replaced, pending.commit_after)?;
+        if crate::shmem::tombstone_writers() == writers {
+            return Ok(());
+        }
+        seen = writers;
     }
-    wait_for_clock(pending.max_replaced, pending.commit_after)
+    Ok(())
 }
+
+/// How many times a transaction that inserted rows looks again for peers' tombstone writers
+/// that announced themselves while it waited for its commit time.
+const COMMIT_WAIT_ROUNDS: usize = 3;
 
 fn write_markers(pending: &Pending) -> Result<(), TrompeError> {
     struct Snapshot;

@@ -563,6 +563,10 @@ fn delete_key(
 ) -> Result<(), ApplyError> {
     let mut ctx = incoming(table, v, change, ConflictKind::DeleteUpdate, keys);
     ctx.row = None;
+    // Announced before the row is looked for: a local transaction inserting this key that is
+    // not yet visible to the lookup either sees the announcement at commit (and commits after
+    // this version, see capture::guard::pre_commit) or has committed before the lookup.
+    super::note_tombstones_written();
     for _ in 0..MEETING_ATTEMPTS {
         let decided = crate::conflicts::decisions();
         let (deleted, _) = with_incoming(ctx.clone(), || {
