@@ -57,6 +57,9 @@ pub extern "C-unwind" fn _PG_init() {
         shmem::request();
         worker::supervisor::register();
     }
+    // SAFETY: called once while the library loads, after every trompe.* setting is defined:
+    // a misspelt one (in postgresql.conf or SET) is then reported instead of kept silently.
+    unsafe { pg_sys::MarkGUCPrefixReserved(c"trompe".as_ptr()) };
 }
 
 #[cfg(test)]

@@ -109,3 +109,16 @@ fn without_preloading_the_extension_installs_and_says_what_is_missing() {
         assert!(message.contains("shared_preload_libraries"), "{sql}: {message}");
     }
 }
+
+/// The `trompe.` prefix is reserved: a misspelt setting is an error naming it, not a silent
+/// placeholder, while real ones set as usual.
+#[test]
+fn a_misspelt_setting_is_refused() {
+    let cluster = Cluster::start("guc-prefix", 1);
+    let n1 = cluster.node(0);
+    let mut client = n1.connect();
+    let (code, message) = expect_error(&mut client, "SET trompe.max_clock_skw = '5s'");
+    assert_eq!(code, "42602", "{message}");
+    assert!(message.contains("trompe.max_clock_skw"), "{message}");
+    client.batch_execute("SET trompe.max_clock_skew = '5s'").expect("a real setting");
+}
