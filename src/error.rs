@@ -47,7 +47,7 @@ pub enum TrompeError {
         kind: &'static str,
     },
     /// A schema given by name does not exist.
-    #[error("schema \"{0}\" does not exist")]
+    #[error("schema {} does not exist", quoted_as_written(.0))]
     NoSuchSchema(String),
     /// trompe's own schema or a system schema cannot be replicated.
     #[error("schema \"{0}\" cannot be replicated")]
@@ -338,5 +338,14 @@ impl<T> OrRaise<T> for Result<T, TrompeError> {
             Ok(v) => v,
             Err(e) => e.raise(),
         }
+    }
+}
+
+/// A name as the user wrote it, in double quotes unless it already is (a quoted identifier).
+fn quoted_as_written(name: &str) -> String {
+    if name.len() >= 2 && name.starts_with('"') && name.ends_with('"') {
+        name.to_string()
+    } else {
+        format!("\"{name}\"")
     }
 }

@@ -272,16 +272,25 @@ fn set_priority(node: pgrx::Uuid, priority: i32) -> Result<i32, TrompeError> {
     Ok(priority)
 }
 
-fn check_schema(schema_name: &str) -> Result<(), TrompeError> {
-    if RESERVED_SCHEMAS.contains(&schema_name) || schema_name.starts_with("pg_") {
-        return Err(TrompeError::ReservedSchema(schema_name.to_string()));
+/// The schema `input` names, checked: its exact name, else read as SQL reads an identifier
+/// (`App` is `app`, `"App"` is `App`), as `regnamespace` input is.
+fn resolve_schema(input: &str) -> Result<String, TrompeError> {
+    let exists = |name: &str| {
+        sql::flag("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)", &[Some(name)])
+            .map_err(TrompeError::Internal)
+    };
+    let name = if exists(input)? {
+        input.to_string()
+    } else {
+        match trompe_core::ident::parse_identifier(input.trim()) {
+            Some(parsed) if exists(&parsed)? => parsed,
+            _ => return Err(TrompeError::NoSuchSchema(input.to_string())),
+        }
+    };
+    if RESERVED_SCHEMAS.contains(&name.as_str()) || name.starts_with("pg_") {
+        return Err(TrompeError::ReservedSchema(name));
     }
-    let exists = sql::flag("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)", &[Some(schema_name)])
-        .map_err(TrompeError::Internal)?;
-    if !exists {
-        return Err(TrompeError::NoSuchSchema(schema_name.to_string()));
-    }
-    Ok(())
+    Ok(name)
 }
 
 /// Adds every table of the replicated schemas that is not replicated yet and can be; warns
@@ -319,7 +328,7 @@ pub fn sync_schema_tables() -> Result<i64, TrompeError> {
 /// many tables were newly added.
 #[pg_extern(volatile, parallel_unsafe)]
 fn add_schema(schema_name: &str) -> i64 {
-    check_schema(schema_name).or_raise();
+    let schema_name = &resolve_schema(schema_name).or_raise();
     {
         let _internal = InternalOperation::begin();
         as_extension_owner(|| {
@@ -337,6 +346,17 @@ fn add_schema(schema_name: &str) -> i64 {
 /// Stops replicating a schema and every table in it. Returns how many tables were removed.
 #[pg_extern(volatile, parallel_unsafe)]
 fn remove_schema(schema_name: &str) -> i64 {
+    let listed = |name: &str| {
+        sql::flag("SELECT EXISTS (SELECT 1 FROM trompe.schemas WHERE schema_name = $1)", &[Some(name)])
+            .map_err(TrompeError::Internal)
+            .or_raise()
+    };
+    let parsed = trompe_core::ident::parse_identifier(schema_name.trim());
+    let schema_name = match parsed {
+        Some(p) if !listed(schema_name) && listed(&p) => p,
+        _ => schema_name.to_string(),
+    };
+    let schema_name = schema_name.as_str();
     let relids = oids(
         "SELECT t.relid::oid FROM trompe.tables t JOIN pg_class c ON c.oid = t.relid
            JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1",

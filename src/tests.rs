@@ -320,6 +320,30 @@ mod tests {
         assert_eq!(one::<i64>("SELECT count(*) FROM trompe.tables"), Some(0));
     }
 
+    #[pg_test]
+    fn schemas_are_named_as_sql_names_them() {
+        run(r#"CREATE SCHEMA "Shop""#);
+        run("CREATE SCHEMA lower_shop");
+        run(r#"CREATE TABLE "Shop".a (id int PRIMARY KEY)"#);
+        run("CREATE TABLE lower_shop.a (id int PRIMARY KEY)");
+        // The exact name, a quoted identifier, and an unquoted one folded to lower case.
+        assert_eq!(one::<i64>("SELECT trompe.add_schema('Shop')"), Some(1));
+        assert_eq!(one::<i64>(r#"SELECT trompe.add_schema('"Shop"')"#), Some(0));
+        assert_eq!(one::<i64>("SELECT trompe.add_schema('Lower_Shop')"), Some(1));
+        assert_eq!(
+            one::<String>("SELECT string_agg(schema_name, ',' ORDER BY schema_name) FROM trompe.schemas").as_deref(),
+            Some("Shop,lower_shop")
+        );
+        assert_eq!(one::<i64>(r#"SELECT trompe.remove_schema('"Shop"')"#), Some(1));
+        assert_eq!(one::<i64>("SELECT trompe.remove_schema('LOWER_SHOP')"), Some(1));
+        assert_eq!(one::<i64>("SELECT count(*) FROM trompe.schemas"), Some(0));
+    }
+
+    #[pg_test(error = "schema \"Nope\" does not exist")]
+    fn a_quoted_unknown_schema_is_an_error() {
+        run(r#"SELECT trompe.add_schema('"Nope"')"#);
+    }
+
     #[pg_test(error = "schema \"trompe\" cannot be replicated")]
     fn trompe_schema_cannot_be_replicated() {
         run("SELECT trompe.add_schema('trompe')");

@@ -31,6 +31,32 @@ pub fn check_identifier(ident: &str) -> Result<(), IdentError> {
     Ok(())
 }
 
+/// The name a single SQL identifier as written in SQL stands for, as PostgreSQL reads it
+/// (`regnamespace` input): `"My Schema"` (quoted, `""` for a quote) is taken as written,
+/// anything else is folded to lower case (ASCII, as PostgreSQL folds). `None` when `text` is
+/// not one identifier (an unterminated or misplaced quote).
+pub fn parse_identifier(text: &str) -> Option<String> {
+    if let Some(inner) = text.strip_prefix('"') {
+        let inner = inner.strip_suffix('"')?;
+        let mut out = String::with_capacity(inner.len());
+        let mut chars = inner.chars();
+        while let Some(c) = chars.next() {
+            if c == '"' {
+                // Inside quotes a quote stands only doubled.
+                if chars.next() != Some('"') {
+                    return None;
+                }
+            }
+            out.push(c);
+        }
+        return Some(out);
+    }
+    if text.contains('"') {
+        return None;
+    }
+    Some(text.to_ascii_lowercase())
+}
+
 /// Quotes an identifier unconditionally: `a"b` becomes `"a""b"`.
 pub fn quote_ident(ident: &str) -> String {
     let mut out = String::with_capacity(ident.len() + 2);
@@ -67,6 +93,16 @@ pub fn readable_qualified(schema: &str, name: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn identifiers_read_as_postgresql_reads_them() {
+        assert_eq!(parse_identifier("App").as_deref(), Some("app"));
+        assert_eq!(parse_identifier("\"App\"").as_deref(), Some("App"));
+        assert_eq!(parse_identifier("\"my \"\"x\"\"\"").as_deref(), Some("my \"x\""));
+        assert_eq!(parse_identifier("\"open"), None);
+        assert_eq!(parse_identifier("\"a\"b\""), None);
+        assert_eq!(parse_identifier("a\"b"), None);
+    }
+
     use super::*;
 
     #[test]

@@ -56,3 +56,45 @@ pub fn checksum(table: &str) -> String {
         "SELECT count(*) || ':' || coalesce(md5(string_agg(to_jsonb(t)::text, ',' ORDER BY to_jsonb(t)::text)), '') FROM {table} t"
     )
 }
+
+/// Prints every node's rows of `table` with their versions, its tombstones and its conflicts,
+/// to find out why nodes differ.
+pub fn dump_versions(cluster: &Cluster, table: &str) {
+    let readable = if table.contains('.') { table.to_string() } else { format!("public.{table}") };
+    for node in cluster.nodes() {
+        let rows = node.query_text(&format!(
+            "SELECT string_agg(format('%s @ %s from %s', r::text, c.timestamp, coalesce(o.roname, 'local')), E'\\n' ORDER BY r::text)
+             FROM {table} r, pg_xact_commit_timestamp_origin(r.xmin) c LEFT JOIN pg_replication_origin o ON o.roident = c.roident"
+        ));
+        let tombstones = node.query_text(&format!(
+            "SELECT string_agg(format('%s @ %s', key, pg_xact_commit_timestamp(xmin)), E'\\n' ORDER BY key)
+             FROM trompe.tombstones WHERE relid = '{table}'::regclass"
+        ));
+        let truncation = node.query_text(&format!(
+            "SELECT pg_xact_commit_timestamp(xmin)::text FROM trompe.truncations WHERE relid = '{table}'::regclass"
+        ));
+        let conflicts = node.query_text(&format!(
+            "SELECT string_agg(format('%s %s %s %s winner=%s local=%s@%s %s remote=%s@%s %s', id, at, kind, key, winner,
+                                      local_origin, local_committed_at, local_row, remote_origin, remote_committed_at, remote_row),
+                               E'\\n' ORDER BY id)
+             FROM trompe.conflicts WHERE table_name = '{readable}'"
+        ));
+        let kept = node.query_text(&format!(
+            "SELECT string_agg(format('%s xmin=%s @ %s from %s', key, row_xmin, committed_us, node_id), E'\\n' ORDER BY key)
+             FROM trompe.row_versions WHERE relid = '{table}'::regclass"
+        ));
+        let rewrites = node.query_text(&format!(
+            "SELECT string_agg(xid::text, ',') FROM trompe.rewrites WHERE relid = '{table}'::regclass"
+        ));
+        println!("===== {}: kept versions (rewrites {rewrites:?})\n{}", node.name, kept.unwrap_or_default());
+        let path = cluster.keep_file(&format!("{}-{table}-conflicts.txt", node.name), &conflicts.unwrap_or_default());
+        println!("conflicts of {} kept in {}", node.name, path.display());
+        println!(
+            "===== {} ({}): rows\n{}\n----- tombstones\n{}\n----- truncated at {truncation:?}",
+            node.name,
+            node.query_text("SELECT trompe.node_id()::text").unwrap_or_default(),
+            rows.unwrap_or_default(),
+            tombstones.unwrap_or_default()
+        );
+    }
+}

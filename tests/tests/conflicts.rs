@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use trompe_tests::{checksum, expect_error, Cluster, Node, Rng};
+use trompe_tests::{checksum, dump_versions, expect_error, Cluster, Node, Rng};
 
 const SYNC: Duration = Duration::from_secs(120);
 
@@ -333,39 +333,6 @@ fn converges(mut w: Workload) {
              WHERE last_error_at > '{healed_at}'::timestamptz + interval '2 seconds'"
         ));
         assert_eq!(errors, None, "seed {}: {} reported errors after the links healed", w.seed, node.name);
-    }
-}
-
-/// Prints every node's rows of `table` with their versions, its tombstones and its conflicts,
-/// to find out why nodes differ.
-fn dump_versions(cluster: &Cluster, table: &str) {
-    for node in cluster.nodes() {
-        let rows = node.query_text(&format!(
-            "SELECT string_agg(format('%s @ %s from %s', r::text, c.timestamp, coalesce(o.roname, 'local')), E'\\n' ORDER BY r::text)
-             FROM {table} r, pg_xact_commit_timestamp_origin(r.xmin) c LEFT JOIN pg_replication_origin o ON o.roident = c.roident"
-        ));
-        let tombstones = node.query_text(&format!(
-            "SELECT string_agg(format('%s @ %s', key, pg_xact_commit_timestamp(xmin)), E'\\n' ORDER BY key)
-             FROM trompe.tombstones WHERE relid = '{table}'::regclass"
-        ));
-        let truncation = node.query_text(&format!(
-            "SELECT pg_xact_commit_timestamp(xmin)::text FROM trompe.truncations WHERE relid = '{table}'::regclass"
-        ));
-        let conflicts = node.query_text(&format!(
-            "SELECT string_agg(format('%s %s %s %s winner=%s local=%s@%s %s remote=%s@%s %s', id, at, kind, key, winner,
-                                      local_origin, local_committed_at, local_row, remote_origin, remote_committed_at, remote_row),
-                               E'\\n' ORDER BY id)
-             FROM trompe.conflicts WHERE table_name = 'public.{table}'"
-        ));
-        let path = cluster.keep_file(&format!("{}-conflicts.txt", node.name), &conflicts.unwrap_or_default());
-        println!("conflicts of {} kept in {}", node.name, path.display());
-        println!(
-            "===== {} ({}): rows\n{}\n----- tombstones\n{}\n----- truncated at {truncation:?}",
-            node.name,
-            node.query_text("SELECT trompe.node_id()::text").unwrap_or_default(),
-            rows.unwrap_or_default(),
-            tombstones.unwrap_or_default()
-        );
     }
 }
 

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use trompe_tests::{checksum, Cluster, Node, Rng};
+use trompe_tests::{checksum, dump_versions, Cluster, Node, Rng};
 
 const SYNC: Duration = Duration::from_secs(180);
 
@@ -257,7 +257,12 @@ fn fuzz(seed: u64, ddl_statements: usize) {
         .map(str::to_string)
         .collect();
     for t in tables {
-        cluster.assert_same(&checksum(&format!("f.{t}")));
+        let table = format!("f.{t}");
+        let sums: Vec<Option<String>> = cluster.nodes().iter().map(|n| n.query_text(&checksum(&table))).collect();
+        if sums.iter().any(|s| s != &sums[0]) {
+            dump_versions(&cluster, &table);
+        }
+        cluster.assert_same(&checksum(&table));
     }
     for node in cluster.nodes() {
         assert_eq!(
