@@ -176,6 +176,11 @@ pub fn keep_before_rewrite(relid: pg_sys::Oid) -> Result<Option<u64>, String> {
             }
             // The raw xmin, as the capture trigger reads it.
             let xmin = (*(*tuple).t_data).t_choice.t_heap.t_xmin;
+            if pg_sys::TransactionIdIsCurrentTransactionId(xmin) {
+                // Written by this transaction: the row has its version after the rewrite too
+                // (an entry kept by an earlier rewrite in it stays valid).
+                continue;
+            }
             let values: Vec<Option<String>> = key
                 .iter()
                 .zip(&outputs)

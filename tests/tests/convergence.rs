@@ -101,6 +101,21 @@ fn rewrites_read_rows_in_their_layout_before_the_statement() {
             );
         }
     }
+    // A row the rewriting transaction itself wrote keeps that transaction's version.
+    link(a, "pause", b);
+    b.exec("UPDATE s SET w = 7 WHERE id = 5");
+    a.exec("BEGIN; UPDATE s SET w = 8 WHERE id = 5; ALTER TABLE s ALTER COLUMN id TYPE int; COMMIT");
+    caught_up(b);
+    link(a, "resume", b);
+    cluster.wait_sync(SYNC);
+    for node in cluster.nodes() {
+        assert_eq!(
+            node.query_text("SELECT w FROM s WHERE id = 5").as_deref(),
+            Some("8"),
+            "on {}: the rewriting transaction's own update is newer than b's",
+            node.name
+        );
+    }
     // The same on the node that applied the earlier rewrites for its peer.
     b.exec("CREATE INDEX CONCURRENTLY s_w ON s (w)");
     b.exec("ALTER TABLE s ALTER COLUMN w TYPE bigint");
