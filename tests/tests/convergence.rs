@@ -25,13 +25,28 @@ fn caught_up(node: &Node) {
     );
 }
 
+/// While `a` does not pull from `b`: `b` runs `on_b`, then `a` runs `on_a`; once both are
+/// everywhere, `check` must read `want` on every node (`why` says what was expected).
+fn race(cluster: &Cluster, on_b: &str, on_a: &str, check: &str, want: &str, why: &str) {
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    link(a, "pause", b);
+    b.exec(on_b);
+    a.exec(on_a);
+    caught_up(b);
+    link(a, "resume", b);
+    cluster.wait_sync(SYNC);
+    for node in cluster.nodes() {
+        assert_eq!(node.query_text(check).as_deref(), Some(want), "on {}: {why}", node.name);
+    }
+}
+
 /// Updates committed on one node while another rewrites the table (ALTER ... TYPE, VACUUM FULL
 /// with FREEZE, CLUSTER) arrive after the rewrite and still win: a rewrite gives every row a
 /// new physical version, but not a new replication version.
 #[test]
 fn updates_in_flight_win_over_table_rewrites() {
     let cluster = Cluster::start("rewrite-versions", 2);
-    let (a, b) = (cluster.node(0), cluster.node(1));
+    let a = cluster.node(0);
     cluster.exec_all("CREATE TABLE r (id int PRIMARY KEY, v int, w text); SELECT trompe.add_table('r')");
     cluster.mesh();
     a.exec("INSERT INTO r SELECT g, 0, 'x' FROM generate_series(1, 6) g");
@@ -45,22 +60,16 @@ fn updates_in_flight_win_over_table_rewrites() {
         "VACUUM FREEZE r",
     ];
     for (i, rewrite) in rewrites.iter().enumerate() {
-        let id = i + 1;
-        link(a, "pause", b);
         // b's update commits first; a rewrites its table afterwards and b applies the rewrite.
-        b.exec(&format!("UPDATE r SET v = 2 WHERE id = {id}"));
-        a.exec(rewrite);
-        caught_up(b);
-        link(a, "resume", b);
-        cluster.wait_sync(SYNC);
-        for node in cluster.nodes() {
-            assert_eq!(
-                node.query_text(&format!("SELECT v::int FROM r WHERE id = {id}")).as_deref(),
-                Some("2"),
-                "on {}: b's update of row {id} was older than `{rewrite}` but newer than the row it replaced",
-                node.name
-            );
-        }
+        let id = i + 1;
+        race(
+            &cluster,
+            &format!("UPDATE r SET v = 2 WHERE id = {id}"),
+            rewrite,
+            &format!("SELECT v::int FROM r WHERE id = {id}"),
+            "2",
+            &format!("b's update of row {id} was older than `{rewrite}` but newer than the row it replaced"),
+        );
     }
     cluster.assert_same(&checksum("r"));
 }
@@ -86,36 +95,24 @@ fn rewrites_read_rows_in_their_layout_before_the_statement() {
     ];
     for (i, rewrite) in rewrites.iter().enumerate() {
         let id = i + 1;
-        link(a, "pause", b);
-        b.exec(&format!("UPDATE s SET w = 2 WHERE id = {id}"));
-        a.exec(rewrite);
-        caught_up(b);
-        link(a, "resume", b);
-        cluster.wait_sync(SYNC);
-        for node in cluster.nodes() {
-            assert_eq!(
-                node.query_text(&format!("SELECT w FROM s WHERE id = {id}")).as_deref(),
-                Some("2"),
-                "on {}: b's update of row {id} was older than `{rewrite}` but newer than the row it replaced",
-                node.name
-            );
-        }
-    }
-    // A row the rewriting transaction itself wrote keeps that transaction's version.
-    link(a, "pause", b);
-    b.exec("UPDATE s SET w = 7 WHERE id = 5");
-    a.exec("BEGIN; UPDATE s SET w = 8 WHERE id = 5; ALTER TABLE s ALTER COLUMN id TYPE int; COMMIT");
-    caught_up(b);
-    link(a, "resume", b);
-    cluster.wait_sync(SYNC);
-    for node in cluster.nodes() {
-        assert_eq!(
-            node.query_text("SELECT w FROM s WHERE id = 5").as_deref(),
-            Some("8"),
-            "on {}: the rewriting transaction's own update is newer than b's",
-            node.name
+        race(
+            &cluster,
+            &format!("UPDATE s SET w = 2 WHERE id = {id}"),
+            rewrite,
+            &format!("SELECT w FROM s WHERE id = {id}"),
+            "2",
+            &format!("b's update of row {id} was older than `{rewrite}` but newer than the row it replaced"),
         );
     }
+    // A row the rewriting transaction itself wrote keeps that transaction's version.
+    race(
+        &cluster,
+        "UPDATE s SET w = 7 WHERE id = 5",
+        "BEGIN; UPDATE s SET w = 8 WHERE id = 5; ALTER TABLE s ALTER COLUMN id TYPE int; COMMIT",
+        "SELECT w FROM s WHERE id = 5",
+        "8",
+        "the rewriting transaction's own update is newer than b's",
+    );
     // The same on the node that applied the earlier rewrites for its peer.
     b.exec("CREATE INDEX CONCURRENTLY s_w ON s (w)");
     b.exec("ALTER TABLE s ALTER COLUMN w TYPE bigint");
