@@ -456,6 +456,30 @@ impl PgResult {
     }
 }
 
+/// Checks a connection string the way the linked libpq reads it (`PQconninfoParse`): an
+/// option this libpq does not know is refused with libpq's own message, which names the option
+/// (never a value).
+pub fn check_conninfo(info: &ConnInfo) -> Result<(), String> {
+    let text =
+        CString::new(info.to_keyword_value()).map_err(|_| "the connection string contains a NUL byte".to_string())?;
+    let mut errmsg: *mut std::ffi::c_char = std::ptr::null_mut();
+    // SAFETY: text is a valid C string; PQconninfoParse returns an allocated option array or
+    // NULL with an allocated message, each freed with the matching libpq function.
+    unsafe {
+        let options = pq::PQconninfoParse(text.as_ptr(), &mut errmsg);
+        if !options.is_null() {
+            pq::PQconninfoFree(options);
+            return Ok(());
+        }
+        if errmsg.is_null() {
+            return Err("out of memory parsing the connection string".to_string());
+        }
+        let message = CStr::from_ptr(errmsg).to_string_lossy().trim_end().to_string();
+        pq::PQfreemem(errmsg.cast());
+        Err(message)
+    }
+}
+
 /// Waits until `sock` is ready for `want`, the latch is set, or `timeout` passes; handles
 /// interrupts (cancel, termination) and postmaster death.
 pub fn wait_socket(sock: pg_sys::pgsocket, want: Want, timeout: Duration) {

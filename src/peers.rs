@@ -44,6 +44,8 @@ pub fn peer_conninfo(conninfo: &str) -> Result<ConnInfo, TrompeError> {
     info.set_default("keepalives_interval", "5");
     info.set_default("keepalives_count", "3");
     info.set_default("application_name", "trompe");
+    crate::libpq::check_conninfo(&info)
+        .map_err(|e| TrompeError::BadConninfo(format!("invalid connection string: {e}")))?;
     Ok(info)
 }
 

@@ -6,7 +6,8 @@
 
 use std::fmt::Write as _;
 
-/// Connection keywords libpq 15 accepts.
+/// Connection keywords a peer's connection string may use (those of libpq 15 and 16); the
+/// libpq the server links checks them again when a peer is added (it may be older).
 pub const KNOWN_KEYWORDS: &[&str] = &[
     "host",
     "hostaddr",

@@ -30,6 +30,17 @@ fn add_peer_checks_everything_and_changes_nothing_on_failure() {
     let m = refused(&cluster, "SELECT trompe.add_peer('x', 'host=localhost s3cretpw')", "22023", "key=value");
     assert!(!m.contains("s3cretpw"), "{m}");
     refused(&cluster, "SELECT trompe.add_peer('', 'host=localhost')", "22023", "invalid peer name");
+    // An option of a newer libpq than the one the server links (Debian 12's is 15) is refused
+    // as that libpq reads it, up front, not at every connection attempt.
+    let libpq = std::process::Command::new("dpkg-query").args(["-W", "-f", "${Version}", "libpq5"]).output();
+    if libpq.is_ok_and(|o| o.stdout.starts_with(b"15.")) {
+        refused(
+            &cluster,
+            "SELECT trompe.add_peer('x', 'host=localhost require_auth=password')",
+            "22023",
+            "invalid connection option \"require_auth\"",
+        );
+    }
 
     // Nothing listens on this port.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
