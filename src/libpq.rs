@@ -51,6 +51,14 @@ impl std::fmt::Display for PqError {
 }
 
 impl PqError {
+    /// The message with the peer's SQLSTATE, when it sent one: `... (SQLSTATE 55000 at the peer)`.
+    pub fn describe(&self) -> String {
+        match &self.sqlstate {
+            Some(code) => format!("{} (SQLSTATE {code} at the peer)", self.message),
+            None => self.message.clone(),
+        }
+    }
+
     fn new(kind: PqErrorKind, message: impl Into<String>) -> Self {
         PqError { message: message.into().trim_end().to_string(), sqlstate: None, kind }
     }

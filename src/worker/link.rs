@@ -344,7 +344,7 @@ impl Link {
                 if now < self.not_before_ms {
                     return Ok(Some(WaitSpec { socket: None, wake_at_ms: Some(self.not_before_ms) }));
                 }
-                self.conn = Some(Conn::start(&self.info).map_err(|e| e.message)?);
+                self.conn = Some(Conn::start(&self.info).map_err(|e| e.describe())?);
                 self.state = State::Connecting;
                 self.deadline_ms = now + crate::guc::CONNECT_TIMEOUT_S.get() as i64 * 1000 + 1000;
                 self.publish(ConnState::Connecting);
@@ -352,7 +352,7 @@ impl Link {
             }
             State::Connecting => {
                 let conn = self.conn.as_mut().ok_or("no connection")?;
-                match conn.poll_connect().map_err(|e: PqError| e.message)? {
+                match conn.poll_connect().map_err(|e: PqError| e.describe())? {
                     Want::Done => {
                         self.send(
                             "SELECT trompe.node_id()::text, set_config('statement_timeout', '0', false),
@@ -371,15 +371,15 @@ impl Link {
             State::Handshake | State::Pulling => {
                 let conn = self.conn.as_mut().ok_or("no connection")?;
                 if self.flushing {
-                    if conn.flush().map_err(|e| e.message)? == Want::Write {
+                    if conn.flush().map_err(|e| e.describe())? == Want::Write {
                         return self.wait_for(Want::Write, now);
                     }
                     self.flushing = false;
                 }
-                if conn.consume().map_err(|e| e.message)? == Want::Read {
+                if conn.consume().map_err(|e| e.describe())? == Want::Read {
                     return self.wait_for(Want::Read, now);
                 }
-                let result = conn.take_result().map_err(|e| e.message)?;
+                let result = conn.take_result().map_err(|e| e.describe())?;
                 if self.state == State::Handshake {
                     let id = result.get(0, 0).unwrap_or_default();
                     if id != self.node.to_string() {
@@ -418,14 +418,14 @@ impl Link {
 
     fn send(&mut self, sql: &str, params: &[Option<&str>]) -> Result<(), String> {
         let conn = self.conn.as_mut().ok_or("no connection")?;
-        conn.send_query(sql, params).map_err(|e| e.message)?;
+        conn.send_query(sql, params).map_err(|e| e.describe())?;
         self.flushing = true;
         Ok(())
     }
 
     fn send_binary(&mut self, sql: &str, params: &[Option<&str>]) -> Result<(), String> {
         let conn = self.conn.as_mut().ok_or("no connection")?;
-        conn.send_query_binary(sql, params).map_err(|e| e.message)?;
+        conn.send_query_binary(sql, params).map_err(|e| e.describe())?;
         self.flushing = true;
         Ok(())
     }

@@ -189,7 +189,7 @@ fn a_login_acts_only_for_its_own_node() {
     assert!(dropped);
     n1.exec("INSERT INTO t VALUES (3, 'after the drop')");
     n3.wait_for_value(
-        "SELECT last_error LIKE '%not registered as a consumer%' FROM trompe.status WHERE name = 'n1'",
+        "SELECT last_error LIKE '%not registered as a consumer%(SQLSTATE 55000 at the peer)%' FROM trompe.status WHERE name = 'n1'",
         "t",
         SYNC,
     );
