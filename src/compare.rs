@@ -16,7 +16,7 @@ use crate::error::{OrRaise, TrompeError};
 use crate::large_objects;
 use crate::libpq::{result_wait, send_wait, Conn, PgResult, PqError};
 use crate::log::writer::as_extension_owner;
-use crate::peers::{connect_peer, peer_conninfo, scrub};
+use crate::peer_calls::{connect_peer, peer_conninfo, scrub};
 use crate::sql;
 
 /// How long one query on the peer may take (hashing a large table takes a while); the wait

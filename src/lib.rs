@@ -21,6 +21,7 @@ pub mod libpq;
 pub mod log;
 pub mod node;
 pub mod origin;
+pub mod peer_calls;
 pub mod peers;
 pub mod pg_compat;
 pub mod retention;

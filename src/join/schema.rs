@@ -126,7 +126,7 @@ pub fn dump(info: &ConnInfo, snapshot: &str, source_version: i32) -> Result<Sche
     let out = stdout.join().map_err(|_| "reading pg_dump's output failed".to_string())?;
     let err = stderr.join().unwrap_or_default();
     if !status.success() {
-        let message = crate::peers::scrub(String::from_utf8_lossy(&err).trim(), info);
+        let message = crate::peer_calls::scrub(String::from_utf8_lossy(&err).trim(), info);
         return Err(format!("pg_dump of the peer's schema failed ({status}): {message}"));
     }
     let text = String::from_utf8(out).map_err(|_| "pg_dump's output is not UTF-8".to_string())?;

@@ -5,7 +5,7 @@ use pgrx::prelude::*;
 use crate::error::{OrRaise, TrompeError};
 use crate::log::writer::as_extension_owner;
 use crate::node::local_node_id;
-use crate::peers::{connect_peer, peer_conninfo, peer_has_function, peer_query};
+use crate::peer_calls::{connect_peer, peer_conninfo, peer_has_function, peer_query};
 use crate::sql;
 
 /// Registers node `consumer` (named `consumer_name`) with every peer of this node, at the

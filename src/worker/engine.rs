@@ -182,7 +182,7 @@ impl Engine {
         let shared = shared();
         let mut old: HashMap<NodeId, Link> = self.links.drain(..).map(|l| (l.node, l)).collect();
         for row in rows {
-            let info = match crate::peers::peer_conninfo(&row.conninfo) {
+            let info = match crate::peer_calls::peer_conninfo(&row.conninfo) {
                 Ok(i) => i,
                 Err(e) => {
                     pgrx::log!("trompe: peer \"{}\" has an invalid connection string: {e}", row.name);

@@ -306,7 +306,7 @@ impl Link {
     }
 
     fn fail(&mut self, message: &str) {
-        let message = trompe_core::sqlstate::one_line(&crate::peers::scrub(message, &self.info), 400);
+        let message = trompe_core::sqlstate::one_line(&crate::peer_calls::scrub(message, &self.info), 400);
         self.disconnect();
         let delay = self.backoff.fail();
         self.not_before_ms = now_ms() + delay.as_millis() as i64;
