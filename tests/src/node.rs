@@ -208,6 +208,54 @@ impl Node {
         self.connect_to(TEST_DB)
     }
 
+    /// A new client connection to the test database that keeps every notice and warning the
+    /// server sends it (`severity: message`), in order.
+    pub fn connect_keeping_notices(&self) -> (Client, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = notices.clone();
+        let mut config: postgres::Config = self.conninfo().parse().expect("a valid connection string");
+        config.notice_callback(move |n| {
+            if let Ok(mut all) = kept.lock() {
+                all.push(format!("{}: {}", n.severity(), n.message()));
+            }
+        });
+        let client = config
+            .connect(NoTls)
+            .unwrap_or_else(|e| panic!("cannot connect to node {}: {}", self.name, crate::describe_error(&e)));
+        (client, notices)
+    }
+
+    /// Runs `script` with `psql` (as a client would load a dump: one session, each statement in
+    /// its own transaction unless the script says otherwise, stopping at the first error);
+    /// returns what psql printed.
+    pub fn psql(&self, script: &str) -> String {
+        use std::io::Write;
+        let mut child = crate::system::postgres_command(&pg_bin("psql"))
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &self.conninfo(), "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("psql starts");
+        let mut stdin = child.stdin.take().expect("stdin piped");
+        let input = script.to_string();
+        let feeder = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+        let out = child.wait_with_output().expect("psql finishes");
+        let _ = feeder.join();
+        let printed = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "psql on node {} failed:\n{printed}", self.name);
+        printed
+    }
+
+    /// What `pg_dump` prints for the test database with `args` (e.g. `--schema-only`).
+    pub fn pg_dump(&self, args: &[&str]) -> String {
+        let conninfo = self.conninfo();
+        let mut all = vec!["-d", conninfo.as_str()];
+        all.extend_from_slice(args);
+        run_as_postgres(&pg_bin("pg_dump"), &all)
+            .unwrap_or_else(|e| panic!("pg_dump on node {} failed: {e}", self.name))
+    }
+
     /// Runs one or more statements in the test database; panics with the node's name on error.
     pub fn exec(&self, sql: &str) {
         let mut c = self.connect();

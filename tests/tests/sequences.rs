@@ -90,3 +90,189 @@ fn identity_always_keys_replicate_inserts_updates_key_changes_and_deletes() {
     assert_eq!(n1.query_i64("SELECT count(*) FROM trompe.status WHERE last_error IS NOT NULL"), 0);
     assert_eq!(n2.query_i64("SELECT count(*) FROM trompe.status WHERE last_error IS NOT NULL"), 0);
 }
+
+/// The tables of the tests below, on every node: sequences that are not owned by the column
+/// they feed (a standalone one shared by two tables, one feeding a text key), a serial.
+const FED_TABLES: &str = "
+    CREATE SEQUENCE shared_ids;
+    CREATE TABLE orders (id bigint PRIMARY KEY DEFAULT nextval('shared_ids'), v text);
+    CREATE TABLE invoices (id int PRIMARY KEY DEFAULT nextval('shared_ids'::regclass), v text);
+    CREATE SEQUENCE ticket_seq;
+    CREATE TABLE tickets (code text PRIMARY KEY DEFAULT 'T-' || nextval('ticket_seq'), v text);
+    CREATE TABLE owned (id serial PRIMARY KEY, v text);
+    SELECT trompe.add_table('orders'); SELECT trompe.add_table('invoices');
+    SELECT trompe.add_table('tickets'); SELECT trompe.add_table('owned');";
+
+/// `id % slots` of every row `node` inserted (rows whose `v` names it), as `residue:count`.
+fn residues(node: &trompe_tests::Node, table: &str, tag: &str, key: &str) -> String {
+    node.query_text(&format!(
+        "SELECT string_agg(r || ':' || n, ',' ORDER BY r) FROM
+           (SELECT {key} % 16 AS r, count(*) AS n FROM {table} WHERE v = '{tag}' GROUP BY 1) x"
+    ))
+    .unwrap_or_default()
+}
+
+/// Every sequence a replicated table's default draws from gets the slot, owned or not, and
+/// set_sequence_slot continues above the largest key of every column it feeds, also when its
+/// value already lies in the slot.
+#[test]
+fn every_sequence_a_replicated_table_draws_from_gets_the_slot() {
+    let cluster = Cluster::start("sequence-coverage", 2);
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all(FED_TABLES);
+    assert_eq!(n1.query_i64("SELECT trompe.set_sequence_slot(1, 16)"), 3);
+    assert_eq!(n2.query_i64("SELECT trompe.set_sequence_slot(2, 16)"), 3);
+    assert_eq!(
+        cluster.assert_same("SELECT string_agg(sequencename || ' ' || increment_by, ', ' ORDER BY 1) FROM pg_sequences")
+            .as_deref(),
+        Some("owned_id_seq 16, shared_ids 16, ticket_seq 16")
+    );
+    cluster.mesh();
+    // Rows loaded with explicit keys on n1 (no setval): n2's sequences sit in its slot, below them.
+    n1.exec(
+        "INSERT INTO orders SELECT g, 'loaded' FROM generate_series(1, 300) g;
+         INSERT INTO invoices SELECT g, 'loaded' FROM generate_series(1000, 1100) g;
+         INSERT INTO owned SELECT g, 'loaded' FROM generate_series(1, 50) g;",
+    );
+    cluster.wait_sync(SYNC);
+    assert_eq!(n1.query_i64("SELECT trompe.set_sequence_slot(1, 16)"), 2, "shared_ids and owned_id_seq move up");
+    assert_eq!(n2.query_i64("SELECT trompe.set_sequence_slot(2, 16)"), 2, "shared_ids and owned_id_seq move up");
+    assert_eq!(n2.query_i64("SELECT nextval('shared_ids')"), 1106, "above invoices' 1100, in slot 2");
+    assert_eq!(n2.query_i64("SELECT nextval('owned_id_seq')"), 66, "above 50, in slot 2");
+    for (node, tag) in [(n1, "n1"), (n2, "n2")] {
+        node.exec(&format!(
+            "INSERT INTO orders (v) SELECT '{tag}' FROM generate_series(1, 5);
+             INSERT INTO invoices (v) SELECT '{tag}' FROM generate_series(1, 5);
+             INSERT INTO owned (v) SELECT '{tag}' FROM generate_series(1, 5);
+             INSERT INTO tickets (v) SELECT '{tag}' FROM generate_series(1, 5);"
+        ));
+    }
+    cluster.wait_sync(SYNC);
+    for table in ["orders", "invoices", "owned", "tickets"] {
+        cluster.assert_same(&checksum(table));
+    }
+    assert_eq!(residues(n1, "orders", "n1", "id"), "1:5");
+    assert_eq!(residues(n1, "orders", "n2", "id"), "2:5");
+    assert_eq!(residues(n1, "tickets", "n2", "substr(code, 3)::int"), "2:5");
+    assert_eq!(cluster.assert_same("SELECT count(*) FROM trompe.conflicts").as_deref(), Some("0"));
+}
+
+/// A data dump ends with `setval`: on every node the sequence continues above the value set,
+/// each in its own slot, however the value was set (pg_dump, Rails, Django).
+#[test]
+fn a_setval_continues_above_it_on_every_node_in_its_own_slot() {
+    let cluster = Cluster::start("sequence-setval", 3);
+    let (n1, n2, n3) = (cluster.node(0), cluster.node(1), cluster.node(2));
+    cluster.exec_all(FED_TABLES);
+    for (i, node) in cluster.nodes().iter().enumerate() {
+        node.exec(&format!("SELECT trompe.set_sequence_slot({}, 16)", i + 1));
+    }
+    cluster.mesh();
+    n1.exec(
+        "INSERT INTO owned SELECT g, 'loaded' FROM generate_series(1, 1000) g;
+         INSERT INTO orders SELECT g, 'loaded' FROM generate_series(1, 500) g;
+         INSERT INTO tickets SELECT 'T-' || g, 'loaded' FROM generate_series(1, 400) g;",
+    );
+    // As pg_dump, Rails' reset_pk_sequence! and Django's sqlsequencereset write them.
+    n1.exec("SELECT pg_catalog.setval('public.owned_id_seq', 1000, true)");
+    n1.exec(
+        "SELECT setval('shared_ids', (SELECT COALESCE(MAX(id) + 1, 1) FROM orders), false);
+         SELECT setval(pg_get_serial_sequence('\"owned\"', 'id'), coalesce(max(\"id\"), 1), max(\"id\") IS NOT null) FROM \"owned\";
+         DO $$ BEGIN PERFORM setval('ticket_seq', 400); END $$;",
+    );
+    cluster.wait_sync(SYNC);
+    for node in [n1, n2, n3] {
+        let tag = node.name.clone();
+        node.exec(&format!(
+            "INSERT INTO owned (v) SELECT '{tag}' FROM generate_series(1, 5);
+             INSERT INTO orders (v) SELECT '{tag}' FROM generate_series(1, 5);
+             INSERT INTO tickets (v) SELECT '{tag}' FROM generate_series(1, 5);"
+        ));
+    }
+    cluster.wait_sync(SYNC);
+    for table in ["owned", "orders", "tickets"] {
+        cluster.assert_same(&checksum(table));
+    }
+    for (i, node) in cluster.nodes().iter().enumerate() {
+        let slot = i + 1;
+        assert_eq!(residues(n1, "owned", &node.name, "id"), format!("{slot}:5"), "owned rows of {}", node.name);
+        assert_eq!(residues(n1, "orders", &node.name, "id"), format!("{slot}:5"), "orders rows of {}", node.name);
+        assert_eq!(
+            residues(n1, "tickets", &node.name, "substr(code, 3)::int"),
+            format!("{slot}:5"),
+            "tickets rows of {}",
+            node.name
+        );
+        assert_eq!(
+            n1.query_i64(&format!("SELECT min(id) FROM owned WHERE v = '{}'", node.name)),
+            1008 + slot as i64,
+            "{} continues just above 1000",
+            node.name
+        );
+        assert!(
+            n1.query_i64(&format!("SELECT min(substr(code, 3)::int) FROM tickets WHERE v = '{}'", node.name)) > 400
+        );
+    }
+    assert_eq!(cluster.assert_same("SELECT count(*) FROM trompe.conflicts").as_deref(), Some("0"));
+}
+
+/// `TRUNCATE ... RESTART IDENTITY` restarts each node's sequences in its own slot.
+#[test]
+fn truncate_restart_identity_keeps_every_node_in_its_slot() {
+    let cluster = Cluster::start("sequence-restart", 2);
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all(FED_TABLES);
+    n1.exec("SELECT trompe.set_sequence_slot(3, 16)");
+    n2.exec("SELECT trompe.set_sequence_slot(2, 16)");
+    cluster.mesh();
+    n1.exec("INSERT INTO owned (v) SELECT 'before' FROM generate_series(1, 10)");
+    cluster.wait_sync(SYNC);
+    n1.exec("TRUNCATE owned RESTART IDENTITY");
+    cluster.wait_sync(SYNC);
+    for (node, tag) in [(n1, "n1"), (n2, "n2")] {
+        node.exec(&format!("INSERT INTO owned (v) SELECT '{tag}' FROM generate_series(1, 5)"));
+    }
+    cluster.wait_sync(SYNC);
+    cluster.assert_same(&checksum("owned"));
+    assert_eq!(n1.query_i64("SELECT count(*) FROM owned"), 10);
+    assert_eq!(residues(n1, "owned", "n1", "id"), "3:5");
+    assert_eq!(residues(n1, "owned", "n2", "id"), "2:5");
+}
+
+/// A key whose values no slot can keep apart (a default computed by a function, a sequence
+/// counting down or cycling) is reported once, saying why, however many statements follow.
+#[test]
+fn keys_no_slot_can_keep_apart_are_reported_once() {
+    let cluster = Cluster::start("sequence-unsafe", 1);
+    let n1 = cluster.node(0);
+    let (mut c, notices) = n1.connect_keeping_notices();
+    c.batch_execute(
+        "CREATE SEQUENCE hidden_seq;
+         CREATE FUNCTION next_id() RETURNS int LANGUAGE sql AS $$ SELECT nextval('hidden_seq')::int $$;
+         CREATE TABLE hidden (id int PRIMARY KEY DEFAULT next_id(), v text);
+         CREATE SEQUENCE down INCREMENT BY -1;
+         CREATE TABLE falling (id int PRIMARY KEY DEFAULT nextval('down'));
+         CREATE SEQUENCE round MAXVALUE 100 CYCLE;
+         CREATE TABLE circular (id int PRIMARY KEY DEFAULT nextval('round'));
+         CREATE TABLE fine (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), at timestamptz DEFAULT now());
+         SELECT trompe.add_table('hidden'); SELECT trompe.add_table('falling');
+         SELECT trompe.add_table('circular'); SELECT trompe.add_table('fine');
+         SELECT trompe.set_sequence_slot(1, 16);",
+    )
+    .expect("setup");
+    for i in 0..10 {
+        c.batch_execute(&format!("ALTER TABLE hidden ADD COLUMN c{i} int; COMMENT ON TABLE falling IS '{i}'"))
+            .expect("more DDL");
+    }
+    c.batch_execute("SELECT trompe.set_sequence_slot(1, 16)").expect("again");
+    let notices = notices.lock().expect("notices").clone();
+    let count = |what: &str| notices.iter().filter(|n| n.contains(what)).count();
+    assert_eq!(count("hidden.id"), 1, "{notices:#?}");
+    assert_eq!(count("public.down"), 1, "{notices:#?}");
+    assert_eq!(count("public.round"), 1, "{notices:#?}");
+    assert_eq!(count("public.fine"), 0, "{notices:#?}");
+    assert!(notices.iter().any(|n| n.contains("hidden.id") && n.contains("next_id()")), "{notices:#?}");
+    assert!(notices.iter().any(|n| n.contains("public.down") && n.contains("counts down")), "{notices:#?}");
+    assert!(notices.iter().any(|n| n.contains("public.round") && n.contains("CYCLE")), "{notices:#?}");
+    assert!(notices.iter().all(|n| n.starts_with("WARNING") || !n.contains("collide")), "{notices:#?}");
+}
