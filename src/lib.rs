@@ -12,6 +12,7 @@ pub mod compare;
 pub mod conflicts;
 pub mod consumers;
 pub mod ddl_history;
+pub mod ddl_settings;
 pub mod error;
 pub mod exceptions;
 pub mod guc;

@@ -10,6 +10,7 @@ pub mod compare;
 pub mod conflict;
 pub mod conninfo;
 pub mod copytext;
+pub mod ddlsettings;
 pub mod dump;
 pub mod ident;
 pub mod json;

@@ -11,7 +11,8 @@ pub enum Op {
     Delete,
     /// A table was truncated: `vals` holds the options.
     Truncate,
-    /// A DDL command: `vals` holds the command text, search_path and role.
+    /// A DDL command: `vals` holds the command text, search_path, role, command tag and the
+    /// session settings it ran with (see [`crate::ddlsettings`]).
     Ddl,
 }
 

@@ -19,6 +19,9 @@ struct Statement {
     search_path: String,
     role: String,
     truncate_restart_identity: bool,
+    /// `standard_conforming_strings` as the statement was scanned, when it differs from the
+    /// value in effect as it runs (a `SET` earlier in the same query string).
+    scanned_standard_strings: Option<bool>,
 }
 
 thread_local! {
@@ -76,8 +79,13 @@ fn _dropped_index_table(index: pg_sys::Oid) -> Option<pg_sys::Oid> {
 pub struct StatementScope(());
 
 impl StatementScope {
-    /// Records the statement the ProcessUtility hook is about to run.
-    pub fn enter(text: String, truncate_restart_identity: bool) -> Self {
+    /// Records the statement the ProcessUtility hook is about to run (`tree`, its parse tree).
+    ///
+    /// # Safety
+    /// `tree` must be the statement's parse tree (or NULL), not yet changed by running it.
+    pub unsafe fn enter(text: String, truncate_restart_identity: bool, tree: *mut pg_sys::Node) -> Self {
+        // SAFETY: as the caller promises.
+        let scanned_standard_strings = unsafe { scanned_standard_strings(&text, tree) };
         // SAFETY: namespace_search_path is the search_path GUC's current string; GetUserId and
         // GetUserNameFromId read the current user (noerr: NULL if it vanished).
         let (search_path, role) = unsafe {
@@ -92,7 +100,15 @@ impl StatementScope {
             };
             (sp, role)
         };
-        STATEMENTS.with(|s| s.borrow_mut().push(Statement { text, search_path, role, truncate_restart_identity }));
+        STATEMENTS.with(|s| {
+            s.borrow_mut().push(Statement {
+                text,
+                search_path,
+                role,
+                truncate_restart_identity,
+                scanned_standard_strings,
+            })
+        });
         StatementScope(())
     }
 }
@@ -108,9 +124,63 @@ pub fn truncate_restarts_identity() -> bool {
     STATEMENTS.with(|s| s.borrow().last().is_some_and(|st| st.truncate_restart_identity))
 }
 
-/// The text, search_path and role of the utility statement being executed, if the hook saw it.
-fn current_statement() -> Option<(String, String, String)> {
-    STATEMENTS.with(|s| s.borrow().last().map(|st| (st.text.clone(), st.search_path.clone(), st.role.clone())))
+/// The `standard_conforming_strings` statement `text` (parse tree `tree`) was scanned with, if
+/// not the current one. All statements of a query string are scanned before the first runs, so
+/// a `SET standard_conforming_strings` in the same string changes the setting but not how the
+/// statements after it read. Only text with a backslash can read differently: it is parsed
+/// again with the current value and, if that gives another tree, with the other one.
+unsafe fn scanned_standard_strings(text: &str, tree: *mut pg_sys::Node) -> Option<bool> {
+    if tree.is_null() || !text.contains('\\') {
+        return None;
+    }
+    // SAFETY: reads the scanner's setting (a backend-local global).
+    let current = unsafe { pg_sys::standard_conforming_strings };
+    // SAFETY: the caller passes the statement's parse tree.
+    if unsafe { parses_to(text, tree, current) } != Some(false) {
+        return None;
+    }
+    // SAFETY: as above.
+    (unsafe { parses_to(text, tree, !current) } == Some(true)).then_some(!current)
+}
+
+/// Whether `text`, scanned with `standard_conforming_strings = standard`, parses to `tree`
+/// (locations aside); None if it does not parse that way.
+unsafe fn parses_to(text: &str, tree: *mut pg_sys::Node, standard: bool) -> Option<bool> {
+    /// Puts the scanner's setting back, also when parsing raises an error.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: restores a backend-local global.
+            unsafe { pg_sys::standard_conforming_strings = self.0 };
+        }
+    }
+    let c_text = std::ffi::CString::new(text.replace('\0', "")).unwrap_or_default();
+    pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
+        // SAFETY: the raw parser only reads the text and this global, and allocates in the
+        // current memory context; a syntax error is caught below (it holds no resources).
+        unsafe {
+            let _restore = Restore(pg_sys::standard_conforming_strings);
+            pg_sys::standard_conforming_strings = standard;
+            let list = pg_sys::raw_parser(c_text.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT);
+            if list.is_null() || (*list).length != 1 {
+                return None;
+            }
+            let raw = (*(*list).elements).ptr_value as *mut pg_sys::RawStmt;
+            Some(pg_sys::equal((*raw).stmt.cast(), tree.cast()))
+        }
+    }))
+    .catch_others(|_| None)
+    .execute()
+}
+
+/// The text, search_path, role and scanned `standard_conforming_strings` (if not the current)
+/// of the utility statement being executed, if the hook saw it.
+fn current_statement() -> Option<(String, String, String, Option<bool>)> {
+    STATEMENTS.with(|s| {
+        s.borrow()
+            .last()
+            .map(|st| (st.text.clone(), st.search_path.clone(), st.role.clone(), st.scanned_standard_strings))
+    })
 }
 
 /// True if DDL run now must not be captured: trompe's own commands, changes applied for a
@@ -121,11 +191,12 @@ fn _capture_skipped() -> bool {
     in_internal_operation() || applying_for_peer() || unsafe { pg_sys::creating_extension }
 }
 
-/// Appends the DDL statement being run to the change log, with the search_path and role in
-/// effect, so peers replay it in order with the surrounding changes.
+/// Appends the DDL statement being run to the change log, with the search_path, role and
+/// session settings in effect (`crate::ddl_settings`), so peers replay it in order with the
+/// surrounding changes, as it ran here.
 #[pg_extern(volatile, parallel_unsafe)]
 fn _log_ddl(command_tag: &str, object_schema: &str, object_name: &str) {
-    let (statement, search_path, role) = current_statement().unwrap_or_else(|| {
+    let (statement, search_path, role, scanned_standard_strings) = current_statement().unwrap_or_else(|| {
         // Without the hook (library loaded by this very DDL), fall back to the client's query.
         // SAFETY: debug_query_string is the client's whole query string or NULL.
         let text = unsafe {
@@ -138,14 +209,27 @@ fn _log_ddl(command_tag: &str, object_schema: &str, object_name: &str) {
         let search_path =
             crate::sql::value("SELECT current_setting('search_path')", &[]).ok().flatten().unwrap_or_default();
         let role = crate::sql::value("SELECT current_user", &[]).ok().flatten().unwrap_or_default();
-        (text, search_path, role)
+        (text, search_path, role, None)
     });
+    // The settings are read here, not by the hook: nothing between the two changes them, and
+    // only statements that are logged pay for reading them.
+    let mut settings = crate::ddl_settings::current();
+    if let Some(scanned) = scanned_standard_strings {
+        for (name, value) in &mut settings {
+            if *name == trompe_core::ddlsettings::STANDARD_STRINGS {
+                *value = if scanned { "on" } else { "off" }.to_string();
+            }
+        }
+    }
     crate::capture::buffer::record(|buf, seq| {
         let mut w = ChangeWriter::begin(buf, Op::Ddl, seq, object_schema.as_bytes(), object_name.as_bytes())
             .cols(std::iter::empty())
-            .list(4);
+            .list(trompe_core::ddlsettings::FIRST + 2 * settings.len());
         for part in [&statement, &search_path, &role, &command_tag.to_string()] {
             w = w.value(Some(part.as_bytes()));
+        }
+        for (name, value) in &settings {
+            w = w.value(Some(name.as_bytes())).value(Some(value.as_bytes()));
         }
         w.none().finish(OldVersion::Unknown);
     })

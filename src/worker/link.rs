@@ -697,7 +697,8 @@ impl Link {
             (None, Some((kind, change))) => {
                 let part =
                     |i: usize| change.vals.as_ref().and_then(|v| v.get(i).cloned().flatten()).unwrap_or_default();
-                crate::worker::toplevel::run(kind, &part(0), &part(1), &part(2), &change.rel)?;
+                let settings = trompe_core::ddlsettings::decode(change.vals.as_deref().unwrap_or_default());
+                crate::worker::toplevel::run(kind, &part(0), &part(1), &part(2), &settings, &change.rel)?;
                 &[]
             }
             _ => txn,

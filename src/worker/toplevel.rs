@@ -58,9 +58,17 @@ pub fn kind_of(statement: &str) -> Option<Kind> {
     }
 }
 
-/// Runs `statement` (one of [`Kind`]) as a top-level command with the origin's `search_path`
-/// and `role`; `object` is what the origin's event trigger named (the index, schema-qualified).
-pub fn run(kind: Kind, statement: &str, search_path: &str, role: &str, object: &str) -> Result<(), TxnError> {
+/// Runs `statement` (one of [`Kind`]) as a top-level command with the origin's `search_path`,
+/// `role` and session `settings` (see `crate::ddl_settings`); `object` is what the origin's
+/// event trigger named (the index, schema-qualified).
+pub fn run(
+    kind: Kind,
+    statement: &str,
+    search_path: &str,
+    role: &str,
+    settings: &[(&str, &str)],
+    object: &str,
+) -> Result<(), TxnError> {
     let exists = || -> Result<Option<bool>, String> {
         in_transaction(|| {
             let valid = crate::sql::value(
@@ -75,16 +83,16 @@ pub fn run(kind: Kind, statement: &str, search_path: &str, role: &str, object: &
         (Kind::CreateIndex, Some(false)) => {
             // Object identities are quoted where needed ("My Schema".idx), as SQL takes them.
             let drop = format!("DROP INDEX CONCURRENTLY IF EXISTS {object}");
-            toplevel(&drop, "", "")?;
+            toplevel(&drop, "", "", &[])?;
         }
         _ => {}
     }
-    toplevel(statement, search_path, role)
+    toplevel(statement, search_path, role, settings)
 }
 
 /// Runs one statement the way a client's simple query runs it: a transaction of its own,
 /// `PROCESS_UTILITY_TOPLEVEL`, so that commands which commit internally can do so.
-fn toplevel(statement: &str, search_path: &str, role: &str) -> Result<(), TxnError> {
+fn toplevel(statement: &str, search_path: &str, role: &str, settings: &[(&str, &str)]) -> Result<(), TxnError> {
     let text = cstring(statement);
     // The parse tree must outlive the transactions the command commits itself: it is made in
     // the memory context current before the transaction starts (the worker loop's).
@@ -104,6 +112,7 @@ fn toplevel(statement: &str, search_path: &str, role: &str) -> Result<(), TxnErr
         // transaction started (the worker loop's) for the same reason.
         unsafe {
             pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+            crate::ddl_settings::set_for_session(settings);
             crate::sql::execute(
                 "SELECT set_config('search_path', $1, false), set_config('role', $2, false)",
                 &[Some(search_path), Some(if role.is_empty() { "none" } else { role })],
@@ -156,6 +165,7 @@ fn toplevel(statement: &str, search_path: &str, role: &str) -> Result<(), TxnErr
     }
     // The session's settings go back to the worker's own, whatever happened.
     let reset = in_transaction(|| {
+        crate::ddl_settings::reset_session(settings);
         crate::sql::execute("SELECT set_config('role', 'none', false), set_config('search_path', '', false)", &[])
             .map(|_| ())
     });

@@ -230,7 +230,7 @@ impl Node {
     /// returns what psql printed.
     pub fn psql(&self, script: &str) -> String {
         use std::io::Write;
-        let mut child = crate::system::postgres_command(&pg_bin("psql"))
+        let mut child = crate::system::postgres_command(&self.pg_bin("psql"))
             .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &self.conninfo(), "-f", "-"])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -252,7 +252,7 @@ impl Node {
         let conninfo = self.conninfo();
         let mut all = vec!["-d", conninfo.as_str()];
         all.extend_from_slice(args);
-        run_as_postgres(&pg_bin("pg_dump"), &all)
+        run_as_postgres(&self.pg_bin("pg_dump"), &all)
             .unwrap_or_else(|e| panic!("pg_dump on node {} failed: {e}", self.name))
     }
 

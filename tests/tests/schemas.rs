@@ -67,6 +67,25 @@ fn ddl_replays_with_the_session_settings_it_ran_with() {
          INSERT INTO public.ev VALUES (1, '2024-06-01 12:00+00');
          INSERT INTO public.later VALUES (1);",
     );
+    // The statements of one query string are all scanned before the first runs: the SET above
+    // changed how backslashes read only for strings sent after it, as here.
+    let mut session = n1.connect();
+    session
+        .batch_execute("SET standard_conforming_strings = off; SET escape_string_warning = off")
+        .expect("settings of the session");
+    session
+        .batch_execute(
+            "CREATE TABLE public.escaped (id int PRIMARY KEY, note text DEFAULT 'c\\td' CHECK (note <> 'x\\y'))",
+        )
+        .expect("a statement of its own");
+    // A statement a peer runs as a command of its own (outside the apply transaction) takes the
+    // settings too, and leaves the worker's own behind.
+    session.batch_execute("SET default_tablespace = fast").expect("tablespace");
+    session.batch_execute("CREATE INDEX CONCURRENTLY escaped_note ON public.escaped (note)").expect("index");
+    session
+        .batch_execute("RESET default_tablespace; CREATE TABLE public.after_index (id int PRIMARY KEY)")
+        .expect("after");
+    drop(session);
     synced(&cluster, Duration::from_secs(30));
     // Read back under the same settings on both nodes.
     let definitions = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres';
@@ -85,7 +104,7 @@ fn ddl_replays_with_the_session_settings_it_ran_with() {
             SELECT format('placed %s in %s with %s', c.relname, coalesce(t.spcname, 'default'), am.amname)
               FROM pg_class c LEFT JOIN pg_tablespace t ON t.oid = c.reltablespace
               LEFT JOIN pg_am am ON am.oid = c.relam
-             WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'r') x";
+             WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'i')) x";
     let mut texts = Vec::new();
     for node in cluster.nodes() {
         let mut c = node.connect();
@@ -101,10 +120,16 @@ fn ddl_replays_with_the_session_settings_it_ran_with() {
         "default styled.day '2024-02-01'::date",
         "default styled.span '-1 days -02:03:04'::interval",
         "default styled.at '2024-02-29 15:00:00+00'::timestamp with time zone",
-        "default styled.note 'a\tb'::text",
+        "default styled.note 'a\\tb'::text",
+        "check styled_note_check CHECK ((note <> 'x\\y'::text))",
+        "default escaped.note 'c\td'::text",
+        "check escaped_note_check CHECK ((note <> 'xy'::text))",
         "check styled_flag_check CHECK (((flag IS NULL) OR (flag > 0)))",
         "bound ev_2024 FOR VALUES FROM ('2023-12-31 15:00:00+00') TO ('2024-12-31 15:00:00+00')",
         "placed placed in fast with heap2",
+        "placed escaped_note in fast with btree",
+        "placed after_index in default with heap",
+        "placed after_index_pkey in default with btree",
     ] {
         assert!(texts[1].contains(expected), "n2 lacks `{expected}`:\n{}", texts[1]);
     }

@@ -314,8 +314,8 @@ fn truncation(v: TxnVersion, table: &table::Table) -> Incoming {
     }
 }
 
-/// Replays a DDL statement with the search_path and role it ran with at the origin, then
-/// starts replicating tables it created in replicated schemas.
+/// Replays a DDL statement with the search_path, role and session settings it ran with at the
+/// origin, then starts replicating tables it created in replicated schemas.
 fn apply_ddl(cache: &mut ApplyCache, change: &Change) -> Result<(), ApplyError> {
     let vals = change
         .vals
@@ -326,12 +326,14 @@ fn apply_ddl(cache: &mut ApplyCache, change: &Change) -> Result<(), ApplyError> 
     if statement.trim().is_empty() {
         return Err(ApplyError::Malformed { id: change.id(), reason: "empty DDL statement".into() });
     }
+    let settings = crate::ddl_settings::set_for_statement(&trompe_core::ddlsettings::decode(vals));
     crate::sql::execute(
         "SELECT set_config('search_path', $1, true), set_config('role', $2, true)",
         &[Some(&search_path), Some(if role.is_empty() { "none" } else { &role })],
     )
     .map_err(ApplyError::Postgres)?;
     crate::sql::execute(&statement, &[]).map_err(ApplyError::Postgres)?;
+    settings.end();
     crate::sql::execute("SELECT set_config('role', 'none', true), set_config('search_path', '', true)", &[])
         .map_err(ApplyError::Postgres)?;
     cache.clear();
