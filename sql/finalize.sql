@@ -13,6 +13,7 @@ DECLARE
     replicate boolean := false;
     object_schema text := '';
     object_name text := '';
+    nsp text;
 BEGIN
     IF trompe._capture_skipped() THEN
         RETURN;
@@ -39,13 +40,22 @@ BEGIN
         IF rel IS NOT NULL THEN
             touched := touched || rel;
         END IF;
-        IF cmd.schema_name IN (SELECT schema_name::text FROM trompe.schemas)
+        -- A replicated schema itself (its owner, comment, name) counts as in it.
+        nsp := coalesce(cmd.schema_name,
+                        CASE WHEN cmd.classid = 'pg_catalog.pg_namespace'::regclass
+                             THEN (SELECT nspname::text FROM pg_namespace WHERE oid = cmd.objid) END);
+        IF nsp IN (SELECT schema_name::text FROM trompe.schemas)
            OR (rel IS NOT NULL AND EXISTS (SELECT 1 FROM trompe.tables WHERE relid::oid = rel)) THEN
             replicate := true;
-            object_schema := coalesce(cmd.schema_name, '');
+            object_schema := coalesce(nsp, '');
             object_name := coalesce(cmd.object_identity, '');
         END IF;
     END LOOP;
+    -- GRANT, REVOKE and ALTER DEFAULT PRIVILEGES name no object here: the statement's targets
+    -- were noted before it ran (src/capture/privileges.rs).
+    IF NOT replicate AND tg_tag IN ('GRANT', 'REVOKE', 'ALTER DEFAULT PRIVILEGES') THEN
+        replicate := trompe._privilege_targets_replicated();
+    END IF;
     IF replicate THEN
         PERFORM trompe._log_ddl(tg_tag, object_schema, object_name);
     END IF;

@@ -371,3 +371,68 @@ BEGIN
 END
 $$;
 -- ===== end of trust between nodes ==========================================================
+
+-- GRANT, REVOKE and ALTER DEFAULT PRIVILEGES on replicated schemas and tables, and the
+-- replicated schema itself, replicate (src/capture/privileges.rs).
+CREATE FUNCTION trompe."_privilege_targets_replicated"() RETURNS bool
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_privilege_targets_replicated_wrapper';
+CREATE OR REPLACE FUNCTION trompe.on_ddl_command_end() RETURNS event_trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    cmd record;
+    rel oid;
+    touched oid[] := '{}';
+    replicate boolean := false;
+    object_schema text := '';
+    object_name text := '';
+    nsp text;
+BEGIN
+    IF trompe._capture_skipped() THEN
+        RETURN;
+    END IF;
+    FOR cmd IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
+        CONTINUE WHEN cmd.in_extension;
+        rel := NULL;
+        IF cmd.classid = 'pg_catalog.pg_class'::regclass THEN
+            SELECT coalesce(i.indrelid, d.refobjid, c.oid) INTO rel
+              FROM pg_class c
+              LEFT JOIN pg_index i ON i.indexrelid = c.oid
+              LEFT JOIN pg_depend d ON c.relkind = 'S' AND d.classid = 'pg_catalog.pg_class'::regclass
+                   AND d.objid = c.oid AND d.refclassid = 'pg_catalog.pg_class'::regclass AND d.deptype IN ('a', 'i')
+             WHERE c.oid = cmd.objid;
+        ELSIF cmd.classid = 'pg_catalog.pg_trigger'::regclass THEN
+            SELECT tgrelid INTO rel FROM pg_trigger WHERE oid = cmd.objid;
+        ELSIF cmd.classid = 'pg_catalog.pg_constraint'::regclass THEN
+            SELECT nullif(conrelid, 0) INTO rel FROM pg_constraint WHERE oid = cmd.objid;
+        ELSIF cmd.classid = 'pg_catalog.pg_rewrite'::regclass THEN
+            SELECT ev_class INTO rel FROM pg_rewrite WHERE oid = cmd.objid;
+        ELSIF cmd.classid = 'pg_catalog.pg_policy'::regclass THEN
+            SELECT polrelid INTO rel FROM pg_policy WHERE oid = cmd.objid;
+        END IF;
+        IF rel IS NOT NULL THEN
+            touched := touched || rel;
+        END IF;
+        -- A replicated schema itself (its owner, comment, name) counts as in it.
+        nsp := coalesce(cmd.schema_name,
+                        CASE WHEN cmd.classid = 'pg_catalog.pg_namespace'::regclass
+                             THEN (SELECT nspname::text FROM pg_namespace WHERE oid = cmd.objid) END);
+        IF nsp IN (SELECT schema_name::text FROM trompe.schemas)
+           OR (rel IS NOT NULL AND EXISTS (SELECT 1 FROM trompe.tables WHERE relid::oid = rel)) THEN
+            replicate := true;
+            object_schema := coalesce(nsp, '');
+            object_name := coalesce(cmd.object_identity, '');
+        END IF;
+    END LOOP;
+    -- GRANT, REVOKE and ALTER DEFAULT PRIVILEGES name no object here: the statement's targets
+    -- were noted before it ran (src/capture/privileges.rs).
+    IF NOT replicate AND tg_tag IN ('GRANT', 'REVOKE', 'ALTER DEFAULT PRIVILEGES') THEN
+        replicate := trompe._privilege_targets_replicated();
+    END IF;
+    IF replicate THEN
+        PERFORM trompe._log_ddl(tg_tag, object_schema, object_name);
+    END IF;
+    PERFORM trompe._after_ddl(touched);
+END
+$$;

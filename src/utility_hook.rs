@@ -58,6 +58,7 @@ unsafe extern "C-unwind" fn process_utility(
     crate::row_versions::before_utility(node);
     let rename = crate::ddl_history::before_utility(node);
     let added = crate::capture::ddl_policy::before_utility(node).or_raise();
+    let _privileges = crate::capture::privileges::before_utility(node);
     let _scope = StatementScope::enter(statement_text(pstmt, query_string), restart, node);
     run_previous(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc);
     if let Some(added) = added {

@@ -6,6 +6,7 @@ pub mod buffer;
 pub mod ddl;
 pub mod ddl_policy;
 pub mod guard;
+pub mod privileges;
 pub mod relinfo;
 pub mod row;
 pub mod truncate;

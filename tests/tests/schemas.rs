@@ -255,7 +255,19 @@ fn the_replicated_schema_itself_replicates() {
     );
     synced(&cluster, SYNC);
     cluster.assert_same(fingerprint);
-    assert_eq!(n2.query_text("SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'app'").as_deref(), Some("postgres"));
+    assert_eq!(
+        n2.query_text("SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'app'").as_deref(),
+        Some("postgres")
+    );
+    // A renamed schema stays replicated on every node, under its new name.
+    n1.exec("ALTER SCHEMA app RENAME TO app2; CREATE TABLE app2.later (id int PRIMARY KEY); INSERT INTO app2.later VALUES (1)");
+    synced(&cluster, SYNC);
+    assert_eq!(cluster.assert_same("SELECT string_agg(schema_name, ',') FROM trompe.schemas").as_deref(), Some("app2"));
+    assert_eq!(n2.query_i64("SELECT count(*) FROM app2.later"), 1);
+    assert_eq!(
+        cluster.assert_same("SELECT count(*) FROM trompe.tables WHERE relid::text LIKE 'app2.%'").as_deref(),
+        Some("3")
+    );
 }
 
 /// Loading a schema full of tables that get their primary key later warns once per table,
