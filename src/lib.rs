@@ -21,6 +21,7 @@ pub mod large_objects;
 pub mod libpq;
 pub mod log;
 pub mod node;
+pub mod notices;
 pub mod origin;
 pub mod peer_calls;
 pub mod peers;

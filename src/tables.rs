@@ -314,9 +314,12 @@ pub fn sync_schema_tables() -> Result<i64, TrompeError> {
                 }
             }
             Some(TrompeError::NoPrimaryKey(name)) => {
-                pgrx::warning!(
-                    "table {name} in a replicated schema has no primary key; it is replicated once it has one"
-                )
+                crate::notices::warn_once(format!("no primary key {}", relid.to_u32()), || {
+                    format!(
+                        "table {name} in a replicated schema has no primary key: its rows are not replicated until it \
+                         gets one, and from then on it is replicated like the other tables of the schema"
+                    )
+                })
             }
             Some(_) => {}
         }

@@ -179,9 +179,9 @@ fn oid_array(oids: &[pg_sys::Oid]) -> String {
 #[pg_extern(volatile, parallel_unsafe)]
 fn _privilege_targets_replicated() -> bool {
     let arrays = TARGETS.with(|t| {
-        t.borrow().last().map(|t| {
-            [oid_array(&t.schemas), oid_array(&t.relations), oid_array(&t.functions), oid_array(&t.types)]
-        })
+        t.borrow()
+            .last()
+            .map(|t| [oid_array(&t.schemas), oid_array(&t.relations), oid_array(&t.functions), oid_array(&t.types)])
     });
     let Some([schemas, relations, functions, types]) = arrays else { return false };
     crate::sql::flag(

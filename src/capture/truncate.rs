@@ -45,5 +45,10 @@ fn capture(td: &pg_sys::TriggerData) -> Result<(), TrompeError> {
             .value(Some(restart.as_bytes()))
             .none()
             .finish(OldVersion::Unknown);
-    })
+    })?;
+    // RESTART IDENTITY restarted the table's sequences at their start: back into this node's slot.
+    if restart == "restart" {
+        crate::sequences::adjust()?;
+    }
+    Ok(())
 }

@@ -427,7 +427,7 @@ fn finish(job: &SyncJob, source: &Source, rows_copied: i64) -> Result<(), String
             )?;
         }
         // A sequence slot chosen before the copy continues above the keys copied.
-        crate::sequences::adjust().map_err(|e| e.to_string())?;
+        crate::sequences::adjust_above_keys(true).map_err(|e| e.to_string())?;
         sql::execute(
             "UPDATE trompe.syncs SET state = 'done', finished_at = now(), undo = NULL, rows_copied = $2::bigint,
                     tables_copied = tables_total

@@ -124,7 +124,7 @@ fn every_sequence_a_replicated_table_draws_from_gets_the_slot() {
     assert_eq!(n2.query_i64("SELECT trompe.set_sequence_slot(2, 16)"), 3);
     assert_eq!(
         cluster
-            .assert_same("SELECT string_agg(sequencename || ' ' || increment_by, ', ' ORDER BY 1) FROM pg_sequences")
+            .assert_same("SELECT string_agg(sequencename || ' ' || increment_by, ', ' ORDER BY 1) FROM pg_sequences WHERE schemaname = 'public'")
             .as_deref(),
         Some("owned_id_seq 16, shared_ids 16, ticket_seq 16")
     );

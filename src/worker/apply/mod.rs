@@ -284,6 +284,10 @@ fn apply_truncate(cache: &mut ApplyCache, v: TxnVersion, changes: &[&Change]) ->
             )?;
         }
     }
+    if restart {
+        // Restarted at their start: back into this node's slot.
+        crate::sequences::adjust().map_err(|e| ApplyError::Postgres(e.to_string()))?;
+    }
     note_tombstones_written();
     Ok(())
 }
