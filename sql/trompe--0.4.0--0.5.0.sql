@@ -436,3 +436,22 @@ BEGIN
     PERFORM trompe._after_ddl(touched);
 END
 $$;
+
+-- setval on a sequence a replicated table draws from continues above the value on every node,
+-- each in its own slot (src/setval.rs).
+CREATE FUNCTION trompe."_setval"(
+	"seq" oid,
+	"value" bigint
+) RETURNS bigint
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_setval2_wrapper';
+
+CREATE FUNCTION trompe."_setval"(
+	"seq" oid,
+	"value" bigint,
+	"called" bool
+) RETURNS bigint
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_setval3_wrapper';

@@ -29,6 +29,7 @@ pub mod pg_compat;
 pub mod retention;
 pub mod row_versions;
 pub mod sequences;
+pub mod setval;
 pub mod shmem;
 pub mod sql;
 pub mod status;
@@ -54,6 +55,7 @@ pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 pub extern "C-unwind" fn _PG_init() {
     guc::define();
     utility_hook::install();
+    setval::install();
     // SAFETY: reading a global set by the postmaster while it loads preloaded libraries.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         guc::define_preloaded();

@@ -213,3 +213,29 @@ pub fn adjust_above_keys(above_keys: bool) -> Result<i64, TrompeError> {
 pub fn adjust() -> Result<i64, TrompeError> {
     adjust_above_keys(false)
 }
+
+/// After `setval` set sequence `seq` so that it continues above `after`: if it feeds a
+/// replicated table, moves it to the next value of this node's slot above `after` (if a slot
+/// was chosen) and returns its qualified name (the call then replicates); None otherwise.
+pub fn continue_above(seq: pg_sys::Oid, after: i64) -> Result<Option<String>, TrompeError> {
+    let wanted = configured()?;
+    as_extension_owner(|| -> Result<Option<String>, TrompeError> {
+        let qualified = sql::value(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.oid = $1::oid",
+            &[Some(&seq.to_u32().to_string())],
+        )
+        .map_err(TrompeError::Internal)?;
+        let Some(qualified) = qualified else { return Ok(None) };
+        let Some(fed) = fed_sequences()?.into_iter().find(|f| f.seq == qualified) else { return Ok(None) };
+        if let Some(wanted) = wanted.filter(|_| fed.increment > 0) {
+            let next = wanted.next_after(after, fed.max).ok_or(TrompeError::SequenceExhausted(qualified.clone()))?;
+            sql::execute(
+                "SELECT setval($1::regclass, $2::bigint, false)",
+                &[Some(&qualified), Some(&next.to_string())],
+            )
+            .map_err(TrompeError::Internal)?;
+        }
+        Ok(Some(qualified))
+    })
+}

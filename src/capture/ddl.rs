@@ -119,6 +119,18 @@ impl Drop for StatementScope {
     }
 }
 
+/// Whether queries analysed now run as they are (a client's query, or one run by `DO`, `CALL`,
+/// `EXECUTE`, `EXPLAIN`) rather than being stored by the statement being run (a view, a rule, a
+/// function body, `CREATE TABLE AS`).
+pub fn queries_run_now() -> bool {
+    STATEMENTS.with(|s| {
+        s.borrow().last().is_none_or(|st| {
+            let word: String = st.text.trim_start().chars().take_while(|c| c.is_ascii_alphabetic()).collect::<String>();
+            ["do", "call", "execute", "explain"].iter().any(|w| word.eq_ignore_ascii_case(w))
+        })
+    })
+}
+
 /// Whether the innermost TRUNCATE being run restarts identity sequences.
 pub fn truncate_restarts_identity() -> bool {
     STATEMENTS.with(|s| s.borrow().last().is_some_and(|st| st.truncate_restart_identity))
@@ -221,17 +233,30 @@ fn _log_ddl(command_tag: &str, object_schema: &str, object_name: &str) {
             }
         }
     }
+    append(command_tag, object_schema, object_name, &statement, &search_path, &role, &settings).or_raise();
+}
+
+/// Appends a statement to the change log as DDL, to be replayed by peers with `search_path`,
+/// `role` and `settings`.
+pub fn append(
+    command_tag: &str,
+    object_schema: &str,
+    object_name: &str,
+    statement: &str,
+    search_path: &str,
+    role: &str,
+    settings: &[(&'static str, String)],
+) -> Result<(), crate::error::TrompeError> {
     crate::capture::buffer::record(|buf, seq| {
         let mut w = ChangeWriter::begin(buf, Op::Ddl, seq, object_schema.as_bytes(), object_name.as_bytes())
             .cols(std::iter::empty())
             .list(trompe_core::ddlsettings::FIRST + 2 * settings.len());
-        for part in [&statement, &search_path, &role, &command_tag.to_string()] {
+        for part in [statement, search_path, role, command_tag] {
             w = w.value(Some(part.as_bytes()));
         }
-        for (name, value) in &settings {
+        for (name, value) in settings {
             w = w.value(Some(name.as_bytes())).value(Some(value.as_bytes()));
         }
         w.none().finish(OldVersion::Unknown);
     })
-    .or_raise();
 }
