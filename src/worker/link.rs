@@ -594,7 +594,13 @@ impl Link {
             slot.oldest_pending_ms.store(pg_timestamp_to_ms(commit_us), Ordering::Release);
         }
         self.publish(ConnState::Error);
-        pgrx::log!("trompe: peer \"{}\": cannot apply: {message}; retrying in {} ms", self.name, delay.as_millis());
+        // Retried after the delay, or at once when DDL from any peer is applied here (it may be
+        // what the change waits for: see `retry_failed`); the message says both.
+        pgrx::log!(
+            "trompe: peer \"{}\": cannot apply: {message}; retrying in {} ms, or as soon as DDL from a peer is applied here",
+            self.name,
+            delay.as_millis()
+        );
         self.failure = Some((txn_last, message));
     }
 
