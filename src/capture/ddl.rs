@@ -120,13 +120,15 @@ impl Drop for StatementScope {
 }
 
 /// Whether queries analysed now run as they are (a client's query, or one run by `DO`, `CALL`,
-/// `EXECUTE`, `EXPLAIN`) rather than being stored by the statement being run (a view, a rule, a
+/// `EXECUTE`, `EXPLAIN`, `PREPARE`, `DECLARE`, `COPY`) rather than being stored by the statement being run (a view, a rule, a
 /// function body, `CREATE TABLE AS`).
 pub fn queries_run_now() -> bool {
     STATEMENTS.with(|s| {
         s.borrow().last().is_none_or(|st| {
             let word: String = st.text.trim_start().chars().take_while(|c| c.is_ascii_alphabetic()).collect::<String>();
-            ["do", "call", "execute", "explain"].iter().any(|w| word.eq_ignore_ascii_case(w))
+            ["do", "call", "execute", "explain", "prepare", "declare", "copy"]
+                .iter()
+                .any(|w| word.eq_ignore_ascii_case(w))
         })
     })
 }

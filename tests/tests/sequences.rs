@@ -177,7 +177,8 @@ fn a_setval_continues_above_it_on_every_node_in_its_own_slot() {
     // As pg_dump, Rails' reset_pk_sequence! and Django's sqlsequencereset write them.
     n1.exec("SELECT pg_catalog.setval('public.owned_id_seq', 1000, true)");
     n1.exec(
-        "SELECT setval('shared_ids', (SELECT COALESCE(MAX(id) + 1, 1) FROM orders), false);
+        "PREPARE reset_ids AS SELECT setval('shared_ids', (SELECT COALESCE(MAX(id) + 1, 1) FROM orders), false);
+         EXECUTE reset_ids;
          SELECT setval(pg_get_serial_sequence('\"owned\"', 'id'), coalesce(max(\"id\"), 1), max(\"id\") IS NOT null) FROM \"owned\";
          DO $$ BEGIN PERFORM setval('ticket_seq', 400); END $$;",
     );
