@@ -87,7 +87,11 @@ pub fn run(
         }
         _ => {}
     }
-    toplevel(statement, search_path, role, settings)
+    // Not lock_timeout: what these commands wait for are transactions older than them (a
+    // `wait_sync` running on this node among them), which they do not hold up meanwhile; giving
+    // up would only build the index again from the start at the next attempt.
+    let settings: Vec<(&str, &str)> = settings.iter().copied().filter(|(name, _)| *name != "lock_timeout").collect();
+    toplevel(statement, search_path, role, &settings)
 }
 
 /// Runs one statement the way a client's simple query runs it: a transaction of its own,
