@@ -87,10 +87,12 @@ pub fn run(
         }
         _ => {}
     }
-    // Not lock_timeout: what these commands wait for are transactions older than them (a
-    // `wait_sync` running on this node among them), which they do not hold up meanwhile; giving
-    // up would only build the index again from the start at the next attempt.
-    let settings: Vec<(&str, &str)> = settings.iter().copied().filter(|(name, _)| *name != "lock_timeout").collect();
+    // Only where the index goes: lock_timeout would make these commands give up waiting for
+    // transactions older than them (a `wait_sync` on this node among them), which they do not
+    // hold up meanwhile, and start over at the next attempt; the other settings do not change
+    // what they do.
+    let settings: Vec<(&str, &str)> =
+        settings.iter().copied().filter(|(name, _)| *name == "default_tablespace").collect();
     toplevel(statement, search_path, role, &settings)
 }
 

@@ -205,5 +205,6 @@ fn framework_migrations_run_on_one_node_while_every_node_writes() {
             node.query_i64("SELECT count(*) FROM trompe.status WHERE last_error IS NOT NULL AND state <> 'connected'"),
             0
         );
+        assert!(!node.log().contains("terminated by signal"), "no process of {} crashed", node.name);
     }
 }
