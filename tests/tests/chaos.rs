@@ -6,7 +6,7 @@
 //! `TROMPE_CHAOS_SEEDS` (default 7), `TROMPE_CHAOS_SECS` (default 60) and `TROMPE_CHAOS_NODES`
 //! (default 3) choose the run.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,8 +20,8 @@ const HOT_ROWS: i64 = 5;
 /// What the clients know for sure about the rows they wrote.
 #[derive(Default)]
 struct Ledger {
-    /// Inserted and seen committed.
-    committed: Vec<i64>,
+    /// Inserted and seen committed, with when (seconds into the run).
+    committed: Vec<(i64, f64)>,
     /// Deleted and seen committed.
     deleted: Vec<i64>,
     /// Outcome unknown (the connection broke during the statement): not checked.
@@ -44,7 +44,7 @@ fn node_went_away(e: &postgres::Error) -> bool {
 
 /// One client: inserts rows with ids only it uses, updates and deletes some of them, and
 /// updates the shared hot rows, until `stop`. Reconnects whenever its node goes away.
-fn client(node: &Node, id_base: i64, mut rng: Rng, stop: &AtomicBool) -> Ledger {
+fn client(node: &Node, id_base: i64, mut rng: Rng, stop: &AtomicBool, start: Instant) -> Ledger {
     let mut ledger = Ledger::default();
     let mut next = 0i64;
     let mut live: Vec<i64> = Vec::new();
@@ -76,7 +76,7 @@ fn client(node: &Node, id_base: i64, mut rng: Rng, stop: &AtomicBool) -> Ledger 
                     ledger.ops += 1;
                     match id {
                         Some((id, false)) => {
-                            ledger.committed.push(id);
+                            ledger.committed.push((id, start.elapsed().as_secs_f64()));
                             live.push(id);
                         }
                         Some((id, true)) => ledger.deleted.push(id),
@@ -111,8 +111,9 @@ const FAULTS: [&str; 7] = [
 ];
 
 /// Injects one random fault and undoes it (a partition or pause lasts a moment). DDL runs on
-/// a random node while the others write (`ddl` numbers the new objects).
-fn inject(cluster: &Cluster, rng: &mut Rng, ddl: &mut u32) -> &'static str {
+/// a random node while the others write (`ddl` numbers the new objects). Returns its kind and
+/// which nodes it hit.
+fn inject(cluster: &Cluster, rng: &mut Rng, ddl: &mut u32) -> (&'static str, String) {
     let n = cluster.nodes().len();
     let a = rng.below(n as u64) as usize;
     let b = (a + 1 + rng.below(n as u64 - 1) as usize) % n;
@@ -148,7 +149,14 @@ fn inject(cluster: &Cluster, rng: &mut Rng, ddl: &mut u32) -> &'static str {
             node.exec("SELECT trompe.resume_peer(name) FROM trompe.peers");
         }
     }
-    kind
+    let (na, nb) = (&cluster.node(a).name, &cluster.node(b).name);
+    let whom = match kind {
+        "partition" => format!("{na} | {nb}"),
+        "one-way cut" => format!("{na} -> {nb}"),
+        "add a column" | "create a table" => format!("on {na}, c{ddl}/t{ddl}"),
+        _ => na.to_string(),
+    };
+    (kind, whom)
 }
 
 fn chaos(seed: u64, duration: Duration, nodes: usize) {
@@ -168,6 +176,9 @@ fn chaos(seed: u64, duration: Duration, nodes: usize) {
     let stop = Arc::new(AtomicBool::new(false));
     let ledgers = Arc::new(Mutex::new(Vec::new()));
     let faults = AtomicU64::new(0);
+    // Each fault: when it started and ended (seconds into the run), its kind and whom it hit.
+    let mut fault_log: Vec<(f64, f64, &str, String)> = Vec::new();
+    let run_start = Instant::now();
     let mut by_kind: BTreeMap<&str, u32> = BTreeMap::new();
     let mut last_fault_end = Instant::now();
     let max_lag_bits = AtomicU64::new(0);
@@ -175,9 +186,9 @@ fn chaos(seed: u64, duration: Duration, nodes: usize) {
         for (i, node) in cluster.nodes().iter().enumerate() {
             for k in 0..2 {
                 let (rng, stop, ledgers) = (rng.fork(), stop.clone(), ledgers.clone());
-                let id_base = ((i * 10 + k) as i64 + 1) * 1_000_000_000;
+                let id_base = ((i * 10 + k) as i64 + 1) * ID_BLOCK;
                 s.spawn(move || {
-                    let ledger = client(node, id_base, rng, &stop);
+                    let ledger = client(node, id_base, rng, &stop, run_start);
                     ledgers.lock().map(|mut l| l.push(ledger)).ok();
                 });
             }
@@ -195,7 +206,9 @@ fn chaos(seed: u64, duration: Duration, nodes: usize) {
         let mut ddl = 0;
         while start.elapsed() < duration {
             std::thread::sleep(Duration::from_millis(300 + rng.below(1200)));
-            let kind = inject(&cluster, &mut rng, &mut ddl);
+            let began = run_start.elapsed().as_secs_f64();
+            let (kind, whom) = inject(&cluster, &mut rng, &mut ddl);
+            fault_log.push((began, run_start.elapsed().as_secs_f64(), kind, whom));
             *by_kind.entry(kind).or_default() += 1;
             faults.fetch_add(1, Ordering::Relaxed);
             last_fault_end = Instant::now();
@@ -207,27 +220,30 @@ fn chaos(seed: u64, duration: Duration, nodes: usize) {
     let max_lag = f64::from_bits(max_lag_bits.load(Ordering::Relaxed));
     let ledgers: Vec<Ledger> = std::mem::take(&mut *ledgers.lock().expect("no client panicked holding the lock"));
 
-    let mut committed: Vec<i64> = ledgers.iter().flat_map(|l| l.committed.iter().copied()).collect();
-    let deleted: Vec<i64> = ledgers.iter().flat_map(|l| l.deleted.iter().copied()).collect();
-    let unknown: Vec<i64> = ledgers.iter().flat_map(|l| l.unknown.iter().copied()).collect();
+    let mut committed_at: BTreeMap<i64, f64> = ledgers.iter().flat_map(|l| l.committed.iter().copied()).collect();
+    let deleted: BTreeSet<i64> = ledgers.iter().flat_map(|l| l.deleted.iter().copied()).collect();
+    let unknown: BTreeSet<i64> = ledgers.iter().flat_map(|l| l.unknown.iter().copied()).collect();
     let ops: u64 = ledgers.iter().map(|l| l.ops).sum();
     // A delete of unknown outcome may have removed its row.
-    committed.retain(|id| !deleted.contains(id) && !unknown.contains(id));
+    committed_at.retain(|id, _| !deleted.contains(id) && !unknown.contains(id));
+    let committed: Vec<i64> = committed_at.keys().copied().collect();
+    let deleted: Vec<i64> = deleted.into_iter().collect();
     let unknown = unknown.len();
-    let mut lost = 0i64;
-    let mut back = 0i64;
+    // Per node: the committed inserts it misses, the committed deletes it has back.
+    let mut missing: Vec<Vec<i64>> = Vec::new();
+    let mut returned: Vec<Vec<i64>> = Vec::new();
     for node in cluster.nodes() {
         let mut c = node.connect();
-        let present: i64 = c
-            .query_one("SELECT count(*) FROM events WHERE id = ANY($1)", &[&committed])
-            .map(|r| r.get(0))
-            .unwrap_or_else(|e| panic!("{}: {}", node.name, trompe_tests::describe_error(&e)));
-        lost += committed.len() as i64 - present;
-        back += c
-            .query_one("SELECT count(*) FROM events WHERE id = ANY($1)", &[&deleted])
-            .map(|r| r.get::<_, i64>(0))
-            .unwrap_or_else(|e| panic!("{}: {}", node.name, trompe_tests::describe_error(&e)));
+        let mut ids = |sql: &str, ids: &[i64]| -> Vec<i64> {
+            c.query(sql, &[&ids])
+                .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+                .unwrap_or_else(|e| panic!("{}: {}", node.name, trompe_tests::describe_error(&e)))
+        };
+        missing.push(ids("SELECT id FROM unnest($1::int8[]) id WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.id = id.id) ORDER BY id", &committed));
+        returned.push(ids("SELECT id FROM events WHERE id = ANY($1) ORDER BY id", &deleted));
     }
+    let lost = missing.iter().map(|m| m.len() as i64).sum::<i64>();
+    let back = returned.iter().map(|m| m.len() as i64).sum::<i64>();
     let mut tables = vec!["events".to_string(), "hot".to_string()];
     tables.extend(
         cluster
@@ -240,7 +256,9 @@ fn chaos(seed: u64, duration: Duration, nodes: usize) {
     );
     let sums: Vec<Vec<Option<String>>> =
         tables.iter().map(|t| cluster.nodes().iter().map(|n| n.query_text(&checksum(t))).collect()).collect();
-    let divergent = sums.iter().filter(|s| s.iter().any(|x| x != &s[0])).count();
+    let divergent_tables: Vec<&String> =
+        tables.iter().zip(&sums).filter(|(_, s)| s.iter().any(|x| x != &s[0])).map(|(t, _)| t).collect();
+    let divergent = divergent_tables.len();
     let conflicts: i64 = cluster.nodes().iter().map(|n| n.query_i64("SELECT count(*) FROM trompe.conflicts")).sum();
     let kinds: Vec<String> = by_kind.iter().map(|(k, n)| format!("{k}: {n}")).collect();
     println!(
@@ -254,6 +272,10 @@ fn chaos(seed: u64, duration: Duration, nodes: usize) {
         tables.len(),
         converge.as_secs_f64()
     );
+    if lost + back > 0 || divergent > 0 {
+        let rows = Diagnosis { cluster: &cluster, committed_at: &committed_at, faults: &fault_log };
+        rows.report(&missing, &returned, &divergent_tables);
+    }
     // No worker is stuck: every link is connected again without an error, and every log is
     // pruned to nothing.
     for node in cluster.nodes() {
@@ -268,7 +290,131 @@ fn chaos(seed: u64, duration: Duration, nodes: usize) {
     assert!(ops > 500, "seed {seed}: too little work to prove anything ({ops})");
     assert_eq!(lost, 0, "seed {seed}: committed inserts missing");
     assert_eq!(back, 0, "seed {seed}: committed deletes undone");
-    assert_eq!(divergent, 0, "seed {seed}: nodes differ: {sums:?}");
+    assert_eq!(divergent, 0, "seed {seed}: nodes differ in {divergent_tables:?}: {sums:?}");
+}
+
+/// The ids of each client are `ID_BLOCK * (node * 10 + client + 1)` upwards.
+const ID_BLOCK: i64 = 1_000_000_000;
+
+/// What the test prints when something is missing, back or different: for each such row
+/// which node committed it and when (against the faults), its transaction there, where it is
+/// and is not, and whether each node's position on its origin counts that transaction as
+/// applied; then every node's `trompe.status` and positions.
+struct Diagnosis<'a> {
+    cluster: &'a Cluster,
+    committed_at: &'a BTreeMap<i64, f64>,
+    faults: &'a [(f64, f64, &'a str, String)],
+}
+
+impl Diagnosis<'_> {
+    /// How many rows are described in detail at most.
+    const ROWS: usize = 20;
+
+    /// The first value `sql` returns on `node`; what went wrong instead of panicking, so that
+    /// the diagnosis never hides the failure it explains.
+    fn text(node: &Node, sql: &str) -> Option<String> {
+        let result = postgres::Client::connect(&node.conninfo(), postgres::NoTls).and_then(|mut c| c.simple_query(sql));
+        match result {
+            Ok(rows) => rows.into_iter().find_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).map(str::to_string)),
+                _ => None,
+            })?,
+            Err(e) => Some(format!("({})", trompe_tests::describe_error(&e))),
+        }
+    }
+
+    fn report(&self, missing: &[Vec<i64>], returned: &[Vec<i64>], divergent: &[&String]) {
+        let nodes = self.cluster.nodes();
+        println!("===== diagnosis: faults (seconds into the run)");
+        for (began, ended, kind, whom) in self.faults {
+            println!("  {began:7.2} - {ended:7.2}  {kind} ({whom})");
+        }
+        for (node, ids) in nodes.iter().zip(missing) {
+            if !ids.is_empty() {
+                println!("===== {} misses {} committed inserts: {ids:?}", node.name, ids.len());
+            }
+        }
+        for (node, ids) in nodes.iter().zip(returned) {
+            if !ids.is_empty() {
+                println!("===== {} has {} deleted rows back: {ids:?}", node.name, ids.len());
+            }
+        }
+        println!("===== divergent tables: {divergent:?}");
+        let mut ids: Vec<i64> = missing.iter().chain(returned).flatten().copied().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        for &id in ids.iter().take(Self::ROWS) {
+            self.describe_row(id);
+        }
+        for node in nodes {
+            println!(
+                "===== {}: trompe.status
+{}
+----- trompe.progress
+{}
+----- trompe.consumers
+{}
+----- log rows: {:?}",
+                node.name,
+                Self::text(node, "SELECT string_agg(s::text, E'\\n') FROM trompe.status s").unwrap_or_default(),
+                Self::text(
+                    node,
+                    "SELECT string_agg(format('%s (%s): done %s cur %s after %s', coalesce(p.name, pr.node_id::text),
+                                              pr.node_id, pr.done, pr.cur, pr.after), E'\\n')
+                       FROM trompe.progress pr LEFT JOIN trompe.peers p ON p.node_id = pr.node_id"
+                )
+                .unwrap_or_default(),
+                Self::text(node, "SELECT string_agg(c::text, E'\\n') FROM trompe.consumers c").unwrap_or_default(),
+                Self::text(node, "SELECT count(*)::text FROM trompe.log"),
+            );
+        }
+    }
+
+    /// Prints where row `id` is and where its origin's transaction stands on every node.
+    fn describe_row(&self, id: i64) {
+        let nodes = self.cluster.nodes();
+        let origin = ((id / ID_BLOCK - 1) / 10) as usize;
+        let when = self.committed_at.get(&id).map_or("deleted".to_string(), |t| format!("committed at {t:.2} s"));
+        let Some(origin_node) = nodes.get(origin) else {
+            println!("----- id {id}: no node {origin}");
+            return;
+        };
+        let origin_id = Self::text(origin_node, "SELECT trompe.node_id()::text").unwrap_or_default();
+        println!("----- id {id}: inserted on {} ({when})", origin_node.name);
+        let mut xid = None;
+        for node in nodes {
+            let row = Self::text(node, &format!(
+                "SELECT format('xmin %s committed %s from %s: %s', e.xmin, c.timestamp, coalesce(o.roname, 'local'), e::text)
+                   FROM events e, pg_xact_commit_timestamp_origin(e.xmin) c
+                   LEFT JOIN pg_replication_origin o ON o.roident = c.roident
+                  WHERE e.id = {id}"
+            ));
+            if node.name == origin_node.name {
+                xid = Self::text(node, &format!("SELECT xmin::text FROM events WHERE id = {id}"));
+            }
+            println!("    {}: {}", node.name, row.as_deref().unwrap_or("absent"));
+        }
+        let in_log = Self::text(
+            origin_node,
+            &format!(
+                "SELECT string_agg(format('log id %s txid %s %s', id, txid, op), '; ')
+               FROM trompe.log_changes() WHERE rel = 'events' AND vals[1] = '{id}'"
+            ),
+        );
+        println!("    in {}'s log: {}", origin_node.name, in_log.as_deref().unwrap_or("no"));
+        let Some(xid) = xid else { return };
+        for node in nodes.iter().filter(|n| n.name != origin_node.name) {
+            let seen = Self::text(
+                node,
+                &format!(
+                    "SELECT format('position done %s (counts txid {xid} as applied: %s), cur %s, after %s',
+                               done, pg_visible_in_snapshot('{xid}'::xid8, done::pg_snapshot), cur, after)
+                   FROM trompe.progress WHERE node_id = '{origin_id}'"
+                ),
+            );
+            println!("    {} on {}: {}", node.name, origin_node.name, seen.as_deref().unwrap_or("no position"));
+        }
+    }
 }
 
 /// The largest replication lag (seconds) of any reachable node right now.
