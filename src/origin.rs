@@ -47,9 +47,31 @@ fn parse_snapshot(text: &str, what: &str) -> Snapshot {
     text.parse::<Snapshot>().map_err(|e| TrompeError::BadRequest(format!("{what}: {e}"))).or_raise()
 }
 
-/// The current snapshot of this node, taken now (a fresh snapshot, not the statement's).
+/// The current snapshot of this node, taken now (a fresh snapshot, not the statement's), for a
+/// peer to keep as a position: every transaction that ended before it is on disk first (see
+/// `flush_ended_transactions`).
 fn snapshot_now() -> String {
-    crate::log::rotation::snapshot_now().map(|s| s.to_string()).unwrap_or_else(|e| TrompeError::Internal(e).raise())
+    let snapshot = crate::log::rotation::snapshot_now()
+        .map(|s| s.to_string())
+        .unwrap_or_else(|e| TrompeError::Internal(e).raise());
+    flush_ended_transactions();
+    snapshot
+}
+
+/// Flushes this node's WAL up to where it is now, so that every transaction a snapshot taken
+/// before counts as ended has its commit (or abort) record on disk.
+///
+/// A peer keeps such a snapshot as its position and from then on treats every transaction id
+/// below its `xmax` (and not in its `xip`) as seen. The records of asynchronous commits
+/// (trompe's own apply and pull sessions commit so) and of aborts reach the disk only later;
+/// a crash (kill -9) before that loses them, PostgreSQL then gives their transaction ids out
+/// again, and a peer would skip for good the new transactions that got them. PostgreSQL's own
+/// logical replication sends only flushed WAL for the same reason. A no-op when the WAL is
+/// flushed already, which it mostly is: any synchronous commit flushes everything before it.
+pub fn flush_ended_transactions() {
+    // SAFETY: plain calls in a backend: reading the WAL insert position, then flushing up to
+    // it (XLogFlush waits for insertions in progress before that position).
+    unsafe { pg_sys::XLogFlush(pg_sys::GetXLogInsertRecPtr()) };
 }
 
 /// An `xid8[]` literal.

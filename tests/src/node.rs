@@ -181,6 +181,16 @@ impl Node {
         }
     }
 
+    /// Stops (SIGSTOP) the server's WAL writer until the server is killed: WAL that only it
+    /// would write (asynchronous commits and aborts) stays in the server's memory, so a crash
+    /// loses it, as one can at any moment without this within `wal_writer_delay`.
+    pub fn stop_wal_writer(&self) {
+        let pid = self.query_i64("SELECT pid FROM pg_stat_activity WHERE backend_type = 'walwriter'");
+        // SAFETY: plain kill(2) on the pid PostgreSQL reports for its WAL writer.
+        let rc = unsafe { kill(pid as i32, SIGSTOP) };
+        assert_eq!(rc, 0, "cannot stop the WAL writer (pid {pid}) of node {}", self.name);
+    }
+
     /// Kills the postmaster with SIGKILL and starts the server again (crash recovery).
     pub fn crash_and_restart(&self) {
         self.crash();
@@ -355,6 +365,9 @@ fn children_of(pid: i32) -> Vec<i32> {
     }
     found
 }
+
+/// SIGSTOP on Linux.
+const SIGSTOP: i32 = 19;
 
 extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;

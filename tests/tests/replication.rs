@@ -164,6 +164,67 @@ fn crash_of_the_origin_loses_and_duplicates_nothing() {
     assert_eq!(n2.query_i64("SELECT count(*) FROM audit"), on_origin, "every change applied exactly once");
 }
 
+/// A consumer takes the origin's snapshot as its position: every transaction id below its
+/// xmax counts as seen. Transactions that ended asynchronously (trompe's own apply and pull
+/// sessions commit so) may not be on disk yet; if the origin is killed then, PostgreSQL gives
+/// their ids out again, and the consumer skipped for good the new transactions that got them.
+/// The origin's WAL writer is stopped so that the window (normally `wal_writer_delay`) stays
+/// open until the kill.
+#[test]
+fn origin_crash_after_serving_unflushed_transactions_loses_nothing() {
+    // Nothing but the WAL writer (and n1's worker, paused below) would write n1's WAL in the
+    // background.
+    let cluster = Cluster::builder("crash-unflushed")
+        .nodes(2)
+        .setting("autovacuum", "off")
+        .setting("bgwriter_lru_maxpages", "0")
+        .start();
+    cluster.exec_all("CREATE TABLE items (id bigint PRIMARY KEY, note text)");
+    cluster.exec_all("SELECT trompe.add_table('items')");
+    cluster.mesh();
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    n1.exec("INSERT INTO items VALUES (0, 'before')");
+    cluster.wait_sync(SYNC);
+    // n1's worker flushes its own commits when it is caught up: it rests meanwhile.
+    n1.exec("SELECT trompe.pause_peer('n2')");
+    n1.stop_wal_writer();
+    let mut c = n1.connect();
+    c.batch_execute("SET synchronous_commit = off").unwrap();
+    let mut last = 0i64;
+    for _ in 0..50 {
+        last = c.query_one("SELECT pg_current_xact_id()::text::bigint", &[]).unwrap().get(0);
+    }
+    drop(c);
+    // n2 moves past them (its position is stored now and then when nothing is new).
+    n2.wait_for_value(
+        &format!("SELECT pg_visible_in_snapshot('{last}'::xid8, done::pg_snapshot) FROM trompe.progress"),
+        "t",
+        Duration::from_secs(60),
+    );
+    n1.crash_and_restart();
+    n1.exec("SELECT trompe.resume_peer('n2')");
+    let mut c = n1.connect();
+    let mut reused = 0;
+    for id in 1..=60i64 {
+        let xid: i64 = c
+            .query_one("INSERT INTO items VALUES ($1, 'after') RETURNING pg_current_xact_id()::text::bigint", &[&id])
+            .unwrap()
+            .get(0);
+        if xid <= last {
+            reused += 1;
+        }
+    }
+    println!("after the crash, n1 gave {reused} transaction ids up to {last} out again");
+    cluster.wait_sync(SYNC);
+    assert_eq!(
+        n2.query_i64("SELECT count(*) FROM items"),
+        61,
+        "n2 misses commits n1 made after its crash (n1 gave {reused} ids up to {last} out again): {:?}",
+        n2.query_text("SELECT string_agg(id::text, ',') FROM items")
+    );
+    cluster.assert_same(&checksum("items"));
+}
+
 #[test]
 fn network_cut_with_writes_on_both_sides_heals_by_itself() {
     let cut_secs: u64 = std::env::var("TROMPE_CUT_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(45);
