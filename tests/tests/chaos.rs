@@ -178,6 +178,7 @@ fn chaos(seed: u64, duration: Duration, nodes: usize) {
     let faults = AtomicU64::new(0);
     // Each fault: when it started and ended (seconds into the run), its kind and whom it hit.
     let mut fault_log: Vec<(f64, f64, &str, String)> = Vec::new();
+    let run_started_at = cluster.node(0).query_text("SELECT clock_timestamp()::text").unwrap_or_default();
     let run_start = Instant::now();
     let mut by_kind: BTreeMap<&str, u32> = BTreeMap::new();
     let mut last_fault_end = Instant::now();
@@ -273,7 +274,12 @@ fn chaos(seed: u64, duration: Duration, nodes: usize) {
         converge.as_secs_f64()
     );
     if lost + back > 0 || divergent > 0 {
-        let rows = Diagnosis { cluster: &cluster, committed_at: &committed_at, faults: &fault_log };
+        let rows = Diagnosis {
+            cluster: &cluster,
+            started_at: &run_started_at,
+            committed_at: &committed_at,
+            faults: &fault_log,
+        };
         rows.report(&missing, &returned, &divergent_tables);
     }
     // No worker is stuck: every link is connected again without an error, and every log is
@@ -302,6 +308,8 @@ const ID_BLOCK: i64 = 1_000_000_000;
 /// applied; then every node's `trompe.status` and positions.
 struct Diagnosis<'a> {
     cluster: &'a Cluster,
+    /// When the run started, on the first node's clock (to read server logs against).
+    started_at: &'a str,
     committed_at: &'a BTreeMap<i64, f64>,
     faults: &'a [(f64, f64, &'a str, String)],
 }
@@ -325,7 +333,7 @@ impl Diagnosis<'_> {
 
     fn report(&self, missing: &[Vec<i64>], returned: &[Vec<i64>], divergent: &[&String]) {
         let nodes = self.cluster.nodes();
-        println!("===== diagnosis: faults (seconds into the run)");
+        println!("===== diagnosis: faults (seconds into the run, which started at {})", self.started_at);
         for (began, ended, kind, whom) in self.faults {
             println!("  {began:7.2} - {ended:7.2}  {kind} ({whom})");
         }
