@@ -112,15 +112,36 @@ const FAULTS: [&str; 7] = [
 
 /// Injects one random fault and undoes it (a partition or pause lasts a moment). DDL runs on
 /// a random node while the others write (`ddl` numbers the new objects). Returns its kind and
-/// which nodes it hit.
-fn inject(cluster: &Cluster, rng: &mut Rng, ddl: &mut u32) -> (&'static str, String) {
+/// which nodes it hit. A node killed with -9 must not give out again a transaction id that a
+/// peer's position on it counts as seen (that peer would skip the transaction that gets it):
+/// each such kill is added to `reissued`.
+fn inject(cluster: &Cluster, rng: &mut Rng, ddl: &mut u32, reissued: &mut Vec<String>) -> (&'static str, String) {
     let n = cluster.nodes().len();
     let a = rng.below(n as u64) as usize;
     let b = (a + 1 + rng.below(n as u64 - 1) as usize) % n;
     let kind = FAULTS[rng.below(FAULTS.len() as u64) as usize];
     let hold = Duration::from_millis(500 + rng.below(1500));
+    let mut detail = String::new();
     match kind {
-        "kill -9 and restart" => cluster.node(a).crash_and_restart(),
+        "kill -9 and restart" => {
+            let node = cluster.node(a);
+            let id = node.query_text("SELECT trompe.node_id()::text").unwrap_or_default();
+            let before = seen_on(cluster, &id);
+            let xmax = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8";
+            let last = node.query_i64(xmax);
+            node.crash_and_restart();
+            // Read after the peers' positions: whatever they took from the restarted node
+            // meanwhile is below this.
+            let seen = before.max(seen_on(cluster, &id));
+            let next = node.query_i64(xmax);
+            detail = format!(": next transaction id {last} before, {next} after; peers' positions up to {seen}");
+            if seen > next {
+                reissued.push(format!(
+                    "{} restarted at transaction id {next}, but a peer's position on it counts ids below {seen} as seen",
+                    node.name
+                ));
+            }
+        }
         "clean restart" => cluster.node(a).restart(),
         "partition" => {
             cluster.partition(a, b);
@@ -156,7 +177,7 @@ fn inject(cluster: &Cluster, rng: &mut Rng, ddl: &mut u32) -> (&'static str, Str
         "add a column" | "create a table" => format!("on {na}, c{ddl}/t{ddl}"),
         _ => na.to_string(),
     };
-    (kind, whom)
+    (kind, whom + &detail)
 }
 
 fn chaos(seed: u64, duration: Duration, nodes: usize) {
@@ -179,6 +200,7 @@ fn chaos(seed: u64, duration: Duration, nodes: usize) {
     // Each fault: when it started and ended (seconds into the run), its kind and whom it hit.
     let mut fault_log: Vec<(f64, f64, &str, String)> = Vec::new();
     let run_started_at = cluster.node(0).query_text("SELECT clock_timestamp()::text").unwrap_or_default();
+    let mut reissued: Vec<String> = Vec::new();
     let run_start = Instant::now();
     let mut by_kind: BTreeMap<&str, u32> = BTreeMap::new();
     let mut last_fault_end = Instant::now();
@@ -208,7 +230,7 @@ fn chaos(seed: u64, duration: Duration, nodes: usize) {
         while start.elapsed() < duration {
             std::thread::sleep(Duration::from_millis(300 + rng.below(1200)));
             let began = run_start.elapsed().as_secs_f64();
-            let (kind, whom) = inject(&cluster, &mut rng, &mut ddl);
+            let (kind, whom) = inject(&cluster, &mut rng, &mut ddl, &mut reissued);
             fault_log.push((began, run_start.elapsed().as_secs_f64(), kind, whom));
             *by_kind.entry(kind).or_default() += 1;
             faults.fetch_add(1, Ordering::Relaxed);
@@ -273,13 +295,15 @@ fn chaos(seed: u64, duration: Duration, nodes: usize) {
         tables.len(),
         converge.as_secs_f64()
     );
+    println!("chaos seed {seed}: faults (seconds into the run)");
+    for (began, ended, kind, whom) in &fault_log {
+        println!("  {began:7.2} - {ended:7.2}  {kind} ({whom})");
+    }
+    for line in &reissued {
+        println!("chaos seed {seed}: {line}");
+    }
     if lost + back > 0 || divergent > 0 {
-        let rows = Diagnosis {
-            cluster: &cluster,
-            started_at: &run_started_at,
-            committed_at: &committed_at,
-            faults: &fault_log,
-        };
+        let rows = Diagnosis { cluster: &cluster, started_at: &run_started_at, committed_at: &committed_at };
         rows.report(&missing, &returned, &divergent_tables);
     }
     // No worker is stuck: every link is connected again without an error, and every log is
@@ -295,8 +319,27 @@ fn chaos(seed: u64, duration: Duration, nodes: usize) {
     }
     assert!(ops > 500, "seed {seed}: too little work to prove anything ({ops})");
     assert_eq!(lost, 0, "seed {seed}: committed inserts missing");
+    assert!(reissued.is_empty(), "seed {seed}: transaction ids given out again after a crash: {reissued:?}");
     assert_eq!(back, 0, "seed {seed}: committed deletes undone");
     assert_eq!(divergent, 0, "seed {seed}: nodes differ in {divergent_tables:?}: {sums:?}");
+}
+
+/// The highest transaction id (exclusive) that any node's position on node `id` counts as
+/// seen or in its step (0 where a node cannot be asked).
+fn seen_on(cluster: &Cluster, id: &str) -> i64 {
+    let sql = format!(
+        "SELECT coalesce(max(greatest(pg_snapshot_xmax(done::pg_snapshot), pg_snapshot_xmax(cur::pg_snapshot)))::text::int8, 0)
+           FROM trompe.progress WHERE node_id = '{id}'"
+    );
+    cluster
+        .nodes()
+        .iter()
+        .filter_map(|n| {
+            let mut c = postgres::Client::connect(&n.conninfo(), postgres::NoTls).ok()?;
+            c.query_one(&sql, &[]).ok().map(|r| r.get::<_, i64>(0))
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// The ids of each client are `ID_BLOCK * (node * 10 + client + 1)` upwards.
@@ -311,7 +354,6 @@ struct Diagnosis<'a> {
     /// When the run started, on the first node's clock (to read server logs against).
     started_at: &'a str,
     committed_at: &'a BTreeMap<i64, f64>,
-    faults: &'a [(f64, f64, &'a str, String)],
 }
 
 impl Diagnosis<'_> {
@@ -333,10 +375,7 @@ impl Diagnosis<'_> {
 
     fn report(&self, missing: &[Vec<i64>], returned: &[Vec<i64>], divergent: &[&String]) {
         let nodes = self.cluster.nodes();
-        println!("===== diagnosis: faults (seconds into the run, which started at {})", self.started_at);
-        for (began, ended, kind, whom) in self.faults {
-            println!("  {began:7.2} - {ended:7.2}  {kind} ({whom})");
-        }
+        println!("===== diagnosis (the run started at {} on n1's clock)", self.started_at);
         for (node, ids) in nodes.iter().zip(missing) {
             if !ids.is_empty() {
                 println!("===== {} misses {} committed inserts: {ids:?}", node.name, ids.len());
