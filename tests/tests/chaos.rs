@@ -346,7 +346,7 @@ fn seen_on(cluster: &Cluster, id: &str) -> i64 {
 const ID_BLOCK: i64 = 1_000_000_000;
 
 /// What the test prints when something is missing, back or different: for each such row
-/// which node committed it and when (against the faults), its transaction there, where it is
+/// which node committed it and when (against the faults printed before), its transaction there, where it is
 /// and is not, and whether each node's position on its origin counts that transaction as
 /// applied; then every node's `trompe.status` and positions.
 struct Diagnosis<'a> {
