@@ -68,7 +68,7 @@ fn snapshot_now() -> String {
 /// again, and a peer would skip for good the new transactions that got them. PostgreSQL's own
 /// logical replication sends only flushed WAL for the same reason. A no-op when the WAL is
 /// flushed already, which it mostly is: any synchronous commit flushes everything before it.
-pub fn flush_ended_transactions() {
+fn flush_ended_transactions() {
     // SAFETY: plain calls in a backend: reading the WAL insert position, then flushing up to
     // it (XLogFlush waits for insertions in progress before that position).
     unsafe { pg_sys::XLogFlush(pg_sys::GetXLogInsertRecPtr()) };

@@ -167,7 +167,8 @@ fn crash_of_the_origin_loses_and_duplicates_nothing() {
 /// A consumer takes the origin's snapshot as its position: every transaction id below its
 /// xmax counts as seen. Transactions that ended asynchronously (trompe's own apply and pull
 /// sessions commit so) may not be on disk yet; if the origin is killed then, PostgreSQL gives
-/// their ids out again, and the consumer skipped for good the new transactions that got them.
+/// their ids out again, and the consumer would skip for good the new transactions that get
+/// them: the origin flushes its WAL before it serves a snapshot.
 /// The origin's WAL writer is stopped so that the window (normally `wal_writer_delay`) stays
 /// open until the kill.
 #[test]
