@@ -126,15 +126,18 @@ fn inject(cluster: &Cluster, rng: &mut Rng, ddl: &mut u32, reissued: &mut Vec<St
         "kill -9 and restart" => {
             let node = cluster.node(a);
             let id = node.query_text("SELECT trompe.node_id()::text").unwrap_or_default();
-            let before = seen_on(cluster, &id);
-            let xmax = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8";
-            let last = node.query_i64(xmax);
+            // What the peers took from the node before it is killed (as far as they stored it).
+            let seen = seen_on(cluster, &id);
+            let last = node.query_i64("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8");
             node.crash_and_restart();
-            // Read after the peers' positions: whatever they took from the restarted node
-            // meanwhile is below this.
-            let seen = before.max(seen_on(cluster, &id));
-            let next = node.query_i64(xmax);
-            detail = format!(": next transaction id {last} before, {next} after; peers' positions up to {seen}");
+            // The next transaction id right after recovery (before any session took one): in
+            // the end-of-recovery checkpoint.
+            let next = node.query_i64(
+                "SELECT (split_part(next_xid, ':', 1)::int8 << 32) + split_part(next_xid, ':', 2)::int8
+                   FROM pg_control_checkpoint()",
+            );
+            detail =
+                format!(": next transaction id {last} before, {next} after recovery; peers' positions up to {seen}");
             if seen > next {
                 reissued.push(format!(
                     "{} restarted at transaction id {next}, but a peer's position on it counts ids below {seen} as seen",
