@@ -235,6 +235,10 @@ fn _log_ddl(command_tag: &str, object_schema: &str, object_name: &str) {
             }
         }
     }
+    // What peers would refuse to run fails here, before it reaches them.
+    if let Err(refusal) = crate::peer_ddl::check_own(&statement) {
+        crate::error::TrompeError::PeersRefuseDdl(refusal.to_string()).raise();
+    }
     append(command_tag, object_schema, object_name, &statement, &search_path, &role, &settings).or_raise();
 }
 

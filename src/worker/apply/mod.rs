@@ -81,6 +81,9 @@ pub enum ApplyError {
     /// PostgreSQL raised an error while applying.
     #[error("{0}")]
     Postgres(String),
+    /// DDL the peer may not run here.
+    #[error("DDL from the peer refused: {0}")]
+    Refused(crate::peer_ddl::Refusal),
 }
 
 impl ApplyError {
@@ -94,6 +97,7 @@ impl ApplyError {
             ApplyError::KeyMismatch(_) => ERRCODE_INVALID_TABLE_DEFINITION,
             ApplyError::Malformed { .. } => ERRCODE_DATA_CORRUPTED,
             ApplyError::Postgres(_) => ERRCODE_INTERNAL_ERROR,
+            ApplyError::Refused(r) => r.code(),
         }
     }
 }
@@ -318,8 +322,9 @@ fn truncation(v: TxnVersion, table: &table::Table) -> Incoming {
     }
 }
 
-/// Replays a DDL statement with the search_path, role and session settings it ran with at the
-/// origin, then starts replicating tables it created in replicated schemas.
+/// Replays a DDL statement with the search_path and session settings it ran with at the
+/// origin, once admitted, as the role [`crate::peer_ddl::run_as`] picks, then starts
+/// replicating tables it created in replicated schemas.
 fn apply_ddl(cache: &mut ApplyCache, change: &Change) -> Result<(), ApplyError> {
     let vals = change
         .vals
@@ -330,12 +335,15 @@ fn apply_ddl(cache: &mut ApplyCache, change: &Change) -> Result<(), ApplyError> 
     if statement.trim().is_empty() {
         return Err(ApplyError::Malformed { id: change.id(), reason: "empty DDL statement".into() });
     }
+    // The settings come first: standard_conforming_strings decides how the statement parses.
     let settings = crate::ddl_settings::set_for_statement(&trompe_core::ddlsettings::decode(vals));
-    crate::sql::execute(
-        "SELECT set_config('search_path', $1, true), set_config('role', $2, true)",
-        &[Some(&search_path), Some(if role.is_empty() { "none" } else { &role })],
-    )
-    .map_err(ApplyError::Postgres)?;
+    crate::sql::execute("SELECT set_config('search_path', $1, true)", &[Some(&search_path)])
+        .map_err(ApplyError::Postgres)?;
+    // A peer runs only allowed DDL on what is replicated here, and as no superuser unless
+    // trompe.peer_ddl_role says so (src/peer_ddl.rs).
+    crate::peer_ddl::admit(&statement).map_err(ApplyError::Refused)?;
+    let run_as = crate::peer_ddl::run_as(&role).map_err(ApplyError::Refused)?;
+    crate::sql::execute("SELECT set_config('role', $1, true)", &[Some(&run_as)]).map_err(ApplyError::Postgres)?;
     crate::sql::execute(&statement, &[]).map_err(ApplyError::Postgres)?;
     settings.end();
     crate::sql::execute("SELECT set_config('role', 'none', true), set_config('search_path', '', true)", &[])

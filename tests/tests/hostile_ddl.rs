@@ -1,0 +1,220 @@
+//! A broken or malicious peer's DDL: forged log entries with statements a peer may not run
+//! (COPY, DO, CREATE ROLE, ALTER SYSTEM, untrusted languages, objects that are not replicated,
+//! several statements in one entry), role names that do not exist or are superusers here, and
+//! escalation through a function body. Each is refused with an error naming the problem, its
+//! transaction is set aside with `trompe.skip` into `trompe.exceptions` (never run, never
+//! dropped unseen), the server stays up and the other peer keeps replicating. The origin refuses
+//! such DDL up front where it can tell.
+
+use std::time::Duration;
+
+use trompe_core::changeset::{chunk, ChangeWriter, OldVersion};
+use trompe_core::logformat::Op;
+use trompe_tests::{expect_error, wait_for, Cluster, Node};
+
+/// A DDL entry as a peer's log carries it: the statement, its search_path and role, and tag.
+fn ddl(statement: &str, role: &str) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut w =
+        ChangeWriter::begin(&mut buf, Op::Ddl, 1, b"public", b"forged").cols(std::iter::empty::<&[u8]>()).list(4);
+    for part in [statement, "public", role, "FORGED"] {
+        w = w.value(Some(part.as_bytes()));
+    }
+    w.none().finish(OldVersion::Unknown);
+    chunk(1, &buf)
+}
+
+/// Appends `bytes` to `origin`'s log as one transaction's row, and commits an ordinary change
+/// after it so that pullers are woken.
+fn serve(origin: &Node, bytes: &[u8]) {
+    let mut c = origin.connect();
+    let slot: i32 = c.query_one("SELECT slot FROM trompe.log_rotation WHERE is_current", &[]).unwrap().get(0);
+    c.execute(
+        &format!(
+            "INSERT INTO trompe.log_{slot} (id, txid, nchanges, changes)
+             VALUES (nextval('trompe.log_id_seq'), pg_current_xact_id(), 1, $1)"
+        ),
+        &[&bytes],
+    )
+    .unwrap();
+    c.execute("INSERT INTO wake DEFAULT VALUES", &[]).unwrap();
+}
+
+/// The checks after each forged entry: n2's stream from n1 stops with an error containing
+/// `expected` (SQLSTATE `code`), the server answers, nothing outside replicated tables
+/// changed, n3 still replicates to n2 meanwhile (row `probe`), and the transaction is set
+/// aside with `trompe.skip`, into `trompe.exceptions`.
+fn refused(cluster: &Cluster, expected: &str, code: &str, probe: i32) {
+    let (n2, n3) = (cluster.node(1), cluster.node(2));
+    let mut last = None;
+    let seen = wait_for(Duration::from_secs(30), || {
+        last = n2.query_text("SELECT last_error FROM trompe.status WHERE name = 'n1' AND state = 'error'");
+        last.as_deref().is_some_and(|e| e.contains(expected))
+    });
+    assert!(seen, "expected an error containing {expected:?}, last error {last:?}\n{}", n2.log_tail(30));
+    let last = last.unwrap_or_default();
+    assert!(last.contains(&format!("SQLSTATE {code}")), "{last}");
+    assert_eq!(n2.query_text("SELECT 1").as_deref(), Some("1"), "the server is up");
+    assert_eq!(n2.query_i64("SELECT count(*) FROM victim"), 1, "nothing outside replicated tables changed");
+    assert_eq!(
+        n2.query_i64(
+            "SELECT count(*) FROM pg_roles WHERE rolname = 'evil' OR (rolname = 'trompe_peer_ddl' AND rolsuper)"
+        ),
+        0,
+        "no role was made or raised"
+    );
+    n3.exec(&format!("INSERT INTO t VALUES ({probe}, 'from n3')"));
+    n2.wait_for_value(&format!("SELECT count(*) FROM t WHERE id = {probe}"), "1", Duration::from_secs(30));
+    let parked = n2.query_i64("SELECT count(*) FROM trompe.exceptions");
+    n2.exec("SELECT trompe.skip('n1')");
+    n2.wait_for_value("SELECT count(*) FROM trompe.exceptions", &(parked + 1).to_string(), Duration::from_secs(30));
+    n2.wait_for_value("SELECT state FROM trompe.status WHERE name = 'n1'", "connected", Duration::from_secs(30));
+}
+
+fn cluster() -> Cluster {
+    // The default trompe.peer_ddl_role (the harness sets a superuser for other tests).
+    let cluster = Cluster::builder("hostile-ddl").nodes(3).setting("trompe.peer_ddl_role", "''").start();
+    cluster.exec_all(
+        "CREATE TABLE t (id int PRIMARY KEY, v text); SELECT trompe.add_table('t');
+         CREATE TABLE wake (id bigserial PRIMARY KEY); SELECT trompe.add_table('wake');
+         CREATE TABLE victim (id int PRIMARY KEY); INSERT INTO victim VALUES (1);
+         CREATE SCHEMA app; SELECT trompe.add_schema('app');",
+    );
+    cluster.add_peer(1, 0);
+    cluster.add_peer(1, 2);
+    cluster
+}
+
+#[test]
+fn ddl_a_peer_may_not_run_is_refused_and_set_aside() {
+    let cluster = cluster();
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    n1.exec("INSERT INTO t VALUES (1, 'fine')");
+    n2.wait_for_value("SELECT count(*) FROM t", "1", Duration::from_secs(30));
+
+    let cases: &[(&str, &str, &str, &str)] = &[
+        (
+            "COPY victim TO PROGRAM 'touch /tmp/trompe-pwned'",
+            "postgres",
+            "COPY is not DDL a peer may run here",
+            "42501",
+        ),
+        ("DO $$BEGIN CREATE ROLE evil SUPERUSER; END$$", "postgres", "DO is not DDL a peer may run here", "42501"),
+        ("CREATE ROLE evil SUPERUSER", "postgres", "CREATE ROLE is not DDL a peer may run here", "42501"),
+        ("ALTER SYSTEM SET work_mem = '1GB'", "postgres", "ALTER SYSTEM is not DDL a peer may run here", "42501"),
+        ("GRANT pg_execute_server_program TO trompe_peer_ddl", "postgres", "GRANT ROLE is not DDL", "42501"),
+        (
+            "CREATE FUNCTION app.sh(cstring) RETURNS int4 LANGUAGE internal STRICT AS 'int4in'",
+            "postgres",
+            "functions in language \"internal\" are not trusted",
+            "42501",
+        ),
+        (
+            "CREATE FUNCTION app.sh() RETURNS int LANGUAGE c AS 'libc.so.6', 'system'",
+            "postgres",
+            "functions in language \"c\" are not trusted",
+            "42501",
+        ),
+        ("CREATE TABLE public.outside (id int PRIMARY KEY)", "postgres", "public.outside is not replicated", "42501"),
+        ("ALTER TABLE victim ADD COLUMN x int", "postgres", "victim is not replicated", "42501"),
+        ("DROP TABLE victim", "postgres", "table victim is not replicated", "42501"),
+        ("COMMENT ON TABLE victim IS 'mine'", "postgres", "table victim is not replicated", "42501"),
+        (
+            "CREATE TABLE app.a (id int PRIMARY KEY); DROP TABLE victim",
+            "postgres",
+            "must hold exactly one statement, this one holds 2",
+            "42501",
+        ),
+        // A role that does not exist here, and a superuser: the DDL runs as trompe_peer_ddl,
+        // which does not own t (the superuser here does).
+        ("ALTER TABLE t ADD COLUMN w int", "no_such_role", "must be owner of table t", "42501"),
+        ("ALTER TABLE t ADD COLUMN w int", "postgres", "must be owner of table t", "42501"),
+    ];
+    for (i, (statement, role, expected, code)) in cases.iter().enumerate() {
+        serve(n1, &ddl(statement, role));
+        refused(&cluster, expected, code, 100 + i as i32);
+    }
+    assert_eq!(n2.query_i64("SELECT count(*) FROM pg_class WHERE relname IN ('outside', 'a')"), 0);
+    assert_eq!(n2.query_i64("SELECT count(*) FROM pg_attribute WHERE attrelid = 't'::regclass AND attname = 'w'"), 0);
+    assert_eq!(n2.query_i64("SELECT count(*) FROM pg_proc WHERE proname = 'sh'"), 0);
+    // Each is kept with its statement, to be applied by hand if wanted.
+    assert_eq!(
+        n2.query_i64("SELECT count(*) FROM trompe.exceptions WHERE changes::text LIKE '%DROP TABLE victim%'"),
+        2,
+        "{:?}",
+        n2.query_text("SELECT string_agg(changes::text, ' | ') FROM trompe.exceptions")
+    );
+
+    // Allowed DDL from a superuser origin runs as trompe_peer_ddl, which owns what it creates.
+    serve(n1, &ddl("CREATE TABLE app.fine (id int PRIMARY KEY)", "postgres"));
+    n2.wait_for_value(
+        "SELECT r.rolname FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner WHERE c.oid = to_regclass('app.fine')",
+        "trompe_peer_ddl",
+        Duration::from_secs(30),
+    );
+    assert_eq!(n2.query_i64("SELECT count(*) FROM trompe.tables WHERE relid = 'app.fine'::regclass"), 1);
+
+    // After all that, replication from n1 still works.
+    n1.exec("INSERT INTO t VALUES (2, 'still fine')");
+    n2.wait_for_value("SELECT count(*) FROM t WHERE id = 2", "1", Duration::from_secs(30));
+}
+
+#[test]
+fn a_function_body_gives_a_peer_no_privilege() {
+    let cluster = cluster();
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    // A SECURITY DEFINER function doing what only a superuser may: allowed DDL (plpgsql is
+    // trusted), created by trompe_peer_ddl, so it runs with no more rights than that role.
+    serve(
+        n1,
+        &ddl(
+            "CREATE FUNCTION app.boom() RETURNS int LANGUAGE plpgsql SECURITY DEFINER AS $$
+             BEGIN
+                 ALTER ROLE trompe_peer_ddl SUPERUSER;
+                 COPY (SELECT 1) TO PROGRAM 'touch /tmp/trompe-pwned';
+                 RETURN 1;
+             END $$",
+            "postgres",
+        ),
+    );
+    n2.wait_for_value(
+        "SELECT r.rolname || ' ' || r.rolsuper FROM pg_proc p JOIN pg_roles r ON r.oid = p.proowner
+          WHERE p.proname = 'boom'",
+        "trompe_peer_ddl false",
+        Duration::from_secs(30),
+    );
+    // DDL that runs the function while it is applied.
+    serve(n1, &ddl("CREATE TABLE app.x AS SELECT app.boom() AS id", "postgres"));
+    refused(&cluster, "to alter", "42501", 200);
+    assert_eq!(n2.query_i64("SELECT count(*) FROM pg_class WHERE relname = 'x'"), 0);
+    // Called by a plain user, it has the rights of its owner, no more.
+    n2.exec("CREATE ROLE plain LOGIN; GRANT USAGE ON SCHEMA app TO plain");
+    let mut plain = postgres::Client::connect(&n2.conninfo().replace("user=postgres", "user=plain"), postgres::NoTls)
+        .expect("plain connects");
+    let (code, message) = expect_error(&mut plain, "SELECT app.boom()");
+    assert_eq!(code, "42501", "{message}");
+    assert!(!std::path::Path::new("/tmp/trompe-pwned").exists());
+}
+
+#[test]
+fn the_origin_refuses_ddl_its_peers_would_refuse() {
+    let cluster = Cluster::builder("origin-ddl").nodes(2).setting("trompe.peer_ddl_role", "''").start();
+    let n1 = cluster.node(0);
+    n1.exec("CREATE SCHEMA app; SELECT trompe.add_schema('app')");
+    let mut c = n1.connect();
+    for (sql, needle) in [
+        (
+            "CREATE FUNCTION app.f(cstring) RETURNS int4 LANGUAGE internal STRICT AS 'int4in'",
+            "functions in language \"internal\" are not trusted: a peer may create functions only in trusted languages: peers would refuse to run it",
+        ),
+        ("CREATE COLLATION app.c (locale = 'C')", "CREATE COLLATION is not DDL a peer may run here"),
+        ("CREATE AGGREGATE app.s(int) (sfunc = int4pl, stype = int)", "CREATE AGGREGATE is not DDL a peer may run here"),
+    ] {
+        let (code, message) = expect_error(&mut c, sql);
+        assert_eq!(code, "0A000", "{sql}: {message}");
+        assert!(message.contains(needle), "{sql}: {message}");
+    }
+    assert_eq!(n1.query_i64("SELECT count(*) FROM trompe.log"), 0, "nothing was logged");
+    // Outside replicated schemas, nothing is captured and nothing is refused.
+    n1.exec("CREATE FUNCTION public.f(cstring) RETURNS int4 LANGUAGE internal STRICT AS 'int4in'");
+}
