@@ -119,6 +119,8 @@ fn ddl_a_peer_may_not_run_is_refused_and_set_aside() {
         ("ALTER TABLE victim ADD COLUMN x int", "postgres", "victim is not replicated", "42501"),
         ("DROP TABLE victim", "postgres", "table victim is not replicated", "42501"),
         ("COMMENT ON TABLE victim IS 'mine'", "postgres", "table victim is not replicated", "42501"),
+        // Run outside the apply transaction, and checked the same way.
+        ("CREATE INDEX CONCURRENTLY victim_x ON victim (id)", "postgres", "victim is not replicated", "42501"),
         (
             "CREATE TABLE app.a (id int PRIMARY KEY); DROP TABLE victim",
             "postgres",
@@ -134,7 +136,7 @@ fn ddl_a_peer_may_not_run_is_refused_and_set_aside() {
         serve(n1, &ddl(statement, role));
         refused(&cluster, expected, code, 100 + i as i32);
     }
-    assert_eq!(n2.query_i64("SELECT count(*) FROM pg_class WHERE relname IN ('outside', 'a')"), 0);
+    assert_eq!(n2.query_i64("SELECT count(*) FROM pg_class WHERE relname IN ('outside', 'a', 'victim_x')"), 0);
     assert_eq!(n2.query_i64("SELECT count(*) FROM pg_attribute WHERE attrelid = 't'::regclass AND attname = 'w'"), 0);
     assert_eq!(n2.query_i64("SELECT count(*) FROM pg_proc WHERE proname = 'sh'"), 0);
     // Each is kept with its statement, to be applied by hand if wanted.
@@ -217,4 +219,44 @@ fn the_origin_refuses_ddl_its_peers_would_refuse() {
     assert_eq!(n1.query_i64("SELECT count(*) FROM trompe.log"), 0, "nothing was logged");
     // Outside replicated schemas, nothing is captured and nothing is refused.
     n1.exec("CREATE FUNCTION public.f(cstring) RETURNS int4 LANGUAGE internal STRICT AS 'int4in'");
+}
+
+/// A client of `node` logged in as `user`.
+fn connect_as(node: &Node, user: &str) -> postgres::Client {
+    postgres::Client::connect(&node.conninfo().replace("user=postgres", &format!("user={user}")), postgres::NoTls)
+        .unwrap_or_else(|e| panic!("{user} connects: {e}"))
+}
+
+#[test]
+fn ddl_runs_as_its_origins_role_when_that_is_no_superuser_here() {
+    let cluster = Cluster::builder("ddl-roles").nodes(2).setting("trompe.peer_ddl_role", "''").start();
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all(
+        "CREATE ROLE appowner LOGIN; CREATE ROLE mallory LOGIN;
+         CREATE SCHEMA app AUTHORIZATION appowner; SELECT trompe.add_schema('app');",
+    );
+    cluster.mesh();
+    connect_as(n1, "appowner")
+        .batch_execute("CREATE TABLE app.items (id int PRIMARY KEY); INSERT INTO app.items VALUES (1)")
+        .unwrap();
+    n2.wait_for_value(
+        "SELECT r.rolname FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner WHERE c.oid = to_regclass('app.items')",
+        "appowner",
+        Duration::from_secs(30),
+    );
+    // The owner alters it on the other node; it replicates back, run as the owner there too.
+    connect_as(n2, "appowner")
+        .batch_execute("ALTER TABLE app.items ADD COLUMN v text; INSERT INTO app.items VALUES (2, 'x')")
+        .unwrap();
+    n1.wait_for_value("SELECT v FROM app.items WHERE id = 2", "x", Duration::from_secs(30));
+    // Another plain user can change neither its own node's table nor, so, any peer's.
+    let (code, message) = expect_error(&mut connect_as(n1, "mallory"), "ALTER TABLE app.items ADD COLUMN w int");
+    assert_eq!(code, "42501", "{message}");
+    // A forged entry naming the owner's role runs as the owner: it can do what the owner can,
+    // here drop its table, and nothing the owner cannot (another test: `victim`).
+    n1.exec("CREATE TABLE wake (id bigserial PRIMARY KEY)");
+    n2.exec("CREATE TABLE wake (id bigserial PRIMARY KEY)");
+    cluster.exec_all("SELECT trompe.add_table('wake')");
+    serve(n1, &ddl("DROP TABLE app.items", "appowner"));
+    n2.wait_for_value("SELECT count(*) FROM pg_class WHERE relname = 'items'", "0", Duration::from_secs(30));
 }
