@@ -63,7 +63,8 @@ enum Scope {
 }
 
 /// Admits a peer's DDL `statement`: one statement, of an allowed kind, about objects
-/// replicated here. Call in a transaction, with the origin's `search_path` in effect.
+/// replicated here. Call in a transaction, with the origin's `search_path` and the role it will
+/// run as in effect (names resolve as they will when it runs).
 pub fn admit(statement: &str) -> Result<(), Refusal> {
     check(statement, Scope::Targets)
 }
@@ -178,7 +179,16 @@ impl Statement {
         // SAFETY: each node is read as the type its tag says; lists are PostgreSQL Lists.
         unsafe {
             match (*node).type_ {
-                T_CreateStmt => self.creating_relation((*(node as *mut pg_sys::CreateStmt)).relation),
+                T_CreateStmt => {
+                    let s = node as *mut pg_sys::CreateStmt;
+                    // A partition or child changes its parents too.
+                    for parent in list_nodes((*s).inhRelations) {
+                        if (*parent).type_ == pg_sys::NodeTag::T_RangeVar {
+                            self.relation(parent as *mut pg_sys::RangeVar)?;
+                        }
+                    }
+                    self.creating_relation((*s).relation)
+                }
                 T_CreateTableAsStmt => {
                     let s = node as *mut pg_sys::CreateTableAsStmt;
                     if !matches!((*s).objtype, pg_sys::ObjectType::OBJECT_TABLE | pg_sys::ObjectType::OBJECT_MATVIEW)

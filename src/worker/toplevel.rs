@@ -73,15 +73,19 @@ pub fn run(
     // Admitted as any peer DDL is, and run as the role picked for it (src/peer_ddl.rs).
     let role = &in_transaction_coded(|| {
         let parsing = crate::ddl_settings::set_for_statement(settings);
-        crate::sql::execute("SELECT set_config('search_path', $1, true)", &[Some(search_path)])?;
         let refused = |r: crate::peer_ddl::Refusal| TxnError {
             code: Some(r.code()),
             message: format!("DDL from the peer refused: {r}"),
         };
+        let run_as = crate::peer_ddl::run_as(role).map_err(refused)?;
+        crate::sql::execute(
+            "SELECT set_config('search_path', $1, true), set_config('role', $2, true)",
+            &[Some(search_path), Some(&run_as)],
+        )?;
         let admitted = crate::peer_ddl::admit(statement).map_err(refused);
         parsing.end();
         admitted?;
-        crate::peer_ddl::run_as(role).map_err(refused)
+        Ok(run_as)
     })?;
     let exists = || -> Result<Option<bool>, String> {
         in_transaction(|| {

@@ -14,10 +14,15 @@ use trompe_tests::{expect_error, wait_for, Cluster, Node};
 
 /// A DDL entry as a peer's log carries it: the statement, its search_path and role, and tag.
 fn ddl(statement: &str, role: &str) -> Vec<u8> {
+    ddl_in(statement, "public", role)
+}
+
+/// [`ddl`] with `search_path`.
+fn ddl_in(statement: &str, search_path: &str, role: &str) -> Vec<u8> {
     let mut buf = Vec::new();
     let mut w =
         ChangeWriter::begin(&mut buf, Op::Ddl, 1, b"public", b"forged").cols(std::iter::empty::<&[u8]>()).list(4);
-    for part in [statement, "public", role, "FORGED"] {
+    for part in [statement, search_path, role, "FORGED"] {
         w = w.value(Some(part.as_bytes()));
     }
     w.none().finish(OldVersion::Unknown);
@@ -117,6 +122,12 @@ fn ddl_a_peer_may_not_run_is_refused_and_set_aside() {
         ),
         ("CREATE TABLE public.outside (id int PRIMARY KEY)", "postgres", "public.outside is not replicated", "42501"),
         ("ALTER TABLE victim ADD COLUMN x int", "postgres", "victim is not replicated", "42501"),
+        (
+            "CREATE TABLE app.child (id int PRIMARY KEY) INHERITS (victim)",
+            "postgres",
+            "victim is not replicated",
+            "42501",
+        ),
         ("DROP TABLE victim", "postgres", "table victim is not replicated", "42501"),
         ("COMMENT ON TABLE victim IS 'mine'", "postgres", "table victim is not replicated", "42501"),
         // Run outside the apply transaction, and checked the same way.
@@ -136,7 +147,14 @@ fn ddl_a_peer_may_not_run_is_refused_and_set_aside() {
         serve(n1, &ddl(statement, role));
         refused(&cluster, expected, code, 100 + i as i32);
     }
-    assert_eq!(n2.query_i64("SELECT count(*) FROM pg_class WHERE relname IN ('outside', 'a', 'victim_x')"), 0);
+    // Names resolve as they will when the statement runs: "$user" is the role it runs as.
+    n2.exec(
+        "CREATE ROLE sneaky; CREATE SCHEMA sneaky AUTHORIZATION sneaky; CREATE TABLE sneaky.t (id int PRIMARY KEY)",
+    );
+    serve(n1, &ddl_in("DROP TABLE t", "\"$user\", public", "sneaky"));
+    refused(&cluster, "is not replicated on this node", "42501", 300);
+    assert_eq!(n2.query_text("SELECT to_regclass('sneaky.t')::text").as_deref(), Some("sneaky.t"));
+    assert_eq!(n2.query_i64("SELECT count(*) FROM pg_class WHERE relname IN ('outside', 'a', 'victim_x', 'child')"), 0);
     assert_eq!(n2.query_i64("SELECT count(*) FROM pg_attribute WHERE attrelid = 't'::regclass AND attname = 'w'"), 0);
     assert_eq!(n2.query_i64("SELECT count(*) FROM pg_proc WHERE proname = 'sh'"), 0);
     // Each is kept with its statement, to be applied by hand if wanted.

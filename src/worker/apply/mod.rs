@@ -337,13 +337,16 @@ fn apply_ddl(cache: &mut ApplyCache, change: &Change) -> Result<(), ApplyError> 
     }
     // The settings come first: standard_conforming_strings decides how the statement parses.
     let settings = crate::ddl_settings::set_for_statement(&trompe_core::ddlsettings::decode(vals));
-    crate::sql::execute("SELECT set_config('search_path', $1, true)", &[Some(&search_path)])
-        .map_err(ApplyError::Postgres)?;
     // A peer runs only allowed DDL on what is replicated here, and as no superuser unless
-    // trompe.peer_ddl_role says so (src/peer_ddl.rs).
-    crate::peer_ddl::admit(&statement).map_err(ApplyError::Refused)?;
+    // trompe.peer_ddl_role says so (src/peer_ddl.rs). It is checked as the role it runs as, so
+    // that names resolve alike (a search_path with "$user").
     let run_as = crate::peer_ddl::run_as(&role).map_err(ApplyError::Refused)?;
-    crate::sql::execute("SELECT set_config('role', $1, true)", &[Some(&run_as)]).map_err(ApplyError::Postgres)?;
+    crate::sql::execute(
+        "SELECT set_config('search_path', $1, true), set_config('role', $2, true)",
+        &[Some(&search_path), Some(&run_as)],
+    )
+    .map_err(ApplyError::Postgres)?;
+    crate::peer_ddl::admit(&statement).map_err(ApplyError::Refused)?;
     crate::sql::execute(&statement, &[]).map_err(ApplyError::Postgres)?;
     settings.end();
     crate::sql::execute("SELECT set_config('role', 'none', true), set_config('search_path', '', true)", &[])
