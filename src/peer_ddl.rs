@@ -262,6 +262,9 @@ impl Statement {
                     }
                     if !(*s).relation.is_null() {
                         self.relation((*s).relation)
+                    } else if (*s).renameType == pg_sys::ObjectType::OBJECT_DOMCONSTRAINT {
+                        // ALTER DOMAIN d RENAME CONSTRAINT: the object is the domain's name.
+                        self.object(pg_sys::ObjectType::OBJECT_DOMAIN, (*s).object)
                     } else {
                         self.object((*s).renameType, (*s).object)
                     }

@@ -278,3 +278,103 @@ fn ddl_runs_as_its_origins_role_when_that_is_no_superuser_here() {
     serve(n1, &ddl("DROP TABLE app.items", "appowner"));
     n2.wait_for_value("SELECT count(*) FROM pg_class WHERE relname = 'items'", "0", Duration::from_secs(30));
 }
+
+/// What schema `app` holds, in one line: relations, types, functions, comments, policies,
+/// triggers and constraints, each with its owner where it has one.
+const APP_CATALOG: &str = "SELECT concat_ws(' | ',
+    (SELECT string_agg(c.relname || ':' || c.relkind::text || ':' || c.relowner::regrole::text, ',' ORDER BY c.relname)
+       FROM pg_class c WHERE c.relnamespace = 'app'::regnamespace),
+    (SELECT string_agg(t.typname || ':' || t.typowner::regrole::text, ',' ORDER BY t.typname)
+       FROM pg_type t WHERE t.typnamespace = 'app'::regnamespace),
+    (SELECT string_agg(p.proname || ':' || p.proowner::regrole::text, ',' ORDER BY p.proname)
+       FROM pg_proc p WHERE p.pronamespace = 'app'::regnamespace),
+    (SELECT string_agg(e.enumlabel, ',' ORDER BY e.enumsortorder) FROM pg_enum e),
+    (SELECT string_agg(d.description, ',' ORDER BY d.description) FROM pg_description d
+       WHERE d.description LIKE 'app %'),
+    (SELECT string_agg(po.polname, ',' ORDER BY po.polname) FROM pg_policy po),
+    (SELECT string_agg(tg.tgname, ',' ORDER BY tg.tgname) FROM pg_trigger tg
+       JOIN pg_class c ON c.oid = tg.tgrelid WHERE c.relnamespace = 'app'::regnamespace AND NOT tg.tgisinternal),
+    (SELECT string_agg(co.conname, ',' ORDER BY co.conname) FROM pg_constraint co
+       WHERE co.connamespace = 'app'::regnamespace),
+    (SELECT string_agg(a.attname, ',' ORDER BY a.attname) FROM pg_attribute a
+       WHERE a.attrelid = to_regclass('app.items') AND a.attnum > 0 AND NOT a.attisdropped))";
+
+#[test]
+fn allowed_ddl_of_every_kind_replicates_as_its_owner() {
+    let cluster = Cluster::builder("ddl-kinds").nodes(2).setting("trompe.peer_ddl_role", "''").start();
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all(
+        "CREATE ROLE appowner LOGIN; CREATE SCHEMA app AUTHORIZATION appowner; SELECT trompe.add_schema('app');",
+    );
+    cluster.mesh();
+    let mut owner = connect_as(n1, "appowner");
+    for statement in [
+        "CREATE TABLE app.items (id int PRIMARY KEY, v text)",
+        "CREATE INDEX items_v ON app.items (v)",
+        "CREATE SEQUENCE app.s",
+        "ALTER SEQUENCE app.s INCREMENT BY 2",
+        "CREATE VIEW app.vw AS SELECT id FROM app.items",
+        "CREATE MATERIALIZED VIEW app.mv AS SELECT id FROM app.items",
+        "REFRESH MATERIALIZED VIEW app.mv",
+        "CREATE TABLE app.copy AS SELECT * FROM app.items",
+        "ALTER TABLE app.copy ADD PRIMARY KEY (id)",
+        "CREATE TYPE app.pair AS (a int, b int)",
+        "ALTER TYPE app.pair ADD ATTRIBUTE c int",
+        "CREATE TYPE app.mood AS ENUM ('a', 'b')",
+        "ALTER TYPE app.mood ADD VALUE 'c'",
+        "CREATE TYPE app.span AS RANGE (subtype = int4)",
+        "CREATE DOMAIN app.pos AS int CONSTRAINT pos_check CHECK (VALUE > 0)",
+        "ALTER DOMAIN app.pos RENAME CONSTRAINT pos_check TO positive",
+        "ALTER DOMAIN app.pos SET DEFAULT 1",
+        "CREATE FUNCTION app.f() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NEW; END$$",
+        "CREATE FUNCTION app.one() RETURNS int LANGUAGE sql IMMUTABLE RETURN 1",
+        "CREATE PROCEDURE app.nothing() LANGUAGE sql AS $$SELECT 1$$",
+        "CREATE TRIGGER tr BEFORE INSERT ON app.items FOR EACH ROW EXECUTE FUNCTION app.f()",
+        "ALTER TABLE app.items ENABLE ALWAYS TRIGGER tr",
+        "ALTER TABLE app.items ENABLE ROW LEVEL SECURITY",
+        "CREATE POLICY p ON app.items USING (true)",
+        "ALTER POLICY p ON app.items RENAME TO p2",
+        "CREATE RULE r AS ON UPDATE TO app.vw DO INSTEAD NOTHING",
+        "COMMENT ON TABLE app.items IS 'app items'",
+        "COMMENT ON COLUMN app.items.v IS 'app v'",
+        "COMMENT ON FUNCTION app.one() IS 'app one'",
+        "COMMENT ON TYPE app.mood IS 'app mood'",
+        "COMMENT ON INDEX app.items_v IS 'app index'",
+        "COMMENT ON TRIGGER tr ON app.items IS 'app trigger'",
+        "ALTER FUNCTION app.one() RENAME TO uno",
+        "ALTER FUNCTION app.uno() STABLE",
+        "ALTER TYPE app.mood RENAME TO feeling",
+        "ALTER TYPE app.feeling OWNER TO appowner",
+        "GRANT SELECT ON app.items TO PUBLIC",
+        "REVOKE SELECT ON app.items FROM PUBLIC",
+        "GRANT EXECUTE ON FUNCTION app.uno() TO PUBLIC",
+        "ALTER TABLE app.items RENAME COLUMN v TO w",
+        "ALTER INDEX app.items_v RENAME TO items_w",
+        "ALTER TABLE app.items ADD COLUMN n app.pos",
+        "REINDEX INDEX app.items_w",
+        "CREATE INDEX CONCURRENTLY items_n ON app.items (n)",
+        "DROP INDEX CONCURRENTLY app.items_n",
+        "DROP TRIGGER tr ON app.items",
+        "DROP POLICY p2 ON app.items",
+        "DROP RULE r ON app.vw",
+        "DROP VIEW app.vw",
+        "DROP MATERIALIZED VIEW app.mv",
+        "DROP PROCEDURE app.nothing()",
+        "DROP TYPE app.pair",
+        "DROP SEQUENCE app.s",
+        "CREATE TABLE app.done (id int PRIMARY KEY)",
+    ] {
+        owner.batch_execute(statement).unwrap_or_else(|e| panic!("{statement}: {e}"));
+    }
+    n2.wait_for_value("SELECT to_regclass('app.done') IS NOT NULL", "t", Duration::from_secs(60));
+    assert_eq!(
+        n2.query_text("SELECT coalesce(last_error, 'none') FROM trompe.status WHERE name = 'n1'").as_deref(),
+        Some("none")
+    );
+    let here = n1.query_text(APP_CATALOG);
+    assert_eq!(n2.query_text(APP_CATALOG), here, "schema app is the same on both nodes");
+    assert!(
+        here.as_deref().is_some_and(|h| h.contains("items:r:appowner") && h.contains("feeling:appowner")),
+        "{here:?}"
+    );
+}
