@@ -11,8 +11,8 @@
 //!
 //! The allow-list: `CREATE`/`ALTER`/`DROP` of tables (also `CREATE TABLE ... AS`), indexes
 //! (also `REINDEX`), sequences, views and materialized views (also `REFRESH`), composite, enum
-//! and range types, domains, functions and procedures in trusted languages, triggers, policies
-//! and rules; `COMMENT ON`, `ALTER ... RENAME`, `ALTER ... SET SCHEMA`, `ALTER ... OWNER TO` of
+//! and range types, domains, functions and procedures in trusted languages, triggers, policies,
+//! rules and extended statistics; `COMMENT ON`, `ALTER ... RENAME`, `ALTER ... SET SCHEMA`, `ALTER ... OWNER TO` of
 //! those; `GRANT`/`REVOKE` on tables, sequences, functions and types.
 
 use std::ffi::CStr;
@@ -138,6 +138,7 @@ fn allowed_object_type(t: pg_sys::ObjectType::Type) -> bool {
             | OBJECT_ATTRIBUTE
             | OBJECT_TABCONSTRAINT
             | OBJECT_DOMCONSTRAINT
+            | OBJECT_STATISTIC_EXT
     )
 }
 
@@ -286,6 +287,24 @@ impl Statement {
                     }
                 }
                 T_GrantStmt => self.grant(node as *mut pg_sys::GrantStmt),
+                T_CreateStatsStmt => {
+                    let s = node as *mut pg_sys::CreateStatsStmt;
+                    for relation in list_nodes((*s).relations) {
+                        if (*relation).type_ != pg_sys::NodeTag::T_RangeVar {
+                            return Err(self.refuse());
+                        }
+                        self.relation(relation as *mut pg_sys::RangeVar)?;
+                    }
+                    if (*s).defnames.is_null() {
+                        Ok(())
+                    } else {
+                        self.creating_named((*s).defnames)
+                    }
+                }
+                T_AlterStatsStmt => self.object(
+                    pg_sys::ObjectType::OBJECT_STATISTIC_EXT,
+                    (*(node as *mut pg_sys::AlterStatsStmt)).defnames.cast(),
+                ),
                 _ => Err(self.refuse()),
             }
         }
