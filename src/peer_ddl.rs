@@ -13,7 +13,10 @@
 //! (also `REINDEX`), sequences, views and materialized views (also `REFRESH`), composite, enum
 //! and range types, domains, functions and procedures in trusted languages, triggers, policies,
 //! rules and extended statistics; `COMMENT ON`, `ALTER ... RENAME`, `ALTER ... SET SCHEMA`, `ALTER ... OWNER TO` of
-//! those; `GRANT`/`REVOKE` on tables, sequences, functions and types.
+//! those; `GRANT`/`REVOKE` on tables, sequences, functions and types; `GRANT`/`REVOKE`,
+//! `ALTER DEFAULT PRIVILEGES IN SCHEMA`, `ALTER SCHEMA ... OWNER TO`/`RENAME` and `COMMENT ON
+//! SCHEMA` of a replicated schema; and `SELECT pg_catalog.setval(...)` with constants, as the
+//! origin logs a `setval`.
 
 use std::ffi::CStr;
 
@@ -254,10 +257,18 @@ impl Statement {
                 }
                 T_CommentStmt => {
                     let s = node as *mut pg_sys::CommentStmt;
-                    self.object((*s).objtype, (*s).object)
+                    if (*s).objtype == pg_sys::ObjectType::OBJECT_SCHEMA {
+                        self.schema((*s).object)
+                    } else {
+                        self.object((*s).objtype, (*s).object)
+                    }
                 }
                 T_RenameStmt => {
                     let s = node as *mut pg_sys::RenameStmt;
+                    if (*s).renameType == pg_sys::ObjectType::OBJECT_SCHEMA {
+                        // ALTER SCHEMA s RENAME TO: the schema's name is `subname`.
+                        return self.schema_name((*s).subname);
+                    }
                     if !allowed_object_type((*s).renameType) {
                         return Err(self.refuse());
                     }
@@ -272,14 +283,20 @@ impl Statement {
                 }
                 T_AlterObjectSchemaStmt => {
                     let s = node as *mut pg_sys::AlterObjectSchemaStmt;
-                    if !(*s).relation.is_null() && allowed_object_type((*s).objectType) {
-                        self.relation((*s).relation)
+                    let moved = if !(*s).relation.is_null() && allowed_object_type((*s).objectType) {
+                        self.relation((*s).relation)?;
+                        self.lookup_relation((*s).relation)
                     } else {
-                        self.object((*s).objectType, (*s).object)
-                    }
+                        self.object((*s).objectType, (*s).object)?;
+                        pg_sys::InvalidOid
+                    };
+                    self.moving_to((*s).newschema, moved)
                 }
                 T_AlterOwnerStmt => {
                     let s = node as *mut pg_sys::AlterOwnerStmt;
+                    if (*s).objectType == pg_sys::ObjectType::OBJECT_SCHEMA {
+                        return self.schema((*s).object);
+                    }
                     if !(*s).relation.is_null() && allowed_object_type((*s).objectType) {
                         self.relation((*s).relation)
                     } else {
@@ -287,6 +304,10 @@ impl Statement {
                     }
                 }
                 T_GrantStmt => self.grant(node as *mut pg_sys::GrantStmt),
+                T_AlterDefaultPrivilegesStmt => {
+                    self.default_privileges(node as *mut pg_sys::AlterDefaultPrivilegesStmt)
+                }
+                T_SelectStmt => self.setval(node as *mut pg_sys::SelectStmt),
                 T_CreateStatsStmt => {
                     let s = node as *mut pg_sys::CreateStatsStmt;
                     for relation in list_nodes((*s).relations) {
@@ -341,12 +362,22 @@ impl Statement {
         }
     }
 
-    /// A `GRANT`/`REVOKE` on named tables, sequences, functions or types.
+    /// A `GRANT`/`REVOKE` on named tables, sequences, functions or types, on replicated schemas,
+    /// or on all tables, sequences or functions in replicated schemas.
     unsafe fn grant(&self, s: *mut pg_sys::GrantStmt) -> Result<(), Refusal> {
         use pg_sys::ObjectType::*;
         // SAFETY: the objects of a GRANT on tables and sequences are RangeVars, on functions
-        // ObjectWithArgs, on types name lists.
+        // ObjectWithArgs, on types name lists, on schemas (and all objects in schemas) String
+        // nodes.
         unsafe {
+            if (*s).targtype == pg_sys::GrantTargetType::ACL_TARGET_ALL_IN_SCHEMA
+                || ((*s).targtype == pg_sys::GrantTargetType::ACL_TARGET_OBJECT && (*s).objtype == OBJECT_SCHEMA)
+            {
+                for schema in list_nodes((*s).objects) {
+                    self.schema(schema)?;
+                }
+                return Ok(());
+            }
             if (*s).targtype != pg_sys::GrantTargetType::ACL_TARGET_OBJECT
                 || !matches!(
                     (*s).objtype,
@@ -370,6 +401,163 @@ impl Statement {
             }
         }
         Ok(())
+    }
+
+    /// `ALTER DEFAULT PRIVILEGES IN SCHEMA` of replicated schemas (without `IN SCHEMA` it is not
+    /// about replicated objects).
+    unsafe fn default_privileges(&self, s: *mut pg_sys::AlterDefaultPrivilegesStmt) -> Result<(), Refusal> {
+        let mut schemas = Vec::new();
+        // SAFETY: the options are DefElems; "schemas" holds a list of String nodes.
+        unsafe {
+            for option in list_nodes((*s).options) {
+                let def = option as *mut pg_sys::DefElem;
+                if !(*def).defname.is_null() && CStr::from_ptr((*def).defname).to_bytes() == b"schemas" {
+                    schemas.extend(list_nodes((*def).arg.cast()));
+                }
+            }
+        }
+        if schemas.is_empty() {
+            return Err(self.refuse());
+        }
+        for schema in schemas {
+            // SAFETY: a String node from the parser.
+            unsafe { self.schema(schema)? };
+        }
+        Ok(())
+    }
+
+    /// `SELECT pg_catalog.setval('seq'::regclass, value[, called])`, as the origin logs a
+    /// `setval` on a sequence a replicated table draws from: exactly that, with constants, on a
+    /// replicated sequence. Any other `SELECT` is refused.
+    unsafe fn setval(&self, s: *mut pg_sys::SelectStmt) -> Result<(), Refusal> {
+        // SAFETY: a SelectStmt from the parser; every node is read as the type its tag says.
+        unsafe {
+            let plain = (*s).op == pg_sys::SetOperation::SETOP_NONE
+                && (*s).distinctClause.is_null()
+                && (*s).intoClause.is_null()
+                && (*s).fromClause.is_null()
+                && (*s).whereClause.is_null()
+                && (*s).groupClause.is_null()
+                && (*s).havingClause.is_null()
+                && (*s).windowClause.is_null()
+                && (*s).valuesLists.is_null()
+                && (*s).sortClause.is_null()
+                && (*s).limitOffset.is_null()
+                && (*s).limitCount.is_null()
+                && (*s).lockingClause.is_null()
+                && (*s).withClause.is_null();
+            let targets = list_nodes((*s).targetList);
+            if !plain || targets.len() != 1 || (*targets[0]).type_ != pg_sys::NodeTag::T_ResTarget {
+                return Err(self.refuse());
+            }
+            let call = (*(targets[0] as *mut pg_sys::ResTarget)).val;
+            if call.is_null() || (*call).type_ != pg_sys::NodeTag::T_FuncCall {
+                return Err(self.refuse());
+            }
+            let call = call as *mut pg_sys::FuncCall;
+            let name: Vec<String> = list_nodes((*call).funcname).into_iter().filter_map(|n| string_node(n)).collect();
+            let args = list_nodes((*call).args);
+            if name != ["pg_catalog", "setval"]
+                || !(2..=3).contains(&args.len())
+                || !(*call).agg_order.is_null()
+                || !(*call).agg_filter.is_null()
+                || !(*call).over.is_null()
+                || (*call).agg_star
+                || (*call).agg_distinct
+                || (*call).func_variadic
+                || !args.iter().all(|a| constant(*a))
+            {
+                return Err(Refusal::Kind("SELECT other than pg_catalog.setval of a sequence".into()));
+            }
+            if !self.targets() {
+                return Ok(());
+            }
+            // The sequence: the string of the first argument ('schema.seq'::regclass).
+            let mut first = args[0];
+            if (*first).type_ == pg_sys::NodeTag::T_TypeCast {
+                first = (*(first as *mut pg_sys::TypeCast)).arg;
+            }
+            let a = first as *mut pg_sys::A_Const;
+            if (*a).isnull || (*a).val.node.type_ != pg_sys::NodeTag::T_String {
+                return Err(Refusal::Kind("SELECT other than pg_catalog.setval of a sequence".into()));
+            }
+            let sequence = string_node(std::ptr::addr_of_mut!((*a).val.sval).cast()).unwrap_or_default();
+            let relid = crate::sql::value(
+                "SELECT c.oid::pg_catalog.text FROM pg_catalog.pg_class c
+                  WHERE c.oid = pg_catalog.to_regclass($1)::pg_catalog.oid AND c.relkind = 'S'",
+                &[Some(&sequence)],
+            )
+            .map_err(Refusal::Lookup)?;
+            match relid.and_then(|r| r.parse::<u32>().ok()) {
+                Some(oid) => relation_replicated(pg_sys::Oid::from(oid), &sequence),
+                None => Err(Refusal::NotReplicated(format!("sequence {sequence}"))),
+            }
+        }
+    }
+
+    /// A statement about schema `name` (a String node): it must be replicated here.
+    unsafe fn schema(&self, name: *mut pg_sys::Node) -> Result<(), Refusal> {
+        // SAFETY: the grammar gives schema names as String nodes.
+        let name = unsafe { string_node(name) };
+        let Some(name) = name else { return Err(self.refuse()) };
+        let name = std::ffi::CString::new(name).unwrap_or_default();
+        // SAFETY: a NUL-terminated name that outlives the call.
+        unsafe { self.schema_name(name.as_ptr()) }
+    }
+
+    /// A statement about the schema named `name`: it must be replicated here (one that does not
+    /// exist is left to the statement).
+    unsafe fn schema_name(&self, name: *const std::ffi::c_char) -> Result<(), Refusal> {
+        if name.is_null() {
+            return Err(self.refuse());
+        }
+        if !self.targets() {
+            return Ok(());
+        }
+        // SAFETY: a syscache lookup (missing_ok) of a NUL-terminated name.
+        let (oid, text) =
+            unsafe { (pg_sys::get_namespace_oid(name, true), CStr::from_ptr(name).to_string_lossy().into_owned()) };
+        if oid == pg_sys::InvalidOid {
+            return Ok(());
+        }
+        namespace_replicated(oid, &format!("schema {text}"))
+    }
+
+    /// Relation `rv` (InvalidOid if it does not exist).
+    unsafe fn lookup_relation(&self, rv: *mut pg_sys::RangeVar) -> pg_sys::Oid {
+        // SAFETY: looks the name up (missing_ok), no lock.
+        unsafe {
+            pg_sys::RangeVarGetRelidExtended(
+                rv,
+                pg_sys::NoLock as pg_sys::LOCKMODE,
+                pg_sys::RVROption::RVR_MISSING_OK,
+                None,
+                std::ptr::null_mut(),
+            )
+        }
+    }
+
+    /// `ALTER ... SET SCHEMA new`: the object goes to a replicated schema, or is a table
+    /// replicated by itself (`relid`, `add_table`, outside replicated schemas), which stays
+    /// replicated wherever it is.
+    unsafe fn moving_to(&self, new: *mut std::ffi::c_char, relid: pg_sys::Oid) -> Result<(), Refusal> {
+        if !self.targets() {
+            return Ok(());
+        }
+        if relid != pg_sys::InvalidOid
+            && crate::sql::flag(
+                "SELECT EXISTS (SELECT 1 FROM trompe.tables t JOIN pg_catalog.pg_class c ON c.oid = t.relid::pg_catalog.oid
+                                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                                WHERE c.oid = $1::pg_catalog.oid
+                                  AND n.nspname::pg_catalog.text NOT IN (SELECT s.schema_name::pg_catalog.text FROM trompe.schemas s))",
+                &[Some(&relid.to_u32().to_string())],
+            )
+            .map_err(Refusal::Lookup)?
+        {
+            return Ok(());
+        }
+        // SAFETY: the new schema's name from the parser.
+        unsafe { self.schema_name(new) }
     }
 
     /// A statement creating relation `rv`: its schema must be replicated here.
@@ -501,6 +689,39 @@ unsafe fn list_nodes(list: *mut pg_sys::List) -> Vec<*mut pg_sys::Node> {
     unsafe { (0..(*list).length as usize).map(|i| (*(*list).elements.add(i)).ptr_value as *mut pg_sys::Node).collect() }
 }
 
+/// The text of a String node (None for anything else).
+///
+/// # Safety
+/// `node` must be NULL or a parse node.
+unsafe fn string_node(node: *mut pg_sys::Node) -> Option<String> {
+    // SAFETY: read as a String only when its tag says so.
+    unsafe {
+        if node.is_null() || (*node).type_ != pg_sys::NodeTag::T_String {
+            return None;
+        }
+        let sval = (*(node as *mut pg_sys::String)).sval;
+        (!sval.is_null()).then(|| CStr::from_ptr(sval).to_string_lossy().into_owned())
+    }
+}
+
+/// Whether `node` is a constant (`42`, `'text'`, `true`), or one cast to a type by name.
+///
+/// # Safety
+/// `node` must be a parse node.
+unsafe fn constant(node: *mut pg_sys::Node) -> bool {
+    // SAFETY: read as the type its tag says.
+    unsafe {
+        match (*node).type_ {
+            pg_sys::NodeTag::T_A_Const => true,
+            pg_sys::NodeTag::T_TypeCast => {
+                let arg = (*(node as *mut pg_sys::TypeCast)).arg;
+                !arg.is_null() && (*arg).type_ == pg_sys::NodeTag::T_A_Const
+            }
+            _ => false,
+        }
+    }
+}
+
 /// `schema.name` (or `name`) as a RangeVar gives it.
 ///
 /// # Safety
@@ -534,7 +755,8 @@ fn namespace_replicated(namespace: pg_sys::Oid, what: &str) -> Result<(), Refusa
 }
 
 /// Whether relation `relid` is replicated here: a replicated table, an index or a sequence of
-/// one, or any relation in a replicated schema.
+/// one, a sequence a replicated table's column default draws from, or any relation in a
+/// replicated schema.
 fn relation_replicated(relid: pg_sys::Oid, what: &str) -> Result<(), Refusal> {
     let replicated = crate::sql::flag(
         "WITH r AS (
@@ -545,7 +767,12 @@ fn relation_replicated(relid: pg_sys::Oid, what: &str) -> Result<(), Refusal> {
              UNION ALL
              SELECT c.oid, c.relnamespace FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_class c ON c.oid = d.refobjid
               WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = $1::oid
-                AND d.refclassid = 'pg_catalog.pg_class'::regclass AND d.deptype IN ('a', 'i'))
+                AND d.refclassid = 'pg_catalog.pg_class'::regclass AND d.deptype IN ('a', 'i')
+             UNION ALL
+             SELECT c.oid, c.relnamespace FROM pg_catalog.pg_depend d
+               JOIN pg_catalog.pg_attrdef ad ON d.classid = 'pg_catalog.pg_attrdef'::regclass AND d.objid = ad.oid
+               JOIN pg_catalog.pg_class c ON c.oid = ad.adrelid
+              WHERE d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid = $1::oid)
          SELECT EXISTS (SELECT 1 FROM r
                          WHERE r.oid IN (SELECT relid::oid FROM trompe.tables)
                             OR r.relnamespace IN (SELECT n.oid FROM pg_catalog.pg_namespace n
