@@ -4,6 +4,7 @@
 //! are resolved by the table's conflict rule (see [`rows`] and `trompe_core::conflict`).
 
 mod direct;
+mod owner;
 mod resolve;
 pub mod retire;
 mod rows;
@@ -248,7 +249,9 @@ fn apply_truncate(cache: &mut ApplyCache, v: TxnVersion, changes: &[&Change]) ->
         // TRUNCATE of only some of them could fail on a foreign key between them).
         for (table, &newer) in tables.iter().zip(&newer_rows) {
             with_incoming(truncation(v, table), || {
-                sql(&format!("DELETE FROM ONLY {} AS tgt WHERE {}", table.qualified, above_row(table)), &[])
+                owner::as_table_owner(table.relid, || {
+                    sql(&format!("DELETE FROM ONLY {} AS tgt WHERE {}", table.qualified, above_row(table)), &[])
+                })
             })?;
             if newer > 0 {
                 record(Recorded {
