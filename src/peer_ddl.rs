@@ -214,7 +214,15 @@ impl Statement {
                     self.relation((*s).relation)
                 }
                 T_IndexStmt => self.relation((*(node as *mut pg_sys::IndexStmt)).relation),
-                T_CreateTrigStmt => self.relation((*(node as *mut pg_sys::CreateTrigStmt)).relation),
+                T_CreateTrigStmt => {
+                    let s = node as *mut pg_sys::CreateTrigStmt;
+                    // Fired at commit, after rows are applied as their table's owner: as the
+                    // applying worker's superuser (src/worker/apply/owner.rs).
+                    if (*s).isconstraint && (*s).initdeferred {
+                        return Err(Refusal::Kind("CREATE CONSTRAINT TRIGGER ... INITIALLY DEFERRED".into()));
+                    }
+                    self.relation((*s).relation)
+                }
                 T_CreatePolicyStmt => self.relation((*(node as *mut pg_sys::CreatePolicyStmt)).table),
                 T_AlterPolicyStmt => self.relation((*(node as *mut pg_sys::AlterPolicyStmt)).table),
                 T_RuleStmt => self.relation((*(node as *mut pg_sys::RuleStmt)).relation),

@@ -177,6 +177,13 @@ fn ddl_a_peer_may_not_run_is_refused_and_set_aside() {
         ("ALTER ROLE trompe_peer_ddl SUPERUSER", "postgres", "ALTER ROLE is not DDL", "42501"),
         ("CREATE EXTENSION dblink", "postgres", "CREATE EXTENSION is not DDL", "42501"),
         (
+            "CREATE CONSTRAINT TRIGGER late AFTER INSERT ON t DEFERRABLE INITIALLY DEFERRED
+             FOR EACH ROW EXECUTE FUNCTION suppress_redundant_updates_trigger()",
+            "postgres",
+            "CREATE CONSTRAINT TRIGGER ... INITIALLY DEFERRED is not DDL",
+            "42501",
+        ),
+        (
             "CREATE TABLE app.b (id int PRIMARY KEY) /* ; */; COPY victim TO PROGRAM 'touch /tmp/trompe-pwned'",
             "postgres",
             "must hold exactly one statement, this one holds 2",
@@ -479,10 +486,14 @@ fn functions_a_peer_attaches_to_tables_gain_no_privilege_when_its_rows_apply() {
          CREATE TABLE app.trap2 (id int PRIMARY KEY, v int);
          INSERT INTO app.trap2 VALUES (1, 0);
          CREATE TRIGGER up BEFORE UPDATE ON app.trap2 FOR EACH ROW EXECUTE FUNCTION app.up_trigger();
-         ALTER TABLE app.trap2 ENABLE ALWAYS TRIGGER up;",
+         ALTER TABLE app.trap2 ENABLE ALWAYS TRIGGER up;
+         CREATE TABLE app.trap3 (id int PRIMARY KEY);
+         INSERT INTO app.trap3 VALUES (1);
+         CREATE TRIGGER up BEFORE TRUNCATE ON app.trap3 FOR EACH STATEMENT EXECUTE FUNCTION app.up_trigger();
+         ALTER TABLE app.trap3 ENABLE ALWAYS TRIGGER up;",
     );
     n2.wait_for_value(
-        "SELECT tgenabled FROM pg_trigger WHERE tgname = 'up' AND tgrelid = to_regclass('app.trap2')",
+        "SELECT tgenabled FROM pg_trigger WHERE tgname = 'up' AND tgrelid = to_regclass('app.trap3')",
         "A",
         Duration::from_secs(30),
     );
@@ -490,10 +501,18 @@ fn functions_a_peer_attaches_to_tables_gain_no_privilege_when_its_rows_apply() {
     refused(&cluster, "alter", "42501", 500);
     n1.exec("UPDATE app.trap2 SET v = 1");
     refused(&cluster, "alter", "42501", 501);
+    n1.exec("TRUNCATE app.trap3");
+    refused(&cluster, "alter", "42501", 502);
     assert_eq!(n2.query_i64("SELECT count(*) FROM app.trap"), 0);
     assert_eq!(n2.query_i64("SELECT v FROM app.trap2"), 0);
-    // Rows of tables whose functions stay within their owner's rights apply as before.
-    n1.exec("CREATE TABLE app.fine (id int PRIMARY KEY CHECK (id > 0)); INSERT INTO app.fine VALUES (1)");
+    assert_eq!(n2.query_i64("SELECT count(*) FROM app.trap3"), 1);
+    // Rows of tables whose functions stay within their owner's rights apply as before, and a
+    // truncation too.
+    n1.exec("CREATE TABLE app.fine (id int PRIMARY KEY CHECK (id > 0)); INSERT INTO app.fine VALUES (1), (2)");
     n2.wait_for_value("SELECT to_regclass('app.fine') IS NOT NULL", "t", Duration::from_secs(30));
-    n2.wait_for_value("SELECT count(*) FROM app.fine", "1", Duration::from_secs(30));
+    n2.wait_for_value("SELECT count(*) FROM app.fine", "2", Duration::from_secs(30));
+    n1.exec("UPDATE app.fine SET id = 3 WHERE id = 2; DELETE FROM app.fine WHERE id = 1");
+    n2.wait_for_value("SELECT string_agg(id::text, ',') FROM app.fine", "3", Duration::from_secs(30));
+    n1.exec("TRUNCATE app.fine");
+    n2.wait_for_value("SELECT count(*) FROM app.fine", "0", Duration::from_secs(30));
 }

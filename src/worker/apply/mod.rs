@@ -243,7 +243,12 @@ fn apply_truncate(cache: &mut ApplyCache, v: TxnVersion, changes: &[&Change]) ->
         })?);
     }
     if newer_rows.iter().all(|&n| n == 0) {
-        sql(&format!("TRUNCATE ONLY {}", names.join(", ")), &[])?;
+        // As the tables' owner if they share one (its TRUNCATE triggers run with its rights).
+        let truncate = || sql(&format!("TRUNCATE ONLY {}", names.join(", ")), &[]);
+        match owner::common_owner(tables.iter().map(|t| t.relid)) {
+            Some(relid) => owner::as_table_owner(relid, truncate)?,
+            None => truncate()?,
+        };
     } else {
         // Some rows survive: delete the older ones of every table of the statement (a
         // TRUNCATE of only some of them could fail on a foreign key between them).

@@ -6,6 +6,33 @@
 
 use pgrx::pg_sys;
 
+/// The first of `relids` if every one of them has the same owner (None otherwise).
+pub fn common_owner(relids: impl IntoIterator<Item = pg_sys::Oid>) -> Option<pg_sys::Oid> {
+    let mut first = None;
+    for relid in relids {
+        let owner = owner_of(relid)?;
+        match first {
+            None => first = Some((relid, owner)),
+            Some((_, o)) if o == owner => {}
+            Some(_) => return None,
+        }
+    }
+    first.map(|(relid, _)| relid)
+}
+
+fn owner_of(relid: pg_sys::Oid) -> Option<pg_sys::Oid> {
+    // SAFETY: the relation cache entry is read and released; relowner is a plain field.
+    unsafe {
+        let rel = pg_sys::RelationIdGetRelation(relid);
+        if rel.is_null() {
+            return None;
+        }
+        let owner = (*(*rel).rd_rel).relowner;
+        pg_sys::RelationClose(rel);
+        Some(owner)
+    }
+}
+
 /// Runs `f` (a write to relation `relid`) as the relation's owner when that is no superuser,
 /// in a security-restricted operation (no `SET ROLE`, no session settings kept), as
 /// PostgreSQL's `SwitchToUntrustedUser` does; as the current user otherwise.
@@ -25,16 +52,7 @@ pub fn as_table_owner<R>(relid: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
             }
         }
     }
-    // SAFETY: the relation cache entry is read and released; relowner is a plain field.
-    let owner = unsafe {
-        let rel = pg_sys::RelationIdGetRelation(relid);
-        if rel.is_null() {
-            return f();
-        }
-        let owner = (*(*rel).rd_rel).relowner;
-        pg_sys::RelationClose(rel);
-        owner
-    };
+    let Some(owner) = owner_of(relid) else { return f() };
     // SAFETY: a syscache lookup of a role.
     if unsafe { pg_sys::superuser_arg(owner) } {
         return f();
