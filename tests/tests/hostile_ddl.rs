@@ -307,6 +307,14 @@ fn the_origin_refuses_ddl_its_peers_would_refuse() {
         assert!(message.contains(needle), "{sql}: {message}");
     }
     assert_eq!(n1.query_i64("SELECT count(*) FROM trompe.log"), 0, "nothing was logged");
+    // Checked as it was scanned: the whole query string before the SET in it ran (a backslash
+    // is no escape then), as peers parse it.
+    n1.exec("SET standard_conforming_strings = off; CREATE TABLE app.bs (id int PRIMARY KEY, v text DEFAULT 'a\\')");
+    assert_eq!(
+        n1.query_text("SELECT pg_get_expr(adbin, adrelid) FROM pg_attrdef WHERE adrelid = 'app.bs'::regclass")
+            .as_deref(),
+        Some("'a\\'::text")
+    );
     // Outside replicated schemas, nothing is captured and nothing is refused.
     n1.exec("CREATE FUNCTION public.f(cstring) RETURNS int4 LANGUAGE internal STRICT AS 'int4in'");
 }
