@@ -81,16 +81,27 @@ pub fn check_own(statement: &str) -> Result<(), Refusal> {
     }
 }
 
-/// The role a peer's DDL runs as: `origin_role` if it exists here and is not a superuser,
-/// otherwise `trompe.peer_ddl_role`.
+/// The role a peer's DDL runs as: `origin_role` if it exists here and has ordinary rights
+/// (no superuser, nor one with the rights of a role that runs programs, touches the server's
+/// files or administers trompe), otherwise `trompe.peer_ddl_role`.
 pub fn run_as(origin_role: &str) -> Result<String, Refusal> {
     if !origin_role.is_empty() {
-        let superuser = crate::sql::value(
-            "SELECT rolsuper::text FROM pg_catalog.pg_roles WHERE rolname = $1",
+        // A peer names the role: only one with no more than ordinary rights is taken (no
+        // superuser, predefined or trompe role, none that may create roles, bypass row
+        // security or replicate, and none with the rights of those that run programs, touch
+        // the server's files or administer trompe).
+        let ordinary = crate::sql::value(
+            "SELECT (NOT r.rolsuper AND NOT r.rolcreaterole AND NOT r.rolbypassrls AND NOT r.rolreplication
+                     AND r.rolname !~ '^(pg_|trompe_)'
+                     AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles p
+                                      WHERE p.rolname IN ('pg_execute_server_program', 'pg_write_server_files',
+                                                          'pg_read_server_files', 'trompe_admin')
+                                        AND pg_catalog.pg_has_role(r.oid, p.oid, 'USAGE')))::pg_catalog.text
+               FROM pg_catalog.pg_roles r WHERE r.rolname = $1",
             &[Some(origin_role)],
         )
         .map_err(Refusal::Lookup)?;
-        if superuser.as_deref() == Some("false") {
+        if ordinary.as_deref() == Some("true") {
             return Ok(origin_role.to_string());
         }
     }

@@ -246,6 +246,24 @@ fn ddl_a_peer_may_not_run_is_refused_and_set_aside() {
     n2.wait_for_value("SELECT to_regclass('app.semi') IS NOT NULL", "t", Duration::from_secs(30));
     assert_eq!(n2.query_i64("SELECT count(*) FROM victim"), 1);
 
+    // A peer names the role: one with more than ordinary rights here is not taken.
+    n2.exec(
+        "CREATE ROLE dba LOGIN IN ROLE pg_execute_server_program; GRANT USAGE, CREATE ON SCHEMA app TO dba;
+         CREATE ROLE helper LOGIN; GRANT USAGE, CREATE ON SCHEMA app TO helper",
+    );
+    for (table, role, owner) in [
+        ("by_dba", "dba", "trompe_peer_ddl"),
+        ("by_admin", "trompe_admin", "trompe_peer_ddl"),
+        ("by_helper", "helper", "helper"),
+    ] {
+        serve(n1, &ddl(&format!("CREATE TABLE app.{table} (id int PRIMARY KEY)"), role));
+        n2.wait_for_value(
+            &format!("SELECT r.rolname FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner WHERE c.oid = to_regclass('app.{table}')"),
+            owner,
+            Duration::from_secs(30),
+        );
+    }
+
     // After all that, replication from n1 still works.
     n1.exec("INSERT INTO t VALUES (2, 'still fine')");
     n2.wait_for_value("SELECT count(*) FROM t WHERE id = 2", "1", Duration::from_secs(30));
