@@ -191,6 +191,16 @@ GRANT EXECUTE ON FUNCTION
     trompe.consumer_confirmed(uuid), trompe.sync_source(), trompe.sync_rows_sql(regclass), trompe.sync_removals()
 TO trompe_puller;
 
+-- Peers' DDL runs as this role when its origin's role does not exist here or is a superuser
+-- (trompe.peer_ddl_role): it is no superuser, so a peer's DDL can do no more than it may.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'trompe_peer_ddl') THEN
+        CREATE ROLE trompe_peer_ddl NOLOGIN;
+    END IF;
+END
+$$;
+
 -- Members of trompe_admin administer trompe without being superusers: peers, tables, rules,
 -- sequence slots, and reading its state and conflict log.
 DO $$

@@ -455,3 +455,13 @@ CREATE FUNCTION trompe."_setval"(
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', '_setval3_wrapper';
+
+-- Peers' DDL runs as this role when its origin's role does not exist here or is a superuser
+-- (trompe.peer_ddl_role): it is no superuser, so a peer's DDL can do no more than it may.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'trompe_peer_ddl') THEN
+        CREATE ROLE trompe_peer_ddl NOLOGIN;
+    END IF;
+END
+$$;

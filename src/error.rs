@@ -208,6 +208,9 @@ pub enum TrompeError {
     /// DDL that cannot be replayed on the peers.
     #[error("{0} cannot be replicated")]
     UnreplicableDdl(String, &'static str),
+    /// DDL on replicated objects that peers would refuse to run (src/peer_ddl.rs).
+    #[error("{0}: peers would refuse to run it")]
+    PeersRefuseDdl(String),
     #[error("trompe internal error: {0}")]
     Internal(String),
 }
@@ -254,6 +257,7 @@ impl TrompeError {
             TrompeError::NothingToSkip(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             TrompeError::NotTheFailingTransaction { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             TrompeError::DivergentDdl { .. } | TrompeError::UnreplicableDdl(..) => ERRCODE_FEATURE_NOT_SUPPORTED,
+            TrompeError::PeersRefuseDdl(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
             TrompeError::Internal(_) => ERRCODE_INTERNAL_ERROR,
         }
     }
@@ -311,6 +315,10 @@ impl TrompeError {
                 Some("trompe.status shows state 'error' and the transaction in last_error while a stream is stopped.")
             }
             TrompeError::DivergentDdl { hint, .. } | TrompeError::UnreplicableDdl(_, hint) => Some(hint),
+            TrompeError::PeersRefuseDdl(_) => Some(
+                "Peers run only the DDL listed under \"DDL from peers\" in trompe's README; keep other objects out of \
+                 replicated schemas.",
+            ),
             _ => None,
         }
     }

@@ -33,6 +33,19 @@ pub static COMMIT_TIME_CACHE: GucSetting<i32> = GucSetting::<i32>::new(1 << 20);
 /// `pg_dump` new enough to read its source, after this server's own bin directory.
 pub static PG_DUMP_PATH: GucSetting<Option<std::ffi::CString>> = GucSetting::<Option<std::ffi::CString>>::new(None);
 
+/// `trompe.peer_ddl_role`: the role a peer's DDL runs as when its origin's role does not exist
+/// here or is a superuser.
+pub static PEER_DDL_ROLE: GucSetting<Option<std::ffi::CString>> =
+    GucSetting::<Option<std::ffi::CString>>::new(Some(c"trompe_peer_ddl"));
+
+/// The role a peer's DDL falls back to (`trompe.peer_ddl_role`; `trompe_peer_ddl` when empty).
+pub fn peer_ddl_role() -> String {
+    match PEER_DDL_ROLE.get() {
+        Some(r) if !r.as_bytes().is_empty() => r.to_string_lossy().into_owned(),
+        _ => "trompe_peer_ddl".to_string(),
+    }
+}
+
 /// Registers every setting.
 pub fn define() {
     GucRegistry::define_bool_guc(
@@ -138,6 +151,14 @@ pub fn define() {
         c"Directories (separated by ':') where a joining node looks for a pg_dump new enough for its source.",
         c"Searched after this server's own bin directory and before /usr/lib/postgresql/<version>/bin.",
         &PG_DUMP_PATH,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
+        c"trompe.peer_ddl_role",
+        c"The role a peer's DDL runs as when its origin's role does not exist here or is a superuser.",
+        c"Default trompe_peer_ddl, which is no superuser; naming a superuser trusts peers with any DDL.",
+        &PEER_DDL_ROLE,
         GucContext::Sighup,
         GucFlags::SUPERUSER_ONLY,
     );

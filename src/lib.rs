@@ -24,6 +24,7 @@ pub mod node;
 pub mod notices;
 pub mod origin;
 pub mod peer_calls;
+pub mod peer_ddl;
 pub mod peers;
 pub mod pg_compat;
 pub mod retention;

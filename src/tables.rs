@@ -343,6 +343,21 @@ fn add_schema(schema_name: &str) -> i64 {
         .map_err(|e| TrompeError::Internal(format!("adding schema {schema_name}: {e}")))
         .or_raise();
     }
+    // Peers' DDL that runs as trompe_peer_ddl (src/peer_ddl.rs) may create objects here. Every
+    // node's add_schema grants it: the grant is not replicated.
+    let internal = InternalOperation::begin();
+    as_extension_owner(|| {
+        if sql::flag("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'trompe_peer_ddl')", &[])? {
+            sql::execute(
+                &format!("GRANT USAGE, CREATE ON SCHEMA {} TO trompe_peer_ddl", quote_identifier(schema_name)),
+                &[],
+            )?;
+        }
+        Ok::<(), String>(())
+    })
+    .map_err(|e| TrompeError::Internal(format!("granting schema {schema_name} to trompe_peer_ddl: {e}")))
+    .or_raise();
+    drop(internal);
     sync_schema_tables().or_raise()
 }
 

@@ -149,8 +149,9 @@ unsafe fn scanned_standard_strings(text: &str, tree: *mut pg_sys::Node) -> Optio
     }
     // SAFETY: reads the scanner's setting (a backend-local global).
     let current = unsafe { pg_sys::standard_conforming_strings };
-    // SAFETY: the caller passes the statement's parse tree.
-    if unsafe { parses_to(text, tree, current) } != Some(false) {
+    // SAFETY: the caller passes the statement's parse tree. Text that does not parse with the
+    // current value (a backslash before the closing quote) was scanned with the other one too.
+    if unsafe { parses_to(text, tree, current) } == Some(true) {
         return None;
     }
     // SAFETY: as above.
@@ -234,6 +235,19 @@ fn _log_ddl(command_tag: &str, object_schema: &str, object_name: &str) {
                 *value = if scanned { "on" } else { "off" }.to_string();
             }
         }
+    }
+    // What peers would refuse to run fails here, before it reaches them. It is parsed as it was
+    // scanned, as peers parse it (a SET earlier in the same query string changed nothing).
+    let scanned: Vec<(&str, &str)> = settings
+        .iter()
+        .filter(|(name, _)| *name == trompe_core::ddlsettings::STANDARD_STRINGS)
+        .map(|(name, value)| (*name, value.as_str()))
+        .collect();
+    let parsing = crate::ddl_settings::set_for_statement(&scanned);
+    let checked = crate::peer_ddl::check_own(&statement);
+    parsing.end();
+    if let Err(refusal) = checked {
+        crate::error::TrompeError::PeersRefuseDdl(refusal.to_string()).raise();
     }
     append(command_tag, object_schema, object_name, &statement, &search_path, &role, &settings).or_raise();
 }

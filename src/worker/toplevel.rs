@@ -11,7 +11,7 @@ use pgrx::pg_sys;
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::PgTryBuilder;
 
-use crate::worker::txn::{in_transaction, TxnError};
+use crate::worker::txn::{in_transaction, in_transaction_coded, TxnError};
 
 /// What a statement that cannot run inside a transaction block does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,8 +59,9 @@ pub fn kind_of(statement: &str) -> Option<Kind> {
 }
 
 /// Runs `statement` (one of [`Kind`]) as a top-level command with the origin's `search_path`,
-/// `role` and session `settings` (see `crate::ddl_settings`); `object` is what the origin's
-/// event trigger named (the index, schema-qualified).
+/// `role` and session `settings` (see `crate::ddl_settings`), once admitted, as the role picked
+/// for the origin's `role`; `object` is what the origin's event trigger named (the index,
+/// schema-qualified).
 pub fn run(
     kind: Kind,
     statement: &str,
@@ -69,6 +70,23 @@ pub fn run(
     settings: &[(&str, &str)],
     object: &str,
 ) -> Result<(), TxnError> {
+    // Admitted as any peer DDL is, and run as the role picked for it (src/peer_ddl.rs).
+    let role = &in_transaction_coded(|| {
+        let parsing = crate::ddl_settings::set_for_statement(settings);
+        let refused = |r: crate::peer_ddl::Refusal| TxnError {
+            code: Some(r.code()),
+            message: format!("DDL from the peer refused: {r}"),
+        };
+        let run_as = crate::peer_ddl::run_as(role).map_err(refused)?;
+        crate::sql::execute(
+            "SELECT set_config('search_path', $1, true), set_config('role', $2, true)",
+            &[Some(search_path), Some(&run_as)],
+        )?;
+        let admitted = crate::peer_ddl::admit(statement).map_err(refused);
+        parsing.end();
+        admitted?;
+        Ok(run_as)
+    })?;
     let exists = || -> Result<Option<bool>, String> {
         in_transaction(|| {
             let valid = crate::sql::value(
@@ -83,7 +101,7 @@ pub fn run(
         (Kind::CreateIndex, Some(false)) => {
             // Object identities are quoted where needed ("My Schema".idx), as SQL takes them.
             let drop = format!("DROP INDEX CONCURRENTLY IF EXISTS {object}");
-            toplevel(&drop, "", "", &[])?;
+            toplevel(&drop, "", role, &[])?;
         }
         _ => {}
     }

@@ -29,6 +29,9 @@ pub const BASE_SETTINGS: &[(&str, &str)] = &[
     ("log_line_prefix", "'%m [%p] %a %b '"),
     ("shared_buffers", "32MB"),
     ("max_connections", "60"),
+    // Peers' DDL runs as the superuser (trusting peers fully): tests that are not about trust run
+    // their DDL as the superuser on tables it owns. tests/tests/hostile_ddl.rs sets the default.
+    ("trompe.peer_ddl_role", "'postgres'"),
 ];
 
 /// Debian's libfaketime (package `libfaketime`), preloaded into a node whose clock is skewed.

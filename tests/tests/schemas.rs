@@ -240,7 +240,8 @@ fn the_replicated_schema_itself_replicates() {
         "arwdDxt"
     };
     for expected in [
-        "schema app owner app_owner acl {app_owner=UC/app_owner,app_reader=U/app_owner,app_writer=U*/app_owner} comment the application's schema".to_string(),
+        // add_schema grants trompe_peer_ddl (peers' DDL) on every node.
+        "schema app owner app_owner acl {app_owner=UC/app_owner,trompe_peer_ddl=UC/app_owner,app_reader=U/app_owner,app_writer=U*/app_owner} comment the application's schema".to_string(),
         format!("relation app.t acl {{postgres={owner_all}/postgres,app_reader=r/postgres,app_writer=a/postgres}}"),
         "column app.t.v acl {app_writer=w/postgres}".to_string(),
         format!("relation solo acl {{postgres={owner_all}/postgres,app_reader=r/postgres}}"),

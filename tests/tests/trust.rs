@@ -379,3 +379,71 @@ fn re_adding_a_peer_whose_log_moved_on_is_refused() {
     n2.exec("INSERT INTO t VALUES (1000, 'from n2')");
     n1.wait_for_value("SELECT count(*) FROM t WHERE id = 1000", "1", SYNC);
 }
+
+/// `remove_peer` + `add_peer` of the same node while both nodes write and the link is
+/// blackholed in the middle of a pull (the pull hangs, the worker gives up on it): n2 resumes
+/// from where it stopped, with every row n1 wrote meanwhile, none twice; n1 keeps pulling from
+/// n2 throughout, on the registration it had.
+#[test]
+fn re_adding_a_peer_under_load_with_a_pull_hanging_loses_nothing() {
+    let cluster = Cluster::start("trust-readd-load", 2);
+    logins_everywhere(&cluster, 2);
+    add_peer(&cluster, 0, 1);
+    add_peer(&cluster, 1, 0);
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    n1.exec("INSERT INTO t VALUES (0, 'before')");
+    cluster.wait_sync(SYNC);
+    let id1 = node_id(n1);
+    let registered_at = |node: &Node, id: &str| {
+        node.query_text(&format!("SELECT registered_at::text FROM trompe.consumers WHERE node_id = '{id}'"))
+    };
+    let n1_on_n2 = registered_at(n2, &id1);
+    assert!(n1_on_n2.is_some());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = [(n1.conninfo(), 1), (n2.conninfo(), 2)]
+        .into_iter()
+        .map(|(conninfo, node)| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut c = Client::connect(&conninfo, NoTls).expect("writer connects");
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    i += 1;
+                    c.execute(
+                        "INSERT INTO t SELECT $1 * 1000000 + g, 'load' FROM generate_series($2 * 10, $2 * 10 + 9) g",
+                        &[&node, &i],
+                    )
+                    .expect("writer inserts");
+                }
+                i
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    // A pull in flight hangs: the link swallows everything.
+    cluster.link(1, 0).blackhole();
+    std::thread::sleep(Duration::from_millis(1500));
+    n2.exec("SELECT trompe.remove_peer('n1')");
+    cluster.link(1, 0).heal();
+    std::thread::sleep(Duration::from_millis(500));
+    n2.exec(&format!("SELECT trompe.add_peer('n1', '{}')", own_login(&cluster, 1, 0)));
+    std::thread::sleep(Duration::from_millis(1000));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let batches: Vec<i32> = writers.into_iter().map(|w| w.join().expect("writer")).collect();
+    assert!(batches.iter().all(|&b| b > 5), "both nodes wrote throughout: {batches:?}");
+    cluster.wait_sync(SYNC);
+    let expected = 1 + 10 * batches.iter().map(|&b| i64::from(b)).sum::<i64>();
+    for node in cluster.nodes() {
+        assert_eq!(node.query_i64("SELECT count(*) FROM t"), expected, "{} has every row", node.name);
+    }
+    cluster.assert_same(&checksum("(SELECT id, v FROM t)"));
+    assert_eq!(registered_at(n2, &id1), n1_on_n2, "n1's registration on n2 was never touched");
+    for node in cluster.nodes() {
+        assert_eq!(
+            node.query_i64("SELECT count(*) FROM trompe.status WHERE state = 'connected' AND last_error IS NULL"),
+            1,
+            "{} pulls without error",
+            node.name
+        );
+    }
+}

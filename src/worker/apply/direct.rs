@@ -32,6 +32,10 @@ fn column_positions(table: &Table, change: &Change) -> Option<Vec<usize>> {
 /// Returns false, having done nothing, when the table is not a plain table or the changes
 /// leave a column to its default: the caller then uses an `INSERT` statement.
 pub fn insert_rows(table: &Table, run: &[Change]) -> Result<bool, ApplyError> {
+    super::owner::as_table_owner(table.relid, || insert_rows_as_current_user(table, run))
+}
+
+fn insert_rows_as_current_user(table: &Table, run: &[Change]) -> Result<bool, ApplyError> {
     let Some(first) = run.first() else { return Ok(true) };
     let Some(positions) = column_positions(table, first) else { return Ok(false) };
     if let Some(bad) = run.iter().find(|c| c.vals.is_none()) {

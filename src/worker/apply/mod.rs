@@ -4,6 +4,7 @@
 //! are resolved by the table's conflict rule (see [`rows`] and `trompe_core::conflict`).
 
 mod direct;
+mod owner;
 mod resolve;
 pub mod retire;
 mod rows;
@@ -81,6 +82,9 @@ pub enum ApplyError {
     /// PostgreSQL raised an error while applying.
     #[error("{0}")]
     Postgres(String),
+    /// DDL the peer may not run here.
+    #[error("DDL from the peer refused: {0}")]
+    Refused(crate::peer_ddl::Refusal),
 }
 
 impl ApplyError {
@@ -94,6 +98,7 @@ impl ApplyError {
             ApplyError::KeyMismatch(_) => ERRCODE_INVALID_TABLE_DEFINITION,
             ApplyError::Malformed { .. } => ERRCODE_DATA_CORRUPTED,
             ApplyError::Postgres(_) => ERRCODE_INTERNAL_ERROR,
+            ApplyError::Refused(r) => r.code(),
         }
     }
 }
@@ -238,13 +243,20 @@ fn apply_truncate(cache: &mut ApplyCache, v: TxnVersion, changes: &[&Change]) ->
         })?);
     }
     if newer_rows.iter().all(|&n| n == 0) {
-        sql(&format!("TRUNCATE ONLY {}", names.join(", ")), &[])?;
+        // As the tables' owner if they share one (its TRUNCATE triggers run with its rights).
+        let truncate = || sql(&format!("TRUNCATE ONLY {}", names.join(", ")), &[]);
+        match owner::common_owner(tables.iter().map(|t| t.relid)) {
+            Some(relid) => owner::as_table_owner(relid, truncate)?,
+            None => truncate()?,
+        };
     } else {
         // Some rows survive: delete the older ones of every table of the statement (a
         // TRUNCATE of only some of them could fail on a foreign key between them).
         for (table, &newer) in tables.iter().zip(&newer_rows) {
             with_incoming(truncation(v, table), || {
-                sql(&format!("DELETE FROM ONLY {} AS tgt WHERE {}", table.qualified, above_row(table)), &[])
+                owner::as_table_owner(table.relid, || {
+                    sql(&format!("DELETE FROM ONLY {} AS tgt WHERE {}", table.qualified, above_row(table)), &[])
+                })
             })?;
             if newer > 0 {
                 record(Recorded {
@@ -318,8 +330,9 @@ fn truncation(v: TxnVersion, table: &table::Table) -> Incoming {
     }
 }
 
-/// Replays a DDL statement with the search_path, role and session settings it ran with at the
-/// origin, then starts replicating tables it created in replicated schemas.
+/// Replays a DDL statement with the search_path and session settings it ran with at the
+/// origin, once admitted, as the role [`crate::peer_ddl::run_as`] picks, then starts
+/// replicating tables it created in replicated schemas.
 fn apply_ddl(cache: &mut ApplyCache, change: &Change) -> Result<(), ApplyError> {
     let vals = change
         .vals
@@ -330,12 +343,18 @@ fn apply_ddl(cache: &mut ApplyCache, change: &Change) -> Result<(), ApplyError> 
     if statement.trim().is_empty() {
         return Err(ApplyError::Malformed { id: change.id(), reason: "empty DDL statement".into() });
     }
+    // The settings come first: standard_conforming_strings decides how the statement parses.
     let settings = crate::ddl_settings::set_for_statement(&trompe_core::ddlsettings::decode(vals));
+    // A peer runs only allowed DDL on what is replicated here, and as no superuser unless
+    // trompe.peer_ddl_role says so (src/peer_ddl.rs). It is checked as the role it runs as, so
+    // that names resolve alike (a search_path with "$user").
+    let run_as = crate::peer_ddl::run_as(&role).map_err(ApplyError::Refused)?;
     crate::sql::execute(
         "SELECT set_config('search_path', $1, true), set_config('role', $2, true)",
-        &[Some(&search_path), Some(if role.is_empty() { "none" } else { &role })],
+        &[Some(&search_path), Some(&run_as)],
     )
     .map_err(ApplyError::Postgres)?;
+    crate::peer_ddl::admit(&statement).map_err(ApplyError::Refused)?;
     crate::sql::execute(&statement, &[]).map_err(ApplyError::Postgres)?;
     settings.end();
     crate::sql::execute("SELECT set_config('role', 'none', true), set_config('search_path', '', true)", &[])

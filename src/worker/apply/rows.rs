@@ -15,6 +15,7 @@ use trompe_core::json;
 use trompe_core::logformat::Op;
 use trompe_core::pgarray::format_text_array;
 
+use super::owner;
 use super::table::{run_plan, ApplyCache, Guards, Table};
 use super::{ApplyError, Change};
 use crate::capture::row::log_delete;
@@ -143,7 +144,7 @@ fn run_by_key(
     let mut values = Vec::new();
     let mut nulls = Vec::new();
     key_datums(table, keys, &mut values, &mut nulls);
-    run_plan(plan, &mut values, &nulls)
+    owner::as_table_owner(table.relid, || run_plan(plan, &mut values, &nulls))
 }
 
 /// True if the row with this key exists locally.
@@ -286,7 +287,7 @@ fn upsert_one(cache: &mut ApplyCache, table: &Table, change: &Change) -> Result<
         values.push(d);
         nulls.push(n);
     }
-    run_plan(plan, &mut values, &nulls)?;
+    owner::as_table_owner(table.relid, || run_plan(plan, &mut values, &nulls))?;
     Ok(())
 }
 
@@ -398,7 +399,7 @@ fn insert_statement(cache: &mut ApplyCache, table: &Table, run: &[Change]) -> Re
         values.push(table.attrs[*col].array(&texts));
     }
     let nulls = vec![false; values.len()];
-    run_plan(plan, &mut values, &nulls)?;
+    owner::as_table_owner(table.relid, || run_plan(plan, &mut values, &nulls))?;
     Ok(())
 }
 
@@ -504,7 +505,8 @@ pub fn update(cache: &mut ApplyCache, v: TxnVersion, change: &Change, careful: b
     let ctx = incoming(&table, v, change, ConflictKind::UpdateUpdate, &old_keys);
     for _ in 0..MEETING_ATTEMPTS {
         let decided = crate::conflicts::decisions();
-        let (updated, _) = with_incoming(ctx.clone(), || run_plan(plan, &mut values, &nulls))?;
+        let (updated, _) =
+            with_incoming(ctx.clone(), || owner::as_table_owner(table.relid, || run_plan(plan, &mut values, &nulls)))?;
         if updated > 0 {
             return Ok(());
         }
