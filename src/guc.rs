@@ -15,6 +15,10 @@ pub static RETRY_MIN_MS: GucSetting<i32> = GucSetting::<i32>::new(500);
 pub static RETRY_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 /// `trompe.connect_timeout`: default libpq connect_timeout for peers, in seconds.
 pub static CONNECT_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(10);
+/// `trompe.peer_timeout`: how long a peer may stay silent (no byte received) while it owes an
+/// answer before the connection is given up, in milliseconds. A pull that keeps moving bytes
+/// never times out, however long it takes.
+pub static PEER_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
 /// `trompe.log_rotation_interval`: how often the current log table is switched, in ms.
 pub static LOG_ROTATION_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 
@@ -105,6 +109,16 @@ pub fn define() {
         3600,
         GucContext::Sighup,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"trompe.peer_timeout",
+        c"How long a peer may send nothing while it owes an answer.",
+        c"Counted from the last byte received (after the pull's own wait for news): a slow but moving transfer never times out.",
+        &PEER_TIMEOUT_MS,
+        100,
+        86_400_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
     );
     GucRegistry::define_int_guc(
         c"trompe.max_clock_skew",

@@ -75,6 +75,17 @@ pub enum Want {
     Done,
 }
 
+/// `recv` flags: look at input without taking it, and without blocking.
+const MSG_PEEK: std::ffi::c_int = 0x2;
+#[cfg(target_os = "linux")]
+const MSG_DONTWAIT: std::ffi::c_int = 0x40;
+#[cfg(not(target_os = "linux"))]
+const MSG_DONTWAIT: std::ffi::c_int = 0x80;
+
+extern "C" {
+    fn recv(socket: std::ffi::c_int, buf: *mut std::ffi::c_void, len: usize, flags: std::ffi::c_int) -> isize;
+}
+
 /// How long cancelling a query on a peer may take before it is given up (the connection is
 /// closed anyway).
 pub const CANCEL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -175,6 +186,16 @@ impl Conn {
     pub fn socket(&self) -> pg_sys::pgsocket {
         // SAFETY: raw is a valid connection object.
         unsafe { pq::PQsocket(self.raw) }
+    }
+
+    /// True if bytes from the server wait on the socket, unread (without reading them): the
+    /// peer is sending, however slowly.
+    pub fn input_waiting(&self) -> bool {
+        let mut byte = 0u8;
+        // SAFETY: peeks at most one byte into a local buffer without blocking; the socket is
+        // owned by libpq and stays open for the call.
+        let n = unsafe { recv(self.socket(), (&mut byte as *mut u8).cast(), 1, MSG_PEEK | MSG_DONTWAIT) };
+        n > 0
     }
 
     /// The server's version as `server_version_num` (180004 for 18.4); 0 if not connected.

@@ -18,8 +18,10 @@ use crate::worker::apply::{apply_transaction, ApplyCache, Change};
 use crate::worker::progress;
 use crate::worker::txn::{in_transaction, in_transaction_coded, TxnError};
 
-/// Extra time allowed beyond the pull's own wait before a silent peer is given up on.
-const ANSWER_GRACE_MS: i64 = 60_000;
+/// How long a peer that owes an answer may send nothing (`trompe.peer_timeout`).
+fn peer_timeout_ms() -> i64 {
+    crate::guc::PEER_TIMEOUT_MS.get() as i64
+}
 /// An idle consumer still confirms its position this often, so the peer can prune its log.
 const CONFIRM_EVERY_MS: i64 = 10_000;
 
@@ -362,7 +364,7 @@ impl Link {
                             &[],
                         )?;
                         self.state = State::Handshake;
-                        self.deadline_ms = now + ANSWER_GRACE_MS;
+                        self.deadline_ms = now + peer_timeout_ms();
                         Ok(None)
                     }
                     want => self.wait_for(want, now),
@@ -375,6 +377,10 @@ impl Link {
                         return self.wait_for(Want::Write, now);
                     }
                     self.flushing = false;
+                }
+                // Only silence times out: every byte received moves the deadline.
+                if conn.input_waiting() {
+                    self.deadline_ms = self.deadline_ms.max(now + peer_timeout_ms());
                 }
                 if conn.consume().map_err(|e| e.describe())? == Want::Read {
                     return self.wait_for(Want::Read, now);
@@ -488,7 +494,8 @@ impl Link {
             ],
         )?;
         self.state = State::Pulling;
-        self.deadline_ms = now + wait_ms as i64 + ANSWER_GRACE_MS;
+        // The peer may wait for news for up to `wait_ms` before it sends anything.
+        self.deadline_ms = now + wait_ms as i64 + peer_timeout_ms();
         Ok(())
     }
 

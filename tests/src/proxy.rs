@@ -3,7 +3,8 @@
 //! Node A reaches node B only through the proxy of link A→B, so cutting it is a network
 //! failure between them as A sees it: `cut` resets every connection and refuses new ones,
 //! `blackhole` keeps connections open but silently drops everything (a partition that only
-//! timeouts and keepalives can detect), `heal` lets traffic through again.
+//! timeouts and keepalives can detect), `heal` lets traffic through again. `throttle` limits
+//! the bytes per second the link carries in each direction (a slow link).
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
@@ -11,7 +12,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const OPEN: u8 = 0;
 const RESET: u8 = 1;
@@ -25,6 +26,8 @@ struct Shared {
     next_id: AtomicU64,
     /// Bytes forwarded, to let tests see traffic flow.
     forwarded: AtomicU64,
+    /// Bytes per second each direction of each connection may carry; 0 is unlimited.
+    rate: AtomicU64,
 }
 
 /// A running proxy; stops when dropped.
@@ -49,6 +52,7 @@ impl Proxy {
             streams: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             forwarded: AtomicU64::new(0),
+            rate: AtomicU64::new(0),
         });
         let s = shared.clone();
         let acceptor = thread::spawn(move || accept_loop(listener, target_port, s));
@@ -73,6 +77,12 @@ impl Proxy {
         if was == BLACKHOLE {
             self.close_all();
         }
+    }
+
+    /// Limits each direction of each connection through the link to `bytes_per_second`
+    /// (0: unlimited again). Applies to connections already open too.
+    pub fn throttle(&self, bytes_per_second: u64) {
+        self.shared.rate.store(bytes_per_second, Ordering::SeqCst);
     }
 
     /// True while the link is cut or blackholed.
@@ -184,11 +194,33 @@ fn connect_through(client: TcpStream, target: SocketAddr, shared: Arc<Shared>) {
 fn pump(mut from: TcpStream, mut to: TcpStream, shared: Arc<Shared>, ids: [u64; 2]) {
     let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
     let mut buf = [0u8; 32 * 1024];
+    // Throttling: bytes sent since `since`, paced so they never run ahead of the rate.
+    let mut since = Instant::now();
+    let mut sent = 0u64;
     loop {
         if shared.stop.load(Ordering::SeqCst) || shared.mode.load(Ordering::SeqCst) == RESET {
             break;
         }
-        match from.read(&mut buf) {
+        let rate = shared.rate.load(Ordering::SeqCst);
+        let want = if rate == 0 {
+            since = Instant::now();
+            sent = 0;
+            buf.len()
+        } else {
+            let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+            let elapsed = since.elapsed();
+            if elapsed < due {
+                thread::sleep((due - elapsed).min(Duration::from_millis(50)));
+                continue;
+            }
+            if elapsed > due + Duration::from_secs(1) {
+                // Idle for a while: no burst to make up for it.
+                since = Instant::now();
+                sent = 0;
+            }
+            (rate / 20).clamp(1, buf.len() as u64) as usize
+        };
+        match from.read(&mut buf[..want]) {
             Ok(0) => break,
             Ok(n) => {
                 if shared.mode.load(Ordering::SeqCst) == BLACKHOLE {
@@ -197,6 +229,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, shared: Arc<Shared>, ids: [u64; 
                 if to.write_all(&buf[..n]).is_err() {
                     break;
                 }
+                sent += n as u64;
                 shared.forwarded.fetch_add(n as u64, Ordering::Relaxed);
             }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}

@@ -1,0 +1,61 @@
+//! No size cliffs: transactions larger than a link carries quickly, and transactions full of
+//! savepoints, replicate like any other.
+
+use std::time::{Duration, Instant};
+
+use trompe_tests::{checksum, wait_for, Cluster};
+
+/// Rows of about 2 KB of text that does not compress (md5 digests), ids `1..=rows`, in one
+/// transaction.
+fn big_insert(rows: i64) -> String {
+    format!(
+        "INSERT INTO items (id, note)
+         SELECT g, (SELECT string_agg(md5(g::text || ':' || i), '') FROM generate_series(1, 64) i)
+           FROM generate_series(1, {rows}) g"
+    )
+}
+
+fn items_on(cluster: &Cluster) {
+    cluster.exec_all("CREATE TABLE items (id bigint PRIMARY KEY, note text); SELECT trompe.add_table('items')");
+}
+
+#[test]
+fn a_transaction_slower_to_transfer_than_the_peer_timeout_replicates() {
+    // A pull may send nothing for pull_interval + peer_timeout = 3 s; the transaction below
+    // takes about 10 s to cross the throttled link: only silence may time a pull out.
+    let cluster = Cluster::builder("slow-link-big-txn")
+        .nodes(2)
+        .setting("trompe.peer_timeout", "'2s'")
+        .setting("trompe.pull_interval", "'1s'")
+        .start();
+    items_on(&cluster);
+    cluster.add_peer(1, 0);
+    let (n0, n1) = (cluster.node(0), cluster.node(1));
+    assert!(wait_for(Duration::from_secs(60), || {
+        n1.query_text("SELECT state FROM trompe.status").as_deref() == Some("connected")
+    }));
+    cluster.link(1, 0).throttle(256 << 10);
+    let rows = 1250; // about 2.5 MB of row data
+    n0.exec(&big_insert(rows));
+    let started = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(120), || n1.query_i64("SELECT count(*) FROM items") == rows),
+        "the transaction did not replicate through the slow link: {:?}",
+        n1.query_row("SELECT state, last_error FROM trompe.status")
+    );
+    let took = started.elapsed();
+    assert!(took > Duration::from_secs(3), "the link was not slow enough to test anything ({took:?})");
+    assert_eq!(n0.query_text(&checksum("items")), n1.query_text(&checksum("items")));
+    let timeouts = n1.log().matches("did not answer in time").count();
+    assert_eq!(timeouts, 0, "a moving pull timed out");
+    // A peer that goes silent is still given up on.
+    cluster.link(1, 0).throttle(0);
+    cluster.link(1, 0).blackhole();
+    n0.exec("INSERT INTO items VALUES (0, 'behind the blackhole')");
+    assert!(
+        wait_for(Duration::from_secs(60), || n1.log().contains("did not answer in time")),
+        "a silent peer was not given up on"
+    );
+    cluster.link(1, 0).heal();
+    assert!(wait_for(Duration::from_secs(60), || n1.query_i64("SELECT count(*) FROM items") == rows + 1));
+}
