@@ -4,8 +4,11 @@
 //!
 //! Subtransactions keep their own buffer: a rolled-back savepoint drops its changes, a released
 //! one hands them to its parent. A chunk written while a subtransaction is open holds only that
-//! subtransaction's changes, so it disappears exactly when they must. Changes carry their
-//! position in the transaction; readers order a transaction's changes by it.
+//! subtransaction's changes, so it disappears exactly when they must. A released subtransaction
+//! whose changes would take its parent's buffer past the chunk size writes both as a chunk just
+//! before it commits (their fate is the parent's from then on), so a transaction of many
+//! savepoints is written in bounded chunks too. Changes carry their position in the
+//! transaction; readers order a transaction's changes by it.
 
 use std::cell::{Cell, RefCell};
 
@@ -29,6 +32,14 @@ thread_local! {
     static LEVELS: RefCell<Vec<Level>> = const { RefCell::new(Vec::new()) };
     /// Position of the next change in this transaction.
     static SEQ: Cell<u64> = const { Cell::new(0) };
+    /// The nesting level whose buffer and its parent's were written as a chunk by
+    /// `release_subtransaction`: emptied when it commits, kept if it aborts after all.
+    static RELEASED_INTO_LOG: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// Whether a buffer of `count` changes and `bytes` bytes is due to be written as a chunk.
+fn full(count: u64, bytes: usize) -> bool {
+    count >= CHUNK_CHANGES || bytes >= CHUNK_BYTES
 }
 
 pub(crate) fn nest_level() -> usize {
@@ -53,7 +64,7 @@ pub fn record(encode: impl FnOnce(&mut Vec<u8>, u64)) -> Result<(), TrompeError>
         let level = &mut levels[depth - 1];
         encode(&mut level.bytes, seq);
         level.count += 1;
-        level.count >= CHUNK_CHANGES || level.bytes.len() >= CHUNK_BYTES
+        full(level.count, level.bytes.len())
     });
     if full {
         flush_level(depth)?;
@@ -92,12 +103,51 @@ pub fn flush_all() -> Result<(), TrompeError> {
     flush_level(1)
 }
 
+/// A subtransaction is about to commit (still in progress): if its changes would take its
+/// parent's buffer to the chunk size, writes the parent's and its changes as one chunk now,
+/// inside the subtransaction, whose rows become the parent's when it commits. The buffers are
+/// emptied only when it does commit (`end_subtransaction`): if it aborts after all, the chunk
+/// is rolled back and the parent still holds its changes.
+pub fn release_subtransaction() -> Result<(), TrompeError> {
+    let depth = nest_level();
+    if depth < 2 {
+        return Ok(());
+    }
+    let merged = LEVELS.with(|levels| {
+        let levels = levels.borrow();
+        let (Some(parent), Some(child)) = (levels.get(depth - 2), levels.get(depth - 1)) else {
+            return None;
+        };
+        if child.count == 0 || !full(parent.count + child.count, parent.bytes.len() + child.bytes.len()) {
+            return None;
+        }
+        let mut bytes = Vec::with_capacity(parent.bytes.len() + child.bytes.len());
+        bytes.extend_from_slice(&parent.bytes);
+        bytes.extend_from_slice(&child.bytes);
+        Some((parent.count + child.count, bytes))
+    });
+    let Some((count, bytes)) = merged else { return Ok(()) };
+    let slot = crate::capture::log_slot_for_transaction()?;
+    crate::log::writer::append_chunk(slot, count, &bytes)?;
+    RELEASED_INTO_LOG.set(Some(depth));
+    Ok(())
+}
+
 /// A subtransaction ended: hand its changes to the parent, or drop them.
 pub fn end_subtransaction(committed: bool) {
     let depth = nest_level();
+    let written = RELEASED_INTO_LOG.take() == Some(depth);
     LEVELS.with(|levels| {
         let mut levels = levels.borrow_mut();
         if levels.len() < depth {
+            return;
+        }
+        if committed && written {
+            // Its changes and its parent's are in the log (see `release_subtransaction`).
+            levels.truncate(depth - 1);
+            if let Some(parent) = levels.get_mut(depth - 2) {
+                *parent = Level::default();
+            }
             return;
         }
         let child = levels.split_off(depth - 1).into_iter().next().unwrap_or_default();
@@ -127,6 +177,7 @@ pub fn reset() {
         }
     });
     SEQ.set(0);
+    RELEASED_INTO_LOG.set(None);
 }
 
 /// This transaction's changes not written to the log yet, as one chunk (for inspection).

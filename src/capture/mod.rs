@@ -101,6 +101,12 @@ unsafe extern "C-unwind" fn on_subxact_event(
     _arg: *mut std::ffi::c_void,
 ) {
     match event {
+        // Still inside the subtransaction: a large release is written as a chunk.
+        pg_sys::SubXactEvent::SUBXACT_EVENT_PRE_COMMIT_SUB => {
+            if let Err(e) = buffer::release_subtransaction() {
+                e.raise();
+            }
+        }
         pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB => {
             buffer::end_subtransaction(true);
             guard::end_subtransaction(true);

@@ -59,3 +59,47 @@ fn a_transaction_slower_to_transfer_than_the_peer_timeout_replicates() {
     cluster.link(1, 0).heal();
     assert!(wait_for(Duration::from_secs(60), || n1.query_i64("SELECT count(*) FROM items") == rows + 1));
 }
+
+#[test]
+fn a_transaction_of_many_savepoints_is_logged_in_bounded_chunks() {
+    let cluster = Cluster::start("savepoint-chunks", 2);
+    items_on(&cluster);
+    cluster.add_peer(1, 0);
+    let (n0, n1) = (cluster.node(0), cluster.node(1));
+    // One row per released savepoint (what PL/pgSQL exception blocks, JDBC autosave and ORMs'
+    // nested savepoints produce); every 7th rolled back. Then a block whose released inner
+    // savepoints fill several chunks and which is rolled back as a whole.
+    n0.exec(
+        "DO $$
+         BEGIN
+             FOR i IN 1..10000 LOOP
+                 BEGIN
+                     INSERT INTO items VALUES (i, repeat('x', 1000) || i);
+                     IF i % 7 = 0 THEN RAISE EXCEPTION 'undo %', i; END IF;
+                 EXCEPTION WHEN raise_exception THEN NULL;
+                 END;
+             END LOOP;
+             BEGIN
+                 FOR i IN 20001..30000 LOOP
+                     BEGIN
+                         INSERT INTO items VALUES (i, repeat('y', 1000));
+                     EXCEPTION WHEN unique_violation THEN NULL;
+                     END;
+                 END LOOP;
+                 RAISE EXCEPTION 'undo the block';
+             EXCEPTION WHEN raise_exception THEN NULL;
+             END;
+         END $$",
+    );
+    let kept = 10000 - 10000 / 7;
+    assert_eq!(n0.query_i64("SELECT count(*) FROM items"), kept);
+    let logged = n0.query_row("SELECT count(*), max(nchanges), sum(nchanges), max(octet_length(changes)) FROM trompe.log");
+    let num = |i: usize| logged[i].as_deref().and_then(|v| v.parse::<i64>().ok()).unwrap_or(-1);
+    assert!(num(0) >= 3, "the transaction was not split into chunks: {logged:?}");
+    assert!(num(1) <= 4096, "a chunk holds more changes than the cap: {logged:?}");
+    assert_eq!(num(2), kept, "the log holds exactly the kept changes: {logged:?}");
+    assert!(num(3) <= 5 << 20, "a chunk is larger than the cap: {logged:?}");
+    cluster.wait_sync(Duration::from_secs(120));
+    assert_eq!(n0.query_text(&checksum("items")), n1.query_text(&checksum("items")));
+    assert_eq!(n1.query_i64("SELECT count(*) FROM items WHERE id > 10000"), 0, "a rolled-back block replicated");
+}
