@@ -465,3 +465,24 @@ BEGIN
     END IF;
 END
 $$;
+
+-- ===== size limits (issue 20) ===============================================================
+-- What this node's log retains for each consumer (a node pulling from it): the log rows of
+-- transactions it has not confirmed as applied (as last saved, within seconds), their size,
+-- and the age of the oldest of them. Rows shared by several consumers count for each.
+CREATE VIEW trompe.consumer_log AS
+SELECT c.name,
+       c.node_id,
+       c.confirmed_at,
+       count(DISTINCT l.txid) AS retained_transactions,
+       coalesce(sum(l.nchanges), 0)::bigint AS retained_changes,
+       coalesce(sum(pg_catalog.pg_column_size(l.changes)), 0)::bigint AS retained_bytes,
+       CASE WHEN pg_catalog.current_setting('track_commit_timestamp')::boolean THEN
+           pg_catalog.now() - min(pg_catalog.pg_xact_commit_timestamp(
+               ((l.txid::text::bigint) & 4294967295)::text::xid))
+       END AS oldest_unconfirmed_age
+  FROM trompe.consumers c
+  LEFT JOIN trompe.log l ON NOT pg_catalog.pg_visible_in_snapshot(l.txid, c.confirmed::pg_snapshot)
+ GROUP BY c.node_id, c.name, c.confirmed_at;
+COMMENT ON VIEW trompe.consumer_log IS 'Per consumer of this node: the log it holds back (unconfirmed transactions, changes, bytes, age of the oldest).';
+GRANT SELECT ON trompe.consumer_log TO trompe_admin;

@@ -103,3 +103,39 @@ fn a_transaction_of_many_savepoints_is_logged_in_bounded_chunks() {
     assert_eq!(n0.query_text(&checksum("items")), n1.query_text(&checksum("items")));
     assert_eq!(n1.query_i64("SELECT count(*) FROM items WHERE id > 10000"), 0, "a rolled-back block replicated");
 }
+
+#[test]
+fn the_log_a_consumer_holds_back_is_visible_at_the_origin() {
+    let cluster = Cluster::start("consumer-log", 2);
+    items_on(&cluster);
+    cluster.add_peer(1, 0);
+    let (n0, n1) = (cluster.node(0), cluster.node(1));
+    n0.exec("INSERT INTO items VALUES (1, 'first')");
+    cluster.wait_sync(Duration::from_secs(60));
+    n1.exec("SELECT trompe.pause_peer('n1')");
+    for i in 2..=21 {
+        n0.exec(&format!("INSERT INTO items VALUES ({i}, repeat('z', 10000))"));
+    }
+    std::thread::sleep(Duration::from_millis(1100));
+    let held = n0.query_row(
+        "SELECT node_id::text, retained_transactions, retained_changes, retained_bytes,
+                extract(epoch FROM oldest_unconfirmed_age) >= 1
+           FROM trompe.consumer_log",
+    );
+    assert_eq!(held[0], n1.query_text("SELECT trompe.node_id()::text"), "{held:?}");
+    // The first transaction too, if the confirmation of it was not saved yet.
+    let num = |i: usize| held[i].as_deref().and_then(|b| b.parse::<i64>().ok()).unwrap_or(0);
+    assert!((20..=21).contains(&num(1)), "{held:?}");
+    assert!((20..=21).contains(&num(2)), "{held:?}");
+    assert!(num(3) > 0, "{held:?}");
+    assert_eq!(held[4].as_deref(), Some("t"), "{held:?}");
+    n1.exec("SELECT trompe.resume_peer('n1')");
+    cluster.wait_sync(Duration::from_secs(60));
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            n0.query_i64("SELECT retained_transactions FROM trompe.consumer_log") == 0
+        }),
+        "{:?}",
+        n0.query_row("SELECT * FROM trompe.consumer_log")
+    );
+}
