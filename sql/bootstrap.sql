@@ -127,7 +127,11 @@ CREATE TABLE trompe.consumers (
     logins text[],
     -- For a registration made for a joining node by the node it copies: the SHA-256 of the
     -- joining node's secret, which binds the registration to the login that presents it.
-    claim text
+    claim text,
+    -- Set when it fell behind past trompe.max_log_size: its log is no longer kept, its pulls
+    -- are refused until it registers anew (joins again).
+    lost_at timestamptz,
+    lost_reason text
 );
 COMMENT ON TABLE trompe.consumers IS 'Nodes pulling from this node, the position they confirmed (holds back log truncation) and the logins they pull with.';
 

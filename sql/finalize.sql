@@ -274,10 +274,14 @@ SELECT c.name,
        CASE WHEN pg_catalog.current_setting('track_commit_timestamp')::boolean THEN
            pg_catalog.now() - min(pg_catalog.pg_xact_commit_timestamp(
                ((l.txid::text::bigint) & 4294967295)::text::xid))
-       END AS oldest_unconfirmed_age
+       END AS oldest_unconfirmed_age,
+       -- Past trompe.max_log_size: when and why it was marked lost (it holds nothing back then).
+       c.lost_at,
+       c.lost_reason
   FROM trompe.consumers c
-  LEFT JOIN trompe.log l ON NOT pg_catalog.pg_visible_in_snapshot(l.txid, c.confirmed::pg_snapshot)
- GROUP BY c.node_id, c.name, c.confirmed_at;
+  LEFT JOIN trompe.log l ON c.lost_at IS NULL
+       AND NOT pg_catalog.pg_visible_in_snapshot(l.txid, c.confirmed::pg_snapshot)
+ GROUP BY c.node_id, c.name, c.confirmed_at, c.lost_at, c.lost_reason;
 COMMENT ON VIEW trompe.consumer_log IS 'Per consumer of this node: the log it holds back (unconfirmed transactions, changes, bytes, age of the oldest).';
 GRANT SELECT ON trompe.consumer_log TO trompe_admin;
 

@@ -467,6 +467,8 @@ END
 $$;
 
 -- ===== size limits (issue 20) ===============================================================
+-- A consumer that fell behind past trompe.max_log_size is marked lost (src/log/rotation.rs).
+ALTER TABLE trompe.consumers ADD COLUMN lost_at timestamptz, ADD COLUMN lost_reason text;
 -- What this node's log retains for each consumer (a node pulling from it): the log rows of
 -- transactions it has not confirmed as applied (as last saved, within seconds), their size,
 -- and the age of the oldest of them. Rows shared by several consumers count for each.
@@ -480,9 +482,13 @@ SELECT c.name,
        CASE WHEN pg_catalog.current_setting('track_commit_timestamp')::boolean THEN
            pg_catalog.now() - min(pg_catalog.pg_xact_commit_timestamp(
                ((l.txid::text::bigint) & 4294967295)::text::xid))
-       END AS oldest_unconfirmed_age
+       END AS oldest_unconfirmed_age,
+       -- Past trompe.max_log_size: when and why it was marked lost (it holds nothing back then).
+       c.lost_at,
+       c.lost_reason
   FROM trompe.consumers c
-  LEFT JOIN trompe.log l ON NOT pg_catalog.pg_visible_in_snapshot(l.txid, c.confirmed::pg_snapshot)
- GROUP BY c.node_id, c.name, c.confirmed_at;
+  LEFT JOIN trompe.log l ON c.lost_at IS NULL
+       AND NOT pg_catalog.pg_visible_in_snapshot(l.txid, c.confirmed::pg_snapshot)
+ GROUP BY c.node_id, c.name, c.confirmed_at, c.lost_at, c.lost_reason;
 COMMENT ON VIEW trompe.consumer_log IS 'Per consumer of this node: the log it holds back (unconfirmed transactions, changes, bytes, age of the oldest).';
 GRANT SELECT ON trompe.consumer_log TO trompe_admin;

@@ -45,6 +45,23 @@ pub fn logins_installed() -> bool {
     }
 }
 
+/// Whether this database's schema can mark consumers lost (`trompe.max_log_size`, 0.5.0 or
+/// later).
+pub fn lost_installed() -> bool {
+    // SAFETY: syscache lookups by name, inside a transaction.
+    unsafe {
+        let nsp = pg_sys::get_namespace_oid(c"trompe".as_ptr(), true);
+        if nsp == pg_sys::InvalidOid {
+            return false;
+        }
+        let rel = pg_sys::get_relname_relid(c"consumers".as_ptr(), nsp);
+        rel != pg_sys::InvalidOid && pg_sys::get_attnum(rel, c"lost_at".as_ptr()) != pg_sys::InvalidAttrNumber as i16
+    }
+}
+
+/// The SQLSTATE a pull of a consumer marked lost fails with (configuration_limit_exceeded).
+pub const LOST_SQLSTATE: &str = "53400";
+
 /// The login of this session (`session_user`: what it authenticated as; neither `SET ROLE` nor
 /// a SECURITY DEFINER function changes it).
 pub fn session_login() -> String {
@@ -81,6 +98,8 @@ pub struct Registration {
     pub claim_pending: bool,
     /// This transaction bound it to the session's login (and holds its row lock).
     pub bound_now: bool,
+    /// Why it was marked lost (`trompe.max_log_size`), if it was.
+    pub lost: Option<String>,
 }
 
 /// How a login acts for a consumer.
@@ -97,14 +116,21 @@ pub fn read(node: &str) -> Result<Option<Registration>, TrompeError> {
     let login = session_login();
     let row = as_extension_owner(|| {
         if logins_installed() {
+            let lost = if lost_installed() {
+                "CASE WHEN lost_at IS NOT NULL THEN coalesce(lost_reason, 'lost') END"
+            } else {
+                "NULL"
+            };
             sql::row(
-                "SELECT confirmed, coalesce($2 = ANY(logins), false), logins IS NULL, claim IS NOT NULL
-                   FROM trompe.consumers WHERE node_id = $1::uuid",
+                &format!(
+                    "SELECT confirmed, coalesce($2 = ANY(logins), false), logins IS NULL, claim IS NOT NULL, {lost}
+                       FROM trompe.consumers WHERE node_id = $1::uuid"
+                ),
                 &[Some(node), Some(&login)],
             )
         } else {
             sql::row(
-                "SELECT confirmed, true, false, false FROM trompe.consumers WHERE node_id = $1::uuid",
+                "SELECT confirmed, true, false, false, NULL FROM trompe.consumers WHERE node_id = $1::uuid",
                 &[Some(node)],
             )
         }
@@ -116,6 +142,7 @@ pub fn read(node: &str) -> Result<Option<Registration>, TrompeError> {
         unbound: r[2].as_deref() == Some("t"),
         claim_pending: r[3].as_deref() == Some("t"),
         bound_now: false,
+        lost: r[4].clone(),
     }))
 }
 
@@ -232,6 +259,9 @@ fn resume_consumer(
         // Under the lock, nothing registers this node meanwhile and nothing is truncated.
         lock_registrations().map_err(TrompeError::Internal)?;
         let reg = authorized(&node, Act::Bind)?;
+        if let Some(reason) = reg.as_ref().and_then(|r| r.lost.clone()) {
+            return Err(TrompeError::ConsumerLost { node: node.clone(), reason });
+        }
         let now = crate::log::rotation::snapshot_now().map_err(TrompeError::Internal)?;
         if !now.covers(&wanted) {
             return Err(TrompeError::BadRequest(format!("position {position} is ahead of this node")));

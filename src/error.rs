@@ -96,6 +96,9 @@ pub enum TrompeError {
     /// A role named as a consumer's login does not exist.
     #[error("role \"{0}\" does not exist")]
     NoSuchRole(String),
+    /// A consumer fell behind past `trompe.max_log_size`: the log kept for it was given up.
+    #[error("node {node} was marked lost by this node: {reason}")]
+    ConsumerLost { node: String, reason: String },
     /// A consumer's position went back past what it had confirmed.
     #[error("node {0} asks for changes older than it had confirmed; the log may have been pruned")]
     PositionRegressed(String),
@@ -229,6 +232,7 @@ impl TrompeError {
             TrompeError::NoSuchSchema(_) => ERRCODE_INVALID_SCHEMA_NAME,
             TrompeError::ReservedSchema(_) => ERRCODE_INVALID_PARAMETER_VALUE,
             TrompeError::BadRequest(_) => ERRCODE_PROTOCOL_VIOLATION,
+            TrompeError::ConsumerLost { .. } => ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
             TrompeError::NotAConsumer(_) | TrompeError::PositionRegressed(_) => {
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
@@ -279,6 +283,10 @@ impl TrompeError {
             TrompeError::PositionRegressed(_) => {
                 Some("Remove the peer on the node that lags and add it again with sync => true.")
             }
+            TrompeError::ConsumerLost { .. } => Some(
+                "The changes it had not applied are no longer kept: on that node, remove this peer and add it again \
+                 with sync => true (its data is copied anew).",
+            ),
             TrompeError::NotAConsumer(_) => Some(
                 "That node no longer keeps its log for this one (it was removed there, or dropped by an administrator): \
                  remove the peer here and add it again, which resumes if its log still goes back far enough.",

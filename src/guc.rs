@@ -19,6 +19,9 @@ pub static CONNECT_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(10);
 /// answer before the connection is given up, in milliseconds. A pull that keeps moving bytes
 /// never times out, however long it takes.
 pub static PEER_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
+/// `trompe.max_log_size`: the most log this node keeps for consumers that fall behind, in MB
+/// (-1: no limit). Past it, the consumers holding back the oldest log table are marked lost.
+pub static MAX_LOG_SIZE_MB: GucSetting<i32> = GucSetting::<i32>::new(-1);
 /// `trompe.log_rotation_interval`: how often the current log table is switched, in ms.
 pub static LOG_ROTATION_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 
@@ -119,6 +122,16 @@ pub fn define() {
         86_400_000,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"trompe.max_log_size",
+        c"The most change log kept for consumers that fall behind (-1: no limit).",
+        c"Past it, the consumers holding back the oldest log table are marked lost and must join again.",
+        &MAX_LOG_SIZE_MB,
+        -1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MB,
     );
     GucRegistry::define_int_guc(
         c"trompe.max_clock_skew",

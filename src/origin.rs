@@ -166,6 +166,9 @@ fn check_consumer(consumer: pgrx::Uuid, done: &Snapshot, cur: Option<&Snapshot>,
     let Some(reg) = crate::consumers::authorized(&consumer_text, crate::consumers::Act::Bind).or_raise() else {
         TrompeError::NotAConsumer(consumer_text).raise();
     };
+    if let Some(reason) = reg.lost {
+        TrompeError::ConsumerLost { node: consumer_text, reason }.raise();
+    }
     let id: [u8; 16] = *consumer.as_bytes();
     let stored = effective_confirmed(&id, &reg.confirmed);
     let stored_snap = stored.parse::<Snapshot>().ok();
@@ -367,9 +370,10 @@ fn register_consumer(
             &format!(
                 "INSERT INTO trompe.consumers (node_id, name, confirmed{}) VALUES ($1::uuid, $2, $3{})
                  ON CONFLICT (node_id) DO UPDATE SET name = EXCLUDED.name, confirmed = EXCLUDED.confirmed,
-                     registered_at = now(), confirmed_at = now()",
+                     registered_at = now(), confirmed_at = now(){}",
                 if bound { ", logins" } else { "" },
-                if bound { ", $4::text[]" } else { "" }
+                if bound { ", $4::text[]" } else { "" },
+                clear_lost()
             ),
             &[Some(&consumer_text), Some(consumer_name), Some(&snapshot), logins.as_deref()],
         )
@@ -382,6 +386,16 @@ fn register_consumer(
         .map_err(TrompeError::Internal)
         .or_raise();
     TableIterator::once((node, snapshot, tracked))
+}
+
+/// What a registration made anew sets besides its position: it is no longer lost (see
+/// `log::rotation`), if this schema marks consumers lost.
+fn clear_lost() -> &'static str {
+    if crate::consumers::lost_installed() {
+        ", lost_at = NULL, lost_reason = NULL"
+    } else {
+        ""
+    }
 }
 
 /// The position `consumer` has confirmed here (NULL if it is not registered), if the session's
@@ -446,7 +460,8 @@ fn register_from(consumer: pgrx::Uuid, consumer_name: &str, template: pgrx::Uuid
              ON CONFLICT (node_id) DO UPDATE SET name = EXCLUDED.name, confirmed = EXCLUDED.confirmed,
                  registered_at = now(), confirmed_at = now()"
         };
-        crate::sql::execute(sql, &[Some(&node), Some(consumer_name), Some(&position), claim])
+        let sql = format!("{sql}{}", clear_lost());
+        crate::sql::execute(&sql, &[Some(&node), Some(consumer_name), Some(&position), claim])
             .map_err(|e| TrompeError::Internal(format!("registering consumer: {e}")))
             .or_raise();
         position

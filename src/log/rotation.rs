@@ -1,7 +1,8 @@
 //! Which log table writers append to, and the rotation that keeps the log small without ever
 //! deleting from it: writers switch to the next table every `trompe.log_rotation_interval`,
 //! and a table that is no longer current is truncated once every consumer has confirmed
-//! everything in it.
+//! everything in it. Past `trompe.max_log_size`, the consumers that hold back the oldest table
+//! are marked lost (they must join again) and no longer hold anything back.
 
 use std::sync::atomic::Ordering;
 
@@ -84,7 +85,12 @@ pub fn snapshot_now() -> Result<Snapshot, String> {
 /// confirmed through shared memory into `trompe.consumers` on the way.
 fn confirmed_horizon() -> Result<u64, String> {
     let mut horizon = u64::MAX;
-    for r in sql::rows("SELECT node_id, confirmed FROM trompe.consumers", &[])? {
+    let query = if crate::consumers::lost_installed() {
+        "SELECT node_id, confirmed FROM trompe.consumers WHERE lost_at IS NULL"
+    } else {
+        "SELECT node_id, confirmed FROM trompe.consumers"
+    };
+    for r in sql::rows(query, &[])? {
         let (Some(node), Some(stored)) = (r[0].as_deref(), r[1].as_deref()) else {
             return Ok(0);
         };
@@ -104,6 +110,62 @@ fn confirmed_horizon() -> Result<u64, String> {
         }
     }
     Ok(horizon)
+}
+
+/// The size of the log tables together, in bytes.
+fn log_size() -> Result<i64, String> {
+    let parts: Vec<String> = (0..LOG_SLOTS).map(|s| format!("pg_total_relation_size('trompe.log_{s}')")).collect();
+    sql::value(&format!("SELECT ({})::text", parts.join(" + ")), &[])?
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| "the size of the log is unknown".to_string())
+}
+
+/// Past `trompe.max_log_size`: marks lost every consumer that has not confirmed all of the
+/// oldest retired log table (one nobody writes to any more), so that it can be truncated. A
+/// lost consumer's pulls are refused (SQLSTATE 53400) until it registers anew (joins again).
+fn mark_laggards(rows: &[SlotRow], xmin: u64) -> Result<(), String> {
+    let max_mb = crate::guc::MAX_LOG_SIZE_MB.get();
+    if max_mb < 0 || !crate::consumers::lost_installed() {
+        return Ok(());
+    }
+    let size = log_size()?;
+    if size <= max_mb as i64 * 1024 * 1024 {
+        return Ok(());
+    }
+    let mut retired: Vec<&SlotRow> =
+        rows.iter().filter(|r| !r.is_current && r.retired_below.is_some_and(|b| b <= xmin)).collect();
+    retired.sort_by_key(|r| r.retired_below);
+    let mut oldest_newest = None;
+    for r in retired {
+        oldest_newest = newest_transaction(r.slot)?;
+        if oldest_newest.is_some() {
+            break;
+        }
+    }
+    let Some(newest) = oldest_newest else {
+        return Ok(());
+    };
+    for r in sql::rows("SELECT node_id, name, confirmed FROM trompe.consumers WHERE lost_at IS NULL", &[])? {
+        let (Some(node), Some(name), Some(stored)) = (r[0].as_deref(), r[1].as_deref(), r[2].as_deref()) else {
+            continue;
+        };
+        let Ok(id) = node.parse::<NodeId>() else { continue };
+        let confirmed = crate::origin::effective_confirmed(&id.0, stored);
+        if confirmed.parse::<Snapshot>().is_ok_and(|c| c.xmin > newest) {
+            continue;
+        }
+        let reason = format!(
+            "it fell behind while this node's change log grew past trompe.max_log_size ({max_mb} MB; it holds {} MB), \
+             so the changes it had not applied are no longer kept for it and it must join again",
+            size >> 20
+        );
+        sql::execute(
+            "UPDATE trompe.consumers SET lost_at = now(), lost_reason = $2 WHERE node_id = $1::uuid",
+            &[Some(node), Some(&reason)],
+        )?;
+        pgrx::warning!("trompe: consumer \"{name}\" (node {node}) marked lost: {reason}");
+    }
+    Ok(())
 }
 
 /// Takes an exclusive lock on log table `slot` (until the transaction ends) if nobody holds a
@@ -132,8 +194,11 @@ pub fn maintain(db: &DbSlot) -> Result<(), String> {
     // this transaction ends, or nothing is truncated this round.
     let may_truncate = crate::consumers::try_lock_registrations()?;
     let watermark = crate::consumers::logins_installed();
-    let horizon = confirmed_horizon()?;
     let xmin = snapshot_now()?.xmin;
+    if may_truncate {
+        mark_laggards(&rows, xmin)?;
+    }
+    let horizon = confirmed_horizon()?;
     for row in rows.iter().filter(|r| !r.is_current) {
         let slot = row.slot.to_string();
         match row.retired_below {

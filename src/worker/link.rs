@@ -39,6 +39,8 @@ pub enum ConnState {
     Paused = 3,
     /// Connected, but a transaction of the peer cannot be applied (retried with backoff).
     Error = 4,
+    /// The peer marked this node lost (`trompe.max_log_size` there): it must join again.
+    Lost = 5,
 }
 
 impl ConnState {
@@ -49,6 +51,7 @@ impl ConnState {
             2 => "connected",
             3 => "paused",
             4 => "error",
+            5 => "lost",
             _ => "disconnected",
         }
     }
@@ -107,6 +110,8 @@ pub struct Link {
     failure: Option<(i64, String)>,
     /// Whether a transaction with DDL was applied since the engine last asked.
     applied_ddl: bool,
+    /// The peer refused the last pull because it marked this node lost.
+    lost: bool,
 }
 
 /// What the progress table and the replication origin hold for a peer.
@@ -224,6 +229,7 @@ impl Link {
             skip_txn: None,
             failure: None,
             applied_ddl: false,
+            lost: false,
         };
         // Applied by an earlier link of this peer since its counters were written (the slot
         // outlives a worker restart, not a server restart).
@@ -236,6 +242,8 @@ impl Link {
     }
 
     fn publish(&self, s: ConnState) {
+        // Marked lost by the peer: shown until a pull goes through again (or it is paused).
+        let s = if self.lost && s != ConnState::Paused { ConnState::Lost } else { s };
         if let Some(slot) = self.slot {
             slot.conn_state.store(s as u32, Ordering::Release);
         }
@@ -385,7 +393,13 @@ impl Link {
                 if conn.consume().map_err(|e| e.describe())? == Want::Read {
                     return self.wait_for(Want::Read, now);
                 }
-                let result = conn.take_result().map_err(|e| e.describe())?;
+                let result = match conn.take_result() {
+                    Ok(result) => result,
+                    Err(e) => {
+                        self.lost = e.sqlstate.as_deref() == Some(crate::consumers::LOST_SQLSTATE);
+                        return Err(e.describe());
+                    }
+                };
                 if self.state == State::Handshake {
                     let id = result.get(0, 0).unwrap_or_default();
                     if id != self.node.to_string() {
@@ -562,6 +576,9 @@ impl Link {
 
     /// A pull went through and everything it brought is applied: the stream flows.
     fn pulled(&mut self) {
+        if std::mem::take(&mut self.lost) {
+            self.publish(ConnState::Connected);
+        }
         if let Some(slot) = self.slot {
             slot.last_pull_ms.store(now_ms(), Ordering::Release);
             slot.failing_txn.store(0, Ordering::Release);

@@ -93,7 +93,8 @@ fn a_transaction_of_many_savepoints_is_logged_in_bounded_chunks() {
     );
     let kept = 10000 - 10000 / 7;
     assert_eq!(n0.query_i64("SELECT count(*) FROM items"), kept);
-    let logged = n0.query_row("SELECT count(*), max(nchanges), sum(nchanges), max(octet_length(changes)) FROM trompe.log");
+    let logged =
+        n0.query_row("SELECT count(*), max(nchanges), sum(nchanges), max(octet_length(changes)) FROM trompe.log");
     let num = |i: usize| logged[i].as_deref().and_then(|v| v.parse::<i64>().ok()).unwrap_or(-1);
     assert!(num(0) >= 3, "the transaction was not split into chunks: {logged:?}");
     assert!(num(1) <= 4096, "a chunk holds more changes than the cap: {logged:?}");
@@ -138,4 +139,64 @@ fn the_log_a_consumer_holds_back_is_visible_at_the_origin() {
         "{:?}",
         n0.query_row("SELECT * FROM trompe.consumer_log")
     );
+}
+
+#[test]
+fn a_consumer_past_max_log_size_is_marked_lost_and_frees_the_log() {
+    let cluster = Cluster::builder("max-log-size")
+        .nodes(3)
+        .setting("trompe.max_log_size", "'1MB'")
+        .setting("trompe.log_rotation_interval", "'300ms'")
+        .start();
+    items_on(&cluster);
+    cluster.add_peer(1, 0);
+    cluster.add_peer(2, 0);
+    let (n0, n1, n2) = (cluster.node(0), cluster.node(1), cluster.node(2));
+    n0.exec("INSERT INTO items VALUES (0, 'first')");
+    cluster.wait_sync(Duration::from_secs(60));
+    let laggard = n2.query_text("SELECT trompe.node_id()::text").unwrap();
+    let keeper = n1.query_text("SELECT trompe.node_id()::text").unwrap();
+    n2.exec("SELECT trompe.pause_peer('n1')");
+    // 40 transactions of about 100 KB that does not compress: 4 MB, past the 1 MB limit.
+    for t in 0..40 {
+        n0.exec(&format!(
+            "INSERT INTO items (id, note)
+             SELECT g, (SELECT string_agg(md5(g::text || ':' || i), '') FROM generate_series(1, 64) i)
+               FROM generate_series({}, {}) g",
+            t * 50 + 1,
+            t * 50 + 50
+        ));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let lost = |node: &str| {
+        n0.query_text(&format!("SELECT lost_at IS NOT NULL FROM trompe.consumer_log WHERE node_id = '{node}'"))
+            == Some("t".into())
+    };
+    assert!(
+        wait_for(Duration::from_secs(60), || lost(&laggard)),
+        "the laggard was not marked lost: {:?}",
+        n0.query_row("SELECT * FROM trompe.consumer_log")
+    );
+    assert!(!lost(&keeper), "a consumer keeping up was marked lost");
+    assert!(n0.log().contains("marked lost"), "the origin does not say so");
+    // The consumer keeping up has everything, and the log is freed.
+    assert!(wait_for(Duration::from_secs(60), || n1.query_i64("SELECT count(*) FROM items") == 2001));
+    assert!(
+        wait_for(Duration::from_secs(60), || n0.query_i64("SELECT count(*) FROM trompe.log") < 10),
+        "the log was not freed: {} rows",
+        n0.query_i64("SELECT count(*) FROM trompe.log")
+    );
+    assert_eq!(n0.query_i64("SELECT retained_transactions FROM trompe.consumer_log WHERE lost_at IS NOT NULL"), 0);
+    // The laggard, back, is told: state lost, and why.
+    n2.exec("SELECT trompe.resume_peer('n1')");
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            n2.query_text("SELECT state FROM trompe.status WHERE name = 'n1'").as_deref() == Some("lost")
+        }),
+        "{:?}",
+        n2.query_row("SELECT state, last_error FROM trompe.status")
+    );
+    let error = n2.query_text("SELECT last_error FROM trompe.status WHERE name = 'n1'").unwrap_or_default();
+    assert!(error.contains("marked lost") && error.contains("trompe.max_log_size"), "{error}");
+    assert_eq!(n2.query_i64("SELECT count(*) FROM items"), 1, "the laggard applied nothing meanwhile");
 }
