@@ -86,6 +86,16 @@ extern "C" {
     fn recv(socket: std::ffi::c_int, buf: *mut std::ffi::c_void, len: usize, flags: std::ffi::c_int) -> isize;
 }
 
+/// The next step of a query whose rows arrive one at a time ([`Conn::next_row`]).
+pub enum RowStep {
+    /// More must be read from the socket first.
+    Busy,
+    /// One row (a result of one row).
+    Row(PgResult),
+    /// The query is complete.
+    End,
+}
+
 /// How long cancelling a query on a peer may take before it is given up (the connection is
 /// closed anyway).
 pub const CANCEL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -266,6 +276,45 @@ impl Conn {
                 Ok(Want::Read)
             } else {
                 Ok(Want::Done)
+            }
+        }
+    }
+
+    /// Right after a query was sent: asks for its rows one at a time ([`Conn::next_row`]), so
+    /// that libpq never holds them all.
+    pub fn single_row_mode(&mut self) -> Result<(), PqError> {
+        // SAFETY: raw is a valid connection object with a query just sent.
+        if unsafe { pq::PQsetSingleRowMode(self.raw) } == 1 {
+            Ok(())
+        } else {
+            Err(PqError::new(PqErrorKind::Query, "could not switch to single-row mode"))
+        }
+    }
+
+    /// In single-row mode, after `consume`: the next row if one is there, `Busy` if more must
+    /// be read first, `End` once the query is complete; the query's error if it failed.
+    pub fn next_row(&mut self) -> Result<RowStep, PqError> {
+        loop {
+            // SAFETY: raw is valid; PQgetResult does not block once PQisBusy says false.
+            let res = unsafe {
+                if pq::PQisBusy(self.raw) != 0 {
+                    return Ok(RowStep::Busy);
+                }
+                pq::PQgetResult(self.raw)
+            };
+            if res.is_null() {
+                return Ok(RowStep::End);
+            }
+            let res = PgResult { raw: res };
+            // SAFETY: res is a valid result.
+            match unsafe { pq::PQresultStatus(res.raw) } {
+                pq::ExecStatusType::PGRES_SINGLE_TUPLE => return Ok(RowStep::Row(res)),
+                // The empty result that ends the rows; the end of the query follows.
+                pq::ExecStatusType::PGRES_TUPLES_OK => continue,
+                _ => {
+                    res.check()?;
+                    return Err(PqError::new(PqErrorKind::Query, "the peer returned an unexpected result"));
+                }
             }
         }
     }

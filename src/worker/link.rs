@@ -12,7 +12,7 @@ use trompe_core::nodeid::NodeId;
 use trompe_core::position::{in_origin, Position, Step};
 use trompe_core::snapshot::Snapshot;
 
-use crate::libpq::{Conn, PgResult, PqError, Want};
+use crate::libpq::{Conn, PgResult, PqError, RowStep, Want};
 use crate::shmem::{now_ms, PeerSlot};
 use crate::worker::apply::{apply_transaction, ApplyCache, Change};
 use crate::worker::progress;
@@ -110,6 +110,8 @@ pub struct Link {
     failure: Option<(i64, String)>,
     /// Whether a transaction with DDL was applied since the engine last asked.
     applied_ddl: bool,
+    /// The answer of the pull in progress, as far as it arrived.
+    incoming: BatchBuilder,
     /// The peer refused the last pull because it marked this node lost.
     lost: bool,
 }
@@ -140,43 +142,63 @@ struct Batch {
     txns: Vec<Vec<Change>>,
 }
 
-fn parse_batch(result: &PgResult) -> Result<Batch, String> {
-    if result.rows() == 0 || result.bytes(0, 0) != Some(b"H") {
-        return Err("the peer's answer has no header".into());
-    }
-    let cur = match result.bytes(0, 1) {
-        Some(t) => {
-            Some(std::str::from_utf8(t).map_err(|e| e.to_string())?.parse::<Snapshot>().map_err(|e| e.to_string())?)
-        }
-        None => None,
-    };
-    let mut batch = Batch {
-        cur,
-        complete: result.bytes(0, 2) == Some(&[1]),
-        commits: result.int8(0, 3).unwrap_or(-1),
-        pending: result.int8(0, 4).unwrap_or(0),
-        oldest_us: result.int8(0, 5),
-        txns: Vec::new(),
-    };
-    let mut current: Vec<Change> = Vec::new();
-    let mut current_last = None;
-    for r in 1..result.rows() {
+/// A pull's answer as its rows arrive (one at a time: each log row is decoded and freed as it
+/// comes): the header row first, then the log rows of each transaction.
+#[derive(Default)]
+struct BatchBuilder {
+    batch: Option<Batch>,
+    current: Vec<Change>,
+    current_last: Option<i64>,
+}
+
+impl BatchBuilder {
+    /// Takes row `r` of `result`.
+    fn row(&mut self, result: &PgResult, r: usize) -> Result<(), String> {
+        let Some(batch) = self.batch.as_mut() else {
+            if result.bytes(r, 0) != Some(b"H") {
+                return Err("the peer's answer has no header".into());
+            }
+            let cur = match result.bytes(r, 1) {
+                Some(t) => Some(
+                    std::str::from_utf8(t)
+                        .map_err(|e| e.to_string())?
+                        .parse::<Snapshot>()
+                        .map_err(|e| e.to_string())?,
+                ),
+                None => None,
+            };
+            self.batch = Some(Batch {
+                cur,
+                complete: result.bytes(r, 2) == Some(&[1]),
+                commits: result.int8(r, 3).unwrap_or(-1),
+                pending: result.int8(r, 4).unwrap_or(0),
+                oldest_us: result.int8(r, 5),
+                txns: Vec::new(),
+            });
+            return Ok(());
+        };
         let txn_last = result.int8(r, 6).ok_or("a log row without transaction")?;
         let commit_us = result.int8(r, 7).ok_or_else(|| {
             format!("transaction {txn_last} has no commit time (is track_commit_timestamp on at the peer?)")
         })?;
         let bytes = result.bytes(r, 9).ok_or("a log row without changes")?;
         let records = decode(bytes).map_err(|e| format!("log row of transaction {txn_last}: {e}"))?;
-        if current_last.is_some_and(|l| l != txn_last) {
-            batch.txns.push(finish_transaction(std::mem::take(&mut current)));
+        if self.current_last.is_some_and(|l| l != txn_last) {
+            batch.txns.push(finish_transaction(std::mem::take(&mut self.current)));
         }
-        current_last = Some(txn_last);
-        current.extend(records.into_iter().map(|record| Change { txn_last, commit_us, record }));
+        self.current_last = Some(txn_last);
+        self.current.extend(records.into_iter().map(|record| Change { txn_last, commit_us, record }));
+        Ok(())
     }
-    if !current.is_empty() {
-        batch.txns.push(finish_transaction(current));
+
+    /// The whole answer, once every row arrived.
+    fn finish(self) -> Result<Batch, String> {
+        let mut batch = self.batch.ok_or("the peer's answer has no header")?;
+        if !self.current.is_empty() {
+            batch.txns.push(finish_transaction(self.current));
+        }
+        Ok(batch)
     }
-    Ok(batch)
 }
 
 /// A transaction's changes in the order they were made (chunks written from savepoints can
@@ -229,6 +251,7 @@ impl Link {
             skip_txn: None,
             failure: None,
             applied_ddl: false,
+            incoming: BatchBuilder::default(),
             lost: false,
         };
         // Applied by an earlier link of this peer since its counters were written (the slot
@@ -378,7 +401,37 @@ impl Link {
                     want => self.wait_for(want, now),
                 }
             }
-            State::Handshake | State::Pulling => {
+            State::Pulling => {
+                let conn = self.conn.as_mut().ok_or("no connection")?;
+                if self.flushing {
+                    if conn.flush().map_err(|e| e.describe())? == Want::Write {
+                        return self.wait_for(Want::Write, now);
+                    }
+                    self.flushing = false;
+                }
+                // Only silence times out: every byte received moves the deadline.
+                if conn.input_waiting() {
+                    self.deadline_ms = self.deadline_ms.max(now + peer_timeout_ms());
+                }
+                conn.consume().map_err(|e| e.describe())?;
+                loop {
+                    let conn = self.conn.as_mut().ok_or("no connection")?;
+                    match conn.next_row() {
+                        Ok(RowStep::Busy) => return self.wait_for(Want::Read, now),
+                        Ok(RowStep::Row(row)) => self.incoming.row(&row, 0)?,
+                        Ok(RowStep::End) => break,
+                        Err(e) => {
+                            self.lost = e.sqlstate.as_deref() == Some(crate::consumers::LOST_SQLSTATE);
+                            return Err(e.describe());
+                        }
+                    }
+                }
+                let batch = std::mem::take(&mut self.incoming).finish()?;
+                self.handle_batch(cache, batch)?;
+                self.state = State::Ready;
+                Ok(None)
+            }
+            State::Handshake => {
                 let conn = self.conn.as_mut().ok_or("no connection")?;
                 if self.flushing {
                     if conn.flush().map_err(|e| e.describe())? == Want::Write {
@@ -400,18 +453,14 @@ impl Link {
                         return Err(e.describe());
                     }
                 };
-                if self.state == State::Handshake {
-                    let id = result.get(0, 0).unwrap_or_default();
-                    if id != self.node.to_string() {
-                        return Err(format!(
-                            "the peer answers as node {id}, not {} (is the connection string pointing to another database?)",
-                            self.node
-                        ));
-                    }
-                    self.publish(ConnState::Connected);
-                } else {
-                    self.handle_batch(cache, &result)?;
+                let id = result.get(0, 0).unwrap_or_default();
+                if id != self.node.to_string() {
+                    return Err(format!(
+                        "the peer answers as node {id}, not {} (is the connection string pointing to another database?)",
+                        self.node
+                    ));
                 }
+                self.publish(ConnState::Connected);
                 self.state = State::Ready;
                 Ok(None)
             }
@@ -507,14 +556,16 @@ impl Link {
                 Some(&confirmed),
             ],
         )?;
+        let conn = self.conn.as_mut().ok_or("no connection")?;
+        conn.single_row_mode().map_err(|e| e.describe())?;
+        self.incoming = BatchBuilder::default();
         self.state = State::Pulling;
         // The peer may wait for news for up to `wait_ms` before it sends anything.
         self.deadline_ms = now + wait_ms as i64 + peer_timeout_ms();
         Ok(())
     }
 
-    fn handle_batch(&mut self, cache: &mut ApplyCache, result: &PgResult) -> Result<(), String> {
-        let batch = parse_batch(result)?;
+    fn handle_batch(&mut self, cache: &mut ApplyCache, batch: Batch) -> Result<(), String> {
         self.seen_commits = batch.commits;
         let Some(cur) = batch.cur.clone() else {
             self.pulled();
