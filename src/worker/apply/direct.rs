@@ -11,6 +11,10 @@ use pgrx::pg_sys;
 use super::table::Table;
 use super::{ApplyError, Change};
 
+/// The converted values of a run are freed once they take this much memory (a transaction
+/// of any size is inserted with bounded memory).
+const VALUES_MEMORY: usize = 8 << 20;
+
 /// Where each of the change's columns goes in the table's tuple descriptor, if the change
 /// carries every writable column exactly once.
 fn column_positions(table: &Table, change: &Change) -> Option<Vec<usize>> {
@@ -46,8 +50,10 @@ fn insert_rows_as_current_user(table: &Table, run: &[Change]) -> Result<bool, Ap
     // transaction, as an INSERT does) and closed at the end; the executor state, result
     // relation and slot are set up as PostgreSQL's logical replication apply sets them up,
     // and freed before returning; an error raised inside aborts the transaction, which
-    // releases all of them. Values are converted by each column's input function, and the
-    // slot's arrays are sized by the relation's own descriptor.
+    // releases all of them. Values are converted by each column's input function into a
+    // context of our own, reset only after the row using them was inserted and the slot
+    // cleared, and deleted at the end (a child of the current context: an error frees it with
+    // the transaction); the slot's arrays are sized by the relation's own descriptor.
     unsafe {
         let lock = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
         let rel = pg_sys::table_open(table.relid, lock);
@@ -71,10 +77,20 @@ fn insert_rows_as_current_user(table: &Table, run: &[Change]) -> Result<bool, Ap
         pg_sys::AfterTriggerBeginQuery();
         pg_sys::ExecOpenIndices(rri, false);
         let slot = pg_sys::ExecInitExtraTupleSlot(estate, (*rel).rd_att, &pg_sys::TTSOpsVirtual);
+        // The values converted from text live here, freed every VALUES_MEMORY (with the
+        // conversions reused from the previous row).
+        let values_context = pg_sys::AllocSetContextCreateInternal(
+            pg_sys::CurrentMemoryContext,
+            c"trompe apply values".as_ptr(),
+            pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+        );
         let mut last = vec![None; attrs.len()];
         for change in run {
             let vals = change.vals.as_deref().unwrap_or_default();
             pg_sys::ExecClearTuple(slot);
+            let outer = pg_sys::MemoryContextSwitchTo(values_context);
             let values = std::slice::from_raw_parts_mut((*slot).tts_values, natts);
             let nulls = std::slice::from_raw_parts_mut((*slot).tts_isnull, natts);
             nulls.fill(true);
@@ -83,14 +99,23 @@ fn insert_rows_as_current_user(table: &Table, run: &[Change]) -> Result<bool, Ap
                 values[positions[j]] = d;
                 nulls[positions[j]] = n;
             }
+            pg_sys::MemoryContextSwitchTo(outer);
             pg_sys::ExecStoreVirtualTuple(slot);
             pg_sys::ExecSimpleRelationInsert(rri, estate, slot);
+            // The row is in the table: its values may go (and with them the reused ones).
+            if pg_sys::MemoryContextMemAllocated(values_context, false) >= VALUES_MEMORY {
+                pg_sys::ExecClearTuple(slot);
+                pg_sys::MemoryContextReset(values_context);
+                last.iter_mut().for_each(|l| *l = None);
+            }
             // What constraint checks allocated for this row (ResetPerTupleExprContext).
             let per_tuple = (*estate).es_per_tuple_exprcontext;
             if !per_tuple.is_null() {
                 pg_sys::MemoryContextReset((*per_tuple).ecxt_per_tuple_memory);
             }
         }
+        pg_sys::ExecClearTuple(slot);
+        pg_sys::MemoryContextDelete(values_context);
         pg_sys::ExecCloseIndices(rri);
         pg_sys::AfterTriggerEndQuery(estate);
         pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
