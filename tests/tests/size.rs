@@ -199,6 +199,27 @@ fn a_consumer_past_max_log_size_is_marked_lost_and_frees_the_log() {
     let error = n2.query_text("SELECT last_error FROM trompe.status WHERE name = 'n1'").unwrap_or_default();
     assert!(error.contains("marked lost") && error.contains("trompe.max_log_size"), "{error}");
     assert_eq!(n2.query_i64("SELECT count(*) FROM items"), 1, "the laggard applied nothing meanwhile");
+    // The way out (README): the node's database is not empty, so a copy into it is refused;
+    // it joins again as a new node, from an empty database, and its old registration is
+    // dropped at the origin.
+    let conninfo = cluster.peer_conninfo(2, 0);
+    let refused = n2.connect().batch_execute(&format!("SELECT trompe.add_peer('n1', '{conninfo}', sync => true)"));
+    let refused = refused.err().and_then(|e| e.as_db_error().map(|d| d.message().to_string())).unwrap_or_default();
+    assert!(refused.contains("needs a new, empty node"), "{refused}");
+    n2.exec("SELECT trompe.remove_peer('n1')");
+    n2.exec("CREATE DATABASE rejoined");
+    let mut fresh = n2.connect_to("rejoined");
+    fresh
+        .batch_execute(&format!("CREATE EXTENSION trompe; SELECT trompe.add_peer('n1', '{conninfo}', sync => true)"))
+        .expect("joining again from an empty database");
+    let count = |c: &mut postgres::Client| -> i64 {
+        c.query_one("SELECT count(*) FROM items", &[]).map(|r| r.get(0)).unwrap_or(-1)
+    };
+    assert!(wait_for(Duration::from_secs(120), || count(&mut fresh) == 2001), "the node did not join again");
+    n0.exec("INSERT INTO items VALUES (-1, 'after the rejoin')");
+    assert!(wait_for(Duration::from_secs(60), || count(&mut fresh) == 2002), "the rejoined node does not replicate");
+    n0.exec(&format!("SELECT trompe.drop_consumer('{laggard}')"));
+    assert_eq!(n0.query_i64("SELECT count(*) FROM trompe.consumer_log WHERE lost_at IS NOT NULL"), 0);
 }
 
 /// The peak resident memory (VmHWM, in MB) of `node`'s trompe worker.
@@ -239,4 +260,97 @@ fn a_large_transaction_replicates_with_the_workers_memory_bounded() {
     // 1.9 times its size, measured; 3.8 times while converted values were kept to the end of
     // the transaction); a regression past that shows here.
     assert!(peak < 300, "the applying worker peaked at {peak} MB for a 100 MB transaction");
+}
+
+/// Waits until `bytes` more have crossed `link` than `from` (a pull is under way).
+fn wait_bytes(link: &trompe_tests::proxy::Proxy, from: u64, bytes: u64) {
+    assert!(
+        wait_for(Duration::from_secs(60), || link.bytes_forwarded() >= from + bytes),
+        "the pull did not move {bytes} bytes"
+    );
+}
+
+#[test]
+fn a_large_transaction_survives_kill_9_of_either_node_mid_pull() {
+    let cluster = Cluster::builder("big-txn-kill-9")
+        .nodes(2)
+        .setting("trompe.peer_timeout", "'3s'")
+        .setting("trompe.pull_interval", "'1s'")
+        .setting("trompe.retry_max_delay", "'1s'")
+        .start();
+    items_on(&cluster);
+    cluster.add_peer(1, 0);
+    let (n0, n1) = (cluster.node(0), cluster.node(1));
+    assert!(wait_for(Duration::from_secs(60), || {
+        n1.query_text("SELECT state FROM trompe.status").as_deref() == Some("connected")
+    }));
+    let link = cluster.link(1, 0);
+    link.throttle(256 << 10);
+    let rows = 2000; // about 4 MB: some 16 s through the link
+    n0.exec(&big_insert(rows));
+    n0.exec("INSERT INTO items VALUES (0, 'behind the big one')");
+    // The applying node dies in the middle of the pull: nothing of the transaction is there.
+    wait_bytes(link, link.bytes_forwarded(), 1 << 20);
+    n1.crash_and_restart();
+    assert_eq!(n1.query_i64("SELECT count(*) FROM items"), 0, "part of a transaction was applied");
+    // The origin dies in the middle of the next attempt.
+    wait_bytes(link, link.bytes_forwarded(), 1 << 20);
+    n0.crash_and_restart();
+    assert_eq!(n1.query_i64("SELECT count(*) FROM items"), 0, "part of a transaction was applied");
+    link.throttle(0);
+    assert!(
+        wait_for(Duration::from_secs(120), || n1.query_i64("SELECT count(*) FROM items") == rows + 1),
+        "{:?}",
+        n1.query_row("SELECT state, last_error FROM trompe.status")
+    );
+    assert_eq!(n0.query_text(&checksum("items")), n1.query_text(&checksum("items")));
+    assert!(wait_for(Duration::from_secs(60), || {
+        n1.query_row("SELECT state, last_error FROM trompe.status") == vec![Some("connected".into()), None]
+    }));
+}
+
+#[test]
+fn a_large_transaction_survives_a_pause_and_a_silent_link_mid_pull() {
+    let cluster = Cluster::builder("big-txn-pause")
+        .nodes(2)
+        .setting("trompe.peer_timeout", "'3s'")
+        .setting("trompe.pull_interval", "'1s'")
+        .setting("trompe.retry_max_delay", "'1s'")
+        .start();
+    items_on(&cluster);
+    cluster.add_peer(1, 0);
+    let (n0, n1) = (cluster.node(0), cluster.node(1));
+    assert!(wait_for(Duration::from_secs(60), || {
+        n1.query_text("SELECT state FROM trompe.status").as_deref() == Some("connected")
+    }));
+    let link = cluster.link(1, 0);
+    link.throttle(256 << 10);
+    let rows = 2000;
+    n0.exec(&big_insert(rows));
+    // Paused by the administrator mid-pull: the pull is dropped, nothing applied, state paused.
+    wait_bytes(link, link.bytes_forwarded(), 1 << 20);
+    n1.exec("SELECT trompe.pause_peer('n1')");
+    assert_eq!(n1.query_text("SELECT state FROM trompe.status").as_deref(), Some("paused"));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(n1.query_i64("SELECT count(*) FROM items"), 0);
+    n1.exec("SELECT trompe.resume_peer('n1')");
+    // The link goes silent mid-pull: given up on after trompe.peer_timeout, and said so.
+    wait_bytes(link, link.bytes_forwarded(), 1 << 20);
+    link.blackhole();
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            n1.query_text("SELECT last_error FROM trompe.status").is_some_and(|e| e.contains("did not answer in time"))
+        }),
+        "{:?}",
+        n1.query_row("SELECT state, last_error FROM trompe.status")
+    );
+    assert_eq!(n1.query_i64("SELECT count(*) FROM items"), 0);
+    link.heal();
+    link.throttle(0);
+    assert!(
+        wait_for(Duration::from_secs(120), || n1.query_i64("SELECT count(*) FROM items") == rows),
+        "{:?}",
+        n1.query_row("SELECT state, last_error FROM trompe.status")
+    );
+    assert_eq!(n0.query_text(&checksum("items")), n1.query_text(&checksum("items")));
 }
