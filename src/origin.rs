@@ -19,20 +19,36 @@ use crate::error::{OrRaise, TrompeError};
 use crate::log::writer::as_extension_owner;
 use crate::shmem;
 
-/// One transaction of a step: its id, the id of its last log row (written at its commit), and
-/// how many changes it has.
-#[derive(Clone, Debug)]
+/// One transaction of a step in 16 bytes (a step after a long outage holds millions): the id of
+/// its last log row (written at its commit), its id as an offset from the step's base, and how
+/// many changes it has (saturating at u32::MAX: only counts and batch sizes read it).
+#[derive(Clone, Copy, Debug)]
 struct StepTxn {
-    txid: u64,
     last_id: i64,
-    changes: i64,
+    txid_offset: u32,
+    changes: u32,
+}
+
+/// The transactions of a step, ordered by their last change.
+#[derive(Default)]
+struct StepTxns {
+    /// No transaction of the step has a lower id: the position's oldest in-progress one, or
+    /// its xmax (a snapshot's ids span less than 2^31).
+    base: u64,
+    txns: Vec<StepTxn>,
+}
+
+impl StepTxns {
+    fn txid(&self, t: &StepTxn) -> u64 {
+        self.base + t.txid_offset as u64
+    }
 }
 
 /// The transactions of the step being read by this session's consumer, computed once per step.
 struct StepCache {
     done: String,
     cur: String,
-    txns: Vec<StepTxn>,
+    txns: StepTxns,
 }
 
 thread_local! {
@@ -84,25 +100,30 @@ fn xid_array(xids: &[u64]) -> String {
 /// ends: reading the log means a few index ranges, but estimates on a freshly filled log
 /// (no statistics) planned parallel workers (tens of milliseconds to start) and JIT
 /// compilation (10 ms, and two thirds of the origin's CPU time during a catch-up when every
-/// pull of a step compiled the statement that returns its rows).
+/// pull of a step compiled the statement that returns its rows). Cursors (`sql::for_each_row`)
+/// read every row: planned for all of them, not for a fast start.
 fn plain_reads() {
     crate::sql::execute(
         "SELECT pg_catalog.set_config('max_parallel_workers_per_gather', '0', true),
-                pg_catalog.set_config('jit', 'off', true)",
+                pg_catalog.set_config('jit', 'off', true),
+                pg_catalog.set_config('cursor_tuple_fraction', '1', true)",
         &[],
     )
     .map_err(|e| TrompeError::Internal(format!("reading the log: {e}")))
     .or_raise();
 }
 
-/// Lists the transactions in the step `(done, cur]`, ordered by their last change.
-fn step_transactions(done: &Snapshot, cur: &Snapshot) -> Vec<StepTxn> {
+/// Lists the transactions in the step `(done, cur]`, ordered by their last change. They are
+/// read through a cursor into 16 bytes each: the query's rows are never all held at once.
+fn step_transactions(done: &Snapshot, cur: &Snapshot) -> StepTxns {
     // A step is one range of transaction ids plus a few ids. The planner has no statistics on
     // a freshly filled log: written as `(txid >= a OR txid = ANY(..)) AND txid < b` it expected
     // a third of a 100,000-transaction log and planned parallel workers or a sequential scan
     // of the whole log. As a closed range and a list, it expects fewer rows and reads them
     // through the index. Callers have made reads plain (`plain_reads`).
-    let rows = crate::sql::rows(
+    let base = done.xip.iter().copied().chain([done.xmax]).min().unwrap_or(done.xmax);
+    let mut step = StepTxns { base, txns: Vec::new() };
+    crate::sql::for_each_row(
         "SELECT txid, max(id), sum(nchanges) FROM (
              SELECT txid, id, nchanges FROM trompe.log WHERE txid >= $1::xid8 AND txid < $3::xid8
              UNION ALL
@@ -116,17 +137,26 @@ fn step_transactions(done: &Snapshot, cur: &Snapshot) -> Vec<StepTxn> {
             Some(&cur.xmax.to_string()),
             Some(&xid_array(&cur.xip)),
         ],
+        10_000,
+        |r| {
+            let num = |i: usize| r.get(i).copied().flatten().and_then(|t| t.parse::<i64>().ok()).unwrap_or(0);
+            let txid: u64 = r.first().copied().flatten().and_then(|t| t.parse().ok()).unwrap_or(0);
+            let txid_offset = txid
+                .checked_sub(base)
+                .and_then(|o| u32::try_from(o).ok())
+                .ok_or_else(|| format!("transaction {txid} is outside the step from {base}"))?;
+            step.txns.push(StepTxn {
+                last_id: num(1),
+                txid_offset,
+                changes: u32::try_from(num(2).max(0)).unwrap_or(u32::MAX),
+            });
+            Ok(())
+        },
     )
     .map_err(|e| TrompeError::Internal(format!("reading the log: {e}")))
     .or_raise();
-    let num = |v: &Option<String>| v.as_deref().and_then(|t| t.parse::<i64>().ok()).unwrap_or(0);
-    rows.iter()
-        .map(|r| StepTxn {
-            txid: r[0].as_deref().and_then(|t| t.parse().ok()).unwrap_or(0),
-            last_id: num(&r[1]),
-            changes: num(&r[2]),
-        })
-        .collect()
+    step.txns.shrink_to_fit();
+    step
 }
 
 /// The commit time of a transaction (microseconds since 2000-01-01, PostgreSQL's
@@ -316,21 +346,23 @@ fn _pull_plan(
     // batch at a time): only the chosen ones are copied out.
     let (chosen, pending, complete, oldest_txid) = STEP.with(|s| {
         let cache = s.borrow();
-        let txns = cache.as_ref().map_or(&[][..], |c| &c.txns[..]);
-        let start = txns.partition_point(|t| t.last_id <= after);
-        let remaining = &txns[start..];
-        let pending: i64 = remaining.iter().map(|t| t.changes).sum();
-        let mut chosen = Vec::new();
+        let empty = StepTxns::default();
+        let step = cache.as_ref().map_or(&empty, |c| &c.txns);
+        let start = step.txns.partition_point(|t| t.last_id <= after);
+        let remaining = &step.txns[start..];
+        let pending: i64 = remaining.iter().map(|t| t.changes as i64).sum();
+        // (txid, last_id) of each transaction chosen.
+        let mut chosen: Vec<(u64, i64)> = Vec::new();
         let mut rows = 0i64;
         for t in remaining {
             if !chosen.is_empty() && rows >= max_rows as i64 {
                 break;
             }
-            rows += t.changes;
-            chosen.push(t.clone());
+            rows += t.changes as i64;
+            chosen.push((step.txid(t), t.last_id));
         }
         let complete = chosen.len() == remaining.len();
-        (chosen, pending, complete, remaining.first().map(|t| t.txid))
+        (chosen, pending, complete, remaining.first().map(|t| step.txid(t)))
     });
     let oldest = oldest_txid.and_then(commit_time);
     let row = (
@@ -339,9 +371,9 @@ fn _pull_plan(
         commits,
         pending,
         oldest,
-        chosen.iter().map(|t| t.txid.to_string()).collect(),
-        chosen.iter().map(|t| t.last_id).collect(),
-        chosen.iter().map(|t| commit_time(t.txid)).collect(),
+        chosen.iter().map(|(txid, _)| txid.to_string()).collect(),
+        chosen.iter().map(|(_, last_id)| *last_id).collect(),
+        chosen.iter().map(|(txid, _)| commit_time(*txid)).collect(),
     );
     TableIterator::once(row)
 }
@@ -524,10 +556,11 @@ fn pending_changes(done: &str, cur: Option<&str>, after: i64, upto: &str) -> i64
         return 0;
     }
     plain_reads();
-    let txns = as_extension_owner(|| step_transactions(&done_snap, &upto_snap));
-    txns.iter()
-        .filter(|t| !cur_snap.as_ref().is_some_and(|c| c.sees(t.txid) && t.last_id <= after))
-        .map(|t| t.changes)
+    let step = as_extension_owner(|| step_transactions(&done_snap, &upto_snap));
+    step.txns
+        .iter()
+        .filter(|t| !cur_snap.as_ref().is_some_and(|c| c.sees(step.txid(t)) && t.last_id <= after))
+        .map(|t| t.changes as i64)
         .sum()
 }
 

@@ -104,3 +104,81 @@ pub fn int(sql: &str, args: &[Option<&str>]) -> Result<i64, String> {
 pub fn execute(sql: &str, args: &[Option<&str>]) -> Result<u64, String> {
     run(sql, args).map(|(_, n)| n)
 }
+
+/// Runs query `sql` (text parameters as for [`run`]) through a cursor, handing each row to `each`
+/// as it is fetched, `batch` rows at a time: memory holds one batch, however many rows the
+/// query returns. Stops at the first error `each` returns.
+pub fn for_each_row(
+    sql: &str,
+    args: &[Option<&str>],
+    batch: i64,
+    mut each: impl FnMut(&[Option<&str>]) -> Result<(), String>,
+) -> Result<(), String> {
+    let sql_c = cstring(sql);
+    let arg_c: Vec<Option<CString>> = args.iter().map(|a| a.map(cstring)).collect();
+    // SAFETY: SPI is connected and finished here; parameter datums are text values built in
+    // the SPI procedure context; each batch's values are read before its tuple table is freed;
+    // the cursor is closed before SPI_finish.
+    unsafe {
+        pg_sys::SPI_connect();
+        let mut types: Vec<pg_sys::Oid> = vec![pg_sys::TEXTOID; args.len()];
+        let mut values: Vec<pg_sys::Datum> = arg_c
+            .iter()
+            .map(|a| {
+                a.as_ref().map_or(pg_sys::Datum::from(0), |c| pg_sys::Datum::from(pg_sys::cstring_to_text(c.as_ptr())))
+            })
+            .collect();
+        let nulls: Vec<std::ffi::c_char> =
+            arg_c.iter().map(|a| if a.is_some() { b' ' } else { b'n' } as std::ffi::c_char).chain([0]).collect();
+        let portal = pg_sys::SPI_cursor_open_with_args(
+            std::ptr::null(),
+            sql_c.as_ptr(),
+            args.len() as i32,
+            types.as_mut_ptr(),
+            values.as_mut_ptr(),
+            nulls.as_ptr(),
+            false,
+            0,
+        );
+        if portal.is_null() {
+            pg_sys::SPI_finish();
+            return Err(format!("cannot open a cursor for: {sql}"));
+        }
+        let mut result = Ok(());
+        'fetch: loop {
+            pg_sys::SPI_cursor_fetch(portal, true, batch.max(1) as _);
+            let processed = pg_sys::SPI_processed as usize;
+            let table = pg_sys::SPI_tuptable;
+            if processed == 0 || table.is_null() || (*table).tupdesc.is_null() {
+                break;
+            }
+            let tupdesc = (*table).tupdesc;
+            let natts = (*tupdesc).natts;
+            let mut texts: Vec<Option<String>> = Vec::with_capacity(natts as usize);
+            for r in 0..processed {
+                let tuple = *(*table).vals.add(r);
+                texts.clear();
+                for c in 1..=natts {
+                    let v = pg_sys::SPI_getvalue(tuple, tupdesc, c);
+                    texts.push(if v.is_null() {
+                        None
+                    } else {
+                        let text = CStr::from_ptr(v).to_string_lossy().into_owned();
+                        pg_sys::pfree(v.cast());
+                        Some(text)
+                    });
+                }
+                let row: Vec<Option<&str>> = texts.iter().map(|t| t.as_deref()).collect();
+                if let Err(e) = each(&row) {
+                    result = Err(e);
+                    pg_sys::SPI_freetuptable(table);
+                    break 'fetch;
+                }
+            }
+            pg_sys::SPI_freetuptable(table);
+        }
+        pg_sys::SPI_cursor_close(portal);
+        pg_sys::SPI_finish();
+        result
+    }
+}
