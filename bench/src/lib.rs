@@ -1,5 +1,6 @@
 //! Shared pieces of trompe's benchmarks: statistics and running pgbench.
 
+pub mod memory;
 pub mod plot;
 
 use std::process::Command;

@@ -10,12 +10,10 @@
 //! every 20 ms, so shared buffers a process touches do not count; the peak is reported as the
 //! growth over the process's memory just before the transaction.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use trompe_bench::env_count;
+use trompe_bench::memory::{pid_of, Sampler, NATIVE_APPLYING, NATIVE_SERVING, TROMPE_APPLYING, TROMPE_SERVING};
 use trompe_tests::system::{pg_bindir, pg_major};
 use trompe_tests::{wait_for, Cluster, Node};
 
@@ -23,51 +21,6 @@ const TABLE: &str = "CREATE TABLE bench_big (id bigint PRIMARY KEY, payload text
 
 /// Rows of 2 KB (64 md5 digests of the row's id: no compression, no duplicates).
 const ROW_BYTES: i64 = 2048;
-
-/// The private resident memory of process `pid`, in kB (None once it has gone).
-fn rss_anon_kb(pid: i64) -> Option<i64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("RssAnon:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
-}
-
-/// Samples the private memory of some processes until stopped; returns each one's peak (kB).
-struct Sampler {
-    stop: Arc<AtomicBool>,
-    handle: JoinHandle<Vec<i64>>,
-}
-
-impl Sampler {
-    fn start(pids: Vec<i64>) -> Sampler {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let handle = std::thread::spawn(move || {
-            let mut peaks = vec![0i64; pids.len()];
-            loop {
-                for (peak, pid) in peaks.iter_mut().zip(&pids) {
-                    *peak = (*peak).max(rss_anon_kb(*pid).unwrap_or(0));
-                }
-                if flag.load(Ordering::Acquire) {
-                    return peaks;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        });
-        Sampler { stop, handle }
-    }
-
-    fn finish(self) -> Vec<i64> {
-        self.stop.store(true, Ordering::Release);
-        self.handle.join().expect("sampler")
-    }
-}
-
-/// The pid of the one process of `node` that `filter` (a WHERE clause on pg_stat_activity)
-/// selects, once it exists.
-fn pid_of(node: &Node, filter: &str) -> i64 {
-    let sql = format!("SELECT count(*) FROM pg_stat_activity WHERE {filter}");
-    assert!(wait_for(Duration::from_secs(60), || node.query_i64(&sql) == 1), "no single process where {filter}");
-    node.query_i64(&format!("SELECT pid FROM pg_stat_activity WHERE {filter}"))
-}
 
 /// What one run measured.
 struct Run {
@@ -83,7 +36,6 @@ struct Run {
 /// Writes the transaction on `origin` while `pids` (origin's serving process, peer's applying
 /// process) are sampled, and waits for its last row on `peer`.
 fn measure(origin: &Node, peer: &Node, pids: [i64; 2], rows: i64) -> Run {
-    let base: Vec<i64> = pids.iter().map(|p| rss_anon_kb(*p).unwrap_or(0)).collect();
     let sampler = Sampler::start(pids.to_vec());
     let started = Instant::now();
     origin.exec(&format!(
@@ -101,8 +53,7 @@ fn measure(origin: &Node, peer: &Node, pids: [i64; 2], rows: i64) -> Run {
     let visible = committed.elapsed();
     let peaks = sampler.finish();
     assert_eq!(peer.query_i64("SELECT count(*) FROM bench_big"), rows + 1);
-    let mb = |i: usize| (peaks[i] - base[i]).max(0) as f64 / 1024.0;
-    Run { visible, write, origin_mb: mb(0), apply_mb: mb(1) }
+    Run { visible, write, origin_mb: peaks[0], apply_mb: peaks[1] }
 }
 
 fn trompe_run(rows: i64) -> Run {
@@ -113,8 +64,8 @@ fn trompe_run(rows: i64) -> Run {
     b.exec(&format!("SELECT trompe.add_peer('n1', '{}')", a.conninfo()));
     a.exec("INSERT INTO bench_big VALUES (0, 'warm-up')");
     assert!(wait_for(Duration::from_secs(60), || b.query_i64("SELECT count(*) FROM bench_big") == 1));
-    let serving = pid_of(a, "application_name = 'trompe' AND backend_type = 'client backend'");
-    let applying = pid_of(b, "backend_type = 'trompe worker'");
+    let serving = pid_of(a, TROMPE_SERVING);
+    let applying = pid_of(b, TROMPE_APPLYING);
     measure(a, b, [serving, applying], rows)
 }
 
@@ -134,8 +85,8 @@ fn native_run(rows: i64) -> Run {
     ));
     a.exec("INSERT INTO bench_big VALUES (0, 'warm-up')");
     assert!(wait_for(Duration::from_secs(60), || b.query_i64("SELECT count(*) FROM bench_big") == 1));
-    let serving = pid_of(a, "backend_type = 'walsender' AND application_name = 'bench'");
-    let applying = pid_of(b, "backend_type = 'logical replication worker'");
+    let serving = pid_of(a, NATIVE_SERVING);
+    let applying = pid_of(b, NATIVE_APPLYING);
     measure(a, b, [serving, applying], rows)
 }
 
