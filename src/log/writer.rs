@@ -195,7 +195,35 @@ pub fn append_chunk(slot: usize, count: u64, changes: &[u8]) -> Result<(), Tromp
     // SAFETY: the log table and its index are opened with RowExclusiveLock (kept to commit, as
     // an INSERT would); the tuple matches the table's descriptor (id, txid, nchanges, changes)
     // and the index entry the index's columns (txid, id), checked when the target was resolved.
-    // The bytea is built in the current memory context.
+    // The bytea, the tuple and what inserting it allocates (its toasted copy) live in a context
+    // of their own, deleted once the row is in: a chunk written just before a subtransaction
+    // commits would otherwise stay in that subtransaction's memory until the whole transaction
+    // ends (4 MB and more per chunk, for each of thousands of savepoints). An error leaves the
+    // context to its parent, freed with it.
+    unsafe {
+        let context = pg_sys::AllocSetContextCreateInternal(
+            pg_sys::CurrentMemoryContext,
+            c"trompe log chunk".as_ptr(),
+            pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+        );
+        let old = pg_sys::MemoryContextSwitchTo(context);
+        let done = insert_chunk(&t, count, &header, changes, len);
+        pg_sys::MemoryContextSwitchTo(old);
+        pg_sys::MemoryContextDelete(context);
+        done?;
+    }
+    crate::capture::note_log_write();
+    Ok(())
+}
+
+/// Inserts one log row (see `append_chunk`) in the current memory context.
+///
+/// # Safety
+/// Called inside a transaction, with `t` resolved for the log table in use.
+unsafe fn insert_chunk(t: &Target, count: u64, header: &[u8], changes: &[u8], len: usize) -> Result<(), TrompeError> {
+    // SAFETY: see `append_chunk`; everything allocated here is in the caller's context.
     unsafe {
         let id = pg_sys::ffi::pg_guard_ffi_boundary(|| nextval_internal(t.sequence, false));
         let txid = pg_sys::GetTopFullTransactionId().value;
@@ -238,6 +266,5 @@ pub fn append_chunk(slot: usize, count: u64, changes: &[u8]) -> Result<(), Tromp
         // Locks are kept until the transaction ends, as for any insert.
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
     }
-    crate::capture::note_log_write();
     Ok(())
 }
