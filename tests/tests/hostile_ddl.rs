@@ -541,4 +541,26 @@ fn functions_a_peer_attaches_to_tables_gain_no_privilege_when_its_rows_apply() {
     n2.wait_for_value("SELECT string_agg(id::text, ',') FROM app.fine", "3", Duration::from_secs(30));
     n1.exec("TRUNCATE app.fine");
     n2.wait_for_value("SELECT count(*) FROM app.fine", "0", Duration::from_secs(30));
+    // A TRUNCATE of tables with different owners here (n2's superuser owns one) runs no
+    // trigger with another's rights: each table is emptied as its own owner.
+    n1.exec(
+        "CREATE TABLE app.trap4 (id int PRIMARY KEY);
+         INSERT INTO app.trap4 VALUES (1);
+         CREATE TRIGGER up BEFORE TRUNCATE ON app.trap4 FOR EACH STATEMENT EXECUTE FUNCTION app.up_trigger();
+         ALTER TABLE app.trap4 ENABLE ALWAYS TRIGGER up;
+         CREATE TABLE app.mine (id int PRIMARY KEY);
+         INSERT INTO app.mine VALUES (1);",
+    );
+    n2.wait_for_value("SELECT to_regclass('app.mine') IS NOT NULL", "t", Duration::from_secs(30));
+    n2.wait_for_value("SELECT count(*) FROM app.mine", "1", Duration::from_secs(30));
+    n2.exec("ALTER TABLE app.mine OWNER TO postgres");
+    n1.exec("TRUNCATE app.trap4, app.mine");
+    n2.wait_for_value("SELECT count(*) FROM app.mine", "0", Duration::from_secs(30));
+    assert_eq!(n2.query_i64("SELECT count(*) FROM app.trap4"), 0);
+    assert_eq!(
+        n2.query_i64("SELECT count(*) FROM pg_roles WHERE rolname = 'trompe_peer_ddl' AND rolsuper"),
+        0,
+        "no trigger ran as a superuser"
+    );
+    assert_eq!(n2.query_text("SELECT last_error FROM trompe.status WHERE name = 'n1'"), None);
 }

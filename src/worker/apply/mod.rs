@@ -242,16 +242,21 @@ fn apply_truncate(cache: &mut ApplyCache, v: TxnVersion, changes: &[&Change]) ->
             .map_err(ApplyError::Postgres)
         })?);
     }
-    if newer_rows.iter().all(|&n| n == 0) {
-        // As the tables' owner if they share one (its TRUNCATE triggers run with its rights).
-        let truncate = || sql(&format!("TRUNCATE ONLY {}", names.join(", ")), &[]);
-        match owner::common_owner(tables.iter().map(|t| t.relid)) {
-            Some(relid) => owner::as_table_owner(relid, truncate)?,
-            None => truncate()?,
-        };
+    // One TRUNCATE runs as one role, and its TRUNCATE triggers with that role's rights: the
+    // tables' common owner, or this worker when a superuser owns each of them. Tables of
+    // several owners, one of them no superuser, are emptied below table by table as each
+    // owner instead, so that no trigger of one runs with another's (or the worker's) rights.
+    let relids = || tables.iter().map(|t| t.relid);
+    let whole = newer_rows.iter().all(|&n| n == 0);
+    let truncate = || sql(&format!("TRUNCATE ONLY {}", names.join(", ")), &[]);
+    if let (true, Some(relid)) = (whole, owner::common_owner(relids())) {
+        owner::as_table_owner(relid, truncate)?;
+    } else if whole && owner::all_superuser_owned(relids()) {
+        truncate()?;
     } else {
-        // Some rows survive: delete the older ones of every table of the statement (a
-        // TRUNCATE of only some of them could fail on a foreign key between them).
+        // Some rows survive, or the owners differ: delete the older rows of every table of the
+        // statement, each as its owner (a TRUNCATE of only some of them could fail on a
+        // foreign key between them; replica mode checks none while deleting).
         for (table, &newer) in tables.iter().zip(&newer_rows) {
             with_incoming(truncation(v, table), || {
                 owner::as_table_owner(table.relid, || {

@@ -20,6 +20,14 @@ pub fn common_owner(relids: impl IntoIterator<Item = pg_sys::Oid>) -> Option<pg_
     first.map(|(relid, _)| relid)
 }
 
+/// Whether a superuser owns every one of `relids` (a relation that is gone counts as not).
+pub fn all_superuser_owned(relids: impl IntoIterator<Item = pg_sys::Oid>) -> bool {
+    relids.into_iter().all(|relid| {
+        // SAFETY: a syscache lookup of a role.
+        owner_of(relid).is_some_and(|owner| unsafe { pg_sys::superuser_arg(owner) })
+    })
+}
+
 fn owner_of(relid: pg_sys::Oid) -> Option<pg_sys::Oid> {
     // SAFETY: the relation cache entry is read and released; relowner is a plain field.
     unsafe {
