@@ -85,9 +85,17 @@ fn snapshot_now() -> String {
 /// logical replication sends only flushed WAL for the same reason. A no-op when the WAL is
 /// flushed already, which it mostly is: any synchronous commit flushes everything before it.
 fn flush_ended_transactions() {
-    // SAFETY: plain calls in a backend: reading the WAL insert position, then flushing up to
-    // it (XLogFlush waits for insertions in progress before that position).
-    unsafe { pg_sys::XLogFlush(pg_sys::GetXLogInsertRecPtr()) };
+    // SAFETY: plain calls in a backend: reading the WAL insert position and the segment size,
+    // then flushing up to the end of what was inserted (XLogFlush waits for insertions in
+    // progress before that position).
+    unsafe {
+        let end = trompe_core::walpos::end_of_inserted(
+            pg_sys::GetXLogInsertRecPtr(),
+            u64::from(pg_sys::XLOG_BLCKSZ),
+            u64::try_from(pg_sys::wal_segment_size).unwrap_or(0),
+        );
+        pg_sys::XLogFlush(end)
+    };
 }
 
 /// An `xid8[]` literal.

@@ -24,3 +24,4 @@ pub mod seqslot;
 pub mod snapshot;
 pub mod sqlstate;
 pub mod timestamp;
+pub mod walpos;

@@ -226,6 +226,54 @@ fn origin_crash_after_serving_unflushed_transactions_loses_nothing() {
     cluster.assert_same(&checksum("items"));
 }
 
+/// Serving a snapshot flushes the WAL to the end of what was inserted. When the WAL ends exactly
+/// at a page boundary, the insert position is past the next page's header, where PostgreSQL
+/// refuses a flush ("xlog flush request ... is not satisfied"): a join failed with that. WAL
+/// messages are sized to end a page, then a snapshot is served right there.
+#[test]
+fn a_snapshot_is_served_when_the_wal_ends_at_a_page_boundary() {
+    const PAGE: i64 = 8192;
+    let cluster = Cluster::start("wal-page-end", 1);
+    let mut c = cluster.node(0).connect();
+    let insert = |c: &mut postgres::Client| -> i64 {
+        c.query_one("SELECT (pg_current_wal_insert_lsn() - '0/0')::bigint", &[]).expect("insert position").get(0)
+    };
+    let emit = |c: &mut postgres::Client, bytes: i64| {
+        c.execute("SELECT pg_logical_emit_message(false, 'trompe-test', repeat('x', $1::bigint::int))", &[&bytes])
+            .expect("a WAL message");
+    };
+    // A message of `probe + k * 8` bytes takes exactly `k * 8` bytes more WAL than one of `probe`.
+    let probe = 1000i64;
+    let mut at_boundary = 0;
+    for _ in 0..40 {
+        let start = insert(&mut c);
+        if PAGE - start % PAGE < 2 * probe + 200 {
+            emit(&mut c, probe);
+            continue;
+        }
+        emit(&mut c, probe);
+        let taken = insert(&mut c) - start;
+        let left = PAGE - insert(&mut c) % PAGE;
+        let bytes = probe + left - taken;
+        let row = c
+            .query_one(
+                "SELECT (pg_logical_emit_message(false, 'trompe-test', repeat('x', $1::bigint::int)) - '0/0')::bigint,
+                        (pg_current_wal_insert_lsn() - '0/0')::bigint,
+                        trompe.current_snapshot()::text",
+                &[&bytes],
+            )
+            .unwrap_or_else(|e| panic!("serving a snapshot: {}", trompe_tests::describe_error(&e)));
+        let after: i64 = row.get(1);
+        if after % PAGE == 24 || after % PAGE == 40 {
+            at_boundary += 1;
+        }
+        if at_boundary >= 3 {
+            break;
+        }
+    }
+    assert!(at_boundary >= 3, "the WAL ended at a page boundary only {at_boundary} times");
+}
+
 #[test]
 fn network_cut_with_writes_on_both_sides_heals_by_itself() {
     let cut_secs: u64 = std::env::var("TROMPE_CUT_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(45);
