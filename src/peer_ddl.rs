@@ -88,15 +88,18 @@ pub fn run_as(origin_role: &str) -> Result<String, Refusal> {
     if !origin_role.is_empty() {
         // A peer names the role: only one with no more than ordinary rights is taken (no
         // superuser, predefined or trompe role, none that may create roles, bypass row
-        // security or replicate, and none with the rights of those that run programs, touch
-        // the server's files or administer trompe).
+        // security or replicate), and none that is a member of one with more (it could
+        // SET ROLE to it, or has its rights): of such a role, or of one that runs programs,
+        // touches the server's files or administers trompe.
         let ordinary = crate::sql::value(
             "SELECT (NOT r.rolsuper AND NOT r.rolcreaterole AND NOT r.rolbypassrls AND NOT r.rolreplication
                      AND r.rolname !~ '^(pg_|trompe_)'
                      AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles p
-                                      WHERE p.rolname IN ('pg_execute_server_program', 'pg_write_server_files',
-                                                          'pg_read_server_files', 'trompe_admin')
-                                        AND pg_catalog.pg_has_role(r.oid, p.oid, 'USAGE')))::pg_catalog.text
+                                      WHERE p.oid <> r.oid
+                                        AND (p.rolsuper OR p.rolcreaterole OR p.rolbypassrls OR p.rolreplication
+                                             OR p.rolname IN ('pg_execute_server_program', 'pg_write_server_files',
+                                                              'pg_read_server_files', 'trompe_admin'))
+                                        AND pg_catalog.pg_has_role(r.oid, p.oid, 'MEMBER')))::pg_catalog.text
                FROM pg_catalog.pg_roles r WHERE r.rolname = $1",
             &[Some(origin_role)],
         )

@@ -249,10 +249,14 @@ fn ddl_a_peer_may_not_run_is_refused_and_set_aside() {
     // A peer names the role: one with more than ordinary rights here is not taken.
     n2.exec(
         "CREATE ROLE dba LOGIN IN ROLE pg_execute_server_program; GRANT USAGE, CREATE ON SCHEMA app TO dba;
-         CREATE ROLE helper LOGIN; GRANT USAGE, CREATE ON SCHEMA app TO helper",
+         CREATE ROLE helper LOGIN; GRANT USAGE, CREATE ON SCHEMA app TO helper;
+         CREATE ROLE boss SUPERUSER NOLOGIN;
+         CREATE ROLE sidekick LOGIN NOINHERIT IN ROLE boss; GRANT USAGE, CREATE ON SCHEMA app TO sidekick",
     );
     for (table, role, owner) in [
         ("by_dba", "dba", "trompe_peer_ddl"),
+        // It could SET ROLE boss in a function its DDL runs.
+        ("by_sidekick", "sidekick", "trompe_peer_ddl"),
         ("by_admin", "trompe_admin", "trompe_peer_ddl"),
         ("by_helper", "helper", "helper"),
     ] {
