@@ -89,16 +89,17 @@ pub fn run_as(origin_role: &str) -> Result<String, Refusal> {
         // A peer names the role: only one with no more than ordinary rights is taken (no
         // superuser, predefined or trompe role, none that may create roles, bypass row
         // security or replicate), and none that is a member of one with more (it could
-        // SET ROLE to it, or has its rights): of such a role, or of one that runs programs,
-        // touches the server's files or administers trompe.
+        // SET ROLE to it, or has its rights): of such a role, or of a predefined or trompe
+        // role (reading all data, running programs, administering trompe, ...), except the
+        // database's owner (pg_database_owner) and trompe_peer_ddl.
         let ordinary = crate::sql::value(
             "SELECT (NOT r.rolsuper AND NOT r.rolcreaterole AND NOT r.rolbypassrls AND NOT r.rolreplication
                      AND r.rolname !~ '^(pg_|trompe_)'
                      AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles p
                                       WHERE p.oid <> r.oid
                                         AND (p.rolsuper OR p.rolcreaterole OR p.rolbypassrls OR p.rolreplication
-                                             OR p.rolname IN ('pg_execute_server_program', 'pg_write_server_files',
-                                                              'pg_read_server_files', 'trompe_admin'))
+                                             OR (p.rolname ~ '^(pg_|trompe_)'
+                                                 AND p.rolname NOT IN ('pg_database_owner', 'trompe_peer_ddl')))
                                         AND pg_catalog.pg_has_role(r.oid, p.oid, 'MEMBER')))::pg_catalog.text
                FROM pg_catalog.pg_roles r WHERE r.rolname = $1",
             &[Some(origin_role)],

@@ -251,12 +251,15 @@ fn ddl_a_peer_may_not_run_is_refused_and_set_aside() {
         "CREATE ROLE dba LOGIN IN ROLE pg_execute_server_program; GRANT USAGE, CREATE ON SCHEMA app TO dba;
          CREATE ROLE helper LOGIN; GRANT USAGE, CREATE ON SCHEMA app TO helper;
          CREATE ROLE boss SUPERUSER NOLOGIN;
-         CREATE ROLE sidekick LOGIN NOINHERIT IN ROLE boss; GRANT USAGE, CREATE ON SCHEMA app TO sidekick",
+         CREATE ROLE sidekick LOGIN NOINHERIT IN ROLE boss; GRANT USAGE, CREATE ON SCHEMA app TO sidekick;
+         CREATE ROLE reader LOGIN IN ROLE pg_read_all_data; GRANT USAGE, CREATE ON SCHEMA app TO reader",
     );
     for (table, role, owner) in [
         ("by_dba", "dba", "trompe_peer_ddl"),
         // It could SET ROLE boss in a function its DDL runs.
         ("by_sidekick", "sidekick", "trompe_peer_ddl"),
+        // Its DDL could copy any table into a replicated one.
+        ("by_reader", "reader", "trompe_peer_ddl"),
         ("by_admin", "trompe_admin", "trompe_peer_ddl"),
         ("by_helper", "helper", "helper"),
     ] {
