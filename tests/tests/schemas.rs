@@ -86,6 +86,9 @@ fn ddl_replays_with_the_session_settings_it_ran_with() {
         .batch_execute("RESET default_tablespace; CREATE TABLE public.after_index (id int PRIMARY KEY)")
         .expect("after");
     drop(session);
+    // The index build replaying on n2 waits for older transactions there, a `wait_sync` among
+    // them (README, known limits: poll around such migrations); short queries first.
+    n2.wait_for_value("SELECT to_regclass('public.after_index') IS NOT NULL", "t", Duration::from_secs(60));
     synced(&cluster, Duration::from_secs(30));
     // Read back under the same settings on both nodes.
     let definitions = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres';
