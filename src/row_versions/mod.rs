@@ -314,8 +314,8 @@ pub fn archive_aging(relid: pg_sys::Oid, min_age: i64) -> Result<u64, String> {
 }
 
 /// The replicated tables a utility statement about to run may freeze rows of, with the age
-/// from which it freezes them: `VACUUM` (all tables, or those listed; every row with `FREEZE`)
-/// and `CLUSTER`; before an `ALTER TABLE`, the layout of the replicated tables it may rewrite
+/// from which it freezes them: `VACUUM` (all tables, or those listed; every row with `FREEZE`
+/// or `FULL`) and `CLUSTER` (every row); before an `ALTER TABLE`, the layout of the replicated tables it may rewrite
 /// (see [`rewrite`]).
 ///
 /// # Safety
@@ -329,7 +329,8 @@ pub unsafe fn before_utility(node: *mut pg_sys::Node) {
         match (*node).type_ {
             pg_sys::NodeTag::T_VacuumStmt if (*(node as *mut pg_sys::VacuumStmt)).is_vacuumcmd => {
                 let stmt = node as *mut pg_sys::VacuumStmt;
-                let freeze = option_set((*stmt).options, "freeze");
+                // VACUUM FULL, as CLUSTER, freezes every row it can whatever the freeze age.
+                let freeze = option_set((*stmt).options, "freeze") || option_set((*stmt).options, "full");
                 let mut rels = Vec::new();
                 let list = (*stmt).rels;
                 if !list.is_null() {
@@ -345,7 +346,7 @@ pub unsafe fn before_utility(node: *mut pg_sys::Node) {
             pg_sys::NodeTag::T_ClusterStmt => {
                 let stmt = node as *mut pg_sys::ClusterStmt;
                 let rels = if (*stmt).relation.is_null() { vec![] } else { vec![(*stmt).relation] };
-                (Some(rels), false)
+                (Some(rels), true)
             }
             _ => (None, false),
         }

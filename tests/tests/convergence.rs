@@ -74,6 +74,35 @@ fn updates_in_flight_win_over_table_rewrites() {
     cluster.assert_same(&checksum("r"));
 }
 
+/// `CLUSTER` and `VACUUM FULL` freeze every row they can, whatever `vacuum_freeze_min_age`
+/// says: a row written here after a peer's change, then frozen by them, keeps its version, and
+/// the peer's older change arriving afterwards loses to it.
+#[test]
+fn rows_frozen_by_cluster_or_vacuum_full_keep_their_versions() {
+    let cluster = Cluster::start("freeze-keeps-versions", 2);
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all("CREATE TABLE r (id int PRIMARY KEY, v int); SELECT trompe.add_table('r')");
+    cluster.mesh();
+    a.exec("INSERT INTO r VALUES (1, 0), (2, 0)");
+    cluster.wait_sync(SYNC);
+    for (id, freeze) in [(1, "CLUSTER r USING r_pkey"), (2, "VACUUM FULL r")] {
+        link(a, "pause", b);
+        b.exec(&format!("UPDATE r SET v = 1 WHERE id = {id}"));
+        a.exec(&format!("UPDATE r SET v = 2 WHERE id = {id}"));
+        a.exec(freeze);
+        link(a, "resume", b);
+        cluster.wait_sync(SYNC);
+        for node in cluster.nodes() {
+            assert_eq!(
+                node.query_text(&format!("SELECT v FROM r WHERE id = {id}")).as_deref(),
+                Some("2"),
+                "on {}: a's update was newer than b's, and `{freeze}` froze it",
+                node.name
+            );
+        }
+    }
+}
+
 /// A rewrite reads each row's version with the layout the row was written in: the key column
 /// is not the first one, a column before it changes size, and an index on a changed column is
 /// built anew by the same statement (planning any query on the table then fails).
