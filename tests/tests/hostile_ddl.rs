@@ -400,7 +400,7 @@ const APP_CATALOG: &str = "SELECT concat_ws(' | ',
     (SELECT string_agg(po.polname, ',' ORDER BY po.polname) FROM pg_policy po),
     (SELECT string_agg(tg.tgname, ',' ORDER BY tg.tgname) FROM pg_trigger tg
        JOIN pg_class c ON c.oid = tg.tgrelid WHERE c.relnamespace = 'app'::regnamespace AND NOT tg.tgisinternal),
-    (SELECT string_agg(x.stxname || ':' || x.stxstattarget, ',' ORDER BY x.stxname) FROM pg_statistic_ext x
+    (SELECT string_agg(x.stxname || ':' || coalesce(x.stxstattarget::int, -1), ',' ORDER BY x.stxname) FROM pg_statistic_ext x
        WHERE x.stxnamespace = 'app'::regnamespace),
     (SELECT string_agg(co.conname, ',' ORDER BY co.conname) FROM pg_constraint co
        WHERE co.connamespace = 'app'::regnamespace),
