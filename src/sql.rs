@@ -17,30 +17,67 @@ fn cstring(s: &str) -> CString {
     CString::new(s.replace('\0', "")).unwrap_or_default()
 }
 
+/// Text parameters `$1..` of one SPI call, as SPI takes them: types, datums and null flags.
+struct TextParams {
+    types: Vec<pg_sys::Oid>,
+    values: Vec<pg_sys::Datum>,
+    nulls: Vec<std::ffi::c_char>,
+}
+
+impl TextParams {
+    /// Call with SPI connected: the datums are text values made in the SPI procedure context.
+    fn new(args: &[Option<&str>]) -> TextParams {
+        let values = args
+            .iter()
+            .map(|a| {
+                a.map_or(pg_sys::Datum::from(0), |a| {
+                    let c = cstring(a);
+                    // SAFETY: copies the string into a text value in the current memory context.
+                    pg_sys::Datum::from(unsafe { pg_sys::cstring_to_text(c.as_ptr()) })
+                })
+            })
+            .collect();
+        let nulls = args.iter().map(|a| if a.is_some() { b' ' } else { b'n' } as std::ffi::c_char).chain([0]).collect();
+        TextParams { types: vec![pg_sys::TEXTOID; args.len()], values, nulls }
+    }
+}
+
+/// The values of an SPI result row as text (`None` for NULL), each freed once copied.
+///
+/// # Safety
+/// `tuple` must be a row of the current SPI result, described by `tupdesc`.
+unsafe fn row_texts(tuple: pg_sys::HeapTuple, tupdesc: pg_sys::TupleDesc) -> Row {
+    // SAFETY: the caller's contract; SPI_getvalue returns a palloc'd string or NULL.
+    unsafe {
+        (1..=(*tupdesc).natts)
+            .map(|c| {
+                let v = pg_sys::SPI_getvalue(tuple, tupdesc, c);
+                if v.is_null() {
+                    return None;
+                }
+                let text = CStr::from_ptr(v).to_string_lossy().into_owned();
+                pg_sys::pfree(v.cast());
+                Some(text)
+            })
+            .collect()
+    }
+}
+
 /// Runs `sql` with text parameters `$1..` (cast them in the SQL: `$1::uuid`); returns the
 /// rows as text and how many rows the statement processed.
 pub fn run(sql: &str, args: &[Option<&str>]) -> Result<(Vec<Row>, u64), String> {
     let sql_c = cstring(sql);
-    let arg_c: Vec<Option<CString>> = args.iter().map(|a| a.map(cstring)).collect();
     // SAFETY: SPI is connected and finished here; parameter datums are text values built in
     // the SPI procedure context; results are copied into Rust strings before SPI_finish.
     unsafe {
         pg_sys::SPI_connect();
-        let mut types: Vec<pg_sys::Oid> = vec![pg_sys::TEXTOID; args.len()];
-        let mut values: Vec<pg_sys::Datum> = arg_c
-            .iter()
-            .map(|a| {
-                a.as_ref().map_or(pg_sys::Datum::from(0), |c| pg_sys::Datum::from(pg_sys::cstring_to_text(c.as_ptr())))
-            })
-            .collect();
-        let nulls: Vec<std::ffi::c_char> =
-            arg_c.iter().map(|a| if a.is_some() { b' ' } else { b'n' } as std::ffi::c_char).chain([0]).collect();
+        let mut params = TextParams::new(args);
         let rc = pg_sys::SPI_execute_with_args(
             sql_c.as_ptr(),
             args.len() as i32,
-            types.as_mut_ptr(),
-            values.as_mut_ptr(),
-            nulls.as_ptr(),
+            params.types.as_mut_ptr(),
+            params.values.as_mut_ptr(),
+            params.nulls.as_ptr(),
             false,
             0,
         );
@@ -53,15 +90,8 @@ pub fn run(sql: &str, args: &[Option<&str>]) -> Result<(Vec<Row>, u64), String> 
         let table = pg_sys::SPI_tuptable;
         if !table.is_null() && !(*table).tupdesc.is_null() {
             let tupdesc = (*table).tupdesc;
-            let natts = (*tupdesc).natts;
             for r in 0..processed as usize {
-                let tuple = *(*table).vals.add(r);
-                let mut row = Vec::with_capacity(natts as usize);
-                for c in 1..=natts {
-                    let v = pg_sys::SPI_getvalue(tuple, tupdesc, c);
-                    row.push(if v.is_null() { None } else { Some(CStr::from_ptr(v).to_string_lossy().into_owned()) });
-                }
-                rows.push(row);
+                rows.push(row_texts(*(*table).vals.add(r), tupdesc));
             }
         }
         pg_sys::SPI_finish();
@@ -115,28 +145,19 @@ pub fn for_each_row(
     mut each: impl FnMut(&[Option<&str>]) -> Result<(), String>,
 ) -> Result<(), String> {
     let sql_c = cstring(sql);
-    let arg_c: Vec<Option<CString>> = args.iter().map(|a| a.map(cstring)).collect();
     // SAFETY: SPI is connected and finished here; parameter datums are text values built in
     // the SPI procedure context; each batch's values are read before its tuple table is freed;
     // the cursor is closed before SPI_finish.
     unsafe {
         pg_sys::SPI_connect();
-        let mut types: Vec<pg_sys::Oid> = vec![pg_sys::TEXTOID; args.len()];
-        let mut values: Vec<pg_sys::Datum> = arg_c
-            .iter()
-            .map(|a| {
-                a.as_ref().map_or(pg_sys::Datum::from(0), |c| pg_sys::Datum::from(pg_sys::cstring_to_text(c.as_ptr())))
-            })
-            .collect();
-        let nulls: Vec<std::ffi::c_char> =
-            arg_c.iter().map(|a| if a.is_some() { b' ' } else { b'n' } as std::ffi::c_char).chain([0]).collect();
+        let mut params = TextParams::new(args);
         let portal = pg_sys::SPI_cursor_open_with_args(
             std::ptr::null(),
             sql_c.as_ptr(),
             args.len() as i32,
-            types.as_mut_ptr(),
-            values.as_mut_ptr(),
-            nulls.as_ptr(),
+            params.types.as_mut_ptr(),
+            params.values.as_mut_ptr(),
+            params.nulls.as_ptr(),
             false,
             0,
         );
@@ -153,21 +174,8 @@ pub fn for_each_row(
                 break;
             }
             let tupdesc = (*table).tupdesc;
-            let natts = (*tupdesc).natts;
-            let mut texts: Vec<Option<String>> = Vec::with_capacity(natts as usize);
             for r in 0..processed {
-                let tuple = *(*table).vals.add(r);
-                texts.clear();
-                for c in 1..=natts {
-                    let v = pg_sys::SPI_getvalue(tuple, tupdesc, c);
-                    texts.push(if v.is_null() {
-                        None
-                    } else {
-                        let text = CStr::from_ptr(v).to_string_lossy().into_owned();
-                        pg_sys::pfree(v.cast());
-                        Some(text)
-                    });
-                }
+                let texts = row_texts(*(*table).vals.add(r), tupdesc);
                 let row: Vec<Option<&str>> = texts.iter().map(|t| t.as_deref()).collect();
                 if let Err(e) = each(&row) {
                     result = Err(e);
