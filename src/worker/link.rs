@@ -402,17 +402,10 @@ impl Link {
                 }
             }
             State::Pulling => {
+                if self.send_rest_and_note_input(now)? {
+                    return self.wait_for(Want::Write, now);
+                }
                 let conn = self.conn.as_mut().ok_or("no connection")?;
-                if self.flushing {
-                    if conn.flush().map_err(|e| e.describe())? == Want::Write {
-                        return self.wait_for(Want::Write, now);
-                    }
-                    self.flushing = false;
-                }
-                // Only silence times out: every byte received moves the deadline.
-                if conn.input_waiting() {
-                    self.deadline_ms = self.deadline_ms.max(now + peer_timeout_ms());
-                }
                 conn.consume().map_err(|e| e.describe())?;
                 loop {
                     let conn = self.conn.as_mut().ok_or("no connection")?;
@@ -420,10 +413,7 @@ impl Link {
                         Ok(RowStep::Busy) => return self.wait_for(Want::Read, now),
                         Ok(RowStep::Row(row)) => self.incoming.row(&row, 0)?,
                         Ok(RowStep::End) => break,
-                        Err(e) => {
-                            self.lost = e.sqlstate.as_deref() == Some(crate::consumers::LOST_SQLSTATE);
-                            return Err(e.describe());
-                        }
+                        Err(e) => return Err(self.peer_error(&e)),
                     }
                 }
                 let batch = std::mem::take(&mut self.incoming).finish()?;
@@ -432,26 +422,16 @@ impl Link {
                 Ok(None)
             }
             State::Handshake => {
+                if self.send_rest_and_note_input(now)? {
+                    return self.wait_for(Want::Write, now);
+                }
                 let conn = self.conn.as_mut().ok_or("no connection")?;
-                if self.flushing {
-                    if conn.flush().map_err(|e| e.describe())? == Want::Write {
-                        return self.wait_for(Want::Write, now);
-                    }
-                    self.flushing = false;
-                }
-                // Only silence times out: every byte received moves the deadline.
-                if conn.input_waiting() {
-                    self.deadline_ms = self.deadline_ms.max(now + peer_timeout_ms());
-                }
                 if conn.consume().map_err(|e| e.describe())? == Want::Read {
                     return self.wait_for(Want::Read, now);
                 }
                 let result = match conn.take_result() {
                     Ok(result) => result,
-                    Err(e) => {
-                        self.lost = e.sqlstate.as_deref() == Some(crate::consumers::LOST_SQLSTATE);
-                        return Err(e.describe());
-                    }
+                    Err(e) => return Err(self.peer_error(&e)),
                 };
                 let id = result.get(0, 0).unwrap_or_default();
                 if id != self.node.to_string() {
@@ -472,6 +452,28 @@ impl Link {
                 Ok(None)
             }
         }
+    }
+
+    /// Sends what is left of the request (true: the socket must become writable first) and
+    /// moves the deadline if bytes arrived: only silence times a peer out.
+    fn send_rest_and_note_input(&mut self, now: i64) -> Result<bool, String> {
+        let conn = self.conn.as_mut().ok_or("no connection")?;
+        if self.flushing {
+            if conn.flush().map_err(|e| e.describe())? == Want::Write {
+                return Ok(true);
+            }
+            self.flushing = false;
+        }
+        if conn.input_waiting() {
+            self.deadline_ms = self.deadline_ms.max(now + peer_timeout_ms());
+        }
+        Ok(false)
+    }
+
+    /// The message of an error the peer raised, noting whether it said this node is lost.
+    fn peer_error(&mut self, e: &PqError) -> String {
+        self.lost = e.sqlstate.as_deref() == Some(crate::consumers::LOST_SQLSTATE);
+        e.describe()
     }
 
     fn wait_for(&mut self, want: Want, now: i64) -> Result<Option<WaitSpec>, String> {
