@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use trompe_tests::system::pg_bin;
-use trompe_tests::Node;
+use trompe_tests::{Cluster, Node};
 
 /// The median of a sample.
 pub fn median(values: &[f64]) -> f64 {
@@ -78,4 +78,16 @@ pub fn env_secs(name: &str, default: u64) -> Duration {
 /// Reads a count from the environment, with a default.
 pub fn env_count(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Two nodes without trompe, ready for PostgreSQL's own logical replication (`wal_level =
+/// logical`), with the shared buffers the benchmarks give trompe's nodes too: the baseline's
+/// cluster.
+pub fn native_pair(name: &str) -> Cluster {
+    Cluster::builder(name)
+        .nodes(2)
+        .with_extension(false)
+        .setting("wal_level", "logical")
+        .setting("shared_buffers", "256MB")
+        .start()
 }

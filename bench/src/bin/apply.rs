@@ -16,7 +16,7 @@
 use std::time::{Duration, Instant};
 
 use postgres::{Client, NoTls};
-use trompe_bench::{env_count, median, percentile};
+use trompe_bench::{env_count, median, native_pair, percentile};
 use trompe_tests::system::{pg_bindir, pg_major};
 use trompe_tests::{wait_for, Cluster, Node};
 
@@ -128,12 +128,7 @@ fn trompe_run(txns: i64, commits: usize) -> ((Duration, Duration), Vec<f64>) {
 /// Native logical replication from node 1 to node 2; with `bidirectional`, node 1 also
 /// subscribes to node 2, both subscriptions with `origin = none` (PostgreSQL 16 and later).
 fn native_run(txns: i64, commits: usize, bidirectional: bool) -> ((Duration, Duration), Vec<f64>) {
-    let cluster = Cluster::builder(if bidirectional { "bench-apply-native-bidi" } else { "bench-apply-native" })
-        .nodes(2)
-        .with_extension(false)
-        .setting("wal_level", "logical")
-        .setting("shared_buffers", "256MB")
-        .start();
+    let cluster = native_pair(if bidirectional { "bench-apply-native-bidi" } else { "bench-apply-native" });
     cluster.exec_all(TABLE);
     let (a, b) = (cluster.node(0), cluster.node(1));
     a.exec(FILL);

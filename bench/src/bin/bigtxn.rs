@@ -15,8 +15,8 @@
 
 use std::time::{Duration, Instant};
 
-use trompe_bench::env_count;
 use trompe_bench::memory::{pid_of, Sampler, NATIVE_APPLYING, NATIVE_SERVING, TROMPE_APPLYING, TROMPE_SERVING};
+use trompe_bench::{env_count, native_pair};
 use trompe_tests::system::{pg_bindir, pg_major};
 use trompe_tests::{wait_for, Cluster, Node};
 
@@ -93,12 +93,7 @@ fn trompe_run(rows: i64, savepoints: bool) -> Run {
 }
 
 fn native_run(rows: i64, savepoints: bool) -> Run {
-    let cluster = Cluster::builder("bench-bigtxn-native")
-        .nodes(2)
-        .with_extension(false)
-        .setting("wal_level", "logical")
-        .setting("shared_buffers", "256MB")
-        .start();
+    let cluster = native_pair("bench-bigtxn-native");
     cluster.exec_all(TABLE);
     let (a, b) = (cluster.node(0), cluster.node(1));
     a.exec("CREATE PUBLICATION bench FOR TABLE bench_big");
