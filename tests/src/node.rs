@@ -326,6 +326,26 @@ impl Node {
         );
     }
 
+    /// Appends `bytes` to this node's log as one transaction's row, as if captured here (a
+    /// forged entry, for tests of hostile peers), and commits an ordinary change to table
+    /// `wake` after it so that pullers are woken.
+    pub fn serve_forged(&self, bytes: &[u8]) {
+        let mut c = self.connect();
+        let slot: i32 = c
+            .query_one("SELECT slot FROM trompe.log_rotation WHERE is_current", &[])
+            .expect("the current log slot")
+            .get(0);
+        c.execute(
+            &format!(
+                "INSERT INTO trompe.log_{slot} (id, txid, nchanges, changes)
+                 VALUES (nextval('trompe.log_id_seq'), pg_current_xact_id(), 1, $1)"
+            ),
+            &[&bytes],
+        )
+        .expect("a forged log entry");
+        c.execute("INSERT INTO wake DEFAULT VALUES", &[]).expect("a change to table wake");
+    }
+
     /// The last `lines` lines of the server log.
     pub fn log_tail(&self, lines: usize) -> String {
         let text = fs::read_to_string(&self.logfile).unwrap_or_default();

@@ -29,22 +29,6 @@ fn ddl_in(statement: &str, search_path: &str, role: &str) -> Vec<u8> {
     chunk(1, &buf)
 }
 
-/// Appends `bytes` to `origin`'s log as one transaction's row, and commits an ordinary change
-/// after it so that pullers are woken.
-fn serve(origin: &Node, bytes: &[u8]) {
-    let mut c = origin.connect();
-    let slot: i32 = c.query_one("SELECT slot FROM trompe.log_rotation WHERE is_current", &[]).unwrap().get(0);
-    c.execute(
-        &format!(
-            "INSERT INTO trompe.log_{slot} (id, txid, nchanges, changes)
-             VALUES (nextval('trompe.log_id_seq'), pg_current_xact_id(), 1, $1)"
-        ),
-        &[&bytes],
-    )
-    .unwrap();
-    c.execute("INSERT INTO wake DEFAULT VALUES", &[]).unwrap();
-}
-
 /// The checks after each forged entry: n2's stream from n1 stops with an error containing
 /// `expected` (SQLSTATE `code`), the server answers, nothing outside replicated tables
 /// changed, n3 still replicates to n2 meanwhile (row `probe`), and the transaction is set
@@ -197,14 +181,14 @@ fn ddl_a_peer_may_not_run_is_refused_and_set_aside() {
     // Only on n2 (n2 pulls from the others, they do not pull from it).
     n2.exec("CREATE SEQUENCE victim_seq; CREATE TABLE app.moved (id int PRIMARY KEY)");
     for (i, (statement, role, expected, code)) in cases.iter().enumerate() {
-        serve(n1, &ddl(statement, role));
+        n1.serve_forged(&ddl(statement, role));
         refused(&cluster, expected, code, 100 + i as i32);
     }
     // Names resolve as they will when the statement runs: "$user" is the role it runs as.
     n2.exec(
         "CREATE ROLE sneaky; CREATE SCHEMA sneaky AUTHORIZATION sneaky; CREATE TABLE sneaky.t (id int PRIMARY KEY)",
     );
-    serve(n1, &ddl_in("DROP TABLE t", "\"$user\", public", "sneaky"));
+    n1.serve_forged(&ddl_in("DROP TABLE t", "\"$user\", public", "sneaky"));
     refused(&cluster, "is not replicated on this node", "42501", 300);
     assert_eq!(n2.query_text("SELECT to_regclass('sneaky.t')::text").as_deref(), Some("sneaky.t"));
     assert_eq!(n2.query_i64("SELECT count(*) FROM pg_class WHERE relname IN ('outside', 'a', 'victim_x', 'child')"), 0);
@@ -227,7 +211,7 @@ fn ddl_a_peer_may_not_run_is_refused_and_set_aside() {
     );
 
     // Allowed DDL from a superuser origin runs as trompe_peer_ddl, which owns what it creates.
-    serve(n1, &ddl("CREATE TABLE app.fine (id int PRIMARY KEY)", "postgres"));
+    n1.serve_forged(&ddl("CREATE TABLE app.fine (id int PRIMARY KEY)", "postgres"));
     n2.wait_for_value(
         "SELECT r.rolname FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner WHERE c.oid = to_regclass('app.fine')",
         "trompe_peer_ddl",
@@ -236,13 +220,10 @@ fn ddl_a_peer_may_not_run_is_refused_and_set_aside() {
     assert_eq!(n2.query_i64("SELECT count(*) FROM trompe.tables WHERE relid = 'app.fine'::regclass"), 1);
 
     // `;` inside a string or a comment does not split a statement: it is one, and runs.
-    serve(
-        n1,
-        &ddl(
-            "CREATE TABLE app.semi (id int PRIMARY KEY, note text DEFAULT 'a; DROP TABLE victim; --') -- ; DROP TABLE t",
-            "postgres",
-        ),
-    );
+    n1.serve_forged(&ddl(
+        "CREATE TABLE app.semi (id int PRIMARY KEY, note text DEFAULT 'a; DROP TABLE victim; --') -- ; DROP TABLE t",
+        "postgres",
+    ));
     n2.wait_for_value("SELECT to_regclass('app.semi') IS NOT NULL", "t", Duration::from_secs(30));
     assert_eq!(n2.query_i64("SELECT count(*) FROM victim"), 1);
 
@@ -263,7 +244,7 @@ fn ddl_a_peer_may_not_run_is_refused_and_set_aside() {
         ("by_admin", "trompe_admin", "trompe_peer_ddl"),
         ("by_helper", "helper", "helper"),
     ] {
-        serve(n1, &ddl(&format!("CREATE TABLE app.{table} (id int PRIMARY KEY)"), role));
+        n1.serve_forged(&ddl(&format!("CREATE TABLE app.{table} (id int PRIMARY KEY)"), role));
         n2.wait_for_value(
             &format!("SELECT r.rolname FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner WHERE c.oid = to_regclass('app.{table}')"),
             owner,
@@ -282,18 +263,15 @@ fn a_function_body_gives_a_peer_no_privilege() {
     let (n1, n2) = (cluster.node(0), cluster.node(1));
     // A SECURITY DEFINER function doing what only a superuser may: allowed DDL (plpgsql is
     // trusted), created by trompe_peer_ddl, so it runs with no more rights than that role.
-    serve(
-        n1,
-        &ddl(
-            "CREATE FUNCTION app.boom() RETURNS int LANGUAGE plpgsql SECURITY DEFINER AS $$
+    n1.serve_forged(&ddl(
+        "CREATE FUNCTION app.boom() RETURNS int LANGUAGE plpgsql SECURITY DEFINER AS $$
              BEGIN
                  ALTER ROLE trompe_peer_ddl SUPERUSER;
                  COPY (SELECT 1) TO PROGRAM 'touch /tmp/trompe-pwned';
                  RETURN 1;
              END $$",
-            "postgres",
-        ),
-    );
+        "postgres",
+    ));
     n2.wait_for_value(
         "SELECT r.rolname || ' ' || r.rolsuper FROM pg_proc p JOIN pg_roles r ON r.oid = p.proowner
           WHERE p.proname = 'boom'",
@@ -301,7 +279,7 @@ fn a_function_body_gives_a_peer_no_privilege() {
         Duration::from_secs(30),
     );
     // DDL that runs the function while it is applied.
-    serve(n1, &ddl("CREATE TABLE app.x AS SELECT app.boom() AS id", "postgres"));
+    n1.serve_forged(&ddl("CREATE TABLE app.x AS SELECT app.boom() AS id", "postgres"));
     refused(&cluster, "to alter", "42501", 200);
     assert_eq!(n2.query_i64("SELECT count(*) FROM pg_class WHERE relname = 'x'"), 0);
     // Called by a plain user, it has the rights of its owner, no more.
@@ -381,7 +359,7 @@ fn ddl_runs_as_its_origins_role_when_that_is_no_superuser_here() {
     n1.exec("CREATE TABLE wake (id bigserial PRIMARY KEY)");
     n2.exec("CREATE TABLE wake (id bigserial PRIMARY KEY)");
     cluster.exec_all("SELECT trompe.add_table('wake')");
-    serve(n1, &ddl("DROP TABLE app.items", "appowner"));
+    n1.serve_forged(&ddl("DROP TABLE app.items", "appowner"));
     n2.wait_for_value("SELECT count(*) FROM pg_class WHERE relname = 'items'", "0", Duration::from_secs(30));
 }
 

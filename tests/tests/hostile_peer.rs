@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use trompe_core::changeset::{chunk, ChangeWriter, OldVersion};
 use trompe_core::logformat::Op;
-use trompe_tests::{wait_for, Cluster, Node};
+use trompe_tests::{wait_for, Cluster};
 
 /// An insert of `cols` = `vals` into `nsp.rel`, as a peer's log row would carry it.
 fn insert(nsp: &str, rel: &str, cols: &[&str], vals: &[&str]) -> Vec<u8> {
@@ -20,22 +20,6 @@ fn insert(nsp: &str, rel: &str, cols: &[&str], vals: &[&str]) -> Vec<u8> {
     }
     w.none().finish(OldVersion::Unknown);
     chunk(1, &buf)
-}
-
-/// Appends `bytes` to `origin`'s log as one transaction's row, as if captured there, and
-/// commits an ordinary change after it so that pullers are woken.
-fn serve(origin: &Node, bytes: &[u8]) {
-    let mut c = origin.connect();
-    let slot: i32 = c.query_one("SELECT slot FROM trompe.log_rotation WHERE is_current", &[]).unwrap().get(0);
-    c.execute(
-        &format!(
-            "INSERT INTO trompe.log_{slot} (id, txid, nchanges, changes)
-             VALUES (nextval('trompe.log_id_seq'), pg_current_xact_id(), 1, $1)"
-        ),
-        &[&bytes],
-    )
-    .unwrap();
-    c.execute("INSERT INTO wake DEFAULT VALUES", &[]).unwrap();
 }
 
 /// Waits until `node`'s stream from its peer stops with an error containing `expected`, checks
@@ -70,29 +54,29 @@ fn malformed_changes_from_a_peer_are_refused_and_the_server_stays_up() {
     n1.exec("INSERT INTO t VALUES (1, 'fine')");
     n2.wait_for_value("SELECT count(*) FROM t", "1", Duration::from_secs(30));
 
-    serve(n1, b"\x01garbage that is no change at all");
+    n1.serve_forged(b"\x01garbage that is no change at all");
     refused(&cluster, "change chunk");
 
-    serve(n1, &insert("public", "nosuch", &["id"], &["1"]));
+    n1.serve_forged(&insert("public", "nosuch", &["id"], &["1"]));
     refused(&cluster, "nosuch");
 
-    serve(n1, &insert("public", "victim\"; DROP TABLE victim; --", &["id"], &["2"]));
+    n1.serve_forged(&insert("public", "victim\"; DROP TABLE victim; --", &["id"], &["2"]));
     refused(&cluster, "DROP TABLE victim");
 
-    serve(n1, &insert("public", "victim", &["id"], &["2"]));
+    n1.serve_forged(&insert("public", "victim", &["id"], &["2"]));
     refused(&cluster, "not replicated");
 
-    serve(n1, &insert("trompe", "peers", &["name"], &["evil"]));
+    n1.serve_forged(&insert("trompe", "peers", &["name"], &["evil"]));
     refused(&cluster, "peers");
 
-    serve(n1, &insert("public", "t", &["id", "v"], &["not a number", "x"]));
+    n1.serve_forged(&insert("public", "t", &["id", "v"], &["not a number", "x"]));
     refused(&cluster, "invalid input syntax for type integer");
 
-    serve(n1, &insert("public", "t", &["id", "nope"], &["2", "x"]));
+    n1.serve_forged(&insert("public", "t", &["id", "nope"], &["2", "x"]));
     refused(&cluster, "nope");
 
     let huge = "9".repeat(20 * 1024 * 1024);
-    serve(n1, &insert("public", "t", &["id", "v"], &[&huge, "x"]));
+    n1.serve_forged(&insert("public", "t", &["id", "v"], &[&huge, "x"]));
     refused(&cluster, "value \"999");
 
     // After all that, replication still works.
