@@ -270,9 +270,10 @@ fn wait_bytes(link: &trompe_tests::proxy::Proxy, from: u64, bytes: u64) {
     );
 }
 
-#[test]
-fn a_large_transaction_survives_kill_9_of_either_node_mid_pull() {
-    let cluster = Cluster::builder("big-txn-kill-9")
+/// Two nodes, the second pulling from the first through a link throttled to 256 kB/s, with
+/// short timeouts and retries; connected.
+fn pulling_through_a_slow_link(name: &str) -> Cluster {
+    let cluster = Cluster::builder(name)
         .nodes(2)
         .setting("trompe.peer_timeout", "'3s'")
         .setting("trompe.pull_interval", "'1s'")
@@ -280,12 +281,18 @@ fn a_large_transaction_survives_kill_9_of_either_node_mid_pull() {
         .start();
     items_on(&cluster);
     cluster.add_peer(1, 0);
-    let (n0, n1) = (cluster.node(0), cluster.node(1));
     assert!(wait_for(Duration::from_secs(60), || {
-        n1.query_text("SELECT state FROM trompe.status").as_deref() == Some("connected")
+        cluster.node(1).query_text("SELECT state FROM trompe.status").as_deref() == Some("connected")
     }));
+    cluster.link(1, 0).throttle(256 << 10);
+    cluster
+}
+
+#[test]
+fn a_large_transaction_survives_kill_9_of_either_node_mid_pull() {
+    let cluster = pulling_through_a_slow_link("big-txn-kill-9");
+    let (n0, n1) = (cluster.node(0), cluster.node(1));
     let link = cluster.link(1, 0);
-    link.throttle(256 << 10);
     let rows = 2000; // about 4 MB: some 16 s through the link
     n0.exec(&big_insert(rows));
     n0.exec("INSERT INTO items VALUES (0, 'behind the big one')");
@@ -311,20 +318,9 @@ fn a_large_transaction_survives_kill_9_of_either_node_mid_pull() {
 
 #[test]
 fn a_large_transaction_survives_a_pause_and_a_silent_link_mid_pull() {
-    let cluster = Cluster::builder("big-txn-pause")
-        .nodes(2)
-        .setting("trompe.peer_timeout", "'3s'")
-        .setting("trompe.pull_interval", "'1s'")
-        .setting("trompe.retry_max_delay", "'1s'")
-        .start();
-    items_on(&cluster);
-    cluster.add_peer(1, 0);
+    let cluster = pulling_through_a_slow_link("big-txn-pause");
     let (n0, n1) = (cluster.node(0), cluster.node(1));
-    assert!(wait_for(Duration::from_secs(60), || {
-        n1.query_text("SELECT state FROM trompe.status").as_deref() == Some("connected")
-    }));
     let link = cluster.link(1, 0);
-    link.throttle(256 << 10);
     let rows = 2000;
     n0.exec(&big_insert(rows));
     // Paused by the administrator mid-pull: the pull is dropped, nothing applied, state paused.
