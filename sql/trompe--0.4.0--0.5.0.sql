@@ -65,6 +65,19 @@ CREATE TABLE trompe.rewrites (
 );
 COMMENT ON TABLE trompe.rewrites IS 'Transactions that rewrote replicated tables (their rows'' versions are in trompe.row_versions).';
 
+-- Statements that freeze rows after keeping their versions (src/row_versions/freeze_window.rs):
+-- a row committed in between is frozen without a kept version and reads its commit timestamp
+-- until the statement has ended and its version is kept.
+CREATE TABLE trompe.freeze_windows (
+    relid oid NOT NULL,
+    since xid8 NOT NULL,
+    pid int NOT NULL,
+    backend_start timestamptz NOT NULL,
+    query_start timestamptz NOT NULL,
+    PRIMARY KEY (relid, pid, backend_start, query_start)
+);
+COMMENT ON TABLE trompe.freeze_windows IS 'Freezing statements whose rows committed after their versions were kept may lack a kept version.';
+
 CREATE FUNCTION trompe."skip"(
 	"peer" TEXT,
 	"txn" bigint DEFAULT NULL

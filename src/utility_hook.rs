@@ -61,6 +61,9 @@ unsafe extern "C-unwind" fn process_utility(
     let _privileges = crate::capture::privileges::before_utility(node);
     let _scope = StatementScope::enter(statement_text(pstmt, query_string), restart, node);
     run_previous(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc);
+    if let Err(e) = crate::row_versions::after_utility() {
+        pgrx::warning!("trompe: keeping the versions of rows this statement froze failed (the worker retries): {e}");
+    }
     if let Some(added) = added {
         added.check().or_raise();
     }

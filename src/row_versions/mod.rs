@@ -18,6 +18,9 @@
 //!   older than half of `vacuum_freeze_min_age` (see [`archive_aging`]). A frozen row without a
 //!   kept version is older than anything that matters: its version is unknown (it loses).
 //!
+//! A row committed while such a statement keeps versions may be frozen without a kept one: it
+//! reads its version through the statement's freeze window (module [`freeze_window`]).
+//!
 //! Only versions younger than `trompe.tombstone_retention` are kept, and entries are pruned
 //! after it: an older version loses to every change a node can still receive, as an unknown
 //! one does.
@@ -32,7 +35,10 @@ use trompe_core::nodeid::NodeId;
 use crate::capture::version::version_of;
 use crate::log::writer::as_extension_owner;
 
+mod freeze_window;
 mod rewrite;
+
+pub use freeze_window::close_own as after_utility;
 
 /// What decides how a table's row versions are read: the transactions that rewrote it (whose
 /// rows have kept versions) and the transaction before which rows may be frozen.
@@ -44,6 +50,9 @@ pub struct TableVersions {
     pub rewrites: Vec<u32>,
     /// The table's `relfrozenxid`: rows with an older `xmin` may be frozen.
     pub frozen_before: pg_sys::TransactionId,
+    /// The start (a full transaction id) of the oldest open freeze window on the table: frozen
+    /// rows written since may have no kept version yet.
+    pub unkept_since: Option<u64>,
 }
 
 thread_local! {
@@ -72,16 +81,22 @@ impl TableVersions {
         // SAFETY: rel is open (caller's contract).
         let (relid, frozen_before) = unsafe { ((*rel).rd_id, (*(*rel).rd_rel).relfrozenxid) };
         let mut rewrites = Vec::new();
+        let mut unkept_since = None;
         if archive_exists() {
-            let rows = as_extension_owner(|| {
-                crate::sql::rows(
-                    "SELECT (xid::text::bigint % 4294967296)::text FROM trompe.rewrites WHERE relid = $1::oid",
+            let row = as_extension_owner(|| {
+                crate::sql::row(
+                    "SELECT (SELECT pg_catalog.string_agg((xid::text::bigint % 4294967296)::text, ',')
+                               FROM trompe.rewrites WHERE relid = $1::oid),
+                            (SELECT pg_catalog.min(since)::text FROM trompe.freeze_windows WHERE relid = $1::oid)",
                     &[Some(&relid.to_u32().to_string())],
                 )
-            })?;
-            rewrites = rows.into_iter().filter_map(|r| r.first().cloned().flatten()?.parse::<u32>().ok()).collect();
+            })?
+            .unwrap_or_default();
+            let text = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+            rewrites = text(0).split(',').filter_map(|x| x.parse::<u32>().ok()).collect();
+            unkept_since = text(1).parse::<u64>().ok();
         }
-        Ok(TableVersions { relid, rewrites, frozen_before })
+        Ok(TableVersions { relid, rewrites, frozen_before, unkept_since })
     }
 
     /// The version of this table's row written by transaction `xmin` (its raw `xmin`) whose
@@ -98,7 +113,13 @@ impl TableVersions {
         let maybe_frozen = self.frozen_before.into_inner() >= pg_sys::TransactionId::FIRST_NORMAL.into_inner()
             && unsafe { pg_sys::TransactionIdPrecedes(xmin, self.frozen_before) };
         if maybe_frozen {
-            return kept(self.relid, raw, &key()).unwrap_or(OldVersion::Unknown);
+            return kept(self.relid, raw, &key()).unwrap_or_else(|| {
+                if freeze_window::in_window(raw, self.unkept_since) {
+                    version_of(xmin)
+                } else {
+                    OldVersion::Unknown
+                }
+            });
         }
         version_of(xmin)
     }
@@ -304,6 +325,14 @@ pub fn end_of_transaction() {
     rewrite::end_of_transaction();
 }
 
+/// Opens a freeze window on table `relid` if it is replicated (see [`freeze_window`]).
+fn open_freeze_window(relid: pg_sys::Oid) -> Result<(), String> {
+    if !archive_exists() || !is_replicated(relid)? {
+        return Ok(());
+    }
+    freeze_window::open(relid)
+}
+
 /// Keeps the versions of the rows of replicated table `relid` whose `xmin` is at least
 /// `min_age` transactions old (vacuum may freeze them), under their own `xmin`.
 pub fn archive_aging(relid: pg_sys::Oid, min_age: i64) -> Result<u64, String> {
@@ -384,7 +413,7 @@ pub unsafe fn before_utility(node: *mut pg_sys::Node) {
             .collect()
     };
     for relid in relids {
-        if let Err(e) = archive_aging(relid, min_age) {
+        if let Err(e) = open_freeze_window(relid).and_then(|()| archive_aging(relid, min_age)) {
             crate::error::TrompeError::Internal(format!("keeping row versions before vacuum: {e}")).raise();
         }
     }
@@ -434,6 +463,7 @@ pub fn maintain() -> Result<(), String> {
     if !archive_exists() {
         return Ok(());
     }
+    freeze_window::close_ended()?;
     let half = i64::from(freeze_min_age() / 2);
     let due = as_extension_owner(|| {
         crate::sql::rows(

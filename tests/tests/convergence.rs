@@ -25,6 +25,22 @@ fn caught_up(node: &Node) {
     );
 }
 
+/// Waits until no session on `node` but the caller's holds a snapshot (a pull in flight when its
+/// peer paused it, for one), so that a statement starting now may freeze every row committed.
+fn no_other_snapshots(node: &Node) {
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            node.query_text(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND backend_xmin IS NOT NULL",
+            )
+            .as_deref()
+                == Some("0")
+        }),
+        "no session on {} holds a snapshot",
+        node.name
+    );
+}
+
 /// While `a` does not pull from `b`: `b` runs `on_b`, then `a` runs `on_a`; once both are
 /// everywhere, `check` must read `want` on every node (`why` says what was expected).
 fn race(cluster: &Cluster, on_b: &str, on_a: &str, check: &str, want: &str, why: &str) {
@@ -91,6 +107,7 @@ fn rows_frozen_by_cluster_or_vacuum_full_keep_their_versions() {
         a.exec(&format!("UPDATE r SET v = 2 WHERE id = {id}"));
         a.exec(freeze);
         link(a, "resume", b);
+        link(b, "resume", a);
         cluster.wait_sync(SYNC);
         for node in cluster.nodes() {
             assert_eq!(
@@ -101,6 +118,176 @@ fn rows_frozen_by_cluster_or_vacuum_full_keep_their_versions() {
             );
         }
     }
+}
+
+/// A row committed while `VACUUM FREEZE`, `VACUUM FULL` or `CLUSTER` keeps the table's row
+/// versions (after that pass read the table, before the statement froze it) keeps its version
+/// too: the peer's older change arriving afterwards loses to it, and its version is kept once
+/// the statement has ended. The pass is held at a kept version another session has locked, so
+/// the row commits exactly inside that window. (`CLUSTER` of one table freezes nothing newer
+/// than its own snapshot: only the form that clusters every table in turn has such a window.)
+#[test]
+fn rows_committed_while_versions_are_kept_keep_theirs() {
+    // No autovacuum snapshot keeps the statement from freezing the row.
+    let cluster = Cluster::builder("freeze-window").nodes(2).setting("autovacuum", "off").start();
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all(
+        "CREATE TABLE r (id int PRIMARY KEY, v int); ALTER TABLE r CLUSTER ON r_pkey; SELECT trompe.add_table('r')",
+    );
+    cluster.mesh();
+    a.exec("INSERT INTO r SELECT g, 0 FROM generate_series(1, 3) g; INSERT INTO r VALUES (100, 0)");
+    cluster.wait_sync(SYNC);
+    // Keeps every row's version, row 100's too: the next pass meets it again and must lock it.
+    a.exec("VACUUM FREEZE r");
+    for (id, freeze) in [(1, "VACUUM FREEZE r"), (2, "VACUUM FULL r"), (3, "CLUSTER")] {
+        // No pull of b's holds a snapshot on a that keeps the statement from freezing the row.
+        link(a, "pause", b);
+        link(b, "pause", a);
+        no_other_snapshots(a);
+        b.exec(&format!("UPDATE r SET v = 1 WHERE id = {id}"));
+        let mut holder = a.connect();
+        holder
+            .batch_execute(
+                "BEGIN; SELECT 1 FROM trompe.row_versions WHERE relid = 'r'::regclass AND key = '{100}' FOR UPDATE",
+            )
+            .expect("row 100's kept version is locked");
+        std::thread::scope(|s| {
+            let freezing = s.spawn(|| a.exec(freeze));
+            assert!(
+                wait_for(Duration::from_secs(30), || {
+                    a.query_text(&format!(
+                        "SELECT count(*) FROM pg_stat_activity WHERE query = '{freeze}' AND wait_event_type = 'Lock'"
+                    ))
+                    .as_deref()
+                        == Some("1")
+                }),
+                "`{freeze}` waits for the kept version of row 100"
+            );
+            a.exec(&format!("UPDATE r SET v = 2 WHERE id = {id}"));
+            holder.batch_execute("COMMIT").expect("the lock is released");
+            freezing.join().expect("the freezing statement ends");
+        });
+        assert_eq!(
+            a.query_text(&format!(
+                "SELECT age(r.xmin) > age(c.relfrozenxid) FROM r, pg_class c WHERE r.id = {id} AND c.oid = 'r'::regclass"
+            ))
+            .as_deref(),
+            Some("t"),
+            "`{freeze}` froze a's update of row {id}"
+        );
+        assert_eq!(
+            a.query_text(&format!(
+                "SELECT (SELECT count(*) FROM trompe.freeze_windows)
+                     || ' ' || (SELECT count(*) FROM trompe.row_versions k JOIN r ON k.key = ARRAY[r.id::text]
+                                 WHERE k.relid = 'r'::regclass AND r.id = {id} AND k.row_xmin = r.xmin)"
+            ))
+            .as_deref(),
+            Some("0 1"),
+            "once `{freeze}` has ended, no freeze window is open and the frozen row's version is kept"
+        );
+        link(a, "resume", b);
+        link(b, "resume", a);
+        cluster.wait_sync(SYNC);
+        for node in cluster.nodes() {
+            assert_eq!(
+                node.query_text(&format!("SELECT v FROM r WHERE id = {id}")).as_deref(),
+                Some("2"),
+                "on {}: a's update was newer than b's, and `{freeze}` froze it",
+                node.name
+            );
+        }
+    }
+}
+
+/// A freezing statement that fails leaves its freeze windows open: a row committed in one (and
+/// frozen) keeps winning over an older change from a peer, and the worker keeps its version and
+/// closes the windows once the statement no longer runs. The statement is held at a kept version
+/// another session has locked while the row commits, then cancelled while it waits for a table.
+#[test]
+fn a_failed_freezing_statement_leaves_its_windows_to_the_worker() {
+    // No autovacuum snapshot keeps the statement from freezing the row.
+    let cluster = Cluster::builder("freeze-window-failed").nodes(2).setting("autovacuum", "off").start();
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all(
+        "CREATE TABLE r (id int PRIMARY KEY, v int); CREATE TABLE s (id int PRIMARY KEY);
+         SELECT trompe.add_table('r'); SELECT trompe.add_table('s')",
+    );
+    cluster.mesh();
+    a.exec("INSERT INTO r VALUES (1, 0), (100, 0)");
+    cluster.wait_sync(SYNC);
+    a.exec("VACUUM FREEZE r");
+    link(a, "pause", b);
+    link(b, "pause", a);
+    no_other_snapshots(a);
+    b.exec("UPDATE r SET v = 1 WHERE id = 1");
+    let mut version_holder = a.connect();
+    version_holder
+        .batch_execute(
+            "BEGIN; SELECT 1 FROM trompe.row_versions WHERE relid = 'r'::regclass AND key = '{100}' FOR UPDATE",
+        )
+        .expect("row 100's kept version is locked");
+    let mut table_holder = a.connect();
+    table_holder.batch_execute("BEGIN; LOCK TABLE s IN SHARE MODE").expect("s is locked");
+    let waiting_on = |what: &str| {
+        wait_for(Duration::from_secs(30), || {
+            a.query_text(&format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'VACUUM (FREEZE, VERBOSE) r, s' AND wait_event = '{what}'"
+            ))
+            .as_deref()
+                == Some("1")
+        })
+    };
+    let report = std::thread::scope(|scope| {
+        let vacuum = scope.spawn(|| {
+            let (mut client, notices) = a.connect_keeping_notices();
+            let message = expect_error(&mut client, "VACUUM (FREEZE, VERBOSE) r, s").1;
+            let report = notices.lock().map(|n| n.join("\n")).unwrap_or_default();
+            (message, report)
+        });
+        assert!(waiting_on("transactionid"), "VACUUM waits for the kept version of row 100");
+        a.exec("UPDATE r SET v = 2 WHERE id = 1");
+        version_holder.batch_execute("COMMIT").expect("the kept version is unlocked");
+        assert!(waiting_on("relation"), "VACUUM froze r and waits for s");
+        a.exec("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE query = 'VACUUM (FREEZE, VERBOSE) r, s'");
+        let (message, report) = vacuum.join().expect("VACUUM ends");
+        assert!(message.contains("canceling statement"), "VACUUM was cancelled: {message}");
+        report
+    });
+    table_holder.batch_execute("COMMIT").expect("s is unlocked");
+    assert_eq!(
+        a.query_text(
+            "SELECT (age(r.xmin) > age(c.relfrozenxid)) || ' ' || (SELECT count(*) FROM trompe.freeze_windows)
+               FROM r, pg_class c WHERE r.id = 1 AND c.oid = 'r'::regclass"
+        )
+        .as_deref(),
+        Some("true 2"),
+        "the cancelled VACUUM froze a's update and left both windows open; it said:\n{report}"
+    );
+    link(a, "resume", b);
+    link(b, "resume", a);
+    cluster.wait_sync(SYNC);
+    for node in cluster.nodes() {
+        assert_eq!(
+            node.query_text("SELECT v FROM r WHERE id = 1").as_deref(),
+            Some("2"),
+            "on {}: a's update was newer than b's",
+            node.name
+        );
+    }
+    // A fresh worker looks for the windows of statements that no longer run at once.
+    a.restart();
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            a.query_text(
+                "SELECT (SELECT count(*) FROM trompe.freeze_windows)
+                     || ' ' || (SELECT count(*) FROM trompe.row_versions k JOIN r ON k.key = ARRAY[r.id::text]
+                                 WHERE k.relid = 'r'::regclass AND r.id = 1 AND k.row_xmin = r.xmin)",
+            )
+            .as_deref()
+                == Some("0 1")
+        }),
+        "the worker closed both windows and kept the version of the row frozen in r's"
+    );
 }
 
 /// A rewrite reads each row's version with the layout the row was written in: the key column
