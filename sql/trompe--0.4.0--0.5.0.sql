@@ -1,6 +1,28 @@
 -- Upgrade of trompe from 0.4.0 to 0.5.0 (ALTER EXTENSION trompe UPDATE).
 \echo Use "ALTER EXTENSION trompe UPDATE TO '0.5.0'" to load this file. \quit
 
+-- The update changes tables that sessions (capture, the worker, peers' pulls) read while it
+-- runs. Taking their locks one by one, as its statements go, can deadlock with such a session
+-- reading them in another order, and either side may then be the one cancelled. So it takes
+-- them all first, in one statement: should that still meet a session holding one of them and
+-- waiting for another, the update (waiting first) is the one cancelled, lets go of all of them
+-- and tries again.
+DO $lock$
+BEGIN
+    FOR attempt IN 1..100 LOOP
+        BEGIN
+            LOCK TABLE trompe.peers, trompe.node, trompe.consumers, trompe.progress, trompe.log_rotation
+                IN ACCESS EXCLUSIVE MODE;
+            RETURN;
+        EXCEPTION WHEN deadlock_detected THEN
+            PERFORM pg_catalog.pg_sleep(0.05);
+        END;
+    END LOOP;
+    RAISE EXCEPTION 'trompe: the update kept deadlocking with sessions using trompe''s tables'
+        USING ERRCODE = 'deadlock_detected', HINT = 'Run ALTER EXTENSION trompe UPDATE again.';
+END
+$lock$;
+
 -- Convergence (issue 17) ------------------------------------------------------------------
 -- Transactions set aside by trompe.skip(); renames and drops kept for changes in flight; row
 -- versions kept across table rewrites and freezing.
