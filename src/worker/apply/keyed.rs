@@ -35,23 +35,27 @@ enum Write<'c> {
     Delete,
 }
 
-/// Updates the row with primary key `keys` to the change's row if `incoming` wins over it.
+/// Updates the row with primary key `keys` to the change's row if `incoming` wins over it;
+/// `remote_row` gives the change's row as JSON for a conflict record (when `incoming` has none).
 pub fn update_row(
     table: &Table,
     change: &Change,
     incoming: &Incoming,
     keys: &[Option<&str>],
+    remote_row: impl FnOnce() -> Option<String>,
 ) -> Result<Option<Met>, ApplyError> {
     let Some(positions) = super::direct::column_positions(table, change) else { return Ok(None) };
     if change.vals.is_none() {
         return Err(ApplyError::Malformed { id: change.id(), reason: "update without values".into() });
     }
-    super::owner::as_table_owner(table.relid, || write(table, incoming, keys, Write::Update(change, positions)))
+    super::owner::as_table_owner(table.relid, || {
+        write(table, incoming, keys, Write::Update(change, positions), remote_row)
+    })
 }
 
 /// Deletes the row with primary key `keys` if `incoming` wins over it.
 pub fn delete_row(table: &Table, incoming: &Incoming, keys: &[Option<&str>]) -> Result<Option<Met>, ApplyError> {
-    super::owner::as_table_owner(table.relid, || write(table, incoming, keys, Write::Delete))
+    super::owner::as_table_owner(table.relid, || write(table, incoming, keys, Write::Delete, || None))
 }
 
 /// Whether a trigger of `rel` for `event` (a `TRIGGER_TYPE_*` bit) fires in this session and
@@ -143,7 +147,13 @@ unsafe fn eligible(rel: pg_sys::Relation, table: &Table, positions: &[usize], ev
     }
 }
 
-fn write(table: &Table, incoming: &Incoming, keys: &[Option<&str>], what: Write) -> Result<Option<Met>, ApplyError> {
+fn write(
+    table: &Table,
+    incoming: &Incoming,
+    keys: &[Option<&str>],
+    what: Write,
+    remote_row: impl FnOnce() -> Option<String>,
+) -> Result<Option<Met>, ApplyError> {
     // The row lock the statement would take: the key stays, so an update leaves foreign keys
     // pointing at the row alone (unless it changes another unique column, see heap_update).
     let (event, right, positions, row_lock) = match &what {
@@ -212,7 +222,6 @@ fn write(table: &Table, incoming: &Incoming, keys: &[Option<&str>], what: Write)
             let mut isnull = false;
             let xmin = pg_sys::slot_getsysattr(local, pg_sys::MinTransactionIdAttributeNumber, &mut isnull);
             let xmin = pg_sys::TransactionId::from(xmin.value() as u32);
-            let remote_row = || None;
             // The conflict record (and the row versions it reads) allocate outside the executor.
             pg_sys::MemoryContextSwitchTo(outer);
             let wins = decide(incoming, xmin, || slot_json(local), remote_row);

@@ -111,13 +111,24 @@ fn key_datums(table: &Table, keys: &[Option<&str>], values: &mut Vec<pg_sys::Dat
 }
 
 fn incoming(table: &Table, v: TxnVersion, change: &Change, kind: ConflictKind, keys: &[Option<&str>]) -> Incoming {
+    Incoming { row: row_json(change), ..incoming_row_unset(table, v, change, kind, keys) }
+}
+
+/// [`incoming`] without the incoming row's JSON (to be set where it is needed).
+fn incoming_row_unset(
+    table: &Table,
+    v: TxnVersion,
+    change: &Change,
+    kind: ConflictKind,
+    keys: &[Option<&str>],
+) -> Incoming {
     Incoming {
         table: table.readable.clone(),
         version: v.0,
         replaced: change.old.into(),
         kind,
         key: Some(key_json(table, keys)),
-        row: row_json(change),
+        row: None,
         ranking: table.ranking.clone(),
         rows: Some((table.versions.clone(), keys.iter().map(|k| k.map(str::to_string)).collect())),
     }
@@ -465,11 +476,18 @@ pub fn update(cache: &mut ApplyCache, v: TxnVersion, change: &Change, careful: b
     if careful && !resolve_unique(cache, &table, v, change, &new_keys)? {
         return Ok(());
     }
-    let ctx = incoming(&table, v, change, ConflictKind::UpdateUpdate, &old_keys);
-    let met = match super::keyed::update_row(&table, change, &ctx, &old_keys)? {
+    // The incoming row's JSON is only needed for a conflict: the executor path builds it then.
+    let mut ctx = incoming_row_unset(&table, v, change, ConflictKind::UpdateUpdate, &old_keys);
+    let met = match super::keyed::update_row(&table, change, &ctx, &old_keys, || row_json(change))? {
         Some(met) => met,
-        None => update_statement(cache, &table, change, &ctx, &old_keys)?,
+        None => {
+            ctx.row = row_json(change);
+            update_statement(cache, &table, change, &ctx, &old_keys)?
+        }
     };
+    if ctx.row.is_none() {
+        ctx.row = row_json(change);
+    }
     if met != Met::Missing {
         return Ok(());
     }
