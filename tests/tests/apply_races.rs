@@ -110,7 +110,7 @@ fn updates_colliding_on_a_unique_column_resolve_the_same_way_everywhere() {
         Some("6:n2")
     );
     for node in cluster.nodes() {
-        assert!(winners(node, "unique_violation", 5) != "" || winners(node, "unique_violation", 6) != "");
+        assert!(!winners(node, "unique_violation", 5).is_empty() || !winners(node, "unique_violation", 6).is_empty());
     }
 }
 
