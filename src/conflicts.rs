@@ -193,6 +193,18 @@ fn _apply_wins(
         // Outside apply (someone calling it by hand): never change anything.
         return false;
     };
+    decide(&incoming, local_xmin, || local_row.as_ref().and_then(row_json), || remote_row.as_ref().and_then(row_json))
+}
+
+/// Decides between `incoming` and the local row written by `local_xmin`: true if the incoming
+/// change replaces it. Records a conflict if the two were concurrent, with the local row's and
+/// (when `incoming` has none) the incoming row's JSON from `local_row` and `remote_row`.
+pub fn decide(
+    incoming: &Incoming,
+    local_xmin: pg_sys::TransactionId,
+    local_row: impl FnOnce() -> Option<String>,
+    remote_row: impl FnOnce() -> Option<String>,
+) -> bool {
     DECISIONS.set(DECISIONS.get() + 1);
     let local = match &incoming.rows {
         Some((versions, key)) => versions.row_version(local_xmin, || key.clone()).into(),
@@ -206,12 +218,26 @@ fn _apply_wins(
             kind: incoming.kind,
             remote_won: wins,
             local,
-            local_row: local_row.as_ref().and_then(row_json),
+            local_row: local_row(),
             remote: incoming.version,
-            remote_row: incoming.row.clone().or_else(|| remote_row.as_ref().and_then(row_json)),
+            remote_row: incoming.row.clone().or_else(remote_row),
         });
     }
     wins
+}
+
+/// The JSON text of the row in `slot` (a row of a table, as `row_to_json(tgt)` gives it).
+///
+/// # Safety
+/// `slot` must hold a row of a relation whose descriptor it has.
+pub unsafe fn slot_json(slot: *mut pg_sys::TupleTableSlot) -> Option<String> {
+    // SAFETY: the caller guarantees the slot; the datum is a composite of the table's row type.
+    unsafe {
+        let datum = pg_sys::ExecFetchSlotHeapTupleDatum(slot);
+        let json = pg_sys::DirectFunctionCall1Coll(Some(pg_row_to_json), pg_sys::InvalidOid, datum);
+        let text = pg_sys::text_to_cstring(json.cast_mut_ptr());
+        Some(std::ffi::CStr::from_ptr(text).to_string_lossy().into_owned())
+    }
 }
 
 /// True if the incoming change of the current apply statement ranks above the row of its table

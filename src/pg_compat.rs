@@ -217,3 +217,22 @@ unsafe extern "C-unwind" fn shmem_request() {
         }
     }
 }
+
+/// Sets up `epqstate` for the single-row update and delete of logical replication apply (no
+/// plan, no row marks), as PostgreSQL's own apply does; from 16 on with no result relations.
+///
+/// # Safety
+/// `epqstate` must point to writable memory for an `EPQState`, `estate` to a live executor
+/// state; `EvalPlanQualEnd` must be called before the executor state is freed.
+pub unsafe fn eval_plan_qual_init(epqstate: *mut pg_sys::EPQState, estate: *mut pg_sys::EState) {
+    #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
+    // SAFETY: the caller guarantees both pointers.
+    unsafe {
+        pg_sys::EvalPlanQualInit(epqstate, estate, std::ptr::null_mut(), std::ptr::null_mut(), -1)
+    }
+    #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+    // SAFETY: the caller guarantees both pointers.
+    unsafe {
+        pg_sys::EvalPlanQualInit(epqstate, estate, std::ptr::null_mut(), std::ptr::null_mut(), -1, std::ptr::null_mut())
+    }
+}

@@ -6,7 +6,9 @@
 //! while the origin commits BENCH_TXNS transactions of 10 rows; then it is resumed and timed
 //! until every row is there. Latency: BENCH_COMMITS single-row commits on an idle pair, each
 //! timed from the commit's return at the origin to the row being visible at the peer, once
-//! autovacuum has finished with the backlog on both nodes.
+//! autovacuum has finished with the backlog on both nodes. Update backlog: the same, with the
+//! origin then updating every row of the backlog again (BENCH_TXNS transactions of 10
+//! single-row UPDATEs by primary key) while the applying side is paused.
 //!
 //! On PostgreSQL 16 and later (the nodes run `TROMPE_PG_BIN`'s) it also measures native
 //! *bidirectional* logical replication, the closest native counterpart of a trompe mesh: each
@@ -30,13 +32,33 @@ const FILL: &str = "CREATE PROCEDURE bench_fill(txns int) LANGUAGE plpgsql AS $$
         END LOOP;
     END $$";
 
+/// Updates every row of the backlog again: `txns` transactions of 10 single-row UPDATEs.
+const TOUCH: &str = "CREATE PROCEDURE bench_touch(txns int) LANGUAGE plpgsql AS $$
+    BEGIN
+        FOR t IN 0 .. txns - 1 LOOP
+            FOR g IN 0 .. 9 LOOP
+                UPDATE bench_rows SET payload = 'u' || payload WHERE id = t * 10 + g;
+            END LOOP;
+            COMMIT;
+        END LOOP;
+    END $$";
+
 /// Times the catch-up of `node` on a backlog of `txns` transactions: from the first backlog
 /// row becoming visible to the last (transactions are applied in order, so the last row
 /// means all of them). Probing is by primary key, so it costs the node next to nothing.
 /// Returns (time to the first row, time from the first to the last row).
 fn time_catch_up(node: &Node, txns: i64, started: Instant) -> (Duration, Duration) {
+    time_until(node, "SELECT 1 FROM bench_rows WHERE id = $1", txns, started)
+}
+
+/// [`time_catch_up`] for the update backlog: rows are probed for their updated payload.
+fn time_update_catch_up(node: &Node, txns: i64, started: Instant) -> (Duration, Duration) {
+    time_until(node, "SELECT 1 FROM bench_rows WHERE id = $1 AND payload LIKE 'u%'", txns, started)
+}
+
+fn time_until(node: &Node, probe: &str, txns: i64, started: Instant) -> (Duration, Duration) {
     let mut c = node.connect();
-    let probe = c.prepare("SELECT 1 FROM bench_rows WHERE id = $1").unwrap();
+    let probe = c.prepare(probe).unwrap();
     let mut seen = |id: i64| !c.query(&probe, &[&id]).expect("probe").is_empty();
     let ok = wait_for(Duration::from_secs(900), || seen(0));
     assert!(ok, "node {} did not start applying", node.name);
@@ -100,9 +122,12 @@ fn latencies(origin: &Node, peer: &Node, commits: usize, first_id: i64) -> Vec<f
         .collect()
 }
 
-fn trompe_run(txns: i64, commits: usize) -> ((Duration, Duration), Vec<f64>) {
+/// The catch-up times of the insert backlog, of the update backlog, and the latencies.
+type Run = ((Duration, Duration), (Duration, Duration), Vec<f64>);
+
+fn trompe_run(txns: i64, commits: usize) -> Run {
     let cluster = Cluster::builder("bench-apply-trompe").nodes(2).setting("shared_buffers", "256MB").start();
-    cluster.exec_all(&format!("{TABLE}; SELECT trompe.add_table('bench_rows'); {FILL}"));
+    cluster.exec_all(&format!("{TABLE}; SELECT trompe.add_table('bench_rows'); {FILL}; {TOUCH}"));
     let (a, b) = (cluster.node(0), cluster.node(1));
     // Directly, not through the harness's link proxy: the benchmark measures trompe alone.
     b.exec(&format!("SELECT trompe.add_peer('n1', '{}')", a.conninfo()));
@@ -115,6 +140,14 @@ fn trompe_run(txns: i64, commits: usize) -> ((Duration, Duration), Vec<f64>) {
     let took = time_catch_up(b, txns, started);
     assert_eq!(b.query_text("SELECT trompe.wait_sync('60 seconds')").as_deref(), Some("t"));
     assert_eq!(b.query_i64("SELECT count(*) FROM bench_rows"), txns * 10);
+    b.exec("SELECT trompe.pause_peer('n1')");
+    a.exec(&format!("CALL bench_touch({txns})"));
+    a.exec("CHECKPOINT");
+    b.exec("CHECKPOINT");
+    let started = Instant::now();
+    b.exec("SELECT trompe.resume_peer('n1')");
+    let updates = time_update_catch_up(b, txns, started);
+    assert_eq!(b.query_text("SELECT trompe.wait_sync('60 seconds')").as_deref(), Some("t"));
     settle(&[a, b]);
     if let Ok(secs) = std::env::var("BENCH_DEBUG_PAUSE") {
         eprintln!("PAUSE a={} b={}", a.conninfo(), b.conninfo());
@@ -122,16 +155,17 @@ fn trompe_run(txns: i64, commits: usize) -> ((Duration, Duration), Vec<f64>) {
     }
     b.exec(ARRIVALS);
     let lat = latencies(a, b, commits, 1_000_000_000);
-    (took, lat)
+    (took, updates, lat)
 }
 
 /// Native logical replication from node 1 to node 2; with `bidirectional`, node 1 also
 /// subscribes to node 2, both subscriptions with `origin = none` (PostgreSQL 16 and later).
-fn native_run(txns: i64, commits: usize, bidirectional: bool) -> ((Duration, Duration), Vec<f64>) {
+fn native_run(txns: i64, commits: usize, bidirectional: bool) -> Run {
     let cluster = native_pair(if bidirectional { "bench-apply-native-bidi" } else { "bench-apply-native" });
     cluster.exec_all(TABLE);
     let (a, b) = (cluster.node(0), cluster.node(1));
     a.exec(FILL);
+    a.exec(TOUCH);
     a.exec("CREATE PUBLICATION bench FOR TABLE bench_rows");
     let origin = if bidirectional { ", origin = none" } else { "" };
     if bidirectional {
@@ -150,11 +184,14 @@ fn native_run(txns: i64, commits: usize, bidirectional: bool) -> ((Duration, Dur
     // Make sure the subscription is streaming before the backlog is built.
     a.exec("INSERT INTO bench_rows VALUES (-1, -1, 'warm-up')");
     assert!(wait_for(Duration::from_secs(60), || b.query_i64("SELECT count(*) FROM bench_rows") == 1));
-    sub.batch_execute("ALTER SUBSCRIPTION bench DISABLE").unwrap();
-    // The walsender serving b's subscription (named after it) has gone.
-    assert!(wait_for(Duration::from_secs(60), || {
-        a.query_i64("SELECT count(*) FROM pg_stat_replication WHERE application_name = 'bench'") == 0
-    }));
+    let disable = |sub: &mut Client| {
+        sub.batch_execute("ALTER SUBSCRIPTION bench DISABLE").unwrap();
+        // The walsender serving b's subscription (named after it) has gone.
+        assert!(wait_for(Duration::from_secs(60), || {
+            a.query_i64("SELECT count(*) FROM pg_stat_replication WHERE application_name = 'bench'") == 0
+        }));
+    };
+    disable(&mut sub);
     a.exec(&format!("CALL bench_fill({txns})"));
     a.exec("CHECKPOINT");
     b.exec("CHECKPOINT");
@@ -166,10 +203,17 @@ fn native_run(txns: i64, commits: usize, bidirectional: bool) -> ((Duration, Dur
         // Nothing came back: a has exactly its own rows.
         assert!(wait_for(Duration::from_secs(60), || a.query_i64("SELECT count(*) FROM bench_rows") == txns * 10 + 1));
     }
+    disable(&mut sub);
+    a.exec(&format!("CALL bench_touch({txns})"));
+    a.exec("CHECKPOINT");
+    b.exec("CHECKPOINT");
+    let started = Instant::now();
+    sub.batch_execute("ALTER SUBSCRIPTION bench ENABLE").unwrap();
+    let updates = time_update_catch_up(b, txns, started);
     settle(&[a, b]);
     b.exec(ARRIVALS);
     let lat = latencies(a, b, commits, 1_000_000_000);
-    (took, lat)
+    (took, updates, lat)
 }
 
 fn main() {
@@ -179,9 +223,9 @@ fn main() {
     println!("bench/apply: backlog of {txns} transactions x 10 rows; {commits} single-row commits for latency");
     let major = pg_major(&pg_bindir());
     println!("PostgreSQL {major}");
-    let (native_t, native_lat) = native_run(txns, commits, false);
+    let (native_t, native_u, native_lat) = native_run(txns, commits, false);
     let bidi = (major >= 16).then(|| native_run(txns, commits, true));
-    let (trompe_t, trompe_lat) = trompe_run(txns, commits);
+    let (trompe_t, trompe_u, trompe_lat) = trompe_run(txns, commits);
     let native_rate = rows / native_t.1.as_secs_f64();
     let trompe_rate = rows / trompe_t.1.as_secs_f64();
     println!("backlog catch-up (first row to last row; start-up delay after resume in brackets):");
@@ -191,7 +235,7 @@ fn main() {
         native_rate,
         native_t.0.as_secs_f64()
     );
-    if let Some((bidi_t, _)) = &bidi {
+    if let Some((bidi_t, _, _)) = &bidi {
         println!(
             "  native bidirectional:       {:7.2} s  {:9.0} rows/s  [{:.2} s]",
             bidi_t.1.as_secs_f64(),
@@ -206,16 +250,31 @@ fn main() {
         trompe_t.0.as_secs_f64()
     );
     println!("  ratio trompe/native: {:.2}", trompe_rate / native_rate);
-    if let Some((bidi_t, _)) = &bidi {
+    if let Some((bidi_t, _, _)) = &bidi {
         println!("  ratio trompe/native bidirectional: {:.2}", trompe_rate / (rows / bidi_t.1.as_secs_f64()));
     }
+    println!("update backlog catch-up (the same rows updated again, 10 single-row UPDATEs per transaction):");
+    let updates = |label: &str, t: &(Duration, Duration)| {
+        println!(
+            "  {label:<27} {:7.2} s  {:9.0} rows/s  [{:.2} s]",
+            t.1.as_secs_f64(),
+            rows / t.1.as_secs_f64(),
+            t.0.as_secs_f64()
+        )
+    };
+    updates("native logical replication:", &native_u);
+    if let Some((_, bidi_u, _)) = &bidi {
+        updates("native bidirectional:", bidi_u);
+    }
+    updates("trompe:", &trompe_u);
+    println!("  ratio trompe/native: {:.2}", native_u.1.as_secs_f64() / trompe_u.1.as_secs_f64());
     println!("commit-to-visible latency on an idle pair (ms):");
     println!(
         "  native logical replication: p50 {:6.2}  p99 {:6.2}",
         median(&native_lat),
         percentile(&native_lat, 99.0)
     );
-    if let Some((_, bidi_lat)) = &bidi {
+    if let Some((_, _, bidi_lat)) = &bidi {
         println!("  native bidirectional:       p50 {:6.2}  p99 {:6.2}", median(bidi_lat), percentile(bidi_lat, 99.0));
     }
     println!(

@@ -17,7 +17,7 @@ const VALUES_MEMORY: usize = 8 << 20;
 
 /// Where each of the change's columns goes in the table's tuple descriptor, if the change
 /// carries every writable column exactly once.
-fn column_positions(table: &Table, change: &Change) -> Option<Vec<usize>> {
+pub(super) fn column_positions(table: &Table, change: &Change) -> Option<Vec<usize>> {
     if change.cols.len() != table.attrs.len() {
         return None;
     }

@@ -4,6 +4,7 @@
 //! are resolved by the table's conflict rule (see [`rows`] and `trompe_core::conflict`).
 
 mod direct;
+mod keyed;
 mod owner;
 mod resolve;
 pub mod retire;

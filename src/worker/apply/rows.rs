@@ -1,11 +1,13 @@
 //! Applying row changes under the table's conflict rule (last update wins).
 //!
-//! The common case costs one statement per change (or per run of inserts): the statement's
+//! The common case goes through the executor directly: runs of inserts (see `direct.rs`), and
+//! updates and deletes that look the row up by its key, lock it and decide against its version
+//! here (see `keyed.rs`). Where that path does not apply, one statement per change: its
 //! condition `trompe._apply_wins` lets it change a row only if the incoming version is newer
-//! than the row's, and records a conflict when the row was written concurrently. Only when the
-//! statement changed nothing does apply look closer: was the row missing, and if so, was it
-//! deleted (tombstone) by a newer change? Tables with tombstones, and transactions that ran
-//! into a secondary unique constraint, take a careful path that checks before writing.
+//! than the row's, and records a conflict when the row was written concurrently. Either way,
+//! when no row was met apply looks closer: was it deleted (tombstone) by a newer change?
+//! Tables with tombstones, and transactions that ran into a secondary unique constraint, take
+//! a careful path that checks before writing.
 
 use pgrx::pg_sys;
 use trompe_core::changeset::OldVersion;
@@ -15,6 +17,7 @@ use trompe_core::json;
 use trompe_core::logformat::Op;
 use trompe_core::pgarray::format_text_array;
 
+use super::keyed::Met;
 use super::owner;
 use super::table::{run_plan, ApplyCache, Guards, Table};
 use super::{ApplyError, Change};
@@ -108,13 +111,24 @@ fn key_datums(table: &Table, keys: &[Option<&str>], values: &mut Vec<pg_sys::Dat
 }
 
 fn incoming(table: &Table, v: TxnVersion, change: &Change, kind: ConflictKind, keys: &[Option<&str>]) -> Incoming {
+    Incoming { row: row_json(change), ..incoming_row_unset(table, v, change, kind, keys) }
+}
+
+/// [`incoming`] without the incoming row's JSON (to be set where it is needed).
+fn incoming_row_unset(
+    table: &Table,
+    v: TxnVersion,
+    change: &Change,
+    kind: ConflictKind,
+    keys: &[Option<&str>],
+) -> Incoming {
     Incoming {
         table: table.readable.clone(),
         version: v.0,
         replaced: change.old.into(),
         kind,
         key: Some(key_json(table, keys)),
-        row: row_json(change),
+        row: None,
         ranking: table.ranking.clone(),
         rows: Some((table.versions.clone(), keys.iter().map(|k| k.map(str::to_string)).collect())),
     }
@@ -462,62 +476,20 @@ pub fn update(cache: &mut ApplyCache, v: TxnVersion, change: &Change, careful: b
     if careful && !resolve_unique(cache, &table, v, change, &new_keys)? {
         return Ok(());
     }
-    let cols: Vec<&str> = change.cols.iter().map(String::as_str).collect();
-    let cache_key = format!("U\0{}\0{}", table.relid.to_u32(), cols.join("\0"));
-    let plan = cache.plan(
-        &cache_key,
-        table.relid,
-        || {
-            let mut t: Vec<pg_sys::Oid> = cols.iter().map(|c| table.attrs[*c].typid).collect();
-            t.extend(table.key.iter().map(|k| table.attrs[k].typid));
-            t
-        },
-        || {
-            // The key is unchanged here; identity GENERATED ALWAYS columns (key columns, see
-            // tables.rs) cannot be named in an UPDATE.
-            let mut sets: Vec<String> = cols
-                .iter()
-                .enumerate()
-                .filter(|(_, c)| !table.attrs[**c].always_identity)
-                .map(|(i, c)| format!("{} = ${}", quote_ident(c), i + 1))
-                .collect();
-            sets.extend(missing_defaults(&table, &cols));
-            if sets.is_empty() {
-                sets.extend(touch(&table));
-            }
-            format!(
-                "UPDATE {0} AS tgt SET {1} WHERE {2} AND {3}",
-                table.qualified,
-                sets.join(", "),
-                key_condition(&table, cols.len() + 1),
-                wins_condition(&table, cols.len() + 1)
-            )
-        },
-    )?;
-    let mut values = Vec::new();
-    let mut nulls = Vec::new();
-    for (i, c) in cols.iter().enumerate() {
-        let (d, n) = table.attrs[*c].datum(change.vals.as_ref().and_then(|v| v.get(i)).and_then(|v| v.as_deref()));
-        values.push(d);
-        nulls.push(n);
+    // The incoming row's JSON is only needed for a conflict: the executor path builds it then.
+    let mut ctx = incoming_row_unset(&table, v, change, ConflictKind::UpdateUpdate, &old_keys);
+    let met = match super::keyed::update_row(&table, change, &ctx, &old_keys, || row_json(change))? {
+        Some(met) => met,
+        None => {
+            ctx.row = row_json(change);
+            update_statement(cache, &table, change, &ctx, &old_keys)?
+        }
+    };
+    if ctx.row.is_none() {
+        ctx.row = row_json(change);
     }
-    key_datums(&table, &old_keys, &mut values, &mut nulls);
-    let ctx = incoming(&table, v, change, ConflictKind::UpdateUpdate, &old_keys);
-    for _ in 0..MEETING_ATTEMPTS {
-        let decided = crate::conflicts::decisions();
-        let (updated, _) =
-            with_incoming(ctx.clone(), || owner::as_table_owner(table.relid, || run_plan(plan, &mut values, &nulls)))?;
-        if updated > 0 {
-            return Ok(());
-        }
-        if !row_exists(cache, &table, &old_keys)? {
-            break;
-        }
-        if crate::conflicts::decisions() != decided {
-            // The local row is newer: it stays (the condition recorded the conflict).
-            return Ok(());
-        }
-        // A row the statement did not see (committed after it started): decide against it.
+    if met != Met::Missing {
+        return Ok(());
     }
     // The row is missing here: deleted by a newer change, or never seen (then the update,
     // which carries the whole row, creates it).
@@ -546,6 +518,74 @@ pub fn update(cache: &mut ApplyCache, v: TxnVersion, change: &Change, careful: b
     undo_if_deleted_since(cache, &table, v, &[new_keys])
 }
 
+/// Updates the row with key `old_keys` (unchanged by the change) with an `UPDATE` statement
+/// whose condition decides against the local row: for tables the executor path leaves alone.
+fn update_statement(
+    cache: &mut ApplyCache,
+    table: &Table,
+    change: &Change,
+    ctx: &Incoming,
+    old_keys: &[Option<&str>],
+) -> Result<Met, ApplyError> {
+    let cols: Vec<&str> = change.cols.iter().map(String::as_str).collect();
+    let cache_key = format!("U\0{}\0{}", table.relid.to_u32(), cols.join("\0"));
+    let plan = cache.plan(
+        &cache_key,
+        table.relid,
+        || {
+            let mut t: Vec<pg_sys::Oid> = cols.iter().map(|c| table.attrs[*c].typid).collect();
+            t.extend(table.key.iter().map(|k| table.attrs[k].typid));
+            t
+        },
+        || {
+            // The key is unchanged here; identity GENERATED ALWAYS columns (key columns, see
+            // tables.rs) cannot be named in an UPDATE.
+            let mut sets: Vec<String> = cols
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| !table.attrs[**c].always_identity)
+                .map(|(i, c)| format!("{} = ${}", quote_ident(c), i + 1))
+                .collect();
+            sets.extend(missing_defaults(table, &cols));
+            if sets.is_empty() {
+                sets.extend(touch(table));
+            }
+            format!(
+                "UPDATE {0} AS tgt SET {1} WHERE {2} AND {3}",
+                table.qualified,
+                sets.join(", "),
+                key_condition(table, cols.len() + 1),
+                wins_condition(table, cols.len() + 1)
+            )
+        },
+    )?;
+    let mut values = Vec::new();
+    let mut nulls = Vec::new();
+    for (i, c) in cols.iter().enumerate() {
+        let (d, n) = table.attrs[*c].datum(change.vals.as_ref().and_then(|v| v.get(i)).and_then(|v| v.as_deref()));
+        values.push(d);
+        nulls.push(n);
+    }
+    key_datums(table, old_keys, &mut values, &mut nulls);
+    for _ in 0..MEETING_ATTEMPTS {
+        let decided = crate::conflicts::decisions();
+        let (updated, _) =
+            with_incoming(ctx.clone(), || owner::as_table_owner(table.relid, || run_plan(plan, &mut values, &nulls)))?;
+        if updated > 0 {
+            return Ok(Met::Written);
+        }
+        if !row_exists(cache, table, old_keys)? {
+            break;
+        }
+        if crate::conflicts::decisions() != decided {
+            // The local row is newer: it stays (the condition recorded the conflict).
+            return Ok(Met::LocalWon);
+        }
+        // A row the statement did not see (committed after it started): decide against it.
+    }
+    Ok(Met::Missing)
+}
+
 /// Deletes one row.
 pub fn delete(cache: &mut ApplyCache, v: TxnVersion, change: &Change) -> Result<(), ApplyError> {
     let nkey = nkey_of(change)?;
@@ -569,6 +609,11 @@ fn delete_key(
     // not yet visible to the lookup either sees the announcement at commit (and commits after
     // this version, see capture::guard::pre_commit) or has committed before the lookup.
     super::note_tombstones_written();
+    match super::keyed::delete_row(table, &ctx, keys)? {
+        Some(Met::LocalWon) => return Ok(()),
+        Some(Met::Written | Met::Missing) => return with_incoming(ctx, || write_tombstone(table, keys)),
+        None => {}
+    }
     for _ in 0..MEETING_ATTEMPTS {
         let decided = crate::conflicts::decisions();
         let (deleted, _) = with_incoming(ctx.clone(), || {
