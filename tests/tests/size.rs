@@ -401,3 +401,87 @@ fn a_session_writing_many_savepoints_keeps_its_memory_flat() {
     cluster.wait_sync(Duration::from_secs(120));
     assert_eq!(n0.query_text(&checksum("items")), n1.query_text(&checksum("items")));
 }
+
+/// `rows` rows of about 2 KB into `big` from id `from`, with `extra` set if `extra`.
+fn big_rows(from: i64, rows: i64, extra: bool) -> String {
+    format!(
+        "INSERT INTO big (id, note, u{}) SELECT g, (SELECT string_agg(md5(g::text || ':' || i), '') FROM generate_series(1, 64) i), g{}
+           FROM generate_series({from}, {}) g;",
+        if extra { ", extra" } else { "" },
+        if extra { ", 'x' || g" } else { "" },
+        from + rows - 1
+    )
+}
+
+/// Whether `node`'s worker is inside a transaction writing to table `big`.
+fn applying_big(node: &trompe_tests::Node) -> bool {
+    node.query_i64(
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+          WHERE a.backend_type = 'trompe worker' AND l.relation = 'big'::regclass",
+    ) > 0
+}
+
+#[test]
+fn a_large_transaction_applied_in_segments_keeps_its_order_ddl_retries_and_skip() {
+    let cluster = Cluster::start("big-txn-segments", 2);
+    let (n0, n1) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all(
+        "CREATE TABLE big (id bigint PRIMARY KEY, note text, u bigint UNIQUE); SELECT trompe.add_table('big')",
+    );
+    // A row of the applying node that collides on `u` with one of the transaction, written
+    // before it: the transaction's row wins, found only by the careful second attempt.
+    n1.exec("INSERT INTO big VALUES (-1, 'local, older', 14000)");
+    cluster.add_peer(1, 0);
+    // About 30 MB (spilled to a file, applied in several segments): rows, DDL, then rows of a
+    // subtransaction larger than a chunk while the top level holds buffered changes (their
+    // chunks interleave), then rows using the new column.
+    n0.exec(&format!(
+        "BEGIN; {} ALTER TABLE big ADD COLUMN extra text; SAVEPOINT s; {} RELEASE s; {} COMMIT",
+        big_rows(1, 5000, false),
+        big_rows(5001, 5000, true),
+        big_rows(10001, 5000, true)
+    ));
+    // Killed in the middle of applying it: nothing of it is there after the restart.
+    assert!(wait_for(Duration::from_secs(120), || applying_big(n1)), "the worker never applied the transaction");
+    let link = cluster.link(1, 0);
+    link.throttle(64 << 10);
+    n1.crash_and_restart();
+    assert_eq!(n1.query_i64("SELECT count(*) FROM big"), 1, "part of a transaction was applied");
+    link.throttle(0);
+    assert!(
+        wait_for(Duration::from_secs(300), || n1.query_i64("SELECT count(*) FROM big") == 15000),
+        "{:?}",
+        n1.query_row("SELECT state, last_error FROM trompe.status")
+    );
+    assert_eq!(n0.query_text(&checksum("big")), n1.query_text(&checksum("big")));
+    assert_eq!(n1.query_i64("SELECT count(*) FROM trompe.conflicts WHERE kind = 'unique_violation'"), 1);
+
+    // A large transaction that cannot be applied: its last change breaks a constraint only
+    // the applying node has. The status says so; skip keeps it whole.
+    n1.exec("ALTER TABLE big ADD CONSTRAINT below CHECK (id <> 29999)");
+    n0.exec(&format!("BEGIN; {} COMMIT", big_rows(20000, 10000, true)));
+    n0.exec("INSERT INTO big (id, note) VALUES (40000, 'behind it')");
+    let stalled = || {
+        n1.query_text("SELECT last_error FROM trompe.status")
+            .is_some_and(|e| e.contains("23514") && e.contains("(INSERT into public.big)"))
+    };
+    assert!(
+        wait_for(Duration::from_secs(300), stalled),
+        "{:?}",
+        n1.query_row("SELECT state, last_error FROM trompe.status")
+    );
+    n1.exec("SELECT trompe.skip('n1')");
+    assert!(
+        wait_for(Duration::from_secs(120), || n1.query_i64("SELECT count(*) FROM big WHERE id = 40000") == 1),
+        "{:?}",
+        n1.query_row("SELECT state, last_error FROM trompe.status")
+    );
+    assert_eq!(n1.query_i64("SELECT count(*) FROM big"), 15001);
+    assert_eq!(
+        n1.query_text(
+            "SELECT jsonb_array_length(changes) || ':' || (changes -> 9999 -> 'new' ->> 'id') FROM trompe.exceptions"
+        )
+        .as_deref(),
+        Some("10000:29999")
+    );
+}
