@@ -24,6 +24,10 @@ fn peer_timeout_ms() -> i64 {
 }
 /// An idle consumer still confirms its position this often, so the peer can prune its log.
 const CONFIRM_EVERY_MS: i64 = 10_000;
+/// How often, at most, the peer is asked how much of its log it retains for this node; and
+/// never more than a twentieth of the time (the answer reads the retained log).
+const RETAINED_EVERY_MS: i64 = 10_000;
+const RETAINED_TIME_SHARE: i64 = 20;
 
 /// Connection state shown in `trompe.status`.
 #[repr(u32)]
@@ -64,6 +68,8 @@ enum State {
     Handshake,
     Ready,
     Pulling,
+    /// Asking the peer how much of its log it retains for this node.
+    AskingRetained,
 }
 
 /// What a link waits for before it can make progress.
@@ -114,6 +120,10 @@ pub struct Link {
     incoming: BatchBuilder,
     /// The peer refused the last pull because it marked this node lost.
     lost: bool,
+    /// When to ask the peer next how much of its log it retains for this node, and when the
+    /// question was sent; None if it cannot answer (older than 0.5.0).
+    retained_next_ms: Option<i64>,
+    retained_asked_ms: i64,
 }
 
 /// What the progress table and the replication origin hold for a peer.
@@ -239,6 +249,8 @@ impl Link {
             applied_ddl: false,
             incoming: BatchBuilder::default(),
             lost: false,
+            retained_next_ms: Some(0),
+            retained_asked_ms: 0,
         };
         // Applied by an earlier link of this peer since its counters were written (the slot
         // outlives a worker restart, not a server restart).
@@ -430,13 +442,48 @@ impl Link {
                 }
                 self.publish(ConnState::Connected);
                 self.state = State::Ready;
+                // Asked after the first pull (a peer upgraded since may answer now).
+                self.retained_next_ms = Some(now + 1000);
                 Ok(None)
             }
             State::Ready => {
                 if now < self.not_before_ms {
                     return Ok(Some(WaitSpec { socket: None, wake_at_ms: Some(self.not_before_ms) }));
                 }
+                if self.retained_next_ms.is_some_and(|t| now >= t) {
+                    let me = self.me.clone();
+                    self.send("SELECT transactions, bytes FROM trompe.retained_log($1::uuid)", &[Some(&me)])?;
+                    self.state = State::AskingRetained;
+                    self.retained_asked_ms = now;
+                    self.deadline_ms = now + peer_timeout_ms();
+                    return Ok(None);
+                }
                 self.send_pull(now)?;
+                Ok(None)
+            }
+            State::AskingRetained => {
+                if self.send_rest_and_note_input(now)? {
+                    return self.wait_for(Want::Write, now);
+                }
+                let conn = self.conn.as_mut().ok_or("no connection")?;
+                if conn.consume().map_err(|e| e.describe())? == Want::Read {
+                    return self.wait_for(Want::Read, now);
+                }
+                match conn.take_result() {
+                    Ok(result) => {
+                        let took = now - self.retained_asked_ms;
+                        self.retained_next_ms = Some(now + RETAINED_EVERY_MS.max(took * RETAINED_TIME_SHARE));
+                        if let Some(slot) = self.slot {
+                            let number = |c: usize| result.get(0, c).and_then(|v| v.parse().ok()).unwrap_or(-1);
+                            slot.peer_log_txns.store(number(0), Ordering::Release);
+                            slot.peer_log_bytes.store(number(1), Ordering::Release);
+                        }
+                    }
+                    // The peer cannot tell (older than 0.5.0): not asked again on this connection.
+                    Err(e) if e.sqlstate.is_some() => self.retained_next_ms = None,
+                    Err(e) => return Err(e.describe()),
+                }
+                self.state = State::Ready;
                 Ok(None)
             }
         }

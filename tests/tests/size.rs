@@ -485,3 +485,35 @@ fn a_large_transaction_applied_in_segments_keeps_its_order_ddl_retries_and_skip(
         Some("10000:29999")
     );
 }
+
+#[test]
+fn the_log_a_peer_retains_for_this_node_is_shown_in_its_status() {
+    let cluster = Cluster::builder("retained-in-status").nodes(2).setting("trompe.retry_max_delay", "'1s'").start();
+    items_on(&cluster);
+    cluster.add_peer(1, 0);
+    let (n0, n1) = (cluster.node(0), cluster.node(1));
+    n0.exec("INSERT INTO items VALUES (1, 'first')");
+    cluster.wait_sync(Duration::from_secs(60));
+    // The consumer is connected but cannot apply: the peer keeps its log for it.
+    n1.exec("ALTER TABLE items ADD CONSTRAINT short CHECK (length(note) < 100)");
+    for i in 2..=6 {
+        n0.exec(&format!("INSERT INTO items VALUES ({i}, repeat('z', 10000))"));
+    }
+    let retained = || {
+        let row = n1.query_row("SELECT retained_transactions, retained_bytes FROM trompe.status");
+        let num = |i: usize| row[i].as_deref().and_then(|v| v.parse::<i64>().ok());
+        (num(0), num(1))
+    };
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            let (txns, bytes) = retained();
+            txns.is_some_and(|t| t >= 5) && bytes.is_some_and(|b| b > 0)
+        }),
+        "{:?} at the consumer, {:?} at the origin",
+        retained(),
+        n0.query_row("SELECT retained_transactions, retained_bytes FROM trompe.consumer_log")
+    );
+    n1.exec("ALTER TABLE items DROP CONSTRAINT short");
+    cluster.wait_sync(Duration::from_secs(60));
+    assert!(wait_for(Duration::from_secs(60), || retained() == (Some(0), Some(0))), "{:?}", retained());
+}
