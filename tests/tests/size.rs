@@ -517,3 +517,28 @@ fn the_log_a_peer_retains_for_this_node_is_shown_in_its_status() {
     cluster.wait_sync(Duration::from_secs(60));
     assert!(wait_for(Duration::from_secs(60), || retained() == (Some(0), Some(0))), "{:?}", retained());
 }
+
+#[test]
+fn a_change_too_large_for_the_log_fails_at_the_origin() {
+    let cluster = Cluster::start("change-too-large", 2);
+    cluster.exec_all("CREATE TABLE wide (id int PRIMARY KEY, a text, b text, c text); SELECT trompe.add_table('wide')");
+    cluster.add_peer(1, 0);
+    let (n0, n1) = (cluster.node(0), cluster.node(1));
+    let logged = n0.query_i64("SELECT count(*) FROM trompe.log");
+    // Three values of 340 MB: each fits PostgreSQL, the change (one log entry) would not.
+    let (code, message) = trompe_tests::expect_error(
+        &mut n0.connect(),
+        "INSERT INTO wide VALUES (1, repeat('a', 340 << 20), repeat('b', 340 << 20), repeat('c', 340 << 20))",
+    );
+    assert_eq!(code, "54000", "{message}");
+    assert!(message.contains("public.wide") && message.contains("1 GB"), "{message}");
+    assert_eq!(n0.query_i64("SELECT count(*) FROM wide"), 0);
+    assert_eq!(n0.query_i64("SELECT count(*) FROM trompe.log"), logged);
+    n0.exec("INSERT INTO wide VALUES (2, 'small', NULL, NULL)");
+    cluster.wait_sync(Duration::from_secs(60));
+    assert_eq!(n1.query_i64("SELECT count(*) FROM wide"), 1);
+    assert_eq!(
+        n1.query_text("SELECT state || ':' || coalesce(last_error, '') FROM trompe.status").as_deref(),
+        Some("connected:")
+    );
+}
