@@ -680,9 +680,9 @@ impl Link {
         }
     }
 
-    /// Transaction `txn` (closing log id `txn_last`) cannot be applied: the stream stops before
-    /// it, visibly (state `error`, the transaction and what waits behind it), and it is
-    /// retried after a delay.
+    /// Transaction `txn` (its rows in `spool`) cannot be applied: the stream stops before it,
+    /// visibly (state `error`, the transaction and what waits behind it), and it is retried
+    /// after a delay.
     fn stall(&mut self, spool: &Spool, txn: &SpooledTxn, e: &TxnError, behind: i64) {
         let txn_last = txn.txn_last;
         let at = crate::worker::apply::current_change().min((txn.changes as usize).saturating_sub(1));
