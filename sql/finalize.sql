@@ -256,7 +256,11 @@ SELECT s.name,
        y.state AS sync_state,
        y.tables_copied AS sync_tables_copied,
        y.tables_total AS sync_tables_total,
-       y.rows_copied AS sync_rows_copied
+       y.rows_copied AS sync_rows_copied,
+       -- What the peer's log retains for this node (its trompe.consumer_log row), as the peer
+       -- last said (asked every 10 seconds or so while connected); NULL if unknown.
+       s.peer_log_transactions AS retained_transactions,
+       s.peer_log_bytes AS retained_bytes
   FROM trompe._status() s LEFT JOIN trompe.syncs y ON y.node_id = s.node_id::uuid;
 COMMENT ON VIEW trompe.status IS 'One row per peer: is it connected, how far behind, what went wrong last.';
 GRANT SELECT ON trompe.status TO trompe_admin;
@@ -284,6 +288,15 @@ SELECT c.name,
  GROUP BY c.node_id, c.name, c.confirmed_at, c.lost_at, c.lost_reason;
 COMMENT ON VIEW trompe.consumer_log IS 'Per consumer of this node: the log it holds back (unconfirmed transactions, changes, bytes, age of the oldest).';
 GRANT SELECT ON trompe.consumer_log TO trompe_admin;
+
+-- What this node's log retains for consumer `consumer` (its row of trompe.consumer_log): the
+-- consumer asks now and then and shows it in its trompe.status.
+CREATE FUNCTION trompe.retained_log(consumer uuid, OUT transactions bigint, OUT bytes bigint)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT retained_transactions, retained_bytes FROM trompe.consumer_log WHERE node_id = consumer
+$$;
+REVOKE EXECUTE ON FUNCTION trompe.retained_log(uuid) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION trompe.retained_log(uuid) TO trompe_puller;
 
 CREATE FUNCTION trompe.wait_sync(timeout interval DEFAULT '1 minute') RETURNS boolean
 LANGUAGE sql AS $$ SELECT trompe._wait_sync(extract(epoch FROM timeout)::float8) $$;

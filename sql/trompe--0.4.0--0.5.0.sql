@@ -527,3 +527,61 @@ SELECT c.name,
  GROUP BY c.node_id, c.name, c.confirmed_at, c.lost_at, c.lost_reason;
 COMMENT ON VIEW trompe.consumer_log IS 'Per consumer of this node: the log it holds back (unconfirmed transactions, changes, bytes, age of the oldest).';
 GRANT SELECT ON trompe.consumer_log TO trompe_admin;
+
+-- What this node's log retains for consumer `consumer` (its row of trompe.consumer_log): the
+-- consumer asks now and then and shows it in its trompe.status.
+CREATE FUNCTION trompe.retained_log(consumer uuid, OUT transactions bigint, OUT bytes bigint)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT retained_transactions, retained_bytes FROM trompe.consumer_log WHERE node_id = consumer
+$$;
+REVOKE EXECUTE ON FUNCTION trompe.retained_log(uuid) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION trompe.retained_log(uuid) TO trompe_puller;
+
+-- trompe.status shows what each peer's log retains for this node (src/status.rs).
+DROP VIEW trompe.status;
+DROP FUNCTION trompe._status();
+CREATE FUNCTION trompe."_status"() RETURNS TABLE (
+	"name" TEXT,  /* String */
+	"node_id" TEXT,  /* String */
+	"state" TEXT,  /* String */
+	"position" TEXT,  /* String */
+	"behind_changes" bigint,  /* Option < i64 > */
+	"behind_ms" bigint,  /* Option < i64 > */
+	"last_pull_ms" bigint,  /* Option < i64 > */
+	"last_error" TEXT,  /* Option < String > */
+	"last_error_ms" bigint,  /* Option < i64 > */
+	"applied_txns" bigint,  /* i64 */
+	"applied_changes" bigint,  /* i64 */
+	"peer_log_transactions" bigint,  /* Option < i64 > */
+	"peer_log_bytes" bigint  /* Option < i64 > */
+)
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_status_wrapper';
+CREATE VIEW trompe.status AS
+SELECT s.name,
+       s.node_id::uuid AS node_id,
+       CASE WHEN y.state IN ('waiting', 'copying') THEN 'syncing' ELSE s.state END AS state,
+       s.position AS applied_position,
+       s.behind_changes,
+       -- A peer that is not being pulled is at least as far behind as its last pull.
+       CASE WHEN s.state = 'connected' OR s.last_pull_ms = 0 THEN (s.behind_ms / 1000.0)::float8
+            ELSE greatest(s.behind_ms / 1000.0, extract(epoch FROM now()) - s.last_pull_ms / 1000.0)::float8
+       END AS behind_seconds,
+       to_timestamp(s.last_pull_ms / 1000.0) AS last_pull,
+       s.last_error,
+       to_timestamp(s.last_error_ms / 1000.0) AS last_error_at,
+       s.applied_txns,
+       s.applied_changes,
+       -- The copy made when this node joined through this peer (add_peer(..., sync => true)).
+       y.state AS sync_state,
+       y.tables_copied AS sync_tables_copied,
+       y.tables_total AS sync_tables_total,
+       y.rows_copied AS sync_rows_copied,
+       -- What the peer's log retains for this node (its trompe.consumer_log row), as the peer
+       -- last said (asked every 10 seconds or so while connected); NULL if unknown.
+       s.peer_log_transactions AS retained_transactions,
+       s.peer_log_bytes AS retained_bytes
+  FROM trompe._status() s LEFT JOIN trompe.syncs y ON y.node_id = s.node_id::uuid;
+COMMENT ON VIEW trompe.status IS 'One row per peer: is it connected, how far behind, what went wrong last.';
+GRANT SELECT ON trompe.status TO trompe_admin;

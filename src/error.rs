@@ -214,6 +214,19 @@ pub enum TrompeError {
     /// DDL on replicated objects that peers would refuse to run (src/peer_ddl.rs).
     #[error("{0}: peers would refuse to run it")]
     PeersRefuseDdl(String),
+    /// A change too large for the change log (PostgreSQL holds at most 1 GB in one value).
+    #[error(
+        "a change to {table} takes {mb} MB in the change log, more than the {max_mb} MB a change may take \
+         (a log entry is one value, and PostgreSQL holds at most 1 GB in one value)"
+    )]
+    ChangeTooLarge {
+        /// The table (or object of DDL).
+        table: String,
+        /// Its size once encoded, in MB.
+        mb: u64,
+        /// The most a change may take, in MB.
+        max_mb: u64,
+    },
     #[error("trompe internal error: {0}")]
     Internal(String),
 }
@@ -224,6 +237,7 @@ impl TrompeError {
         use PgSqlErrorCode::*;
         match self {
             TrompeError::NotPreloaded => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            TrompeError::ChangeTooLarge { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             TrompeError::NoPrimaryKey(_) | TrompeError::DropPrimaryKey(_) => ERRCODE_INVALID_TABLE_DEFINITION,
             TrompeError::NotPermanent { .. } | TrompeError::MadeUnlogged(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
             TrompeError::CaptureDisabled(_) => ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,

@@ -11,21 +11,34 @@ use crate::error::{OrRaise, TrompeError};
 use crate::log::writer::as_extension_owner;
 use crate::worker::apply::Change;
 
-/// Inside the apply transaction of peer `peer` (node `node`) that would have applied `txn`:
+/// Inside the apply transaction of peer `peer` (node `node`) that would have applied
+/// transaction `txn_last` (committed at `commit_us`), whose changes `changes` reads in order:
 /// records the transaction, with the `error` it failed with, in `trompe.exceptions`, and
 /// forgets the request to skip it. The caller stores the position past it in the same
-/// transaction.
-pub fn set_aside(node: &NodeId, peer: &str, txn: &[Change], error: &str) -> Result<(), String> {
-    let records: Vec<_> = txn.iter().map(|c| c.record.clone()).collect();
-    let changes = trompe_core::json::changes(&records);
-    let txn_last = txn.last().map_or(0, |c| c.txn_last).to_string();
-    let commit_us = txn.first().map_or(0, |c| c.commit_us);
+/// transaction. Only its text is built whole, not the decoded changes.
+pub fn set_aside(
+    node: &NodeId,
+    peer: &str,
+    txn_last: i64,
+    commit_us: i64,
+    changes: impl Iterator<Item = Result<Change, String>>,
+    error: &str,
+) -> Result<(), String> {
+    let mut text = String::from("[");
+    for (i, change) in changes.enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        trompe_core::json::push_change(&mut text, &change?.record);
+    }
+    text.push(']');
+    let txn_last = txn_last.to_string();
     let committed = format!("{}", 946_684_800.0 + commit_us as f64 / 1_000_000.0);
     let node = node.to_string();
     crate::sql::execute(
         "INSERT INTO trompe.exceptions (node_id, peer, origin_txn, committed_at, error, changes)
          VALUES ($1::uuid, $2, $3::bigint, to_timestamp($4::float8), $5, $6::jsonb)",
-        &[Some(&node), Some(peer), Some(&txn_last), Some(&committed), Some(error), Some(&changes)],
+        &[Some(&node), Some(peer), Some(&txn_last), Some(&committed), Some(error), Some(&text)],
     )?;
     crate::sql::execute("DELETE FROM trompe.skip_requests WHERE node_id = $1::uuid", &[Some(&node)])?;
     Ok(())

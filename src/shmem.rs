@@ -118,6 +118,10 @@ pub struct PeerSlot {
     /// The log id closing the peer's transaction that failed to apply (what `trompe.skip`
     /// sets aside), 0 while none fails.
     pub failing_txn: AtomicI64,
+    /// Transactions and bytes of the peer's log it retains for this node (not confirmed as
+    /// applied), as it last said; -1 if unknown.
+    pub peer_log_txns: AtomicI64,
+    pub peer_log_bytes: AtomicI64,
     error_len: AtomicU32,
     error: [u8; ERROR_BYTES],
 }
@@ -355,6 +359,8 @@ impl PeerSlot {
         self.oldest_pending_ms.store(0, Ordering::Relaxed);
         self.apply_delay_ms.store(0, Ordering::Relaxed);
         self.failing_txn.store(0, Ordering::Relaxed);
+        self.peer_log_txns.store(-1, Ordering::Relaxed);
+        self.peer_log_bytes.store(-1, Ordering::Relaxed);
         self.error_len.store(0, Ordering::Relaxed);
     }
 

@@ -40,6 +40,8 @@ fn _status() -> TableIterator<
         name!(last_error_ms, Option<i64>),
         name!(applied_txns, i64),
         name!(applied_changes, i64),
+        name!(peer_log_transactions, Option<i64>),
+        name!(peer_log_bytes, Option<i64>),
     ),
 > {
     let rows: Vec<StoredPeer> = crate::log::writer::as_extension_owner(|| {
@@ -115,7 +117,23 @@ fn _status() -> TableIterator<
             // what it applied since in shared memory.
             let txns = txns + slot.map_or(0, |s| s.applied_txns.load(Ordering::Acquire) as i64);
             let changes = changes + slot.map_or(0, |s| s.applied_changes.load(Ordering::Acquire) as i64);
-            (name, node, state, position, pending, behind_ms, last_pull, last_error, last_error_ms, txns, changes)
+            let peer_log_txns = slot.map(|s| s.peer_log_txns.load(Ordering::Acquire)).filter(|v| *v >= 0);
+            let peer_log_bytes = slot.map(|s| s.peer_log_bytes.load(Ordering::Acquire)).filter(|v| *v >= 0);
+            (
+                name,
+                node,
+                state,
+                position,
+                pending,
+                behind_ms,
+                last_pull,
+                last_error,
+                last_error_ms,
+                txns,
+                changes,
+                peer_log_txns,
+                peer_log_bytes,
+            )
         })
         .collect();
     TableIterator::new(out)

@@ -229,6 +229,22 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// How many changes a chunk holds and the position of its first change (None if it holds
+/// none), read from its start without decoding the rest.
+pub fn peek(bytes: &[u8]) -> Result<(u64, Option<u64>), DecodeError> {
+    let mut r = Reader { bytes, pos: 0 };
+    let format = r.byte()?;
+    if format != FORMAT {
+        return Err(DecodeError::Format(format));
+    }
+    let count = r.varint()?;
+    if count == 0 {
+        return Ok((0, None));
+    }
+    r.byte()?;
+    Ok((count, Some(r.varint()?)))
+}
+
 /// Decodes a chunk.
 pub fn decode(bytes: &[u8]) -> Result<Vec<ChangeRecord>, DecodeError> {
     let mut r = Reader { bytes, pos: 0 };
@@ -319,6 +335,15 @@ mod tests {
     fn round_trip() {
         let (bytes, expected) = sample();
         assert_eq!(decode(&bytes).unwrap(), expected);
+    }
+
+    #[test]
+    fn peek_reads_the_count_and_first_position() {
+        let (bytes, _) = sample();
+        assert_eq!(peek(&bytes), Ok((2, Some(7))));
+        assert_eq!(peek(&chunk(0, &[])), Ok((0, None)));
+        assert_eq!(peek(&bytes[..2]), Err(DecodeError::Truncated));
+        assert_eq!(peek(&[2, 0]), Err(DecodeError::Format(2)));
     }
 
     #[test]

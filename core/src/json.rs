@@ -40,42 +40,47 @@ pub fn object<'a>(pairs: impl Iterator<Item = (&'a str, Option<&'a str>)>) -> St
 /// key (`old_key`), the options of a truncation or the parts of a DDL statement (`statement`,
 /// `search_path`, `role`, `tag`).
 pub fn changes(changes: &[crate::changeset::ChangeRecord]) -> String {
-    use crate::logformat::Op;
     let mut out = String::from("[");
     for (i, c) in changes.iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
-        let vals: Vec<Option<&str>> = c.vals.iter().flatten().map(|v| v.as_deref()).collect();
-        out.push_str(&format!("{{\"seq\":{},\"op\":", c.seq));
-        push_string(&mut out, c.op.code());
-        out.push_str(",\"table\":");
-        push_string(&mut out, &format!("{}.{}", c.nsp, c.rel));
-        match c.op {
-            Op::Insert | Op::Update => {
-                out.push_str(",\"new\":");
-                out.push_str(&object(c.cols.iter().map(String::as_str).zip(vals.iter().copied())));
-            }
-            Op::Truncate => {
-                out.push_str(",\"options\":");
-                out.push_str(&object(["restart_identity"].into_iter().zip(vals.iter().copied())));
-            }
-            Op::Ddl => {
-                out.push(',');
-                let names = ["statement", "search_path", "role", "tag"];
-                let parts = object(names.into_iter().zip(vals.iter().copied()));
-                out.push_str(&parts[1..parts.len() - 1]);
-            }
-            Op::Delete => {}
-        }
-        if let Some(old) = &c.oldkey {
-            out.push_str(",\"old_key\":");
-            out.push_str(&object(c.cols.iter().map(String::as_str).zip(old.iter().map(|v| v.as_deref()))));
-        }
-        out.push('}');
+        push_change(&mut out, c);
     }
     out.push(']');
     out
+}
+
+/// Appends one change as [`changes`] writes it (an array built change by change).
+pub fn push_change(out: &mut String, c: &crate::changeset::ChangeRecord) {
+    use crate::logformat::Op;
+    let vals: Vec<Option<&str>> = c.vals.iter().flatten().map(|v| v.as_deref()).collect();
+    out.push_str(&format!("{{\"seq\":{},\"op\":", c.seq));
+    push_string(out, c.op.code());
+    out.push_str(",\"table\":");
+    push_string(out, &format!("{}.{}", c.nsp, c.rel));
+    match c.op {
+        Op::Insert | Op::Update => {
+            out.push_str(",\"new\":");
+            out.push_str(&object(c.cols.iter().map(String::as_str).zip(vals.iter().copied())));
+        }
+        Op::Truncate => {
+            out.push_str(",\"options\":");
+            out.push_str(&object(["restart_identity"].into_iter().zip(vals.iter().copied())));
+        }
+        Op::Ddl => {
+            out.push(',');
+            let names = ["statement", "search_path", "role", "tag"];
+            let parts = object(names.into_iter().zip(vals.iter().copied()));
+            out.push_str(&parts[1..parts.len() - 1]);
+        }
+        Op::Delete => {}
+    }
+    if let Some(old) = &c.oldkey {
+        out.push_str(",\"old_key\":");
+        out.push_str(&object(c.cols.iter().map(String::as_str).zip(old.iter().map(|v| v.as_deref()))));
+    }
+    out.push('}');
 }
 
 #[cfg(test)]

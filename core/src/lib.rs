@@ -13,6 +13,7 @@ pub mod copytext;
 pub mod ddlsettings;
 pub mod dump;
 pub mod ident;
+pub mod inorder;
 pub mod json;
 pub mod large_object;
 pub mod logformat;

@@ -47,25 +47,44 @@ pub(crate) fn nest_level() -> usize {
     (unsafe { pg_sys::GetCurrentTransactionNestLevel() }).max(1) as usize
 }
 
-/// Records one change of the current (sub)transaction: `encode` writes it into the buffer,
-/// given its position in the transaction.
-pub fn record(encode: impl FnOnce(&mut Vec<u8>, u64)) -> Result<(), TrompeError> {
+/// The most bytes one change may take once encoded: a chunk holds it with less than two chunk
+/// sizes of other changes (a buffer that was not full yet, and its parent's when a released
+/// subtransaction is written with it), and a chunk is one `bytea` value, which PostgreSQL
+/// holds only up to 1 GB (MaxAllocSize), at the origin and on every peer.
+pub const MAX_CHANGE_BYTES: usize = 0x3fff_ffff - 2 * CHUNK_BYTES - (1 << 20);
+
+/// Records one change of the current (sub)transaction to table `nsp.rel` (or DDL on that
+/// object): `encode` writes it into the buffer, given its position in the transaction. A
+/// change larger than [`MAX_CHANGE_BYTES`] is refused (the statement fails here rather than
+/// the log or a peer later).
+pub fn record(nsp: &str, rel: &str, encode: impl FnOnce(&mut Vec<u8>, u64)) -> Result<(), TrompeError> {
     crate::capture::ensure_xact_callback();
     // Choose the log table now, while a snapshot is active (it is not at commit time).
     crate::capture::log_slot_for_transaction()?;
     let depth = nest_level();
     let seq = SEQ.get() + 1;
-    SEQ.set(seq);
     let full = LEVELS.with(|levels| {
         let mut levels = levels.borrow_mut();
         if levels.len() < depth {
             levels.resize_with(depth, Level::default);
         }
         let level = &mut levels[depth - 1];
+        let before = level.bytes.len();
         encode(&mut level.bytes, seq);
+        let size = level.bytes.len() - before;
+        if size > MAX_CHANGE_BYTES {
+            level.bytes.truncate(before);
+            level.bytes.shrink_to(CHUNK_BYTES);
+            return Err(TrompeError::ChangeTooLarge {
+                table: format!("{nsp}.{rel}"),
+                mb: size as u64 >> 20,
+                max_mb: MAX_CHANGE_BYTES as u64 >> 20,
+            });
+        }
         level.count += 1;
-        full(level.count, level.bytes.len())
-    });
+        Ok(full(level.count, level.bytes.len()))
+    })?;
+    SEQ.set(seq);
     if full {
         flush_level(depth)?;
     }

@@ -263,7 +263,7 @@ pub fn append(
     role: &str,
     settings: &[(&'static str, String)],
 ) -> Result<(), crate::error::TrompeError> {
-    crate::capture::buffer::record(|buf, seq| {
+    crate::capture::buffer::record(object_schema, object_name, |buf, seq| {
         let mut w = ChangeWriter::begin(buf, Op::Ddl, seq, object_schema.as_bytes(), object_name.as_bytes())
             .cols(std::iter::empty())
             .list(trompe_core::ddlsettings::FIRST + 2 * settings.len());

@@ -65,7 +65,7 @@ fn capture(td: &pg_sys::TriggerData) -> Result<(), TrompeError> {
                 .map_err(TrompeError::Internal)?;
         }
     }
-    buffer::record(|buf, seq| {
+    buffer::record(&info.nsp, &info.rel, |buf, seq| {
         let names = if op == Op::Delete { &info.names[..info.nkey] } else { &info.names[..] };
         let w = ChangeWriter::begin(buf, op, seq, info.nsp.as_bytes(), info.rel.as_bytes())
             .cols(names.iter().map(|n| n.as_bytes()));
@@ -212,7 +212,7 @@ pub fn log_delete(
     key: &[Option<&str>],
     old: OldVersion,
 ) -> Result<(), TrompeError> {
-    buffer::record(|buf, seq| {
+    buffer::record(nsp, rel, |buf, seq| {
         let mut w = ChangeWriter::begin(buf, Op::Delete, seq, nsp.as_bytes(), rel.as_bytes())
             .cols(key_names.iter().map(|n| n.as_bytes()))
             .none()

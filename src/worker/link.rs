@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use pgrx::{pg_sys, PgSqlErrorCode};
 use trompe_core::backoff::Backoff;
-use trompe_core::changeset::decode;
 use trompe_core::conninfo::ConnInfo;
 use trompe_core::nodeid::NodeId;
 use trompe_core::position::{in_origin, Position, Step};
@@ -14,8 +13,9 @@ use trompe_core::snapshot::Snapshot;
 
 use crate::libpq::{Conn, PgResult, PqError, RowStep, Want};
 use crate::shmem::{now_ms, PeerSlot};
-use crate::worker::apply::{apply_transaction, ApplyCache, Change};
+use crate::worker::apply::{apply_segment, finish_transaction, ApplyCache, Change, TxnProgress};
 use crate::worker::progress;
+use crate::worker::spool::{Spool, SpoolBuilder, SpooledTxn};
 use crate::worker::txn::{in_transaction, in_transaction_coded, TxnError};
 
 /// How long a peer that owes an answer may send nothing (`trompe.peer_timeout`).
@@ -24,6 +24,10 @@ fn peer_timeout_ms() -> i64 {
 }
 /// An idle consumer still confirms its position this often, so the peer can prune its log.
 const CONFIRM_EVERY_MS: i64 = 10_000;
+/// How often, at most, the peer is asked how much of its log it retains for this node; and
+/// never more than a twentieth of the time (the answer reads the retained log).
+const RETAINED_EVERY_MS: i64 = 10_000;
+const RETAINED_TIME_SHARE: i64 = 20;
 
 /// Connection state shown in `trompe.status`.
 #[repr(u32)]
@@ -64,6 +68,8 @@ enum State {
     Handshake,
     Ready,
     Pulling,
+    /// Asking the peer how much of its log it retains for this node.
+    AskingRetained,
 }
 
 /// What a link waits for before it can make progress.
@@ -114,6 +120,10 @@ pub struct Link {
     incoming: BatchBuilder,
     /// The peer refused the last pull because it marked this node lost.
     lost: bool,
+    /// When to ask the peer next how much of its log it retains for this node, and when the
+    /// question was sent; None if it cannot answer (older than 0.5.0).
+    retained_next_ms: Option<i64>,
+    retained_asked_ms: i64,
 }
 
 /// What the progress table and the replication origin hold for a peer.
@@ -132,29 +142,29 @@ pub struct Stored {
     pub unsaved_changes: i64,
 }
 
-/// A pull's answer: the step it read and the changes, grouped by transaction.
+/// A pull's answer: the step it read and its transactions, their log rows kept in `spool`.
 struct Batch {
     cur: Option<Snapshot>,
     complete: bool,
     commits: i64,
     pending: i64,
     oldest_us: Option<i64>,
-    txns: Vec<Vec<Change>>,
+    spool: Spool,
+    txns: Vec<SpooledTxn>,
 }
 
-/// A pull's answer as its rows arrive (one at a time: each log row is decoded and freed as it
-/// comes): the header row first, then the log rows of each transaction.
+/// A pull's answer as its rows arrive (one at a time, each kept undecoded in a spool): the
+/// header row first, then the log rows of each transaction.
 #[derive(Default)]
 struct BatchBuilder {
     batch: Option<Batch>,
-    current: Vec<Change>,
-    current_last: Option<i64>,
+    rows: SpoolBuilder,
 }
 
 impl BatchBuilder {
     /// Takes row `r` of `result`.
     fn row(&mut self, result: &PgResult, r: usize) -> Result<(), String> {
-        let Some(batch) = self.batch.as_mut() else {
+        if self.batch.is_none() {
             if result.bytes(r, 0) != Some(b"H") {
                 return Err("the peer's answer has no header".into());
             }
@@ -173,39 +183,25 @@ impl BatchBuilder {
                 commits: result.int8(r, 3).unwrap_or(-1),
                 pending: result.int8(r, 4).unwrap_or(0),
                 oldest_us: result.int8(r, 5),
+                spool: Spool::default(),
                 txns: Vec::new(),
             });
             return Ok(());
-        };
+        }
         let txn_last = result.int8(r, 6).ok_or("a log row without transaction")?;
         let commit_us = result.int8(r, 7).ok_or_else(|| {
             format!("transaction {txn_last} has no commit time (is track_commit_timestamp on at the peer?)")
         })?;
         let bytes = result.bytes(r, 9).ok_or("a log row without changes")?;
-        let records = decode(bytes).map_err(|e| format!("log row of transaction {txn_last}: {e}"))?;
-        if self.current_last.is_some_and(|l| l != txn_last) {
-            batch.txns.push(finish_transaction(std::mem::take(&mut self.current)));
-        }
-        self.current_last = Some(txn_last);
-        self.current.extend(records.into_iter().map(|record| Change { txn_last, commit_us, record }));
-        Ok(())
+        self.rows.row(txn_last, commit_us, bytes)
     }
 
     /// The whole answer, once every row arrived.
     fn finish(self) -> Result<Batch, String> {
         let mut batch = self.batch.ok_or("the peer's answer has no header")?;
-        if !self.current.is_empty() {
-            batch.txns.push(finish_transaction(self.current));
-        }
+        (batch.spool, batch.txns) = self.rows.finish()?;
         Ok(batch)
     }
-}
-
-/// A transaction's changes in the order they were made (chunks written from savepoints can
-/// arrive out of order).
-fn finish_transaction(mut changes: Vec<Change>) -> Vec<Change> {
-    changes.sort_by_key(|c| c.seq);
-    changes
 }
 
 impl Link {
@@ -253,6 +249,8 @@ impl Link {
             applied_ddl: false,
             incoming: BatchBuilder::default(),
             lost: false,
+            retained_next_ms: Some(0),
+            retained_asked_ms: 0,
         };
         // Applied by an earlier link of this peer since its counters were written (the slot
         // outlives a worker restart, not a server restart).
@@ -310,6 +308,8 @@ impl Link {
     /// Closes the connection (the next step reconnects).
     pub fn disconnect(&mut self) {
         self.conn = None;
+        // What arrived of a pull in progress (maybe a temporary file) is given up.
+        self.incoming = BatchBuilder::default();
         self.state = State::Down;
         self.flushing = false;
         self.publish(if self.paused { ConnState::Paused } else { ConnState::Disconnected });
@@ -442,13 +442,48 @@ impl Link {
                 }
                 self.publish(ConnState::Connected);
                 self.state = State::Ready;
+                // Asked after the first pull (a peer upgraded since may answer now).
+                self.retained_next_ms = Some(now + 1000);
                 Ok(None)
             }
             State::Ready => {
                 if now < self.not_before_ms {
                     return Ok(Some(WaitSpec { socket: None, wake_at_ms: Some(self.not_before_ms) }));
                 }
+                if self.retained_next_ms.is_some_and(|t| now >= t) {
+                    let me = self.me.clone();
+                    self.send("SELECT transactions, bytes FROM trompe.retained_log($1::uuid)", &[Some(&me)])?;
+                    self.state = State::AskingRetained;
+                    self.retained_asked_ms = now;
+                    self.deadline_ms = now + peer_timeout_ms();
+                    return Ok(None);
+                }
                 self.send_pull(now)?;
+                Ok(None)
+            }
+            State::AskingRetained => {
+                if self.send_rest_and_note_input(now)? {
+                    return self.wait_for(Want::Write, now);
+                }
+                let conn = self.conn.as_mut().ok_or("no connection")?;
+                if conn.consume().map_err(|e| e.describe())? == Want::Read {
+                    return self.wait_for(Want::Read, now);
+                }
+                match conn.take_result() {
+                    Ok(result) => {
+                        let took = now - self.retained_asked_ms;
+                        self.retained_next_ms = Some(now + RETAINED_EVERY_MS.max(took * RETAINED_TIME_SHARE));
+                        if let Some(slot) = self.slot {
+                            let number = |c: usize| result.get(0, c).and_then(|v| v.parse().ok()).unwrap_or(-1);
+                            slot.peer_log_txns.store(number(0), Ordering::Release);
+                            slot.peer_log_bytes.store(number(1), Ordering::Release);
+                        }
+                    }
+                    // The peer cannot tell (older than 0.5.0): not asked again on this connection.
+                    Err(e) if e.sqlstate.is_some() => self.retained_next_ms = None,
+                    Err(e) => return Err(e.describe()),
+                }
+                self.state = State::Ready;
                 Ok(None)
             }
         }
@@ -585,13 +620,16 @@ impl Link {
         }
         for (i, txn) in batch.txns.iter().enumerate() {
             let last = i + 1 == ntxns;
-            let txn_last = txn.last().map_or(0, |c| c.txn_last);
+            let txn_last = txn.txn_last;
             let next = self.pos.after_transaction(&cur, txn_last, last && batch.complete);
             let set_aside = (self.skip_txn == Some(txn_last)).then(|| self.failure_text(txn_last));
-            if let Err(e) = self.apply_transaction(cache, txn, &next, set_aside.as_deref()) {
-                self.stall(txn, txn_last, &e, (batch.pending - applied_changes).max(0));
-                return Ok(());
-            }
+            let had_ddl = match self.apply_transaction(cache, &batch.spool, txn, &next, set_aside.as_deref()) {
+                Ok(had_ddl) => had_ddl,
+                Err(e) => {
+                    self.stall(&batch.spool, txn, &e, (batch.pending - applied_changes).max(0));
+                    return Ok(());
+                }
+            };
             if set_aside.is_some() {
                 pgrx::log!("trompe: peer \"{}\": transaction {txn_last} set aside in trompe.exceptions", self.name);
                 self.skip_txn = None;
@@ -599,8 +637,8 @@ impl Link {
             self.note_committed(&next.done);
             self.pos = next;
             self.last_persist_ms = now_ms();
-            applied_changes += txn.len() as i64;
-            self.applied_ddl |= txn.iter().any(|c| c.op == trompe_core::logformat::Op::Ddl);
+            applied_changes += txn.changes as i64;
+            self.applied_ddl |= had_ddl;
         }
         if ntxns == 0 && batch.complete {
             // Nothing new in this step: move on to it, and now and then tell the peer.
@@ -617,7 +655,7 @@ impl Link {
             slot.pending_changes.store(left, Ordering::Release);
             let oldest = if left > 0 { batch.oldest_us.map(pg_timestamp_to_ms).unwrap_or(0) } else { 0 };
             slot.oldest_pending_ms.store(oldest, Ordering::Release);
-            let last_commit = batch.txns.last().and_then(|t| t.first()).map(|c| pg_timestamp_to_ms(c.commit_us));
+            let last_commit = batch.txns.last().map(|t| pg_timestamp_to_ms(t.commit_us));
             match last_commit {
                 Some(ms) => slot.apply_delay_ms.store((now_ms() - ms).max(0), Ordering::Release),
                 None if batch.complete => slot.apply_delay_ms.store(0, Ordering::Release),
@@ -642,17 +680,18 @@ impl Link {
         }
     }
 
-    /// Transaction `txn` (closing log id `txn_last`) cannot be applied: the stream stops before
-    /// it, visibly (state `error`, the transaction and what waits behind it), and it is
-    /// retried after a delay.
-    fn stall(&mut self, txn: &[Change], txn_last: i64, e: &TxnError, behind: i64) {
-        let at = crate::worker::apply::current_change().min(txn.len().saturating_sub(1));
-        let (what, commit_us) = match txn.get(at) {
-            Some(c) if c.op == trompe_core::logformat::Op::Ddl => {
-                (format!("change {} (DDL on {})", at + 1, c.rel), c.commit_us)
-            }
-            Some(c) => (format!("change {} ({} {}.{})", at + 1, op_name(c.op), c.nsp, c.rel), c.commit_us),
-            None => ("an empty transaction".to_string(), 0),
+    /// Transaction `txn` (its rows in `spool`) cannot be applied: the stream stops before it,
+    /// visibly (state `error`, the transaction and what waits behind it), and it is retried
+    /// after a delay.
+    fn stall(&mut self, spool: &Spool, txn: &SpooledTxn, e: &TxnError, behind: i64) {
+        let txn_last = txn.txn_last;
+        let at = crate::worker::apply::current_change().min((txn.changes as usize).saturating_sub(1));
+        let commit_us = txn.commit_us;
+        let what = match txn.change_at(spool, at) {
+            Some(c) if c.op == trompe_core::logformat::Op::Ddl => format!("change {} (DDL on {})", at + 1, c.rel),
+            Some(c) => format!("change {} ({} {}.{})", at + 1, op_name(c.op), c.nsp, c.rel),
+            None if txn.changes == 0 => "an empty transaction".to_string(),
+            None => format!("change {}", at + 1),
         };
         let code = e.code.map_or_else(|| "XX000".to_string(), |c| trompe_core::sqlstate::text(c as i64));
         let message = format!(
@@ -660,7 +699,6 @@ impl Link {
             trompe_core::sqlstate::one_line(&e.message, 300),
             trompe_core::timestamp::utc_text(commit_us),
         );
-        let behind = self.pending_at_peer().unwrap_or(behind).max(behind);
         let behind = self.pending_at_peer().unwrap_or(behind).max(behind);
         let delay = self.backoff.fail();
         self.not_before_ms = now_ms() + delay.as_millis() as i64;
@@ -743,18 +781,20 @@ impl Link {
         }
     }
 
-    /// Applies one origin transaction as one local transaction, with the origin's commit time
-    /// recorded as this transaction's (through the peer's replication origin, set up by the
-    /// caller), and the new position stored in the same transaction. With `set_aside` (the
-    /// error it failed with), the transaction is kept in `trompe.exceptions` instead of applied.
+    /// Applies one origin transaction as one local transaction, segment by segment as it is
+    /// read back from `spool`, with the origin's commit time recorded as this transaction's
+    /// (through the peer's replication origin, set up by the caller), and the new position
+    /// stored in the same transaction. With `set_aside` (the error it failed with), the
+    /// transaction is kept in `trompe.exceptions` instead of applied. Returns whether it had DDL.
     fn apply_transaction(
         &mut self,
         cache: &mut ApplyCache,
-        txn: &[Change],
+        spool: &Spool,
+        txn: &SpooledTxn,
         next: &Position,
         set_aside: Option<&str>,
-    ) -> Result<(), TxnError> {
-        let commit_us = txn.first().map_or(0, |c| c.commit_us);
+    ) -> Result<bool, TxnError> {
+        let commit_us = txn.commit_us;
         // SAFETY: the timestamp the next commit records for the session's replication origin.
         unsafe { pg_sys::replorigin_session_origin_timestamp = commit_us };
         // The table is written when the step changes or ends; inside a step, the origin's
@@ -773,21 +813,22 @@ impl Link {
             }
             _ => (self.stored.offset, 0),
         };
-        let (txns, changes) = (self.stored.unsaved_txns + 1, self.stored.unsaved_changes + txn.len() as i64);
+        let (txns, changes) = (self.stored.unsaved_txns + 1, self.stored.unsaved_changes + txn.changes as i64);
         // DDL that cannot run in a transaction block runs on its own first; the apply
         // transaction then only moves the position past it.
-        let txn = match (set_aside, outside_transaction(txn)?) {
+        let ran_alone = match (set_aside, outside_transaction(spool, txn)?) {
             (None, Some((kind, change))) => {
                 let part =
                     |i: usize| change.vals.as_ref().and_then(|v| v.get(i).cloned().flatten()).unwrap_or_default();
                 let settings = trompe_core::ddlsettings::decode(change.vals.as_deref().unwrap_or_default());
                 crate::worker::toplevel::run(kind, &part(0), &part(1), &part(2), &settings, &change.rel)?;
-                &[]
+                true
             }
-            _ => txn,
+            _ => false,
         };
+        let mut had_ddl = ran_alone;
         let stored_offset = self.stored.origin_holds_after.then_some(offset);
-        let attempt = |cache: &mut ApplyCache, careful: bool| {
+        let mut attempt = |cache: &mut ApplyCache, careful: bool| {
             let result = in_transaction_coded(|| {
                 progress::take_apply_lock();
                 // Before anything it writes is announced (see capture::guard::pre_commit).
@@ -797,8 +838,23 @@ impl Link {
                 // below (an error aborts the transaction, which cleans SPI up).
                 unsafe { pg_sys::SPI_connect() };
                 match set_aside {
-                    Some(error) => crate::exceptions::set_aside(&self.node, &self.name, txn, error)?,
-                    None => apply_transaction(cache, txn, self.node, careful)?,
+                    Some(error) => crate::exceptions::set_aside(
+                        &self.node,
+                        &self.name,
+                        txn.txn_last,
+                        txn.commit_us,
+                        txn.changes(spool),
+                        error,
+                    )?,
+                    None if ran_alone => {}
+                    None => {
+                        let mut progress = TxnProgress::start();
+                        for segment in txn.segments(spool) {
+                            apply_segment(cache, &segment?, self.node, careful, &mut progress)?;
+                        }
+                        finish_transaction()?;
+                        had_ddl |= progress.had_ddl();
+                    }
                 }
                 if write_table {
                     progress::store(&self.node.to_string(), next, txns, changes, stored_offset)?;
@@ -838,7 +894,7 @@ impl Link {
                 slot.applied_changes.store(changes as u64, Ordering::Release);
             }
         }
-        Ok(())
+        Ok(had_ddl)
     }
 }
 
@@ -893,8 +949,14 @@ impl OriginSession {
 
 /// The DDL change and what it does, if `txn` is one DDL statement that cannot run inside a
 /// transaction block.
-fn outside_transaction(txn: &[Change]) -> Result<Option<(crate::worker::toplevel::Kind, &Change)>, TxnError> {
-    let [change] = txn else { return Ok(None) };
+fn outside_transaction(
+    spool: &Spool,
+    txn: &SpooledTxn,
+) -> Result<Option<(crate::worker::toplevel::Kind, Change)>, TxnError> {
+    if txn.changes != 1 {
+        return Ok(None);
+    }
+    let Some(change) = txn.changes(spool).next().transpose()? else { return Ok(None) };
     if change.op != trompe_core::logformat::Op::Ddl {
         return Ok(None);
     }

@@ -7,6 +7,7 @@ pub mod dbguard;
 pub mod engine;
 pub mod link;
 pub mod progress;
+pub mod spool;
 pub mod supervisor;
 pub mod toplevel;
 pub mod txn;

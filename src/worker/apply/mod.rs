@@ -116,7 +116,7 @@ thread_local! {
     static CURRENT_CHANGE: Cell<usize> = const { Cell::new(0) };
 }
 
-/// The position, in the transaction last given to [`apply_transaction`], of the change it was
+/// The position, in the transaction last given to [`apply_segment`], of the change it was
 /// applying when it stopped (the change that failed, if it failed).
 pub fn current_change() -> usize {
     CURRENT_CHANGE.get()
@@ -139,23 +139,50 @@ pub fn after_transaction() {
     }
 }
 
+/// Where applying one origin transaction is, across the segments it is given in.
+pub struct TxnProgress {
+    /// How many of its changes came before the current segment.
+    base: usize,
+    /// Whether a DDL change came already (the changes after it name what it made).
+    after_ddl: bool,
+}
+
+impl TxnProgress {
+    /// Before the transaction's first change.
+    pub fn start() -> Self {
+        CURRENT_CHANGE.set(0);
+        TxnProgress { base: 0, after_ddl: false }
+    }
+
+    /// Whether the transaction had DDL (so far).
+    pub fn had_ddl(&self) -> bool {
+        self.after_ddl
+    }
+}
+
 /// Applies the changes of one origin transaction (committed at `commit_us` by node `origin`)
-/// inside the current transaction (SPI connected), in order. `careful` checks secondary
-/// unique constraints before writing (used when the fast attempt ran into one).
-pub fn apply_transaction(
+/// inside the current transaction (SPI connected), in order, given as consecutive segments
+/// (a large transaction is never held whole): call it for each, then [`finish_transaction`].
+/// `careful` checks secondary unique constraints before writing (used when the fast attempt
+/// ran into one).
+pub fn apply_segment(
     cache: &mut ApplyCache,
     txn: &[Change],
     origin: NodeId,
     careful: bool,
+    progress: &mut TxnProgress,
 ) -> Result<(), ApplyError> {
     let Some(first) = txn.first() else { return Ok(()) };
     let v = TxnVersion(Version { ts: first.commit_us, node: origin });
-    let txn = resolve::resolve(cache, txn)?;
+    let base = progress.base;
+    progress.base += txn.len();
+    // Changes after the transaction's first DDL name what that DDL made: taken as they are.
+    let txn = if progress.after_ddl { std::borrow::Cow::Borrowed(txn) } else { resolve::resolve(cache, txn)? };
     let txn = &txn[..];
     let mut i = 0;
     while i < txn.len() {
         let change = &txn[i];
-        CURRENT_CHANGE.set(i);
+        CURRENT_CHANGE.set(base + i);
         if crate::row_versions::any_rewritten_here() && matches!(change.op, Op::Insert | Op::Update | Op::Delete) {
             written_after_rewrite(cache, change)?;
         }
@@ -168,7 +195,10 @@ pub fn apply_transaction(
                 }
                 apply_truncate(cache, v, &group)?;
             }
-            Op::Ddl => apply_ddl(cache, change)?,
+            Op::Ddl => {
+                progress.after_ddl = true;
+                apply_ddl(cache, change)?
+            }
             Op::Insert => {
                 let end = rows::insert_run_end(cache, txn, i)?;
                 if crate::row_versions::any_rewritten_here() {
@@ -189,6 +219,11 @@ pub fn apply_transaction(
         }
         i += 1;
     }
+    Ok(())
+}
+
+/// Ends applying a transaction given to [`apply_segment`]: records its conflicts.
+pub fn finish_transaction() -> Result<(), ApplyError> {
     crate::conflicts::flush().map_err(ApplyError::Postgres)
 }
 
