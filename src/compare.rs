@@ -15,8 +15,8 @@ use trompe_core::pgarray::format_text_array;
 use crate::error::{OrRaise, TrompeError};
 use crate::large_objects;
 use crate::libpq::{result_wait, send_wait, Conn, PgResult, PqError};
-use crate::log::writer::as_extension_owner;
 use crate::peer_calls::{connect_peer, peer_conninfo, scrub};
+use crate::run_as::as_extension_owner;
 use crate::sql;
 
 /// How long one query on the peer may take (hashing a large table takes a while); the wait

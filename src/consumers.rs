@@ -25,7 +25,7 @@ use pgrx::prelude::*;
 use trompe_core::snapshot::Snapshot;
 
 use crate::error::{OrRaise, TrompeError};
-use crate::log::writer::as_extension_owner;
+use crate::run_as::as_extension_owner;
 use crate::sql;
 
 /// The advisory lock (`pg_advisory_xact_lock(128034844536946)`, "trompr" in ASCII) a

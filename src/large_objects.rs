@@ -12,7 +12,7 @@ use pgrx::pg_sys;
 use trompe_core::large_object::GlobalLo;
 
 use crate::libpq::{query_wait, Conn};
-use crate::log::writer::as_extension_owner;
+use crate::run_as::as_extension_owner;
 use crate::sql;
 use crate::worker::apply::{ApplyCache, ApplyError, Change};
 

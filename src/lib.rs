@@ -7,6 +7,7 @@
 use pgrx::prelude::*;
 
 pub mod capture;
+pub mod catalog;
 pub mod commit_times;
 pub mod compare;
 pub mod conflicts;
@@ -20,6 +21,7 @@ pub mod join;
 pub mod large_objects;
 pub mod libpq;
 pub mod log;
+pub mod marker_writes;
 pub mod node;
 pub mod notices;
 pub mod origin;
@@ -29,7 +31,9 @@ pub mod peers;
 pub mod pg_compat;
 pub mod retention;
 pub mod row_versions;
+pub mod run_as;
 pub mod sequences;
+pub mod session;
 pub mod setval;
 pub mod shmem;
 pub mod sql;

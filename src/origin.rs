@@ -16,7 +16,7 @@ use pgrx::prelude::*;
 use trompe_core::snapshot::Snapshot;
 
 use crate::error::{OrRaise, TrompeError};
-use crate::log::writer::as_extension_owner;
+use crate::run_as::as_extension_owner;
 use crate::shmem;
 
 /// One transaction of a step in 16 bytes (a step after a long outage holds millions): the id of

@@ -13,12 +13,12 @@ use pgrx::prelude::*;
 use trompe_core::conninfo::ConnInfo;
 use trompe_core::snapshot::Snapshot;
 
-use crate::capture::InternalOperation;
 use crate::error::{OrRaise, TrompeError};
 use crate::libpq::{query_wait, Conn};
-use crate::log::writer::as_extension_owner;
 use crate::node::{local_node_id, to_uuid};
 use crate::peer_calls::{connect_peer, peer_conninfo, peer_failed, peer_has_function, peer_query, scrub, CALL_TIMEOUT};
+use crate::run_as::as_extension_owner;
+use crate::session::InternalOperation;
 use crate::sql;
 use crate::worker::control::{launch_worker_on_commit, wake_worker_on_commit};
 

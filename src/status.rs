@@ -42,7 +42,7 @@ fn _status() -> TableIterator<
         name!(applied_changes, i64),
     ),
 > {
-    let rows: Vec<StoredPeer> = crate::log::writer::as_extension_owner(|| {
+    let rows: Vec<StoredPeer> = crate::run_as::as_extension_owner(|| {
         let after = crate::worker::progress::after_sql(crate::worker::progress::origin_holds_after()?);
         crate::sql::rows(
             &format!(

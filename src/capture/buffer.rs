@@ -35,6 +35,18 @@ thread_local! {
     /// The nesting level whose buffer and its parent's were written as a chunk by
     /// `release_subtransaction`: emptied when it commits, kept if it aborts after all.
     static RELEASED_INTO_LOG: Cell<Option<usize>> = const { Cell::new(None) };
+    /// The log table this transaction appends to, once chosen.
+    static LOG_SLOT: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// The log table this transaction appends to, chosen on its first change.
+fn log_slot_for_transaction() -> Result<usize, TrompeError> {
+    if let Some(slot) = LOG_SLOT.get() {
+        return Ok(slot);
+    }
+    let slot = crate::log::rotation::current_slot()?;
+    LOG_SLOT.set(Some(slot));
+    Ok(slot)
 }
 
 /// Whether a buffer of `count` changes and `bytes` bytes is due to be written as a chunk.
@@ -48,11 +60,11 @@ pub(crate) fn nest_level() -> usize {
 }
 
 /// Records one change of the current (sub)transaction: `encode` writes it into the buffer,
-/// given its position in the transaction.
-pub fn record(encode: impl FnOnce(&mut Vec<u8>, u64)) -> Result<(), TrompeError> {
-    crate::capture::ensure_xact_callback();
+/// given its position in the transaction. Called through `xact::record`, which makes sure the
+/// transaction's end writes the buffer.
+pub(super) fn record(encode: impl FnOnce(&mut Vec<u8>, u64)) -> Result<(), TrompeError> {
     // Choose the log table now, while a snapshot is active (it is not at commit time).
-    crate::capture::log_slot_for_transaction()?;
+    log_slot_for_transaction()?;
     let depth = nest_level();
     let seq = SEQ.get() + 1;
     SEQ.set(seq);
@@ -82,7 +94,7 @@ fn flush_level(depth: usize) -> Result<(), TrompeError> {
         levels.get_mut(depth - 1).map(std::mem::take)
     });
     let Some(mut level) = taken.filter(|l| l.count > 0) else { return Ok(()) };
-    let slot = crate::capture::log_slot_for_transaction()?;
+    let slot = log_slot_for_transaction()?;
     crate::log::writer::append_chunk(slot, level.count, &level.bytes)?;
     if level.bytes.capacity() <= KEEP_BYTES {
         // Hand the emptied buffer back, so the next changes reuse its memory.
@@ -127,7 +139,7 @@ pub fn release_subtransaction() -> Result<(), TrompeError> {
         Some((parent.count + child.count, bytes))
     });
     let Some((count, bytes)) = merged else { return Ok(()) };
-    let slot = crate::capture::log_slot_for_transaction()?;
+    let slot = log_slot_for_transaction()?;
     crate::log::writer::append_chunk(slot, count, &bytes)?;
     RELEASED_INTO_LOG.set(Some(depth));
     Ok(())
@@ -177,6 +189,7 @@ pub fn reset() {
         }
     });
     SEQ.set(0);
+    LOG_SLOT.set(None);
     RELEASED_INTO_LOG.set(None);
 }
 

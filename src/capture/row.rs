@@ -6,8 +6,9 @@ use trompe_core::changeset::{ChangeWriter, OldVersion};
 use trompe_core::logformat::Op;
 
 use crate::capture::relinfo::{relinfo, RelInfo};
-use crate::capture::{applying_for_peer, buffer, guard, CanonicalOutput};
+use crate::capture::{guard, xact};
 use crate::error::{OrRaise, TrompeError};
+use crate::session::{applying_for_peer, CanonicalOutput};
 
 /// AFTER INSERT OR UPDATE OR DELETE ... FOR EACH ROW trigger that captures the change.
 #[pg_trigger]
@@ -65,7 +66,7 @@ fn capture(td: &pg_sys::TriggerData) -> Result<(), TrompeError> {
                 .map_err(TrompeError::Internal)?;
         }
     }
-    buffer::record(|buf, seq| {
+    xact::record(|buf, seq| {
         let names = if op == Op::Delete { &info.names[..info.nkey] } else { &info.names[..] };
         let w = ChangeWriter::begin(buf, op, seq, info.nsp.as_bytes(), info.rel.as_bytes())
             .cols(names.iter().map(|n| n.as_bytes()));
@@ -212,7 +213,7 @@ pub fn log_delete(
     key: &[Option<&str>],
     old: OldVersion,
 ) -> Result<(), TrompeError> {
-    buffer::record(|buf, seq| {
+    xact::record(|buf, seq| {
         let mut w = ChangeWriter::begin(buf, Op::Delete, seq, nsp.as_bytes(), rel.as_bytes())
             .cols(key_names.iter().map(|n| n.as_bytes()))
             .none()

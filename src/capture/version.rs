@@ -76,7 +76,7 @@ pub fn local_node() -> Option<NodeId> {
             return Some(id);
         }
     }
-    let text = crate::log::writer::as_extension_owner(|| crate::sql::value("SELECT node_id FROM trompe.node", &[]))
+    let text = crate::run_as::as_extension_owner(|| crate::sql::value("SELECT node_id FROM trompe.node", &[]))
         .ok()
         .flatten()?;
     let id = text.parse::<NodeId>().ok()?;

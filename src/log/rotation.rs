@@ -11,8 +11,8 @@ use trompe_core::nodeid::NodeId;
 use trompe_core::snapshot::Snapshot;
 
 use crate::error::TrompeError;
-use crate::log::writer::as_extension_owner;
 use crate::log::LOG_SLOTS;
+use crate::run_as::as_extension_owner;
 use crate::shmem::{shared, DbSlot};
 use crate::sql;
 

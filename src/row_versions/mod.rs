@@ -30,7 +30,7 @@ use trompe_core::changeset::OldVersion;
 use trompe_core::nodeid::NodeId;
 
 use crate::capture::version::version_of;
-use crate::log::writer::as_extension_owner;
+use crate::run_as::as_extension_owner;
 
 mod rewrite;
 
@@ -140,7 +140,7 @@ fn key_expressions(relid: pg_sys::Oid) -> Result<(String, String), String> {
         if rel.is_null() {
             return Err(format!("relation {} does not exist", relid.to_u32()));
         }
-        let key = crate::capture::relinfo::primary_key_columns(rel).unwrap_or_default();
+        let key = crate::catalog::primary_key_columns(rel).unwrap_or_default();
         let tupdesc = (*rel).rd_att;
         let cols: Vec<String> = key
             .iter()
@@ -172,7 +172,7 @@ fn key_expressions(relid: pg_sys::Oid) -> Result<(String, String), String> {
 /// were kept.
 fn keep(relid: pg_sys::Oid, xmin_expr: &str, condition: &str, recent_only: bool) -> Result<u64, String> {
     let (key, table) = key_expressions(relid)?;
-    let _canonical = crate::capture::CanonicalOutput::enter();
+    let _canonical = crate::session::CanonicalOutput::enter();
     as_extension_owner(|| {
         crate::sql::execute(
             &format!(

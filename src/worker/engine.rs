@@ -404,7 +404,7 @@ fn wait(waits: &[WaitSpec], timeout_ms: i64) {
 pub fn run(dboid: pg_sys::Oid, slot: &'static DbSlot) -> ! {
     register_invalidation();
     // Applied transactions record their commit times (crate::commit_times) at commit.
-    crate::capture::ensure_xact_callback();
+    crate::capture::xact::ensure_xact_callback();
     let mut engine = Engine {
         dboid,
         slot,

@@ -814,7 +814,7 @@ impl Link {
             if result.is_err() {
                 crate::conflicts::discard();
             }
-            crate::worker::apply::after_transaction();
+            crate::marker_writes::after_apply_transaction();
             result
         };
         // Large objects the changes refer to are copied over this connection, idle meanwhile.

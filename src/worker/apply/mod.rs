@@ -110,7 +110,6 @@ impl From<ApplyError> for crate::worker::txn::TxnError {
 }
 
 thread_local! {
-    static TOMBSTONES_WRITTEN: Cell<bool> = const { Cell::new(false) };
     /// The position (in its transaction) of the change being applied, for error reports.
     static CURRENT_CHANGE: Cell<usize> = const { Cell::new(0) };
 }
@@ -119,23 +118,6 @@ thread_local! {
 /// applying when it stopped (the change that failed, if it failed).
 pub fn current_change() -> usize {
     CURRENT_CHANGE.get()
-}
-
-/// Notes that the current apply transaction wrote tombstones or truncation markers, and
-/// announces it before it commits (sessions that cached what tables have tombstones look
-/// again from then on, see `capture::guard`).
-pub(crate) fn note_tombstones_written() {
-    if !TOMBSTONES_WRITTEN.replace(true) {
-        crate::shmem::announce_tombstone_writer();
-    }
-}
-
-/// After an apply transaction ended (committed or not): balances the announcement of its
-/// tombstone writes.
-pub fn after_transaction() {
-    if TOMBSTONES_WRITTEN.replace(false) {
-        crate::shmem::bump_tombstone_generation();
-    }
 }
 
 /// Applies the changes of one origin transaction (committed at `commit_us` by node `origin`)
@@ -231,7 +213,7 @@ fn apply_truncate(cache: &mut ApplyCache, v: TxnVersion, changes: &[&Change]) ->
     let names: Vec<&str> = tables.iter().map(|t| t.qualified.as_str()).collect();
     sql(&format!("LOCK TABLE ONLY {} IN ACCESS EXCLUSIVE MODE", names.join(", ")), &[])?;
     // Each table's rows rank against the truncation under the table's own rule.
-    let _canonical = crate::capture::CanonicalOutput::enter();
+    let _canonical = crate::session::CanonicalOutput::enter();
     let mut newer_rows = Vec::with_capacity(tables.len());
     for table in &tables {
         newer_rows.push(with_incoming(truncation(v, table), || {
@@ -305,7 +287,7 @@ fn apply_truncate(cache: &mut ApplyCache, v: TxnVersion, changes: &[&Change]) ->
         // Restarted at their start: back into this node's slot.
         crate::sequences::adjust().map_err(|e| ApplyError::Postgres(e.to_string()))?;
     }
-    note_tombstones_written();
+    crate::marker_writes::note_tombstones_written();
     Ok(())
 }
 

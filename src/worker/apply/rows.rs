@@ -188,7 +188,7 @@ fn write_tombstone(table: &Table, keys: &[Option<&str>]) -> Result<(), ApplyErro
         &[Some(&table.relid.to_u32().to_string()), Some(&key_array(keys))],
     )
     .map_err(ApplyError::Postgres)?;
-    super::note_tombstones_written();
+    crate::marker_writes::note_tombstones_written();
     Ok(())
 }
 
@@ -568,7 +568,7 @@ fn delete_key(
     // Announced before the row is looked for: a local transaction inserting this key that is
     // not yet visible to the lookup either sees the announcement at commit (and commits after
     // this version, see capture::guard::pre_commit) or has committed before the lookup.
-    super::note_tombstones_written();
+    crate::marker_writes::note_tombstones_written();
     for _ in 0..MEETING_ATTEMPTS {
         let decided = crate::conflicts::decisions();
         let (deleted, _) = with_incoming(ctx.clone(), || {
@@ -634,7 +634,7 @@ fn resolve_unique(
         sql += &format!(" AND ({}) IS DISTINCT FROM ({}) FOR UPDATE", key_list.join(", "), key_params.join(", "));
         // Key texts in the canonical format, as a logged delete must carry them.
         let rows = {
-            let _canonical = crate::capture::CanonicalOutput::enter();
+            let _canonical = crate::session::CanonicalOutput::enter();
             crate::sql::rows(&sql, &params).map_err(ApplyError::Postgres)?
         };
         let mut losers = Vec::new();

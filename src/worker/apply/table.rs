@@ -212,7 +212,7 @@ fn load_table(nsp: &str, rel: &str, relid: pg_sys::Oid) -> Result<Table, ApplyEr
         if relation.is_null() {
             return Err(ApplyError::NoSuchTable(qualified));
         }
-        let key: Vec<String> = crate::capture::relinfo::primary_key_columns(relation)
+        let key: Vec<String> = crate::catalog::primary_key_columns(relation)
             .unwrap_or_default()
             .into_iter()
             .map(|i| attname(relation, i as i16 + 1))
