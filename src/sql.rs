@@ -190,3 +190,11 @@ pub fn for_each_row(
         result
     }
 }
+
+/// This node's current snapshot, taken now.
+pub fn snapshot_now() -> Result<trompe_core::snapshot::Snapshot, String> {
+    value("SELECT pg_current_snapshot()", &[])?
+        .ok_or("pg_current_snapshot() returned nothing")?
+        .parse()
+        .map_err(|e: trompe_core::snapshot::SnapshotError| e.to_string())
+}
