@@ -1,4 +1,5 @@
-//! Catalog lookups shared by capture, apply and the administration functions.
+//! Catalog lookups shared by capture, apply and the administration functions: a table's
+//! primary key, whether a table is replicated.
 
 use pgrx::pg_sys;
 
@@ -23,4 +24,14 @@ pub unsafe fn primary_key_columns(rel: pg_sys::Relation) -> Option<Vec<usize>> {
         pg_sys::index_close(index, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         Some(cols)
     }
+}
+
+/// Whether table `relid` is replicated (listed in `trompe.tables`).
+pub fn is_replicated(relid: pg_sys::Oid) -> Result<bool, String> {
+    crate::run_as::as_extension_owner(|| {
+        crate::sql::flag(
+            "SELECT EXISTS (SELECT 1 FROM trompe.tables WHERE relid = $1::oid)",
+            &[Some(&relid.to_u32().to_string())],
+        )
+    })
 }

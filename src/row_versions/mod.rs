@@ -7,7 +7,7 @@
 //!   again with the rewriting transaction as `xmin`. The `table_rewrite` event trigger (which
 //!   fires for DDL applied for a peer too) keeps every row's version first, in
 //!   `trompe.row_versions` under the rewriting transaction, and records that transaction in
-//!   `trompe.rewrites` (module [`rewrite`]); rows of that transaction read their kept version, unless the transaction
+//!   `trompe.rewrites` (module [`rewrite`], how versions are read in [`table_versions`]); rows of that transaction read their kept version, unless the transaction
 //!   wrote them itself after the rewrite (then their entry is removed as it writes them).
 //! - **freezing**, after which PostgreSQL may truncate the commit timestamps of the row's
 //!   transaction: a row whose `xmin` precedes its table's `relfrozenxid` may be frozen, and a
@@ -27,108 +27,19 @@ use std::collections::HashSet;
 
 use pgrx::prelude::*;
 use trompe_core::changeset::OldVersion;
-use trompe_core::nodeid::NodeId;
 
-use crate::capture::version::version_of;
 use crate::run_as::as_extension_owner;
 
 mod rewrite;
+mod table_versions;
 
-/// What decides how a table's row versions are read: the transactions that rewrote it (whose
-/// rows have kept versions) and the transaction before which rows may be frozen.
-#[derive(Clone, Debug, Default)]
-pub struct TableVersions {
-    /// The table.
-    pub relid: pg_sys::Oid,
-    /// Transactions that rewrote the table within the retention, as raw xids.
-    pub rewrites: Vec<u32>,
-    /// The table's `relfrozenxid`: rows with an older `xmin` may be frozen.
-    pub frozen_before: pg_sys::TransactionId,
-}
+use table_versions::archive_exists;
+pub use table_versions::TableVersions;
 
 thread_local! {
     /// Tables the current transaction rewrote (its own later writes of their rows take their
     /// kept versions back).
     static REWRITTEN_HERE: RefCell<HashSet<pg_sys::Oid>> = RefCell::new(HashSet::new());
-}
-
-/// Whether this database has the version archive (trompe 0.5.0 or later).
-fn archive_exists() -> bool {
-    // SAFETY: syscache lookups inside a transaction.
-    unsafe {
-        let nsp = pg_sys::get_namespace_oid(c"trompe".as_ptr(), true);
-        nsp != pg_sys::InvalidOid && pg_sys::get_relname_relid(c"rewrites".as_ptr(), nsp) != pg_sys::InvalidOid
-    }
-}
-
-impl TableVersions {
-    /// What decides how the row versions of the open relation `rel` are read (cached with
-    /// the relation's other facts: a rewrite or a vacuum that moves `relfrozenxid` invalidates
-    /// them).
-    ///
-    /// # Safety
-    /// `rel` must be an open relation.
-    pub unsafe fn of(rel: pg_sys::Relation) -> Result<TableVersions, String> {
-        // SAFETY: rel is open (caller's contract).
-        let (relid, frozen_before) = unsafe { ((*rel).rd_id, (*(*rel).rd_rel).relfrozenxid) };
-        let mut rewrites = Vec::new();
-        if archive_exists() {
-            let rows = as_extension_owner(|| {
-                crate::sql::rows(
-                    "SELECT (xid::text::bigint % 4294967296)::text FROM trompe.rewrites WHERE relid = $1::oid",
-                    &[Some(&relid.to_u32().to_string())],
-                )
-            })?;
-            rewrites = rows.into_iter().filter_map(|r| r.first().cloned().flatten()?.parse::<u32>().ok()).collect();
-        }
-        Ok(TableVersions { relid, rewrites, frozen_before })
-    }
-
-    /// The version of this table's row written by transaction `xmin` (its raw `xmin`) whose
-    /// primary key, as canonical text, `key` computes (only when needed).
-    pub fn row_version(&self, xmin: pg_sys::TransactionId, key: impl FnOnce() -> Vec<Option<String>>) -> OldVersion {
-        let raw = xmin.into_inner();
-        if raw < pg_sys::TransactionId::FIRST_NORMAL.into_inner() {
-            return OldVersion::Unknown;
-        }
-        if self.rewrites.contains(&raw) {
-            return kept(self.relid, raw, &key()).unwrap_or_else(|| version_of(xmin));
-        }
-        // SAFETY: plain comparison of transaction ids.
-        let maybe_frozen = self.frozen_before.into_inner() >= pg_sys::TransactionId::FIRST_NORMAL.into_inner()
-            && unsafe { pg_sys::TransactionIdPrecedes(xmin, self.frozen_before) };
-        if maybe_frozen {
-            return kept(self.relid, raw, &key()).unwrap_or(OldVersion::Unknown);
-        }
-        version_of(xmin)
-    }
-}
-
-/// The version kept for the row `key` of table `relid` whose `xmin` is `raw`, if any.
-fn kept(relid: pg_sys::Oid, raw: u32, key: &[Option<String>]) -> Option<OldVersion> {
-    if !archive_exists() {
-        return None;
-    }
-    let refs: Vec<Option<&str>> = key.iter().map(|k| k.as_deref()).collect();
-    let row = as_extension_owner(|| {
-        crate::sql::row(
-            "SELECT committed_us::text, node_id::text
-               FROM trompe.row_versions WHERE relid = $1::oid AND key = $2::text[] AND row_xmin = $3::xid",
-            &[
-                Some(&relid.to_u32().to_string()),
-                Some(&trompe_core::pgarray::format_text_array(&refs)),
-                Some(&raw.to_string()),
-            ],
-        )
-    })
-    .ok()
-    .flatten()?;
-    let ts = row.first().cloned().flatten().and_then(|t| t.parse::<i64>().ok());
-    let node = row.get(1).cloned().flatten().and_then(|n| n.parse::<NodeId>().ok());
-    Some(match (ts, node) {
-        (Some(ts), Some(node)) => OldVersion::Committed { ts, node },
-        _ => OldVersion::Unknown,
-    })
 }
 
 /// The SQL expressions of table `relid`'s primary key values as canonical text (output
@@ -205,21 +116,12 @@ fn retention_horizon() -> i64 {
     now - i64::from(crate::guc::TOMBSTONE_RETENTION_S.get()) * 1_000_000
 }
 
-fn is_replicated(relid: pg_sys::Oid) -> Result<bool, String> {
-    as_extension_owner(|| {
-        crate::sql::flag(
-            "SELECT EXISTS (SELECT 1 FROM trompe.tables WHERE relid = $1::oid)",
-            &[Some(&relid.to_u32().to_string())],
-        )
-    })
-}
-
 /// Called by the `table_rewrite` event trigger before table `relid` is rewritten: keeps the
 /// version of each of its rows under this transaction, which rewrites them.
 #[pg_extern(volatile, parallel_unsafe)]
 fn _preserve_versions(relid: pg_sys::Oid) {
     let result = (|| -> Result<(), String> {
-        if !archive_exists() || !is_replicated(relid)? {
+        if !archive_exists() || !crate::catalog::is_replicated(relid)? {
             return Ok(());
         }
         if rewrite::keep_before_rewrite(relid)?.is_none() {
@@ -307,7 +209,7 @@ pub fn end_of_transaction() {
 /// Keeps the versions of the rows of replicated table `relid` whose `xmin` is at least
 /// `min_age` transactions old (vacuum may freeze them), under their own `xmin`.
 pub fn archive_aging(relid: pg_sys::Oid, min_age: i64) -> Result<u64, String> {
-    if !archive_exists() || !is_replicated(relid)? {
+    if !archive_exists() || !crate::catalog::is_replicated(relid)? {
         return Ok(0);
     }
     keep(relid, "t.xmin", &format!("pg_catalog.age(t.xmin) >= {}", min_age.max(0)), true)

@@ -80,7 +80,7 @@ pub unsafe fn before_alter_table(stmt: *mut pg_sys::AlterTableStmt) -> Result<()
             vec![relid]
         };
         for relid in relids {
-            if super::is_replicated(relid)? {
+            if crate::catalog::is_replicated(relid)? {
                 remember_layout(relid);
             }
         }
@@ -148,7 +148,7 @@ pub fn keep_before_rewrite(relid: pg_sys::Oid) -> Result<Option<u64>, String> {
             pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
             return Ok(None);
         }
-        let versions = super::TableVersions::of(rel)?;
+        let versions = super::table_versions::TableVersions::of(rel)?;
         let outputs: Vec<pg_sys::Oid> = key
             .iter()
             .map(|&i| {
