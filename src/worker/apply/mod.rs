@@ -3,10 +3,14 @@
 //! are always quoted). Only tables replicated on this node are written. Concurrent changes
 //! are resolved by the table's conflict rule (see [`rows`] and `trompe_core::conflict`).
 
+mod change;
 mod direct;
+mod error;
+mod large_objects;
 mod owner;
 mod resolve;
 pub mod retire;
+mod retire_queue;
 mod rows;
 mod table;
 
@@ -14,100 +18,16 @@ use std::cell::Cell;
 
 use pgrx::pg_sys;
 
-use trompe_core::changeset::ChangeRecord;
 use trompe_core::conflict::{ConflictKind, LocalVersion, Version};
 use trompe_core::logformat::Op;
 use trompe_core::nodeid::NodeId;
 
+pub use change::Change;
+pub use error::ApplyError;
 pub use table::{cstring, register_invalidation, ApplyCache};
 
 use crate::conflicts::{record, with_incoming, Incoming, Recorded};
 use rows::TxnVersion;
-
-/// One change from a peer's log: the decoded change and what its log row says about its
-/// transaction. Reads as the decoded change (`change.nsp`, `change.cols`, ...).
-#[derive(Debug, Clone)]
-pub struct Change {
-    /// The log id of the last log row of its transaction.
-    pub txn_last: i64,
-    /// Commit time of its transaction at the origin (PostgreSQL TimestampTz).
-    pub commit_us: i64,
-    /// The change as decoded from the log.
-    pub record: ChangeRecord,
-}
-
-impl Change {
-    /// Its position in its transaction at the origin.
-    pub fn id(&self) -> i64 {
-        self.record.seq as i64
-    }
-}
-
-impl std::ops::Deref for Change {
-    type Target = ChangeRecord;
-
-    fn deref(&self) -> &ChangeRecord {
-        &self.record
-    }
-}
-
-/// Why a change could not be applied; the message is shown in `trompe.status`.
-#[derive(Debug, thiserror::Error)]
-pub enum ApplyError {
-    /// A table the change is for does not exist here.
-    #[error("table {0} does not exist on this node")]
-    NoSuchTable(String),
-    /// A table the change is for is not replicated here.
-    #[error("table {0} is not replicated on this node")]
-    NotReplicated(String),
-    /// A column of the change does not exist here.
-    #[error("column {column} of table {table} does not exist on this node")]
-    NoSuchColumn {
-        /// The table.
-        table: String,
-        /// The column.
-        column: String,
-    },
-    /// The primary keys differ between the nodes.
-    #[error("table {0} has a different primary key on this node than on the peer")]
-    KeyMismatch(String),
-    /// The change itself is malformed.
-    #[error("malformed change {id}: {reason}")]
-    Malformed {
-        /// Its position.
-        id: i64,
-        /// What is wrong.
-        reason: String,
-    },
-    /// PostgreSQL raised an error while applying.
-    #[error("{0}")]
-    Postgres(String),
-    /// DDL the peer may not run here.
-    #[error("DDL from the peer refused: {0}")]
-    Refused(crate::peer_ddl::Refusal),
-}
-
-impl ApplyError {
-    /// The SQLSTATE reported for it.
-    pub fn code(&self) -> pgrx::PgSqlErrorCode {
-        use pgrx::PgSqlErrorCode::*;
-        match self {
-            ApplyError::NoSuchTable(_) => ERRCODE_UNDEFINED_TABLE,
-            ApplyError::NotReplicated(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            ApplyError::NoSuchColumn { .. } => ERRCODE_UNDEFINED_COLUMN,
-            ApplyError::KeyMismatch(_) => ERRCODE_INVALID_TABLE_DEFINITION,
-            ApplyError::Malformed { .. } => ERRCODE_DATA_CORRUPTED,
-            ApplyError::Postgres(_) => ERRCODE_INTERNAL_ERROR,
-            ApplyError::Refused(r) => r.code(),
-        }
-    }
-}
-
-impl From<ApplyError> for crate::worker::txn::TxnError {
-    fn from(e: ApplyError) -> Self {
-        crate::worker::txn::TxnError { code: Some(e.code()), message: e.to_string() }
-    }
-}
 
 thread_local! {
     /// The position (in its transaction) of the change being applied, for error reports.
@@ -157,13 +77,13 @@ pub fn apply_transaction(
                         written_after_rewrite(cache, c)?;
                     }
                 }
-                let local = crate::large_objects::localized(cache, &txn[i..end])?;
+                let local = large_objects::localized(cache, &txn[i..end])?;
                 rows::insert_run(cache, v, local.as_deref().unwrap_or(&txn[i..end]), careful)?;
                 i = end;
                 continue;
             }
             Op::Update => {
-                let local = crate::large_objects::localized(cache, std::slice::from_ref(change))?;
+                let local = large_objects::localized(cache, std::slice::from_ref(change))?;
                 rows::update(cache, v, local.as_ref().map_or(change, |l| &l[0]), careful)?
             }
             Op::Delete => rows::delete(cache, v, change)?,

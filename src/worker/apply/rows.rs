@@ -15,9 +15,10 @@ use trompe_core::json;
 use trompe_core::logformat::Op;
 use trompe_core::pgarray::format_text_array;
 
+use super::change::Change;
+use super::error::ApplyError;
 use super::owner;
 use super::table::{run_plan, ApplyCache, Guards, Table};
-use super::{ApplyError, Change};
 use crate::capture::row::log_delete;
 use crate::conflicts::{local_version, record, with_incoming, Incoming, Recorded};
 
@@ -681,7 +682,7 @@ fn resolve_unique(
             // Logged after the apply, like a retired incoming row (see retire.rs): inside the
             // apply transaction the delete would carry the incoming row's commit time with this
             // node's id, which need not rank above the loser's version under every rule.
-            if super::retire::queue(table, &loser_refs)? {
+            if super::retire_queue::queue(table, &loser_refs)? {
                 continue;
             }
             let old = match loser_version {
@@ -718,7 +719,7 @@ fn retire_incoming(
         delete_by_key(cache, table, keys)?;
     }
     with_incoming(incoming(table, v, change, ConflictKind::UniqueViolation, keys), || write_tombstone(table, keys))?;
-    if super::retire::queue(table, keys)? {
+    if super::retire_queue::queue(table, keys)? {
         return Ok(());
     }
     // A schema older than 0.4.0: logged here, with the row's own version (see retire.rs).

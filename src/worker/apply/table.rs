@@ -10,7 +10,7 @@ use pgrx::pg_sys;
 use trompe_core::conflict::LocalVersion;
 use trompe_core::ident::{check_identifier, quote_qualified, readable_qualified};
 
-use super::ApplyError;
+use super::error::ApplyError;
 
 /// A column of a local table, with what converting text to its type needs.
 pub struct Attr {
