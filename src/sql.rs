@@ -13,7 +13,8 @@ use pgrx::pg_sys;
 /// A row of text values (`None` is NULL).
 pub type Row = Vec<Option<String>>;
 
-fn cstring(s: &str) -> CString {
+/// `s` as a C string (a NUL inside is dropped).
+pub fn cstring(s: &str) -> CString {
     CString::new(s.replace('\0', "")).unwrap_or_default()
 }
 

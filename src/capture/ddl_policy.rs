@@ -181,7 +181,7 @@ impl AddedColumns {
     /// immutable (the statement's transaction then rolls back).
     pub fn check(self) -> Result<(), TrompeError> {
         for name in &self.columns {
-            let c_name = crate::worker::apply::cstring(name);
+            let c_name = crate::sql::cstring(name);
             // SAFETY: looks the column up and builds its default expression (NULL if none) in
             // the current memory context; the relation is opened with the lock the statement
             // holds already.

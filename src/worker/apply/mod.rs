@@ -24,7 +24,7 @@ use trompe_core::nodeid::NodeId;
 
 pub use change::Change;
 pub use error::ApplyError;
-pub use table::{cstring, register_invalidation, ApplyCache};
+pub use table::{register_invalidation, ApplyCache};
 
 use crate::conflicts::{record, with_incoming, Incoming, Recorded};
 use rows::TxnVersion;

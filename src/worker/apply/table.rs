@@ -3,7 +3,7 @@
 //! them; forgotten when PostgreSQL invalidates a table's relcache entry (after DDL).
 
 use std::collections::{HashMap, HashSet};
-use std::ffi::{CStr, CString};
+use std::ffi::CStr;
 use std::rc::Rc;
 
 use pgrx::pg_sys;
@@ -11,6 +11,7 @@ use trompe_core::conflict::LocalVersion;
 use trompe_core::ident::{check_identifier, quote_qualified, readable_qualified};
 
 use super::error::ApplyError;
+use crate::sql::cstring;
 
 /// A column of a local table, with what converting text to its type needs.
 pub struct Attr {
@@ -31,11 +32,6 @@ pub struct Attr {
     typalign: std::ffi::c_char,
     /// Its position in the table's tuple descriptor (0-based).
     pub index: usize,
-}
-
-/// `s` as a C string (a NUL inside is dropped).
-pub fn cstring(s: &str) -> CString {
-    CString::new(s).unwrap_or_else(|_| CString::new(s.replace('\0', "")).unwrap_or_default())
 }
 
 /// A text value and what [`Attr::datum`] made of it.
