@@ -97,7 +97,7 @@ pub fn origin_node(origin: pg_sys::RepOriginId) -> Option<NodeId> {
     let node = if found && !name.is_null() {
         // SAFETY: name is a NUL-terminated string from the catalog.
         let text = unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy().into_owned();
-        text.strip_prefix("trompe_").and_then(|id| id.parse::<NodeId>().ok())
+        trompe_core::nodeid::node_of_origin(&text)
     } else {
         None
     };

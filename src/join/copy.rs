@@ -212,7 +212,7 @@ impl Committer {
             return Ok(*origin);
         }
         node.parse::<NodeId>().map_err(|e| format!("the peer sent a bad node id {node:?}: {e}"))?;
-        let name = format!("trompe_{node}");
+        let name = trompe_core::nodeid::origin_name(node);
         let id = in_transaction(|| {
             sql::execute(
                 "SELECT pg_replication_origin_create($1)

@@ -146,7 +146,7 @@ impl Engine {
     /// Drops the replication origins of the peers this worker knew, and of removed peers whose
     /// position was kept (after DROP EXTENSION).
     fn drop_origins(&mut self) {
-        let mut names: Vec<String> = self.links.iter().map(|l| format!("trompe_{}", l.node)).collect();
+        let mut names: Vec<String> = self.links.iter().map(|l| trompe_core::nodeid::origin_name(l.node)).collect();
         names.append(&mut self.kept_origins);
         self.links.clear();
         let result = in_transaction(|| {

@@ -1,4 +1,5 @@
-//! Applying row changes under the table's conflict rule (last update wins).
+//! Applying row changes under the table's conflict rule (last update wins, first update wins or
+//! node priority: `trompe_core::conflict::Ranking`).
 //!
 //! The common case costs one statement per change (or per run of inserts): the statement's
 //! condition `trompe._apply_wins` lets it change a row only if the incoming version is newer
