@@ -88,7 +88,7 @@ pub fn privileged() -> bool {
 
 /// What this node records about a consumer, as the session's login sees it.
 pub struct Registration {
-    /// The position it confirmed last (as stored; see `origin::effective_confirmed`).
+    /// The position it confirmed last (as stored; see `effective_confirmed`).
     pub confirmed: String,
     /// The session's login is one of its logins (always, before 0.5.0).
     pub mine: bool,

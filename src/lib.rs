@@ -24,7 +24,6 @@ pub mod log;
 pub mod marker_writes;
 pub mod node;
 pub mod notices;
-pub mod origin;
 pub mod peer_calls;
 pub mod peer_ddl;
 pub mod peers;

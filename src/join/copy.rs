@@ -474,7 +474,7 @@ pub fn run(job: &SyncJob) -> Result<(), String> {
     let source = read_source(&mut conn)?;
     conn.query("SELECT pg_advisory_unlock($1::bigint)", &[Some(&lock)])?;
     // This node's position on the source will be the snapshot: every transaction it counts as
-    // ended must be on the source's disk first (see origin::flush_ended_transactions).
+    // ended must be on the source's disk first (see log::serve::flush_ended_transactions).
     conn.query("SELECT trompe.current_snapshot()", &[])?;
     let script = crate::join::schema::dump(&conn.info, &source.exported, conn.conn.server_version())?;
     create_schema(job, &source, &script)?;

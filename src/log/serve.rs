@@ -1,5 +1,5 @@
-//! The origin side of replication: the SQL functions a peer calls over libpq to register
-//! itself as a consumer of this node's log and to pull it.
+//! Serving the log: the SQL functions a peer calls over libpq to register itself as a
+//! consumer of this node's log and to pull it.
 //!
 //! A pull reads one "step" of the log: the transactions that a snapshot `cur` of this node sees
 //! and the consumer's position `done` does not. Transactions are returned whole, ordered by the
