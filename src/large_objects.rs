@@ -11,6 +11,7 @@ use std::time::Duration;
 use pgrx::pg_sys;
 use trompe_core::large_object::GlobalLo;
 
+use crate::error::TrompeError;
 use crate::libpq::{query_wait, Conn};
 use crate::run_as::as_extension_owner;
 use crate::sql;
@@ -125,4 +126,44 @@ fn fetch_piece(lo: &GlobalLo, offset: usize) -> Result<Option<String>, String> {
     )
     .map_err(|e| format!("copying large object {}: {}", lo.reference(), e.message))?;
     Ok(result.get(0, 0).map(str::to_string))
+}
+
+/// Rows of `sql` read as the extension owner.
+fn owned_rows(sql: &str, args: &[Option<&str>]) -> Result<Vec<sql::Row>, TrompeError> {
+    as_extension_owner(|| sql::rows(sql, args)).map_err(TrompeError::Internal)
+}
+
+/// Copies here, over `conn` to peer `peer`, the large objects that `incoming_json` (a jsonb
+/// array of rows of `table` in canonical form) refers to and this node has no copy of.
+pub fn copy_referenced_large_objects(
+    conn: &mut Conn,
+    peer: &str,
+    table: &str,
+    incoming_json: &str,
+) -> Result<(), TrompeError> {
+    let missing = owned_rows(
+        "SELECT DISTINCT e.value
+           FROM trompe._table_sql($1::regclass) s, jsonb_array_elements($2::jsonb) r, jsonb_each_text(r) e
+          WHERE e.key = ANY (s.lo_columns) AND e.value LIKE 'lo:%' AND trompe._lo_from_reference(e.value) IS NULL",
+        &[Some(table), Some(incoming_json)],
+    )?;
+    let source = Some(conn as *mut Conn);
+    for reference in missing.into_iter().filter_map(|r| r.into_iter().next().flatten()) {
+        let Some(Ok(lo)) = GlobalLo::parse(&reference) else {
+            return Err(TrompeError::BadRequest(format!("peer sent a malformed large object reference {reference:?}")));
+        };
+        as_extension_owner(|| with_source(source, || local_copy(&lo)))
+            .map_err(|e| TrompeError::PeerFailed { name: peer.to_string(), message: e.to_string() })?;
+    }
+    Ok(())
+}
+
+/// True if `table` has columns that may refer to large objects.
+pub fn refers_to_large_objects(table: &str) -> Result<bool, TrompeError> {
+    Ok(owned_rows(
+        "SELECT coalesce(cardinality(lo_columns), 0) > 0 FROM trompe._table_sql($1::regclass)",
+        &[Some(table)],
+    )?
+    .first()
+    .is_some_and(|r| r.first().cloned().flatten().as_deref() == Some("t")))
 }

@@ -16,7 +16,7 @@ use trompe_core::copytext::parse_row;
 use trompe_core::nodeid::NodeId;
 use trompe_core::pgarray::format_text_array;
 
-use crate::compare::{copy_referenced_large_objects, refers_to_large_objects};
+use crate::large_objects::{copy_referenced_large_objects, refers_to_large_objects};
 use crate::libpq::{connect_wait, copy_out_row, copy_out_start, query_wait, Conn, PgResult, PqError};
 use crate::peer_calls::{peer_conninfo, scrub};
 use crate::session::InternalOperation;
