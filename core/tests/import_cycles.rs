@@ -1,13 +1,13 @@
 //! No import cycles between the files of the extension (`src/`) or of this crate
-//! (`core/src/`).
+//! (`core/src/`), and no file of the extension importing from a layer above its own.
 //!
 //! A file imports another when it names a path into it: `use crate::a::b::f`, `crate::a::b::f()`
 //! inline, `super::x`, `self::x`, use trees (`use crate::a::{b, c::d}`), or, in a module with
 //! child modules, `child::x`. Each path is resolved to the deepest module file it names (a
 //! folder's `mod.rs` for the folder itself); a file's `#[cfg(test)]` part, comments and string
 //! literals are not read, and `lib.rs` (which only declares modules) is no target. The test
-//! fails naming every cycle with the names that tie it, file by file; see CONTRIBUTING.md for
-//! the layers each file belongs to.
+//! fails naming every cycle with the names that tie it, file by file. The layers are those of
+//! CONTRIBUTING.md ("Layout and layers"), listed in `LAYERS`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -359,6 +359,75 @@ fn report(root: &Path) -> String {
         }
     }
     text
+}
+
+/// The layer of each top-level module of `src/` (see CONTRIBUTING.md, "Layout and layers"): a
+/// file imports only from its own layer or lower ones. A module not listed here is not checked.
+const LAYERS: &[(u8, &[&str])] = &[
+    (
+        2,
+        &[
+            "error",
+            "sql",
+            "guc",
+            "ddl_settings",
+            "pg_compat",
+            "notices",
+            "libpq",
+            "peer_calls",
+            "shmem",
+            "run_as",
+            "session",
+            "catalog",
+            "node",
+            "commit_times",
+            "marker_writes",
+        ],
+    ),
+    (
+        3,
+        &[
+            "log",
+            "consumers",
+            "capture",
+            "row_versions",
+            "conflicts",
+            "ddl_history",
+            "peer_ddl",
+            "large_objects",
+            "sequences",
+            "tables",
+            "retention",
+        ],
+    ),
+    (4, &["worker", "join", "exceptions"]),
+    (5, &["peers", "compare", "sync", "status", "utility_hook", "setval"]),
+];
+
+fn layer_of(module: &Module) -> Option<u8> {
+    let top = module.first()?;
+    LAYERS.iter().find(|(_, names)| names.contains(&top.as_str())).map(|(layer, _)| *layer)
+}
+
+#[test]
+fn no_file_imports_from_a_higher_layer() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../src");
+    let mut found = String::new();
+    for (module, deps) in graph_of(&root) {
+        let Some(own) = layer_of(&module) else { continue };
+        for (target, names) in deps {
+            if let Some(theirs) = layer_of(&target).filter(|&l| l > own) {
+                let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                found.push_str(&format!(
+                    "  {} (layer {own}) -> {} (layer {theirs}): {}\n",
+                    module.join("::"),
+                    target.join("::"),
+                    names.join(", ")
+                ));
+            }
+        }
+    }
+    assert!(found.is_empty(), "imports from a higher layer (move what they use down):\n{found}");
 }
 
 #[test]
