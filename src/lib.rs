@@ -8,7 +8,7 @@ use pgrx::prelude::*;
 
 pub mod capture;
 pub mod catalog;
-pub mod commit_times;
+pub mod commit_time_cache;
 pub mod compare;
 pub mod conflicts;
 pub mod consumers;

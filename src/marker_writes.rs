@@ -1,6 +1,6 @@
 //! Transactions that write tombstones or truncation markers announce it before they commit and
 //! bump the tombstone generation when they end (committed or not), so that sessions which cached
-//! which tables have tombstones look again (see `capture::guard`). Capture's transactions are
+//! which tables have tombstones look again (see `capture::local_writes`). Capture's transactions are
 //! tracked here for the capture callbacks (`capture::xact`), apply's for the worker.
 
 use std::cell::Cell;

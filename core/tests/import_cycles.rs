@@ -380,7 +380,7 @@ const LAYERS: &[(u8, &[&str])] = &[
             "session",
             "catalog",
             "node",
-            "commit_times",
+            "commit_time_cache",
             "marker_writes",
         ],
     ),

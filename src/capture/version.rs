@@ -113,7 +113,7 @@ pub fn version_of(xmin: pg_sys::TransactionId) -> OldVersion {
         if pg_sys::TransactionIdIsCurrentTransactionId(xmin) {
             return OldVersion::SameTransaction;
         }
-        let (ts, origin) = match crate::commit_times::lookup(xmin) {
+        let (ts, origin) = match crate::commit_time_cache::lookup(xmin) {
             Some(cached) => cached,
             None => {
                 let mut ts: pg_sys::TimestampTz = 0;

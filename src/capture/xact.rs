@@ -7,7 +7,7 @@ use std::cell::Cell;
 
 use pgrx::pg_sys;
 
-use crate::capture::{buffer, guard};
+use crate::capture::{buffer, local_writes};
 use crate::error::TrompeError;
 
 thread_local! {
@@ -49,11 +49,11 @@ unsafe extern "C-unwind" fn on_subxact_event(
         }
         pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB => {
             buffer::end_subtransaction(true);
-            guard::end_subtransaction(true);
+            local_writes::end_subtransaction(true);
         }
         pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB => {
             buffer::end_subtransaction(false);
-            guard::end_subtransaction(false);
+            local_writes::end_subtransaction(false);
         }
         _ => {}
     }
@@ -64,7 +64,7 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
     match event {
         // Still inside the transaction: the buffered changes become its last log row.
         pg_sys::XactEvent::XACT_EVENT_PRE_COMMIT | pg_sys::XactEvent::XACT_EVENT_PRE_PREPARE => {
-            if let Err(e) = buffer::flush_all().and_then(|_| guard::pre_commit()) {
+            if let Err(e) = buffer::flush_all().and_then(|_| local_writes::pre_commit()) {
                 e.raise();
             }
         }
@@ -72,7 +72,7 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
             let wrote_log = crate::log::writer::wrote_log();
             if wrote_log || crate::session::applying_for_peer() {
                 // Its rows are the ones capture and apply will look up the version of.
-                crate::commit_times::record_current_commit();
+                crate::commit_time_cache::record_current_commit();
             }
             if wrote_log {
                 crate::shmem::announce_log_commit();
@@ -92,6 +92,6 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
 fn reset_transaction_state() {
     crate::log::writer::forget_log_write();
     buffer::reset();
-    guard::end_of_transaction();
+    local_writes::end_of_transaction();
     crate::row_versions::end_of_transaction();
 }

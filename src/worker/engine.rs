@@ -403,7 +403,7 @@ fn wait(waits: &[WaitSpec], timeout_ms: i64) {
 /// Main loop of a database's worker (after it connected to its database).
 pub fn run(dboid: pg_sys::Oid, slot: &'static DbSlot) -> ! {
     register_invalidation();
-    // Applied transactions record their commit times (crate::commit_times) at commit.
+    // Applied transactions record their commit times (crate::commit_time_cache) at commit.
     crate::capture::xact::ensure_xact_callback();
     let mut engine = Engine {
         dboid,

@@ -790,7 +790,7 @@ impl Link {
         let attempt = |cache: &mut ApplyCache, careful: bool| {
             let result = in_transaction_coded(|| {
                 progress::take_apply_lock();
-                // Before anything it writes is announced (see capture::guard::pre_commit).
+                // Before anything it writes is announced (see capture::local_writes::pre_commit).
                 crate::shmem::note_applied_commit(commit_us);
                 cache.begin_transaction();
                 // SAFETY: SPI is connected for the statements of this transaction and finished

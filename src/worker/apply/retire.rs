@@ -96,7 +96,7 @@ fn drain(cache: &mut ApplyCache) -> Result<usize, ApplyError> {
         // This transaction's version must rank above the tombstone's (a peer whose clock runs
         // ahead may have written it "in the future", or the rule may need the next window):
         // commit waits for it if needed.
-        crate::capture::guard::replaced(&table.ranking, retired);
+        crate::capture::local_writes::replaced(&table.ranking, retired);
         crate::capture::row::log_delete(nsp, rel, &table.key, &keys, retired)
             .map_err(|e| ApplyError::Postgres(e.to_string()))?;
         crate::sql::execute(

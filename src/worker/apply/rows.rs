@@ -569,7 +569,7 @@ fn delete_key(
     ctx.row = None;
     // Announced before the row is looked for: a local transaction inserting this key that is
     // not yet visible to the lookup either sees the announcement at commit (and commits after
-    // this version, see capture::guard::pre_commit) or has committed before the lookup.
+    // this version, see capture::local_writes::pre_commit) or has committed before the lookup.
     crate::marker_writes::note_tombstones_written();
     for _ in 0..MEETING_ATTEMPTS {
         let decided = crate::conflicts::decisions();
