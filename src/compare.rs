@@ -9,14 +9,13 @@ use pgrx::prelude::*;
 use pgrx::PgRelation;
 use trompe_core::compare::{bucket_count, diff_rows, differing_buckets, BucketDigest, RowDiff};
 use trompe_core::conninfo::ConnInfo;
-use trompe_core::large_object::GlobalLo;
 use trompe_core::pgarray::format_text_array;
 
 use crate::error::{OrRaise, TrompeError};
 use crate::large_objects;
 use crate::libpq::{result_wait, send_wait, Conn, PgResult, PqError};
-use crate::log::writer::as_extension_owner;
 use crate::peer_calls::{connect_peer, peer_conninfo, scrub};
+use crate::run_as::as_extension_owner;
 use crate::sql;
 
 /// How long one query on the peer may take (hashing a large table takes a while); the wait
@@ -229,41 +228,6 @@ fn text_array(keys: &[String]) -> String {
     format_text_array(&keys.iter().map(|k| Some(k.as_str())).collect::<Vec<_>>())
 }
 
-/// Copies here, over `conn` to peer `peer`, the large objects that `incoming_json` (a jsonb
-/// array of rows of `table` in canonical form) refers to and this node has no copy of.
-pub fn copy_referenced_large_objects(
-    conn: &mut Conn,
-    peer: &str,
-    table: &str,
-    incoming_json: &str,
-) -> Result<(), TrompeError> {
-    let missing = local_rows(
-        "SELECT DISTINCT e.value
-           FROM trompe._table_sql($1::regclass) s, jsonb_array_elements($2::jsonb) r, jsonb_each_text(r) e
-          WHERE e.key = ANY (s.lo_columns) AND e.value LIKE 'lo:%' AND trompe._lo_from_reference(e.value) IS NULL",
-        &[Some(table), Some(incoming_json)],
-    )?;
-    let source = Some(conn as *mut Conn);
-    for reference in missing.into_iter().filter_map(|r| r.into_iter().next().flatten()) {
-        let Some(Ok(lo)) = GlobalLo::parse(&reference) else {
-            return Err(TrompeError::BadRequest(format!("peer sent a malformed large object reference {reference:?}")));
-        };
-        as_extension_owner(|| large_objects::with_source(source, || large_objects::local_copy(&lo)))
-            .map_err(|e| TrompeError::PeerFailed { name: peer.to_string(), message: e.to_string() })?;
-    }
-    Ok(())
-}
-
-/// True if `table` has columns that may refer to large objects.
-pub fn refers_to_large_objects(table: &str) -> Result<bool, TrompeError> {
-    Ok(local_rows(
-        "SELECT coalesce(cardinality(lo_columns), 0) > 0 FROM trompe._table_sql($1::regclass)",
-        &[Some(table)],
-    )?
-    .first()
-    .is_some_and(|r| r.first().cloned().flatten().as_deref() == Some("t")))
-}
-
 /// Runs `_repair_rows` here; returns (inserted, updated, deleted).
 fn repair_rows(table: &str, peer: &str, gone: &[String], incoming_json: &str) -> Result<[i64; 3], TrompeError> {
     let gone = text_array(gone);
@@ -287,13 +251,18 @@ fn repair_impl(peer: &str, rel: Option<&PgRelation>) -> Result<Vec<RepairRow>, T
             add(repair_rows(&table.name, peer, gone, "[]")?);
         }
         let wanted: Vec<String> = diff.rows.only_there.into_iter().chain(diff.rows.different).collect();
-        let has_large_objects = !wanted.is_empty() && refers_to_large_objects(&table.name)?;
+        let has_large_objects = !wanted.is_empty() && large_objects::refers_to_large_objects(&table.name)?;
         for keys in wanted.chunks(REPAIR_BATCH) {
             let fetched = snapshot.query(FETCH_SQL, &[Some(&table.name), Some(&text_array(keys))])?;
             let rows: Vec<&str> = (0..fetched.rows()).filter_map(|r| fetched.get(r, 0)).collect();
             let incoming = format!("[{}]", rows.join(","));
             if has_large_objects {
-                copy_referenced_large_objects(&mut snapshot.conn, &snapshot.name, &table.name, &incoming)?;
+                large_objects::copy_referenced_large_objects(
+                    &mut snapshot.conn,
+                    &snapshot.name,
+                    &table.name,
+                    &incoming,
+                )?;
             }
             add(repair_rows(&table.name, peer, &[], &incoming)?);
         }

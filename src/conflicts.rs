@@ -107,7 +107,7 @@ pub fn tombstone_writer(
     } else {
         "SELECT xmin FROM trompe.tombstones WHERE relid = $1::oid AND key = $2::text[]"
     };
-    let xmin = crate::log::writer::as_extension_owner(|| {
+    let xmin = crate::run_as::as_extension_owner(|| {
         crate::sql::value(
             sql,
             &[Some(&relid.to_u32().to_string()), Some(&trompe_core::pgarray::format_text_array(key))],
@@ -124,7 +124,7 @@ pub fn node_priorities_exist() -> Result<bool, String> {
 /// How the row versions of table `relid` rank: its conflict rule and, for `node_priority`, the
 /// node priorities (none on a schema older than 0.4.0).
 pub fn ranking_of(relid: pg_sys::Oid) -> Result<Ranking, String> {
-    crate::log::writer::as_extension_owner(|| {
+    crate::run_as::as_extension_owner(|| {
         let rule = crate::sql::value(
             "SELECT conflict_rule FROM trompe.tables WHERE relid = $1::oid",
             &[Some(&relid.to_u32().to_string())],
@@ -147,7 +147,7 @@ pub fn ranking_of(relid: pg_sys::Oid) -> Result<Ranking, String> {
 /// What table `relid` has of conflict markers: the transaction that wrote its truncation
 /// marker, if it was truncated, and whether any of its keys has a tombstone.
 pub fn table_markers(relid: pg_sys::Oid) -> Result<(Option<pg_sys::TransactionId>, bool), String> {
-    let row = crate::log::writer::as_extension_owner(|| {
+    let row = crate::run_as::as_extension_owner(|| {
         crate::sql::row(
             "SELECT (SELECT xmin FROM trompe.truncations WHERE relid = $1::oid),
                     EXISTS (SELECT 1 FROM trompe.tombstones WHERE relid = $1::oid)",

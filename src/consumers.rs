@@ -25,7 +25,7 @@ use pgrx::prelude::*;
 use trompe_core::snapshot::Snapshot;
 
 use crate::error::{OrRaise, TrompeError};
-use crate::log::writer::as_extension_owner;
+use crate::run_as::as_extension_owner;
 use crate::sql;
 
 /// The advisory lock (`pg_advisory_xact_lock(128034844536946)`, "trompr" in ASCII) a
@@ -88,7 +88,7 @@ pub fn privileged() -> bool {
 
 /// What this node records about a consumer, as the session's login sees it.
 pub struct Registration {
-    /// The position it confirmed last (as stored; see `origin::effective_confirmed`).
+    /// The position it confirmed last (as stored; see `effective_confirmed`).
     pub confirmed: String,
     /// The session's login is one of its logins (always, before 0.5.0).
     pub mine: bool,
@@ -224,13 +224,36 @@ pub fn try_lock_registrations() -> Result<bool, String> {
     sql::flag("SELECT pg_try_advisory_xact_lock($1::bigint)", &[Some(&REGISTRATION_LOCK_KEY.to_string())])
 }
 
+/// The position `consumer` confirmed last: from shared memory when newer than the table.
+pub fn effective_confirmed(consumer: &[u8; 16], stored: &str) -> String {
+    // SAFETY: MyDatabaseId is a backend-local global.
+    let dboid = unsafe { pg_sys::MyDatabaseId };
+    let Some(live) = crate::shmem::shared().and_then(|s| s.confirmed(dboid, consumer)) else {
+        return stored.to_string();
+    };
+    match (live.parse::<Snapshot>(), stored.parse::<Snapshot>()) {
+        (Ok(l), Ok(t)) if l.covers(&t) => live,
+        _ => stored.to_string(),
+    }
+}
+
+/// Forgets what consumer `consumer` confirmed through shared memory (it was removed or
+/// registered anew).
+pub fn forget_live_confirmation(consumer: &pgrx::Uuid) {
+    // SAFETY: MyDatabaseId is a backend-local global.
+    let dboid = unsafe { pg_sys::MyDatabaseId };
+    if let Some(s) = crate::shmem::shared() {
+        s.forget_consumer(dboid, consumer.as_bytes());
+    }
+}
+
 /// Whether this node's log still holds every change a node at position `position` has not
 /// applied: nothing it had not seen was truncated (every truncated transaction is older than
 /// the position's xmin), or it is still registered at a position the given one covers.
 /// Called with the registration lock held.
 fn log_keeps(position: &Snapshot, reg: Option<&Registration>, node: &[u8; 16]) -> Result<bool, String> {
     if let Some(reg) = reg {
-        let confirmed = crate::origin::effective_confirmed(node, &reg.confirmed);
+        let confirmed = effective_confirmed(node, &reg.confirmed);
         if confirmed.parse::<Snapshot>().is_ok_and(|c| position.covers(&c)) {
             return Ok(true);
         }
@@ -262,7 +285,7 @@ fn resume_consumer(
         if let Some(reason) = reg.as_ref().and_then(|r| r.lost.clone()) {
             return Err(TrompeError::ConsumerLost { node: node.clone(), reason });
         }
-        let now = crate::log::rotation::snapshot_now().map_err(TrompeError::Internal)?;
+        let now = crate::sql::snapshot_now().map_err(TrompeError::Internal)?;
         if !now.covers(&wanted) {
             return Err(TrompeError::BadRequest(format!("position {position} is ahead of this node")));
         }
@@ -279,7 +302,7 @@ fn resume_consumer(
         Ok(())
     })
     .or_raise();
-    crate::origin::forget_live_confirmation(&consumer);
+    forget_live_confirmation(&consumer);
     let tracked = sql::flag("SELECT current_setting('track_commit_timestamp') = 'on'", &[])
         .map_err(TrompeError::Internal)
         .or_raise();
@@ -310,11 +333,11 @@ fn claim_consumer(consumer: pgrx::Uuid, secret: &str) -> String {
         .map_err(TrompeError::Internal)
         .or_raise();
         if claimed.is_some() {
-            return crate::origin::effective_confirmed(consumer.as_bytes(), &reg.confirmed);
+            return effective_confirmed(consumer.as_bytes(), &reg.confirmed);
         }
     }
     authorize(&node, &reg, Act::Bind).or_raise();
-    crate::origin::effective_confirmed(consumer.as_bytes(), &reg.confirmed)
+    effective_confirmed(consumer.as_bytes(), &reg.confirmed)
 }
 
 /// Forgets consumer `node` (an administrator's decision: the node was taken out for good):
@@ -322,7 +345,7 @@ fn claim_consumer(consumer: pgrx::Uuid, secret: &str) -> String {
 /// it joins again. Returns whether it was registered.
 #[pg_extern(volatile, parallel_unsafe)]
 fn drop_consumer(node: pgrx::Uuid) -> bool {
-    crate::origin::forget_live_confirmation(&node);
+    forget_live_confirmation(&node);
     as_extension_owner(|| {
         sql::execute("DELETE FROM trompe.consumers WHERE node_id = $1::uuid", &[Some(&node.to_string())])
     })

@@ -10,7 +10,7 @@ use std::ffi::CStr;
 
 use pgrx::prelude::*;
 
-use crate::log::writer::as_extension_owner;
+use crate::run_as::as_extension_owner;
 
 /// A rename of a table or column seen before the statement ran; recorded once it succeeded.
 pub struct PendingRename {

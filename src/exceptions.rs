@@ -8,7 +8,7 @@ use pgrx::prelude::*;
 use trompe_core::nodeid::NodeId;
 
 use crate::error::{OrRaise, TrompeError};
-use crate::log::writer::as_extension_owner;
+use crate::run_as::as_extension_owner;
 use crate::worker::apply::Change;
 
 /// Inside the apply transaction of peer `peer` (node `node`) that would have applied

@@ -11,10 +11,10 @@ use std::time::Duration;
 use pgrx::pg_sys;
 use trompe_core::large_object::GlobalLo;
 
+use crate::error::TrompeError;
 use crate::libpq::{query_wait, Conn};
-use crate::log::writer::as_extension_owner;
+use crate::run_as::as_extension_owner;
 use crate::sql;
-use crate::worker::apply::{ApplyCache, ApplyError, Change};
 
 /// Bytes copied per round trip to the peer.
 const PIECE: usize = 1 << 20;
@@ -65,55 +65,17 @@ pub fn with_source<R>(conn: Option<*mut Conn>, f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// Apply: `changes` (inserts or updates of one table) with every large-object reference
-/// replaced by the oid of this node's copy, copying objects it does not have yet; `None` if
-/// the table has no such column or no change refers to a large object.
-pub fn localized(cache: &mut ApplyCache, changes: &[Change]) -> Result<Option<Vec<Change>>, ApplyError> {
-    let Some(first) = changes.first() else { return Ok(None) };
-    let table = cache.table(&first.nsp, &first.rel)?;
-    if !table.has_large_objects {
-        return Ok(None);
-    }
-    let mut out: Option<Vec<Change>> = None;
-    for (i, change) in changes.iter().enumerate() {
-        let Some(vals) = &change.vals else { continue };
-        for (c, col) in change.cols.iter().enumerate() {
-            if !table.attrs.get(col).is_some_and(|a| a.large_object) {
-                continue;
-            }
-            let Some(Some(text)) = vals.get(c) else { continue };
-            let Some(parsed) = GlobalLo::parse(text) else { continue };
-            let lo = parsed.map_err(|e| ApplyError::Malformed { id: change.id(), reason: e.to_string() })?;
-            if !available() {
-                return Err(ApplyError::Postgres(
-                    "a change refers to a large object: run ALTER EXTENSION trompe UPDATE on this node".into(),
-                ));
-            }
-            let local = local_copy(&lo)?;
-            let copies = out.get_or_insert_with(|| changes.to_vec());
-            if let Some(slot) = copies[i].record.vals.as_mut().and_then(|v| v.get_mut(c)) {
-                *slot = Some(local.to_string());
-            }
-        }
-    }
-    Ok(out)
-}
-
-fn postgres(e: String) -> ApplyError {
-    ApplyError::Postgres(e)
-}
-
 /// The oid of this node's copy of `lo`, copied from the peer first if there is none (inside
 /// `with_source`).
-pub fn local_copy(lo: &GlobalLo) -> Result<u32, ApplyError> {
+pub fn local_copy(lo: &GlobalLo) -> Result<u32, String> {
     let oid = lo.oid.to_string();
     let args = [Some(lo.origin.as_str()), Some(oid.as_str())];
     let parse = |v: Option<String>| v.and_then(|v| v.parse::<u32>().ok());
-    if let Some(local) = parse(sql::value("SELECT trompe._lo_local($1::uuid, $2::oid)", &args).map_err(postgres)?) {
+    if let Some(local) = parse(sql::value("SELECT trompe._lo_local($1::uuid, $2::oid)", &args)?) {
         return Ok(local);
     }
-    let local = parse(sql::value("SELECT lo_create(0)", &[]).map_err(postgres)?)
-        .ok_or_else(|| ApplyError::Postgres("lo_create returned no oid".into()))?;
+    let local =
+        parse(sql::value("SELECT lo_create(0)", &[])?).ok_or_else(|| "lo_create returned no oid".to_string())?;
     let local_text = local.to_string();
     let mut offset = 0usize;
     loop {
@@ -131,29 +93,26 @@ pub fn local_copy(lo: &GlobalLo) -> Result<u32, ApplyError> {
         sql::execute(
             "SELECT lo_put($1::oid, $2::bigint, decode($3, 'hex'))",
             &[Some(&local_text), Some(&offset_text), Some(&piece)],
-        )
-        .map_err(postgres)?;
+        )?;
         offset += length;
         if length < PIECE {
             break;
         }
     }
-    sql::execute("DELETE FROM trompe.large_objects WHERE local_oid = $1::oid", &[Some(&local_text)])
-        .map_err(postgres)?;
+    sql::execute("DELETE FROM trompe.large_objects WHERE local_oid = $1::oid", &[Some(&local_text)])?;
     sql::execute(
         "INSERT INTO trompe.large_objects (origin, origin_oid, local_oid) VALUES ($1::uuid, $2::oid, $3::oid)
          ON CONFLICT (origin, origin_oid) DO UPDATE SET local_oid = EXCLUDED.local_oid, copied_at = now()",
         &[args[0], args[1], Some(&local_text)],
-    )
-    .map_err(postgres)?;
+    )?;
     Ok(local)
 }
 
 /// One piece of `lo` from the peer, in hex (whatever the peer's `bytea_output`), or `None` if
 /// the peer does not have the object (any more).
-fn fetch_piece(lo: &GlobalLo, offset: usize) -> Result<Option<String>, ApplyError> {
+fn fetch_piece(lo: &GlobalLo, offset: usize) -> Result<Option<String>, String> {
     let Some(conn) = SOURCE.get() else {
-        return Err(ApplyError::Postgres("no peer connection to copy large objects from".into()));
+        return Err("no peer connection to copy large objects from".into());
     };
     // SAFETY: with_source's caller keeps the connection alive and does not use it while the
     // changes are applied.
@@ -165,6 +124,46 @@ fn fetch_piece(lo: &GlobalLo, offset: usize) -> Result<Option<String>, ApplyErro
         &[Some(&lo.origin), Some(&lo.oid.to_string()), Some(&offset), Some(&piece)],
         PIECE_TIMEOUT,
     )
-    .map_err(|e| ApplyError::Postgres(format!("copying large object {}: {}", lo.reference(), e.message)))?;
+    .map_err(|e| format!("copying large object {}: {}", lo.reference(), e.message))?;
     Ok(result.get(0, 0).map(str::to_string))
+}
+
+/// Rows of `sql` read as the extension owner.
+fn owned_rows(sql: &str, args: &[Option<&str>]) -> Result<Vec<sql::Row>, TrompeError> {
+    as_extension_owner(|| sql::rows(sql, args)).map_err(TrompeError::Internal)
+}
+
+/// Copies here, over `conn` to peer `peer`, the large objects that `incoming_json` (a jsonb
+/// array of rows of `table` in canonical form) refers to and this node has no copy of.
+pub fn copy_referenced_large_objects(
+    conn: &mut Conn,
+    peer: &str,
+    table: &str,
+    incoming_json: &str,
+) -> Result<(), TrompeError> {
+    let missing = owned_rows(
+        "SELECT DISTINCT e.value
+           FROM trompe._table_sql($1::regclass) s, jsonb_array_elements($2::jsonb) r, jsonb_each_text(r) e
+          WHERE e.key = ANY (s.lo_columns) AND e.value LIKE 'lo:%' AND trompe._lo_from_reference(e.value) IS NULL",
+        &[Some(table), Some(incoming_json)],
+    )?;
+    let source = Some(conn as *mut Conn);
+    for reference in missing.into_iter().filter_map(|r| r.into_iter().next().flatten()) {
+        let Some(Ok(lo)) = GlobalLo::parse(&reference) else {
+            return Err(TrompeError::BadRequest(format!("peer sent a malformed large object reference {reference:?}")));
+        };
+        as_extension_owner(|| with_source(source, || local_copy(&lo)))
+            .map_err(|e| TrompeError::PeerFailed { name: peer.to_string(), message: e.to_string() })?;
+    }
+    Ok(())
+}
+
+/// True if `table` has columns that may refer to large objects.
+pub fn refers_to_large_objects(table: &str) -> Result<bool, TrompeError> {
+    Ok(owned_rows(
+        "SELECT coalesce(cardinality(lo_columns), 0) > 0 FROM trompe._table_sql($1::regclass)",
+        &[Some(table)],
+    )?
+    .first()
+    .is_some_and(|r| r.first().cloned().flatten().as_deref() == Some("t")))
 }

@@ -7,7 +7,7 @@ use crate::error::{OrRaise, TrompeError};
 
 /// This node's id (from `trompe.node`).
 pub fn local_node_id() -> pgrx::Uuid {
-    let text = crate::log::writer::as_extension_owner(|| crate::sql::value("SELECT node_id FROM trompe.node", &[]))
+    let text = crate::run_as::as_extension_owner(|| crate::sql::value("SELECT node_id FROM trompe.node", &[]))
         .map_err(TrompeError::Internal)
         .or_raise()
         .unwrap_or_else(|| TrompeError::Internal("trompe.node is empty".into()).raise());

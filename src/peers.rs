@@ -13,19 +13,14 @@ use pgrx::prelude::*;
 use trompe_core::conninfo::ConnInfo;
 use trompe_core::snapshot::Snapshot;
 
-use crate::capture::InternalOperation;
 use crate::error::{OrRaise, TrompeError};
 use crate::libpq::{query_wait, Conn};
-use crate::log::writer::as_extension_owner;
 use crate::node::{local_node_id, to_uuid};
 use crate::peer_calls::{connect_peer, peer_conninfo, peer_failed, peer_has_function, peer_query, scrub, CALL_TIMEOUT};
+use crate::run_as::as_extension_owner;
+use crate::session::InternalOperation;
 use crate::sql;
 use crate::worker::control::{launch_worker_on_commit, wake_worker_on_commit};
-
-/// The replication origin of a peer: its name records the peer's node id.
-pub fn origin_name(peer: &str) -> String {
-    format!("trompe_{peer}")
-}
 
 /// Makes this node pull from a peer. Checks at call time that the connection string parses,
 /// the peer answers and accepts the login, has trompe, is not this node and is not a peer
@@ -209,7 +204,7 @@ fn add_peer_impl(name: &str, conninfo: &str, sync: bool) -> Result<pgrx::Uuid, T
             )?;
             sql::execute(
                 "SELECT pg_replication_origin_create($1) WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)",
-                &[Some(&origin_name(&peer_id))],
+                &[Some(&trompe_core::nodeid::origin_name(&peer_id))],
             )
         })
         .map_err(|e| TrompeError::Internal(format!("recording peer {name}: {e}")))?;
@@ -278,7 +273,7 @@ fn add_peer_impl(name: &str, conninfo: &str, sync: bool) -> Result<pgrx::Uuid, T
         // A peer removed and added again may still have its origin (dropped by the worker).
         sql::execute(
             "SELECT pg_replication_origin_create($1) WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)",
-            &[Some(&origin_name(&peer_id))],
+            &[Some(&trompe_core::nodeid::origin_name(&peer_id))],
         )
     })
     .map_err(|e| TrompeError::Internal(format!("recording peer {name}: {e}")))?;

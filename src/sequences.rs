@@ -8,9 +8,9 @@
 use pgrx::prelude::*;
 use trompe_core::seqslot::SequenceSlot;
 
-use crate::capture::InternalOperation;
 use crate::error::{OrRaise, TrompeError};
-use crate::log::writer::as_extension_owner;
+use crate::run_as::as_extension_owner;
+use crate::session::InternalOperation;
 use crate::sql;
 
 /// Gives this node slot `slot` of `slots` (1 ≤ slot ≤ slots, 2 ≤ slots ≤ 1000) in every

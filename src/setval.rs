@@ -38,7 +38,7 @@ unsafe extern "C-unwind" fn after_parse_analyze(
             previous(pstate, query, jstate);
         }
     }
-    if crate::capture::in_internal_operation() || !crate::capture::ddl::queries_run_now() {
+    if crate::session::in_internal_operation() || !crate::capture::ddl::queries_run_now() {
         return;
     }
     // SAFETY: the source text is the query's NUL-terminated text (or NULL).
@@ -117,8 +117,8 @@ fn _setval3(seq: pg_sys::Oid, value: i64, called: bool) -> i64 {
 
 fn set_and_share(seq: pg_sys::Oid, value: i64, called: bool) -> i64 {
     let oid = seq.to_u32().to_string();
-    let capture = !crate::capture::applying_for_peer() && !crate::capture::in_internal_operation();
-    let _internal = crate::capture::InternalOperation::begin();
+    let capture = !crate::session::applying_for_peer() && !crate::session::in_internal_operation();
+    let _internal = crate::session::InternalOperation::begin();
     // The value is set as the caller asked (with the caller's privileges), then moved into this
     // node's slot if the sequence feeds a replicated table.
     crate::sql::execute(

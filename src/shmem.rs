@@ -169,7 +169,7 @@ pub fn request() {
 
 unsafe fn request_space() {
     pg_sys::RequestAddinShmemSpace(std::mem::size_of::<Shared>());
-    pg_sys::RequestAddinShmemSpace(crate::commit_times::shmem_size());
+    pg_sys::RequestAddinShmemSpace(crate::commit_time_cache::shmem_size());
     pg_sys::RequestNamedLWLockTranche(c"trompe".as_ptr(), 1);
 }
 
@@ -191,7 +191,7 @@ unsafe extern "C-unwind" fn shmem_startup() {
         }
     }
     SHARED = shared;
-    crate::commit_times::attach();
+    crate::commit_time_cache::attach();
     pg_sys::LWLockRelease(init_lock);
 }
 

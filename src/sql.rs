@@ -13,7 +13,8 @@ use pgrx::pg_sys;
 /// A row of text values (`None` is NULL).
 pub type Row = Vec<Option<String>>;
 
-fn cstring(s: &str) -> CString {
+/// `s` as a C string (a NUL inside is dropped).
+pub fn cstring(s: &str) -> CString {
     CString::new(s.replace('\0', "")).unwrap_or_default()
 }
 
@@ -189,4 +190,12 @@ pub fn for_each_row(
         pg_sys::SPI_finish();
         result
     }
+}
+
+/// This node's current snapshot, taken now.
+pub fn snapshot_now() -> Result<trompe_core::snapshot::Snapshot, String> {
+    value("SELECT pg_current_snapshot()", &[])?
+        .ok_or("pg_current_snapshot() returned nothing")?
+        .parse()
+        .map_err(|e: trompe_core::snapshot::SnapshotError| e.to_string())
 }

@@ -44,7 +44,7 @@ fn _status() -> TableIterator<
         name!(peer_log_bytes, Option<i64>),
     ),
 > {
-    let rows: Vec<StoredPeer> = crate::log::writer::as_extension_owner(|| {
+    let rows: Vec<StoredPeer> = crate::run_as::as_extension_owner(|| {
         let after = crate::worker::progress::after_sql(crate::worker::progress::origin_holds_after()?);
         crate::sql::rows(
             &format!(

@@ -7,8 +7,8 @@ use pgrx::prelude::*;
 
 use crate::error::{OrRaise, TrompeError};
 use crate::libpq::{connect_wait, query_wait, Conn};
-use crate::log::writer::as_extension_owner;
 use crate::peer_calls::peer_conninfo;
+use crate::run_as::as_extension_owner;
 use crate::sql;
 
 struct Target {

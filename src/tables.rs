@@ -5,10 +5,10 @@ use pgrx::prelude::*;
 use pgrx::spi::quote_identifier;
 use pgrx::PgRelation;
 
-use crate::capture::relinfo::primary_key_columns;
-use crate::capture::InternalOperation;
+use crate::catalog::primary_key_columns;
 use crate::error::{OrRaise, TrompeError};
-use crate::log::writer::as_extension_owner;
+use crate::run_as::as_extension_owner;
+use crate::session::InternalOperation;
 use crate::sql;
 use trompe_core::conflict::Rule;
 

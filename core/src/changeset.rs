@@ -375,3 +375,97 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![Just(Op::Insert), Just(Op::Update), Just(Op::Delete), Just(Op::Truncate), Just(Op::Ddl)]
+    }
+
+    fn values() -> impl Strategy<Value = Option<Vec<Option<String>>>> {
+        proptest::option::of(proptest::collection::vec(proptest::option::of(any::<String>()), 0..5))
+    }
+
+    fn old_version() -> impl Strategy<Value = OldVersion> {
+        prop_oneof![
+            Just(OldVersion::Unknown),
+            Just(OldVersion::SameTransaction),
+            (any::<i64>(), any::<[u8; 16]>()).prop_map(|(ts, node)| OldVersion::Committed { ts, node: NodeId(node) }),
+        ]
+    }
+
+    fn record() -> impl Strategy<Value = ChangeRecord> {
+        (
+            any::<u64>(),
+            op(),
+            any::<String>(),
+            any::<String>(),
+            proptest::collection::vec(any::<String>(), 0..5),
+            values(),
+            values(),
+            old_version(),
+        )
+            .prop_map(|(seq, op, nsp, rel, cols, vals, oldkey, old)| ChangeRecord {
+                seq,
+                op,
+                nsp,
+                rel,
+                cols,
+                vals,
+                oldkey,
+                old,
+            })
+    }
+
+    fn encode(records: &[ChangeRecord]) -> Vec<u8> {
+        let mut buf = Vec::new();
+        for r in records {
+            let mut w = ChangeWriter::begin(&mut buf, r.op, r.seq, r.nsp.as_bytes(), r.rel.as_bytes())
+                .cols(r.cols.iter().map(|c| c.as_bytes()));
+            for list in [&r.vals, &r.oldkey] {
+                w = match list {
+                    None => w.none(),
+                    Some(items) => {
+                        let mut w = w.list(items.len());
+                        for v in items {
+                            w = w.value(v.as_deref().map(str::as_bytes));
+                        }
+                        w
+                    }
+                };
+            }
+            w.finish(r.old);
+        }
+        chunk(records.len() as u64, &buf)
+    }
+
+    proptest! {
+        #[test]
+        fn what_capture_writes_decodes_back(records in proptest::collection::vec(record(), 0..6)) {
+            prop_assert_eq!(decode(&encode(&records)), Ok(records));
+        }
+
+        #[test]
+        fn any_bytes_decode_or_are_refused_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..96)) {
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn a_cut_or_altered_chunk_is_refused_or_decodes_without_panic(
+            records in proptest::collection::vec(record(), 1..4),
+            cut in any::<proptest::sample::Index>(),
+            flip in any::<(proptest::sample::Index, u8)>(),
+        ) {
+            let bytes = encode(&records);
+            let at = cut.index(bytes.len());
+            prop_assert!(decode(&bytes[..at]).is_err(), "a chunk cut short must be refused");
+            let mut altered = bytes.clone();
+            let i = flip.0.index(altered.len());
+            altered[i] ^= flip.1;
+            let _ = decode(&altered);
+        }
+    }
+}

@@ -417,3 +417,37 @@ mod tests {
         assert_eq!(c.get("keepalives"), Some("1"));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn pairs() -> impl Strategy<Value = Vec<(String, String)>> {
+        let key = proptest::sample::select(KNOWN_KEYWORDS.to_vec()).prop_map(str::to_string);
+        let value = prop_oneof!["\\PC{0,12}", "[a ='\\\\\t\u{a0}]{0,8}"];
+        // Each keyword once: a repeated one is read as libpq reads it, the last value winning.
+        proptest::collection::btree_map(key, value, 1..6).prop_map(|m| m.into_iter().collect())
+    }
+
+    proptest! {
+        #[test]
+        fn what_it_writes_parses_back(pairs in pairs()) {
+            let info = ConnInfo { pairs };
+            let parsed = ConnInfo::parse(&info.to_keyword_value());
+            prop_assert_eq!(parsed, Ok(info));
+        }
+
+        #[test]
+        fn the_redacted_form_never_shows_a_password(secret in "[a-zA-Z0-9]{12,20}", pairs in pairs()) {
+            let mut info = ConnInfo { pairs };
+            info.set("password", &secret);
+            prop_assert!(!info.redacted().contains(&secret));
+        }
+
+        #[test]
+        fn any_text_is_parsed_or_refused_without_panic(text in "\\PC{0,40}|(postgres(ql)?://)[a-z@:/?=&%0-9.\\[\\]]{0,30}") {
+            let _ = ConnInfo::parse(&text);
+        }
+    }
+}

@@ -121,3 +121,57 @@ mod tests {
         assert_eq!(parse_row(b"\\377", 1), Err(CopyTextError::NotUtf8(0)));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A row as PostgreSQL's `COPY ... TO STDOUT` (text format) prints it.
+    fn copy_out(fields: &[Option<String>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (i, field) in fields.iter().enumerate() {
+            if i > 0 {
+                out.push(b'\t');
+            }
+            match field {
+                None => out.extend_from_slice(b"\\N"),
+                Some(s) => {
+                    for &b in s.as_bytes() {
+                        match b {
+                            b'\\' => out.extend_from_slice(b"\\\\"),
+                            0x08 => out.extend_from_slice(b"\\b"),
+                            0x0c => out.extend_from_slice(b"\\f"),
+                            b'\n' => out.extend_from_slice(b"\\n"),
+                            b'\r' => out.extend_from_slice(b"\\r"),
+                            b'\t' => out.extend_from_slice(b"\\t"),
+                            0x0b => out.extend_from_slice(b"\\v"),
+                            other => out.push(other),
+                        }
+                    }
+                }
+            }
+        }
+        out.push(b'\n');
+        out
+    }
+
+    fn field() -> impl Strategy<Value = Option<String>> {
+        proptest::option::weighted(0.9, prop_oneof![any::<String>(), "[a\\\\\t\n\r\u{8}\u{b}\u{c}N0-7x]{0,8}"])
+    }
+
+    proptest! {
+        #[test]
+        fn what_postgresql_prints_parses_back(fields in proptest::collection::vec(field(), 1..8)) {
+            prop_assert_eq!(parse_row(&copy_out(&fields), fields.len()), Ok(fields));
+        }
+
+        #[test]
+        fn any_bytes_are_parsed_or_refused_without_panic(
+            row in proptest::collection::vec(any::<u8>(), 0..64),
+            expected in 0usize..6,
+        ) {
+            let _ = parse_row(&row, expected);
+        }
+    }
+}

@@ -67,3 +67,26 @@ mod tests {
         assert!(Op::from_code("").is_err());
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn codes_read_back_and_anything_else_is_refused(code in "\\PC{0,4}") {
+            match Op::from_code(&code) {
+                Ok(op) => prop_assert_eq!(op.code(), code.as_str()),
+                Err(LogFormatError::UnknownOp(shown)) => prop_assert!(shown.chars().count() <= 16),
+            }
+        }
+    }
+
+    #[test]
+    fn every_op_reads_back_from_its_code() {
+        for op in [Op::Insert, Op::Update, Op::Delete, Op::Truncate, Op::Ddl] {
+            assert_eq!(Op::from_code(op.code()), Ok(op));
+        }
+    }
+}

@@ -43,6 +43,19 @@ impl fmt::Display for NodeId {
     }
 }
 
+/// The name of the replication origin through which changes of peer `node` are applied
+/// (`trompe_<node id>`): it records the node the applied rows came from.
+pub fn origin_name(node: impl std::fmt::Display) -> String {
+    format!("{ORIGIN_PREFIX}{node}")
+}
+
+/// The node whose changes a replication origin named `name` applies, if it is one of trompe's.
+pub fn node_of_origin(name: &str) -> Option<NodeId> {
+    name.strip_prefix(ORIGIN_PREFIX)?.parse().ok()
+}
+
+const ORIGIN_PREFIX: &str = "trompe_";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -56,5 +69,14 @@ mod tests {
         assert!(id < other);
         assert!("xyz".parse::<NodeId>().is_err());
         assert!("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a1g".parse::<NodeId>().is_err());
+    }
+
+    #[test]
+    fn origin_names_name_their_node() {
+        let node: NodeId = "0b7c2f4e-8a1d-4c3b-9e5f-1a2b3c4d5e6f".parse().unwrap();
+        assert_eq!(origin_name(node), "trompe_0b7c2f4e-8a1d-4c3b-9e5f-1a2b3c4d5e6f");
+        assert_eq!(node_of_origin(&origin_name(node)), Some(node));
+        assert_eq!(node_of_origin("pg_16384"), None);
+        assert_eq!(node_of_origin("trompe_junk"), None);
     }
 }

@@ -35,6 +35,18 @@ thread_local! {
     /// The nesting level whose buffer and its parent's were written as a chunk by
     /// `release_subtransaction`: emptied when it commits, kept if it aborts after all.
     static RELEASED_INTO_LOG: Cell<Option<usize>> = const { Cell::new(None) };
+    /// The log table this transaction appends to, once chosen.
+    static LOG_SLOT: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// The log table this transaction appends to, chosen on its first change.
+fn log_slot_for_transaction() -> Result<usize, TrompeError> {
+    if let Some(slot) = LOG_SLOT.get() {
+        return Ok(slot);
+    }
+    let slot = crate::log::rotation::current_slot()?;
+    LOG_SLOT.set(Some(slot));
+    Ok(slot)
 }
 
 /// Whether a buffer of `count` changes and `bytes` bytes is due to be written as a chunk.
@@ -56,11 +68,11 @@ pub const MAX_CHANGE_BYTES: usize = 0x3fff_ffff - 2 * CHUNK_BYTES - (1 << 20);
 /// Records one change of the current (sub)transaction to table `nsp.rel` (or DDL on that
 /// object): `encode` writes it into the buffer, given its position in the transaction. A
 /// change larger than [`MAX_CHANGE_BYTES`] is refused (the statement fails here rather than
-/// the log or a peer later).
-pub fn record(nsp: &str, rel: &str, encode: impl FnOnce(&mut Vec<u8>, u64)) -> Result<(), TrompeError> {
-    crate::capture::ensure_xact_callback();
+/// the log or a peer later). Called through `xact::record`, which makes sure the
+/// transaction's end writes the buffer.
+pub(super) fn record(nsp: &str, rel: &str, encode: impl FnOnce(&mut Vec<u8>, u64)) -> Result<(), TrompeError> {
     // Choose the log table now, while a snapshot is active (it is not at commit time).
-    crate::capture::log_slot_for_transaction()?;
+    log_slot_for_transaction()?;
     let depth = nest_level();
     let seq = SEQ.get() + 1;
     let full = LEVELS.with(|levels| {
@@ -101,7 +113,7 @@ fn flush_level(depth: usize) -> Result<(), TrompeError> {
         levels.get_mut(depth - 1).map(std::mem::take)
     });
     let Some(mut level) = taken.filter(|l| l.count > 0) else { return Ok(()) };
-    let slot = crate::capture::log_slot_for_transaction()?;
+    let slot = log_slot_for_transaction()?;
     crate::log::writer::append_chunk(slot, level.count, &level.bytes)?;
     if level.bytes.capacity() <= KEEP_BYTES {
         // Hand the emptied buffer back, so the next changes reuse its memory.
@@ -146,7 +158,7 @@ pub fn release_subtransaction() -> Result<(), TrompeError> {
         Some((parent.count + child.count, bytes))
     });
     let Some((count, bytes)) = merged else { return Ok(()) };
-    let slot = crate::capture::log_slot_for_transaction()?;
+    let slot = log_slot_for_transaction()?;
     crate::log::writer::append_chunk(slot, count, &bytes)?;
     RELEASED_INTO_LOG.set(Some(depth));
     Ok(())
@@ -196,6 +208,7 @@ pub fn reset() {
         }
     });
     SEQ.set(0);
+    LOG_SLOT.set(None);
     RELEASED_INTO_LOG.set(None);
 }
 

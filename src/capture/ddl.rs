@@ -10,8 +10,8 @@ use pgrx::prelude::*;
 use trompe_core::changeset::{ChangeWriter, OldVersion};
 use trompe_core::logformat::Op;
 
-use crate::capture::{applying_for_peer, in_internal_operation};
 use crate::error::OrRaise;
+use crate::session::{applying_for_peer, in_internal_operation};
 
 /// The utility statement being executed at one nesting level.
 struct Statement {
@@ -263,7 +263,7 @@ pub fn append(
     role: &str,
     settings: &[(&'static str, String)],
 ) -> Result<(), crate::error::TrompeError> {
-    crate::capture::buffer::record(object_schema, object_name, |buf, seq| {
+    crate::capture::xact::record(object_schema, object_name, |buf, seq| {
         let mut w = ChangeWriter::begin(buf, Op::Ddl, seq, object_schema.as_bytes(), object_name.as_bytes())
             .cols(std::iter::empty())
             .list(trompe_core::ddlsettings::FIRST + 2 * settings.len());

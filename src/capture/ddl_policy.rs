@@ -29,7 +29,7 @@ const USING_HINT: &str =
 const DETACH_HINT: &str = "Use DETACH PARTITION without CONCURRENTLY.";
 
 fn is_replicated(relid: pg_sys::Oid) -> bool {
-    crate::log::writer::as_extension_owner(|| {
+    crate::run_as::as_extension_owner(|| {
         crate::sql::flag(
             "SELECT EXISTS (SELECT 1 FROM trompe.tables WHERE relid = $1::oid)",
             &[Some(&relid.to_u32().to_string())],
@@ -108,8 +108,8 @@ pub unsafe fn before_utility(node: *mut pg_sys::Node) -> Result<Option<AddedColu
     unsafe {
         if node.is_null()
             || (*node).type_ != pg_sys::NodeTag::T_AlterTableStmt
-            || crate::capture::applying_for_peer()
-            || crate::capture::in_internal_operation()
+            || crate::session::applying_for_peer()
+            || crate::session::in_internal_operation()
             || pg_sys::creating_extension
         {
             return Ok(None);
@@ -181,7 +181,7 @@ impl AddedColumns {
     /// immutable (the statement's transaction then rolls back).
     pub fn check(self) -> Result<(), TrompeError> {
         for name in &self.columns {
-            let c_name = crate::worker::apply::cstring(name);
+            let c_name = crate::sql::cstring(name);
             // SAFETY: looks the column up and builds its default expression (NULL if none) in
             // the current memory context; the relation is opened with the lock the statement
             // holds already.

@@ -79,8 +79,8 @@ fn rename_replicated_schema(old: &str, new: &str) {
     if !has_trompe {
         return;
     }
-    let _internal = crate::capture::InternalOperation::begin();
-    let renamed = crate::log::writer::as_extension_owner(|| {
+    let _internal = crate::session::InternalOperation::begin();
+    let renamed = crate::run_as::as_extension_owner(|| {
         crate::sql::execute(
             "UPDATE trompe.schemas SET schema_name = $2 WHERE schema_name = $1",
             &[Some(old), Some(new)],

@@ -100,32 +100,10 @@ pub unsafe fn qualified_name(rel: pg_sys::Relation) -> String {
     }
 }
 
-/// The primary key columns of an open relation as 0-based tuple descriptor positions, in key
-/// order; `None` if it has no primary key.
-///
-/// # Safety
-/// `rel` must be an open relation.
-pub unsafe fn primary_key_columns(rel: pg_sys::Relation) -> Option<Vec<usize>> {
-    // SAFETY: rel is open; the primary key index is opened and closed here with a lock that the
-    // caller's lock on the table already implies.
-    unsafe {
-        let pk = crate::pg_compat::primary_key_index(rel);
-        if pk == pg_sys::InvalidOid {
-            return None;
-        }
-        let index = pg_sys::index_open(pk, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        let form = (*index).rd_index;
-        let nkeys = (*form).indnkeyatts as usize;
-        let attnums = (*form).indkey.values.as_slice(nkeys);
-        let cols = attnums.iter().map(|&a| (a as usize).saturating_sub(1)).collect();
-        pg_sys::index_close(index, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        Some(cols)
-    }
-}
-
 impl RelInfo {
     unsafe fn build(rel: pg_sys::Relation) -> Result<RelInfo, TrompeError> {
-        let key = primary_key_columns(rel).ok_or_else(|| TrompeError::NoPrimaryKey(qualified_name(rel)))?;
+        let key =
+            crate::catalog::primary_key_columns(rel).ok_or_else(|| TrompeError::NoPrimaryKey(qualified_name(rel)))?;
         let ranking = crate::conflicts::ranking_of((*rel).rd_id).map_err(TrompeError::Internal)?;
         let versions = crate::row_versions::TableVersions::of(rel).map_err(TrompeError::Internal)?;
         // SAFETY: rel is open and its tuple descriptor valid for the duration of this call; all

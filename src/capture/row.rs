@@ -6,8 +6,9 @@ use trompe_core::changeset::{ChangeWriter, OldVersion};
 use trompe_core::logformat::Op;
 
 use crate::capture::relinfo::{relinfo, RelInfo};
-use crate::capture::{applying_for_peer, buffer, guard, CanonicalOutput};
+use crate::capture::{local_writes, xact};
 use crate::error::{OrRaise, TrompeError};
+use crate::session::{applying_for_peer, CanonicalOutput};
 
 /// AFTER INSERT OR UPDATE OR DELETE ... FOR EACH ROW trigger that captures the change.
 #[pg_trigger]
@@ -36,13 +37,13 @@ fn capture(td: &pg_sys::TriggerData) -> Result<(), TrompeError> {
     // SAFETY: rel is open.
     let relid = unsafe { (*rel).rd_id };
     match (op, new, old) {
-        (Op::Insert, Some(t), _) => guard::inserted(relid, &info.ranking, || key_texts(&info, rel, t))?,
+        (Op::Insert, Some(t), _) => local_writes::inserted(relid, &info.ranking, || key_texts(&info, rel, t))?,
         (Op::Delete, _, Some(t)) => {
-            guard::replaced(&info.ranking, old_version);
-            guard::deleted(relid, key_texts(&info, rel, t));
+            local_writes::replaced(&info.ranking, old_version);
+            local_writes::deleted(relid, key_texts(&info, rel, t));
         }
         (Op::Update, Some(n), Some(o)) => {
-            guard::replaced(&info.ranking, old_version);
+            local_writes::replaced(&info.ranking, old_version);
             // SAFETY: both are tuples of rel, handed over by the trigger manager.
             let same_key_image = unsafe { same_key_image(&info, rel, o, n) };
             let (old_key, new_key) = if same_key_image {
@@ -52,8 +53,8 @@ fn capture(td: &pg_sys::TriggerData) -> Result<(), TrompeError> {
             };
             if old_key != new_key {
                 // The row moved to another key: the old one is deleted, the new one inserted.
-                guard::deleted(relid, old_key);
-                guard::inserted(relid, &info.ranking, || new_key)?;
+                local_writes::deleted(relid, old_key);
+                local_writes::inserted(relid, &info.ranking, || new_key)?;
             }
         }
         _ => {}
@@ -65,7 +66,7 @@ fn capture(td: &pg_sys::TriggerData) -> Result<(), TrompeError> {
                 .map_err(TrompeError::Internal)?;
         }
     }
-    buffer::record(&info.nsp, &info.rel, |buf, seq| {
+    xact::record(&info.nsp, &info.rel, |buf, seq| {
         let names = if op == Op::Delete { &info.names[..info.nkey] } else { &info.names[..] };
         let w = ChangeWriter::begin(buf, op, seq, info.nsp.as_bytes(), info.rel.as_bytes())
             .cols(names.iter().map(|n| n.as_bytes()));
@@ -212,7 +213,7 @@ pub fn log_delete(
     key: &[Option<&str>],
     old: OldVersion,
 ) -> Result<(), TrompeError> {
-    buffer::record(nsp, rel, |buf, seq| {
+    xact::record(nsp, rel, |buf, seq| {
         let mut w = ChangeWriter::begin(buf, Op::Delete, seq, nsp.as_bytes(), rel.as_bytes())
             .cols(key_names.iter().map(|n| n.as_bytes()))
             .none()

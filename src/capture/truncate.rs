@@ -6,8 +6,9 @@ use trompe_core::changeset::{ChangeWriter, OldVersion};
 use trompe_core::logformat::Op;
 
 use crate::capture::relinfo::qualified_name;
-use crate::capture::{applying_for_peer, buffer};
+use crate::capture::xact;
 use crate::error::{OrRaise, TrompeError};
+use crate::session::applying_for_peer;
 
 /// AFTER TRUNCATE ... FOR EACH STATEMENT trigger that captures the truncation.
 #[pg_trigger]
@@ -37,8 +38,8 @@ fn capture(td: &pg_sys::TriggerData) -> Result<(), TrompeError> {
     let restart = if crate::capture::ddl::truncate_restarts_identity() { "restart" } else { "continue" };
     // SAFETY: rel is open (the trigger manager hands it over).
     let (relid, info) = unsafe { ((*rel).rd_id, crate::capture::relinfo::relinfo(rel)?) };
-    crate::capture::guard::truncated(relid, &info.ranking);
-    buffer::record(&nsp, &name, |buf, seq| {
+    crate::capture::local_writes::truncated(relid, &info.ranking);
+    xact::record(&nsp, &name, |buf, seq| {
         ChangeWriter::begin(buf, Op::Truncate, seq, nsp.as_bytes(), name.as_bytes())
             .cols(std::iter::empty())
             .list(1)

@@ -76,7 +76,7 @@ pub fn local_node() -> Option<NodeId> {
             return Some(id);
         }
     }
-    let text = crate::log::writer::as_extension_owner(|| crate::sql::value("SELECT node_id FROM trompe.node", &[]))
+    let text = crate::run_as::as_extension_owner(|| crate::sql::value("SELECT node_id FROM trompe.node", &[]))
         .ok()
         .flatten()?;
     let id = text.parse::<NodeId>().ok()?;
@@ -97,7 +97,7 @@ pub fn origin_node(origin: pg_sys::RepOriginId) -> Option<NodeId> {
     let node = if found && !name.is_null() {
         // SAFETY: name is a NUL-terminated string from the catalog.
         let text = unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy().into_owned();
-        text.strip_prefix("trompe_").and_then(|id| id.parse::<NodeId>().ok())
+        trompe_core::nodeid::node_of_origin(&text)
     } else {
         None
     };
@@ -113,7 +113,7 @@ pub fn version_of(xmin: pg_sys::TransactionId) -> OldVersion {
         if pg_sys::TransactionIdIsCurrentTransactionId(xmin) {
             return OldVersion::SameTransaction;
         }
-        let (ts, origin) = match crate::commit_times::lookup(xmin) {
+        let (ts, origin) = match crate::commit_time_cache::lookup(xmin) {
             Some(cached) => cached,
             None => {
                 let mut ts: pg_sys::TimestampTz = 0;

@@ -16,10 +16,10 @@ use trompe_core::copytext::parse_row;
 use trompe_core::nodeid::NodeId;
 use trompe_core::pgarray::format_text_array;
 
-use crate::capture::InternalOperation;
-use crate::compare::{copy_referenced_large_objects, refers_to_large_objects};
+use crate::large_objects::{copy_referenced_large_objects, refers_to_large_objects};
 use crate::libpq::{connect_wait, copy_out_row, copy_out_start, query_wait, Conn, PgResult, PqError};
 use crate::peer_calls::{peer_conninfo, scrub};
+use crate::session::InternalOperation;
 use crate::sql;
 use crate::worker::link::OriginSession;
 use crate::worker::txn::in_transaction;
@@ -212,7 +212,7 @@ impl Committer {
             return Ok(*origin);
         }
         node.parse::<NodeId>().map_err(|e| format!("the peer sent a bad node id {node:?}: {e}"))?;
-        let name = format!("trompe_{node}");
+        let name = trompe_core::nodeid::origin_name(node);
         let id = in_transaction(|| {
             sql::execute(
                 "SELECT pg_replication_origin_create($1)
@@ -474,7 +474,7 @@ pub fn run(job: &SyncJob) -> Result<(), String> {
     let source = read_source(&mut conn)?;
     conn.query("SELECT pg_advisory_unlock($1::bigint)", &[Some(&lock)])?;
     // This node's position on the source will be the snapshot: every transaction it counts as
-    // ended must be on the source's disk first (see origin::flush_ended_transactions).
+    // ended must be on the source's disk first (see log::serve::flush_ended_transactions).
     conn.query("SELECT trompe.current_snapshot()", &[])?;
     let script = crate::join::schema::dump(&conn.info, &source.exported, conn.conn.server_version())?;
     create_schema(job, &source, &script)?;

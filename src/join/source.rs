@@ -3,9 +3,9 @@
 use pgrx::prelude::*;
 
 use crate::error::{OrRaise, TrompeError};
-use crate::log::writer::as_extension_owner;
 use crate::node::local_node_id;
 use crate::peer_calls::{connect_peer, peer_conninfo, peer_has_function, peer_query};
+use crate::run_as::as_extension_owner;
 use crate::sql;
 
 /// Registers node `consumer` (named `consumer_name`) with every peer of this node, at the

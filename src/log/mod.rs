@@ -1,7 +1,9 @@
-//! The change log: appending entries, choosing the table to append to, reading it for peers,
-//! and retiring tables that every peer has confirmed.
+//! The change log: appending entries (`writer`), serving them to the peers that pull them
+//! (`serve`), choosing the table to append to and retiring tables that every peer has confirmed
+//! (`rotation`).
 
 pub mod rotation;
+pub mod serve;
 pub mod writer;
 
 /// Number of log tables used in turn (`trompe.log_0` .. `trompe.log_2`).

@@ -11,8 +11,8 @@ use trompe_core::nodeid::NodeId;
 use trompe_core::snapshot::Snapshot;
 
 use crate::error::TrompeError;
-use crate::log::writer::as_extension_owner;
 use crate::log::LOG_SLOTS;
+use crate::run_as::as_extension_owner;
 use crate::shmem::{shared, DbSlot};
 use crate::sql;
 
@@ -72,14 +72,6 @@ fn newest_transaction(slot: usize) -> Result<Option<u64>, String> {
     Ok(sql::value(&format!("SELECT max(txid) FROM trompe.log_{slot}"), &[])?.and_then(|t| t.parse().ok()))
 }
 
-/// This node's current snapshot, taken now.
-pub fn snapshot_now() -> Result<Snapshot, String> {
-    sql::value("SELECT pg_current_snapshot()", &[])?
-        .ok_or("pg_current_snapshot() returned nothing")?
-        .parse()
-        .map_err(|e: trompe_core::snapshot::SnapshotError| e.to_string())
-}
-
 /// The smallest xmin over every consumer's confirmed position: every consumer has applied
 /// every transaction below it (u64::MAX without consumers). Saves positions consumers
 /// confirmed through shared memory into `trompe.consumers` on the way.
@@ -97,7 +89,7 @@ fn confirmed_horizon() -> Result<u64, String> {
         let Ok(id) = node.parse::<NodeId>() else {
             return Ok(0);
         };
-        let confirmed = crate::origin::effective_confirmed(&id.0, stored);
+        let confirmed = crate::consumers::effective_confirmed(&id.0, stored);
         if confirmed != stored {
             sql::execute(
                 "UPDATE trompe.consumers SET confirmed = $2, confirmed_at = now() WHERE node_id = $1::uuid",
@@ -150,7 +142,7 @@ fn mark_laggards(rows: &[SlotRow], xmin: u64) -> Result<(), String> {
             continue;
         };
         let Ok(id) = node.parse::<NodeId>() else { continue };
-        let confirmed = crate::origin::effective_confirmed(&id.0, stored);
+        let confirmed = crate::consumers::effective_confirmed(&id.0, stored);
         if confirmed.parse::<Snapshot>().is_ok_and(|c| c.xmin > newest) {
             continue;
         }
@@ -194,7 +186,7 @@ pub fn maintain(db: &DbSlot) -> Result<(), String> {
     // this transaction ends, or nothing is truncated this round.
     let may_truncate = crate::consumers::try_lock_registrations()?;
     let watermark = crate::consumers::logins_installed();
-    let xmin = snapshot_now()?.xmin;
+    let xmin = crate::sql::snapshot_now()?.xmin;
     if may_truncate {
         mark_laggards(&rows, xmin)?;
     }

@@ -36,6 +36,8 @@ struct Targets {
 }
 
 thread_local! {
+    /// This transaction wrote to the change log: wake pullers when it commits.
+    static WROTE_LOG: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     static TARGETS: RefCell<Targets> = RefCell::new(Targets::default());
 }
 
@@ -159,28 +161,14 @@ fn build_target(slot: usize) -> Result<Target, TrompeError> {
     Ok(Target { table, sequence, index, index_info, context })
 }
 
-/// Runs `f` as the bootstrap superuser (restored afterwards, also on error), like a SECURITY
-/// DEFINER function would.
-pub fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
-    struct Restore(pg_sys::Oid, i32);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            // SAFETY: restores the user id and security context saved below.
-            unsafe { pg_sys::SetUserIdAndSecContext(self.0, self.1) };
-        }
-    }
-    let mut user = pg_sys::InvalidOid;
-    let mut context = 0;
-    // SAFETY: saving and switching the current user id, as SECURITY DEFINER functions do.
-    unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-        pg_sys::SetUserIdAndSecContext(
-            pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
-            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
-        );
-    }
-    let _restore = Restore(user, context);
-    f()
+/// Whether this transaction wrote to the change log.
+pub fn wrote_log() -> bool {
+    WROTE_LOG.get()
+}
+
+/// Forgets that this transaction wrote to the change log (it ended).
+pub fn forget_log_write() {
+    WROTE_LOG.set(false);
 }
 
 /// Appends one chunk of `count` encoded changes to the log table `slot` in the current
@@ -214,7 +202,7 @@ pub fn append_chunk(slot: usize, count: u64, changes: &[u8]) -> Result<(), Tromp
         pg_sys::MemoryContextDelete(context);
         done?;
     }
-    crate::capture::note_log_write();
+    WROTE_LOG.set(true);
     Ok(())
 }
 

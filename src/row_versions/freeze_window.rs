@@ -18,7 +18,7 @@ use std::cell::Cell;
 
 use pgrx::prelude::*;
 
-use crate::log::writer::as_extension_owner;
+use crate::run_as::as_extension_owner;
 
 thread_local! {
     /// Whether this backend opened a freeze window that it has not closed yet.
@@ -100,7 +100,7 @@ fn close_where(condition: &str) -> Result<(), String> {
 /// Keeps the versions of the frozen rows of table `relid` written from transaction `since` on
 /// (none if the table is gone, no longer replicated, or not frozen that far).
 fn keep_frozen_since(relid: pg_sys::Oid, since: u64) -> Result<(), String> {
-    if !super::is_replicated(relid)? {
+    if !crate::catalog::is_replicated(relid)? {
         return Ok(());
     }
     let since_age = format!("pg_catalog.age(pg_catalog.xid('{since}'::xid8))");
@@ -110,7 +110,7 @@ fn keep_frozen_since(relid: pg_sys::Oid, since: u64) -> Result<(), String> {
         as_extension_owner(|| crate::sql::flag(&format!("SELECT coalesce({frozen_age} < {since_age}, false)"), &[]))?;
     if frozen_past_since {
         let condition = format!("pg_catalog.age(t.xmin) <= {since_age} AND pg_catalog.age(t.xmin) > {frozen_age}");
-        super::keep(relid, "t.xmin", &condition, true)?;
+        super::keep::keep(relid, "t.xmin", &condition, true)?;
     }
     Ok(())
 }

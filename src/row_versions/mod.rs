@@ -7,7 +7,7 @@
 //!   again with the rewriting transaction as `xmin`. The `table_rewrite` event trigger (which
 //!   fires for DDL applied for a peer too) keeps every row's version first, in
 //!   `trompe.row_versions` under the rewriting transaction, and records that transaction in
-//!   `trompe.rewrites` (module [`rewrite`]); rows of that transaction read their kept version, unless the transaction
+//!   `trompe.rewrites` (module [`rewrite`], how versions are read in [`table_versions`]); rows of that transaction read their kept version, unless the transaction
 //!   wrote them itself after the rewrite (then their entry is removed as it writes them).
 //! - **freezing**, after which PostgreSQL may truncate the commit timestamps of the row's
 //!   transaction: a row whose `xmin` precedes its table's `relfrozenxid` may be frozen, and a
@@ -30,30 +30,18 @@ use std::collections::HashSet;
 
 use pgrx::prelude::*;
 use trompe_core::changeset::OldVersion;
-use trompe_core::nodeid::NodeId;
 
-use crate::capture::version::version_of;
-use crate::log::writer::as_extension_owner;
+use crate::run_as::as_extension_owner;
 
 mod freeze_window;
+mod keep;
 mod rewrite;
+mod table_versions;
 
 pub use freeze_window::close_own as after_utility;
-
-/// What decides how a table's row versions are read: the transactions that rewrote it (whose
-/// rows have kept versions) and the transaction before which rows may be frozen.
-#[derive(Clone, Debug, Default)]
-pub struct TableVersions {
-    /// The table.
-    pub relid: pg_sys::Oid,
-    /// Transactions that rewrote the table within the retention, as raw xids.
-    pub rewrites: Vec<u32>,
-    /// The table's `relfrozenxid`: rows with an older `xmin` may be frozen.
-    pub frozen_before: pg_sys::TransactionId,
-    /// The start (a full transaction id) of the oldest open freeze window on the table: frozen
-    /// rows written since may have no kept version yet.
-    pub unkept_since: Option<u64>,
-}
+use keep::{keep, retention_horizon};
+use table_versions::archive_exists;
+pub use table_versions::TableVersions;
 
 thread_local! {
     /// Tables the current transaction rewrote (its own later writes of their rows take their
@@ -61,186 +49,12 @@ thread_local! {
     static REWRITTEN_HERE: RefCell<HashSet<pg_sys::Oid>> = RefCell::new(HashSet::new());
 }
 
-/// Whether this database has the version archive (trompe 0.5.0 or later).
-fn archive_exists() -> bool {
-    // SAFETY: syscache lookups inside a transaction.
-    unsafe {
-        let nsp = pg_sys::get_namespace_oid(c"trompe".as_ptr(), true);
-        nsp != pg_sys::InvalidOid && pg_sys::get_relname_relid(c"rewrites".as_ptr(), nsp) != pg_sys::InvalidOid
-    }
-}
-
-impl TableVersions {
-    /// What decides how the row versions of the open relation `rel` are read (cached with
-    /// the relation's other facts: a rewrite or a vacuum that moves `relfrozenxid` invalidates
-    /// them).
-    ///
-    /// # Safety
-    /// `rel` must be an open relation.
-    pub unsafe fn of(rel: pg_sys::Relation) -> Result<TableVersions, String> {
-        // SAFETY: rel is open (caller's contract).
-        let (relid, frozen_before) = unsafe { ((*rel).rd_id, (*(*rel).rd_rel).relfrozenxid) };
-        let mut rewrites = Vec::new();
-        let mut unkept_since = None;
-        if archive_exists() {
-            let row = as_extension_owner(|| {
-                crate::sql::row(
-                    "SELECT (SELECT pg_catalog.string_agg((xid::text::bigint % 4294967296)::text, ',')
-                               FROM trompe.rewrites WHERE relid = $1::oid),
-                            (SELECT pg_catalog.min(since)::text FROM trompe.freeze_windows WHERE relid = $1::oid)",
-                    &[Some(&relid.to_u32().to_string())],
-                )
-            })?
-            .unwrap_or_default();
-            let text = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
-            rewrites = text(0).split(',').filter_map(|x| x.parse::<u32>().ok()).collect();
-            unkept_since = text(1).parse::<u64>().ok();
-        }
-        Ok(TableVersions { relid, rewrites, frozen_before, unkept_since })
-    }
-
-    /// The version of this table's row written by transaction `xmin` (its raw `xmin`) whose
-    /// primary key, as canonical text, `key` computes (only when needed).
-    pub fn row_version(&self, xmin: pg_sys::TransactionId, key: impl FnOnce() -> Vec<Option<String>>) -> OldVersion {
-        let raw = xmin.into_inner();
-        if raw < pg_sys::TransactionId::FIRST_NORMAL.into_inner() {
-            return OldVersion::Unknown;
-        }
-        if self.rewrites.contains(&raw) {
-            return kept(self.relid, raw, &key()).unwrap_or_else(|| version_of(xmin));
-        }
-        // SAFETY: plain comparison of transaction ids.
-        let maybe_frozen = self.frozen_before.into_inner() >= pg_sys::TransactionId::FIRST_NORMAL.into_inner()
-            && unsafe { pg_sys::TransactionIdPrecedes(xmin, self.frozen_before) };
-        if maybe_frozen {
-            return kept(self.relid, raw, &key()).unwrap_or_else(|| {
-                if freeze_window::in_window(raw, self.unkept_since) {
-                    version_of(xmin)
-                } else {
-                    OldVersion::Unknown
-                }
-            });
-        }
-        version_of(xmin)
-    }
-}
-
-/// The version kept for the row `key` of table `relid` whose `xmin` is `raw`, if any.
-fn kept(relid: pg_sys::Oid, raw: u32, key: &[Option<String>]) -> Option<OldVersion> {
-    if !archive_exists() {
-        return None;
-    }
-    let refs: Vec<Option<&str>> = key.iter().map(|k| k.as_deref()).collect();
-    let row = as_extension_owner(|| {
-        crate::sql::row(
-            "SELECT committed_us::text, node_id::text
-               FROM trompe.row_versions WHERE relid = $1::oid AND key = $2::text[] AND row_xmin = $3::xid",
-            &[
-                Some(&relid.to_u32().to_string()),
-                Some(&trompe_core::pgarray::format_text_array(&refs)),
-                Some(&raw.to_string()),
-            ],
-        )
-    })
-    .ok()
-    .flatten()?;
-    let ts = row.first().cloned().flatten().and_then(|t| t.parse::<i64>().ok());
-    let node = row.get(1).cloned().flatten().and_then(|n| n.parse::<NodeId>().ok());
-    Some(match (ts, node) {
-        (Some(ts), Some(node)) => OldVersion::Committed { ts, node },
-        _ => OldVersion::Unknown,
-    })
-}
-
-/// The SQL expressions of table `relid`'s primary key values as canonical text (output
-/// functions, as capture prints them), for rows aliased `t`.
-fn key_expressions(relid: pg_sys::Oid) -> Result<(String, String), String> {
-    // SAFETY: opens the relation to read its primary key and name; closed before returning.
-    let (cols, table) = unsafe {
-        let rel = pg_sys::try_relation_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        if rel.is_null() {
-            return Err(format!("relation {} does not exist", relid.to_u32()));
-        }
-        let key = crate::capture::relinfo::primary_key_columns(rel).unwrap_or_default();
-        let tupdesc = (*rel).rd_att;
-        let cols: Vec<String> = key
-            .iter()
-            .map(|&i| {
-                let att = &*crate::pg_compat::tuple_desc_attr(tupdesc, i);
-                std::ffi::CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy().into_owned()
-            })
-            .collect();
-        let nsp = pg_sys::get_namespace_name((*(*rel).rd_rel).relnamespace);
-        let name = std::ffi::CStr::from_ptr((*(*rel).rd_rel).relname.data.as_ptr()).to_string_lossy();
-        let nsp =
-            if nsp.is_null() { String::new() } else { std::ffi::CStr::from_ptr(nsp).to_string_lossy().into_owned() };
-        let table = trompe_core::ident::quote_qualified(&nsp, &name);
-        pg_sys::relation_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        (cols, table)
-    };
-    if cols.is_empty() {
-        return Err(format!("table {table} has no primary key"));
-    }
-    let parts: Vec<String> =
-        cols.iter().map(|c| format!("pg_catalog.format('%s', t.{})", trompe_core::ident::quote_ident(c))).collect();
-    Ok((format!("ARRAY[{}]::text[]", parts.join(", ")), table))
-}
-
-/// Keeps the versions of the rows of replicated table `relid` that `condition` (over rows
-/// aliased `t`) selects, under the transaction id `xmin_expr` gives for each, unless that
-/// version is kept already. With `recent_only`, only versions younger than the tombstone
-/// retention are kept (an older or unknown one reads as unknown without). Returns how many
-/// were kept.
-fn keep(relid: pg_sys::Oid, xmin_expr: &str, condition: &str, recent_only: bool) -> Result<u64, String> {
-    let (key, table) = key_expressions(relid)?;
-    let _canonical = crate::capture::CanonicalOutput::enter();
-    as_extension_owner(|| {
-        crate::sql::execute(
-            &format!(
-                "INSERT INTO trompe.row_versions (relid, key, row_xmin, committed_us, node_id)
-                 SELECT $1::oid, k.key, {xmin_expr}, v.committed_us, v.node_id
-                   FROM {table} t
-                  CROSS JOIN LATERAL (SELECT {key} AS key) k
-                  CROSS JOIN LATERAL trompe._row_version($1::oid, t.xmin, k.key) v
-                  WHERE ({condition})
-                    AND (NOT $3::bool OR v.committed_us > $2::bigint)
-                 ON CONFLICT (relid, key) DO UPDATE
-                    SET row_xmin = EXCLUDED.row_xmin, committed_us = EXCLUDED.committed_us, node_id = EXCLUDED.node_id
-                  WHERE (row_versions.row_xmin, row_versions.committed_us, row_versions.node_id)
-                        IS DISTINCT FROM (EXCLUDED.row_xmin, EXCLUDED.committed_us, EXCLUDED.node_id)"
-            ),
-            &[
-                Some(&relid.to_u32().to_string()),
-                Some(&retention_horizon().to_string()),
-                Some(&recent_only.to_string()),
-            ],
-        )
-    })
-}
-
-/// The commit time (PostgreSQL TimestampTz) before which versions are older than the tombstone
-/// retention.
-fn retention_horizon() -> i64 {
-    // SAFETY: reads the clock as PostgreSQL timestamps it.
-    let now = unsafe { pg_sys::GetCurrentTimestamp() };
-    now - i64::from(crate::guc::TOMBSTONE_RETENTION_S.get()) * 1_000_000
-}
-
-fn is_replicated(relid: pg_sys::Oid) -> Result<bool, String> {
-    as_extension_owner(|| {
-        crate::sql::flag(
-            "SELECT EXISTS (SELECT 1 FROM trompe.tables WHERE relid = $1::oid)",
-            &[Some(&relid.to_u32().to_string())],
-        )
-    })
-}
-
 /// Called by the `table_rewrite` event trigger before table `relid` is rewritten: keeps the
 /// version of each of its rows under this transaction, which rewrites them.
 #[pg_extern(volatile, parallel_unsafe)]
 fn _preserve_versions(relid: pg_sys::Oid) {
     let result = (|| -> Result<(), String> {
-        if !archive_exists() || !is_replicated(relid)? {
+        if !archive_exists() || !crate::catalog::is_replicated(relid)? {
             return Ok(());
         }
         if rewrite::keep_before_rewrite(relid)?.is_none() {
@@ -327,7 +141,7 @@ pub fn end_of_transaction() {
 
 /// Opens a freeze window on table `relid` if it is replicated (see [`freeze_window`]).
 fn open_freeze_window(relid: pg_sys::Oid) -> Result<(), String> {
-    if !archive_exists() || !is_replicated(relid)? {
+    if !archive_exists() || !crate::catalog::is_replicated(relid)? {
         return Ok(());
     }
     freeze_window::open(relid)
@@ -336,7 +150,7 @@ fn open_freeze_window(relid: pg_sys::Oid) -> Result<(), String> {
 /// Keeps the versions of the rows of replicated table `relid` whose `xmin` is at least
 /// `min_age` transactions old (vacuum may freeze them), under their own `xmin`.
 pub fn archive_aging(relid: pg_sys::Oid, min_age: i64) -> Result<u64, String> {
-    if !archive_exists() || !is_replicated(relid)? {
+    if !archive_exists() || !crate::catalog::is_replicated(relid)? {
         return Ok(0);
     }
     keep(relid, "t.xmin", &format!("pg_catalog.age(t.xmin) >= {}", min_age.max(0)), true)

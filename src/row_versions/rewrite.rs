@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use pgrx::pg_sys;
 use trompe_core::changeset::OldVersion;
 
-use crate::log::writer::as_extension_owner;
+use crate::run_as::as_extension_owner;
 
 /// How many row versions one `INSERT` into `trompe.row_versions` carries.
 const BATCH: usize = 1000;
@@ -80,7 +80,7 @@ pub unsafe fn before_alter_table(stmt: *mut pg_sys::AlterTableStmt) -> Result<()
             vec![relid]
         };
         for relid in relids {
-            if super::is_replicated(relid)? {
+            if crate::catalog::is_replicated(relid)? {
                 remember_layout(relid);
             }
         }
@@ -115,7 +115,7 @@ unsafe fn remember_layout(relid: pg_sys::Oid) {
     // memory, which outlives the statement, and the entry is dropped at its end.
     unsafe {
         let rel = pg_sys::relation_open(relid, pg_sys::NoLock as pg_sys::LOCKMODE);
-        let key = crate::capture::relinfo::primary_key_columns(rel);
+        let key = crate::catalog::primary_key_columns(rel);
         let desc =
             pgrx::PgMemoryContexts::TopTransactionContext.switch_to(|_| pg_sys::CreateTupleDescCopy((*rel).rd_att));
         pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
@@ -138,7 +138,7 @@ pub fn keep_before_rewrite(relid: pg_sys::Oid) -> Result<Option<u64>, String> {
     let Some((desc, key)) = LAYOUTS.with(|l| l.borrow().get(&relid).map(|l| (l.desc, l.key.clone()))) else {
         return Ok(None);
     };
-    let _canonical = crate::capture::CanonicalOutput::enter();
+    let _canonical = crate::session::CanonicalOutput::enter();
     // SAFETY: ALTER TABLE holds an ACCESS EXCLUSIVE lock on the table; its heap is scanned
     // with the descriptor its rows were written with, under a registered snapshot, and every
     // scan resource is released before returning (or by the transaction's abort on error).
@@ -148,7 +148,7 @@ pub fn keep_before_rewrite(relid: pg_sys::Oid) -> Result<Option<u64>, String> {
             pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
             return Ok(None);
         }
-        let versions = super::TableVersions::of(rel)?;
+        let versions = super::table_versions::TableVersions::of(rel)?;
         let outputs: Vec<pg_sys::Oid> = key
             .iter()
             .map(|&i| {

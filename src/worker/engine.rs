@@ -146,7 +146,7 @@ impl Engine {
     /// Drops the replication origins of the peers this worker knew, and of removed peers whose
     /// position was kept (after DROP EXTENSION).
     fn drop_origins(&mut self) {
-        let mut names: Vec<String> = self.links.iter().map(|l| format!("trompe_{}", l.node)).collect();
+        let mut names: Vec<String> = self.links.iter().map(|l| trompe_core::nodeid::origin_name(l.node)).collect();
         names.append(&mut self.kept_origins);
         self.links.clear();
         let result = in_transaction(|| {
@@ -403,8 +403,8 @@ fn wait(waits: &[WaitSpec], timeout_ms: i64) {
 /// Main loop of a database's worker (after it connected to its database).
 pub fn run(dboid: pg_sys::Oid, slot: &'static DbSlot) -> ! {
     register_invalidation();
-    // Applied transactions record their commit times (crate::commit_times) at commit.
-    crate::capture::ensure_xact_callback();
+    // Applied transactions record their commit times (crate::commit_time_cache) at commit.
+    crate::capture::xact::ensure_xact_callback();
     let mut engine = Engine {
         dboid,
         slot,

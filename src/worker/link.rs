@@ -831,7 +831,7 @@ impl Link {
         let mut attempt = |cache: &mut ApplyCache, careful: bool| {
             let result = in_transaction_coded(|| {
                 progress::take_apply_lock();
-                // Before anything it writes is announced (see capture::guard::pre_commit).
+                // Before anything it writes is announced (see capture::local_writes::pre_commit).
                 crate::shmem::note_applied_commit(commit_us);
                 cache.begin_transaction();
                 // SAFETY: SPI is connected for the statements of this transaction and finished
@@ -870,7 +870,7 @@ impl Link {
             if result.is_err() {
                 crate::conflicts::discard();
             }
-            crate::worker::apply::after_transaction();
+            crate::marker_writes::after_apply_transaction();
             result
         };
         // Large objects the changes refer to are copied over this connection, idle meanwhile.

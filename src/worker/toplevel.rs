@@ -11,6 +11,7 @@ use pgrx::pg_sys;
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::PgTryBuilder;
 
+use crate::sql::cstring;
 use crate::worker::txn::{in_transaction, in_transaction_coded, TxnError};
 
 /// What a statement that cannot run inside a transaction block does.
@@ -194,10 +195,6 @@ fn toplevel(statement: &str, search_path: &str, role: &str, settings: &[(&str, &
             .map(|_| ())
     });
     result.and(reset.map_err(TxnError::from))
-}
-
-fn cstring(s: &str) -> std::ffi::CString {
-    std::ffi::CString::new(s.replace('\0', "")).unwrap_or_default()
 }
 
 fn caught(e: &CaughtError) -> TxnError {

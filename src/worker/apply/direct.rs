@@ -8,8 +8,9 @@
 
 use pgrx::pg_sys;
 
+use super::change::Change;
+use super::error::ApplyError;
 use super::table::Table;
-use super::{ApplyError, Change};
 
 /// The converted values of a run are freed once they take this much memory (a transaction
 /// of any size is inserted with bounded memory).

@@ -12,8 +12,9 @@
 
 use pgrx::pg_sys;
 
+use super::change::Change;
+use super::error::ApplyError;
 use super::table::Table;
-use super::{ApplyError, Change};
 use crate::conflicts::{decide, slot_json, Incoming};
 
 /// What the executor met for a key.

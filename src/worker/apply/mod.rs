@@ -3,11 +3,15 @@
 //! are always quoted). Only tables replicated on this node are written. Concurrent changes
 //! are resolved by the table's conflict rule (see [`rows`] and `trompe_core::conflict`).
 
+mod change;
 mod direct;
+mod error;
 mod keyed;
+mod large_objects;
 mod owner;
 mod resolve;
 pub mod retire;
+mod retire_queue;
 mod rows;
 mod table;
 
@@ -15,103 +19,18 @@ use std::cell::Cell;
 
 use pgrx::pg_sys;
 
-use trompe_core::changeset::ChangeRecord;
 use trompe_core::conflict::{ConflictKind, LocalVersion, Version};
 use trompe_core::logformat::Op;
 use trompe_core::nodeid::NodeId;
 
-pub use table::{cstring, register_invalidation, ApplyCache};
+pub use change::Change;
+pub use error::ApplyError;
+pub use table::{register_invalidation, ApplyCache};
 
 use crate::conflicts::{record, with_incoming, Incoming, Recorded};
 use rows::TxnVersion;
 
-/// One change from a peer's log: the decoded change and what its log row says about its
-/// transaction. Reads as the decoded change (`change.nsp`, `change.cols`, ...).
-#[derive(Debug, Clone)]
-pub struct Change {
-    /// The log id of the last log row of its transaction.
-    pub txn_last: i64,
-    /// Commit time of its transaction at the origin (PostgreSQL TimestampTz).
-    pub commit_us: i64,
-    /// The change as decoded from the log.
-    pub record: ChangeRecord,
-}
-
-impl Change {
-    /// Its position in its transaction at the origin.
-    pub fn id(&self) -> i64 {
-        self.record.seq as i64
-    }
-}
-
-impl std::ops::Deref for Change {
-    type Target = ChangeRecord;
-
-    fn deref(&self) -> &ChangeRecord {
-        &self.record
-    }
-}
-
-/// Why a change could not be applied; the message is shown in `trompe.status`.
-#[derive(Debug, thiserror::Error)]
-pub enum ApplyError {
-    /// A table the change is for does not exist here.
-    #[error("table {0} does not exist on this node")]
-    NoSuchTable(String),
-    /// A table the change is for is not replicated here.
-    #[error("table {0} is not replicated on this node")]
-    NotReplicated(String),
-    /// A column of the change does not exist here.
-    #[error("column {column} of table {table} does not exist on this node")]
-    NoSuchColumn {
-        /// The table.
-        table: String,
-        /// The column.
-        column: String,
-    },
-    /// The primary keys differ between the nodes.
-    #[error("table {0} has a different primary key on this node than on the peer")]
-    KeyMismatch(String),
-    /// The change itself is malformed.
-    #[error("malformed change {id}: {reason}")]
-    Malformed {
-        /// Its position.
-        id: i64,
-        /// What is wrong.
-        reason: String,
-    },
-    /// PostgreSQL raised an error while applying.
-    #[error("{0}")]
-    Postgres(String),
-    /// DDL the peer may not run here.
-    #[error("DDL from the peer refused: {0}")]
-    Refused(crate::peer_ddl::Refusal),
-}
-
-impl ApplyError {
-    /// The SQLSTATE reported for it.
-    pub fn code(&self) -> pgrx::PgSqlErrorCode {
-        use pgrx::PgSqlErrorCode::*;
-        match self {
-            ApplyError::NoSuchTable(_) => ERRCODE_UNDEFINED_TABLE,
-            ApplyError::NotReplicated(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            ApplyError::NoSuchColumn { .. } => ERRCODE_UNDEFINED_COLUMN,
-            ApplyError::KeyMismatch(_) => ERRCODE_INVALID_TABLE_DEFINITION,
-            ApplyError::Malformed { .. } => ERRCODE_DATA_CORRUPTED,
-            ApplyError::Postgres(_) => ERRCODE_INTERNAL_ERROR,
-            ApplyError::Refused(r) => r.code(),
-        }
-    }
-}
-
-impl From<ApplyError> for crate::worker::txn::TxnError {
-    fn from(e: ApplyError) -> Self {
-        crate::worker::txn::TxnError { code: Some(e.code()), message: e.to_string() }
-    }
-}
-
 thread_local! {
-    static TOMBSTONES_WRITTEN: Cell<bool> = const { Cell::new(false) };
     /// The position (in its transaction) of the change being applied, for error reports.
     static CURRENT_CHANGE: Cell<usize> = const { Cell::new(0) };
 }
@@ -120,23 +39,6 @@ thread_local! {
 /// applying when it stopped (the change that failed, if it failed).
 pub fn current_change() -> usize {
     CURRENT_CHANGE.get()
-}
-
-/// Notes that the current apply transaction wrote tombstones or truncation markers, and
-/// announces it before it commits (sessions that cached what tables have tombstones look
-/// again from then on, see `capture::guard`).
-pub(crate) fn note_tombstones_written() {
-    if !TOMBSTONES_WRITTEN.replace(true) {
-        crate::shmem::announce_tombstone_writer();
-    }
-}
-
-/// After an apply transaction ended (committed or not): balances the announcement of its
-/// tombstone writes.
-pub fn after_transaction() {
-    if TOMBSTONES_WRITTEN.replace(false) {
-        crate::shmem::bump_tombstone_generation();
-    }
 }
 
 /// Where applying one origin transaction is, across the segments it is given in.
@@ -206,13 +108,13 @@ pub fn apply_segment(
                         written_after_rewrite(cache, c)?;
                     }
                 }
-                let local = crate::large_objects::localized(cache, &txn[i..end])?;
+                let local = large_objects::localized(cache, &txn[i..end])?;
                 rows::insert_run(cache, v, local.as_deref().unwrap_or(&txn[i..end]), careful)?;
                 i = end;
                 continue;
             }
             Op::Update => {
-                let local = crate::large_objects::localized(cache, std::slice::from_ref(change))?;
+                let local = large_objects::localized(cache, std::slice::from_ref(change))?;
                 rows::update(cache, v, local.as_ref().map_or(change, |l| &l[0]), careful)?
             }
             Op::Delete => rows::delete(cache, v, change)?,
@@ -267,7 +169,7 @@ fn apply_truncate(cache: &mut ApplyCache, v: TxnVersion, changes: &[&Change]) ->
     let names: Vec<&str> = tables.iter().map(|t| t.qualified.as_str()).collect();
     sql(&format!("LOCK TABLE ONLY {} IN ACCESS EXCLUSIVE MODE", names.join(", ")), &[])?;
     // Each table's rows rank against the truncation under the table's own rule.
-    let _canonical = crate::capture::CanonicalOutput::enter();
+    let _canonical = crate::session::CanonicalOutput::enter();
     let mut newer_rows = Vec::with_capacity(tables.len());
     for table in &tables {
         newer_rows.push(with_incoming(truncation(v, table), || {
@@ -341,7 +243,7 @@ fn apply_truncate(cache: &mut ApplyCache, v: TxnVersion, changes: &[&Change]) ->
         // Restarted at their start: back into this node's slot.
         crate::sequences::adjust().map_err(|e| ApplyError::Postgres(e.to_string()))?;
     }
-    note_tombstones_written();
+    crate::marker_writes::note_tombstones_written();
     Ok(())
 }
 

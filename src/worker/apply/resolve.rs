@@ -10,8 +10,9 @@ use std::borrow::Cow;
 
 use trompe_core::logformat::Op;
 
+use super::change::Change;
+use super::error::ApplyError;
 use super::table::ApplyCache;
-use super::{ApplyError, Change};
 use crate::ddl_history::{column_changes, table_fate, TableFate};
 
 /// What to do with one change.

@@ -24,48 +24,20 @@
 //! has a row and needs nothing), and an insert that comes while the worker holds the key waits
 //! and commits after the delete, newer than it.
 
-use std::cell::Cell;
-
 use pgrx::pg_sys;
 use trompe_core::pgarray::{format_text_array, parse_text_array};
 
+use super::error::ApplyError;
+use super::retire_queue::{mark_queued, queue_exists, take_queued};
 use super::rows::row_exists;
-use super::table::{ApplyCache, Table};
-use super::ApplyError;
+use super::table::ApplyCache;
 use crate::capture::version::version_of;
-
-thread_local! {
-    /// Whether the queue may hold keys: true at start, so keys left by a crash are logged.
-    static QUEUED: Cell<bool> = const { Cell::new(true) };
-}
-
-/// Whether this database's schema has the queue (0.4.0 and later).
-fn queue_exists() -> Result<bool, String> {
-    crate::sql::relation_exists("trompe.retirements")
-}
-
-/// Inside the apply transaction that retired the row with `keys` of `table` (and wrote its
-/// tombstone): queues its removal. Returns false if the schema predates the queue; the caller
-/// then logs the removal in the apply transaction, as 0.3.0 did.
-pub(super) fn queue(table: &Table, keys: &[Option<&str>]) -> Result<bool, ApplyError> {
-    if !queue_exists().map_err(ApplyError::Postgres)? {
-        return Ok(false);
-    }
-    crate::sql::execute(
-        "INSERT INTO trompe.retirements (relid, key) VALUES ($1::oid, $2::text[])
-         ON CONFLICT (relid, key) DO UPDATE SET key = EXCLUDED.key",
-        &[Some(&table.relid.to_u32().to_string()), Some(&format_text_array(keys))],
-    )
-    .map_err(ApplyError::Postgres)?;
-    QUEUED.set(true);
-    Ok(true)
-}
 
 /// Logs the removals queued by committed apply transactions, in a transaction of this node
 /// (called by the worker outside any batch, with no replication origin set up). A failure is
 /// reported and retried at the next call.
 pub fn log_queued(cache: &mut ApplyCache) {
-    if !QUEUED.replace(false) {
+    if !take_queued() {
         return;
     }
     let result = crate::worker::txn::in_transaction(|| {
@@ -83,7 +55,7 @@ pub fn log_queued(cache: &mut ApplyCache) {
         Ok(0) => {}
         Ok(_) => crate::shmem::tombstones_changed(),
         Err(e) => {
-            QUEUED.set(true);
+            mark_queued();
             pgrx::log!("trompe: logging rows retired by a unique collision failed (will retry): {e}");
         }
     }
@@ -124,7 +96,7 @@ fn drain(cache: &mut ApplyCache) -> Result<usize, ApplyError> {
         // This transaction's version must rank above the tombstone's (a peer whose clock runs
         // ahead may have written it "in the future", or the rule may need the next window):
         // commit waits for it if needed.
-        crate::capture::guard::replaced(&table.ranking, retired);
+        crate::capture::local_writes::replaced(&table.ranking, retired);
         crate::capture::row::log_delete(nsp, rel, &table.key, &keys, retired)
             .map_err(|e| ApplyError::Postgres(e.to_string()))?;
         crate::sql::execute(
@@ -148,7 +120,7 @@ fn drain(cache: &mut ApplyCache) -> Result<usize, ApplyError> {
     )
     .map_err(ApplyError::Postgres)?;
     if crate::sql::flag("SELECT EXISTS (SELECT 1 FROM trompe.retirements)", &[]).map_err(ApplyError::Postgres)? {
-        QUEUED.set(true);
+        mark_queued();
     }
     Ok(logged)
 }

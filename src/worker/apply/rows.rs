@@ -1,4 +1,5 @@
-//! Applying row changes under the table's conflict rule (last update wins).
+//! Applying row changes under the table's conflict rule (last update wins, first update wins or
+//! node priority: `trompe_core::conflict::Ranking`).
 //!
 //! The common case goes through the executor directly: runs of inserts (see `direct.rs`), and
 //! updates and deletes that look the row up by its key, lock it and decide against its version
@@ -17,10 +18,11 @@ use trompe_core::json;
 use trompe_core::logformat::Op;
 use trompe_core::pgarray::format_text_array;
 
+use super::change::Change;
+use super::error::ApplyError;
 use super::keyed::Met;
 use super::owner;
 use super::table::{run_plan, ApplyCache, Guards, Table};
-use super::{ApplyError, Change};
 use crate::capture::row::log_delete;
 use crate::conflicts::{local_version, record, with_incoming, Incoming, Recorded};
 
@@ -202,7 +204,7 @@ fn write_tombstone(table: &Table, keys: &[Option<&str>]) -> Result<(), ApplyErro
         &[Some(&table.relid.to_u32().to_string()), Some(&key_array(keys))],
     )
     .map_err(ApplyError::Postgres)?;
-    super::note_tombstones_written();
+    crate::marker_writes::note_tombstones_written();
     Ok(())
 }
 
@@ -607,8 +609,8 @@ fn delete_key(
     ctx.row = None;
     // Announced before the row is looked for: a local transaction inserting this key that is
     // not yet visible to the lookup either sees the announcement at commit (and commits after
-    // this version, see capture::guard::pre_commit) or has committed before the lookup.
-    super::note_tombstones_written();
+    // this version, see capture::local_writes::pre_commit) or has committed before the lookup.
+    crate::marker_writes::note_tombstones_written();
     match super::keyed::delete_row(table, &ctx, keys)? {
         Some(Met::LocalWon) => return Ok(()),
         Some(Met::Written | Met::Missing) => return with_incoming(ctx, || write_tombstone(table, keys)),
@@ -679,7 +681,7 @@ fn resolve_unique(
         sql += &format!(" AND ({}) IS DISTINCT FROM ({}) FOR UPDATE", key_list.join(", "), key_params.join(", "));
         // Key texts in the canonical format, as a logged delete must carry them.
         let rows = {
-            let _canonical = crate::capture::CanonicalOutput::enter();
+            let _canonical = crate::session::CanonicalOutput::enter();
             crate::sql::rows(&sql, &params).map_err(ApplyError::Postgres)?
         };
         let mut losers = Vec::new();
@@ -726,7 +728,7 @@ fn resolve_unique(
             // Logged after the apply, like a retired incoming row (see retire.rs): inside the
             // apply transaction the delete would carry the incoming row's commit time with this
             // node's id, which need not rank above the loser's version under every rule.
-            if super::retire::queue(table, &loser_refs)? {
+            if super::retire_queue::queue(table, &loser_refs)? {
                 continue;
             }
             let old = match loser_version {
@@ -763,7 +765,7 @@ fn retire_incoming(
         delete_by_key(cache, table, keys)?;
     }
     with_incoming(incoming(table, v, change, ConflictKind::UniqueViolation, keys), || write_tombstone(table, keys))?;
-    if super::retire::queue(table, keys)? {
+    if super::retire_queue::queue(table, keys)? {
         return Ok(());
     }
     // A schema older than 0.4.0: logged here, with the row's own version (see retire.rs).

@@ -3,14 +3,15 @@
 //! them; forgotten when PostgreSQL invalidates a table's relcache entry (after DDL).
 
 use std::collections::{HashMap, HashSet};
-use std::ffi::{CStr, CString};
+use std::ffi::CStr;
 use std::rc::Rc;
 
 use pgrx::pg_sys;
 use trompe_core::conflict::LocalVersion;
 use trompe_core::ident::{check_identifier, quote_qualified, readable_qualified};
 
-use super::ApplyError;
+use super::error::ApplyError;
+use crate::sql::cstring;
 
 /// A column of a local table, with what converting text to its type needs.
 pub struct Attr {
@@ -31,11 +32,6 @@ pub struct Attr {
     typalign: std::ffi::c_char,
     /// Its position in the table's tuple descriptor (0-based).
     pub index: usize,
-}
-
-/// `s` as a C string (a NUL inside is dropped).
-pub fn cstring(s: &str) -> CString {
-    CString::new(s).unwrap_or_else(|_| CString::new(s.replace('\0', "")).unwrap_or_default())
 }
 
 /// A text value and what [`Attr::datum`] made of it.
@@ -212,7 +208,7 @@ fn load_table(nsp: &str, rel: &str, relid: pg_sys::Oid) -> Result<Table, ApplyEr
         if relation.is_null() {
             return Err(ApplyError::NoSuchTable(qualified));
         }
-        let key: Vec<String> = crate::capture::relinfo::primary_key_columns(relation)
+        let key: Vec<String> = crate::catalog::primary_key_columns(relation)
             .unwrap_or_default()
             .into_iter()
             .map(|i| attname(relation, i as i16 + 1))

@@ -21,7 +21,7 @@ use trompe_core::pgarray::format_text_array;
 use crate::capture::buffer::nest_level;
 use crate::capture::version::version_of;
 use crate::error::TrompeError;
-use crate::log::writer::as_extension_owner;
+use crate::run_as::as_extension_owner;
 
 #[derive(Default)]
 struct Pending {
@@ -235,7 +235,7 @@ fn write_markers(pending: &Pending) -> Result<(), TrompeError> {
         Ok(())
     });
     result.map_err(TrompeError::Internal)?;
-    crate::capture::note_markers_written();
+    crate::marker_writes::note_markers_written();
     Ok(())
 }
 

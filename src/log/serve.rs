@@ -1,5 +1,5 @@
-//! The origin side of replication: the SQL functions a peer calls over libpq to register
-//! itself as a consumer of this node's log and to pull it.
+//! Serving the log: the SQL functions a peer calls over libpq to register itself as a
+//! consumer of this node's log and to pull it.
 //!
 //! A pull reads one "step" of the log: the transactions that a snapshot `cur` of this node sees
 //! and the consumer's position `done` does not. Transactions are returned whole, ordered by the
@@ -16,7 +16,7 @@ use pgrx::prelude::*;
 use trompe_core::snapshot::Snapshot;
 
 use crate::error::{OrRaise, TrompeError};
-use crate::log::writer::as_extension_owner;
+use crate::run_as::as_extension_owner;
 use crate::shmem;
 
 /// One transaction of a step in 16 bytes (a step after a long outage holds millions): the id of
@@ -67,9 +67,8 @@ fn parse_snapshot(text: &str, what: &str) -> Snapshot {
 /// peer to keep as a position: every transaction that ended before it is on disk first (see
 /// `flush_ended_transactions`).
 fn snapshot_now() -> String {
-    let snapshot = crate::log::rotation::snapshot_now()
-        .map(|s| s.to_string())
-        .unwrap_or_else(|e| TrompeError::Internal(e).raise());
+    let snapshot =
+        crate::sql::snapshot_now().map(|s| s.to_string()).unwrap_or_else(|e| TrompeError::Internal(e).raise());
     flush_ended_transactions();
     snapshot
 }
@@ -178,19 +177,6 @@ pub fn commit_time(txid: u64) -> Option<i64> {
     found.then_some(ts)
 }
 
-/// The position `consumer` confirmed last: from shared memory when newer than the table.
-pub fn effective_confirmed(consumer: &[u8; 16], stored: &str) -> String {
-    // SAFETY: MyDatabaseId is a backend-local global.
-    let dboid = unsafe { pg_sys::MyDatabaseId };
-    let Some(live) = shmem::shared().and_then(|s| s.confirmed(dboid, consumer)) else {
-        return stored.to_string();
-    };
-    match (live.parse::<Snapshot>(), stored.parse::<Snapshot>()) {
-        (Ok(l), Ok(t)) if l.covers(&t) => live,
-        _ => stored.to_string(),
-    }
-}
-
 /// Checks that `consumer` is registered, that the session's login may pull as it (see
 /// `consumers`), and that its position is one this node served (not ahead of this node's current
 /// snapshot) and not older than what it confirmed (a consumer restored from a backup: the log it
@@ -208,7 +194,7 @@ fn check_consumer(consumer: pgrx::Uuid, done: &Snapshot, cur: Option<&Snapshot>,
         TrompeError::ConsumerLost { node: consumer_text, reason }.raise();
     }
     let id: [u8; 16] = *consumer.as_bytes();
-    let stored = effective_confirmed(&id, &reg.confirmed);
+    let stored = crate::consumers::effective_confirmed(&id, &reg.confirmed);
     let stored_snap = stored.parse::<Snapshot>().ok();
     if let Some(stored_snap) = &stored_snap {
         if !done.covers(stored_snap) {
@@ -253,7 +239,7 @@ fn check_served(done: &Snapshot, cur: Option<&Snapshot>) {
     if SERVED.with(|s| s.borrow().as_ref() == Some(&key)) {
         return;
     }
-    let now = crate::log::rotation::snapshot_now().map_err(TrompeError::Internal).or_raise();
+    let now = crate::sql::snapshot_now().map_err(TrompeError::Internal).or_raise();
     for (what, snapshot) in [("position", Some(done)), ("step", cur)] {
         if let Some(snapshot) = snapshot {
             if !now.covers(snapshot) {
@@ -419,7 +405,7 @@ fn register_consumer(
         )
         .map_err(|e| TrompeError::Internal(format!("registering consumer: {e}")))
         .or_raise();
-        forget_live_confirmation(&consumer);
+        crate::consumers::forget_live_confirmation(&consumer);
         (crate::node::local_node_id(), snapshot)
     });
     let tracked = crate::sql::flag("SELECT current_setting('track_commit_timestamp') = 'on'", &[])
@@ -442,7 +428,7 @@ fn clear_lost() -> &'static str {
 /// login may act for it (`act`).
 fn confirmed_position(consumer: &pgrx::Uuid, act: crate::consumers::Act) -> Option<String> {
     let reg = crate::consumers::authorized(&consumer.to_string(), act).or_raise()?;
-    Some(effective_confirmed(consumer.as_bytes(), &reg.confirmed))
+    Some(crate::consumers::effective_confirmed(consumer.as_bytes(), &reg.confirmed))
 }
 
 /// Registers `consumer` as a consumer of this node's log at the position `template` (another
@@ -506,7 +492,7 @@ fn register_from(consumer: pgrx::Uuid, consumer_name: &str, template: pgrx::Uuid
             .or_raise();
         position
     });
-    forget_live_confirmation(&consumer);
+    crate::consumers::forget_live_confirmation(&consumer);
     position
 }
 
@@ -515,16 +501,6 @@ fn register_from(consumer: pgrx::Uuid, consumer_name: &str, template: pgrx::Uuid
 #[pg_extern(volatile, parallel_unsafe)]
 fn consumer_confirmed(consumer: pgrx::Uuid) -> Option<String> {
     confirmed_position(&consumer, crate::consumers::Act::Use)
-}
-
-/// Forgets what consumer `consumer` confirmed through shared memory (it was removed or
-/// registered anew).
-pub fn forget_live_confirmation(consumer: &pgrx::Uuid) {
-    // SAFETY: MyDatabaseId is a backend-local global.
-    let dboid = unsafe { pg_sys::MyDatabaseId };
-    if let Some(s) = shmem::shared() {
-        s.forget_consumer(dboid, consumer.as_bytes());
-    }
 }
 
 /// Forgets a consumer, at its own request (it removed this node as a peer): its position no
@@ -536,7 +512,7 @@ fn unregister_consumer(consumer: pgrx::Uuid) -> bool {
     if crate::consumers::authorized(&consumer_text, crate::consumers::Act::Use).or_raise().is_none() {
         return false;
     }
-    forget_live_confirmation(&consumer);
+    crate::consumers::forget_live_confirmation(&consumer);
     as_extension_owner(|| {
         crate::sql::execute("DELETE FROM trompe.consumers WHERE node_id = $1::uuid", &[Some(&consumer_text)])
     })
