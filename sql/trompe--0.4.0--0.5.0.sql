@@ -100,6 +100,15 @@ CREATE TABLE trompe.freeze_windows (
 );
 COMMENT ON TABLE trompe.freeze_windows IS 'Freezing statements whose rows committed after their versions were kept may lack a kept version.';
 
+-- Snapshots of this node recorded now and then while the log grows (src/log/marks.rs): a
+-- consumer far behind catches up in steps that end at them.
+CREATE TABLE trompe.snapshot_marks (
+    id bigserial PRIMARY KEY,
+    snap pg_snapshot NOT NULL,
+    at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE trompe.snapshot_marks IS 'Snapshots of this node at which a far-behind consumer''s catch-up steps end.';
+
 CREATE FUNCTION trompe."skip"(
 	"peer" TEXT,
 	"txn" bigint DEFAULT NULL

@@ -97,12 +97,62 @@ impl FromStr for Snapshot {
     }
 }
 
+/// Where a step from position `done` should end among `marks` (earlier snapshots of the same
+/// node, oldest first) so that it spans about `target` transaction ids: the newest mark at
+/// most `target` ids past `done`, or else the first mark past it. Only a mark that covers
+/// `done`, sees more than it, and that `now` (the node's current snapshot) covers qualifies;
+/// `None` if none does.
+pub fn bounded_step_end(
+    done: &Snapshot,
+    now: &Snapshot,
+    marks: impl IntoIterator<Item = Snapshot>,
+    target: Xid,
+) -> Option<Snapshot> {
+    let mut chosen = None;
+    for mark in marks {
+        if !mark.covers(done) || mark.same_view(done) || !now.covers(&mark) {
+            continue;
+        }
+        let within = mark.xmax.saturating_sub(done.xmax) <= target;
+        if within || chosen.is_none() {
+            chosen = Some(mark);
+        }
+        if !within {
+            break;
+        }
+    }
+    chosen
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn snap(s: &str) -> Snapshot {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_step_ends_at_the_newest_mark_within_its_target() {
+        let done = snap("100:100:");
+        let now = snap("50000:50000:");
+        let marks = ["90:95:", "100:100:", "3000:3000:", "9000:9010:9005", "20000:20000:", "40000:40000:"];
+        let end = bounded_step_end(&done, &now, marks.iter().map(|m| snap(m)), 10_000);
+        assert_eq!(end, Some(snap("9000:9010:9005")), "the newest within 10,000 ids");
+        let end = bounded_step_end(&done, &now, ["20000:20000:", "40000:40000:"].iter().map(|m| snap(m)), 10_000);
+        assert_eq!(end, Some(snap("20000:20000:")), "else the first past the position");
+        let end = bounded_step_end(&done, &now, ["100:100:", "60000:60000:"].iter().map(|m| snap(m)), 10_000);
+        assert_eq!(end, None, "no mark between the position and now");
+    }
+
+    #[test]
+    fn a_step_never_ends_at_a_mark_that_misses_what_the_position_saw() {
+        // The position saw 105 (committed after the mark was taken, while 105 ran).
+        let done = snap("104:106:104");
+        let now = snap("50000:50000:");
+        let marks = ["100:200:105", "150:300:"];
+        let end = bounded_step_end(&done, &now, marks.iter().map(|m| snap(m)), 10_000);
+        assert_eq!(end, Some(snap("150:300:")));
     }
 
     #[test]

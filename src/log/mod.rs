@@ -1,7 +1,8 @@
 //! The change log: appending entries (`writer`), serving them to the peers that pull them
-//! (`serve`), choosing the table to append to and retiring tables that every peer has confirmed
+//! (`serve`, in steps that end at `marks` when a consumer is far behind), choosing the table to append to and retiring tables that every peer has confirmed
 //! (`rotation`).
 
+pub mod marks;
 pub mod rotation;
 pub mod serve;
 pub mod writer;

@@ -191,6 +191,7 @@ pub fn maintain(db: &DbSlot) -> Result<(), String> {
         mark_laggards(&rows, xmin)?;
     }
     let horizon = confirmed_horizon()?;
+    super::marks::prune(horizon)?;
     for row in rows.iter().filter(|r| !r.is_current) {
         let slot = row.slot.to_string();
         match row.retired_below {

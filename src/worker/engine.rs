@@ -133,6 +133,8 @@ struct Engine {
     next_reload_ms: i64,
     next_extension_check_ms: i64,
     next_maintenance_ms: i64,
+    /// When to look again whether a snapshot mark is due (see `crate::log::marks`).
+    next_mark_ms: i64,
     next_versions_ms: i64,
     last_pruning_ms: i64,
     extension_seen: bool,
@@ -323,6 +325,14 @@ impl Engine {
             }
             self.next_maintenance_ms = now_ms() + MAINTENANCE_EVERY_MS;
         }
+        if now_ms() >= self.next_mark_ms {
+            if crate::log::marks::due(self.slot) {
+                if let Err(e) = in_transaction(|| crate::log::marks::record(self.slot)) {
+                    pgrx::log!("trompe: recording a snapshot mark failed: {e}");
+                }
+            }
+            self.next_mark_ms = now_ms() + crate::log::marks::MARK_EVERY_MS;
+        }
         if now_ms() >= self.next_versions_ms {
             if let Err(e) = in_transaction(crate::row_versions::maintain) {
                 pgrx::log!("trompe: keeping the versions of aging rows failed: {e}");
@@ -349,6 +359,7 @@ impl Engine {
             .min(self.last_pruning_ms + crate::retention::interval_ms())
             .min(self.next_extension_check_ms)
             .min(self.next_versions_ms)
+            .min(self.next_mark_ms)
             .min(self.next_reload_ms);
         for w in &waits {
             if let Some(t) = w.wake_at_ms {
@@ -416,6 +427,7 @@ pub fn run(dboid: pg_sys::Oid, slot: &'static DbSlot) -> ! {
         next_reload_ms: 0,
         next_extension_check_ms: 0,
         next_maintenance_ms: 0,
+        next_mark_ms: 0,
         next_versions_ms: 0,
         last_pruning_ms: 0,
         extension_seen: false,

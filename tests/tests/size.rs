@@ -542,3 +542,48 @@ fn a_change_too_large_for_the_log_fails_at_the_origin() {
         Some("connected:")
     );
 }
+
+/// A node back from a long outage catches up in steps of bounded size: each step ends at a
+/// snapshot the origin recorded while the backlog grew (a mark) instead of listing the whole
+/// backlog before the first change, and everything arrives.
+#[test]
+fn a_long_outage_is_caught_up_in_bounded_steps() {
+    let cluster = Cluster::start("outage-steps", 2);
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all(
+        "CREATE TABLE t (id int PRIMARY KEY); SELECT trompe.add_table('t');
+         CREATE PROCEDURE fill(n int) LANGUAGE plpgsql AS $$
+         BEGIN FOR i IN 1..n LOOP INSERT INTO t VALUES (i); COMMIT; END LOOP; END $$",
+    );
+    cluster.add_peer(1, 0);
+    cluster.wait_sync(Duration::from_secs(120));
+    b.exec(&format!("SELECT trompe.pause_peer('{}')", a.name));
+    let backlog = 30_000;
+    a.exec(&format!("CALL fill({backlog})"));
+    let b_id = b.query_text("SELECT trompe.node_id()").expect("b's node id");
+    // The step b's next pull would get (asked here as a superuser, b's position unchanged).
+    let step = a.query_row(&format!(
+        "SELECT p.cur, p.pending::text,
+                (pg_snapshot_xmax(p.cur::pg_snapshot)::text::bigint - pg_snapshot_xmax(c.confirmed::pg_snapshot)::text::bigint)::text,
+                (SELECT count(*) FROM trompe.snapshot_marks m WHERE m.snap::text = p.cur)::text
+           FROM trompe.consumers c,
+                trompe._pull_plan(c.node_id, c.confirmed, NULL, 0, 100, 0, -1, NULL) p
+          WHERE c.node_id = '{b_id}'"
+    ));
+    let text = |i: usize| step.get(i).cloned().flatten().unwrap_or_default();
+    let num = |i: usize| text(i).parse::<i64>().unwrap_or(-1);
+    assert_eq!(num(3), 1, "the step ends at a mark ({})", text(0));
+    assert!(
+        (1..=10_000).contains(&num(2)) && (1..=10_000).contains(&num(1)),
+        "the step spans at most 10,000 transaction ids ({}) and changes ({}) of the {backlog}",
+        num(2),
+        num(1)
+    );
+    b.exec(&format!("SELECT trompe.resume_peer('{}')", a.name));
+    assert!(
+        wait_for(Duration::from_secs(180), || b.query_i64("SELECT count(*) FROM t") == i64::from(backlog)),
+        "every row of the backlog arrived"
+    );
+    cluster.wait_sync(Duration::from_secs(120));
+    cluster.assert_same(&checksum("t"));
+}
