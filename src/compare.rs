@@ -187,8 +187,21 @@ fn compare_impl(peer: &str, rel: Option<&PgRelation>) -> Result<Vec<CompareRow>,
     let tables = tables(rel)?;
     let mut snapshot = PeerSnapshot::open(peer)?;
     let mut out = Vec::with_capacity(tables.len());
-    for table in &tables {
+    for (i, table) in tables.iter().enumerate() {
+        let started = std::time::Instant::now();
         let diff = diff_table(&mut snapshot, table)?;
+        pgrx::notice!(
+            "trompe: compared {} with {peer} (table {} of {}, {:.1} s): {} rows here, {} there; {} only here, {} only there, {} different",
+            table.name,
+            i + 1,
+            tables.len(),
+            started.elapsed().as_secs_f64(),
+            diff.rows_here,
+            diff.rows_there,
+            diff.rows.only_here.len(),
+            diff.rows.only_there.len(),
+            diff.rows.different.len()
+        );
         out.push((
             table.name.clone(),
             diff.rows_here,
@@ -243,7 +256,8 @@ fn repair_impl(peer: &str, rel: Option<&PgRelation>) -> Result<Vec<RepairRow>, T
     let tables = tables(rel)?;
     let mut snapshot = PeerSnapshot::open(peer)?;
     let mut out = Vec::with_capacity(tables.len());
-    for table in &tables {
+    for (i, table) in tables.iter().enumerate() {
+        let started = std::time::Instant::now();
         let diff = diff_table(&mut snapshot, table)?;
         let mut totals = [0i64; 3];
         let mut add = |counts: [i64; 3]| totals.iter_mut().zip(counts).for_each(|(t, c)| *t += c);
@@ -266,6 +280,16 @@ fn repair_impl(peer: &str, rel: Option<&PgRelation>) -> Result<Vec<RepairRow>, T
             }
             add(repair_rows(&table.name, peer, &[], &incoming)?);
         }
+        pgrx::notice!(
+            "trompe: repaired {} from {peer} (table {} of {}, {:.1} s): {} rows inserted, {} updated, {} deleted",
+            table.name,
+            i + 1,
+            tables.len(),
+            started.elapsed().as_secs_f64(),
+            totals[0],
+            totals[1],
+            totals[2]
+        );
         out.push((table.name.clone(), totals[0], totals[1], totals[2]));
     }
     Ok(out)

@@ -141,3 +141,25 @@ fn compare_and_repair_refuse_bad_requests() {
     let (got, message) = expect_error(&mut puller, "SELECT * FROM trompe._repair_rows('t', 'x', '{}', '[]')");
     assert_eq!(got, "42501", "{message}");
 }
+
+/// compare and repair report each table as they finish it, so a long run shows how far it got.
+#[test]
+fn compare_and_repair_report_each_table_as_they_go() {
+    let cluster = Cluster::start("compare-progress", 2);
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all(SCHEMA);
+    cluster.mesh();
+    n1.exec("INSERT INTO pairs VALUES ('a', 1, 'x'), ('b', 2, 'y')");
+    cluster.wait_sync(Duration::from_secs(60));
+    let (mut client, notices) = n2.connect_keeping_notices();
+    client.batch_execute("SELECT * FROM trompe.compare('n1'); SELECT * FROM trompe.repair('n1')").expect("both run");
+    let notices = notices.lock().expect("notices").clone();
+    let compared: Vec<&String> = notices.iter().filter(|n| n.contains("trompe: compared")).collect();
+    let repaired: Vec<&String> = notices.iter().filter(|n| n.contains("trompe: repaired")).collect();
+    assert_eq!((compared.len(), repaired.len()), (3, 3), "one report per table and run: {notices:?}");
+    assert!(
+        compared.iter().any(|n| n.contains("pairs") && n.contains("(table ") && n.contains("2 rows here, 2 there")),
+        "a report names its table, its place and its counts: {compared:?}"
+    );
+    assert!(repaired.iter().all(|n| n.contains("0 rows inserted, 0 updated, 0 deleted")), "{repaired:?}");
+}
