@@ -257,6 +257,7 @@ SELECT s.name,
        y.tables_copied AS sync_tables_copied,
        y.tables_total AS sync_tables_total,
        y.rows_copied AS sync_rows_copied,
+       y.rows_estimate AS sync_rows_estimate,
        -- What the peer's log retains for this node (its trompe.consumer_log row), as the peer
        -- last said (asked every 10 seconds or so while connected); NULL if unknown.
        s.peer_log_transactions AS retained_transactions,

@@ -18,7 +18,9 @@ CREATE TABLE trompe.syncs (
     finished_at timestamptz,
     -- What the current attempt created (pg_dump's DROP ... IF EXISTS statements): run before
     -- the copy is attempted again, so that every attempt starts from an empty node.
-    undo text
+    undo text,
+    -- How many rows the source's replicated tables hold, from its statistics (reltuples).
+    rows_estimate bigint
 );
 COMMENT ON TABLE trompe.syncs IS 'Copies of a peer''s schema and data made by add_peer(..., sync => true), with their progress.';
 

@@ -11,8 +11,8 @@ DO $lock$
 BEGIN
     FOR attempt IN 1..100 LOOP
         BEGIN
-            LOCK TABLE trompe.peers, trompe.node, trompe.consumers, trompe.progress, trompe.log_rotation
-                IN ACCESS EXCLUSIVE MODE;
+            LOCK TABLE trompe.peers, trompe.node, trompe.consumers, trompe.progress, trompe.log_rotation,
+                trompe.syncs IN ACCESS EXCLUSIVE MODE;
             RETURN;
         EXCEPTION WHEN deadlock_detected THEN
             PERFORM pg_catalog.pg_sleep(0.05);
@@ -548,6 +548,8 @@ GRANT EXECUTE ON FUNCTION trompe.retained_log(uuid) TO trompe_puller;
 
 -- trompe.status shows what each peer's log retains for this node (src/status.rs).
 DROP VIEW trompe.status;
+-- How many rows a join expects to copy (from the source's statistics), shown in trompe.status.
+ALTER TABLE trompe.syncs ADD COLUMN rows_estimate bigint;
 DROP FUNCTION trompe._status();
 CREATE FUNCTION trompe."_status"() RETURNS TABLE (
 	"name" TEXT,  /* String */
@@ -587,6 +589,7 @@ SELECT s.name,
        y.tables_copied AS sync_tables_copied,
        y.tables_total AS sync_tables_total,
        y.rows_copied AS sync_rows_copied,
+       y.rows_estimate AS sync_rows_estimate,
        -- What the peer's log retains for this node (its trompe.consumer_log row), as the peer
        -- last said (asked every 10 seconds or so while connected); NULL if unknown.
        s.peer_log_transactions AS retained_transactions,

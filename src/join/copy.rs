@@ -72,6 +72,8 @@ struct Source {
     /// Node priorities (node id, priority), from a source at 0.4.0 or later.
     priorities: Vec<(String, String)>,
     schemas: Vec<String>,
+    /// How many rows the replicated tables hold, from the source's statistics (`reltuples`).
+    rows_estimate: i64,
 }
 
 /// A connection to the source, with errors scrubbed of secrets.
@@ -116,6 +118,14 @@ fn read_source(conn: &mut SourceConn) -> Result<Source, String> {
     if source.snapshot.is_empty() || source.exported.is_empty() {
         return Err(format!("peer \"{}\" did not describe its snapshot", conn.name));
     }
+    let names: Vec<Option<&str>> = source.tables.iter().map(|(t, _)| Some(t.as_str())).collect();
+    let estimate = conn.query(
+        "SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::bigint::text
+           FROM unnest($1::text[]) AS t(name)
+           JOIN pg_catalog.pg_class c ON c.oid = pg_catalog.to_regclass(t.name)",
+        &[Some(&trompe_core::pgarray::format_text_array(&names))],
+    )?;
+    source.rows_estimate = cell(&estimate, 0, 0).and_then(|v| v.parse().ok()).unwrap_or(0);
     Ok(source)
 }
 
@@ -182,10 +192,25 @@ fn create_schema(job: &SyncJob, source: &Source, script: &trompe_core::dump::Sch
               WHERE node_id = $1::uuid",
             &[Some(&node), Some(&script.undo), Some(&total)],
         )?;
+        if estimate_installed()? {
+            sql::execute(
+                "UPDATE trompe.syncs SET rows_estimate = $2::bigint WHERE node_id = $1::uuid",
+                &[Some(&node), Some(&source.rows_estimate.to_string())],
+            )?;
+        }
         Ok(())
     })?;
     crate::shmem::tombstones_changed();
     Ok(())
+}
+
+/// Whether `trompe.syncs` has the rows estimate (trompe 0.5.0 or later).
+fn estimate_installed() -> Result<bool, String> {
+    sql::flag(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+                         WHERE attrelid = 'trompe.syncs'::regclass AND attname = 'rows_estimate' AND NOT attisdropped)",
+        &[],
+    )
 }
 
 /// A row version as the source reports it: the node that wrote it and its commit time.

@@ -102,7 +102,8 @@ fn a_third_node_joins_under_write_load_and_ends_identical() {
         n1.exec("SELECT trompe.pause_peer('n2')");
         std::thread::sleep(Duration::from_secs(1));
 
-        // The join, while n1 and n2 take writes.
+        // The join, while n1 and n2 take writes (n1's statistics say how many rows to expect).
+        n1.exec("ANALYZE acct, app.items");
         n3.exec(&sync_sql);
         // Another peer waits until the copy is done (unless it already is).
         let add_n2 = format!("SELECT trompe.add_peer('n2', '{}')", cluster.peer_conninfo(2, 1));
@@ -146,10 +147,13 @@ fn a_third_node_joins_under_write_load_and_ends_identical() {
     assert!(n3.query_i64("SELECT count(*) FROM acct WHERE id > 300000") > 0, "n3's own writes reached n3");
     assert!(n1.query_i64("SELECT count(*) FROM acct WHERE id > 300000") > 0, "and n1");
     let status = n3.query_row(
-        "SELECT sync_rows_copied, sync_tables_copied, sync_tables_total FROM trompe.status WHERE name = 'n1'",
+        "SELECT sync_rows_copied, sync_tables_copied, sync_tables_total, sync_rows_estimate FROM trompe.status
+          WHERE name = 'n1'",
     );
-    let copied: i64 = status[0].as_deref().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let number = |i: usize| status[i].as_deref().and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+    let copied = number(0);
     assert!(copied >= 2700, "status shows the copy: {status:?}");
+    assert!(copied / 2 <= number(3) && number(3) <= copied * 2, "and how many rows it expected: {status:?}");
     assert_eq!(status[1], status[2], "every table copied: {status:?}");
     assert_eq!(n3.query_i64("SELECT count(*) FROM trompe.start_positions"), 0, "n2's start position was used");
     // Schema beyond the tables came along: the enum, the index.
