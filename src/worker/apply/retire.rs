@@ -1,8 +1,8 @@
 //! Rows removed by a unique collision, removed everywhere with a version of their own.
 //!
 //! When an incoming row loses a collision on a secondary unique constraint against a
-//! higher-ranked local row (`rows::retire_incoming`), this node treats it as written and at
-//! once removed; when it wins, the local row it collides with is removed (`rows::resolve_unique`).
+//! higher-ranked local row (`rows::unique::retire_incoming`), this node treats it as written and at
+//! once removed; when it wins, the local row it collides with is removed (`rows::unique::resolve_unique`).
 //! Every node must remove that row too, also those where the two rows never meet (one of them
 //! moved on there). The removal cannot be logged by the apply transaction itself: that
 //! transaction commits with the incoming row's commit time (it carries the peer's version),

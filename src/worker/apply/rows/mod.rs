@@ -11,19 +11,26 @@
 //! a careful path that checks before writing.
 
 use pgrx::pg_sys;
-use trompe_core::changeset::OldVersion;
-use trompe_core::conflict::{ConflictKind, LocalVersion, Version};
+use trompe_core::conflict::{ConflictKind, LocalVersion};
 use trompe_core::ident::quote_ident;
-use trompe_core::json;
 use trompe_core::logformat::Op;
 use trompe_core::pgarray::format_text_array;
+
+mod by_key;
+mod unique;
+
+pub use by_key::TxnVersion;
+use by_key::{
+    check_columns, incoming, incoming_row_unset, key_array, key_condition, key_datums, key_json, nkey_of, row_json,
+    run_by_key, tombstone, write_tombstone,
+};
+pub(super) use by_key::{key_values, row_exists};
 
 use super::change::Change;
 use super::error::ApplyError;
 use super::keyed::Met;
 use super::owner;
 use super::table::{run_plan, ApplyCache, Guards, Table};
-use crate::capture::row::log_delete;
 use crate::conflicts::{local_version, record, with_incoming, Incoming, Recorded};
 
 /// How many times an update or delete is run again when it found no row although one exists:
@@ -40,172 +47,6 @@ fn wins_condition(table: &Table, first: usize) -> String {
         key_condition(table, first),
         table.qualified
     )
-}
-
-/// The version of the origin transaction being applied.
-#[derive(Clone, Copy)]
-pub struct TxnVersion(pub Version);
-
-/// Values of the change's columns by name: the new row (`vals`) or the old key (`oldkey`,
-/// which matches the first columns).
-fn value_of<'c>(change: &'c Change, col: &str, old: bool) -> Option<&'c str> {
-    let i = change.cols.iter().position(|c| c == col)?;
-    let list = if old { change.oldkey.as_ref()? } else { change.vals.as_ref()? };
-    list.get(i).and_then(|v| v.as_deref())
-}
-
-/// The local primary key's values, taken from the new row or the old key.
-pub(super) fn key_values<'c>(table: &Table, change: &'c Change, old: bool) -> Vec<Option<&'c str>> {
-    table.key.iter().map(|k| value_of(change, k, old)).collect()
-}
-
-fn key_json(table: &Table, values: &[Option<&str>]) -> String {
-    json::object(table.key.iter().map(String::as_str).zip(values.iter().copied()))
-}
-
-fn row_json(change: &Change) -> Option<String> {
-    let vals = change.vals.as_ref()?;
-    Some(json::object(change.cols.iter().map(String::as_str).zip(vals.iter().map(|v| v.as_deref()))))
-}
-
-/// Checks that the change's columns exist here and its key is this table's key.
-fn check_columns(table: &Table, change: &Change, nkey: usize) -> Result<(), ApplyError> {
-    if !table.replicated {
-        return Err(ApplyError::NotReplicated(table.qualified.clone()));
-    }
-    if let Some(c) = change.cols.iter().find(|c| !table.attrs.contains_key(c.as_str())) {
-        return Err(ApplyError::NoSuchColumn { table: table.readable.clone(), column: c.clone() });
-    }
-    if nkey > change.cols.len() {
-        return Err(ApplyError::Malformed { id: change.id(), reason: "key longer than the column list".into() });
-    }
-    let mut theirs: Vec<&str> = change.cols[..nkey].iter().map(String::as_str).collect();
-    let mut ours: Vec<&str> = table.key.iter().map(String::as_str).collect();
-    theirs.sort_unstable();
-    ours.sort_unstable();
-    if theirs != ours {
-        return Err(ApplyError::KeyMismatch(table.qualified.clone()));
-    }
-    Ok(())
-}
-
-fn nkey_of(change: &Change) -> Result<usize, ApplyError> {
-    change
-        .oldkey
-        .as_ref()
-        .map(|k| k.len())
-        .ok_or(ApplyError::Malformed { id: change.id(), reason: "missing old key".into() })
-}
-
-/// `WHERE` over the local key with parameters starting at `$first`.
-fn key_condition(table: &Table, first: usize) -> String {
-    let parts: Vec<String> =
-        table.key.iter().enumerate().map(|(i, k)| format!("tgt.{} = ${}", quote_ident(k), first + i)).collect();
-    parts.join(" AND ")
-}
-
-fn key_datums(table: &Table, keys: &[Option<&str>], values: &mut Vec<pg_sys::Datum>, nulls: &mut Vec<bool>) {
-    for (k, v) in table.key.iter().zip(keys) {
-        let (d, n) = table.attrs[k].datum(*v);
-        values.push(d);
-        nulls.push(n);
-    }
-}
-
-fn incoming(table: &Table, v: TxnVersion, change: &Change, kind: ConflictKind, keys: &[Option<&str>]) -> Incoming {
-    Incoming { row: row_json(change), ..incoming_row_unset(table, v, change, kind, keys) }
-}
-
-/// [`incoming`] without the incoming row's JSON (to be set where it is needed).
-fn incoming_row_unset(
-    table: &Table,
-    v: TxnVersion,
-    change: &Change,
-    kind: ConflictKind,
-    keys: &[Option<&str>],
-) -> Incoming {
-    Incoming {
-        table: table.readable.clone(),
-        version: v.0,
-        replaced: change.old.into(),
-        kind,
-        key: Some(key_json(table, keys)),
-        row: None,
-        ranking: table.ranking.clone(),
-        rows: Some((table.versions.clone(), keys.iter().map(|k| k.map(str::to_string)).collect())),
-    }
-}
-
-/// The version of the local row with primary key `keys` written by `xmin`.
-fn row_version(table: &Table, xmin: u32, keys: &[Option<&str>]) -> LocalVersion {
-    let xmin = pg_sys::TransactionId::from(xmin);
-    table.versions.row_version(xmin, || keys.iter().map(|k| k.map(str::to_string)).collect()).into()
-}
-
-/// Runs the kept statement `tag` of `table` (built by `sql` the first time) whose parameters
-/// `$1..` are the primary key values `keys`; returns the rows processed and the first row.
-fn run_by_key(
-    cache: &mut ApplyCache,
-    table: &Table,
-    tag: &str,
-    keys: &[Option<&str>],
-    sql: impl FnOnce() -> String,
-) -> Result<(u64, Vec<Option<String>>), ApplyError> {
-    let plan = cache.plan(
-        &format!("{tag}\0{}", table.relid.to_u32()),
-        table.relid,
-        || table.key.iter().map(|k| table.attrs[k].typid).collect(),
-        sql,
-    )?;
-    let mut values = Vec::new();
-    let mut nulls = Vec::new();
-    key_datums(table, keys, &mut values, &mut nulls);
-    owner::as_table_owner(table.relid, || run_plan(plan, &mut values, &nulls))
-}
-
-/// True if the row with this key exists locally.
-pub(super) fn row_exists(cache: &mut ApplyCache, table: &Table, keys: &[Option<&str>]) -> Result<bool, ApplyError> {
-    let found = run_by_key(cache, table, "X", keys, || {
-        format!("SELECT 1 FROM {} AS tgt WHERE {}", table.qualified, key_condition(table, 1))
-    })?;
-    Ok(found.0 > 0)
-}
-
-/// Deletes the local row with this key, whatever its version (a unique collision removed it).
-fn delete_by_key(cache: &mut ApplyCache, table: &Table, keys: &[Option<&str>]) -> Result<(), ApplyError> {
-    run_by_key(cache, table, "DU", keys, || {
-        format!("DELETE FROM {} AS tgt WHERE {}", table.qualified, key_condition(table, 1))
-    })?;
-    Ok(())
-}
-
-/// Logs the removal of the row with `keys` (replacing version `old`) as a change of this
-/// transaction, so that every node removes it.
-fn log_removal(change: &Change, table: &Table, keys: &[Option<&str>], old: OldVersion) -> Result<(), ApplyError> {
-    log_delete(&change.nsp, &change.rel, &table.key, keys, old).map_err(|e| ApplyError::Postgres(e.to_string()))
-}
-
-fn key_array(keys: &[Option<&str>]) -> String {
-    format_text_array(keys)
-}
-
-/// The version of the tombstone of this key, if the row was deleted.
-fn tombstone(table: &Table, keys: &[Option<&str>]) -> Result<Option<LocalVersion>, ApplyError> {
-    let xmin = crate::conflicts::tombstone_writer(table.relid, keys, false).map_err(ApplyError::Postgres)?;
-    Ok(xmin.map(local_version))
-}
-
-/// Writes (or moves forward) the tombstone of a deleted key, inside the current statement
-/// context so it only moves to a newer version.
-fn write_tombstone(table: &Table, keys: &[Option<&str>]) -> Result<(), ApplyError> {
-    crate::sql::execute(
-        "INSERT INTO trompe.tombstones (relid, key) VALUES ($1::oid, $2::text[])
-         ON CONFLICT (relid, key) DO UPDATE SET key = EXCLUDED.key WHERE trompe._incoming_newer(tombstones.xmin)",
-        &[Some(&table.relid.to_u32().to_string()), Some(&key_array(keys))],
-    )
-    .map_err(ApplyError::Postgres)?;
-    crate::marker_writes::note_tombstones_written();
-    Ok(())
 }
 
 /// After inserting rows with `keys`: takes back those whose key has a tombstone newer than
@@ -450,7 +291,7 @@ fn insert_one(
             }
         }
     }
-    if careful && !resolve_unique(cache, table, v, change, &keys)? {
+    if careful && !unique::resolve_unique(cache, table, v, change, &keys)? {
         return Ok(());
     }
     with_incoming(ctx, || upsert_one(cache, table, change))?;
@@ -475,7 +316,7 @@ pub fn update(cache: &mut ApplyCache, v: TxnVersion, change: &Change, careful: b
     if truncated_after(&guards, &table, v, change) {
         return Ok(());
     }
-    if careful && !resolve_unique(cache, &table, v, change, &new_keys)? {
+    if careful && !unique::resolve_unique(cache, &table, v, change, &new_keys)? {
         return Ok(());
     }
     // The incoming row's JSON is only needed for a conflict: the executor path builds it then.
@@ -639,144 +480,6 @@ fn delete_key(
         // inserted again by a local transaction it waited for): decide against that one.
     }
     with_incoming(ctx, || write_tombstone(table, keys))
-}
-
-/// Before writing a row: resolves collisions on the table's other unique constraints. Local
-/// rows holding the same values lose to a newer incoming row (they are deleted); if one of
-/// them is newer, the incoming change loses (returns false) and is not applied.
-fn resolve_unique(
-    cache: &mut ApplyCache,
-    table: &Table,
-    v: TxnVersion,
-    change: &Change,
-    keys: &[Option<&str>],
-) -> Result<bool, ApplyError> {
-    for unique in &table.uniques {
-        let values: Vec<Option<&str>> = unique.iter().map(|c| value_of(change, c, false)).collect();
-        if values.iter().any(Option::is_none) || unique.iter().any(|c| !change.cols.contains(c)) {
-            continue;
-        }
-        let mut sql = format!(
-            "SELECT tgt.xmin, row_to_json(tgt)::text, ARRAY[{}]::text[] FROM {} AS tgt WHERE ",
-            table.key.iter().map(|k| format!("tgt.{}::text", quote_ident(k))).collect::<Vec<_>>().join(", "),
-            table.qualified
-        );
-        let mut params: Vec<Option<&str>> = Vec::new();
-        let mut conds = Vec::new();
-        for (c, val) in unique.iter().zip(&values) {
-            params.push(*val);
-            conds.push(format!("tgt.{} = ${}::{}", quote_ident(c), params.len(), type_name(table.attrs[c].typid)));
-        }
-        let key_list: Vec<String> = table.key.iter().map(|k| format!("tgt.{}", quote_ident(k))).collect();
-        let key_params: Vec<String> = table
-            .key
-            .iter()
-            .zip(keys)
-            .map(|(k, val)| {
-                params.push(*val);
-                format!("${}::{}", params.len(), type_name(table.attrs[k].typid))
-            })
-            .collect();
-        sql += &conds.join(" AND ");
-        sql += &format!(" AND ({}) IS DISTINCT FROM ({}) FOR UPDATE", key_list.join(", "), key_params.join(", "));
-        // Key texts in the canonical format, as a logged delete must carry them.
-        let rows = {
-            let _canonical = crate::session::CanonicalOutput::enter();
-            crate::sql::rows(&sql, &params).map_err(ApplyError::Postgres)?
-        };
-        let mut losers = Vec::new();
-        for r in &rows {
-            let xmin = r[0].as_deref().and_then(|x| x.parse::<u32>().ok()).unwrap_or(0);
-            let their_key = r[2].as_deref().map(trompe_core::pgarray::parse_text_array).transpose();
-            let their_key = their_key.map_err(|e| ApplyError::Postgres(e.to_string()))?.unwrap_or_default();
-            let their_refs: Vec<Option<&str>> = their_key.iter().map(|k| k.as_deref()).collect();
-            let local = row_version(table, xmin, &their_refs);
-            let conflict = Recorded {
-                table: table.readable.clone(),
-                key: Some(key_json(table, keys)),
-                kind: ConflictKind::UniqueViolation,
-                remote_won: table.ranking.wins(v.0, local),
-                local,
-                local_row: r[1].clone(),
-                remote: v.0,
-                remote_row: row_json(change),
-            };
-            if !conflict.remote_won {
-                record(conflict);
-                retire_incoming(cache, table, v, change, keys)?;
-                return Ok(false);
-            }
-            record(conflict);
-            losers.push((r[2].clone().unwrap_or_default(), local));
-        }
-        for (loser, loser_version) in losers {
-            let loser_keys =
-                trompe_core::pgarray::parse_text_array(&loser).map_err(|e| ApplyError::Postgres(e.to_string()))?;
-            let loser_refs: Vec<Option<&str>> = loser_keys.iter().map(|k| k.as_deref()).collect();
-            delete_by_key(cache, table, &loser_refs)?;
-            let ctx = Incoming {
-                table: table.readable.clone(),
-                version: v.0,
-                replaced: LocalVersion::Unknown,
-                kind: ConflictKind::UniqueViolation,
-                key: None,
-                row: None,
-                ranking: table.ranking.clone(),
-                rows: None,
-            };
-            with_incoming(ctx, || write_tombstone(table, &loser_refs))?;
-            // Logged after the apply, like a retired incoming row (see retire.rs): inside the
-            // apply transaction the delete would carry the incoming row's commit time with this
-            // node's id, which need not rank above the loser's version under every rule.
-            if super::retire_queue::queue(table, &loser_refs)? {
-                continue;
-            }
-            let old = match loser_version {
-                LocalVersion::Known(v) => OldVersion::Committed { ts: v.ts, node: v.node },
-                _ => OldVersion::Unknown,
-            };
-            log_removal(change, table, &loser_refs, old)?;
-        }
-    }
-    Ok(true)
-}
-
-/// An incoming row version lost a unique collision against a newer local row: it counts as
-/// written and at once removed. The local row with its key (an older version) goes, the key
-/// gets a tombstone, and the removal is queued, to be logged after the apply (see
-/// [`super::retire`]) so that nodes which applied the version without meeting the collision (the
-/// winner had moved on there) remove it too. Nothing happens if the local row with this key is
-/// newer than the incoming version anyway.
-fn retire_incoming(
-    cache: &mut ApplyCache,
-    table: &Table,
-    v: TxnVersion,
-    change: &Change,
-    keys: &[Option<&str>],
-) -> Result<(), ApplyError> {
-    let (found, first) = run_by_key(cache, table, "XV", keys, || {
-        format!("SELECT tgt.xmin FROM {} AS tgt WHERE {} FOR UPDATE", table.qualified, key_condition(table, 1))
-    })?;
-    if found > 0 {
-        let xmin = first.first().cloned().flatten().and_then(|x| x.parse::<u32>().ok()).unwrap_or(0);
-        if !table.ranking.wins(v.0, row_version(table, xmin, keys)) {
-            return Ok(());
-        }
-        delete_by_key(cache, table, keys)?;
-    }
-    with_incoming(incoming(table, v, change, ConflictKind::UniqueViolation, keys), || write_tombstone(table, keys))?;
-    if super::retire_queue::queue(table, keys)? {
-        return Ok(());
-    }
-    // A schema older than 0.4.0: logged here, with the row's own version (see retire.rs).
-    let old = OldVersion::Committed { ts: v.0.ts, node: v.0.node };
-    log_removal(change, table, keys, old)
-}
-
-/// The SQL name of a type (for casts in dynamic SQL).
-fn type_name(typid: pg_sys::Oid) -> String {
-    // SAFETY: format_type_be returns a palloc'd, properly quoted type name.
-    unsafe { std::ffi::CStr::from_ptr(pg_sys::format_type_be(typid)).to_string_lossy().into_owned() }
 }
 
 /// The end of the run of inserts starting at `start`: same table, same columns, distinct

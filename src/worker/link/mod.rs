@@ -4,19 +4,28 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use pgrx::{pg_sys, PgSqlErrorCode};
+use pgrx::pg_sys;
 use trompe_core::backoff::Backoff;
 use trompe_core::conninfo::ConnInfo;
 use trompe_core::nodeid::NodeId;
-use trompe_core::position::{in_origin, Position, Step};
+use trompe_core::position::{Position, Step};
 use trompe_core::snapshot::Snapshot;
 
-use crate::libpq::{Conn, PgResult, PqError, RowStep, Want};
+mod apply_txn;
+mod batch;
+mod conn_state;
+mod origin_session;
+
+pub use conn_state::ConnState;
+pub(crate) use origin_session::OriginSession;
+
+use crate::libpq::{Conn, PqError, RowStep, Want};
 use crate::shmem::{now_ms, PeerSlot};
-use crate::worker::apply::{apply_segment, finish_transaction, ApplyCache, Change, TxnProgress};
+use crate::worker::apply::ApplyCache;
 use crate::worker::progress;
-use crate::worker::spool::{Spool, SpoolBuilder, SpooledTxn};
-use crate::worker::txn::{in_transaction, in_transaction_coded, TxnError};
+use crate::worker::spool::{Spool, SpooledTxn};
+use crate::worker::txn::{in_transaction, TxnError};
+use batch::{Batch, BatchBuilder};
 
 /// How long a peer that owes an answer may send nothing (`trompe.peer_timeout`).
 fn peer_timeout_ms() -> i64 {
@@ -28,38 +37,6 @@ const CONFIRM_EVERY_MS: i64 = 10_000;
 /// never more than a twentieth of the time (the answer reads the retained log).
 const RETAINED_EVERY_MS: i64 = 10_000;
 const RETAINED_TIME_SHARE: i64 = 20;
-
-/// Connection state shown in `trompe.status`.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ConnState {
-    /// Not connected (waiting to retry, or never tried).
-    Disconnected = 0,
-    /// Connecting or checking the peer's identity.
-    Connecting = 1,
-    /// Connected and replicating.
-    Connected = 2,
-    /// Paused by `trompe.pause_peer`.
-    Paused = 3,
-    /// Connected, but a transaction of the peer cannot be applied (retried with backoff).
-    Error = 4,
-    /// The peer marked this node lost (`trompe.max_log_size` there): it must join again.
-    Lost = 5,
-}
-
-impl ConnState {
-    /// The name shown in `trompe.status`.
-    pub fn label(v: u32) -> &'static str {
-        match v {
-            1 => "connecting",
-            2 => "connected",
-            3 => "paused",
-            4 => "error",
-            5 => "lost",
-            _ => "disconnected",
-        }
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -140,68 +117,6 @@ pub struct Stored {
     /// Transactions and changes applied since the table's counters were last written.
     pub unsaved_txns: i64,
     pub unsaved_changes: i64,
-}
-
-/// A pull's answer: the step it read and its transactions, their log rows kept in `spool`.
-struct Batch {
-    cur: Option<Snapshot>,
-    complete: bool,
-    commits: i64,
-    pending: i64,
-    oldest_us: Option<i64>,
-    spool: Spool,
-    txns: Vec<SpooledTxn>,
-}
-
-/// A pull's answer as its rows arrive (one at a time, each kept undecoded in a spool): the
-/// header row first, then the log rows of each transaction.
-#[derive(Default)]
-struct BatchBuilder {
-    batch: Option<Batch>,
-    rows: SpoolBuilder,
-}
-
-impl BatchBuilder {
-    /// Takes row `r` of `result`.
-    fn row(&mut self, result: &PgResult, r: usize) -> Result<(), String> {
-        if self.batch.is_none() {
-            if result.bytes(r, 0) != Some(b"H") {
-                return Err("the peer's answer has no header".into());
-            }
-            let cur = match result.bytes(r, 1) {
-                Some(t) => Some(
-                    std::str::from_utf8(t)
-                        .map_err(|e| e.to_string())?
-                        .parse::<Snapshot>()
-                        .map_err(|e| e.to_string())?,
-                ),
-                None => None,
-            };
-            self.batch = Some(Batch {
-                cur,
-                complete: result.bytes(r, 2) == Some(&[1]),
-                commits: result.int8(r, 3).unwrap_or(-1),
-                pending: result.int8(r, 4).unwrap_or(0),
-                oldest_us: result.int8(r, 5),
-                spool: Spool::default(),
-                txns: Vec::new(),
-            });
-            return Ok(());
-        }
-        let txn_last = result.int8(r, 6).ok_or("a log row without transaction")?;
-        let commit_us = result.int8(r, 7).ok_or_else(|| {
-            format!("transaction {txn_last} has no commit time (is track_commit_timestamp on at the peer?)")
-        })?;
-        let bytes = result.bytes(r, 9).ok_or("a log row without changes")?;
-        self.rows.row(txn_last, commit_us, bytes)
-    }
-
-    /// The whole answer, once every row arrived.
-    fn finish(self) -> Result<Batch, String> {
-        let mut batch = self.batch.ok_or("the peer's answer has no header")?;
-        (batch.spool, batch.txns) = self.rows.finish()?;
-        Ok(batch)
-    }
 }
 
 impl Link {
@@ -780,189 +695,6 @@ impl Link {
             slot.applied_changes.store(0, Ordering::Release);
         }
     }
-
-    /// Applies one origin transaction as one local transaction, segment by segment as it is
-    /// read back from `spool`, with the origin's commit time recorded as this transaction's
-    /// (through the peer's replication origin, set up by the caller), and the new position
-    /// stored in the same transaction. With `set_aside` (the error it failed with), the
-    /// transaction is kept in `trompe.exceptions` instead of applied. Returns whether it had DDL.
-    fn apply_transaction(
-        &mut self,
-        cache: &mut ApplyCache,
-        spool: &Spool,
-        txn: &SpooledTxn,
-        next: &Position,
-        set_aside: Option<&str>,
-    ) -> Result<bool, TxnError> {
-        let commit_us = txn.commit_us;
-        // SAFETY: the timestamp the next commit records for the session's replication origin.
-        unsafe { pg_sys::replorigin_session_origin_timestamp = commit_us };
-        // The table is written when the step changes or ends; inside a step, the origin's
-        // position records `after` (see worker::progress).
-        let next_step = next.step.as_ref().map(|s| &s.cur);
-        let write_table =
-            !self.stored.origin_holds_after || next_step.is_none() || next_step != self.stored.step.as_ref();
-        let (offset, origin_value) = match (&next.step, self.stored.origin_holds_after) {
-            (Some(step), true) => {
-                let offset = if write_table {
-                    in_origin::offset_for_step(step.after, self.stored.offset, self.stored.origin)
-                } else {
-                    self.stored.offset
-                };
-                (offset, in_origin::value(step.after, offset))
-            }
-            _ => (self.stored.offset, 0),
-        };
-        let (txns, changes) = (self.stored.unsaved_txns + 1, self.stored.unsaved_changes + txn.changes as i64);
-        // DDL that cannot run in a transaction block runs on its own first; the apply
-        // transaction then only moves the position past it.
-        let ran_alone = match (set_aside, outside_transaction(spool, txn)?) {
-            (None, Some((kind, change))) => {
-                let part =
-                    |i: usize| change.vals.as_ref().and_then(|v| v.get(i).cloned().flatten()).unwrap_or_default();
-                let settings = trompe_core::ddlsettings::decode(change.vals.as_deref().unwrap_or_default());
-                crate::worker::toplevel::run(kind, &part(0), &part(1), &part(2), &settings, &change.rel)?;
-                true
-            }
-            _ => false,
-        };
-        let mut had_ddl = ran_alone;
-        let stored_offset = self.stored.origin_holds_after.then_some(offset);
-        let mut attempt = |cache: &mut ApplyCache, careful: bool| {
-            let result = in_transaction_coded(|| {
-                progress::take_apply_lock();
-                // Before anything it writes is announced (see capture::local_writes::pre_commit).
-                crate::shmem::note_applied_commit(commit_us);
-                cache.begin_transaction();
-                // SAFETY: SPI is connected for the statements of this transaction and finished
-                // below (an error aborts the transaction, which cleans SPI up).
-                unsafe { pg_sys::SPI_connect() };
-                match set_aside {
-                    Some(error) => crate::exceptions::set_aside(
-                        &self.node,
-                        &self.name,
-                        txn.txn_last,
-                        txn.commit_us,
-                        txn.changes(spool),
-                        error,
-                    )?,
-                    None if ran_alone => {}
-                    None => {
-                        let mut progress = TxnProgress::start();
-                        for segment in txn.segments(spool) {
-                            apply_segment(cache, &segment?, self.node, careful, &mut progress)?;
-                        }
-                        finish_transaction()?;
-                        had_ddl |= progress.had_ddl();
-                    }
-                }
-                if write_table {
-                    progress::store(&self.node.to_string(), next, txns, changes, stored_offset)?;
-                }
-                // SAFETY: pairs with SPI_connect above; the origin position the commit records
-                // (0 leaves it where it is).
-                unsafe {
-                    pg_sys::SPI_finish();
-                    pg_sys::replorigin_session_origin_lsn = origin_value;
-                }
-                Ok(())
-            });
-            if result.is_err() {
-                crate::conflicts::discard();
-            }
-            crate::marker_writes::after_apply_transaction();
-            result
-        };
-        // Large objects the changes refer to are copied over this connection, idle meanwhile.
-        let source = self.conn.as_mut().map(|c| c as *mut Conn);
-        crate::large_objects::with_source(source, || match attempt(cache, false) {
-            // A row collided with another on a unique constraint other than the primary key:
-            // do it again, resolving such collisions before each write.
-            Err(e) if e.code == Some(PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION) => attempt(cache, true),
-            other => other,
-        })?;
-        self.stored.origin = self.stored.origin.max(origin_value);
-        self.stored.offset = offset;
-        if write_table {
-            self.stored.step = next_step.cloned();
-            self.saved_counters();
-        } else {
-            self.stored.unsaved_txns = txns;
-            self.stored.unsaved_changes = changes;
-            if let Some(slot) = self.slot {
-                slot.applied_txns.store(txns as u64, Ordering::Release);
-                slot.applied_changes.store(changes as u64, Ordering::Release);
-            }
-        }
-        Ok(had_ddl)
-    }
-}
-
-/// The peer's replication origin set up while a batch is applied, so each commit records the
-/// origin's commit time and identity; released when dropped (also after an error).
-pub(crate) struct OriginSession {
-    active: bool,
-}
-
-impl Drop for OriginSession {
-    fn drop(&mut self) {
-        self.reset();
-    }
-}
-
-impl OriginSession {
-    /// No origin set up yet.
-    pub(crate) fn none() -> Self {
-        OriginSession { active: false }
-    }
-
-    /// Sets up `origin` and the commit time the next commit records.
-    pub(crate) fn setup(&mut self, origin: pg_sys::RepOriginId, commit_us: i64) {
-        if origin == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
-            return;
-        }
-        // SAFETY: sets up the session's replication origin (one at a time in this process) and
-        // the timestamp the next commit records.
-        unsafe {
-            crate::pg_compat::replorigin_session_setup(origin);
-            pg_sys::replorigin_session_origin = origin;
-            pg_sys::replorigin_session_origin_timestamp = commit_us;
-            pg_sys::replorigin_session_origin_lsn = 0;
-        }
-        self.active = true;
-    }
-
-    /// Releases the origin, if one is set up.
-    pub(crate) fn reset(&mut self) {
-        if self.active {
-            // SAFETY: releases the origin set up by `setup`.
-            unsafe {
-                pg_sys::replorigin_session_reset();
-                pg_sys::replorigin_session_origin = pg_sys::InvalidRepOriginId as pg_sys::RepOriginId;
-                pg_sys::replorigin_session_origin_timestamp = 0;
-                pg_sys::replorigin_session_origin_lsn = 0;
-            }
-            self.active = false;
-        }
-    }
-}
-
-/// The DDL change and what it does, if `txn` is one DDL statement that cannot run inside a
-/// transaction block.
-fn outside_transaction(
-    spool: &Spool,
-    txn: &SpooledTxn,
-) -> Result<Option<(crate::worker::toplevel::Kind, Change)>, TxnError> {
-    if txn.changes != 1 {
-        return Ok(None);
-    }
-    let Some(change) = txn.changes(spool).next().transpose()? else { return Ok(None) };
-    if change.op != trompe_core::logformat::Op::Ddl {
-        return Ok(None);
-    }
-    let statement = change.vals.as_ref().and_then(|v| v.first().cloned().flatten()).unwrap_or_default();
-    let kind = in_transaction(|| Ok(crate::worker::toplevel::kind_of(&statement)))?;
-    Ok(kind.map(|k| (k, change)))
 }
 
 /// How a change's kind reads in messages.
