@@ -552,14 +552,23 @@ fn a_long_outage_is_caught_up_in_bounded_steps() {
     let (a, b) = (cluster.node(0), cluster.node(1));
     cluster.exec_all(
         "CREATE TABLE t (id int PRIMARY KEY); SELECT trompe.add_table('t');
-         CREATE PROCEDURE fill(n int) LANGUAGE plpgsql AS $$
-         BEGIN FOR i IN 1..n LOOP INSERT INTO t VALUES (i); COMMIT; END LOOP; END $$",
+         CREATE PROCEDURE fill(n int, base int) LANGUAGE plpgsql AS $$
+         BEGIN FOR i IN 1..n LOOP INSERT INTO t VALUES (base + i); COMMIT; END LOOP; END $$",
     );
     cluster.add_peer(1, 0);
     cluster.wait_sync(Duration::from_secs(120));
     b.exec(&format!("SELECT trompe.pause_peer('{}')", a.name));
-    let backlog = 30_000;
-    a.exec(&format!("CALL fill({backlog})"));
+    // The backlog in chunks, each followed by the mark the worker takes every 100 ms: marks at
+    // most 3,000 ids apart whatever the machine's load, so a step can end within 10,000 ids.
+    let (chunks, chunk) = (10, 3_000);
+    let backlog = chunks * chunk;
+    for c in 0..chunks {
+        a.exec(&format!("CALL fill({chunk}, {})", c * chunk));
+        let now = a.query_text("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").expect("a's snapshot");
+        let marked =
+            format!("SELECT count(*) FROM trompe.snapshot_marks WHERE pg_snapshot_xmax(snap) >= '{now}'::xid8");
+        assert!(wait_for(Duration::from_secs(30), || a.query_i64(&marked) > 0), "a mark after chunk {c}");
+    }
     let b_id = b.query_text("SELECT trompe.node_id()").expect("b's node id");
     // The step b's next pull would get (asked here as a superuser, b's position unchanged).
     let step = a.query_row(&format!(
