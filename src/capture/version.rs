@@ -76,10 +76,7 @@ pub fn local_node() -> Option<NodeId> {
             return Some(id);
         }
     }
-    let text = crate::run_as::as_extension_owner(|| crate::sql::value("SELECT node_id FROM trompe.node", &[]))
-        .ok()
-        .flatten()?;
-    let id = text.parse::<NodeId>().ok()?;
+    let id = crate::node::read_node_id().ok().flatten()?;
     LOCAL.with(|l| *l.borrow_mut() = Some((ext, id)));
     CHECKED.set(true);
     Some(id)

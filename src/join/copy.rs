@@ -434,7 +434,7 @@ fn finish(job: &SyncJob, source: &Source, rows_copied: i64) -> Result<(), String
     let node = job.node.to_string();
     let rows = rows_copied.to_string();
     in_transaction(|| {
-        let me = sql::value("SELECT node_id::text FROM trompe.node", &[])?.unwrap_or_default();
+        let me = crate::node::read_node_id()?.map(|n| n.to_string()).unwrap_or_default();
         sql::execute(
             "UPDATE trompe.progress SET done = $2, cur = NULL, after = 0, updated_at = now() WHERE node_id = $1::uuid",
             &[Some(&node), Some(&source.snapshot)],
@@ -471,7 +471,7 @@ pub fn run(job: &SyncJob) -> Result<(), String> {
         .map_err(|e| format!("could not connect to peer \"{}\": {}", job.name, scrub(&e.message, &info)))?;
     let mut conn = SourceConn { conn, name: job.name.clone(), info };
     let (me, database, claim) = in_transaction(|| {
-        let me = sql::value("SELECT node_id::text FROM trompe.node", &[])?.unwrap_or_default();
+        let me = crate::node::read_node_id()?.map(|n| n.to_string()).unwrap_or_default();
         // The source's peers keep their registration of this node for whoever presents this
         // node's secret (see consumers::claim_consumer); they get its SHA-256.
         let claim = if crate::consumers::logins_installed() {

@@ -56,7 +56,7 @@ type LoadedPeers = (String, Vec<PeerRow>, Vec<String>, Vec<(NodeId, i64)>);
 
 fn load_peers() -> Result<LoadedPeers, String> {
     in_transaction(|| {
-        let me = sql::value("SELECT node_id FROM trompe.node", &[])?.ok_or("trompe.node is empty")?;
+        let me = crate::node::read_node_id()?.ok_or("trompe.node is empty")?.to_string();
         // Create missing replication origins (e.g. after a restore) before reading them.
         sql::execute(
             "SELECT pg_replication_origin_create('trompe_' || p.node_id) FROM trompe.peers p
