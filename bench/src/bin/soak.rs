@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use trompe_bench::plot::line_chart;
+use trompe_bench::plot::{line_chart, Chart};
 use trompe_bench::{env_secs, percentile, pgbench_script};
 use trompe_tests::system::{pg_bindir, pg_major};
 use trompe_tests::{checksum, wait_for, Cluster};
@@ -300,11 +300,15 @@ fn main() {
     let png = dir.join("soak-lag.png");
     let named: Vec<(String, Vec<(f64, f64)>)> =
         lag.into_iter().enumerate().map(|(i, s)| (format!("n{}", i + 1), s)).collect();
-    line_chart(&named, &png).expect("plot written");
+    let title = format!("trompe soak: 3 nodes at {:.0}% of the probe rate", load * 100.0);
+    let chart = Chart { title: &title, x_label: "seconds", y_label: "lag (s)", series: &named };
+    let plotted = match line_chart(&chart, &png) {
+        Ok(()) => format!("plot: {}", png.display()),
+        Err(e) => format!("no plot ({e})"),
+    };
     println!(
-        "lag {}; nodes identical afterwards: {same}; plot (n1 blue, n2 red, n3 green): {}",
-        if all_bounded { "stayed bounded" } else { "kept growing" },
-        png.display()
+        "lag {}; nodes identical afterwards: {same}; {plotted}",
+        if all_bounded { "stayed bounded" } else { "kept growing" }
     );
     drop(cluster);
     if with_native {
