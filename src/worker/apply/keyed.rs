@@ -8,7 +8,7 @@
 //! against (nothing newer is overwritten). Tables where a statement does something this path
 //! does not (row-level security, inheritance children, statement or BEFORE row triggers that
 //! fire in replica mode, transition tables, a change that lacks some column) are left to the
-//! SQL statements of `rows.rs`: the functions here then return `None` having done nothing.
+//! SQL statements of `rows`: the functions here then return `None` having done nothing.
 
 use pgrx::pg_sys;
 
