@@ -409,8 +409,10 @@ fn re_adding_a_peer_under_load_with_a_pull_hanging_loses_nothing() {
                 let mut i = 0;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     i += 1;
+                    // Keys of their own (odd on n1, even on n2), however many batches run: the
+                    // writers go on for as long as remove_peer waits for the blackholed link.
                     c.execute(
-                        "INSERT INTO t SELECT $1 * 1000000 + g, 'load' FROM generate_series($2 * 10, $2 * 10 + 9) g",
+                        "INSERT INTO t SELECT 2 * g + $1, 'load' FROM generate_series($2 * 10, $2 * 10 + 9) g",
                         &[&node, &i],
                     )
                     .expect("writer inserts");
