@@ -245,8 +245,25 @@ fn a_failed_freezing_statement_leaves_its_windows_to_the_worker() {
             (message, report)
         });
         assert!(waiting_on("transactionid"), "VACUUM waits for the kept version of row 100");
-        a.exec("UPDATE r SET v = 2 WHERE id = 1");
+        let update = a.query_text("UPDATE r SET v = 2 WHERE id = 1 RETURNING xmin::text").expect("a's update");
+        // The worker records a snapshot mark for that commit in a short transaction of its own:
+        // one still running when VACUUM picks its freeze cutoff (it started while the kept
+        // version was locked) would keep VACUUM from freezing the update. Wait until it is done,
+        // and no background process holds a snapshot or a transaction. (The holders run nothing
+        // more: a query in the table holder's transaction would leave its snapshot's xmin.)
+        let marked =
+            format!("SELECT count(*) FROM trompe.snapshot_marks WHERE pg_snapshot_xmax(snap) > '{update}'::text::xid8");
+        assert!(wait_for(Duration::from_secs(30), || a.query_i64(&marked) > 0), "the worker marked a's update");
+        let others = "SELECT count(*) FROM pg_stat_activity
+                       WHERE pid <> pg_backend_pid() AND backend_type <> 'client backend'
+                         AND (backend_xmin IS NOT NULL OR backend_xid IS NOT NULL)";
+        assert!(wait_for(Duration::from_secs(30), || a.query_i64(others) == 0), "no other snapshot on a");
         version_holder.batch_execute("COMMIT").expect("the kept version is unlocked");
+        // VACUUM now ends the transaction that kept the versions and picks r's freeze cutoff: a
+        // snapshot taken before that transaction ended (this test's first poll, sent at once,
+        // did) holds the cutoff below a's update. Nothing to wait for can be observed without
+        // taking a snapshot, hence the pause before polling.
+        std::thread::sleep(Duration::from_millis(300));
         assert!(waiting_on("relation"), "VACUUM froze r and waits for s");
         a.exec("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE query = 'VACUUM (FREEZE, VERBOSE) r, s'");
         let (message, report) = vacuum.join().expect("VACUUM ends");
