@@ -118,9 +118,9 @@ pub(super) fn resolve_unique(
 /// An incoming row version lost a unique collision against a newer local row: it counts as
 /// written and at once removed. The local row with its key (an older version) goes, the key
 /// gets a tombstone, and the removal is queued, to be logged after the apply (see
-/// [`crate::worker::apply::retire`]) so that nodes which applied the version without meeting the collision (the
-/// winner had moved on there) remove it too. Nothing happens if the local row with this key is
-/// newer than the incoming version anyway.
+/// [`crate::worker::apply::retire`]) so that nodes which applied the version without meeting
+/// the collision (the winner had moved on there) remove it too. Nothing happens if the local
+/// row with this key is newer than the incoming version anyway.
 fn retire_incoming(
     cache: &mut ApplyCache,
     table: &Table,
