@@ -30,19 +30,37 @@ pub fn mean(values: &[f64]) -> f64 {
     values.iter().sum::<f64>() / values.len().max(1) as f64
 }
 
-/// Runs pgbench against `node` (TPC-B, prepared statements, no vacuum) and returns its TPS.
-pub fn pgbench(node: &Node, clients: u32, duration: Duration) -> f64 {
+/// Runs pgbench against `node` as the superuser with `args` (connection options are added
+/// here, the database last) and returns its output; panics with the output if it failed.
+pub fn run_pgbench(node: &Node, args: &[&str]) -> String {
     let out = Command::new(pg_bin("pgbench"))
-        .args(["-n", "-M", "prepared", "-h", "127.0.0.1", "-U", "postgres"])
-        .args(["-p", &node.port.to_string(), "-c", &clients.to_string(), "-j", &clients.to_string()])
-        .args(["-T", &duration.as_secs().to_string(), trompe_tests::node::TEST_DB])
+        .args(["-n", "-h", "127.0.0.1", "-U", "postgres", "-p", &node.port.to_string()])
+        .args(args)
+        .arg(trompe_tests::node::TEST_DB)
         .output()
         .expect("pgbench runs");
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "pgbench failed: {text}{}", String::from_utf8_lossy(&out.stderr));
-    text.lines()
-        .find_map(|l| l.strip_prefix("tps = ").and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok()))
-        .unwrap_or_else(|| panic!("no tps in pgbench output: {text}"))
+    text
+}
+
+/// The number that follows `prefix` at the start of a line of pgbench's output (`"tps = "`,
+/// `"number of transactions actually processed: "`).
+pub fn pgbench_figure(output: &str, prefix: &str) -> f64 {
+    output
+        .lines()
+        .find_map(|l| {
+            let rest = l.strip_prefix(prefix)?;
+            rest.split(|c: char| !(c.is_ascii_digit() || c == '.')).next()?.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no {prefix:?} in pgbench output: {output}"))
+}
+
+/// Runs pgbench against `node` (TPC-B, prepared statements, no vacuum) and returns its TPS.
+pub fn pgbench(node: &Node, clients: u32, duration: Duration) -> f64 {
+    let (clients, secs) = (clients.to_string(), duration.as_secs().to_string());
+    let out = run_pgbench(node, &["-M", "prepared", "-c", &clients, "-j", &clients, "-T", &secs]);
+    pgbench_figure(&out, "tps = ")
 }
 
 /// Runs a custom pgbench script against `node` for `duration`, throttled to `rate`
@@ -54,20 +72,14 @@ pub fn pgbench_script(
     script: &std::path::Path,
     rate: Option<f64>,
 ) -> f64 {
-    let mut cmd = Command::new(pg_bin("pgbench"));
-    cmd.args(["-n", "-M", "prepared", "-h", "127.0.0.1", "-U", "postgres"])
-        .args(["-p", &node.port.to_string(), "-c", &clients.to_string(), "-j", &clients.to_string()])
-        .args(["-T", &duration.as_secs().to_string(), "-f"])
-        .arg(script);
-    if let Some(r) = rate {
-        cmd.args(["-R", &format!("{r:.0}")]);
+    let (clients, secs) = (clients.to_string(), duration.as_secs().to_string());
+    let script = script.to_string_lossy();
+    let rate = rate.map(|r| format!("{r:.0}"));
+    let mut args = vec!["-M", "prepared", "-c", &clients, "-j", &clients, "-T", &secs, "-f", &script];
+    if let Some(r) = &rate {
+        args.extend(["-R", r.as_str()]);
     }
-    let out = cmd.arg(trompe_tests::node::TEST_DB).output().expect("pgbench runs");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "pgbench failed: {text}{}", String::from_utf8_lossy(&out.stderr));
-    text.lines()
-        .find_map(|l| l.strip_prefix("tps = ").and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok()))
-        .unwrap_or_else(|| panic!("no tps in pgbench output: {text}"))
+    pgbench_figure(&run_pgbench(node, &args), "tps = ")
 }
 
 /// Reads a duration in seconds from the environment, with a default.

@@ -21,14 +21,13 @@
 //! `target/bench/mesh.png`. Every configuration ends with the nodes compared table by table.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use trompe_bench::env_secs;
 use trompe_bench::plot::{line_chart, Chart};
-use trompe_tests::system::{pg_bin, pg_bindir, pg_major};
+use trompe_bench::{env_secs, pgbench_figure, run_pgbench};
+use trompe_tests::system::{pg_bindir, pg_major};
 use trompe_tests::{checksum, Cluster, Node};
 
 /// Rows each node owns in every table.
@@ -46,23 +45,9 @@ fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
 /// table through a variable, which only simple mode substitutes) for `duration`; returns the
 /// number of transactions committed.
 fn pgbench_count(node: &Node, duration: Duration, script: &Path) -> u64 {
-    let out = Command::new(pg_bin("pgbench"))
-        .args(["-n", "-M", "simple", "-h", "127.0.0.1", "-U", "postgres"])
-        .args(["-p", &node.port.to_string(), "-c", "1", "-j", "1"])
-        .args(["-T", &duration.as_secs().to_string(), "-f"])
-        .arg(script)
-        .arg(trompe_tests::node::TEST_DB)
-        .output()
-        .expect("pgbench runs");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "pgbench failed: {text}{}", String::from_utf8_lossy(&out.stderr));
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix("number of transactions actually processed: ")
-                .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or_else(|| panic!("no transaction count in pgbench output: {text}"))
+    let (secs, script) = (duration.as_secs().to_string(), script.to_string_lossy());
+    let out = run_pgbench(node, &["-M", "simple", "-c", "1", "-j", "1", "-T", &secs, "-f", &script]);
+    pgbench_figure(&out, "number of transactions actually processed: ") as u64
 }
 
 /// Every node runs its script for `duration` at once; returns the transactions each committed
