@@ -48,20 +48,34 @@ pub fn reference_for(oid: &str) -> Result<Option<String>, String> {
     Ok(sent.filter(|s| GlobalLo::parse(s).is_some()))
 }
 
-thread_local! {
-    static SOURCE: Cell<Option<*mut Conn>> = const { Cell::new(None) };
+/// A connection to the peer that large objects are copied from.
+pub trait LoSource {
+    /// The connection, once nothing else is in flight on it (a pull's answer still arriving
+    /// is received first).
+    fn idle_conn(&mut self) -> Result<&mut Conn, String>;
 }
 
-/// Runs `f` with `conn` as the peer that large objects are copied from: the connection of the
-/// peer whose changes `f` applies, idle meanwhile.
-pub fn with_source<R>(conn: Option<*mut Conn>, f: impl FnOnce() -> R) -> R {
-    struct Restore(Option<*mut Conn>);
+impl LoSource for Conn {
+    fn idle_conn(&mut self) -> Result<&mut Conn, String> {
+        Ok(self)
+    }
+}
+
+thread_local! {
+    static SOURCE: Cell<Option<*mut dyn LoSource>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with `source` as the peer that large objects are copied from: the connection of
+/// the peer whose changes `f` applies. The caller keeps `source` alive, and uses it for nothing
+/// else, until `f` returns.
+pub fn with_source<R>(source: Option<*mut dyn LoSource>, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<*mut dyn LoSource>);
     impl Drop for Restore {
         fn drop(&mut self) {
             SOURCE.set(self.0);
         }
     }
-    let _restore = Restore(SOURCE.replace(conn));
+    let _restore = Restore(SOURCE.replace(source));
     f()
 }
 
@@ -111,12 +125,13 @@ pub fn local_copy(lo: &GlobalLo) -> Result<u32, String> {
 /// One piece of `lo` from the peer, in hex (whatever the peer's `bytea_output`), or `None` if
 /// the peer does not have the object (any more).
 fn fetch_piece(lo: &GlobalLo, offset: usize) -> Result<Option<String>, String> {
-    let Some(conn) = SOURCE.get() else {
+    let Some(source) = SOURCE.get() else {
         return Err("no peer connection to copy large objects from".into());
     };
-    // SAFETY: with_source's caller keeps the connection alive and does not use it while the
+    // SAFETY: with_source's caller keeps the source alive and does not use it while the
     // changes are applied.
-    let conn = unsafe { &mut *conn };
+    let conn =
+        unsafe { &mut *source }.idle_conn().map_err(|e| format!("copying large object {}: {e}", lo.reference()))?;
     let (offset, piece) = (offset.to_string(), PIECE.to_string());
     let result = query_wait(
         conn,
@@ -147,7 +162,7 @@ pub fn copy_referenced_large_objects(
           WHERE e.key = ANY (s.lo_columns) AND e.value LIKE 'lo:%' AND trompe._lo_from_reference(e.value) IS NULL",
         &[Some(table), Some(incoming_json)],
     )?;
-    let source = Some(conn as *mut Conn);
+    let source = Some(conn as *mut Conn as *mut dyn LoSource);
     for reference in missing.into_iter().filter_map(|r| r.into_iter().next().flatten()) {
         let Some(Ok(lo)) = GlobalLo::parse(&reference) else {
             return Err(TrompeError::BadRequest(format!("peer sent a malformed large object reference {reference:?}")));

@@ -7,6 +7,11 @@
 
 use crate::snapshot::Snapshot;
 
+/// The commit counter a pull answers with when its step ends at a mark, before the origin's
+/// current snapshot: never a counter's value, so the consumer's next pull does not wait for
+/// news, and the consumer knows more is waiting.
+pub const STEP_ENDS_BEFORE_NOW: i64 = -3;
+
 /// A position in one origin's log, stored on the applying node in the same local transaction
 /// as the changes it covers.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,6 +46,13 @@ impl Position {
         } else {
             Position { done: self.done.clone(), step: Some(Step { cur: cur.clone(), after: last_id }) }
         }
+    }
+
+    /// Whether a pull of the step to `cur` that answered `complete` and the commit counter
+    /// `commits` left more transactions waiting at the origin: the rest of the step, or
+    /// (a step that ended at a mark) the steps after it.
+    pub fn more_waiting(complete: bool, commits: i64) -> bool {
+        !complete || commits == STEP_ENDS_BEFORE_NOW
     }
 
     /// True if every transaction the origin had committed when it took `snapshot` is applied.
@@ -87,6 +99,14 @@ mod tests {
 
     fn snap(s: &str) -> Snapshot {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn more_waits_behind_an_incomplete_step_or_a_step_that_ended_at_a_mark() {
+        assert!(Position::more_waiting(false, 7));
+        assert!(Position::more_waiting(true, STEP_ENDS_BEFORE_NOW));
+        assert!(!Position::more_waiting(true, 7), "a complete step up to now: the next pull waits for news");
+        assert!(!Position::more_waiting(true, -1));
     }
 
     #[test]

@@ -288,10 +288,6 @@ fn wait_for_commit(seen: i64, wait_ms: i32) -> i64 {
     counter()
 }
 
-/// The commit counter a pull returns when its step ends at a mark, before this node's current
-/// snapshot: never a counter's value, so the consumer's next pull does not wait for news.
-const STEP_ENDS_BEFORE_NOW: i64 = -3;
-
 /// Plans one pull (called by `trompe.pull`): waits for news if there is none, fixes the step,
 /// and picks the next whole transactions of it, about `max_rows` changes.
 // pgrx needs the row type spelled out here (no type alias), hence the complex type.
@@ -332,7 +328,7 @@ fn _pull_plan(
             let now_snap = parse_snapshot(&now, "now");
             match as_extension_owner(|| crate::log::marks::step_end(&done_snap, &now_snap)) {
                 // A step that ends before now: the next pull must not wait for news.
-                Ok(Some(mark)) => (mark.to_string(), STEP_ENDS_BEFORE_NOW),
+                Ok(Some(mark)) => (mark.to_string(), trompe_core::position::STEP_ENDS_BEFORE_NOW),
                 Ok(None) => (now, commits),
                 Err(e) => TrompeError::Internal(format!("choosing where a step ends: {e}")).raise(),
             }

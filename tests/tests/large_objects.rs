@@ -146,3 +146,42 @@ fn a_100_mb_large_object_is_copied_in_pieces() {
     assert!(peak_kb < 96 * 1024, "the worker that copied 100 MB peaked at {peak_kb} kB");
     println!("worker peak resident memory after copying 100 MB: {peak_kb} kB");
 }
+
+#[test]
+fn large_objects_of_a_backlog_are_copied_while_the_next_pull_is_under_way() {
+    // Applying a backlog, the worker sends each pull before it applies the answer of the one
+    // before (see worker/link/ahead.rs); a large object to copy then waits on the same
+    // connection for that answer first.
+    let cluster = Cluster::start("large-objects-backlog", 2);
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all("CREATE TABLE blobs (id int PRIMARY KEY, body oid); SELECT trompe.add_table('blobs');");
+    cluster.mesh();
+    n1.exec("INSERT INTO blobs VALUES (0, lo_from_bytea(0, 'warm-up'))");
+    cluster.wait_sync(SYNC);
+    n2.exec("SELECT trompe.pause_peer('n1')");
+    n1.exec(
+        "CREATE PROCEDURE fill() LANGUAGE plpgsql AS $$
+         BEGIN
+             FOR i IN 1..400 LOOP
+                 INSERT INTO blobs VALUES (i, lo_from_bytea(0, convert_to(repeat(md5(i::text), i), 'UTF8')));
+                 COMMIT;
+             END LOOP;
+         END $$",
+    );
+    n1.exec("CALL fill()");
+    n2.exec("SELECT trompe.resume_peer('n1')");
+    cluster.wait_sync(Duration::from_secs(120));
+    let fingerprint = "SELECT count(*) || ':' || md5(string_agg(md5(lo_get(body)), '' ORDER BY id)) FROM blobs";
+    let same = cluster.assert_same(fingerprint).unwrap_or_default();
+    assert!(same.starts_with("401:"), "{same}");
+    assert_eq!(cluster.assert_same(OBJECTS).as_deref(), Some("401"));
+    let log = n2.log();
+    let stalls: Vec<&str> = log.lines().filter(|l| l.contains("cannot apply")).collect();
+    assert!(stalls.is_empty(), "applying the backlog stopped: {stalls:?}");
+    assert_eq!(
+        n2.query_i64("SELECT count(*) FROM trompe.status WHERE last_error IS NOT NULL OR state <> 'connected'"),
+        0,
+        "{:?}",
+        n2.query_text("SELECT string_agg(state || ': ' || coalesce(last_error, ''), '; ') FROM trompe.status")
+    );
+}

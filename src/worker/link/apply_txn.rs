@@ -6,7 +6,7 @@ use pgrx::{pg_sys, PgSqlErrorCode};
 use trompe_core::position::{in_origin, Position};
 
 use super::Link;
-use crate::libpq::Conn;
+use crate::large_objects::LoSource;
 use crate::worker::apply::{apply_segment, finish_transaction, ApplyCache, Change, TxnProgress};
 use crate::worker::progress;
 use crate::worker::spool::{Spool, SpooledTxn};
@@ -58,6 +58,10 @@ impl Link {
             }
             _ => false,
         };
+        // Large objects the changes refer to are copied over this connection (once the answer
+        // of a pull sent ahead has arrived).
+        let mut source = self.lo_source();
+        let source = source.as_mut().map(|s| s as *mut super::ahead::ConnBehindAnswer as *mut dyn LoSource);
         let mut had_ddl = ran_alone;
         let stored_offset = self.stored.origin_holds_after.then_some(offset);
         let mut attempt = |cache: &mut ApplyCache, careful: bool| {
@@ -105,8 +109,6 @@ impl Link {
             crate::marker_writes::after_apply_transaction();
             result
         };
-        // Large objects the changes refer to are copied over this connection, idle meanwhile.
-        let source = self.conn.as_mut().map(|c| c as *mut Conn);
         crate::large_objects::with_source(source, || match attempt(cache, false) {
             // A row collided with another on a unique constraint other than the primary key:
             // do it again, resolving such collisions before each write.

@@ -11,6 +11,7 @@ use trompe_core::nodeid::NodeId;
 use trompe_core::position::{Position, Step};
 use trompe_core::snapshot::Snapshot;
 
+mod ahead;
 mod apply_txn;
 mod batch;
 mod conn_state;
@@ -37,6 +38,11 @@ const CONFIRM_EVERY_MS: i64 = 10_000;
 /// never more than a twentieth of the time (the answer reads the retained log).
 const RETAINED_EVERY_MS: i64 = 10_000;
 const RETAINED_TIME_SHARE: i64 = 20;
+/// The changes the first pull of a connection asks for; each pull after it asks for
+/// `PULL_GROWTH` times more, up to `trompe.batch_size`. A node back from an outage applies its
+/// first change without waiting for a whole batch to arrive.
+const FIRST_PULL_ROWS: i64 = 32;
+const PULL_GROWTH: i64 = 8;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -95,6 +101,11 @@ pub struct Link {
     applied_ddl: bool,
     /// The answer of the pull in progress, as far as it arrived.
     incoming: BatchBuilder,
+    /// The answer in flight is for a position that is no longer where this link stands
+    /// (applying the answer before it stopped short): it is received and dropped.
+    discard_answer: bool,
+    /// The changes the next pull asks for (see `FIRST_PULL_ROWS`).
+    pull_rows: i64,
     /// The peer refused the last pull because it marked this node lost.
     lost: bool,
     /// When to ask the peer next how much of its log it retains for this node, and when the
@@ -163,6 +174,8 @@ impl Link {
             failure: None,
             applied_ddl: false,
             incoming: BatchBuilder::default(),
+            discard_answer: false,
+            pull_rows: FIRST_PULL_ROWS,
             lost: false,
             retained_next_ms: Some(0),
             retained_asked_ms: 0,
@@ -225,6 +238,8 @@ impl Link {
         self.conn = None;
         // What arrived of a pull in progress (maybe a temporary file) is given up.
         self.incoming = BatchBuilder::default();
+        self.discard_answer = false;
+        self.pull_rows = FIRST_PULL_ROWS;
         self.state = State::Down;
         self.flushing = false;
         self.publish(if self.paused { ConnState::Paused } else { ConnState::Disconnected });
@@ -332,8 +347,17 @@ impl Link {
                     }
                 }
                 let batch = std::mem::take(&mut self.incoming).finish()?;
-                self.handle_batch(cache, batch)?;
                 self.state = State::Ready;
+                if std::mem::take(&mut self.discard_answer) {
+                    return Ok(None);
+                }
+                // With more waiting at the peer, the next pull is sent before this answer is
+                // applied: the peer reads its log while this node applies.
+                let ahead = self.pull_ahead(&batch, now)?;
+                self.handle_batch(cache, batch)?;
+                if let Some(expected) = ahead {
+                    self.answer_ahead_applied(&expected);
+                }
                 Ok(None)
             }
             State::Handshake => {
@@ -482,17 +506,25 @@ impl Link {
     }
 
     fn send_pull(&mut self, now: i64) -> Result<(), String> {
+        self.send_pull_from(&self.pos.clone(), self.seen_commits, now)
+    }
+
+    /// Asks the peer for what follows the position `pos`, `seen` being the commit counter the
+    /// peer answered last.
+    fn send_pull_from(&mut self, pos: &Position, seen: i64, now: i64) -> Result<(), String> {
         let wait_ms = crate::guc::PULL_INTERVAL_MS.get();
         let confirmed = self.durable_position();
-        let done = self.pos.done.to_string();
-        let (cur, after) = match &self.pos.step {
+        let done = pos.done.to_string();
+        let (cur, after) = match &pos.step {
             Some(s) => (Some(s.cur.to_string()), s.after),
             None => (None, 0),
         };
         let after = after.to_string();
-        let batch = crate::guc::BATCH_SIZE.get().to_string();
+        let batch_size = i64::from(crate::guc::BATCH_SIZE.get());
+        let batch = self.pull_rows.min(batch_size).to_string();
+        self.pull_rows = self.pull_rows.saturating_mul(PULL_GROWTH).min(batch_size);
         let wait = wait_ms.to_string();
-        let seen = self.seen_commits.to_string();
+        let seen = seen.to_string();
         let me = self.me.clone();
         self.send_binary(
             "SELECT kind, step_cur, complete, commits, pending, oldest_us, txn_last, commit_us, id, changes
@@ -614,7 +646,9 @@ impl Link {
             trompe_core::sqlstate::one_line(&e.message, 300),
             trompe_core::timestamp::utc_text(commit_us),
         );
-        let behind = self.pending_at_peer().unwrap_or(behind).max(behind);
+        // Not asked while the next pull's answer is in flight on the connection.
+        let asked = if self.state == State::Pulling { None } else { self.pending_at_peer() };
+        let behind = asked.unwrap_or(behind).max(behind);
         let delay = self.backoff.fail();
         self.not_before_ms = now_ms() + delay.as_millis() as i64;
         if let Some(slot) = self.slot {
