@@ -21,6 +21,29 @@ mod tests {
         one::<i64>("SELECT count(*) FROM trompe.log_changes()").unwrap_or(0)
     }
 
+    /// A schema script from a peer's dump runs as written, but its settings are put back
+    /// afterwards, and internal column options (`pg_attver`, which a newer pg_dump dumps from
+    /// 15.20) are left out of its statements.
+    #[pg_test]
+    fn a_schema_script_keeps_no_settings_and_leaves_out_internal_column_options() {
+        let settings = "SELECT current_setting('work_mem') || ' ' || current_setting('search_path')";
+        let before = one::<String>(settings);
+        crate::join::script::run(
+            "SET work_mem = '77MB';
+             SELECT pg_catalog.set_config('search_path', '', false);
+             CREATE TABLE public.dumped (a int, b int, c int);
+             ALTER TABLE ONLY public.dumped ALTER COLUMN a SET (pg_attver=1);
+             ALTER TABLE ONLY public.dumped ALTER COLUMN b SET (pg_attver=2, n_distinct=-1);
+             ALTER TABLE ONLY public.dumped ALTER COLUMN c SET STATISTICS 50, ALTER COLUMN c SET (pg_attver=3);",
+        )
+        .unwrap();
+        assert_eq!(one::<String>(settings), before, "the script's settings are put back");
+        let options = "SELECT string_agg(attname || ':' || coalesce(array_to_string(attoptions, ','), '') || ':' ||
+                                         coalesce(nullif(attstattarget, -1), 0), ' ' ORDER BY attnum)
+                         FROM pg_attribute WHERE attrelid = 'public.dumped'::regclass AND attnum > 0";
+        assert_eq!(one::<String>(options).as_deref(), Some("a::0 b:n_distinct=-1:0 c::50"));
+    }
+
     #[pg_test]
     fn node_id_is_a_stable_random_uuid() {
         let a = one::<pgrx::Uuid>("SELECT trompe.node_id()").expect("node id");

@@ -5,6 +5,7 @@ use pgrx::pg_sys;
 
 use crate::capture::ddl::StatementScope;
 use crate::error::OrRaise;
+use crate::join::script::Statement;
 
 static mut PREVIOUS_HOOK: pg_sys::ProcessUtility_hook_type = None;
 
@@ -45,6 +46,11 @@ unsafe extern "C-unwind" fn process_utility(
     dest: *mut pg_sys::DestReceiver,
     qc: *mut pg_sys::QueryCompletion,
 ) {
+    // A peer's schema dump may set column options this server refuses (see join::script).
+    let (pstmt, read_only_tree) = match crate::join::script::without_internal_options(pstmt, read_only_tree) {
+        Statement::Run { pstmt, read_only_tree } => (pstmt, read_only_tree),
+        Statement::Skip => return,
+    };
     let node = (*pstmt).utilityStmt;
     // BEGIN, COMMIT, SAVEPOINT and the like are never DDL: no statement to remember.
     if !node.is_null() && (*node).type_ == pg_sys::NodeTag::T_TransactionStmt {

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use pgrx::pg_sys;
 use trompe_core::conninfo::ConnInfo;
 use trompe_core::copytext::parse_row;
+use trompe_core::dump::{OwnObjects, OWN_TRIGGERS};
 use trompe_core::nodeid::NodeId;
 use trompe_core::pgarray::format_text_array;
 
@@ -129,6 +130,34 @@ fn read_source(conn: &mut SourceConn) -> Result<Source, String> {
     Ok(source)
 }
 
+/// trompe's own objects on the source, in the copy's snapshot: the extension and the capture
+/// triggers on its tables, which the schema copy leaves out (this node has trompe, and creates
+/// the triggers itself when it replicates the tables).
+fn own_objects(conn: &mut SourceConn) -> Result<OwnObjects, String> {
+    let result = conn.query(
+        "SELECT 'extension', e.oid::text FROM pg_catalog.pg_extension e WHERE e.extname = 'trompe'
+         UNION ALL
+         SELECT 'trigger', t.oid::text
+           FROM pg_catalog.pg_trigger t
+           JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_proc'::regclass AND d.objid = t.tgfoid
+                                      AND d.refclassid = 'pg_catalog.pg_extension'::regclass AND d.deptype = 'e'
+           JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid AND e.extname = 'trompe'
+          WHERE t.tgname = ANY ($1::text[])",
+        &[Some(&format_text_array(&OWN_TRIGGERS.map(Some)))],
+    )?;
+    let mut own = OwnObjects::default();
+    for r in 0..result.rows() {
+        let oid = cell(&result, r, 1)
+            .and_then(|v| v.parse::<u32>().ok())
+            .ok_or_else(|| format!("peer \"{}\" sent a bad object id of trompe's own", conn.name))?;
+        match result.get(r, 0) {
+            Some("extension") => own.extension = Some(oid),
+            _ => own.triggers.push(oid),
+        }
+    }
+    Ok(own)
+}
+
 /// Undoes what an unfinished copy from peer `node` created here (inside the caller's
 /// transaction, trompe's own operations not captured): drops its schema objects, unlinks the
 /// large objects it copied, forgets its replication configuration, tombstones and start
@@ -144,7 +173,7 @@ pub fn undo_attempt(node: &str) -> Result<(), String> {
           WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_largeobject_metadata m WHERE m.oid = l.local_oid)",
         &[],
     )?;
-    sql::execute(&undo, &[])?;
+    crate::join::script::run(&undo)?;
     for table in ["large_objects", "tombstones", "truncations", "tables", "schemas", "start_positions"] {
         sql::execute(&format!("DELETE FROM trompe.{table}"), &[])?;
     }
@@ -159,7 +188,7 @@ fn create_schema(job: &SyncJob, source: &Source, script: &trompe_core::dump::Sch
         let _internal = InternalOperation::begin();
         undo_attempt(&node)?;
         if !script.create.is_empty() {
-            sql::execute(&script.create, &[]).map_err(|e| format!("creating the peer's schema here: {e}"))?;
+            crate::join::script::run(&script.create).map_err(|e| format!("creating the peer's schema here: {e}"))?;
         }
         for (table, rule) in &source.tables {
             sql::execute("SELECT trompe.add_table($1::regclass)", &[Some(table)])
@@ -501,7 +530,8 @@ pub fn run(job: &SyncJob) -> Result<(), String> {
     // This node's position on the source will be the snapshot: every transaction it counts as
     // ended must be on the source's disk first (see log::serve::flush_ended_transactions).
     conn.query("SELECT trompe.current_snapshot()", &[])?;
-    let script = crate::join::schema::dump(&conn.info, &source.exported, conn.conn.server_version())?;
+    let own = own_objects(&mut conn)?;
+    let script = crate::join::schema::dump(&conn.info, &source.exported, conn.conn.server_version(), &own)?;
     create_schema(job, &source, &script)?;
     let mut committer = Committer {
         source_peer: job.node.to_string(),

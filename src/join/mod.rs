@@ -6,6 +6,7 @@
 
 pub mod copy;
 pub mod schema;
+pub mod script;
 pub mod source;
 
 /// True once this database's trompe has the tables joining needs (0.3.0 and later): the library

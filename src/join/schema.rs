@@ -1,14 +1,21 @@
-//! Reading a peer's schema for a joining node: `pg_dump --schema-only` run by the worker
-//! against the peer, inside the snapshot the data is copied from (`--snapshot`), so that the
-//! schema and the rows match and every later DDL arrives through the peer's log.
+//! Reading a peer's schema for a joining node: `pg_dump --schema-only --format=custom` run by
+//! the worker against the peer, inside the snapshot the data is copied from (`--snapshot`), so
+//! that the schema and the rows match and every later DDL arrives through the peer's log; then
+//! `pg_restore` (the one next to that pg_dump) lists the archive and writes the SQL of every
+//! entry but trompe's own (see `trompe_core::dump`). The files live in a directory of this
+//! server's `base/pgsql_tmp`, removed afterwards (and by PostgreSQL at its next start).
 
 use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use pgrx::pg_sys;
 use trompe_core::conninfo::ConnInfo;
-use trompe_core::dump::{choose_pg_dump, pg_dump_major, prepare_for, SchemaScript};
+use trompe_core::dump::{
+    choose_pg_dump, pg_dump_major, prepare, restore_has_restrict_key, without_own_entries, DumpError, OwnObjects,
+    SchemaScript,
+};
 
 /// How often the worker looks whether pg_dump has finished (it answers signals meanwhile).
 const POLL: Duration = Duration::from_millis(100);
@@ -70,6 +77,32 @@ fn known_setting(name: &str) -> bool {
     unsafe { !pg_sys::GetConfigOption(name.as_ptr(), true, false).is_null() }
 }
 
+/// Why the peer's schema could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    /// No pg_dump new enough (the message says what was found).
+    #[error("{0}")]
+    NoPgDump(String),
+    /// pg_dump has no pg_restore next to it.
+    #[error("no pg_restore next to {0} (pg_restore of the same installation reads its archive)")]
+    NoPgRestore(PathBuf),
+    /// A program could not be started or waited for.
+    #[error("cannot run {program}: {error}")]
+    Spawn { program: String, error: std::io::Error },
+    /// A program failed.
+    #[error("{what} failed ({status}): {message}")]
+    Failed { what: &'static str, status: std::process::ExitStatus, message: String },
+    /// The directory for the archive could not be made or written.
+    #[error("cannot write the peer's schema archive in {path}: {error}")]
+    Files { path: PathBuf, error: std::io::Error },
+    /// A program's output is not UTF-8.
+    #[error("the output of {0} is not UTF-8")]
+    NotUtf8(&'static str),
+    /// The archive or pg_restore's output is not what pg_restore writes.
+    #[error(transparent)]
+    Dump(#[from] DumpError),
+}
+
 /// Reads a child's pipe to the end on a thread of its own (it never calls PostgreSQL), so that
 /// a full pipe never stalls the child.
 fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
@@ -82,33 +115,19 @@ fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Ve
     })
 }
 
-/// Dumps the schema of the peer `info` connects to, as of the exported snapshot `snapshot`
-/// (every schema but trompe's), ready to run here; `source_version` is the peer's
-/// `server_version_num`.
-pub fn dump(info: &ConnInfo, snapshot: &str, source_version: i32) -> Result<SchemaScript, String> {
-    let program = find_pg_dump((source_version / 10000).max(0) as u32)?;
-    let mut target = info.clone();
-    // The password goes through the environment, never the command line (which `ps` shows).
-    let password = target.take("password");
-    let mut command = Command::new(&program);
-    command
-        .args(["--schema-only", "--clean", "--if-exists", "--exclude-schema=trompe", "--no-password"])
-        .arg(format!("--snapshot={snapshot}"))
-        .arg(format!("--dbname={}", target.to_keyword_value()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    if let Some(password) = password {
-        command.env("PGPASSWORD", password);
-    }
-    let mut child = command.spawn().map_err(|e| format!("cannot run {}: {e}", program.display()))?;
+/// Runs `command` to its end while answering interrupts, and returns its standard output;
+/// `what` names it in errors, whose standard error text goes through `scrub`.
+fn run(command: &mut Command, what: &'static str, scrub: impl Fn(&str) -> String) -> Result<Vec<u8>, SchemaError> {
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let program = command.get_program().to_string_lossy().into_owned();
+    let mut child = command.spawn().map_err(|error| SchemaError::Spawn { program: program.clone(), error })?;
     let stdout = drain(child.stdout.take());
     let stderr = drain(child.stderr.take());
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status,
             Ok(None) => {}
-            Err(e) => return Err(format!("waiting for pg_dump: {e}")),
+            Err(error) => return Err(SchemaError::Spawn { program, error }),
         }
         // SAFETY: waits on this process's latch with a timeout, then handles interrupts
         // (a shutdown request ends the worker; pg_dump then ends with its connection).
@@ -123,12 +142,97 @@ pub fn dump(info: &ConnInfo, snapshot: &str, source_version: i32) -> Result<Sche
         }
         pgrx::check_for_interrupts!();
     };
-    let out = stdout.join().map_err(|_| "reading pg_dump's output failed".to_string())?;
+    let out = stdout.join().unwrap_or_default();
     let err = stderr.join().unwrap_or_default();
     if !status.success() {
-        let message = crate::peer_calls::scrub(String::from_utf8_lossy(&err).trim(), info);
-        return Err(format!("pg_dump of the peer's schema failed ({status}): {message}"));
+        return Err(SchemaError::Failed { what, status, message: scrub(String::from_utf8_lossy(&err).trim()) });
     }
-    let text = String::from_utf8(out).map_err(|_| "pg_dump's output is not UTF-8".to_string())?;
-    prepare_for(&text, known_setting).map_err(|e| e.to_string())
+    Ok(out)
+}
+
+/// A directory of this server's own for the archive, removed when dropped. It is named as
+/// PostgreSQL names temporary files, so that a crash leaves nothing behind after a restart.
+struct WorkDir(PathBuf);
+
+impl WorkDir {
+    fn create() -> Result<WorkDir, SchemaError> {
+        // SAFETY: DataDir is the NUL-terminated data directory, set at startup and never changed after.
+        let data = unsafe { std::ffi::CStr::from_ptr(pg_sys::DataDir) }.to_string_lossy().into_owned();
+        let path =
+            Path::new(&data).join("base/pgsql_tmp").join(format!("pgsql_tmp_trompe_join_{}", std::process::id()));
+        let files = |error| SchemaError::Files { path: path.clone(), error };
+        if path.exists() {
+            std::fs::remove_dir_all(&path).map_err(files)?;
+        }
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(files)?;
+        }
+        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700).create(&path).map_err(files)?;
+        Ok(WorkDir(path))
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A `\restrict` key for pg_restore (letters and digits), the same for both of its runs.
+fn restrict_key() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("trompe{:x}{nanos:x}", std::process::id())
+}
+
+/// Dumps the schema of the peer `info` connects to, as of the exported snapshot `snapshot`
+/// (every schema but trompe's, and none of the objects `own` names), ready to run here;
+/// `source_version` is the peer's `server_version_num`.
+pub fn dump(info: &ConnInfo, snapshot: &str, source_version: i32, own: &OwnObjects) -> Result<SchemaScript, String> {
+    read(info, snapshot, source_version, own).map_err(|e| e.to_string())
+}
+
+fn read(info: &ConnInfo, snapshot: &str, source_version: i32, own: &OwnObjects) -> Result<SchemaScript, SchemaError> {
+    let pg_dump = find_pg_dump((source_version / 10000).max(0) as u32).map_err(SchemaError::NoPgDump)?;
+    let pg_restore = pg_dump.with_file_name("pg_restore");
+    if !pg_restore.is_file() {
+        return Err(SchemaError::NoPgRestore(pg_dump));
+    }
+    let dir = WorkDir::create()?;
+    let archive = dir.0.join("schema.dump");
+    let list = dir.0.join("schema.list");
+    let mut target = info.clone();
+    // The password goes through the environment, never the command line (which `ps` shows).
+    let password = target.take("password");
+    let mut command = Command::new(&pg_dump);
+    command
+        .args(["--schema-only", "--format=custom", "--exclude-schema=trompe", "--no-password"])
+        .arg(format!("--snapshot={snapshot}"))
+        .arg(format!("--dbname={}", target.to_keyword_value()))
+        .arg("--file")
+        .arg(&archive);
+    if let Some(password) = password {
+        command.env("PGPASSWORD", password);
+    }
+    let scrub = |text: &str| crate::peer_calls::scrub(text, info);
+    run(&mut command, "pg_dump of the peer's schema", scrub)?;
+    let no_scrub = |text: &str| text.to_string();
+    let listing = run(Command::new(&pg_restore).arg("--list").arg(&archive), "pg_restore --list", no_scrub)?;
+    let listing = String::from_utf8(listing).map_err(|_| SchemaError::NotUtf8("pg_restore --list"))?;
+    std::fs::write(&list, without_own_entries(&listing, own)?)
+        .map_err(|error| SchemaError::Files { path: list.clone(), error })?;
+    let help = run(Command::new(&pg_restore).arg("--help"), "pg_restore --help", no_scrub)?;
+    let key = restore_has_restrict_key(&String::from_utf8_lossy(&help)).then(restrict_key);
+    let sql = |clean: bool| -> Result<String, SchemaError> {
+        let mut command = Command::new(&pg_restore);
+        command.arg("--use-list").arg(&list).arg("--file=-");
+        if let Some(key) = &key {
+            command.arg(format!("--restrict-key={key}"));
+        }
+        if clean {
+            command.args(["--clean", "--if-exists"]);
+        }
+        let out = run(command.arg(&archive), "pg_restore of the peer's schema", no_scrub)?;
+        String::from_utf8(out).map_err(|_| SchemaError::NotUtf8("pg_restore"))
+    };
+    Ok(prepare(&sql(false)?, &sql(true)?, known_setting)?)
 }

@@ -316,3 +316,88 @@ fn removing_the_peer_of_an_unfinished_copy_leaves_an_empty_node() {
     n2.wait_for_value("SELECT sync_state FROM trompe.status WHERE name = 'n1'", "done", SYNC);
     cluster.assert_same(&checksum("(SELECT id, v, md5(lo_get(doc)) FROM t)"));
 }
+
+/// The schema a peer's users wrote, as `pg_dump` writes it back.
+const SCHEMA_TEXT: &str = r#"
+CREATE TABLE t (id int PRIMARY KEY, note text DEFAULT E'first\n\\second line');
+COMMENT ON TABLE t IS E'a comment\n\\connect other\n\\q';
+COMMENT ON COLUMN t.note IS E'more\nSET x = 1;';
+CREATE FUNCTION set_memory() RETURNS void LANGUAGE plpgsql AS $f$
+BEGIN
+SET work_mem = '64MB';
+END
+$f$;
+CREATE FUNCTION set_memory_locally() RETURNS void LANGUAGE plpgsql AS $f$
+BEGIN
+SET LOCAL work_mem = '64MB';
+END
+$f$;
+CREATE FUNCTION backslash() RETURNS text LANGUAGE sql AS $f$
+SELECT 'one
+\two'
+$f$;
+CREATE TABLE seen (id int, settings text);
+CREATE FUNCTION note_settings() RETURNS trigger LANGUAGE plpgsql AS $f$
+BEGIN
+  INSERT INTO public.seen VALUES (NEW.id, concat_ws(' ', current_setting('check_function_bodies'),
+    current_setting('client_min_messages'), current_setting('row_security'), current_setting('lock_timeout'),
+    current_setting('xmloption'), current_setting('default_tablespace')));
+  RETURN NEW;
+END
+$f$;
+CREATE TRIGGER note_settings AFTER INSERT ON t FOR EACH ROW EXECUTE FUNCTION note_settings();
+ALTER TABLE t ENABLE ALWAYS TRIGGER note_settings;
+SELECT trompe.add_table('t');
+INSERT INTO t VALUES (1, DEFAULT), (2, E'two\n\\lines');
+"#;
+
+/// The schema is copied exactly as the peer has it: function bodies with lines starting with
+/// `SET`, string literals with lines starting with a backslash, and user triggers arrive
+/// unchanged, trompe's own triggers exist once, and the settings the dump makes do not stay
+/// in the worker's session (a row applied afterwards sees the settings a worker that never
+/// joined sees).
+#[test]
+fn a_joined_node_has_the_schema_text_of_its_peer_unchanged() {
+    let cluster = Cluster::start("join-schema-text", 2);
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    n1.exec(SCHEMA_TEXT);
+    n2.exec(&format!("SELECT trompe.add_peer('n1', '{}', sync => true)", cluster.peer_conninfo(1, 0)));
+    let done = trompe_tests::wait_for(Duration::from_secs(120), || {
+        n2.query_text("SELECT sync_state FROM trompe.status WHERE name = 'n1'").as_deref() == Some("done")
+    });
+    assert!(done, "the copy did not finish: {:?}", n2.query_row("SELECT sync_state, last_error FROM trompe.status"));
+    cluster.add_peer(0, 1);
+
+    let functions = "SELECT string_agg(proname || ': ' || prosrc, E'\n' ORDER BY proname) FROM pg_proc
+                      WHERE pronamespace = 'public'::regnamespace";
+    let bodies = cluster.assert_same(functions).unwrap_or_default();
+    assert!(bodies.contains("\nSET work_mem = '64MB';\n"), "{bodies}");
+    assert!(bodies.contains("\nSET LOCAL work_mem = '64MB';\n"), "{bodies}");
+    assert!(bodies.contains("\n\\two'"), "{bodies}");
+    let comments = "SELECT string_agg(d.objsubid || ': ' || d.description, E'\n' ORDER BY d.objsubid)
+                      FROM pg_description d WHERE d.objoid = 'public.t'::regclass";
+    assert_eq!(
+        cluster.assert_same(comments).as_deref(),
+        Some("0: a comment\n\\connect other\n\\q\n2: more\nSET x = 1;")
+    );
+    let default = "SELECT pg_get_expr(adbin, adrelid) FROM pg_attrdef WHERE adrelid = 'public.t'::regclass";
+    assert_eq!(cluster.assert_same(default).as_deref(), Some("'first\n\\second line'::text"));
+    let triggers = "SELECT string_agg(tgname || ' ' || tgenabled::text, ', ' ORDER BY tgname) FROM pg_trigger
+                     WHERE tgrelid = 'public.t'::regclass AND NOT tgisinternal";
+    assert_eq!(
+        cluster.assert_same(triggers).as_deref(),
+        Some("note_settings A, trompe_capture O, trompe_truncate O"),
+        "the user trigger is copied, trompe's own exist once"
+    );
+    cluster.assert_same(&checksum("t"));
+
+    // Each node's worker applies a row of the other: both see the same settings.
+    n1.exec("INSERT INTO t VALUES (3, 'written on n1')");
+    n2.exec("INSERT INTO t VALUES (4, 'written on n2')");
+    cluster.wait_sync(SYNC);
+    cluster.assert_same(&checksum("t"));
+    let applied_on_n2 = n2.query_text("SELECT settings FROM seen WHERE id = 3");
+    let applied_on_n1 = n1.query_text("SELECT settings FROM seen WHERE id = 4");
+    assert!(applied_on_n1.is_some(), "the trigger fired on n1 for the applied row");
+    assert_eq!(applied_on_n2, applied_on_n1, "the joined node's worker kept its own settings");
+}
