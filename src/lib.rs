@@ -28,6 +28,7 @@ pub mod peer_calls;
 pub mod peer_ddl;
 pub mod peers;
 pub mod pg_compat;
+pub mod pg_list;
 pub mod retention;
 pub mod row_versions;
 pub mod run_as;

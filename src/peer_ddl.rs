@@ -22,6 +22,8 @@ use std::ffi::CStr;
 
 use pgrx::pg_sys;
 
+use crate::pg_list::pointers;
+
 /// Why a peer's DDL statement is not run here.
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {
@@ -201,7 +203,7 @@ impl Statement {
                 T_CreateStmt => {
                     let s = node as *mut pg_sys::CreateStmt;
                     // A partition or child changes its parents too.
-                    for parent in list_nodes((*s).inhRelations) {
+                    for parent in pointers::<pg_sys::Node>((*s).inhRelations) {
                         if (*parent).type_ == pg_sys::NodeTag::T_RangeVar {
                             self.relation(parent as *mut pg_sys::RangeVar)?;
                         }
@@ -273,7 +275,7 @@ impl Statement {
                     if !allowed_object_type((*s).removeType) {
                         return Err(self.refuse());
                     }
-                    for object in list_nodes((*s).objects) {
+                    for object in pointers::<pg_sys::Node>((*s).objects) {
                         self.object((*s).removeType, object)?;
                     }
                     Ok(())
@@ -333,7 +335,7 @@ impl Statement {
                 T_SelectStmt => self.setval(node as *mut pg_sys::SelectStmt),
                 T_CreateStatsStmt => {
                     let s = node as *mut pg_sys::CreateStatsStmt;
-                    for relation in list_nodes((*s).relations) {
+                    for relation in pointers::<pg_sys::Node>((*s).relations) {
                         if (*relation).type_ != pg_sys::NodeTag::T_RangeVar {
                             return Err(self.refuse());
                         }
@@ -359,7 +361,7 @@ impl Statement {
         let mut language = "sql".to_string();
         // SAFETY: the options are DefElems; `language`'s argument is a String node.
         unsafe {
-            for option in list_nodes((*s).options) {
+            for option in pointers::<pg_sys::Node>((*s).options) {
                 let def = option as *mut pg_sys::DefElem;
                 if (*def).defname.is_null() || CStr::from_ptr((*def).defname).to_bytes() != b"language" {
                     continue;
@@ -396,7 +398,7 @@ impl Statement {
             if (*s).targtype == pg_sys::GrantTargetType::ACL_TARGET_ALL_IN_SCHEMA
                 || ((*s).targtype == pg_sys::GrantTargetType::ACL_TARGET_OBJECT && (*s).objtype == OBJECT_SCHEMA)
             {
-                for schema in list_nodes((*s).objects) {
+                for schema in pointers::<pg_sys::Node>((*s).objects) {
                     self.schema(schema)?;
                 }
                 return Ok(());
@@ -415,7 +417,7 @@ impl Statement {
             {
                 return Err(self.refuse());
             }
-            for object in list_nodes((*s).objects) {
+            for object in pointers::<pg_sys::Node>((*s).objects) {
                 if (*object).type_ == pg_sys::NodeTag::T_RangeVar {
                     self.relation(object as *mut pg_sys::RangeVar)?;
                 } else {
@@ -432,10 +434,10 @@ impl Statement {
         let mut schemas = Vec::new();
         // SAFETY: the options are DefElems; "schemas" holds a list of String nodes.
         unsafe {
-            for option in list_nodes((*s).options) {
+            for option in pointers::<pg_sys::Node>((*s).options) {
                 let def = option as *mut pg_sys::DefElem;
                 if !(*def).defname.is_null() && CStr::from_ptr((*def).defname).to_bytes() == b"schemas" {
-                    schemas.extend(list_nodes((*def).arg.cast()));
+                    schemas.extend(pointers::<pg_sys::Node>((*def).arg.cast()));
                 }
             }
         }
@@ -469,7 +471,7 @@ impl Statement {
                 && (*s).limitCount.is_null()
                 && (*s).lockingClause.is_null()
                 && (*s).withClause.is_null();
-            let targets = list_nodes((*s).targetList);
+            let targets = pointers::<pg_sys::Node>((*s).targetList);
             if !plain || targets.len() != 1 || (*targets[0]).type_ != pg_sys::NodeTag::T_ResTarget {
                 return Err(self.refuse());
             }
@@ -478,8 +480,9 @@ impl Statement {
                 return Err(self.refuse());
             }
             let call = call as *mut pg_sys::FuncCall;
-            let name: Vec<String> = list_nodes((*call).funcname).into_iter().filter_map(|n| string_node(n)).collect();
-            let args = list_nodes((*call).args);
+            let name: Vec<String> =
+                pointers::<pg_sys::Node>((*call).funcname).into_iter().filter_map(|n| string_node(n)).collect();
+            let args = pointers::<pg_sys::Node>((*call).args);
             if name != ["pg_catalog", "setval"]
                 || !(2..=3).contains(&args.len())
                 || !(*call).agg_order.is_null()
@@ -698,18 +701,6 @@ impl Statement {
             namespace_replicated(pg_sys::get_object_namespace(&address), &description)
         }
     }
-}
-
-/// The nodes of a PostgreSQL List (none for NIL).
-///
-/// # Safety
-/// `list` must be NIL or a List of pointers.
-unsafe fn list_nodes(list: *mut pg_sys::List) -> Vec<*mut pg_sys::Node> {
-    if list.is_null() {
-        return Vec::new();
-    }
-    // SAFETY: a pointer list has `length` elements.
-    unsafe { (0..(*list).length as usize).map(|i| (*(*list).elements.add(i)).ptr_value as *mut pg_sys::Node).collect() }
 }
 
 /// The text of a String node (None for anything else).

@@ -372,6 +372,7 @@ const LAYERS: &[(u8, &[&str])] = &[
             "guc",
             "ddl_settings",
             "pg_compat",
+            "pg_list",
             "notices",
             "libpq",
             "peer_calls",

@@ -9,6 +9,7 @@ use std::ffi::CStr;
 use pgrx::pg_sys;
 use trompe_core::dump::is_internal_column_option;
 
+use crate::pg_list::pointers;
 use crate::sql;
 
 thread_local! {
@@ -96,7 +97,7 @@ pub unsafe fn without_internal_options(pstmt: *mut pg_sys::PlannedStmt, read_onl
 /// The commands of an `ALTER TABLE`.
 unsafe fn commands(stmt: *mut pg_sys::AlterTableStmt) -> Vec<*mut pg_sys::AlterTableCmd> {
     // SAFETY: cmds is a (possibly empty) list of AlterTableCmd nodes.
-    unsafe { pointers((*stmt).cmds).into_iter().map(|p| p.cast()).collect() }
+    unsafe { pointers((*stmt).cmds) }
 }
 
 /// For `SET (...)` of a column: its options other than internal ones, and how many internal
@@ -107,7 +108,7 @@ unsafe fn internal_options(cmd: *mut pg_sys::AlterTableCmd) -> (Vec<*mut pg_sys:
         if (*cmd).subtype != pg_sys::AlterTableType::AT_SetOptions || (*cmd).def.is_null() {
             return (Vec::new(), 0);
         }
-        let all: Vec<*mut pg_sys::DefElem> = pointers((*cmd).def.cast()).into_iter().map(|p| p.cast()).collect();
+        let all: Vec<*mut pg_sys::DefElem> = pointers((*cmd).def.cast());
         let kept: Vec<*mut pg_sys::DefElem> = all
             .iter()
             .copied()
@@ -119,13 +120,4 @@ unsafe fn internal_options(cmd: *mut pg_sys::AlterTableCmd) -> (Vec<*mut pg_sys:
         let dropped = all.len() - kept.len();
         (kept, dropped)
     }
-}
-
-/// The pointers of a pointer list (NULL is the empty list).
-unsafe fn pointers(list: *mut pg_sys::List) -> Vec<*mut std::ffi::c_void> {
-    if list.is_null() {
-        return Vec::new();
-    }
-    // SAFETY: a pointer list has `length` elements.
-    unsafe { (0..(*list).length as usize).map(|i| (*(*list).elements.add(i)).ptr_value).collect() }
 }

@@ -174,16 +174,11 @@ pub unsafe fn before_utility(node: *mut pg_sys::Node) {
                 let stmt = node as *mut pg_sys::VacuumStmt;
                 // VACUUM FULL, as CLUSTER, freezes every row it can whatever the freeze age.
                 let freeze = option_set((*stmt).options, "freeze") || option_set((*stmt).options, "full");
-                let mut rels = Vec::new();
-                let list = (*stmt).rels;
-                if !list.is_null() {
-                    for i in 0..(*list).length as usize {
-                        let vr = (*(*list).elements.add(i)).ptr_value as *mut pg_sys::VacuumRelation;
-                        if !(*vr).relation.is_null() {
-                            rels.push((*vr).relation);
-                        }
-                    }
-                }
+                let rels = crate::pg_list::pointers::<pg_sys::VacuumRelation>((*stmt).rels)
+                    .into_iter()
+                    .map(|vr| (*vr).relation)
+                    .filter(|relation| !relation.is_null())
+                    .collect();
                 (Some(rels), freeze)
             }
             pg_sys::NodeTag::T_ClusterStmt => {
@@ -241,13 +236,9 @@ fn node_is_alter_table(node: *mut pg_sys::Node) -> bool {
 
 /// Whether a list of `DefElem` options has `name` set (to true, or without a value).
 unsafe fn option_set(list: *mut pg_sys::List, name: &str) -> bool {
-    if list.is_null() {
-        return false;
-    }
-    // SAFETY: the list holds DefElems (caller's contract).
+    // SAFETY: the list is NIL or holds DefElems (caller's contract).
     unsafe {
-        (0..(*list).length as usize).any(|i| {
-            let def = (*(*list).elements.add(i)).ptr_value as *mut pg_sys::DefElem;
+        crate::pg_list::pointers::<pg_sys::DefElem>(list).into_iter().any(|def| {
             !(*def).defname.is_null()
                 && std::ffi::CStr::from_ptr((*def).defname).to_bytes() == name.as_bytes()
                 && pg_sys::defGetBoolean(def)

@@ -47,11 +47,9 @@ pub fn kind_of(statement: &str) -> Option<Kind> {
             }
             pg_sys::NodeTag::T_ReindexStmt => {
                 let params = (*(node as *mut pg_sys::ReindexStmt)).params;
-                let concurrently = !params.is_null()
-                    && (0..(*params).length as usize).any(|i| {
-                        let def = (*(*params).elements.add(i)).ptr_value as *mut pg_sys::DefElem;
-                        !(*def).defname.is_null() && CStr::from_ptr((*def).defname).to_bytes() == b"concurrently"
-                    });
+                let concurrently = crate::pg_list::pointers::<pg_sys::DefElem>(params).into_iter().any(|def| {
+                    !(*def).defname.is_null() && CStr::from_ptr((*def).defname).to_bytes() == b"concurrently"
+                });
                 concurrently.then_some(Kind::Reindex)
             }
             _ => None,
