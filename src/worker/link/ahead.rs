@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use trompe_core::position::Position;
 
 use super::batch::{Batch, BatchBuilder};
-use super::{peer_timeout_ms, Link, State};
+use super::{peer_timeout_ms, pull_deadline_ms, Link, State};
 use crate::large_objects::LoSource;
 use crate::libpq::{wait_socket, Conn, RowStep, Want};
 use crate::shmem::now_ms;
@@ -24,8 +24,7 @@ impl Link {
             return Ok(None);
         };
         // The peer's retained log is asked between pulls (see `State::Ready`).
-        let retained_due = self.retained_next_ms.is_some_and(|t| now >= t);
-        if !Position::more_waiting(batch.complete, batch.commits) || self.failure.is_some() || retained_due {
+        if !Position::more_waiting(batch.complete, batch.commits) || self.failure.is_some() || self.retained_due(now) {
             return Ok(None);
         }
         let next = self.pos.after_transaction(cur, last.txn_last, batch.complete);
@@ -43,7 +42,7 @@ impl Link {
         if &self.pos != expected {
             self.discard_answer = true;
         }
-        self.deadline_ms = now_ms() + crate::guc::PULL_INTERVAL_MS.get() as i64 + peer_timeout_ms();
+        self.deadline_ms = pull_deadline_ms(now_ms());
     }
 
     /// The connection as the source of large objects while changes are applied: an answer

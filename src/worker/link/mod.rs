@@ -32,6 +32,11 @@ use batch::{Batch, BatchBuilder};
 fn peer_timeout_ms() -> i64 {
     crate::guc::PEER_TIMEOUT_MS.get() as i64
 }
+/// When a pull sent at `now` must have been heard from: the peer may wait for news for up to
+/// `trompe.pull_interval` before it sends anything.
+fn pull_deadline_ms(now: i64) -> i64 {
+    now + crate::guc::PULL_INTERVAL_MS.get() as i64 + peer_timeout_ms()
+}
 /// An idle consumer still confirms its position this often, so the peer can prune its log.
 const CONFIRM_EVERY_MS: i64 = 10_000;
 /// How often, at most, the peer is asked how much of its log it retains for this node; and
@@ -389,7 +394,7 @@ impl Link {
                 if now < self.not_before_ms {
                     return Ok(Some(WaitSpec { socket: None, wake_at_ms: Some(self.not_before_ms) }));
                 }
-                if self.retained_next_ms.is_some_and(|t| now >= t) {
+                if self.retained_due(now) {
                     let me = self.me.clone();
                     self.send("SELECT transactions, bytes FROM trompe.retained_log($1::uuid)", &[Some(&me)])?;
                     self.state = State::AskingRetained;
@@ -426,6 +431,11 @@ impl Link {
                 Ok(None)
             }
         }
+    }
+
+    /// Whether it is time to ask the peer how much of its log it retains for this node.
+    fn retained_due(&self, now: i64) -> bool {
+        self.retained_next_ms.is_some_and(|t| now >= t)
     }
 
     /// Sends what is left of the request (true: the socket must become writable first) and
@@ -544,8 +554,7 @@ impl Link {
         conn.single_row_mode().map_err(|e| e.describe())?;
         self.incoming = BatchBuilder::default();
         self.state = State::Pulling;
-        // The peer may wait for news for up to `wait_ms` before it sends anything.
-        self.deadline_ms = now + wait_ms as i64 + peer_timeout_ms();
+        self.deadline_ms = pull_deadline_ms(now);
         Ok(())
     }
 
