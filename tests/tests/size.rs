@@ -564,10 +564,23 @@ fn a_long_outage_is_caught_up_in_bounded_steps() {
     let backlog = chunks * chunk;
     for c in 0..chunks {
         a.exec(&format!("CALL fill({chunk}, {})", c * chunk));
-        let now = a.query_text("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").expect("a's snapshot");
+        // After the chunk's last transaction: not after a snapshot taken now, whose xmax also
+        // counts transactions without changes (the worker's marks among them).
+        let last = a.query_text("SELECT max(txid)::text FROM trompe.log").expect("the chunk's last transaction");
         let marked =
-            format!("SELECT count(*) FROM trompe.snapshot_marks WHERE pg_snapshot_xmax(snap) >= '{now}'::xid8");
-        assert!(wait_for(Duration::from_secs(30), || a.query_i64(&marked) > 0), "a mark after chunk {c}");
+            format!("SELECT count(*) FROM trompe.snapshot_marks WHERE pg_snapshot_xmax(snap) > '{last}'::xid8");
+        assert!(
+            wait_for(Duration::from_secs(30), || a.query_i64(&marked) > 0),
+            "a mark after chunk {c} (last transaction {last}): marks {:?}, worker {:?}",
+            a.query_row(
+                "SELECT count(*)::text, max(pg_snapshot_xmax(snap))::text, max(id)::text FROM trompe.snapshot_marks"
+            ),
+            a.query_text(
+                "SELECT string_agg(coalesce(state, '-') || ' ' || coalesce(wait_event_type || ':' || wait_event, '-')
+                                   || ' ' || coalesce(query, ''), '; ')
+                   FROM pg_stat_activity WHERE backend_type = 'trompe worker'"
+            )
+        );
     }
     let b_id = b.query_text("SELECT trompe.node_id()").expect("b's node id");
     // The step b's next pull would get (asked here as a superuser, b's position unchanged).
