@@ -23,8 +23,12 @@ impl Link {
         let (Some(cur), Some(last)) = (&batch.cur, batch.txns.last()) else {
             return Ok(None);
         };
-        // The peer's retained log is asked between pulls (see `State::Ready`).
-        if !Position::more_waiting(batch.complete, batch.commits) || self.failure.is_some() || self.retained_due(now) {
+        // The peer's retained log is asked between pulls (see `State::Ready`); while catching
+        // up, only once it is overdue: reading the whole backlog at the peer slows the catch-up.
+        if !Position::more_waiting(batch.complete, batch.commits)
+            || self.failure.is_some()
+            || self.retained_overdue(now)
+        {
             return Ok(None);
         }
         let next = self.pos.after_transaction(cur, last.txn_last, batch.complete);

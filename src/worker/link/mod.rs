@@ -43,6 +43,9 @@ const CONFIRM_EVERY_MS: i64 = 10_000;
 /// never more than a twentieth of the time (the answer reads the retained log).
 const RETAINED_EVERY_MS: i64 = 10_000;
 const RETAINED_TIME_SHARE: i64 = 20;
+/// While the link catches up a backlog (pulls sent ahead), the question, which reads the whole
+/// backlog at the peer, waits until it is this late.
+const RETAINED_DEFER_MS: i64 = 60_000;
 /// The changes the first pull of a connection asks for; each pull after it asks for
 /// `PULL_GROWTH` times more, up to `trompe.batch_size`. A node back from an outage applies its
 /// first change without waiting for a whole batch to arrive.
@@ -436,6 +439,11 @@ impl Link {
     /// Whether it is time to ask the peer how much of its log it retains for this node.
     fn retained_due(&self, now: i64) -> bool {
         self.retained_next_ms.is_some_and(|t| now >= t)
+    }
+
+    /// Whether the question is so late that a link catching up stops pulling ahead to ask it.
+    fn retained_overdue(&self, now: i64) -> bool {
+        self.retained_next_ms.is_some_and(|t| now >= t + RETAINED_DEFER_MS)
     }
 
     /// Sends what is left of the request (true: the socket must become writable first) and
