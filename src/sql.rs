@@ -15,7 +15,11 @@ pub type Row = Vec<Option<String>>;
 
 /// `s` as a C string (a NUL inside is dropped).
 pub fn cstring(s: &str) -> CString {
-    CString::new(s.replace('\0', "")).unwrap_or_default()
+    CString::new(s).unwrap_or_else(|e| {
+        let mut bytes = e.into_vec();
+        bytes.retain(|b| *b != 0);
+        CString::new(bytes).unwrap_or_default()
+    })
 }
 
 /// Text parameters `$1..` of one SPI call, as SPI takes them: types, datums and null flags.
