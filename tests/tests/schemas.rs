@@ -623,3 +623,39 @@ fn a_schema_dump_loaded_on_one_node_ends_identical_everywhere() {
         n1.query_i64("SELECT count(*) FROM public.docs WHERE tsv @@ to_tsquery('simple', 'changed')")
     );
 }
+
+/// Two schemas swap names (a way to swap in a rebuilt schema), so the name `app.t` leads to
+/// another table: changes a peer makes to `app.t` then reach that table here, although this
+/// node's worker had applied changes to the old one under that name (no DDL touched either
+/// table, only their schemas).
+#[test]
+fn changes_follow_a_table_name_when_schemas_swap_names() {
+    let cluster = Cluster::start("schema-swap", 2);
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    for node in cluster.nodes() {
+        node.exec("CREATE SCHEMA app; SELECT trompe.add_schema('app'); CREATE SCHEMA fresh; SELECT trompe.add_schema('fresh')");
+    }
+    cluster.mesh();
+    n1.exec("CREATE TABLE app.t (id int PRIMARY KEY, v text); CREATE TABLE fresh.t (id int PRIMARY KEY, v text)");
+    synced(&cluster, SYNC);
+    // Applied by transactions of their own after the DDL's: n2's worker knows app.t by then.
+    for id in [1, 3] {
+        n1.exec(&format!("INSERT INTO app.t VALUES ({id}, 'old')"));
+        synced(&cluster, SYNC);
+    }
+    assert_eq!(n2.query_i64("SELECT count(*) FROM app.t"), 2);
+    // Done by hand on each node, outside replication (no event trigger runs: nothing of
+    // trompe's touches the tables), after n2's worker applied n1's change to app.t.
+    for node in cluster.nodes() {
+        node.exec(
+            "SET session_replication_role = replica;
+             ALTER SCHEMA app RENAME TO app_old; ALTER SCHEMA fresh RENAME TO app",
+        );
+    }
+    n1.exec("INSERT INTO app.t VALUES (2, 'new'); INSERT INTO app_old.t VALUES (4, 'old')");
+    synced(&cluster, SYNC);
+    let rows = "SELECT coalesce((SELECT string_agg(id::text, ',' ORDER BY id) FROM app.t), '-') || ' / '
+                    || coalesce((SELECT string_agg(id::text, ',' ORDER BY id) FROM app_old.t), '-')";
+    assert_eq!(n2.query_text(rows).as_deref(), Some("2 / 1,3,4"));
+    assert_eq!(cluster.assert_same(rows).as_deref(), Some("2 / 1,3,4"));
+}

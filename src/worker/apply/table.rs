@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::CStr;
+use std::hash::BuildHasherDefault;
 use std::rc::Rc;
 
 use pgrx::pg_sys;
@@ -12,6 +13,11 @@ use trompe_core::ident::{check_identifier, quote_qualified, readable_qualified};
 
 use super::error::ApplyError;
 use crate::sql::cstring;
+
+/// The cache's maps are looked up for every applied row and column: a fast hasher (the keys
+/// are names and oids of local tables and columns, not chosen by an attacker).
+type Map<K, V> = HashMap<K, V, BuildHasherDefault<rustc_hash::FxHasher>>;
+type Set<K> = HashSet<K, BuildHasherDefault<rustc_hash::FxHasher>>;
 
 /// A column of a local table, with what converting text to its type needs.
 pub struct Attr {
@@ -125,7 +131,7 @@ pub struct Table {
     /// predicate): what a row's values can collide on.
     pub uniques: Vec<Vec<String>>,
     /// Columns that can be written (not dropped, not generated), by name.
-    pub attrs: HashMap<String, Attr>,
+    pub attrs: Map<String, Attr>,
     /// Whether any of them may refer to large objects.
     pub has_large_objects: bool,
     /// How its row versions rank (its conflict rule).
@@ -224,7 +230,7 @@ fn load_table(nsp: &str, rel: &str, relid: pg_sys::Oid) -> Result<Table, ApplyEr
             pg_sys::ALLOCSET_SMALL_INITSIZE as usize,
             pg_sys::ALLOCSET_SMALL_MAXSIZE as usize,
         );
-        let mut attrs = HashMap::new();
+        let mut attrs = Map::default();
         for i in 0..(*tupdesc).natts as usize {
             let att = &*crate::pg_compat::tuple_desc_attr(tupdesc, i);
             if att.attisdropped || att.attgenerated != 0 {
@@ -314,11 +320,12 @@ pub struct Statement {
 /// Plans and table facts kept across transactions; dropped when a table changes.
 #[derive(Default)]
 pub struct ApplyCache {
-    tables: HashMap<(String, String), Rc<Table>>,
+    /// By schema, then by name.
+    tables: Map<String, Map<String, Rc<Table>>>,
     /// Tables locked by the current apply transaction (no DDL can change them until it ends).
-    locked: HashSet<(String, String)>,
-    statements: HashMap<String, (pg_sys::Oid, Statement)>,
-    guards: HashMap<pg_sys::Oid, (u64, Guards)>,
+    locked: Set<pg_sys::Oid>,
+    statements: Map<String, (pg_sys::Oid, Statement)>,
+    guards: Map<pg_sys::Oid, (u64, Guards)>,
 }
 
 thread_local! {
@@ -335,10 +342,23 @@ unsafe extern "C-unwind" fn invalidate(_arg: pg_sys::Datum, relid: pg_sys::Oid) 
     }
 }
 
-/// Registers the cache's invalidation callback; call once per worker.
+/// A schema renamed or dropped: the names of every table in it may point elsewhere now.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn invalidate_schemas(_arg: pg_sys::Datum, _cacheid: std::ffi::c_int, _hash: u32) {
+    STALE_ALL.set(true);
+}
+
+/// Registers the cache's invalidation callbacks; call once per worker.
 pub fn register_invalidation() {
-    // SAFETY: registering a relcache callback once per process.
-    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(invalidate), pg_sys::Datum::from(0)) };
+    // SAFETY: registering cache callbacks once per process, with valid functions.
+    unsafe {
+        pg_sys::CacheRegisterRelcacheCallback(Some(invalidate), pg_sys::Datum::from(0));
+        pg_sys::CacheRegisterSyscacheCallback(
+            pg_sys::SysCacheIdentifier::NAMESPACEOID as std::ffi::c_int,
+            Some(invalidate_schemas),
+            pg_sys::Datum::from(0),
+        );
+    }
 }
 
 impl ApplyCache {
@@ -360,7 +380,9 @@ impl ApplyCache {
         if stale.is_empty() {
             return;
         }
-        self.tables.retain(|_, t| !stale.contains(&t.relid));
+        for by_name in self.tables.values_mut() {
+            by_name.retain(|_, t| !stale.contains(&t.relid));
+        }
         let dead: Vec<String> =
             self.statements.iter().filter(|(_, (relid, _))| stale.contains(relid)).map(|(k, _)| k.clone()).collect();
         for key in dead {
@@ -391,10 +413,19 @@ impl ApplyCache {
 
     /// [`ApplyCache::table`] with the lock `mode` (a truncation takes ACCESS EXCLUSIVE at once).
     pub fn table_locked(&mut self, nsp: &str, rel: &str, mode: u32) -> Result<Rc<Table>, ApplyError> {
-        let key = (nsp.to_string(), rel.to_string());
-        if mode == pg_sys::RowExclusiveLock && self.locked.contains(&key) {
-            if let Some(table) = self.tables.get(&key) {
-                return Ok(table.clone());
+        if let Some(known) = self.cached(nsp, rel) {
+            if mode == pg_sys::RowExclusiveLock && self.locked.contains(&known.relid) {
+                return Ok(known);
+            }
+            // The name still leads to the table known under it unless DDL renamed or dropped
+            // that table (a relcache invalidation of it) or its schema (a namespace one), and
+            // DDL that committed before the lock is granted is seen once it is.
+            // SAFETY: as below.
+            unsafe { pg_sys::LockRelationOid(known.relid, mode as pg_sys::LOCKMODE) };
+            self.purge_stale();
+            if self.cached(nsp, rel).is_some_and(|t| t.relid == known.relid) {
+                self.locked.insert(known.relid);
+                return Ok(known);
             }
         }
         let relid = relid_of(nsp, rel)?.ok_or_else(|| ApplyError::NoSuchTable(quote_qualified(nsp, rel)))?;
@@ -409,13 +440,18 @@ impl ApplyCache {
                 quote_qualified(nsp, rel)
             )));
         }
-        self.locked.insert(key.clone());
-        if let Some(table) = self.tables.get(&key).filter(|t| t.relid == relid) {
-            return Ok(table.clone());
+        self.locked.insert(relid);
+        if let Some(table) = self.cached(nsp, rel).filter(|t| t.relid == relid) {
+            return Ok(table);
         }
         let table = Rc::new(load_table(nsp, rel, relid)?);
-        self.tables.insert(key, table.clone());
+        self.tables.entry(nsp.to_string()).or_default().insert(rel.to_string(), table.clone());
         Ok(table)
+    }
+
+    /// What is known about the table last found under the name `nsp.rel`.
+    fn cached(&self, nsp: &str, rel: &str) -> Option<Rc<Table>> {
+        self.tables.get(nsp)?.get(rel).cloned()
     }
 
     /// Whether table `nsp.rel` exists here.
