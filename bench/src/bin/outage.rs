@@ -3,7 +3,8 @@
 //! 10,000,000) transactions of one small row; then it is resumed and timed: to the first
 //! change visible, and through the backlog in tenths (the catch-up rate of each tenth shows
 //! whether it runs at a steady rate from start to end), with the peak memory growth of the
-//! origin's serving process and of the applying process. For trompe and, in the same run on
+//! origin's serving process and of the applying process, and the WAL the applying node writes
+//! per row. For trompe and, in the same run on
 //! the same machine, for PostgreSQL's native logical replication.
 
 use std::time::{Duration, Instant};
@@ -31,6 +32,8 @@ struct Run {
     /// Peak growth of private memory (MB): the origin's serving process, the applying process.
     origin_mb: f64,
     apply_mb: f64,
+    /// WAL the applying node wrote during the catch-up, per backlog row (bytes).
+    wal_per_row: f64,
 }
 
 impl Run {
@@ -56,6 +59,8 @@ impl Run {
 /// Resumes replication with `resume` and times the catch-up of `peer`, sampling the processes
 /// `pids` finds once it is resumed (the origin's serving process, the applying process).
 fn catch_up(peer: &Node, txns: i64, resume: impl FnOnce(), pids: impl FnOnce() -> [i64; 2]) -> Run {
+    let wal_lsn = || peer.query_text("SELECT pg_current_wal_lsn()::text").expect("the applying node's WAL position");
+    let wal_from = wal_lsn();
     let mut c = peer.connect();
     let probe = c.prepare("SELECT 1 FROM bench_rows WHERE id = $1").unwrap();
     let mut seen = |id: i64| !c.query(&probe, &[&id]).expect("probe").is_empty();
@@ -73,7 +78,8 @@ fn catch_up(peer: &Node, txns: i64, resume: impl FnOnce(), pids: impl FnOnce() -
     let first = wait(1, Duration::from_millis(1));
     let tenths = (1..=10).map(|k| wait(txns * k / 10, Duration::from_millis(20))).collect();
     let peaks = sampler.finish();
-    Run { first, tenths, origin_mb: peaks[0], apply_mb: peaks[1] }
+    let wal = peer.query_i64(&format!("SELECT pg_wal_lsn_diff('{}', '{wal_from}')::bigint", wal_lsn()));
+    Run { first, tenths, origin_mb: peaks[0], apply_mb: peaks[1], wal_per_row: wal as f64 / txns as f64 }
 }
 
 fn trompe_run(txns: i64) -> Run {
@@ -136,15 +142,17 @@ fn main() {
     let show = |what: &str, r: &Run| {
         let rates: Vec<String> = r.rates(txns).iter().map(|v| format!("{v:.0}")).collect();
         println!(
-            "  {what:<27} first change {:7.3} s, catch-up {:8.0} rows/s, memory growth {:5.0} / {:5.0} MB",
+            "  {what:<27} first change {:7.3} s, catch-up {:8.0} rows/s, memory growth {:5.0} / {:5.0} MB, \
+             WAL {:4.0} bytes/row",
             r.first.as_secs_f64(),
             r.rate(txns),
             r.origin_mb,
-            r.apply_mb
+            r.apply_mb,
+            r.wal_per_row
         );
         println!("  {:<27} rows/s by tenth: {}", "", rates.join(" "));
     };
-    println!("(memory: the origin's serving process / the applying process)");
+    println!("(memory: the origin's serving process / the applying process; WAL: written by the applying node)");
     show("native logical replication:", &native);
     show("trompe:", &trompe);
     println!("  ratio trompe/native catch-up rate: {:.2}", trompe.rate(txns) / native.rate(txns));
