@@ -609,3 +609,72 @@ fn a_long_outage_is_caught_up_in_bounded_steps() {
     cluster.wait_sync(Duration::from_secs(120));
     cluster.assert_same(&checksum("t"));
 }
+
+/// A node applying a transaction larger than `trompe.batch_size` sends no pull ahead of it: the
+/// answer, too large for the socket buffers, would keep the peer's pull transaction open
+/// (holding back the peer's xmin, so VACUUM and `CREATE INDEX CONCURRENTLY` there) for as long
+/// as the large transaction takes to apply.
+#[test]
+fn applying_a_large_transaction_keeps_no_transaction_open_at_the_peer() {
+    let cluster = Cluster::builder("large-txn-no-ahead").nodes(2).setting("trompe.batch_size", "1000").start();
+    items_on(&cluster);
+    let (n0, n1) = (cluster.node(0), cluster.node(1));
+    n0.exec(
+        "CREATE PROCEDURE fill(n int) LANGUAGE plpgsql AS $$
+         BEGIN FOR i IN 1..n LOOP
+             INSERT INTO items SELECT 1000000 + i, string_agg(md5(i || ':' || j), '') FROM generate_series(1, 2560) j;
+             COMMIT;
+         END LOOP; END $$",
+    );
+    // Directly, not through the harness's link proxy, which would take in a whole answer.
+    n1.exec(&format!("SELECT trompe.add_peer('{}', '{}')", n0.name, n0.conninfo()));
+    n0.exec("INSERT INTO items VALUES (0, 'first')");
+    cluster.wait_sync(Duration::from_secs(60));
+    n1.exec(&format!("SELECT trompe.pause_peer('{}')", n0.name));
+    // About 200 MB in one transaction, then 600 transactions of 80 KB: the answer after the
+    // large transaction's carries 256 of them (pulls start small after a resume), 20 MB.
+    let rows = 100_000;
+    n0.exec(&big_insert(rows));
+    n0.exec("CALL fill(600)");
+    n1.exec(&format!("SELECT trompe.resume_peer('{}')", n0.name));
+    let applying_large = || {
+        n1.query_i64(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+              WHERE a.backend_type = 'trompe worker' AND l.relation = 'items'::regclass
+                AND (SELECT count(*) FROM items) = 1",
+        ) > 0
+    };
+    let oldest_at_origin = || {
+        n0.query_text(
+            "SELECT coalesce(max(extract(epoch FROM clock_timestamp() - xact_start)), 0)::text FROM pg_stat_activity
+              WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+        )
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+    };
+    let total = rows + 601;
+    let (mut applying_for, mut oldest) = (Duration::ZERO, 0.0f64);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while n1.query_i64("SELECT count(*) FROM items") < total {
+        assert!(Instant::now() < deadline, "everything arrives");
+        let sampled = Instant::now();
+        if applying_large() {
+            oldest = oldest.max(oldest_at_origin());
+            std::thread::sleep(Duration::from_millis(100));
+            applying_for += sampled.elapsed();
+        } else {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    eprintln!(
+        "applied the large transaction in {applying_for:?}; the peer's oldest transaction meanwhile: {oldest:.1} s"
+    );
+    // The test means something only if applying took longer than the bound below.
+    assert!(applying_for > Duration::from_millis(1500), "the large transaction was applied in {applying_for:?}");
+    assert!(
+        oldest < 0.5,
+        "while this node applied the large transaction ({applying_for:?}), a transaction at the peer stayed open {oldest:.1} s"
+    );
+    cluster.wait_sync(Duration::from_secs(120));
+    cluster.assert_same(&checksum("items"));
+}

@@ -31,6 +31,13 @@ impl Link {
         {
             return Ok(None);
         }
+        // A batch past `trompe.batch_size` holds a transaction larger than a batch, long to
+        // apply: an answer sent ahead that did not fit the socket buffers would keep the peer's
+        // pull transaction open (holding back its xmin) all that time.
+        let changes: u64 = batch.txns.iter().map(|t| t.changes).sum();
+        if changes > u64::try_from(crate::guc::BATCH_SIZE.get()).unwrap_or(0) {
+            return Ok(None);
+        }
         let next = self.pos.after_transaction(cur, last.txn_last, batch.complete);
         self.send_pull_from(&next, batch.commits, now)?;
         Ok(Some(next))
