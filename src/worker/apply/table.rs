@@ -419,8 +419,10 @@ impl ApplyCache {
             }
             // The name still leads to the table known under it unless DDL renamed or dropped
             // that table (a relcache invalidation of it) or its schema (a namespace one), and
-            // DDL that committed before the lock is granted is seen once it is.
-            // SAFETY: as below.
+            // DDL that committed before the lock is granted is seen once it is. (If it did,
+            // the lock on the old oid is kept to the end of the transaction, harmlessly.)
+            // SAFETY: takes a lock held until the end of the apply transaction; accepting the
+            // invalidations that come with it runs the callbacks above.
             unsafe { pg_sys::LockRelationOid(known.relid, mode as pg_sys::LOCKMODE) };
             self.purge_stale();
             if self.cached(nsp, rel).is_some_and(|t| t.relid == known.relid) {
