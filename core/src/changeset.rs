@@ -193,10 +193,37 @@ impl<'a> Reader<'a> {
     }
 
     fn string(&mut self) -> Result<String, DecodeError> {
+        let bytes = self.string_bytes()?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::Malformed("string is not UTF-8"))
+    }
+
+    fn string_bytes(&mut self) -> Result<&'a [u8], DecodeError> {
         let n = self.varint()?;
         let n = usize::try_from(n).map_err(|_| DecodeError::Truncated)?;
-        let bytes = self.take(n)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::Malformed("string is not UTF-8"))
+        self.take(n)
+    }
+
+    fn skip_string(&mut self) -> Result<(), DecodeError> {
+        self.string_bytes().map(drop)
+    }
+
+    fn op(&mut self) -> Result<Op, DecodeError> {
+        let code = self.byte()?;
+        Op::from_code(std::str::from_utf8(&[code]).map_err(|_| DecodeError::Malformed("bad op"))?)
+            .map_err(|_| DecodeError::Malformed("unknown op"))
+    }
+
+    fn old_version(&mut self) -> Result<OldVersion, DecodeError> {
+        Ok(match self.byte()? {
+            0 => OldVersion::Unknown,
+            1 => OldVersion::SameTransaction,
+            2 => {
+                let ts = i64::from_le_bytes(self.take(8)?.try_into().map_err(|_| DecodeError::Truncated)?);
+                let node = NodeId(self.take(16)?.try_into().map_err(|_| DecodeError::Truncated)?);
+                OldVersion::Committed { ts, node }
+            }
+            _ => return Err(DecodeError::Malformed("bad version marker")),
+        })
     }
 
     /// A count that cannot exceed what is left (each item takes at least one byte).
@@ -207,6 +234,23 @@ impl<'a> Reader<'a> {
             return Err(DecodeError::Truncated);
         }
         Ok(n as usize)
+    }
+
+    fn skip_optional_list(&mut self) -> Result<(), DecodeError> {
+        match self.byte()? {
+            0 => Ok(()),
+            1 => {
+                for _ in 0..self.count()? {
+                    match self.byte()? {
+                        0 => {}
+                        1 => self.skip_string()?,
+                        _ => return Err(DecodeError::Malformed("bad value marker")),
+                    }
+                }
+                Ok(())
+            }
+            _ => Err(DecodeError::Malformed("bad list marker")),
+        }
     }
 
     fn optional_list(&mut self) -> Result<Option<Vec<Option<String>>>, DecodeError> {
@@ -255,9 +299,7 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<ChangeRecord>, DecodeError> {
     let count = r.count()?;
     let mut out = Vec::with_capacity(count);
     for _ in 0..count {
-        let code = r.byte()?;
-        let op = Op::from_code(std::str::from_utf8(&[code]).map_err(|_| DecodeError::Malformed("bad op"))?)
-            .map_err(|_| DecodeError::Malformed("unknown op"))?;
+        let op = r.op()?;
         let seq = r.varint()?;
         let nsp = r.string()?;
         let rel = r.string()?;
@@ -268,22 +310,42 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<ChangeRecord>, DecodeError> {
         }
         let vals = r.optional_list()?;
         let oldkey = r.optional_list()?;
-        let old = match r.byte()? {
-            0 => OldVersion::Unknown,
-            1 => OldVersion::SameTransaction,
-            2 => {
-                let ts = i64::from_le_bytes(r.take(8)?.try_into().map_err(|_| DecodeError::Truncated)?);
-                let node = NodeId(r.take(16)?.try_into().map_err(|_| DecodeError::Truncated)?);
-                OldVersion::Committed { ts, node }
-            }
-            _ => return Err(DecodeError::Malformed("bad version marker")),
-        };
+        let old = r.old_version()?;
         out.push(ChangeRecord { seq, op, nsp, rel, cols, vals, oldkey, old });
     }
     if r.pos != bytes.len() {
         return Err(DecodeError::Malformed("trailing bytes"));
     }
     Ok(out)
+}
+
+/// Whether a chunk holds a change of a kind `wanted` accepts, read without decoding names and
+/// values.
+pub fn holds(bytes: &[u8], wanted: impl Fn(Op) -> bool) -> Result<bool, DecodeError> {
+    let mut r = Reader { bytes, pos: 0 };
+    let format = r.byte()?;
+    if format != FORMAT {
+        return Err(DecodeError::Format(format));
+    }
+    let count = r.count()?;
+    for _ in 0..count {
+        if wanted(r.op()?) {
+            return Ok(true);
+        }
+        r.varint()?;
+        r.skip_string()?;
+        r.skip_string()?;
+        for _ in 0..r.count()? {
+            r.skip_string()?;
+        }
+        r.skip_optional_list()?;
+        r.skip_optional_list()?;
+        r.old_version()?;
+    }
+    if r.pos != bytes.len() {
+        return Err(DecodeError::Malformed("trailing bytes"));
+    }
+    Ok(false)
 }
 
 #[cfg(test)]
@@ -451,6 +513,13 @@ mod properties {
         #[test]
         fn any_bytes_decode_or_are_refused_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..96)) {
             let _ = decode(&bytes);
+            let _ = holds(&bytes, |op| op == Op::Ddl);
+        }
+
+        #[test]
+        fn holds_tells_the_kinds_decode_finds(records in proptest::collection::vec(record(), 0..6), wanted in op()) {
+            let bytes = encode(&records);
+            prop_assert_eq!(holds(&bytes, |op| op == wanted), Ok(records.iter().any(|r| r.op == wanted)));
         }
 
         #[test]
@@ -462,6 +531,7 @@ mod properties {
             let bytes = encode(&records);
             let at = cut.index(bytes.len());
             prop_assert!(decode(&bytes[..at]).is_err(), "a chunk cut short must be refused");
+            let _ = holds(&bytes[..at], |op| op == Op::Ddl);
             let mut altered = bytes.clone();
             let i = flip.0.index(altered.len());
             altered[i] ^= flip.1;

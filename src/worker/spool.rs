@@ -11,7 +11,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 
-use trompe_core::changeset::{decode, peek};
+use trompe_core::changeset::{decode, holds, peek};
 use trompe_core::inorder::{ChunkRef, InOrder};
 use trompe_core::logformat::Op;
 
@@ -110,6 +110,9 @@ pub struct SpooledTxn {
     pub commit_us: i64,
     /// How many changes it has.
     pub changes: u64,
+    /// Whether any of them is DDL or a TRUNCATE, which may wait for a table's lock, or rewrite
+    /// the table, for long.
+    pub ddl_or_truncate: bool,
     chunks: Vec<ChunkRef>,
 }
 
@@ -123,6 +126,9 @@ impl SpooledTxn {
     pub fn add_row(&mut self, spool: &mut Spool, bytes: &[u8]) -> Result<(), String> {
         let (count, first_seq) = peek(bytes).map_err(|e| format!("log row of transaction {}: {e}", self.txn_last))?;
         let Some(first_seq) = first_seq else { return Ok(()) };
+        // A row that does not decode is reported when it is applied (where the transaction can
+        // be set aside); until then it counts as DDL, the careful side.
+        self.ddl_or_truncate |= holds(bytes, |op| matches!(op, Op::Ddl | Op::Truncate)).unwrap_or(true);
         let offset = spool.append(bytes)?;
         self.chunks.push(ChunkRef { first_seq, count, offset, len: bytes.len() });
         self.changes += count;

@@ -678,3 +678,58 @@ fn applying_a_large_transaction_keeps_no_transaction_open_at_the_peer() {
     cluster.wait_sync(Duration::from_secs(120));
     cluster.assert_same(&checksum("items"));
 }
+
+/// Nor does a node send a pull ahead of applying DDL, which may wait for a lock or rewrite a
+/// table for long: here an `ALTER TABLE` waits behind a local reader while the peer must keep no
+/// transaction open.
+#[test]
+fn applying_ddl_keeps_no_transaction_open_at_the_peer() {
+    let cluster = Cluster::builder("ddl-no-ahead").nodes(2).setting("trompe.batch_size", "1000").start();
+    items_on(&cluster);
+    let (n0, n1) = (cluster.node(0), cluster.node(1));
+    n0.exec(
+        "CREATE PROCEDURE fill(n int) LANGUAGE plpgsql AS $$
+         BEGIN FOR i IN 1..n LOOP
+             INSERT INTO items SELECT 1000000 + i, string_agg(md5(i || ':' || j), '') FROM generate_series(1, 2560) j;
+             COMMIT;
+         END LOOP; END $$",
+    );
+    // Directly, not through the harness's link proxy, which would take in a whole answer.
+    n1.exec(&format!("SELECT trompe.add_peer('{}', '{}')", n0.name, n0.conninfo()));
+    n0.exec("INSERT INTO items VALUES (0, 'first')");
+    cluster.wait_sync(Duration::from_secs(60));
+    n1.exec(&format!("SELECT trompe.pause_peer('{}')", n0.name));
+    // The DDL, then 600 transactions of 80 KB: a pull sent ahead of the DDL's batch would ask
+    // for 256 of them, 20 MB.
+    n0.exec("ALTER TABLE items ADD COLUMN extra int");
+    n0.exec("CALL fill(600)");
+    let mut reader = n1.connect();
+    reader.batch_execute("BEGIN; SELECT count(*) FROM items").expect("a local reader holds items");
+    n1.exec(&format!("SELECT trompe.resume_peer('{}')", n0.name));
+    let worker_waits = || {
+        n1.query_i64(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'trompe worker' AND wait_event_type = 'Lock'",
+        ) > 0
+    };
+    assert!(wait_for(Duration::from_secs(60), worker_waits), "the worker waits to apply the ALTER TABLE");
+    let oldest_at_origin = || {
+        n0.query_text(
+            "SELECT coalesce(max(extract(epoch FROM clock_timestamp() - xact_start)), 0)::text FROM pg_stat_activity
+              WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+        )
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+    };
+    let mut oldest = 0.0f64;
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(3) {
+        assert!(worker_waits(), "the worker still waits for the reader");
+        oldest = oldest.max(oldest_at_origin());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    reader.batch_execute("COMMIT").expect("the reader ends");
+    assert!(oldest < 0.5, "while this node waited to apply DDL, a transaction at the peer stayed open {oldest:.1} s");
+    cluster.wait_sync(Duration::from_secs(120));
+    assert_eq!(n1.query_i64("SELECT count(*) FROM items"), 601);
+    cluster.assert_same(&checksum("items"));
+}

@@ -31,11 +31,17 @@ impl Link {
         {
             return Ok(None);
         }
-        // A batch past `trompe.batch_size` holds a transaction larger than a batch, long to
-        // apply: an answer sent ahead that did not fit the socket buffers would keep the peer's
-        // pull transaction open (holding back its xmin) all that time.
+        // A batch past `trompe.batch_size` holds a transaction larger than a batch, and DDL or
+        // a TRUNCATE may wait for a table's lock, rewrite it or build an index: long to apply.
+        // An answer sent ahead that did not fit the socket buffers would keep the peer's pull
+        // transaction open (holding back its xmin) all that time, and a `CREATE INDEX
+        // CONCURRENTLY` applied here waits for every older snapshot of this node, such as one
+        // serving the peer's own pull sent ahead: two nodes doing both would wait for each
+        // other for good.
         let changes: u64 = batch.txns.iter().map(|t| t.changes).sum();
-        if changes > u64::try_from(crate::guc::BATCH_SIZE.get()).unwrap_or(0) {
+        if changes > u64::try_from(crate::guc::BATCH_SIZE.get()).unwrap_or(0)
+            || batch.txns.iter().any(|t| t.ddl_or_truncate)
+        {
             return Ok(None);
         }
         let next = self.pos.after_transaction(cur, last.txn_last, batch.complete);
