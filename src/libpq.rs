@@ -630,12 +630,35 @@ fn collect(conn: &mut Conn, deadline: Instant, cancel: bool) -> Result<PgResult,
         if left().is_zero() {
             if cancel {
                 conn.cancel_quietly();
+                finish_cancelled(conn, Instant::now() + CANCEL_TIMEOUT);
             }
             return Err(PqError::new(PqErrorKind::Timeout, "timed out waiting for the peer's answer"));
         }
         wait_socket(conn.socket(), Want::Read, left());
     }
     conn.take_result()
+}
+
+/// Reads what is left of a cancelled query (its error, usually at once) until `deadline`, so
+/// that the connection can take the next query; one still busy after it fails that query.
+fn finish_cancelled(conn: &mut Conn, deadline: Instant) {
+    loop {
+        match conn.consume() {
+            Ok(Want::Read) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return;
+                }
+                wait_socket(conn.socket(), Want::Read, left);
+            }
+            Ok(_) => {
+                // The cancelled query's outcome, an error or its late result: dropped.
+                let _ = conn.take_result();
+                return;
+            }
+            Err(_) => return,
+        }
+    }
 }
 
 /// Sends a `COPY ... TO STDOUT` and waits (interruptibly) up to `timeout` until the peer starts
