@@ -610,13 +610,11 @@ fn a_long_outage_is_caught_up_in_bounded_steps() {
     cluster.assert_same(&checksum("t"));
 }
 
-/// A node applying a transaction larger than `trompe.batch_size` sends no pull ahead of it: the
-/// answer, too large for the socket buffers, would keep the peer's pull transaction open
-/// (holding back the peer's xmin, so VACUUM and `CREATE INDEX CONCURRENTLY` there) for as long
-/// as the large transaction takes to apply.
-#[test]
-fn applying_a_large_transaction_keeps_no_transaction_open_at_the_peer() {
-    let cluster = Cluster::builder("large-txn-no-ahead").nodes(2).setting("trompe.batch_size", "1000").start();
+/// Two nodes, n1 pulling from n0 directly (not through the harness's link proxy, which would
+/// take in a whole answer) with `trompe.batch_size` 1000, caught up on one row of `items`, then
+/// paused; n0 has `fill(n)`, which commits `n` rows of 80 KB one transaction each.
+fn paused_direct_pair(name: &str) -> Cluster {
+    let cluster = Cluster::builder(name).nodes(2).setting("trompe.batch_size", "1000").start();
     items_on(&cluster);
     let (n0, n1) = (cluster.node(0), cluster.node(1));
     n0.exec(
@@ -626,11 +624,31 @@ fn applying_a_large_transaction_keeps_no_transaction_open_at_the_peer() {
              COMMIT;
          END LOOP; END $$",
     );
-    // Directly, not through the harness's link proxy, which would take in a whole answer.
     n1.exec(&format!("SELECT trompe.add_peer('{}', '{}')", n0.name, n0.conninfo()));
     n0.exec("INSERT INTO items VALUES (0, 'first')");
     cluster.wait_sync(Duration::from_secs(60));
     n1.exec(&format!("SELECT trompe.pause_peer('{}')", n0.name));
+    cluster
+}
+
+/// How long, in seconds, the oldest transaction of another client of `node` has been open.
+fn oldest_transaction_s(node: &trompe_tests::Node) -> f64 {
+    node.query_text(
+        "SELECT coalesce(max(extract(epoch FROM clock_timestamp() - xact_start)), 0)::text FROM pg_stat_activity
+          WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+    )
+    .and_then(|v| v.parse::<f64>().ok())
+    .unwrap_or(0.0)
+}
+
+/// A node applying a transaction larger than `trompe.batch_size` sends no pull ahead of it: the
+/// answer, too large for the socket buffers, would keep the peer's pull transaction open
+/// (holding back the peer's xmin, so VACUUM and `CREATE INDEX CONCURRENTLY` there) for as long
+/// as the large transaction takes to apply.
+#[test]
+fn applying_a_large_transaction_keeps_no_transaction_open_at_the_peer() {
+    let cluster = paused_direct_pair("large-txn-no-ahead");
+    let (n0, n1) = (cluster.node(0), cluster.node(1));
     // About 200 MB in one transaction, then 600 transactions of 80 KB: the answer after the
     // large transaction's carries 256 of them (pulls start small after a resume), 20 MB.
     let rows = 100_000;
@@ -644,14 +662,6 @@ fn applying_a_large_transaction_keeps_no_transaction_open_at_the_peer() {
                 AND (SELECT count(*) FROM items) = 1",
         ) > 0
     };
-    let oldest_at_origin = || {
-        n0.query_text(
-            "SELECT coalesce(max(extract(epoch FROM clock_timestamp() - xact_start)), 0)::text FROM pg_stat_activity
-              WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
-        )
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0)
-    };
     let total = rows + 601;
     let (mut applying_for, mut oldest) = (Duration::ZERO, 0.0f64);
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -659,7 +669,7 @@ fn applying_a_large_transaction_keeps_no_transaction_open_at_the_peer() {
         assert!(Instant::now() < deadline, "everything arrives");
         let sampled = Instant::now();
         if applying_large() {
-            oldest = oldest.max(oldest_at_origin());
+            oldest = oldest.max(oldest_transaction_s(n0));
             std::thread::sleep(Duration::from_millis(100));
             applying_for += sampled.elapsed();
         } else {
@@ -684,21 +694,8 @@ fn applying_a_large_transaction_keeps_no_transaction_open_at_the_peer() {
 /// transaction open.
 #[test]
 fn applying_ddl_keeps_no_transaction_open_at_the_peer() {
-    let cluster = Cluster::builder("ddl-no-ahead").nodes(2).setting("trompe.batch_size", "1000").start();
-    items_on(&cluster);
+    let cluster = paused_direct_pair("ddl-no-ahead");
     let (n0, n1) = (cluster.node(0), cluster.node(1));
-    n0.exec(
-        "CREATE PROCEDURE fill(n int) LANGUAGE plpgsql AS $$
-         BEGIN FOR i IN 1..n LOOP
-             INSERT INTO items SELECT 1000000 + i, string_agg(md5(i || ':' || j), '') FROM generate_series(1, 2560) j;
-             COMMIT;
-         END LOOP; END $$",
-    );
-    // Directly, not through the harness's link proxy, which would take in a whole answer.
-    n1.exec(&format!("SELECT trompe.add_peer('{}', '{}')", n0.name, n0.conninfo()));
-    n0.exec("INSERT INTO items VALUES (0, 'first')");
-    cluster.wait_sync(Duration::from_secs(60));
-    n1.exec(&format!("SELECT trompe.pause_peer('{}')", n0.name));
     // The DDL, then 600 transactions of 80 KB: a pull sent ahead of the DDL's batch would ask
     // for 256 of them, 20 MB.
     n0.exec("ALTER TABLE items ADD COLUMN extra int");
@@ -712,19 +709,11 @@ fn applying_ddl_keeps_no_transaction_open_at_the_peer() {
         ) > 0
     };
     assert!(wait_for(Duration::from_secs(60), worker_waits), "the worker waits to apply the ALTER TABLE");
-    let oldest_at_origin = || {
-        n0.query_text(
-            "SELECT coalesce(max(extract(epoch FROM clock_timestamp() - xact_start)), 0)::text FROM pg_stat_activity
-              WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
-        )
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0)
-    };
     let mut oldest = 0.0f64;
     let watched = Instant::now();
     while watched.elapsed() < Duration::from_secs(3) {
         assert!(worker_waits(), "the worker still waits for the reader");
-        oldest = oldest.max(oldest_at_origin());
+        oldest = oldest.max(oldest_transaction_s(n0));
         std::thread::sleep(Duration::from_millis(100));
     }
     reader.batch_execute("COMMIT").expect("the reader ends");
