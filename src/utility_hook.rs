@@ -56,10 +56,16 @@ unsafe extern "C-unwind" fn process_utility(
     if !node.is_null() && (*node).type_ == pg_sys::NodeTag::T_TransactionStmt {
         return run_previous(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc);
     }
+    // Another database's worker steps out of DROP DATABASE's way whatever this one holds.
+    crate::worker::dbguard::before_utility(node);
+    // shared_preload_libraries loads trompe into every database of the cluster: one without
+    // the extension runs its statements as if trompe were not there.
+    if !installed_here() && !creates_extension(node) {
+        return run_previous(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc);
+    }
     let restart = !node.is_null()
         && (*node).type_ == pg_sys::NodeTag::T_TruncateStmt
         && (*(node as *mut pg_sys::TruncateStmt)).restart_seqs;
-    crate::worker::dbguard::before_utility(node);
     crate::capture::ddl::note_index_drops(node);
     crate::row_versions::before_utility(node);
     let rename = crate::ddl_history::before_utility(node);
@@ -76,6 +82,19 @@ unsafe extern "C-unwind" fn process_utility(
     if let Some(rename) = rename {
         rename.record();
     }
+}
+
+/// Whether the extension is installed in the current database (also while its script runs).
+fn installed_here() -> bool {
+    // SAFETY: a catalog lookup; utility statements run inside a transaction.
+    unsafe { pg_sys::get_extension_oid(c"trompe".as_ptr(), true) != pg_sys::InvalidOid }
+}
+
+/// Whether `node` is a `CREATE EXTENSION` (of any extension): it takes the usual path, as it
+/// did before this database had trompe.
+unsafe fn creates_extension(node: *mut pg_sys::Node) -> bool {
+    // SAFETY: only the node's tag is read (caller passes a statement's node, or NULL).
+    !node.is_null() && unsafe { (*node).type_ } == pg_sys::NodeTag::T_CreateExtensionStmt
 }
 
 /// Runs the statement through the hook installed before ours, or the standard one.

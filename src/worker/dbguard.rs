@@ -1,7 +1,9 @@
 //! Keeps a database's worker out of the way of commands that need the database to have no
 //! connections: DROP DATABASE, ALTER DATABASE ... RENAME / SET TABLESPACE, and CREATE DATABASE
-//! using it as the template. The worker is stopped first and kept away for a while; the
-//! supervisor starts it again afterwards if the database still exists.
+//! using it as the template; and of DROP EXTENSION trompe, which locks trompe's tables one by
+//! one in an order of its own (a worker reading them meanwhile would deadlock with it). The
+//! worker is stopped first and kept away for a while; the supervisor starts it again afterwards
+//! if the database (and the extension) still exists.
 
 use std::sync::atomic::Ordering;
 
@@ -20,6 +22,10 @@ const EXIT_WAIT_MS: i64 = 5_000;
 /// `node` must be a valid parse node or NULL.
 pub unsafe fn before_utility(node: *mut pg_sys::Node) {
     if node.is_null() || shared().is_none() {
+        return;
+    }
+    if drops_trompe(node) {
+        hold_worker(pg_sys::MyDatabaseId);
         return;
     }
     let dbname: *const std::ffi::c_char = match (*node).type_ {
@@ -43,6 +49,27 @@ pub unsafe fn before_utility(node: *mut pg_sys::Node) {
     if dboid != pg_sys::InvalidOid {
         hold_worker(dboid);
     }
+}
+
+/// Whether `node` is a `DROP EXTENSION` naming trompe.
+///
+/// # Safety
+/// `node` must be a valid parse node.
+unsafe fn drops_trompe(node: *mut pg_sys::Node) -> bool {
+    if (*node).type_ != pg_sys::NodeTag::T_DropStmt {
+        return false;
+    }
+    let stmt = node as *mut pg_sys::DropStmt;
+    if (*stmt).removeType != pg_sys::ObjectType::OBJECT_EXTENSION {
+        return false;
+    }
+    // The objects of DROP EXTENSION are the extensions' names, as String nodes.
+    crate::pg_list::pointers::<pg_sys::String>((*stmt).objects).into_iter().any(|name| {
+        !name.is_null()
+            && (*name).type_ == pg_sys::NodeTag::T_String
+            && !(*name).sval.is_null()
+            && std::ffi::CStr::from_ptr((*name).sval).to_bytes() == b"trompe"
+    })
 }
 
 /// The TEMPLATE option of CREATE DATABASE, or NULL.

@@ -1,6 +1,6 @@
 //! The worker's life: started by CREATE EXTENSION, by restarts and after crashes; gone after
 //! DROP EXTENSION; out of DROP DATABASE's way; prompt to shut down even when a peer hangs;
-//! clear about a missing shared_preload_libraries.
+//! clear about a missing shared_preload_libraries; no trace in a database without the extension.
 
 use std::time::{Duration, Instant};
 
@@ -108,6 +108,65 @@ fn without_preloading_the_extension_installs_and_says_what_is_missing() {
         assert_eq!(code, "55000", "{sql}");
         assert!(message.contains("shared_preload_libraries"), "{sql}: {message}");
     }
+}
+
+/// `shared_preload_libraries` loads trompe into every database of the cluster; one that has no
+/// `CREATE EXTENSION trompe` (yet, or any more) must not notice it: its DDL, maintenance and
+/// writes run as without trompe. Then the extension installs over the schema made meanwhile.
+#[test]
+fn a_database_without_the_extension_is_left_alone() {
+    let cluster = Cluster::builder("worker-no-extension").nodes(1).with_extension(false).start();
+    let n1 = cluster.node(0);
+    let mut c = n1.connect();
+    let statements = [
+        "CREATE SCHEMA app",
+        "CREATE TABLE app.t (id int PRIMARY KEY, a int, note text)",
+        "INSERT INTO app.t SELECT g, g, 'x' FROM generate_series(1, 10) g",
+        "ALTER TABLE app.t ADD COLUMN serial_id bigserial",
+        "ALTER TABLE app.t ADD COLUMN at timestamptz DEFAULT now()",
+        "ALTER TABLE app.t ADD COLUMN b int",
+        "ALTER TABLE app.t ALTER COLUMN a TYPE bigint USING a + (random() * 0)::int",
+        "ALTER TABLE app.t RENAME COLUMN b TO c",
+        "ALTER TABLE app.t RENAME TO u",
+        "CREATE INDEX u_note ON app.u (note)",
+        "DROP INDEX app.u_note",
+        "CREATE TABLE app.p (id int, k int, PRIMARY KEY (id, k)) PARTITION BY LIST (k)",
+        "CREATE TABLE app.p1 PARTITION OF app.p FOR VALUES IN (1)",
+        "ALTER TABLE app.p DETACH PARTITION app.p1 CONCURRENTLY",
+        "GRANT SELECT ON app.u TO PUBLIC",
+        "REVOKE SELECT ON app.u FROM PUBLIC",
+        "COMMENT ON TABLE app.u IS 'no trompe here'",
+        "UPDATE app.u SET note = 'y' WHERE id < 5",
+        "DELETE FROM app.u WHERE id = 10",
+        "SELECT lo_unlink(lo_from_bytea(0, 'large'))",
+        "TRUNCATE app.p RESTART IDENTITY",
+        "VACUUM (FREEZE) app.u",
+        "CLUSTER app.u USING t_pkey",
+        "VACUUM FULL app.u",
+        "DROP TABLE app.p",
+        "CREATE SEQUENCE app.s",
+        "SELECT setval('app.s', 42)",
+        "DO $$ BEGIN EXECUTE 'ALTER TABLE app.u ADD COLUMN e int DEFAULT 1'; END $$",
+    ];
+    for sql in statements {
+        c.batch_execute(sql).unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
+    assert_eq!(n1.query_i64("SELECT count(*) FROM pg_namespace WHERE nspname = 'trompe'"), 0);
+    assert_eq!(n1.query_i64("SELECT count(*) FROM app.u"), 9);
+    // Installed and dropped again and again: DROP EXTENSION locks trompe's tables one by one,
+    // and must not deadlock with the worker that CREATE EXTENSION started reading them.
+    for round in 0..10 {
+        c.batch_execute("CREATE EXTENSION trompe; SELECT trompe.add_schema('app')").expect("the extension installs");
+        c.batch_execute(&format!("UPDATE app.u SET note = 'z{round}' WHERE id = 1")).unwrap();
+        assert_eq!(n1.query_i64("SELECT count(*) FROM trompe.log"), 1, "the table is captured once added");
+        if round > 0 {
+            wait_workers(n1, 1);
+            std::thread::sleep(Duration::from_millis(20 * round));
+        }
+        c.batch_execute("DROP EXTENSION trompe CASCADE").unwrap_or_else(|e| panic!("round {round}: {e:?}"));
+    }
+    c.batch_execute("ALTER TABLE app.u ADD COLUMN d int DEFAULT random()::int; DROP TABLE app.u")
+        .expect("DDL after DROP EXTENSION");
 }
 
 /// The `trompe.` prefix is reserved: a misspelt setting is an error naming it, not a silent
