@@ -87,29 +87,121 @@ impl TableVersions {
     }
 }
 
-/// The version kept for the row `key` of table `relid` whose `xmin` is `raw`, if any.
+/// The version kept for the row `key` of table `relid` whose `xmin` is `raw`, if any. Capture
+/// asks for every update or delete of a row old enough to be frozen (most rows of a table
+/// vacuum has been through), so this is one lookup in the primary key index of
+/// `trompe.row_versions`, without SQL.
 fn kept(relid: pg_sys::Oid, raw: u32, key: &[Option<String>]) -> Option<OldVersion> {
     if !archive_exists() {
         return None;
     }
-    let refs: Vec<Option<&str>> = key.iter().map(|k| k.as_deref()).collect();
-    let row = as_extension_owner(|| {
-        crate::sql::row(
-            "SELECT committed_us::text, node_id::text
-               FROM trompe.row_versions WHERE relid = $1::oid AND key = $2::text[] AND row_xmin = $3::xid",
-            &[
-                Some(&relid.to_u32().to_string()),
-                Some(&trompe_core::pgarray::format_text_array(&refs)),
-                Some(&raw.to_string()),
-            ],
-        )
-    })
-    .ok()
-    .flatten()?;
-    let ts = row.first().cloned().flatten().and_then(|t| t.parse::<i64>().ok());
-    let node = row.get(1).cloned().flatten().and_then(|n| n.parse::<NodeId>().ok());
-    Some(match (ts, node) {
+    // SAFETY: the archive exists (checked); see `kept_in`.
+    let row = unsafe { kept_in(relid, raw, key) }?;
+    Some(match row {
         (Some(ts), Some(node)) => OldVersion::Committed { ts, node },
         _ => OldVersion::Unknown,
     })
+}
+
+/// The commit time and node kept in `trompe.row_versions` for (`relid`, `key`) under `xmin`
+/// `raw`: `None` if no entry (or one under another `xmin`).
+///
+/// # Safety
+/// Inside a transaction, with `trompe.row_versions` existing.
+unsafe fn kept_in(relid: pg_sys::Oid, raw: u32, key: &[Option<String>]) -> Option<(Option<i64>, Option<NodeId>)> {
+    // SAFETY: the archive table and its primary key index (relid, key) are opened with
+    // AccessShareLock and closed at the end; the scan keys compare with the index's own
+    // operators and collation; the key array and texts are palloc'd in the current context;
+    // the snapshot is registered for the scan and unregistered after it; attributes are read
+    // from the tuple the scan returned, with the table's descriptor (1-based numbers: relid,
+    // key, row_xmin, committed_us, node_id).
+    unsafe {
+        let nsp = pg_sys::get_namespace_oid(c"trompe".as_ptr(), true);
+        let table = pg_sys::get_relname_relid(c"row_versions".as_ptr(), nsp);
+        if table == pg_sys::InvalidOid {
+            return None;
+        }
+        let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
+        let rel = pg_sys::table_open(table, lock);
+        let index = crate::pg_compat::primary_key_index(rel);
+        if index == pg_sys::InvalidOid {
+            pg_sys::table_close(rel, lock);
+            return None;
+        }
+        let mut elems: Vec<pg_sys::Datum> = Vec::with_capacity(key.len());
+        let mut nulls: Vec<bool> = Vec::with_capacity(key.len());
+        for k in key {
+            match k {
+                Some(text) => {
+                    let c = crate::sql::cstring(text);
+                    elems.push(pg_sys::Datum::from(pg_sys::cstring_to_text(c.as_ptr())));
+                    nulls.push(false);
+                }
+                None => {
+                    elems.push(pg_sys::Datum::from(0));
+                    nulls.push(true);
+                }
+            }
+        }
+        let mut dims = [key.len() as i32];
+        let mut lbs = [1i32];
+        let array = pg_sys::construct_md_array(
+            elems.as_mut_ptr(),
+            nulls.as_mut_ptr(),
+            1,
+            dims.as_mut_ptr(),
+            lbs.as_mut_ptr(),
+            pg_sys::TEXTOID,
+            -1,
+            false,
+            pg_sys::TYPALIGN_INT as std::ffi::c_char,
+        );
+        let index_rel = pg_sys::index_open(index, lock);
+        let key_collation = *(*index_rel).rd_indcollation.add(1);
+        pg_sys::index_close(index_rel, lock);
+        let mut keys: [pg_sys::ScanKeyData; 2] = std::mem::zeroed();
+        pg_sys::ScanKeyInit(
+            &mut keys[0],
+            1,
+            pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+            pg_sys::F_OIDEQ.into(),
+            pg_sys::Datum::from(relid),
+        );
+        pg_sys::ScanKeyEntryInitialize(
+            &mut keys[1],
+            0,
+            2,
+            pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+            pg_sys::InvalidOid,
+            key_collation,
+            pg_sys::F_ARRAY_EQ.into(),
+            pg_sys::Datum::from(array),
+        );
+        let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
+        let scan = pg_sys::systable_beginscan(rel, index, true, snapshot, 2, keys.as_mut_ptr());
+        let tuple = pg_sys::systable_getnext(scan);
+        let found = if tuple.is_null() {
+            None
+        } else {
+            let desc = (*rel).rd_att;
+            let mut isnull = false;
+            let xmin = pg_sys::heap_getattr(tuple, 3, desc, &mut isnull);
+            let same_xmin = !isnull && xmin.value() as u32 == raw;
+            let ts = pg_sys::heap_getattr(tuple, 4, desc, &mut isnull);
+            let ts = (!isnull).then(|| ts.value() as i64);
+            let node = pg_sys::heap_getattr(tuple, 5, desc, &mut isnull);
+            let node = (!isnull).then(|| {
+                let bytes = std::slice::from_raw_parts(node.cast_mut_ptr::<u8>(), 16);
+                let mut id = [0u8; 16];
+                id.copy_from_slice(bytes);
+                NodeId(id)
+            });
+            same_xmin.then_some((ts, node))
+        };
+        pg_sys::systable_endscan(scan);
+        pg_sys::UnregisterSnapshot(snapshot);
+        pg_sys::pfree(array.cast());
+        pg_sys::table_close(rel, lock);
+        found
+    }
 }
