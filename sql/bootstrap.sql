@@ -104,13 +104,21 @@ CREATE TABLE trompe.progress (
 );
 COMMENT ON TABLE trompe.progress IS 'Per peer: the peer snapshot whose changes are all applied here (done), and the step in progress (see trompe._applied_after).';
 
+-- The replication origin through which this database applies the changes of peer `node`
+-- (core/src/nodeid.rs, origin_name): origins belong to the whole cluster, so the name holds the
+-- database's oid.
+CREATE FUNCTION trompe._origin_name(node uuid) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT 'trompe_' || node || '_' || d.oid FROM pg_catalog.pg_database d WHERE d.datname = pg_catalog.current_database()
+$$;
+
 -- The `after` of a peer's step in progress: the greater of the stored value and what the peer's
 -- replication origin records under after_offset (core/src/position.rs, in_origin).
 CREATE FUNCTION trompe._applied_after(node uuid, cur text, after bigint, after_offset bigint) RETURNS bigint
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT CASE WHEN cur IS NULL THEN after
                 ELSE greatest(after, coalesce((SELECT (pg_replication_origin_progress(o.roname, false) - '0/0'::pg_lsn)::bigint
-                                                 FROM pg_replication_origin o WHERE o.roname = 'trompe_' || node)
+                                                 FROM pg_replication_origin o WHERE o.roname = trompe._origin_name(node))
                                               - after_offset, after)) END
 $$;
 

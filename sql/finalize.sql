@@ -137,7 +137,7 @@ REVOKE EXECUTE ON FUNCTION
     trompe.lo_chunk(uuid, oid, bigint, integer),
     trompe.sync_register(uuid, text), trompe.register_consumer_from(uuid, text, uuid),
     trompe.consumer_confirmed(uuid), trompe.sync_source(), trompe.sync_rows_sql(regclass), trompe.sync_removals(),
-    trompe._sync_insert_sql(regclass), trompe._version_sql(text), trompe._applied_after(uuid, text, bigint, bigint),
+    trompe._sync_insert_sql(regclass), trompe._version_sql(text), trompe._applied_after(uuid, text, bigint, bigint), trompe._origin_name(uuid),
     trompe._row_version(oid, xid, text[])
 FROM PUBLIC;
 

@@ -48,8 +48,8 @@ BEGIN
                  CASE c.roident WHEN 0 THEN %L::uuid %s END AS node
             FROM pg_catalog.pg_xact_commit_timestamp_origin(%s) c)',
         (SELECT node_id FROM trompe.node),
-        (SELECT string_agg(format('WHEN %s THEN %L::uuid', o.roident, substr(o.roname, 8)), ' ')
-           FROM pg_catalog.pg_replication_origin o WHERE o.roname ~ '^trompe_[0-9a-f-]{36}$'),
+        (SELECT string_agg(format('WHEN %s THEN %L::uuid', o.roident, substr(o.roname, 8, 36)), ' ')
+           FROM pg_catalog.pg_replication_origin o WHERE o.roname ~ '^trompe_[0-9a-f-]{36}(_[0-9]+)?$'),
         xmin_expr);
 END
 $$;

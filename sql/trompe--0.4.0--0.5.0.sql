@@ -597,3 +597,43 @@ SELECT s.name,
   FROM trompe._status() s LEFT JOIN trompe.syncs y ON y.node_id = s.node_id::uuid;
 COMMENT ON VIEW trompe.status IS 'One row per peer: is it connected, how far behind, what went wrong last.';
 GRANT SELECT ON trompe.status TO trompe_admin;
+
+-- Replication origins named per database (trompe_<peer>_<database oid>): two databases of one
+-- cluster pulling from the same peer shared trompe_<peer>, and one's position moved the other's.
+-- The worker moves each peer's position over to the new origin (src/worker/origins.rs).
+-- The replication origin through which this database applies the changes of peer `node`
+-- (core/src/nodeid.rs, origin_name): origins belong to the whole cluster, so the name holds the
+-- database's oid.
+CREATE FUNCTION trompe._origin_name(node uuid) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT 'trompe_' || node || '_' || d.oid FROM pg_catalog.pg_database d WHERE d.datname = pg_catalog.current_database()
+$$;
+
+-- The `after` of a peer's step in progress: the greater of the stored value and what the peer's
+-- replication origin records under after_offset (core/src/position.rs, in_origin).
+CREATE OR REPLACE FUNCTION trompe._applied_after(node uuid, cur text, after bigint, after_offset bigint) RETURNS bigint
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN cur IS NULL THEN after
+                ELSE greatest(after, coalesce((SELECT (pg_replication_origin_progress(o.roname, false) - '0/0'::pg_lsn)::bigint
+                                                 FROM pg_replication_origin o WHERE o.roname = trompe._origin_name(node))
+                                              - after_offset, after)) END
+$$;
+
+-- The version of what transaction `xmin_expr` wrote, as SQL: its commit time (µs since
+-- 2000-01-01, NULL if not known) and node (this node for local commits, the peer whose
+-- replication origin applied it otherwise), with the nodes spelled out (a peer running the SQL
+-- may not read trompe.node or pg_replication_origin).
+CREATE OR REPLACE FUNCTION trompe._version_sql(xmin_expr text) RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN format(
+        '(SELECT ((extract(epoch FROM c.timestamp) - 946684800) * 1000000)::bigint AS ts,
+                 CASE c.roident WHEN 0 THEN %L::uuid %s END AS node
+            FROM pg_catalog.pg_xact_commit_timestamp_origin(%s) c)',
+        (SELECT node_id FROM trompe.node),
+        (SELECT string_agg(format('WHEN %s THEN %L::uuid', o.roident, substr(o.roname, 8, 36)), ' ')
+           FROM pg_catalog.pg_replication_origin o WHERE o.roname ~ '^trompe_[0-9a-f-]{36}(_[0-9]+)?$'),
+        xmin_expr);
+END
+$$;
+REVOKE ALL ON FUNCTION trompe._origin_name(uuid) FROM PUBLIC;

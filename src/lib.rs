@@ -24,6 +24,7 @@ pub mod log;
 pub mod marker_writes;
 pub mod node;
 pub mod notices;
+pub mod origins;
 pub mod peer_calls;
 pub mod peer_ddl;
 pub mod peers;

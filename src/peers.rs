@@ -202,10 +202,7 @@ fn add_peer_impl(name: &str, conninfo: &str, sync: bool) -> Result<pgrx::Uuid, T
                 "INSERT INTO trompe.peers (name, node_id, conninfo) VALUES ($1, $2::uuid, $3)",
                 &[Some(name), Some(&peer_id), Some(conninfo)],
             )?;
-            sql::execute(
-                "SELECT pg_replication_origin_create($1) WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)",
-                &[Some(&trompe_core::nodeid::origin_name(&peer_id))],
-            )
+            crate::origins::create(&crate::origins::name(&peer_id))
         })
         .map_err(|e| TrompeError::Internal(format!("recording peer {name}: {e}")))?;
         launch_worker_on_commit();
@@ -259,10 +256,13 @@ fn add_peer_impl(name: &str, conninfo: &str, sync: bool) -> Result<pgrx::Uuid, T
             // A replication origin left from an earlier time this peer was added may still
             // record a position: the new one starts above it (see worker::progress).
             sql::execute(
-                "UPDATE trompe.progress SET after_offset = coalesce((
-                        SELECT (pg_replication_origin_progress(o.roname, false) - '0/0'::pg_lsn)::bigint
-                          FROM pg_replication_origin o WHERE o.roname = 'trompe_' || $1), 0)
-                  WHERE node_id = $1::uuid",
+                &format!(
+                    "UPDATE trompe.progress SET after_offset = coalesce((
+                            SELECT (pg_replication_origin_progress(o.roname, false) - '0/0'::pg_lsn)::bigint
+                              FROM pg_replication_origin o WHERE o.roname = {}), 0)
+                      WHERE node_id = $1::uuid",
+                    crate::origins::name_sql("$1")
+                ),
                 &[Some(&peer_id)],
             )?;
             sql::execute("DELETE FROM trompe.start_positions WHERE node_id = $1::uuid", &[Some(&peer_id)])?;
@@ -271,10 +271,7 @@ fn add_peer_impl(name: &str, conninfo: &str, sync: bool) -> Result<pgrx::Uuid, T
             sql::execute("INSERT INTO trompe.syncs (node_id) VALUES ($1::uuid)", &[Some(&peer_id)])?;
         }
         // A peer removed and added again may still have its origin (dropped by the worker).
-        sql::execute(
-            "SELECT pg_replication_origin_create($1) WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)",
-            &[Some(&trompe_core::nodeid::origin_name(&peer_id))],
-        )
+        crate::origins::create(&crate::origins::name(&peer_id))
     })
     .map_err(|e| TrompeError::Internal(format!("recording peer {name}: {e}")))?;
     launch_worker_on_commit();

@@ -43,15 +43,31 @@ impl fmt::Display for NodeId {
     }
 }
 
-/// The name of the replication origin through which changes of peer `node` are applied
-/// (`trompe_<node id>`): it records the node the applied rows came from.
-pub fn origin_name(node: impl std::fmt::Display) -> String {
+/// The name of the replication origin through which database `database` (its oid) applies the
+/// changes of peer `node` (`trompe_<node id>_<database oid>`): it records the node the applied
+/// rows came from, and the database's position in that peer's log. Replication origins belong
+/// to the whole cluster, so two databases pulling from one peer need one each.
+pub fn origin_name(node: impl std::fmt::Display, database: u32) -> String {
+    format!("{ORIGIN_PREFIX}{node}_{database}")
+}
+
+/// The name trompe 0.4.0 and earlier gave that origin (`trompe_<node id>`, shared by every
+/// database of the cluster).
+pub fn legacy_origin_name(node: impl std::fmt::Display) -> String {
     format!("{ORIGIN_PREFIX}{node}")
 }
 
-/// The node whose changes a replication origin named `name` applies, if it is one of trompe's.
+/// The node whose changes a replication origin named `name` applies, if it is one of trompe's
+/// (named either way).
 pub fn node_of_origin(name: &str) -> Option<NodeId> {
-    name.strip_prefix(ORIGIN_PREFIX)?.parse().ok()
+    let rest = name.strip_prefix(ORIGIN_PREFIX)?;
+    let (node, database) = rest.split_at_checked(36)?;
+    match database.strip_prefix('_') {
+        None if database.is_empty() => {}
+        Some(oid) if !oid.is_empty() && oid.bytes().all(|b| b.is_ascii_digit()) => {}
+        _ => return None,
+    }
+    node.parse().ok()
 }
 
 const ORIGIN_PREFIX: &str = "trompe_";
@@ -74,9 +90,15 @@ mod tests {
     #[test]
     fn origin_names_name_their_node() {
         let node: NodeId = "0b7c2f4e-8a1d-4c3b-9e5f-1a2b3c4d5e6f".parse().unwrap();
-        assert_eq!(origin_name(node), "trompe_0b7c2f4e-8a1d-4c3b-9e5f-1a2b3c4d5e6f");
-        assert_eq!(node_of_origin(&origin_name(node)), Some(node));
+        assert_eq!(origin_name(node, 16384), "trompe_0b7c2f4e-8a1d-4c3b-9e5f-1a2b3c4d5e6f_16384");
+        assert_eq!(node_of_origin(&origin_name(node, 16384)), Some(node));
+        assert_eq!(legacy_origin_name(node), "trompe_0b7c2f4e-8a1d-4c3b-9e5f-1a2b3c4d5e6f");
+        assert_eq!(node_of_origin(&legacy_origin_name(node)), Some(node));
         assert_eq!(node_of_origin("pg_16384"), None);
         assert_eq!(node_of_origin("trompe_junk"), None);
+        assert_eq!(node_of_origin("trompe_0b7c2f4e-8a1d-4c3b-9e5f-1a2b3c4d5e6f_"), None);
+        assert_eq!(node_of_origin("trompe_0b7c2f4e-8a1d-4c3b-9e5f-1a2b3c4d5e6f_1x"), None);
+        assert_eq!(node_of_origin("trompe_0b7c2f4e-8a1d-4c3b-9e5f-1a2b3c4d5e6fx"), None);
+        assert_eq!(node_of_origin("trompe_é"), None);
     }
 }

@@ -266,17 +266,9 @@ impl Committer {
             return Ok(*origin);
         }
         node.parse::<NodeId>().map_err(|e| format!("the peer sent a bad node id {node:?}: {e}"))?;
-        let name = trompe_core::nodeid::origin_name(node);
-        let id = in_transaction(|| {
-            sql::execute(
-                "SELECT pg_replication_origin_create($1)
-                  WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)",
-                &[Some(&name)],
-            )?;
-            sql::value("SELECT roident FROM pg_replication_origin WHERE roname = $1", &[Some(&name)])
-        })?
-        .and_then(|v| v.parse::<u16>().ok())
-        .ok_or_else(|| format!("no replication origin {name}"))?;
+        let name = crate::origins::name(node);
+        let id =
+            in_transaction(|| crate::origins::create(&name))?.ok_or_else(|| format!("no replication origin {name}"))?;
         self.origins.insert(node.to_string(), id as pg_sys::RepOriginId);
         Ok(id as pg_sys::RepOriginId)
     }

@@ -58,20 +58,17 @@ fn load_peers() -> Result<LoadedPeers, String> {
     in_transaction(|| {
         let me = crate::node::read_node_id()?.ok_or("trompe.node is empty")?.to_string();
         // Create missing replication origins (e.g. after a restore) before reading them.
-        sql::execute(
-            "SELECT pg_replication_origin_create('trompe_' || p.node_id) FROM trompe.peers p
-              WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = 'trompe_' || p.node_id)",
-            &[],
-        )?;
+        crate::origins::create_for_peers()?;
         let origin_holds_after = crate::worker::progress::origin_holds_after()?;
         let rows = sql::rows(
             &format!(
                 "SELECT p.name, p.node_id, p.conninfo, p.paused, pr.done, pr.cur, pr.after, o.roident, p.added_at::text,
                         {}, coalesce((pg_replication_origin_progress(o.roname, false) - '0/0'::pg_lsn)::bigint, 0)
                    FROM trompe.peers p JOIN trompe.progress pr USING (node_id)
-                   JOIN pg_replication_origin o ON o.roname = 'trompe_' || p.node_id
+                   JOIN pg_replication_origin o ON o.roname = {}
                   ORDER BY p.name",
-                if origin_holds_after { "pr.after_offset" } else { "0" }
+                if origin_holds_after { "pr.after_offset" } else { "0" },
+                crate::origins::name_sql("p.node_id")
             ),
             &[],
         )?;
@@ -108,8 +105,11 @@ fn load_peers() -> Result<LoadedPeers, String> {
             });
         }
         let kept = sql::rows(
-            "SELECT 'trompe_' || pr.node_id FROM trompe.progress pr
-              WHERE NOT EXISTS (SELECT 1 FROM trompe.peers p WHERE p.node_id = pr.node_id)",
+            &format!(
+                "SELECT {} FROM trompe.progress pr
+                  WHERE NOT EXISTS (SELECT 1 FROM trompe.peers p WHERE p.node_id = pr.node_id)",
+                crate::origins::name_sql("pr.node_id")
+            ),
             &[],
         )?
         .into_iter()
@@ -148,7 +148,7 @@ impl Engine {
     /// Drops the replication origins of the peers this worker knew, and of removed peers whose
     /// position was kept (after DROP EXTENSION).
     fn drop_origins(&mut self) {
-        let mut names: Vec<String> = self.links.iter().map(|l| trompe_core::nodeid::origin_name(l.node)).collect();
+        let mut names: Vec<String> = self.links.iter().map(|l| crate::origins::name(l.node)).collect();
         names.append(&mut self.kept_origins);
         self.links.clear();
         let result = in_transaction(|| {
@@ -435,6 +435,9 @@ pub fn run(dboid: pg_sys::Oid, slot: &'static DbSlot) -> ! {
         sync_not_before_ms: 0,
         sync_backoff: Backoff::new(std::time::Duration::from_secs(1), std::time::Duration::from_secs(60)),
     };
+    if let Err(e) = in_transaction(crate::origins::drop_those_of_dropped_databases) {
+        pgrx::log!("trompe: cannot drop the replication origins of dropped databases: {e}");
+    }
     // SAFETY: a memory context for one loop iteration, reset at the start of each.
     let loop_context = unsafe {
         pg_sys::AllocSetContextCreateInternal(

@@ -226,7 +226,7 @@ fn replaced_versions_match(name: &str, commit_time_cache: &str) {
                 coalesce(p.node_id, trompe.node_id())), ',' ORDER BY id)
            FROM {table}, pg_xact_commit_timestamp_origin(xmin) c
            LEFT JOIN pg_replication_origin o ON o.roident = c.roident
-           LEFT JOIN trompe.peers p ON 'trompe_' || p.node_id = o.roname";
+           LEFT JOIN trompe.peers p ON trompe._origin_name(p.node_id) = o.roname";
     let expected_t = n1.query_text(&versions.replace("{table}", "t")).expect("versions of t");
     let expected_early = n1.query_text(&versions.replace("{table}", "early")).expect("versions of early");
     assert!(expected_t.contains(&n2.query_text("SELECT trompe.node_id()").expect("n2's id")), "{expected_t}");

@@ -328,7 +328,12 @@ fn removed_and_re_added_peer_resumes_where_it_stopped() {
         Duration::from_secs(30),
     );
     assert_eq!(n2.query_i64(&format!("SELECT count(*) FROM trompe.progress WHERE node_id = '{n1_id}'")), 1);
-    assert_eq!(n2.query_i64(&format!("SELECT count(*) FROM pg_replication_origin WHERE roname = 'trompe_{n1_id}'")), 1);
+    assert_eq!(
+        n2.query_i64(&format!(
+            "SELECT count(*) FROM pg_replication_origin WHERE roname = trompe._origin_name('{n1_id}')"
+        )),
+        1
+    );
     n1.exec("INSERT INTO items VALUES (2, 'while removed')");
     n2.exec("INSERT INTO items VALUES (20, 'on n2 while n1 is removed there')");
     n1.wait_for_value("SELECT count(*) FROM items WHERE id = 20", "1", SYNC);
@@ -498,4 +503,58 @@ fn a_row_refused_by_a_local_constraint_stops_the_stream_with_postgresqls_message
     n2.exec("ALTER TABLE r ALTER COLUMN v DROP NOT NULL");
     assert_eq!(n2.query_text("SELECT trompe.wait_sync('60 seconds')").as_deref(), Some("t"));
     assert_eq!(n2.query_i64("SELECT count(*) FROM r WHERE v IS NULL"), 1);
+}
+
+/// Replication origins belong to the whole cluster, not to a database: two databases of one
+/// server pulling from the same peer must each keep their own position there. (They shared
+/// one: the other database's progress moved it, and a worker restarted inside a step skipped
+/// what it had not applied yet, silently.)
+#[test]
+fn two_databases_pulling_one_peer_keep_their_own_positions() {
+    let cluster = Cluster::start("two-databases", 2);
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    let schema = "CREATE TABLE t (id int PRIMARY KEY); CREATE TABLE load (id int PRIMARY KEY);
+                  SELECT trompe.add_table('t'); SELECT trompe.add_table('load')";
+    cluster.exec_all(schema);
+    cluster.add_peer(0, 1);
+    n1.exec("CREATE DATABASE app2");
+    let mut app2 = n1.connect_to("app2");
+    app2.batch_execute(&format!(
+        "CREATE EXTENSION trompe; {schema}; SELECT trompe.add_peer('n2', '{}'); SELECT trompe.pause_peer('n2')",
+        cluster.peer_conninfo(0, 1)
+    ))
+    .unwrap();
+    // Transactions of one step at n2; n1's app applies the first and then waits for a lock.
+    n1.exec("SELECT trompe.pause_peer('n2')");
+    let txns: Vec<String> = ["INSERT INTO t VALUES (1)".to_string(), "INSERT INTO load VALUES (1)".to_string()]
+        .into_iter()
+        .chain((10..16).map(|i| format!("INSERT INTO t VALUES ({i})")))
+        .map(|insert| format!("BEGIN; {insert}; COMMIT;"))
+        .collect();
+    n2.exec(&txns.concat());
+    let mut blocker = n1.connect();
+    blocker.batch_execute("BEGIN; LOCK load IN ACCESS EXCLUSIVE MODE").unwrap();
+    n1.exec("SELECT trompe.resume_peer('n2')");
+    n1.wait_for_value("SELECT count(*) FROM t", "1", SYNC);
+    let worker = "SELECT pid FROM pg_stat_activity WHERE backend_type = 'trompe worker' AND datname = 'app'";
+    n1.wait_for_value(&format!("SELECT count(*) FROM pg_locks WHERE NOT granted AND pid = ({worker})"), "1", SYNC);
+    // It stops there, inside the step; meanwhile app2 applies everything.
+    n1.exec("SELECT trompe.pause_peer('n2')");
+    n1.exec(&format!("SELECT pg_terminate_backend(({worker}))"));
+    app2.batch_execute("SELECT trompe.resume_peer('n2')").unwrap();
+    assert!(
+        wait_for(SYNC, || app2.query_one("SELECT count(*) FROM load", &[]).unwrap().get::<_, i64>(0) == 1),
+        "app2 applies both transactions"
+    );
+    blocker.batch_execute("COMMIT").unwrap();
+    n1.exec("SELECT trompe.resume_peer('n2')");
+    n2.exec("INSERT INTO t VALUES (2)");
+    n1.wait_for_value("SELECT count(*) FROM t WHERE id = 2", "1", SYNC);
+    assert_eq!(n1.query_i64("SELECT count(*) FROM load"), 1, "what app2 applied is applied in app too");
+    assert_eq!(n1.query_i64("SELECT count(*) FROM t"), 8, "what app2 applied is applied in app too");
+    let origins = n1.query_i64(&format!(
+        "SELECT count(*) FROM pg_replication_origin WHERE roname LIKE 'trompe_{}%'",
+        n2.query_text("SELECT trompe.node_id()").expect("n2's node id")
+    ));
+    assert_eq!(origins, 2, "one replication origin for n2 per database");
 }
