@@ -48,15 +48,18 @@ pub fn scrub(message: &str, info: &ConnInfo) -> String {
     out
 }
 
-/// Connects to a peer for a SQL function, mapping failures to clear errors.
+/// Connects to a peer for a SQL function, mapping failures to clear errors. The session writes
+/// (registrations, positions) also where the peer's database is read-only by default.
 pub fn connect_peer(name: &str, info: &ConnInfo) -> Result<Conn, TrompeError> {
-    connect_wait(info, CALL_TIMEOUT).map_err(|e| {
+    let mut conn = connect_wait(info, CALL_TIMEOUT).map_err(|e| {
         let message = scrub(&e.message, info);
         match e.kind {
             PqErrorKind::Login => TrompeError::PeerLoginRefused { name: name.to_string(), message },
             _ => TrompeError::PeerUnreachable { name: name.to_string(), message },
         }
-    })
+    })?;
+    peer_query(&mut conn, name, info, "SET default_transaction_read_only = off", &[])?;
+    Ok(conn)
 }
 
 pub(crate) fn peer_query(

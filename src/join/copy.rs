@@ -505,6 +505,7 @@ pub fn run(job: &SyncJob) -> Result<(), String> {
     // The copy keeps one transaction open on the source for as long as it takes.
     conn.query("SET statement_timeout = 0", &[])?;
     conn.query("SET idle_in_transaction_session_timeout = 0", &[])?;
+    conn.query("SET default_transaction_read_only = off", &[])?;
     let claims = conn.query("SELECT to_regprocedure('trompe.sync_register(uuid,text,text)') IS NOT NULL", &[])?;
     match claim.filter(|_| claims.get(0, 0) == Some("t")) {
         Some(claim) => {

@@ -249,14 +249,16 @@ pub extern "C-unwind" fn trompe_worker_main(arg: pg_sys::Datum) {
         // Changes applied here fire no ordinary triggers and no foreign key checks (they were
         // checked at the origin), like pglogical's apply; commits need not wait for disk; names
         // are always qualified; values parse the same whatever the server's settings; the
-        // small statements of apply never pay for JIT compilation.
-        let settings: [(&std::ffi::CStr, &std::ffi::CStr); 6] = [
+        // small statements of apply never pay for JIT compilation; a database made read-only
+        // for its applications by default still takes its peers' changes.
+        let settings: [(&std::ffi::CStr, &std::ffi::CStr); 7] = [
             (c"session_replication_role", c"replica"),
             (c"synchronous_commit", c"off"),
             (c"search_path", c""),
             (c"DateStyle", c"ISO, MDY"),
             (c"IntervalStyle", c"postgres"),
             (c"jit", c"off"),
+            (c"default_transaction_read_only", c"off"),
         ];
         for (name, value) in settings {
             pg_sys::SetConfigOption(

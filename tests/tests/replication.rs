@@ -558,3 +558,27 @@ fn two_databases_pulling_one_peer_keep_their_own_positions() {
     ));
     assert_eq!(origins, 2, "one replication origin for n2 per database");
 }
+
+/// A database made read-only for its applications (`ALTER DATABASE ... SET
+/// default_transaction_read_only = on`, a common maintenance switch) still takes its peers'
+/// changes and serves its own, as a standby keeps replaying.
+#[test]
+fn a_database_read_only_by_default_still_replicates_both_ways() {
+    let cluster = Cluster::start("read-only-default", 2);
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all("CREATE TABLE t (id int PRIMARY KEY); SELECT trompe.add_table('t')");
+    cluster.mesh();
+    cluster.exec_all("ALTER DATABASE app SET default_transaction_read_only = on");
+    // Workers and the peers' pull sessions connect again, now with the setting.
+    cluster.exec_all(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE backend_type = 'trompe worker' OR application_name = 'trompe'",
+    );
+    for (i, node) in [n1, n2].into_iter().enumerate() {
+        node.exec(&format!("BEGIN READ WRITE; INSERT INTO t VALUES ({i}); COMMIT"));
+    }
+    for node in [n1, n2] {
+        node.wait_for_value("SELECT count(*) FROM t", "2", SYNC);
+        assert_eq!(node.query_text("SHOW default_transaction_read_only").as_deref(), Some("on"));
+    }
+}

@@ -329,7 +329,8 @@ impl Link {
                             "SELECT trompe.node_id()::text, set_config('statement_timeout', '0', false),
                                     set_config('synchronous_commit', 'off', false),
                                     set_config('idle_in_transaction_session_timeout', '0', false),
-                                    set_config('default_transaction_isolation', 'read committed', false)",
+                                    set_config('default_transaction_isolation', 'read committed', false),
+                                    set_config('default_transaction_read_only', 'off', false)",
                             &[],
                         )?;
                         self.state = State::Handshake;
