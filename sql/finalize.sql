@@ -78,7 +78,12 @@ BEGIN
        AND EXISTS (SELECT 1 FROM pg_event_trigger_dropped_objects() o
                     WHERE o.object_type = 'trigger'
                       AND o.address_names[array_length(o.address_names, 1)] IN ('trompe_capture', 'trompe_truncate')
-                      AND o.original AND NOT o.is_temporary) THEN
+                      AND o.original AND NOT o.is_temporary
+                      -- (a dump restored into another database brings the triggers without
+                      -- the table being replicated there: they may go)
+                      AND EXISTS (SELECT 1 FROM trompe.tables t JOIN pg_class c ON c.oid = t.relid
+                                    JOIN pg_namespace n ON n.oid = c.relnamespace
+                                   WHERE n.nspname = o.address_names[1] AND c.relname = o.address_names[2])) THEN
         RAISE EXCEPTION 'cannot drop trompe''s capture trigger of a replicated table'
               USING ERRCODE = 'dependent_objects_still_exist',
                     HINT = 'Stop replicating the table with trompe.remove_table() instead.';

@@ -147,9 +147,9 @@ pub fn add_table_by_oid(relid: pg_sys::Oid) -> Result<bool, TrompeError> {
         let table = facts.qualified();
         let sql = format!(
             "INSERT INTO trompe.tables (relid) VALUES ({oid}::oid::regclass);
-             CREATE TRIGGER trompe_capture AFTER INSERT OR UPDATE OR DELETE ON {table}
+             CREATE OR REPLACE TRIGGER trompe_capture AFTER INSERT OR UPDATE OR DELETE ON {table}
                  FOR EACH ROW EXECUTE FUNCTION trompe.capture_row();
-             CREATE TRIGGER trompe_truncate AFTER TRUNCATE ON {table}
+             CREATE OR REPLACE TRIGGER trompe_truncate AFTER TRUNCATE ON {table}
                  FOR EACH STATEMENT EXECUTE FUNCTION trompe.capture_truncate();",
             oid = relid.to_u32()
         );
@@ -296,6 +296,11 @@ fn resolve_schema(input: &str) -> Result<String, TrompeError> {
 /// Adds every table of the replicated schemas that is not replicated yet and can be; warns
 /// about tables that cannot (no primary key yet). Returns how many were added.
 pub fn sync_schema_tables() -> Result<i64, TrompeError> {
+    Ok(sync_schema_tables_added()?.len() as i64)
+}
+
+/// As [`sync_schema_tables`], returning the tables added.
+fn sync_schema_tables_added() -> Result<Vec<pg_sys::Oid>, TrompeError> {
     let candidates = oids(
         "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
           WHERE n.nspname IN (SELECT schema_name FROM trompe.schemas)
@@ -304,13 +309,13 @@ pub fn sync_schema_tables() -> Result<i64, TrompeError> {
           ORDER BY c.oid",
         &[],
     )?;
-    let mut added = 0;
+    let mut added = Vec::new();
     for relid in candidates {
         let facts = rel_facts(relid)?;
         match facts.refusal() {
             None => {
                 if add_table_by_oid(relid)? {
-                    added += 1;
+                    added.push(relid);
                 }
             }
             Some(TrompeError::NoPrimaryKey(name)) => {
@@ -422,8 +427,29 @@ fn _after_ddl(touched: Vec<pg_sys::Oid>) {
             TrompeError::CaptureDisabled(facts.qualified()).raise();
         }
     }
-    sync_schema_tables().or_raise();
+    // A table of a replicated schema that existed before this statement and only now can be
+    // replicated (ALTER TABLE ... SET LOGGED after loading it unlogged, ADD PRIMARY KEY) has
+    // rows its peers never saw: they are logged as inserts of this transaction. (A table the
+    // statement created, CREATE TABLE AS, gets its rows on each peer from the statement.)
+    for relid in sync_schema_tables_added().or_raise() {
+        if !created_in_this_transaction(relid) {
+            crate::capture::row::log_existing_rows(relid).or_raise();
+        }
+    }
     crate::sequences::adjust().or_raise();
+}
+
+/// Whether table `relid` was created by the current transaction.
+fn created_in_this_transaction(relid: pg_sys::Oid) -> bool {
+    // SAFETY: opens the relation (locked by the statement that touched it) to read its relcache
+    // entry, and closes it.
+    unsafe {
+        let rel = pg_sys::relation_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        // InvalidSubTransactionId is 0.
+        let created = (*rel).rd_createSubid != 0;
+        pg_sys::relation_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        created
+    }
 }
 
 /// Called by the sql_drop event trigger: forgets replicated tables that were dropped.

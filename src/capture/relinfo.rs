@@ -36,6 +36,10 @@ pub struct RelInfo {
     pub ranking: trompe_core::conflict::Ranking,
     /// How its rows' versions are read.
     pub versions: crate::row_versions::TableVersions,
+    /// Whether it is listed in `trompe.tables`. Its capture triggers may come without that from a
+    /// dump restored into another database, which has its own node and tables: they capture
+    /// nothing until `add_table` takes them over.
+    pub replicated: bool,
     /// Memory for everything above that PostgreSQL allocates.
     context: pg_sys::MemoryContext,
 }
@@ -106,6 +110,7 @@ impl RelInfo {
             crate::catalog::primary_key_columns(rel).ok_or_else(|| TrompeError::NoPrimaryKey(qualified_name(rel)))?;
         let ranking = crate::conflicts::ranking_of((*rel).rd_id).map_err(TrompeError::Internal)?;
         let versions = crate::row_versions::TableVersions::of(rel).map_err(TrompeError::Internal)?;
+        let replicated = crate::catalog::is_replicated((*rel).rd_id).map_err(TrompeError::Internal)?;
         // SAFETY: rel is open and its tuple descriptor valid for the duration of this call; all
         // allocations go to a context we own.
         unsafe {
@@ -124,6 +129,7 @@ impl RelInfo {
                 names: Vec::new(),
                 ranking,
                 versions,
+                replicated,
                 context,
             };
             let form = (*rel).rd_rel;

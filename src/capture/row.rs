@@ -25,6 +25,9 @@ fn capture(td: &pg_sys::TriggerData) -> Result<(), TrompeError> {
     let rel = td.tg_relation;
     // SAFETY: the trigger manager hands us an open relation.
     let info = unsafe { relinfo(rel)? };
+    if !info.replicated {
+        return Ok(());
+    }
     let (op, new, old) = match td.tg_event & pg_sys::TRIGGER_EVENT_OPMASK {
         pg_sys::TRIGGER_EVENT_INSERT => (Op::Insert, Some(td.tg_trigtuple), None),
         pg_sys::TRIGGER_EVENT_UPDATE => (Op::Update, Some(td.tg_newtuple), Some(td.tg_trigtuple)),
@@ -223,4 +226,44 @@ pub fn log_delete(
         }
         w.finish(old);
     })
+}
+
+/// Logs every row of replicated table `relid` as an insert of the current transaction: the rows
+/// of a table that only now becomes replicable, which its peers never saw. Memory stays flat
+/// (the change buffer writes chunks as it fills).
+pub fn log_existing_rows(relid: pg_sys::Oid) -> Result<u64, TrompeError> {
+    let mut logged = 0;
+    // SAFETY: the relation is opened with AccessShareLock (the statement that made it
+    // replicable holds a stronger lock) and closed at the end; the scan reads it under a
+    // registered snapshot taken now (it sees the statement's own changes), unregistered after;
+    // each tuple returned is a valid tuple of the relation until the next one is fetched.
+    unsafe {
+        let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
+        let rel = pg_sys::table_open(relid, lock);
+        let info = relinfo(rel)?;
+        let _format = CanonicalOutput::enter();
+        let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
+        let scan = pg_sys::table_beginscan(rel, snapshot, 0, std::ptr::null_mut());
+        let mut result = Ok(());
+        loop {
+            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tuple.is_null() {
+                break;
+            }
+            result = xact::record(&info.nsp, &info.rel, |buf, seq| {
+                let w = ChangeWriter::begin(buf, Op::Insert, seq, info.nsp.as_bytes(), info.rel.as_bytes())
+                    .cols(info.names.iter().map(|n| n.as_bytes()));
+                write_values(w, &info, rel, tuple, info.columns.len()).none().finish(OldVersion::Unknown);
+            });
+            if result.is_err() {
+                break;
+            }
+            logged += 1;
+        }
+        pg_sys::table_endscan(scan);
+        pg_sys::UnregisterSnapshot(snapshot);
+        pg_sys::table_close(rel, lock);
+        result?;
+    }
+    Ok(logged)
 }

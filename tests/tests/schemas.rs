@@ -659,3 +659,74 @@ fn changes_follow_a_table_name_when_schemas_swap_names() {
     assert_eq!(n2.query_text(rows).as_deref(), Some("2 / 1,3,4"));
     assert_eq!(cluster.assert_same(rows).as_deref(), Some("2 / 1,3,4"));
 }
+
+/// A table of a replicated schema that becomes replicable only later brings its rows along:
+/// loaded while unlogged and then `SET LOGGED` (the usual fast load), or given its primary key
+/// after it was filled. A table made with its rows by `CREATE TABLE AS` gets them on each node
+/// from the statement, once.
+#[test]
+fn rows_of_a_table_that_becomes_replicable_reach_every_node() {
+    let cluster = Cluster::start("schemas-becomes-replicable", 2);
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all("CREATE SCHEMA s; SELECT trompe.add_schema('s')");
+    cluster.mesh();
+    n1.exec(
+        "CREATE UNLOGGED TABLE s.loaded (id int PRIMARY KEY, note text, dropped int);
+         ALTER TABLE s.loaded DROP COLUMN dropped;
+         INSERT INTO s.loaded SELECT g, 'bulk ' || g FROM generate_series(1, 5000) g;
+         CREATE TABLE s.keyless (id int, note text);
+         INSERT INTO s.keyless VALUES (1, 'before the key'), (2, 'also before');
+         CREATE TABLE s.made AS SELECT g AS id FROM generate_series(1, 3) g;
+         ALTER TABLE s.made ADD PRIMARY KEY (id);",
+    );
+    n1.exec("ALTER TABLE s.loaded SET LOGGED");
+    n1.exec("ALTER TABLE s.keyless ADD PRIMARY KEY (id)");
+    n1.exec("INSERT INTO s.loaded VALUES (5001, 'after'); INSERT INTO s.keyless VALUES (3, 'after')");
+    synced(&cluster, SYNC);
+    for (table, rows) in [("s.loaded", 5001), ("s.keyless", 3), ("s.made", 3)] {
+        assert_eq!(n2.query_i64(&format!("SELECT count(*) FROM {table}")), rows, "{table} on n2");
+        assert_eq!(n1.query_text(&checksum(table)), n2.query_text(&checksum(table)), "{table}");
+    }
+    assert_eq!(n2.query_i64("SELECT count(*) FROM trompe.conflicts"), 0, "nothing collided");
+}
+
+/// A database restored from a dump of a node (`pg_dump` / `pg_restore`, the way to give a new
+/// node the same schema) is a node of its own: trompe's capture triggers came with the tables
+/// but capture nothing there until `add_table` takes them over, and on a table it does not
+/// replicate they may be dropped.
+#[test]
+fn a_restored_dump_is_a_new_node_whose_tables_replicate_once_added() {
+    let cluster = Cluster::builder("schemas-restored-dump").nodes(1).start();
+    let n1 = cluster.node(0);
+    n1.exec(
+        "CREATE TABLE t (id int PRIMARY KEY); CREATE TABLE other (id int PRIMARY KEY);
+         SELECT trompe.add_table('t'); SELECT trompe.add_table('other'); INSERT INTO t VALUES (1)",
+    );
+    n1.exec("CREATE DATABASE restored");
+    let dump = trompe_tests::system::scratch_root().join(format!("restored-{}.dump", n1.port));
+    let port = n1.port.to_string();
+    let common = ["-h", "127.0.0.1", "-p", port.as_str(), "-U", "postgres"];
+    let run = |program: &str, args: &[&str]| {
+        let out = std::process::Command::new(trompe_tests::system::pg_bin(program))
+            .args(common)
+            .args(args)
+            .output()
+            .expect("runs");
+        assert!(out.status.success(), "{program}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let file = dump.to_string_lossy().into_owned();
+    run("pg_dump", &["-Fc", "-f", &file, "app"]);
+    run("pg_restore", &["-d", "restored", &file]);
+    let mut c = n1.connect_to("restored");
+    let value = |c: &mut postgres::Client, sql: &str| c.query_one(sql, &[]).unwrap().get::<_, i64>(0);
+    c.batch_execute("INSERT INTO t VALUES (2); UPDATE t SET id = 3 WHERE id = 1; TRUNCATE other").unwrap();
+    assert_eq!(value(&mut c, "SELECT count(*) FROM trompe.tables"), 0, "a new node replicates nothing yet");
+    assert_eq!(value(&mut c, "SELECT count(*) FROM trompe.log"), 0, "nothing captured for tables not replicated");
+    c.batch_execute("SELECT trompe.add_table('t')").expect("add_table takes the restored triggers over");
+    c.batch_execute("INSERT INTO t VALUES (4)").unwrap();
+    assert_eq!(value(&mut c, "SELECT count(*) FROM trompe.log"), 1, "captured once added");
+    c.batch_execute("DROP TRIGGER trompe_capture ON other; DROP TRIGGER trompe_truncate ON other")
+        .expect("triggers of a table not replicated here may go");
+    let error = c.batch_execute("DROP TRIGGER trompe_capture ON t").expect_err("a replicated table's may not");
+    assert_eq!(error.code().map(|c| c.code()), Some("2BP01"), "{error:?}");
+}
