@@ -427,29 +427,14 @@ fn _after_ddl(touched: Vec<pg_sys::Oid>) {
             TrompeError::CaptureDisabled(facts.qualified()).raise();
         }
     }
-    // A table of a replicated schema that existed before this statement and only now can be
-    // replicated (ALTER TABLE ... SET LOGGED after loading it unlogged, ADD PRIMARY KEY) has
-    // rows its peers never saw: they are logged as inserts of this transaction. (A table the
-    // statement created, CREATE TABLE AS, gets its rows on each peer from the statement.)
+    // A table of a replicated schema that only now can be replicated (ALTER TABLE ... SET LOGGED
+    // after loading it unlogged, ADD PRIMARY KEY after filling it) has rows its peers never saw:
+    // they are logged as inserts of this transaction, also when the table was created by it. (A
+    // peer that made rows of its own by replaying CREATE TABLE AS gets the origin's over them.)
     for relid in sync_schema_tables_added().or_raise() {
-        if !created_in_this_transaction(relid) {
-            crate::capture::row::log_existing_rows(relid).or_raise();
-        }
+        crate::capture::row::log_existing_rows(relid).or_raise();
     }
     crate::sequences::adjust().or_raise();
-}
-
-/// Whether table `relid` was created by the current transaction.
-fn created_in_this_transaction(relid: pg_sys::Oid) -> bool {
-    // SAFETY: opens the relation (locked by the statement that touched it) to read its relcache
-    // entry, and closes it.
-    unsafe {
-        let rel = pg_sys::relation_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        // InvalidSubTransactionId is 0.
-        let created = (*rel).rd_createSubid != 0;
-        pg_sys::relation_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        created
-    }
 }
 
 /// Called by the sql_drop event trigger: forgets replicated tables that were dropped.

@@ -661,9 +661,9 @@ fn changes_follow_a_table_name_when_schemas_swap_names() {
 }
 
 /// A table of a replicated schema that becomes replicable only later brings its rows along:
-/// loaded while unlogged and then `SET LOGGED` (the usual fast load), or given its primary key
-/// after it was filled. A table made with its rows by `CREATE TABLE AS` gets them on each node
-/// from the statement, once.
+/// loaded while unlogged and then `SET LOGGED` (the usual fast load, also all in one
+/// transaction), or given its primary key after it was filled. A table made with its rows by
+/// `CREATE TABLE AS`, which each peer replays, ends with the same rows and no conflict.
 #[test]
 fn rows_of_a_table_that_becomes_replicable_reach_every_node() {
     let cluster = Cluster::start("schemas-becomes-replicable", 2);
@@ -679,11 +679,18 @@ fn rows_of_a_table_that_becomes_replicable_reach_every_node() {
          CREATE TABLE s.made AS SELECT g AS id FROM generate_series(1, 3) g;
          ALTER TABLE s.made ADD PRIMARY KEY (id);",
     );
+    n1.exec(
+        "BEGIN;
+         CREATE UNLOGGED TABLE s.one_go (id int PRIMARY KEY);
+         INSERT INTO s.one_go SELECT generate_series(1, 10);
+         ALTER TABLE s.one_go SET LOGGED;
+         COMMIT",
+    );
     n1.exec("ALTER TABLE s.loaded SET LOGGED");
     n1.exec("ALTER TABLE s.keyless ADD PRIMARY KEY (id)");
     n1.exec("INSERT INTO s.loaded VALUES (5001, 'after'); INSERT INTO s.keyless VALUES (3, 'after')");
     synced(&cluster, SYNC);
-    for (table, rows) in [("s.loaded", 5001), ("s.keyless", 3), ("s.made", 3)] {
+    for (table, rows) in [("s.loaded", 5001), ("s.keyless", 3), ("s.made", 3), ("s.one_go", 10)] {
         assert_eq!(n2.query_i64(&format!("SELECT count(*) FROM {table}")), rows, "{table} on n2");
         assert_eq!(n1.query_text(&checksum(table)), n2.query_text(&checksum(table)), "{table}");
     }
