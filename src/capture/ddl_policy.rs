@@ -5,7 +5,9 @@
 //!   columns): each node would compute its own values for the existing rows when it replays it;
 //! - `ALTER COLUMN ... TYPE ... USING` an expression that is not immutable, for the same reason;
 //! - `DETACH PARTITION ... CONCURRENTLY` of a replicated partition, which PostgreSQL runs in
-//!   several transactions and peers could not replay as one.
+//!   several transactions and peers could not replay as one;
+//! - `ALTER TABLE ... SET SCHEMA` of a replicated table (or one in a replicated schema) into a
+//!   schema that is not replicated, or of a table that is not into one that is.
 //!
 //! Each refusal says what to do instead. DDL applied for a peer is never refused here (its
 //! origin accepted it).
@@ -104,8 +106,18 @@ unsafe fn using_is_mutable(relid: pg_sys::Oid, raw: *mut pg_sys::Node) -> bool {
 /// # Safety
 /// `node` must be a utility statement's parse tree (or NULL).
 pub unsafe fn before_utility(node: *mut pg_sys::Node) -> Result<Option<AddedColumns>, TrompeError> {
-    // SAFETY: reads backend-local globals and the node's tag.
+    // SAFETY: reads backend-local globals and the node's tag; an AlterObjectSchemaStmt is
+    // checked as one.
     unsafe {
+        if !node.is_null()
+            && (*node).type_ == pg_sys::NodeTag::T_AlterObjectSchemaStmt
+            && !crate::session::applying_for_peer()
+            && !crate::session::in_internal_operation()
+            && !pg_sys::creating_extension
+        {
+            check_set_schema(node.cast())?;
+            return Ok(None);
+        }
         if node.is_null()
             || (*node).type_ != pg_sys::NodeTag::T_AlterTableStmt
             || crate::session::applying_for_peer()
@@ -173,6 +185,59 @@ pub unsafe fn before_utility(node: *mut pg_sys::Node) -> Result<Option<AddedColu
             }
         }
         Ok((!added.is_empty()).then_some(AddedColumns { relid, table, columns: added }))
+    }
+}
+
+const SET_SCHEMA_OUT_HINT: &str = "Replicate the target schema on every node first (trompe.add_schema), or stop replicating the table on every node (trompe.remove_table) before moving it.";
+const SET_SCHEMA_IN_HINT: &str = "Create the table in the replicated schema instead and fill it there (CREATE TABLE ... (LIKE ... INCLUDING ALL); INSERT INTO ... SELECT ...): that replicates, rows included.";
+
+/// Whether schema `name` is replicated here.
+fn schema_replicated(name: &str) -> bool {
+    crate::run_as::as_extension_owner(|| {
+        crate::sql::flag("SELECT EXISTS (SELECT 1 FROM trompe.schemas WHERE schema_name = $1)", &[Some(name)])
+    })
+    .unwrap_or(false)
+}
+
+/// `ALTER TABLE ... SET SCHEMA` between a replicated schema (or of a replicated table) and one
+/// that is not: peers could not follow. Moved out, a peer refuses to put the table where
+/// nothing is replicated; moved in, the table (and its rows) does not exist on any peer.
+///
+/// # Safety
+/// `stmt` must be an AlterObjectSchemaStmt.
+unsafe fn check_set_schema(stmt: *mut pg_sys::AlterObjectSchemaStmt) -> Result<(), TrompeError> {
+    // SAFETY: the statement's fields as the parser made them (relation and newschema set for
+    // the relation kinds checked).
+    unsafe {
+        if (*stmt).objectType != pg_sys::ObjectType::OBJECT_TABLE || (*stmt).newschema.is_null() {
+            return Ok(());
+        }
+        let relid = relid_of((*stmt).relation);
+        if relid == pg_sys::InvalidOid {
+            return Ok(());
+        }
+        let from = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid));
+        if from.is_null() {
+            return Ok(());
+        }
+        let from = CStr::from_ptr(from).to_string_lossy().into_owned();
+        let to = CStr::from_ptr((*stmt).newschema).to_string_lossy().into_owned();
+        let table = crate::ddl_history::qualified(relid);
+        let here = is_replicated(relid) || schema_replicated(&from);
+        let there = schema_replicated(&to);
+        if here && !there {
+            return Err(TrompeError::UnreplicableDdl(
+                format!("moving {table} into schema {to}, which is not replicated,"),
+                SET_SCHEMA_OUT_HINT,
+            ));
+        }
+        if !here && there {
+            return Err(TrompeError::UnreplicableDdl(
+                format!("moving {table}, which is not replicated, into replicated schema {to}"),
+                SET_SCHEMA_IN_HINT,
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -737,3 +737,31 @@ fn a_restored_dump_is_a_new_node_whose_tables_replicate_once_added() {
     let error = c.batch_execute("DROP TRIGGER trompe_capture ON t").expect_err("a replicated table's may not");
     assert_eq!(error.code().map(|c| c.code()), Some("2BP01"), "{error:?}");
 }
+
+/// `ALTER TABLE ... SET SCHEMA` across the edge of what is replicated cannot be followed by the
+/// peers (moved out, they refuse to put it where nothing is replicated; moved in, they do not
+/// have the table): it is refused where it is run, with what to do instead, and the streams go
+/// on. Between replicated schemas it replicates.
+#[test]
+fn moving_a_table_across_the_edge_of_replicated_schemas_is_refused_where_it_runs() {
+    let cluster = Cluster::start("schemas-set-schema", 2);
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all(
+        "CREATE SCHEMA o; CREATE SCHEMA o2; SELECT trompe.add_schema('o'); SELECT trompe.add_schema('o2');
+         CREATE TABLE o.leaveme (id int PRIMARY KEY); CREATE TABLE public.moveme (id int PRIMARY KEY)",
+    );
+    cluster.mesh();
+    let mut c = n1.connect();
+    for (sql, needle) in [
+        ("ALTER TABLE o.leaveme SET SCHEMA public", "into schema public, which is not replicated"),
+        ("ALTER TABLE public.moveme SET SCHEMA o", "which is not replicated, into replicated schema o"),
+    ] {
+        let (code, message) = trompe_tests::expect_error(&mut c, sql);
+        assert_eq!(code, "0A000", "{sql}: {message}");
+        assert!(message.contains(needle), "{sql}: {message}");
+    }
+    n1.exec("ALTER TABLE o.leaveme SET SCHEMA o2; INSERT INTO o2.leaveme VALUES (1)");
+    synced(&cluster, SYNC);
+    assert_eq!(n2.query_i64("SELECT count(*) FROM o2.leaveme"), 1);
+    assert_eq!(n2.query_i64("SELECT count(*) FROM trompe.status WHERE last_error IS NOT NULL"), 0);
+}
