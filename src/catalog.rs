@@ -35,3 +35,40 @@ pub fn is_replicated(relid: pg_sys::Oid) -> Result<bool, String> {
         )
     })
 }
+
+/// Whether table `relid` is listed in `trompe.tables` as of now: read with a fresh snapshot, not
+/// the transaction's (a repeatable read transaction that started before `add_table` committed
+/// still sees the table's triggers fire, and must capture). One probe of the primary key index.
+pub fn listed_now(relid: pg_sys::Oid) -> bool {
+    // SAFETY: trompe.tables and its primary key index (relid) are opened with AccessShareLock
+    // and closed at the end; the scan key compares oids; the snapshot is registered for the scan
+    // and unregistered after it.
+    unsafe {
+        let nsp = pg_sys::get_namespace_oid(c"trompe".as_ptr(), true);
+        let table = pg_sys::get_relname_relid(c"tables".as_ptr(), nsp);
+        if table == pg_sys::InvalidOid {
+            return false;
+        }
+        let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
+        let rel = pg_sys::table_open(table, lock);
+        let index = crate::pg_compat::primary_key_index(rel);
+        let mut found = false;
+        if index != pg_sys::InvalidOid {
+            let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
+            pg_sys::ScanKeyInit(
+                &mut key,
+                1,
+                pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+                pg_sys::F_OIDEQ.into(),
+                pg_sys::Datum::from(relid),
+            );
+            let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
+            let scan = pg_sys::systable_beginscan(rel, index, true, snapshot, 1, &mut key);
+            found = !pg_sys::systable_getnext(scan).is_null();
+            pg_sys::systable_endscan(scan);
+            pg_sys::UnregisterSnapshot(snapshot);
+        }
+        pg_sys::table_close(rel, lock);
+        found
+    }
+}

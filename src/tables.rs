@@ -431,10 +431,35 @@ fn _after_ddl(touched: Vec<pg_sys::Oid>) {
     // after loading it unlogged, ADD PRIMARY KEY after filling it) has rows its peers never saw:
     // they are logged as inserts of this transaction, also when the table was created by it. (A
     // peer that made rows of its own by replaying CREATE TABLE AS gets the origin's over them.)
+    let may_have_become_replicable = MAY_BECOME_REPLICABLE.with(|m| std::mem::take(&mut *m.borrow_mut()));
     for relid in sync_schema_tables_added().or_raise() {
-        crate::capture::row::log_existing_rows(relid).or_raise();
+        // Only tables this transaction's ALTER TABLE made replicable: a table added back for
+        // another reason (one remove_table took out of a replicated schema) has rows its peers
+        // may have changed since, which must not be sent again as new.
+        if may_have_become_replicable.contains(&relid) {
+            crate::capture::row::log_existing_rows(relid).or_raise();
+        }
     }
     crate::sequences::adjust().or_raise();
+}
+
+thread_local! {
+    /// Tables an `ALTER TABLE` of this transaction found unlogged or without a primary key (see
+    /// `_after_ddl`).
+    static MAY_BECOME_REPLICABLE: std::cell::RefCell<std::collections::HashSet<pg_sys::Oid>> =
+        std::cell::RefCell::new(std::collections::HashSet::new());
+}
+
+/// An `ALTER TABLE` is about to run on table `relid`, which cannot be replicated as it is: if
+/// the statement makes it replicable, its rows go to the peers.
+pub fn note_may_become_replicable(relid: pg_sys::Oid) {
+    crate::capture::xact::ensure_xact_callback();
+    MAY_BECOME_REPLICABLE.with(|m| m.borrow_mut().insert(relid));
+}
+
+/// The transaction ended.
+pub fn end_of_transaction() {
+    MAY_BECOME_REPLICABLE.with(|m| m.borrow_mut().clear());
 }
 
 /// Called by the sql_drop event trigger: forgets replicated tables that were dropped.

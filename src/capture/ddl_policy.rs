@@ -57,6 +57,25 @@ unsafe fn relid_of(range: *mut pg_sys::RangeVar) -> pg_sys::Oid {
     }
 }
 
+/// Whether table `relid` cannot be replicated as it is: unlogged, or without a primary key (an
+/// `ALTER TABLE` may change that, and then its rows must reach the peers).
+unsafe fn not_replicable_yet(relid: pg_sys::Oid) -> bool {
+    // SAFETY: a syscache lookup, and the relation opened (the statement locks it anyway) to
+    // read its primary key, then closed.
+    unsafe {
+        if pg_sys::get_rel_persistence(relid) as u8 == pg_sys::RELPERSISTENCE_UNLOGGED {
+            return true;
+        }
+        let rel = pg_sys::try_relation_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        if rel.is_null() {
+            return false;
+        }
+        let keyless = crate::pg_compat::primary_key_index(rel) == pg_sys::InvalidOid;
+        pg_sys::relation_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        keyless
+    }
+}
+
 /// Whether a type name is one of the serial pseudo-types.
 unsafe fn is_serial(type_name: *mut pg_sys::TypeName) -> bool {
     if type_name.is_null() || (*type_name).names.is_null() {
@@ -134,6 +153,9 @@ pub unsafe fn before_utility(node: *mut pg_sys::Node) -> Result<Option<AddedColu
         let relid = relid_of((*stmt).relation);
         if relid == pg_sys::InvalidOid || (*stmt).cmds.is_null() {
             return Ok(None);
+        }
+        if not_replicable_yet(relid) && !is_replicated(relid) {
+            crate::tables::note_may_become_replicable(relid);
         }
         let table = crate::ddl_history::qualified(relid);
         let cmds = (*stmt).cmds;

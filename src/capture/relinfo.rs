@@ -36,10 +36,6 @@ pub struct RelInfo {
     pub ranking: trompe_core::conflict::Ranking,
     /// How its rows' versions are read.
     pub versions: crate::row_versions::TableVersions,
-    /// Whether it is listed in `trompe.tables`. Its capture triggers may come without that from a
-    /// dump restored into another database, which has its own node and tables: they capture
-    /// nothing until `add_table` takes them over.
-    pub replicated: bool,
     /// Memory for everything above that PostgreSQL allocates.
     context: pg_sys::MemoryContext,
 }
@@ -87,6 +83,27 @@ pub unsafe fn relinfo(rel: pg_sys::Relation) -> Result<std::rc::Rc<RelInfo>, Tro
     Ok(info)
 }
 
+/// [`relinfo`] for the capture triggers: `None` if the table is not listed in `trompe.tables`
+/// as of now (whatever the transaction's snapshot). Its triggers may come without that from a
+/// dump restored into another database, which is a node of its own: they capture nothing until
+/// `add_table` takes them over. Only listed tables are cached (`add_table` and `remove_table`
+/// create and drop the triggers, which invalidates the entry).
+///
+/// # Safety
+/// `rel` must be an open relation.
+pub unsafe fn replicated_relinfo(rel: pg_sys::Relation) -> Result<Option<std::rc::Rc<RelInfo>>, TrompeError> {
+    // SAFETY: rel is open (caller's contract).
+    let relid = unsafe { (*rel).rd_id };
+    if let Some(info) = CACHE.with(|c| c.borrow().get(&relid).cloned()) {
+        return Ok(Some(info));
+    }
+    if !crate::catalog::listed_now(relid) {
+        return Ok(None);
+    }
+    // SAFETY: as above.
+    unsafe { relinfo(rel) }.map(Some)
+}
+
 /// The schema-qualified name of an open relation, for messages.
 ///
 /// # Safety
@@ -110,7 +127,6 @@ impl RelInfo {
             crate::catalog::primary_key_columns(rel).ok_or_else(|| TrompeError::NoPrimaryKey(qualified_name(rel)))?;
         let ranking = crate::conflicts::ranking_of((*rel).rd_id).map_err(TrompeError::Internal)?;
         let versions = crate::row_versions::TableVersions::of(rel).map_err(TrompeError::Internal)?;
-        let replicated = crate::catalog::is_replicated((*rel).rd_id).map_err(TrompeError::Internal)?;
         // SAFETY: rel is open and its tuple descriptor valid for the duration of this call; all
         // allocations go to a context we own.
         unsafe {
@@ -129,7 +145,6 @@ impl RelInfo {
                 names: Vec::new(),
                 ranking,
                 versions,
-                replicated,
                 context,
             };
             let form = (*rel).rd_rel;

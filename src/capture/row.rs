@@ -5,7 +5,7 @@ use pgrx::prelude::*;
 use trompe_core::changeset::{ChangeWriter, OldVersion};
 use trompe_core::logformat::Op;
 
-use crate::capture::relinfo::{relinfo, RelInfo};
+use crate::capture::relinfo::{relinfo, replicated_relinfo, RelInfo};
 use crate::capture::{local_writes, xact};
 use crate::error::{OrRaise, TrompeError};
 use crate::session::{applying_for_peer, CanonicalOutput};
@@ -24,10 +24,7 @@ fn capture_row<'a>(
 fn capture(td: &pg_sys::TriggerData) -> Result<(), TrompeError> {
     let rel = td.tg_relation;
     // SAFETY: the trigger manager hands us an open relation.
-    let info = unsafe { relinfo(rel)? };
-    if !info.replicated {
-        return Ok(());
-    }
+    let Some(info) = (unsafe { replicated_relinfo(rel)? }) else { return Ok(()) };
     let (op, new, old) = match td.tg_event & pg_sys::TRIGGER_EVENT_OPMASK {
         pg_sys::TRIGGER_EVENT_INSERT => (Op::Insert, Some(td.tg_trigtuple), None),
         pg_sys::TRIGGER_EVENT_UPDATE => (Op::Update, Some(td.tg_newtuple), Some(td.tg_trigtuple)),
@@ -230,7 +227,8 @@ pub fn log_delete(
 
 /// Logs every row of replicated table `relid` as an insert of the current transaction: the rows
 /// of a table that only now becomes replicable, which its peers never saw. Memory stays flat
-/// (the change buffer writes chunks as it fills).
+/// (the change buffer writes chunks as it fills; what each row's output functions allocate is
+/// freed after it).
 pub fn log_existing_rows(relid: pg_sys::Oid) -> Result<u64, TrompeError> {
     let mut logged = 0;
     // SAFETY: the relation is opened with AccessShareLock (the statement that made it
@@ -244,22 +242,34 @@ pub fn log_existing_rows(relid: pg_sys::Oid) -> Result<u64, TrompeError> {
         let _format = CanonicalOutput::enter();
         let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
         let scan = pg_sys::table_beginscan(rel, snapshot, 0, std::ptr::null_mut());
+        // What the output functions allocate for a row (detoasted copies too) is freed after it.
+        let per_row = pg_sys::AllocSetContextCreateInternal(
+            pg_sys::CurrentMemoryContext,
+            c"trompe existing rows".as_ptr(),
+            pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+        );
         let mut result = Ok(());
         loop {
             let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
             if tuple.is_null() {
                 break;
             }
+            let outer = pg_sys::MemoryContextSwitchTo(per_row);
             result = xact::record(&info.nsp, &info.rel, |buf, seq| {
                 let w = ChangeWriter::begin(buf, Op::Insert, seq, info.nsp.as_bytes(), info.rel.as_bytes())
                     .cols(info.names.iter().map(|n| n.as_bytes()));
                 write_values(w, &info, rel, tuple, info.columns.len()).none().finish(OldVersion::Unknown);
             });
+            pg_sys::MemoryContextSwitchTo(outer);
+            pg_sys::MemoryContextReset(per_row);
             if result.is_err() {
                 break;
             }
             logged += 1;
         }
+        pg_sys::MemoryContextDelete(per_row);
         pg_sys::table_endscan(scan);
         pg_sys::UnregisterSnapshot(snapshot);
         pg_sys::table_close(rel, lock);

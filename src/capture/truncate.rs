@@ -37,10 +37,8 @@ fn capture(td: &pg_sys::TriggerData) -> Result<(), TrompeError> {
     };
     let restart = if crate::capture::ddl::truncate_restarts_identity() { "restart" } else { "continue" };
     // SAFETY: rel is open (the trigger manager hands it over).
-    let (relid, info) = unsafe { ((*rel).rd_id, crate::capture::relinfo::relinfo(rel)?) };
-    if !info.replicated {
-        return Ok(());
-    }
+    let (relid, info) = unsafe { ((*rel).rd_id, crate::capture::relinfo::replicated_relinfo(rel)?) };
+    let Some(info) = info else { return Ok(()) };
     crate::capture::local_writes::truncated(relid, &info.ranking);
     xact::record(&nsp, &name, |buf, seq| {
         ChangeWriter::begin(buf, Op::Truncate, seq, nsp.as_bytes(), name.as_bytes())

@@ -695,6 +695,16 @@ fn rows_of_a_table_that_becomes_replicable_reach_every_node() {
         assert_eq!(n1.query_text(&checksum(table)), n2.query_text(&checksum(table)), "{table}");
     }
     assert_eq!(n2.query_i64("SELECT count(*) FROM trompe.conflicts"), 0, "nothing collided");
+    // A table taken out with remove_table and added back by later DDL does not send its rows
+    // again: the peer changed them meanwhile, and its change stands.
+    n1.exec("SELECT trompe.remove_table('s.keyless')");
+    n2.exec("UPDATE s.keyless SET note = 'changed on n2 meanwhile' WHERE id = 1");
+    n1.exec("CREATE INDEX ON s.loaded (note)");
+    assert_eq!(n1.query_i64("SELECT count(*) FROM trompe.tables WHERE relid = 's.keyless'::regclass"), 1);
+    n1.exec("INSERT INTO s.loaded VALUES (5002, 'last')");
+    synced(&cluster, SYNC);
+    assert_eq!(n2.query_i64("SELECT count(*) FROM s.loaded"), 5002);
+    assert_eq!(n2.query_text("SELECT note FROM s.keyless WHERE id = 1").as_deref(), Some("changed on n2 meanwhile"));
 }
 
 /// A database restored from a dump of a node (`pg_dump` / `pg_restore`, the way to give a new
@@ -736,6 +746,13 @@ fn a_restored_dump_is_a_new_node_whose_tables_replicate_once_added() {
         .expect("triggers of a table not replicated here may go");
     let error = c.batch_execute("DROP TRIGGER trompe_capture ON t").expect_err("a replicated table's may not");
     assert_eq!(error.code().map(|c| c.code()), Some("2BP01"), "{error:?}");
+    // A repeatable read transaction that began before add_table committed still captures what
+    // it writes after (the triggers fire for it).
+    let mut before = n1.connect_to("restored");
+    before.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM t").unwrap();
+    c.batch_execute("SELECT trompe.add_table('other')").unwrap();
+    before.batch_execute("INSERT INTO other VALUES (1); COMMIT").unwrap();
+    assert_eq!(value(&mut c, "SELECT count(*) FROM trompe.log"), 2, "captured in repeatable read too");
 }
 
 /// `ALTER TABLE ... SET SCHEMA` across the edge of what is replicated cannot be followed by the
