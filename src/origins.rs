@@ -6,8 +6,9 @@
 //! (`trompe_<peer>_<oid>`, `trompe_core::nodeid::origin_name`). trompe 0.4.0 named them
 //! `trompe_<peer>` only, and two databases of one cluster pulling from the same peer shared one:
 //! a position one of them stored moved the other's, which then skipped what it had not applied.
-//! A database's first start after the update takes the old origin's position over, and the old
-//! origin is kept for the rows it applied (their commit timestamps name it).
+//! A database keeps using the old names until `ALTER EXTENSION trompe UPDATE` (its 0.4.0 SQL
+//! functions read them); its worker then starts again, takes each old origin's position over,
+//! and keeps the old origin for the rows it applied (their commit timestamps name it).
 
 use pgrx::pg_sys;
 
@@ -18,14 +19,31 @@ fn database() -> u32 {
     unsafe { pg_sys::MyDatabaseId }.to_u32()
 }
 
-/// The name of this database's origin for peer `node`.
-pub fn name(node: impl std::fmt::Display) -> String {
-    trompe_core::nodeid::origin_name(node, database())
+/// Whether (inside a transaction) this database's schema names origins per database (`trompe._origin_name`, 0.5.0).
+/// Until `ALTER EXTENSION trompe UPDATE` it does not, and its SQL functions read positions
+/// from the origins named the 0.4.0 way: the library uses those names too until then.
+pub fn per_database() -> bool {
+    sql::flag("SELECT pg_catalog.to_regprocedure('trompe._origin_name(uuid)') IS NOT NULL", &[]).unwrap_or(true)
 }
 
-/// SQL for the name of this database's origin for the peer whose node id `node_expr` gives.
+/// The name of this database's origin for peer `node` (inside a transaction: it reads the
+/// catalog).
+pub fn name(node: impl std::fmt::Display) -> String {
+    if per_database() {
+        trompe_core::nodeid::origin_name(node, database())
+    } else {
+        trompe_core::nodeid::legacy_origin_name(node)
+    }
+}
+
+/// SQL for the name of this database's origin for the peer whose node id `node_expr` gives
+/// (inside a transaction).
 pub fn name_sql(node_expr: &str) -> String {
-    format!("('trompe_' || {node_expr} || '_{}')", database())
+    if per_database() {
+        format!("('trompe_' || {node_expr} || '_{}')", database())
+    } else {
+        format!("('trompe_' || {node_expr})")
+    }
 }
 
 /// Creates the origin named `name` unless it exists; its id.
@@ -42,6 +60,17 @@ pub fn create(name: &str) -> Result<Option<u16>, String> {
 /// restore). One whose peer has an origin named the 0.4.0 way starts at that origin's
 /// position, where this database's position was kept until then.
 pub fn create_for_peers() -> Result<(), String> {
+    if !per_database() {
+        sql::execute(
+            &format!(
+                "SELECT pg_replication_origin_create({name}) FROM trompe.peers p
+                  WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = {name})",
+                name = name_sql("p.node_id")
+            ),
+            &[],
+        )?;
+        return Ok(());
+    }
     let missing = sql::rows(
         &format!(
             "SELECT {name}, pg_replication_origin_progress(o.roname, false)::text
@@ -69,5 +98,14 @@ pub fn drop_those_of_dropped_databases() -> Result<u64, String> {
           WHERE o.roname ~ '^trompe_[0-9a-f-]{36}_[0-9]+$'
             AND NOT EXISTS (SELECT 1 FROM pg_database d WHERE d.oid::text = substr(o.roname, 45))",
         &[],
+    )
+}
+
+/// Drops every origin of this database (the extension is gone from it).
+pub fn drop_this_databases() -> Result<u64, String> {
+    sql::execute(
+        "SELECT pg_replication_origin_drop(o.roname) FROM pg_replication_origin o
+          WHERE o.roname ~ '^trompe_[0-9a-f-]{36}_[0-9]+$' AND substr(o.roname, 45) = $1",
+        &[Some(&database().to_string())],
     )
 }

@@ -266,9 +266,11 @@ impl Committer {
             return Ok(*origin);
         }
         node.parse::<NodeId>().map_err(|e| format!("the peer sent a bad node id {node:?}: {e}"))?;
-        let name = crate::origins::name(node);
-        let id =
-            in_transaction(|| crate::origins::create(&name))?.ok_or_else(|| format!("no replication origin {name}"))?;
+        let (name, id) = in_transaction(|| {
+            let name = crate::origins::name(node);
+            crate::origins::create(&name).map(|id| (name, id))
+        })?;
+        let id = id.ok_or_else(|| format!("no replication origin {name}"))?;
         self.origins.insert(node.to_string(), id as pg_sys::RepOriginId);
         Ok(id as pg_sys::RepOriginId)
     }

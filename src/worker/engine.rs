@@ -54,9 +54,22 @@ fn extension_exists() -> bool {
 /// transactions of peers an admin asked to set aside.
 type LoadedPeers = (String, Vec<PeerRow>, Vec<String>, Vec<(NodeId, i64)>);
 
+thread_local! {
+    /// Whether the schema named origins per database when the worker loaded its peers first.
+    static ORIGINS_PER_DATABASE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
 fn load_peers() -> Result<LoadedPeers, String> {
     in_transaction(|| {
         let me = crate::node::read_node_id()?.ok_or("trompe.node is empty")?.to_string();
+        // The schema was updated to name origins per database: the origin sessions of the links
+        // use the old ones, so the worker starts again (the supervisor restarts it).
+        let per_database = crate::origins::per_database();
+        if ORIGINS_PER_DATABASE.replace(Some(per_database)).is_some_and(|before| before != per_database) {
+            pgrx::log!("trompe: the schema now names replication origins per database; worker restarts");
+            // SAFETY: ends the background worker; its transaction is aborted on the way out.
+            unsafe { crate::pg_compat::proc_exit(1) };
+        }
         // Create missing replication origins (e.g. after a restore) before reading them.
         crate::origins::create_for_peers()?;
         let origin_holds_after = crate::worker::progress::origin_holds_after()?;
@@ -146,9 +159,11 @@ struct Engine {
 
 impl Engine {
     /// Drops the replication origins of the peers this worker knew, and of removed peers whose
-    /// position was kept (after DROP EXTENSION).
+    /// position was kept (after DROP EXTENSION): those named the 0.4.0 way here, the ones named
+    /// per database by `origins::drop_this_databases` after.
     fn drop_origins(&mut self) {
-        let mut names: Vec<String> = self.links.iter().map(|l| crate::origins::name(l.node)).collect();
+        let mut names: Vec<String> =
+            self.links.iter().map(|l| trompe_core::nodeid::legacy_origin_name(l.node)).collect();
         names.append(&mut self.kept_origins);
         self.links.clear();
         let result = in_transaction(|| {
@@ -273,6 +288,11 @@ impl Engine {
                 if self.extension_seen {
                     pgrx::log!("trompe: the extension was dropped; worker exits");
                     self.drop_origins();
+                }
+                // A worker stopped for DROP EXTENSION (worker::dbguard) never saw it go: this
+                // database's origins are dropped by the worker started after it.
+                if let Err(e) = in_transaction(crate::origins::drop_this_databases) {
+                    pgrx::log!("trompe: cannot drop the replication origins of this database: {e}");
                 }
                 // SAFETY: a clean exit of the background worker.
                 unsafe { crate::pg_compat::proc_exit(0) };

@@ -552,11 +552,17 @@ fn two_databases_pulling_one_peer_keep_their_own_positions() {
     n1.wait_for_value("SELECT count(*) FROM t WHERE id = 2", "1", SYNC);
     assert_eq!(n1.query_i64("SELECT count(*) FROM load"), 1, "what app2 applied is applied in app too");
     assert_eq!(n1.query_i64("SELECT count(*) FROM t"), 8, "what app2 applied is applied in app too");
-    let origins = n1.query_i64(&format!(
-        "SELECT count(*) FROM pg_replication_origin WHERE roname LIKE 'trompe_{}%'",
-        n2.query_text("SELECT trompe.node_id()").expect("n2's node id")
-    ));
+    let n2_id = n2.query_text("SELECT trompe.node_id()").expect("n2's node id");
+    let origins =
+        n1.query_i64(&format!("SELECT count(*) FROM pg_replication_origin WHERE roname LIKE 'trompe_{n2_id}%'"));
     assert_eq!(origins, 2, "one replication origin for n2 per database");
+    // DROP EXTENSION stops the worker first; its origins go all the same.
+    app2.batch_execute("DROP EXTENSION trompe CASCADE").unwrap();
+    n1.wait_for_value(
+        &format!("SELECT count(*) FROM pg_replication_origin WHERE roname LIKE 'trompe_{n2_id}%'"),
+        "1",
+        SYNC,
+    );
 }
 
 /// A database made read-only for its applications (`ALTER DATABASE ... SET
