@@ -431,7 +431,7 @@ fn _after_ddl(touched: Vec<pg_sys::Oid>) {
     // after loading it unlogged, ADD PRIMARY KEY after filling it) has rows its peers never saw:
     // they are logged as inserts of this transaction, also when the table was created by it. (A
     // peer that made rows of its own by replaying CREATE TABLE AS gets the origin's over them.)
-    let may_have_become_replicable = MAY_BECOME_REPLICABLE.with(|m| std::mem::take(&mut *m.borrow_mut()));
+    let may_have_become_replicable = crate::capture::ddl_policy::take_may_have_become_replicable();
     for relid in sync_schema_tables_added().or_raise() {
         // Only tables this transaction's ALTER TABLE made replicable: a table added back for
         // another reason (one remove_table took out of a replicated schema) has rows its peers
@@ -441,25 +441,6 @@ fn _after_ddl(touched: Vec<pg_sys::Oid>) {
         }
     }
     crate::sequences::adjust().or_raise();
-}
-
-thread_local! {
-    /// Tables an `ALTER TABLE` of this transaction found unlogged or without a primary key (see
-    /// `_after_ddl`).
-    static MAY_BECOME_REPLICABLE: std::cell::RefCell<std::collections::HashSet<pg_sys::Oid>> =
-        std::cell::RefCell::new(std::collections::HashSet::new());
-}
-
-/// An `ALTER TABLE` is about to run on table `relid`, which cannot be replicated as it is: if
-/// the statement makes it replicable, its rows go to the peers.
-pub fn note_may_become_replicable(relid: pg_sys::Oid) {
-    crate::capture::xact::ensure_xact_callback();
-    MAY_BECOME_REPLICABLE.with(|m| m.borrow_mut().insert(relid));
-}
-
-/// The transaction ended.
-pub fn end_of_transaction() {
-    MAY_BECOME_REPLICABLE.with(|m| m.borrow_mut().clear());
 }
 
 /// Called by the sql_drop event trigger: forgets replicated tables that were dropped.

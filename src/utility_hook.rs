@@ -69,6 +69,8 @@ unsafe extern "C-unwind" fn process_utility(
     crate::capture::ddl::note_index_drops(node);
     crate::row_versions::before_utility(node);
     let rename = crate::ddl_history::before_utility(node);
+    // What the policy notes for the transaction is forgotten when it ends.
+    crate::capture::xact::ensure_xact_callback();
     let added = crate::capture::ddl_policy::before_utility(node).or_raise();
     let _privileges = crate::capture::privileges::before_utility(node);
     let _scope = StatementScope::enter(statement_text(pstmt, query_string), restart, node);

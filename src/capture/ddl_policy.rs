@@ -57,6 +57,23 @@ unsafe fn relid_of(range: *mut pg_sys::RangeVar) -> pg_sys::Oid {
     }
 }
 
+thread_local! {
+    /// Tables an `ALTER TABLE` of this transaction found unlogged or without a primary key: if
+    /// the statement makes one replicable, its rows go to the peers (`tables::_after_ddl`).
+    static MAY_BECOME_REPLICABLE: std::cell::RefCell<std::collections::HashSet<pg_sys::Oid>> =
+        std::cell::RefCell::new(std::collections::HashSet::new());
+}
+
+/// The tables noted since the last call (see `MAY_BECOME_REPLICABLE`).
+pub fn take_may_have_become_replicable() -> std::collections::HashSet<pg_sys::Oid> {
+    MAY_BECOME_REPLICABLE.with(|m| std::mem::take(&mut *m.borrow_mut()))
+}
+
+/// The transaction ended (the ProcessUtility hook registers the callback that calls this).
+pub fn end_of_transaction() {
+    MAY_BECOME_REPLICABLE.with(|m| m.borrow_mut().clear());
+}
+
 /// Whether table `relid` cannot be replicated as it is: unlogged, or without a primary key (an
 /// `ALTER TABLE` may change that, and then its rows must reach the peers).
 unsafe fn not_replicable_yet(relid: pg_sys::Oid) -> bool {
@@ -155,7 +172,7 @@ pub unsafe fn before_utility(node: *mut pg_sys::Node) -> Result<Option<AddedColu
             return Ok(None);
         }
         if not_replicable_yet(relid) && !is_replicated(relid) {
-            crate::tables::note_may_become_replicable(relid);
+            MAY_BECOME_REPLICABLE.with(|m| m.borrow_mut().insert(relid));
         }
         let table = crate::ddl_history::qualified(relid);
         let cmds = (*stmt).cmds;

@@ -94,5 +94,5 @@ fn reset_transaction_state() {
     buffer::reset();
     local_writes::end_of_transaction();
     crate::row_versions::end_of_transaction();
-    crate::tables::end_of_transaction();
+    crate::capture::ddl_policy::end_of_transaction();
 }
