@@ -19,9 +19,10 @@ fn database() -> u32 {
     unsafe { pg_sys::MyDatabaseId }.to_u32()
 }
 
-/// Whether (inside a transaction) this database's schema names origins per database (`trompe._origin_name`, 0.5.0).
-/// Until `ALTER EXTENSION trompe UPDATE` it does not, and its SQL functions read positions
-/// from the origins named the 0.4.0 way: the library uses those names too until then.
+/// Whether this database's schema names origins per database (`trompe._origin_name`, 0.5.0;
+/// read inside a transaction). Until `ALTER EXTENSION trompe UPDATE` it does not, and its SQL
+/// functions read positions from the origins named the 0.4.0 way: the library uses those
+/// names too until then.
 pub fn per_database() -> bool {
     sql::flag("SELECT pg_catalog.to_regprocedure('trompe._origin_name(uuid)') IS NOT NULL", &[]).unwrap_or(true)
 }
