@@ -1,5 +1,18 @@
 -- trompe's own tables, created before any function. Everything lives in schema trompe.
 
+-- The log carries names and values as the server encodes them, and every node reads them as
+-- UTF-8: a database in another encoding could not replicate text that is not plain ASCII.
+DO $encoding$
+BEGIN
+    IF pg_catalog.current_setting('server_encoding') <> 'UTF8' THEN
+        RAISE EXCEPTION 'trompe needs a database in encoding UTF8; database "%" is in %',
+                pg_catalog.current_database(), pg_catalog.current_setting('server_encoding')
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Replicate a copy made with CREATE DATABASE ... TEMPLATE template0 ENCODING ''UTF8'' (and a UTF-8 locale), loaded from a dump of this one.';
+    END IF;
+END
+$encoding$;
+
 -- This node's identity: one row, a random UUID made when the extension is created. It is
 -- never derived from anything two nodes could share (database name, system identifier).
 CREATE TABLE trompe.node (

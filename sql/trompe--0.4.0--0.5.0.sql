@@ -23,6 +23,18 @@ BEGIN
 END
 $lock$;
 
+-- A database not in UTF-8 cannot replicate text that is not plain ASCII: 0.5.0 refuses to be
+-- created in one; an existing node is warned.
+DO $encoding$
+BEGIN
+    IF pg_catalog.current_setting('server_encoding') <> 'UTF8' THEN
+        RAISE WARNING 'trompe needs a database in encoding UTF8; database "%" is in %: any value or name that is not plain ASCII stops replication of its transaction',
+                pg_catalog.current_database(), pg_catalog.current_setting('server_encoding')
+            USING HINT = 'Move the node to a copy made with CREATE DATABASE ... TEMPLATE template0 ENCODING ''UTF8'', loaded from a dump of this one.';
+    END IF;
+END
+$encoding$;
+
 -- Convergence (issue 17) ------------------------------------------------------------------
 -- Transactions set aside by trompe.skip(); renames and drops kept for changes in flight; row
 -- versions kept across table rewrites and freezing.

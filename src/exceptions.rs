@@ -2,6 +2,7 @@
 //! out of the stream and keeps it, whole, in `trompe.exceptions`, so that nothing is discarded
 //! unseen and the stream goes on.
 
+use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
 use pgrx::prelude::*;
@@ -15,23 +16,21 @@ use crate::worker::apply::Change;
 /// transaction `txn_last` (committed at `commit_us`), whose changes `changes` reads in order:
 /// records the transaction, with the `error` it failed with, in `trompe.exceptions`, and
 /// forgets the request to skip it. The caller stores the position past it in the same
-/// transaction. Only its text is built whole, not the decoded changes.
+/// transaction. Only its text is built whole, not the decoded changes. A transaction whose log
+/// rows do not decode is kept as those rows (`raw_rows`), in hex, with the reason.
 pub fn set_aside(
     node: &NodeId,
     peer: &str,
     txn_last: i64,
     commit_us: i64,
     changes: impl Iterator<Item = Result<Change, String>>,
+    raw_rows: impl Iterator<Item = Result<Vec<u8>, String>>,
     error: &str,
 ) -> Result<(), String> {
-    let mut text = String::from("[");
-    for (i, change) in changes.enumerate() {
-        if i > 0 {
-            text.push(',');
-        }
-        trompe_core::json::push_change(&mut text, &change?.record);
-    }
-    text.push(']');
+    let text = match changes_text(changes) {
+        Ok(text) => text,
+        Err(undecodable) => undecodable_text(&undecodable, raw_rows)?,
+    };
     let txn_last = txn_last.to_string();
     let committed = format!("{}", 946_684_800.0 + commit_us as f64 / 1_000_000.0);
     let node = node.to_string();
@@ -42,6 +41,40 @@ pub fn set_aside(
     )?;
     crate::sql::execute("DELETE FROM trompe.skip_requests WHERE node_id = $1::uuid", &[Some(&node)])?;
     Ok(())
+}
+
+/// The changes as a JSON array, or why one of them does not decode.
+fn changes_text(changes: impl Iterator<Item = Result<Change, String>>) -> Result<String, String> {
+    let mut text = String::from("[");
+    for (i, change) in changes.enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        trompe_core::json::push_change(&mut text, &change?.record);
+    }
+    text.push(']');
+    Ok(text)
+}
+
+/// A transaction whose log rows do not decode, as a JSON array of one element: why, and each
+/// row's bytes in hex.
+fn undecodable_text(why: &str, raw_rows: impl Iterator<Item = Result<Vec<u8>, String>>) -> Result<String, String> {
+    let mut text = String::from("[{\"undecodable\":");
+    trompe_core::json::push_string(&mut text, why);
+    text.push_str(",\"log_rows\":[");
+    for (i, row) in raw_rows.enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        text.push('"');
+        for byte in row? {
+            // Writing to a String cannot fail.
+            let _ = write!(text, "{byte:02x}");
+        }
+        text.push('"');
+    }
+    text.push_str("]}]");
+    Ok(text)
 }
 
 /// The transaction of each peer an admin asked to set aside, by node id (none on a schema

@@ -124,10 +124,14 @@ impl SpooledTxn {
 
     /// Keeps one of its log rows in `spool`.
     pub fn add_row(&mut self, spool: &mut Spool, bytes: &[u8]) -> Result<(), String> {
-        let (count, first_seq) = peek(bytes).map_err(|e| format!("log row of transaction {}: {e}", self.txn_last))?;
-        let Some(first_seq) = first_seq else { return Ok(()) };
         // A row that does not decode is reported when it is applied (where the transaction can
-        // be set aside); until then it counts as DDL, the careful side.
+        // be set aside with `trompe.skip`); until then it counts as one change, first in the
+        // transaction, and as DDL, the careful side.
+        let (count, first_seq) = match peek(bytes) {
+            Ok((count, first_seq)) => (count, first_seq),
+            Err(_) => (1, Some(0)),
+        };
+        let Some(first_seq) = first_seq else { return Ok(()) };
         self.ddl_or_truncate |= holds(bytes, |op| matches!(op, Op::Ddl | Op::Truncate)).unwrap_or(true);
         let offset = spool.append(bytes)?;
         self.chunks.push(ChunkRef { first_seq, count, offset, len: bytes.len() });
@@ -143,6 +147,12 @@ impl SpooledTxn {
             decode(&bytes).map_err(|e| format!("log row of transaction {txn_last}: {e}"))
         })
         .map(move |r| r.map(|record| Change { txn_last, commit_us, record }))
+    }
+
+    /// Its log rows as they arrived, undecoded (what is kept of a transaction whose rows do
+    /// not decode).
+    pub fn raw_rows<'a>(&'a self, spool: &'a Spool) -> impl Iterator<Item = Result<Vec<u8>, String>> + 'a {
+        self.chunks.iter().map(move |c| spool.read(c.offset, c.len))
     }
 
     /// Its changes in order, in segments of bounded size; a run of truncations of tables

@@ -169,6 +169,24 @@ fn a_database_without_the_extension_is_left_alone() {
         .expect("DDL after DROP EXTENSION");
 }
 
+/// trompe's log carries text as UTF-8: `CREATE EXTENSION` in a database of another encoding is
+/// refused with an error naming the encoding, and leaves nothing behind.
+#[test]
+fn a_database_not_in_utf8_is_refused() {
+    let cluster = Cluster::builder("worker-latin1").nodes(1).with_extension(false).start();
+    let n1 = cluster.node(0);
+    for encoding in ["LATIN1", "SQL_ASCII"] {
+        let db = encoding.to_lowercase();
+        n1.exec(&format!("CREATE DATABASE {db} TEMPLATE template0 ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C'"));
+        let mut c = n1.connect_to(&db);
+        let (code, message) = expect_error(&mut c, "CREATE EXTENSION trompe");
+        assert_eq!(code, "0A000", "{message}");
+        assert!(message.contains("UTF8") && message.contains(encoding), "{message}");
+        let left = c.query_one("SELECT count(*) FROM pg_namespace WHERE nspname = 'trompe'", &[]).unwrap();
+        assert_eq!(left.get::<_, i64>(0), 0);
+    }
+}
+
 /// The `trompe.` prefix is reserved: a misspelt setting is an error naming it, not a silent
 /// placeholder, while real ones set as usual.
 #[test]

@@ -48,15 +48,17 @@ impl Link {
         let (txns, changes) = (self.stored.unsaved_txns + 1, self.stored.unsaved_changes + txn.changes as i64);
         // DDL that cannot run in a transaction block runs on its own first; the apply
         // transaction then only moves the position past it.
-        let ran_alone = match (set_aside, outside_transaction(spool, txn)?) {
-            (None, Some((kind, change))) => {
+        // (Not asked of a transaction set aside: its changes may not even decode.)
+        let alone = if set_aside.is_some() { None } else { outside_transaction(spool, txn)? };
+        let ran_alone = match alone {
+            Some((kind, change)) => {
                 let part =
                     |i: usize| change.vals.as_ref().and_then(|v| v.get(i).cloned().flatten()).unwrap_or_default();
                 let settings = trompe_core::ddlsettings::decode(change.vals.as_deref().unwrap_or_default());
                 crate::worker::toplevel::run(kind, &part(0), &part(1), &part(2), &settings, &change.rel)?;
                 true
             }
-            _ => false,
+            None => false,
         };
         // Large objects the changes refer to are copied over this connection (once the answer
         // of a pull sent ahead has arrived).
@@ -80,6 +82,7 @@ impl Link {
                         txn.txn_last,
                         txn.commit_us,
                         txn.changes(spool),
+                        txn.raw_rows(spool),
                         error,
                     )?,
                     None if ran_alone => {}
