@@ -54,7 +54,19 @@ unsafe extern "C-unwind" fn process_utility(
     let node = (*pstmt).utilityStmt;
     // BEGIN, COMMIT, SAVEPOINT and the like are never DDL: no statement to remember.
     if !node.is_null() && (*node).type_ == pg_sys::NodeTag::T_TransactionStmt {
-        return run_previous(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc);
+        // A prepared transaction commits here, not through the commit callback of the session
+        // that wrote it: announce it as that callback would (waking pulls, forgetting what is
+        // cached about tombstones). It may not have written any, which costs a wake-up.
+        // SAFETY: a node tagged T_TransactionStmt is a TransactionStmt.
+        let commits_prepared = (*(node as *mut pg_sys::TransactionStmt)).kind
+            == pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED
+            && installed_here();
+        run_previous(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc);
+        if commits_prepared {
+            crate::shmem::announce_log_commit();
+            crate::shmem::bump_tombstone_generation();
+        }
+        return;
     }
     // Another database's worker steps out of DROP DATABASE's way whatever this one holds.
     crate::worker::dbguard::before_utility(node);

@@ -588,3 +588,22 @@ fn a_database_read_only_by_default_still_replicates_both_ways() {
         assert_eq!(node.query_text("SHOW default_transaction_read_only").as_deref(), Some("on"));
     }
 }
+
+/// A prepared transaction's changes are pulled as soon as `COMMIT PREPARED` runs, as any
+/// commit's are, not at the next pull after `trompe.pull_interval`.
+#[test]
+fn commit_prepared_wakes_the_peers_pulls() {
+    let cluster = Cluster::builder("commit-prepared")
+        .nodes(2)
+        .setting("max_prepared_transactions", "4")
+        .setting("trompe.pull_interval", "'60s'")
+        .start();
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all("CREATE TABLE t (id int PRIMARY KEY); SELECT trompe.add_table('t')");
+    cluster.mesh();
+    n1.exec("INSERT INTO t VALUES (1)");
+    n2.wait_for_value("SELECT count(*) FROM t", "1", SYNC);
+    n1.exec("BEGIN; INSERT INTO t VALUES (2); PREPARE TRANSACTION 'two'");
+    n1.exec("COMMIT PREPARED 'two'");
+    n2.wait_for_value("SELECT count(*) FROM t", "2", Duration::from_secs(5));
+}
