@@ -24,9 +24,13 @@ CREATE TABLE trompe.node (
     sequence_slots int,
     -- Known to this node only: when it joins a cluster, the peers of the node it copies keep
     -- their registration of it for whoever presents this secret (trompe.claim_consumer).
-    claim_secret text NOT NULL DEFAULT encode(sha256(convert_to(gen_random_uuid()::text || gen_random_uuid()::text, 'UTF8')), 'hex')
+    claim_secret text NOT NULL DEFAULT encode(sha256(convert_to(gen_random_uuid()::text || gen_random_uuid()::text, 'UTF8')), 'hex'),
+    -- The database this identity was made in: a copy of it (CREATE DATABASE ... TEMPLATE) is
+    -- known by another oid, and does not act as this node while the original exists.
+    database_oid oid
 );
-INSERT INTO trompe.node DEFAULT VALUES;
+INSERT INTO trompe.node (database_oid)
+    SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database();
 COMMENT ON TABLE trompe.node IS 'This node''s identity (one row).';
 
 -- Tables replicated from and to this node.

@@ -235,6 +235,10 @@ ALTER EVENT TRIGGER trompe_table_rewrite ENABLE ALWAYS;
 
 ALTER TABLE trompe.node
     ADD COLUMN claim_secret text NOT NULL DEFAULT encode(sha256(convert_to(gen_random_uuid()::text || gen_random_uuid()::text, 'UTF8')), 'hex');
+-- A copy of this database (CREATE DATABASE ... TEMPLATE) has the same node id: the oid of the
+-- database the identity belongs to tells them apart (see src/node.rs).
+ALTER TABLE trompe.node ADD COLUMN database_oid oid;
+UPDATE trompe.node SET database_oid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database());
 ALTER TABLE trompe.consumers ADD COLUMN logins text[], ADD COLUMN claim text;
 COMMENT ON TABLE trompe.consumers IS 'Nodes pulling from this node, the position they confirmed (holds back log truncation) and the logins they pull with.';
 ALTER TABLE trompe.progress DROP CONSTRAINT progress_node_id_fkey;

@@ -26,6 +26,52 @@ pub fn to_uuid(text: &str) -> Result<pgrx::Uuid, TrompeError> {
     text.parse::<NodeId>().map(|n| pgrx::Uuid::from_bytes(n.0)).map_err(|e| TrompeError::Internal(e.to_string()))
 }
 
+/// Whether this database is the node `trompe.node` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    /// It is (or the schema predates the check).
+    Own,
+    /// It is a copy (`CREATE DATABASE ... TEMPLATE`) of database `original`, which still exists
+    /// on this server and is that node.
+    CopyOf { original: String },
+}
+
+/// Whether this database is the node `trompe.node` names: the identity belongs to the database
+/// it was made in. A copy whose original is gone (`CREATE DATABASE x TEMPLATE y; DROP DATABASE
+/// y`) takes the identity over, recording its own oid. Runs SQL: call inside a transaction.
+pub fn identity() -> Result<Identity, String> {
+    // SAFETY: MyDatabaseId is a backend-local global.
+    let me = u32::from(unsafe { pg_sys::MyDatabaseId }).to_string();
+    crate::run_as::as_extension_owner(|| {
+        // (Read through to_jsonb: the column is missing until the 0.5.0 update has run.)
+        let row = crate::sql::row(
+            "SELECT (to_jsonb(n) ->> 'database_oid'), d.datname
+               FROM trompe.node n
+               LEFT JOIN pg_catalog.pg_database d ON d.oid = (to_jsonb(n) ->> 'database_oid')::oid",
+            &[],
+        )?;
+        let Some(row) = row else { return Ok(Identity::Own) };
+        match (row[0].as_deref(), row[1].clone()) {
+            (None, _) => Ok(Identity::Own),
+            (Some(oid), _) if oid == me => Ok(Identity::Own),
+            (Some(_), Some(original)) => Ok(Identity::CopyOf { original }),
+            (Some(_), None) => {
+                crate::sql::execute("UPDATE trompe.node SET database_oid = $1::oid", &[Some(&me)])?;
+                Ok(Identity::Own)
+            }
+        }
+    })
+}
+
+/// Refuses what would act as this node at its peers (registering, unregistering) in a copy of
+/// the node's database.
+pub fn refuse_in_copy() -> Result<(), TrompeError> {
+    match identity().map_err(TrompeError::Internal)? {
+        Identity::Own => Ok(()),
+        Identity::CopyOf { original } => Err(TrompeError::CopyOfNode(original)),
+    }
+}
+
 /// This node's identity: a random UUID made when the extension was created, unique across
 /// every cluster the node will ever join.
 #[pg_extern(stable, parallel_safe)]

@@ -133,6 +133,7 @@ fn add_peer_impl(name: &str, conninfo: &str, sync: bool) -> Result<pgrx::Uuid, T
     if name.is_empty() || name.chars().count() > 63 || name.contains('\0') {
         return Err(TrompeError::BadPeerName(name.chars().take(80).collect()));
     }
+    crate::node::refuse_in_copy()?;
     let info = peer_conninfo(conninfo)?;
     warn_if_statement_logged(&info);
     let joining_installed = crate::join::schema_installed().map_err(TrompeError::Internal)?;
@@ -285,6 +286,7 @@ fn add_peer_impl(name: &str, conninfo: &str, sync: bool) -> Result<pgrx::Uuid, T
 /// included. Returns the peer's node id.
 #[pg_extern(volatile, parallel_unsafe)]
 fn remove_peer(name: &str) -> pgrx::Uuid {
+    crate::node::refuse_in_copy().or_raise();
     let found =
         as_extension_owner(|| sql::row("SELECT node_id, conninfo FROM trompe.peers WHERE name = $1", &[Some(name)]))
             .map_err(TrompeError::Internal)

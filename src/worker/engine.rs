@@ -50,9 +50,9 @@ fn extension_exists() -> bool {
 }
 
 /// This node's id, its peers, the replication origins of removed peers whose position is kept
-/// (`trompe.progress` rows without a peer: adding the peer again resumes from there), and the
-/// transactions of peers an admin asked to set aside.
-type LoadedPeers = (String, Vec<PeerRow>, Vec<String>, Vec<(NodeId, i64)>);
+/// (`trompe.progress` rows without a peer: adding the peer again resumes from there), the
+/// transactions of peers an admin asked to set aside, and whether this database is the node.
+type LoadedPeers = (String, Vec<PeerRow>, Vec<String>, Vec<(NodeId, i64)>, crate::node::Identity);
 
 thread_local! {
     /// Whether the schema named origins per database when the worker loaded its peers first.
@@ -128,7 +128,7 @@ fn load_peers() -> Result<LoadedPeers, String> {
         .into_iter()
         .filter_map(|r| r.into_iter().next().flatten())
         .collect();
-        Ok((me, peers, kept, crate::exceptions::skip_requests()?))
+        Ok((me, peers, kept, crate::exceptions::skip_requests()?, crate::node::identity()?))
     })
 }
 
@@ -188,13 +188,22 @@ impl Engine {
                 None
             }
         };
-        let (me, rows, kept, skips) = match load_peers() {
+        let (me, mut rows, kept, skips, identity) = match load_peers() {
             Ok(v) => v,
             Err(e) => {
                 pgrx::log!("trompe: cannot read peers: {e}");
                 return;
             }
         };
+        // A copy of the node's database pulls nothing: it would confirm, as the node, positions
+        // the node has not reached, and the peers would free log the node still needs.
+        let copy_of = match identity {
+            crate::node::Identity::CopyOf { original } => Some(original),
+            crate::node::Identity::Own => None,
+        };
+        if copy_of.is_some() {
+            rows.iter_mut().for_each(|r| r.paused = true);
+        }
         self.kept_origins = kept;
         let shared = shared();
         let mut old: HashMap<NodeId, Link> = self.links.drain(..).map(|l| (l.node, l)).collect();
@@ -233,6 +242,9 @@ impl Engine {
         }
         for link in self.links.iter_mut() {
             link.set_skip(skips.iter().find(|(node, _)| *node == link.node).map(|(_, txn)| *txn));
+            if let Some(original) = &copy_of {
+                link.refuse_as_copy(original);
+            }
         }
         if let Some(shared) = shared {
             let keep: Vec<[u8; 16]> = self.links.iter().map(|l| l.node.0).collect();

@@ -214,9 +214,9 @@ pub extern "C-unwind" fn trompe_supervisor_main(_arg: pg_sys::Datum) {
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn worker_exit(_code: i32, _arg: pg_sys::Datum) {
+unsafe extern "C-unwind" fn worker_exit(_code: i32, dboid: pg_sys::Datum) {
     if let Some(shared) = shared() {
-        if let Some(slot) = shared.db_slot(pg_sys::MyDatabaseId) {
+        if let Some(slot) = shared.db_slot(pg_sys::Oid::from(dboid.value() as u32)) {
             if slot.worker_pid.load(Ordering::Acquire) == pg_sys::MyProcPid {
                 slot.worker_pid.store(0, Ordering::Release);
             }
@@ -235,16 +235,26 @@ pub extern "C-unwind" fn trompe_worker_main(arg: pg_sys::Datum) {
     let Some(slot) = shared.db_slot_or_new(dboid) else {
         return;
     };
-    if slot.worker_pid.load(Ordering::Acquire) != 0 {
+    // The pid is published before the worker connects, and the hold looked at after: a command
+    // that needs the database without sessions (worker::dbguard) sets the hold before it
+    // looks for the pid, so either it sees the pid and stops the worker, or the worker sees
+    // the hold and never connects.
+    // SAFETY: MyProcPid is ours.
+    let me = unsafe { pg_sys::MyProcPid };
+    if slot.worker_pid.compare_exchange(0, me, Ordering::SeqCst, Ordering::SeqCst).is_err() {
         // Another worker serves this database.
+        return;
+    }
+    // SAFETY: registers the callback that unpublishes the pid however the worker exits.
+    unsafe { pg_sys::before_shmem_exit(Some(worker_exit), pg_sys::Datum::from(dboid.to_u32())) };
+    std::sync::atomic::fence(Ordering::SeqCst);
+    if slot.state() == DbState::Held {
         return;
     }
     // SAFETY: connects to the database as the bootstrap superuser; fails (FATAL) if it was
     // dropped meanwhile.
     unsafe {
         pg_sys::BackgroundWorkerInitializeConnectionByOid(dboid, pg_sys::InvalidOid, 0);
-        slot.worker_pid.store(pg_sys::MyProcPid, Ordering::Release);
-        pg_sys::before_shmem_exit(Some(worker_exit), pg_sys::Datum::from(0));
         pg_sys::pgstat_report_appname(c"trompe worker".as_ptr());
         // Changes applied here fire no ordinary triggers and no foreign key checks (they were
         // checked at the origin), like pglogical's apply; commits need not wait for disk; names

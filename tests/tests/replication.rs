@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use trompe_tests::{checksum, wait_for, Cluster, Node};
+use trompe_tests::{checksum, expect_error, wait_for, Cluster, Node};
 
 const SYNC: Duration = Duration::from_secs(120);
 
@@ -606,4 +606,58 @@ fn commit_prepared_wakes_the_peers_pulls() {
     n1.exec("BEGIN; INSERT INTO t VALUES (2); PREPARE TRANSACTION 'two'");
     n1.exec("COMMIT PREPARED 'two'");
     n2.wait_for_value("SELECT count(*) FROM t", "2", Duration::from_secs(5));
+}
+
+/// A copy of a node's database (`CREATE DATABASE ... TEMPLATE`) has the node's identity: it
+/// pulls nothing, which would confirm positions the node has not reached (its peers would free
+/// log the node still needs), `trompe.status` says why and what to do, and registering or
+/// unregistering peers from it is refused. A copy whose original is gone is the node.
+#[test]
+fn a_copy_of_a_nodes_database_does_not_act_as_the_node() {
+    let cluster = Cluster::start("template-copy", 2);
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all("CREATE TABLE t (id int PRIMARY KEY); SELECT trompe.add_table('t')");
+    cluster.mesh();
+    n2.exec("INSERT INTO t VALUES (1)");
+    cluster.wait_sync(SYNC);
+    // Copying needs the database without sessions: n1's worker steps out of the way, n2's pulls
+    // are paused.
+    n2.exec("SELECT trompe.pause_peer('n1')");
+    let mut admin = n1.connect_to("postgres");
+    let copied = wait_for(SYNC, || admin.batch_execute("CREATE DATABASE copy TEMPLATE app").is_ok());
+    assert!(copied, "CREATE DATABASE copy TEMPLATE app");
+    n2.exec("SELECT trompe.resume_peer('n1')");
+    // Its worker starts at the next server start.
+    drop(admin);
+    n1.restart();
+    let mut admin = n1.connect_to("postgres");
+    let mut copy = n1.connect_to("copy");
+    let refused = "SELECT state = 'paused' AND last_error LIKE '%copy of database \"app\"%DROP EXTENSION trompe%'
+                     FROM trompe.status WHERE name = 'n2'";
+    let shown = wait_for(SYNC, || copy.query_one(refused, &[]).unwrap().get::<_, Option<bool>>(0) == Some(true));
+    let status = copy.query_one("SELECT state || ': ' || coalesce(last_error, '') FROM trompe.status", &[]).unwrap();
+    assert!(shown, "{:?}", status.get::<_, Option<String>>(0));
+    for call in ["SELECT trompe.remove_peer('n2')", "SELECT trompe.add_peer('n3', 'host=localhost')"] {
+        let (code, message) = expect_error(&mut copy, call);
+        assert_eq!(code, "55000", "{call}: {message}");
+        assert!(message.contains("copy of database \"app\""), "{message}");
+    }
+    // Changes the copy would have pulled and confirmed as n1 reach n1 all the same.
+    n1.exec("SELECT trompe.pause_peer('n2')");
+    n2.exec("INSERT INTO t VALUES (2)");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(copy.query_one("SELECT count(*) FROM t", &[]).unwrap().get::<_, i64>(0), 1);
+    n1.exec("SELECT trompe.resume_peer('n2')");
+    cluster.wait_sync(SYNC);
+    cluster.assert_same(&checksum("t"));
+    // A copy whose original was dropped takes the identity over.
+    admin.batch_execute("CREATE DATABASE orig2").unwrap();
+    n1.connect_to("orig2").batch_execute("CREATE EXTENSION trompe").unwrap();
+    admin.batch_execute("CREATE DATABASE clone TEMPLATE orig2").unwrap();
+    admin.batch_execute("DROP DATABASE orig2").unwrap();
+    drop(admin);
+    n1.restart();
+    let mut clone = n1.connect_to("clone");
+    let own = "SELECT database_oid = (SELECT oid FROM pg_database WHERE datname = current_database()) FROM trompe.node";
+    assert!(wait_for(SYNC, || clone.query_one(own, &[]).unwrap().get::<_, Option<bool>>(0) == Some(true)));
 }

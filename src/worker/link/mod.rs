@@ -253,6 +253,15 @@ impl Link {
         self.publish(if self.paused { ConnState::Paused } else { ConnState::Disconnected });
     }
 
+    /// This database is a copy of database `original`, which is the node: the link stays
+    /// paused (the caller pauses it), and `trompe.status` says why and what to do.
+    pub fn refuse_as_copy(&self, original: &str) {
+        if let Some(slot) = self.slot {
+            let refused = crate::error::TrompeError::CopyOfNode(original.to_string());
+            slot.set_error(&format!("{refused}. {}", crate::error::COPY_HINT));
+        }
+    }
+
     /// Makes the next pull happen now, skipping the delay before retrying a connection (a
     /// peer may be back). A transaction that fails to apply keeps its backoff: it is retried
     /// sooner only when something may have fixed it ([`Link::retry_failed`]).
