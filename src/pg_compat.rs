@@ -236,3 +236,35 @@ pub unsafe fn eval_plan_qual_init(epqstate: *mut pg_sys::EPQState, estate: *mut 
         pg_sys::EvalPlanQualInit(epqstate, estate, std::ptr::null_mut(), std::ptr::null_mut(), -1, std::ptr::null_mut())
     }
 }
+
+/// Whether the current user owns database `dboid` (or is a member of its owner, or superuser):
+/// may drop, rename or move it.
+pub fn owns_database(dboid: pg_sys::Oid) -> bool {
+    // SAFETY: a catalog lookup inside the current transaction; GetUserId is backend state.
+    unsafe {
+        #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
+        {
+            pg_sys::pg_database_ownercheck(dboid, pg_sys::GetUserId())
+        }
+        #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+        {
+            pg_sys::object_ownercheck(pg_sys::DatabaseRelationId, dboid, pg_sys::GetUserId())
+        }
+    }
+}
+
+/// Whether the current user owns extension `extoid` (or is a member of its owner, or
+/// superuser): may drop it.
+pub fn owns_extension(extoid: pg_sys::Oid) -> bool {
+    // SAFETY: a catalog lookup inside the current transaction; GetUserId is backend state.
+    unsafe {
+        #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
+        {
+            pg_sys::pg_extension_ownercheck(extoid, pg_sys::GetUserId())
+        }
+        #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+        {
+            pg_sys::object_ownercheck(pg_sys::ExtensionRelationId, extoid, pg_sys::GetUserId())
+        }
+    }
+}

@@ -24,8 +24,13 @@ pub unsafe fn before_utility(node: *mut pg_sys::Node) {
     if node.is_null() || shared().is_none() {
         return;
     }
+    // Only for a user the command will not refuse: anyone else running it would stop the
+    // worker for nothing (over and over, in a loop).
     if drops_trompe(node) {
-        hold_worker(pg_sys::MyDatabaseId);
+        let extension = pg_sys::get_extension_oid(c"trompe".as_ptr(), true);
+        if extension != pg_sys::InvalidOid && crate::pg_compat::owns_extension(extension) {
+            hold_worker(pg_sys::MyDatabaseId);
+        }
         return;
     }
     let dbname: *const std::ffi::c_char = match (*node).type_ {
@@ -46,8 +51,45 @@ pub unsafe fn before_utility(node: *mut pg_sys::Node) {
         return;
     }
     let dboid = pg_sys::get_database_oid(dbname, true);
-    if dboid != pg_sys::InvalidOid {
+    if dboid != pg_sys::InvalidOid && may_need_it_alone(node, dboid) {
         hold_worker(dboid);
+    }
+}
+
+/// Whether the current user may run `node` on database `dboid`, a command that needs it without
+/// sessions: as its owner (DROP, RENAME, ALTER), or as a user who may create databases and
+/// copy it (CREATE DATABASE ... TEMPLATE: a template database, or one the user owns).
+///
+/// # Safety
+/// `node` must be a valid parse node.
+unsafe fn may_need_it_alone(node: *mut pg_sys::Node, dboid: pg_sys::Oid) -> bool {
+    if crate::pg_compat::owns_database(dboid) {
+        return true;
+    }
+    (*node).type_ == pg_sys::NodeTag::T_CreatedbStmt && may_create_database() && is_template(dboid)
+}
+
+/// Whether the current user has CREATEDB (or is superuser).
+fn may_create_database() -> bool {
+    // SAFETY: reads the current role's attributes from the syscache.
+    unsafe { pg_sys::superuser() || pg_sys::have_createdb_privilege() }
+}
+
+/// Whether database `dboid` is marked as a template (any CREATEDB user may copy it).
+fn is_template(dboid: pg_sys::Oid) -> bool {
+    // SAFETY: a syscache lookup of pg_database by oid; the tuple is released before returning.
+    unsafe {
+        let tuple = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::DATABASEOID as i32,
+            pg_sys::Datum::from(dboid.to_u32()),
+        );
+        if tuple.is_null() {
+            return false;
+        }
+        let form = pg_sys::GETSTRUCT(tuple) as pg_sys::Form_pg_database;
+        let template = (*form).datistemplate;
+        pg_sys::ReleaseSysCache(tuple);
+        template
     }
 }
 
@@ -102,7 +144,10 @@ pub fn hold_worker(dboid: pg_sys::Oid) {
         return;
     }
     slot.set_state(DbState::Held);
-    let pid = slot.worker_pid.load(Ordering::Acquire);
+    // Pairs with the worker's start (supervisor::trompe_worker_main): it publishes its pid and
+    // then looks for the hold, before it connects.
+    std::sync::atomic::fence(Ordering::SeqCst);
+    let pid = slot.worker_pid.load(Ordering::SeqCst);
     if pid <= 0 {
         return;
     }

@@ -187,6 +187,37 @@ fn a_database_not_in_utf8_is_refused() {
     }
 }
 
+/// Commands that need a database without sessions stop its worker first, but only for a user
+/// they will not refuse: anyone else (running them in a loop) cannot keep replication stopped.
+#[test]
+fn a_user_refused_drop_database_leaves_the_worker_alone() {
+    let cluster = Cluster::start("worker-refused-drop", 1);
+    let n1 = cluster.node(0);
+    n1.exec("CREATE ROLE plain LOGIN");
+    wait_workers(n1, 1);
+    let pid = "SELECT pid FROM pg_stat_activity WHERE backend_type = 'trompe worker' AND datname = 'app'";
+    let before = n1.query_i64(pid);
+    let mut elsewhere = n1.connect_to("postgres");
+    let mut here = n1.connect();
+    for c in [&mut elsewhere, &mut here] {
+        c.batch_execute("SET ROLE plain").unwrap();
+    }
+    for _ in 0..3 {
+        for sql in [
+            "DROP DATABASE app",
+            "ALTER DATABASE app RENAME TO other",
+            "ALTER DATABASE app SET TABLESPACE pg_default",
+            "CREATE DATABASE other TEMPLATE app",
+        ] {
+            let (code, message) = expect_error(&mut elsewhere, sql);
+            assert_eq!(code, "42501", "{sql}: {message}");
+        }
+        let (code, message) = expect_error(&mut here, "DROP EXTENSION trompe CASCADE");
+        assert_eq!(code, "42501", "{message}");
+    }
+    assert_eq!(n1.query_i64(pid), before, "the worker kept running");
+}
+
 /// The `trompe.` prefix is reserved: a misspelt setting is an error naming it, not a silent
 /// placeholder, while real ones set as usual.
 #[test]
