@@ -22,11 +22,11 @@ fn insert(nsp: &str, rel: &str, cols: &[&str], vals: &[&str]) -> Vec<u8> {
     chunk(1, &buf)
 }
 
-/// Waits until `node`'s stream from its peer stops with an error containing `expected`, checks
+/// Waits until n2's stream from n1 stops with an error containing `expected`, checks
 /// the server still answers, then sets the bad transaction aside with `trompe.skip` and waits
 /// until it is kept in `trompe.exceptions` (the stream goes on after it).
 fn refused(cluster: &Cluster, expected: &str) {
-    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    let n2 = cluster.node(1);
     let mut last = None;
     let seen = wait_for(Duration::from_secs(30), || {
         last = n2.query_text("SELECT last_error FROM trompe.status WHERE name = 'n1'");
