@@ -36,39 +36,83 @@ pub enum Identity {
     CopyOf { original: String },
 }
 
-/// Whether this database is the node `trompe.node` names: the identity belongs to the database
-/// it was made in. A copy whose original is gone (`CREATE DATABASE x TEMPLATE y; DROP DATABASE
-/// y`) takes the identity over, recording its own oid. Runs SQL: call inside a transaction.
-pub fn identity() -> Result<Identity, String> {
+/// What `trompe.node` records of the database the identity belongs to.
+enum Recorded {
+    /// This database (or nothing recorded: the schema predates the check).
+    Here,
+    /// Another database of this server, named so.
+    Elsewhere(String),
+    /// A database that no longer exists: this one is a copy whose original is gone.
+    Gone,
+}
+
+/// Reads what `trompe.node` records (as the extension's owner; read-only).
+fn recorded() -> Result<Recorded, String> {
     // SAFETY: MyDatabaseId is a backend-local global.
     let me = u32::from(unsafe { pg_sys::MyDatabaseId }).to_string();
-    crate::run_as::as_extension_owner(|| {
-        // (Read through to_jsonb: the column is missing until the 0.5.0 update has run.)
-        let row = crate::sql::row(
+    // (Read through to_jsonb: the column is missing until the 0.5.0 update has run.)
+    let row = crate::run_as::as_extension_owner(|| {
+        crate::sql::row(
             "SELECT (to_jsonb(n) ->> 'database_oid'), d.datname
                FROM trompe.node n
                LEFT JOIN pg_catalog.pg_database d ON d.oid = (to_jsonb(n) ->> 'database_oid')::oid",
             &[],
-        )?;
-        let Some(row) = row else { return Ok(Identity::Own) };
-        match (row[0].as_deref(), row[1].clone()) {
-            (None, _) => Ok(Identity::Own),
-            (Some(oid), _) if oid == me => Ok(Identity::Own),
-            (Some(_), Some(original)) => Ok(Identity::CopyOf { original }),
-            (Some(_), None) => {
-                crate::sql::execute("UPDATE trompe.node SET database_oid = $1::oid", &[Some(&me)])?;
-                Ok(Identity::Own)
-            }
-        }
+        )
+    })?;
+    Ok(match row.as_ref().map(|r| (r[0].as_deref(), r[1].clone())) {
+        None | Some((None, _)) => Recorded::Here,
+        Some((Some(oid), _)) if oid == me => Recorded::Here,
+        Some((Some(_), Some(original))) => Recorded::Elsewhere(original),
+        Some((Some(_), None)) => Recorded::Gone,
     })
 }
 
-/// Refuses what would act as this node at its peers (registering, unregistering) in a copy of
-/// the node's database.
+/// Whether this database is the node `trompe.node` names: the identity belongs to the database
+/// it was made in. A copy whose original is gone (`CREATE DATABASE x TEMPLATE y; DROP DATABASE
+/// y`) takes the identity over, recording its own oid (two such copies would both be the node:
+/// see the README's Limits). Runs SQL: call inside a transaction that may write.
+pub fn identity() -> Result<Identity, String> {
+    match recorded()? {
+        Recorded::Here => Ok(Identity::Own),
+        Recorded::Elsewhere(original) => Ok(Identity::CopyOf { original }),
+        Recorded::Gone => {
+            // SAFETY: MyDatabaseId is a backend-local global.
+            let me = u32::from(unsafe { pg_sys::MyDatabaseId }).to_string();
+            crate::run_as::as_extension_owner(|| {
+                crate::sql::execute("UPDATE trompe.node SET database_oid = $1::oid", &[Some(&me)])
+            })?;
+            Ok(Identity::Own)
+        }
+    }
+}
+
+/// Refuses what would act as this node at its peers (registering, unregistering, joining
+/// through it) in a copy of the node's database.
 pub fn refuse_in_copy() -> Result<(), TrompeError> {
     match identity().map_err(TrompeError::Internal)? {
         Identity::Own => Ok(()),
         Identity::CopyOf { original } => Err(TrompeError::CopyOfNode(original)),
+    }
+}
+
+thread_local! {
+    /// Whether this session found its database to be the node (asked once per session).
+    static SERVES_AS_NODE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Refuses to serve a peer's pull from a copy of the node's database (peers pointed at it, say
+/// after the databases were renamed, would take its log and positions for the node's). Read-only;
+/// once the database is found to be the node, the session does not ask again.
+pub fn refuse_serving_in_copy() -> Result<(), TrompeError> {
+    if SERVES_AS_NODE.get() {
+        return Ok(());
+    }
+    match recorded().map_err(TrompeError::Internal)? {
+        Recorded::Elsewhere(original) => Err(TrompeError::CopyOfNode(original)),
+        Recorded::Here | Recorded::Gone => {
+            SERVES_AS_NODE.set(true);
+            Ok(())
+        }
     }
 }
 

@@ -87,7 +87,12 @@ impl DbSlot {
 
     /// Sets the worker state.
     pub fn set_state(&self, s: DbState) {
-        self.state.store(s as u32, Ordering::Release);
+        self.state.store(s as u32, Ordering::SeqCst);
+    }
+
+    /// Sets the worker state to `new` if it is still `expected`; returns whether it was.
+    pub fn replace_state(&self, expected: DbState, new: DbState) -> bool {
+        self.state.compare_exchange(expected as u32, new as u32, Ordering::SeqCst, Ordering::SeqCst).is_ok()
     }
 }
 

@@ -39,6 +39,8 @@ fn _wait_sync(timeout_s: f64) -> bool {
     if crate::shmem::shared().is_none() {
         TrompeError::NotPreloaded.raise();
     }
+    // A copy of the node's database pulls nothing: it would wait for nothing.
+    crate::node::refuse_in_copy().or_raise();
     let deadline = Instant::now() + Duration::from_secs_f64(timeout_s.clamp(0.0, 86_400.0 * 365.0));
     let peers: Vec<(String, String)> =
         as_extension_owner(|| sql::rows("SELECT node_id, conninfo FROM trompe.peers WHERE NOT paused", &[]))

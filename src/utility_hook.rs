@@ -55,17 +55,20 @@ unsafe extern "C-unwind" fn process_utility(
     // BEGIN, COMMIT, SAVEPOINT and the like are never DDL: no statement to remember.
     if !node.is_null() && (*node).type_ == pg_sys::NodeTag::T_TransactionStmt {
         // A prepared transaction commits here, not through the commit callback of the session
-        // that wrote it: announce it as that callback would (waking pulls, forgetting what is
-        // cached about tombstones). It may not have written any, which costs a wake-up.
+        // that wrote it: announce it as that callback and the tombstone writers do (waking
+        // pulls; what is cached about tombstones is rechecked). It may not have written any,
+        // which costs a wake-up and a recheck.
         // SAFETY: a node tagged T_TransactionStmt is a TransactionStmt.
         let commits_prepared = (*(node as *mut pg_sys::TransactionStmt)).kind
             == pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED
             && installed_here();
-        run_previous(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc);
-        if commits_prepared {
-            crate::shmem::announce_log_commit();
-            crate::shmem::bump_tombstone_generation();
+        if !commits_prepared {
+            return run_previous(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc);
         }
+        crate::shmem::announce_tombstone_writer();
+        let _ended = TombstoneWriterEnds;
+        run_previous(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc);
+        crate::shmem::announce_log_commit();
         return;
     }
     // Another database's worker steps out of DROP DATABASE's way whatever this one holds.
@@ -95,6 +98,15 @@ unsafe extern "C-unwind" fn process_utility(
     }
     if let Some(rename) = rename {
         rename.record();
+    }
+}
+
+/// Ends a tombstone writer's announcement when dropped, also when the statement fails.
+struct TombstoneWriterEnds;
+
+impl Drop for TombstoneWriterEnds {
+    fn drop(&mut self) {
+        crate::shmem::bump_tombstone_generation();
     }
 }
 

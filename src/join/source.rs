@@ -26,6 +26,7 @@ fn sync_register_claimed(consumer: pgrx::Uuid, consumer_name: &str, claim: &str)
 }
 
 fn register_with_peers(consumer: pgrx::Uuid, consumer_name: &str, claim: Option<&str>) -> i32 {
+    crate::node::refuse_in_copy().or_raise();
     let consumer = consumer.to_string();
     if crate::consumers::authorized(&consumer, crate::consumers::Act::Bind).or_raise().is_none() {
         TrompeError::NotAConsumer(consumer).raise();

@@ -186,6 +186,7 @@ pub fn commit_time(txid: u64) -> Option<i64> {
 /// back). Returns true if the registration was bound to the session's login now: the pull then
 /// does not wait for news, so as not to hold the row lock of that write.
 fn check_consumer(consumer: pgrx::Uuid, done: &Snapshot, cur: Option<&Snapshot>, confirmed: Option<&str>) -> bool {
+    crate::node::refuse_serving_in_copy().or_raise();
     let consumer_text = consumer.to_string();
     let Some(reg) = crate::consumers::authorized(&consumer_text, crate::consumers::Act::Bind).or_raise() else {
         TrompeError::NotAConsumer(consumer_text).raise();

@@ -63,10 +63,11 @@ pub unsafe fn before_utility(node: *mut pg_sys::Node) {
 /// # Safety
 /// `node` must be a valid parse node.
 unsafe fn may_need_it_alone(node: *mut pg_sys::Node, dboid: pg_sys::Oid) -> bool {
-    if crate::pg_compat::owns_database(dboid) {
-        return true;
+    let owns = crate::pg_compat::owns_database(dboid);
+    if (*node).type_ == pg_sys::NodeTag::T_CreatedbStmt {
+        return may_create_database() && (owns || is_template(dboid));
     }
-    (*node).type_ == pg_sys::NodeTag::T_CreatedbStmt && may_create_database() && is_template(dboid)
+    owns
 }
 
 /// Whether the current user has CREATEDB (or is superuser).

@@ -203,6 +203,9 @@ impl Engine {
         };
         if copy_of.is_some() {
             rows.iter_mut().for_each(|r| r.paused = true);
+            // Nor does it go on with a join the node was making when it was copied: that would
+            // register it at the peers as the node.
+            self.sync = None;
         }
         self.kept_origins = kept;
         let shared = shared();

@@ -175,10 +175,14 @@ pub extern "C-unwind" fn trompe_supervisor_main(_arg: pg_sys::Datum) {
                 continue;
             }
             let name = names[&dboid].clone();
+            // Marked running before the worker starts, unless a command took a hold meanwhile
+            // (worker::dbguard): a hold taken after this is seen by the worker as it starts.
+            if !slot.replace_state(state, DbState::Running) {
+                continue;
+            }
             match launch(pg_sys::Oid::from(dboid), &name) {
                 Some(h) => {
                     handles.insert(dboid, h);
-                    slot.set_state(DbState::Running);
                 }
                 None => {
                     pgrx::log!("trompe: cannot start a worker for database {name} (max_worker_processes?); retrying");

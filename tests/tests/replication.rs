@@ -642,6 +642,12 @@ fn a_copy_of_a_nodes_database_does_not_act_as_the_node() {
         assert_eq!(code, "55000", "{call}: {message}");
         assert!(message.contains("copy of database \"app\""), "{message}");
     }
+    // Nor does it serve n2's pulls as n1 (were n2 pointed at it).
+    let n2_id = n2.query_text("SELECT trompe.node_id()::text").unwrap();
+    let pull = format!("SELECT count(*) FROM trompe.pull('{n2_id}', '1:1:', NULL, 0, 10, 0, 0, NULL)");
+    let (code, message) = expect_error(&mut copy, &pull);
+    assert_eq!(code, "55000", "{message}");
+    assert!(message.contains("copy of database \"app\""), "{message}");
     // Changes the copy would have pulled and confirmed as n1 reach n1 all the same.
     n1.exec("SELECT trompe.pause_peer('n2')");
     n2.exec("INSERT INTO t VALUES (2)");

@@ -177,7 +177,7 @@ fn a_database_not_in_utf8_is_refused() {
     let n1 = cluster.node(0);
     for encoding in ["LATIN1", "SQL_ASCII"] {
         let db = encoding.to_lowercase();
-        n1.exec(&format!("CREATE DATABASE {db} TEMPLATE template0 ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C'"));
+        n1.exec(&format!("CREATE DATABASE {db} TEMPLATE template0 ENCODING '{encoding}' LOCALE_PROVIDER libc LC_COLLATE 'C' LC_CTYPE 'C'"));
         let mut c = n1.connect_to(&db);
         let (code, message) = expect_error(&mut c, "CREATE EXTENSION trompe");
         assert_eq!(code, "0A000", "{message}");
