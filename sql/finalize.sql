@@ -153,7 +153,11 @@ CREATE FUNCTION trompe.pull(consumer uuid, done text, cur text, after bigint, ma
                             wait_ms int, seen bigint, confirmed text)
 RETURNS TABLE (kind "char", step_cur text, complete boolean, commits bigint, pending bigint, oldest_us bigint,
                txn_last bigint, commit_us bigint, id bigint, changes bytea)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+-- The rows are looked up by txid through the log's index, never by a sequential scan: the plan
+-- is kept for the session, and one made just after a rotation emptied a child scanned that
+-- child whole for every transaction as it filled again.
+SET enable_seqscan = off AS $$
 #variable_conflict use_column
 DECLARE
     p record;

@@ -658,3 +658,8 @@ BEGIN
 END
 $$;
 REVOKE ALL ON FUNCTION trompe._origin_name(uuid) FROM PUBLIC;
+
+-- Peers' pulls look the log's rows up through its index, never by a sequential scan (a plan kept
+-- by the serving session after a rotation emptied a child scanned that child whole for every
+-- transaction as it filled again).
+ALTER FUNCTION trompe.pull(uuid, text, text, bigint, integer, integer, bigint, text) SET enable_seqscan = off;

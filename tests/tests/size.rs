@@ -722,3 +722,47 @@ fn applying_ddl_keeps_no_transaction_open_at_the_peer() {
     assert_eq!(n1.query_i64("SELECT count(*) FROM items"), 601);
     cluster.assert_same(&checksum("items"));
 }
+
+/// Serving a pull looks each transaction's rows up through the log's index, whatever the log
+/// looked like when the serving session planned it: a plan kept from when the current log child
+/// was (nearly) empty, as after a rotation, scanned the whole child for every transaction pulled
+/// while it filled up again, and the origin's serving backends took most of its CPU.
+#[test]
+fn pulls_look_the_log_up_by_index_after_the_log_was_emptied() {
+    // Generic plans from the start (as some DBAs set for prepared statements), so that the plan
+    // is made from the statistics below whatever plancache's heuristics would pick.
+    let cluster =
+        Cluster::builder("pull-index-lookup").nodes(2).setting("plan_cache_mode", "force_generic_plan").start();
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    items_on(&cluster);
+    cluster.mesh();
+    cluster.wait_sync(Duration::from_secs(60));
+    // Statistics of a nearly empty log, as autovacuum leaves them after a rotation.
+    n1.exec("VACUUM ANALYZE trompe.log_0, trompe.log_1, trompe.log_2");
+    let current = n1.query_text("SELECT 'trompe.log_' || slot FROM trompe.log_rotation WHERE is_current").unwrap();
+    let scans = format!(
+        "SELECT coalesce(seq_scan, 0) || ' ' || coalesce(idx_scan, 0) FROM pg_stat_all_tables WHERE relid = '{current}'::regclass"
+    );
+    // (Each query is a new session: fresh statistics.)
+    let counts = |n: &trompe_tests::Node| -> (i64, i64) {
+        let text = n.query_text(&scans).unwrap();
+        let (seq, idx) = text.split_once(' ').unwrap();
+        (seq.parse().unwrap(), idx.parse().unwrap())
+    };
+    let (seq_before, idx_before) = counts(n1);
+    let transactions = 300;
+    n1.exec(&format!(
+        "DO $$ BEGIN FOR i IN 1..{transactions} LOOP INSERT INTO items VALUES (i, 'x'); COMMIT; END LOOP; END $$"
+    ));
+    cluster.wait_sync(Duration::from_secs(60));
+    assert_eq!(n2.query_i64("SELECT count(*) FROM items"), transactions);
+    // The serving backend reports its scans when it goes idle.
+    let looked_up = wait_for(Duration::from_secs(20), || counts(n1).1 - idx_before >= transactions);
+    let (seq_after, idx_after) = counts(n1);
+    assert!(looked_up, "{} index scans of {current} for {transactions} transactions", idx_after - idx_before);
+    assert!(
+        seq_after - seq_before < transactions / 10,
+        "{} sequential scans of {current} for {transactions} transactions pulled",
+        seq_after - seq_before
+    );
+}

@@ -1,7 +1,7 @@
 //! bench/soak: sustained load on a three-node mesh. Every node runs pgbench-style transactions
 //! (update one of its own accounts, insert a history row) while it applies the other two
 //! nodes' changes. First a short unthrottled probe measures how fast the nodes can go; short
-//! trials then find the highest share of that rate (75%, 60%, 45%, ...) at which lag stays
+//! trials then find the highest share of that rate (90%, 75%, 60%, ...) at which lag stays
 //! bounded (or `SOAK_LOAD` sets it), and the soak runs every node at it for `SOAK_SECONDS`
 //! (default 180) and samples each node's replication lag twice a second (the age, on that node,
 //! of the newest heartbeat each other node committed; heartbeats are stamped ten times a
@@ -248,7 +248,7 @@ fn main() {
         None => {
             let trial = env_secs("SOAK_TRIAL_SECONDS", 30);
             let mut chosen = 0.1;
-            for candidate in [0.75, 0.6, 0.45, 0.3, 0.2, 0.15, 0.1] {
+            for candidate in [0.9, 0.75, 0.6, 0.45, 0.3, 0.2, 0.15, 0.1] {
                 let rates: Vec<f64> = probe_tps.iter().map(|t| (t * candidate).max(1.0)).collect();
                 let (_, lag) = run(&cluster, false, &scripts, trial, Some(&rates));
                 let held = lag.iter().all(|s| bounded(s, trial));
