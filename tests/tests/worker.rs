@@ -230,3 +230,24 @@ fn a_misspelt_setting_is_refused() {
     assert!(message.contains("trompe.max_clock_skw"), "{message}");
     client.batch_execute("SET trompe.max_clock_skew = '5s'").expect("a real setting");
 }
+
+/// The worker reports what it writes to the cumulative statistics while it runs: autovacuum and
+/// autoanalyze see a table only through them, and a table that only peers write was never
+/// vacuumed or analyzed (its dead rows piling up) while the worker lived.
+#[test]
+fn the_worker_reports_what_it_applies_to_the_statistics() {
+    let cluster = Cluster::start("worker-statistics", 2);
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all("CREATE TABLE t (id int PRIMARY KEY, v int); SELECT trompe.add_table('t')");
+    cluster.mesh();
+    n1.exec("INSERT INTO t SELECT g, 0 FROM generate_series(1, 100) g");
+    n1.exec("UPDATE t SET v = 1 WHERE id <= 40");
+    n1.exec("DELETE FROM t WHERE id > 90");
+    cluster.wait_sync(Duration::from_secs(60));
+    let counts =
+        "SELECT n_tup_ins || ' ' || n_tup_upd || ' ' || n_tup_del FROM pg_stat_user_tables WHERE relname = 't'";
+    let reported = wait_for(Duration::from_secs(20), || n2.query_text(counts).as_deref() == Some("100 40 10"));
+    // The worker is still the one that applied them: nothing was flushed by its exit.
+    assert!(reported, "n2's statistics of t: {:?}", n2.query_text(counts));
+    wait_workers(n2, 1);
+}
