@@ -766,3 +766,51 @@ fn pulls_look_the_log_up_by_index_after_the_log_was_emptied() {
         seq_after - seq_before
     );
 }
+
+/// Changes applied by statement (tables the executor path leaves alone: row-level security,
+/// triggers that fire on apply) look the row up by key through the index, whatever the table
+/// looked like when the worker planned the statement: a plan kept from when the table was empty
+/// scanned the whole table for every change as it grew.
+#[test]
+fn applied_updates_look_rows_up_by_key_in_a_table_that_grew_from_empty() {
+    let cluster = Cluster::start("apply-index-lookup", 2);
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    // Row-level security keeps the table on the statement path; no autovacuum that would make
+    // the worker plan again meanwhile.
+    cluster.exec_all(
+        "CREATE TABLE grows (id int PRIMARY KEY, v int) WITH (autovacuum_enabled = false);
+         ALTER TABLE grows ENABLE ROW LEVEL SECURITY;
+         SELECT trompe.add_table('grows')",
+    );
+    cluster.mesh();
+    // Statistics of an empty table, as after a VACUUM of it.
+    n2.exec("VACUUM ANALYZE grows");
+    let scans =
+        "SELECT coalesce(seq_scan, 0) || ' ' || coalesce(idx_scan, 0) FROM pg_stat_user_tables WHERE relname = 'grows'";
+    let counts = || -> (i64, i64) {
+        let text = n2.query_text(scans).unwrap();
+        let (seq, idx) = text.split_once(' ').unwrap();
+        (seq.parse().unwrap(), idx.parse().unwrap())
+    };
+    let (seq_before, idx_before) = counts();
+    // Each transaction adds ten rows and updates one of the first ones.
+    let transactions = 300;
+    n1.exec(&format!(
+        "DO $$ BEGIN FOR i IN 0..{} LOOP
+             INSERT INTO grows SELECT g, 0 FROM generate_series(i * 10 + 1, i * 10 + 10) g;
+             UPDATE grows SET v = v + 1 WHERE id = i % 10 + 1;
+             COMMIT;
+         END LOOP; END $$",
+        transactions - 1
+    ));
+    cluster.wait_sync(Duration::from_secs(120));
+    assert_eq!(n2.query_i64("SELECT sum(v) FROM grows"), transactions);
+    let looked_up = wait_for(Duration::from_secs(20), || counts().1 - idx_before >= transactions);
+    let (seq_after, idx_after) = counts();
+    assert!(looked_up, "{} index scans of grows for {transactions} updates", idx_after - idx_before);
+    assert!(
+        seq_after - seq_before < transactions / 10,
+        "{} sequential scans of grows for {transactions} updates applied",
+        seq_after - seq_before
+    );
+}

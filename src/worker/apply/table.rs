@@ -519,6 +519,23 @@ pub fn run_plan(
 ) -> Result<(u64, Vec<Option<String>>), ApplyError> {
     let flags: Vec<std::ffi::c_char> =
         nulls.iter().map(|n| if *n { b'n' } else { b' ' } as std::ffi::c_char).chain([0]).collect();
+    // Kept plans look rows up by key: planned while the table was empty or tiny, as a
+    // sequential scan, the plan would stay one while the table grows (a scan of the whole table
+    // for every change). The setting holds while the statement runs (triggers it fires included)
+    // and is planned; an error's abort ends it too.
+    let settings = crate::ddl_settings::set_for_statement(&[("enable_seqscan", "off")]);
+    let result = execute_plan(plan, values, &flags);
+    settings.end();
+    result
+}
+
+/// Runs a kept plan with `values` and null `flags` (SPI's form); returns the rows processed and
+/// the first column of each row.
+fn execute_plan(
+    plan: pg_sys::SPIPlanPtr,
+    values: &mut [pg_sys::Datum],
+    flags: &[std::ffi::c_char],
+) -> Result<(u64, Vec<Option<String>>), ApplyError> {
     // SAFETY: values and nulls match the plan's parameter count; SPI is connected; returned
     // values are copied into Rust strings before the next SPI call.
     unsafe {
