@@ -309,6 +309,8 @@ impl Committer {
         if due {
             self.progress_written = Instant::now();
         }
+        // A copy of hours runs without the worker's waits: autovacuum hears of it as it goes.
+        crate::worker::txn::report_statistics();
         self.rows_copied += rows;
         Ok(())
     }

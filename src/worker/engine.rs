@@ -407,7 +407,7 @@ impl Engine {
 
 /// Waits for the latch, any peer socket's readiness, postmaster death, or the timeout.
 fn wait(waits: &[WaitSpec], timeout_ms: i64) {
-    report_statistics();
+    crate::worker::txn::report_statistics();
     // SAFETY: the wait event set is created in the current memory context and freed here; the
     // sockets belong to live connections.
     unsafe {
@@ -444,20 +444,6 @@ fn wait(waits: &[WaitSpec], timeout_ms: i64) {
         );
         pg_sys::FreeWaitEventSet(set);
         pg_sys::ResetLatch(pg_sys::MyLatch);
-    }
-}
-
-/// Sends the table statistics of what the worker wrote (rows inserted, updated, deleted; scans)
-/// to the cumulative statistics, as PostgreSQL's apply worker does: autovacuum and autoanalyze
-/// see a table only through them, and a table only peers write would never be vacuumed or
-/// analyzed. PostgreSQL flushes at most once a second; what it holds back goes with a later call.
-fn report_statistics() {
-    // SAFETY: flushes this backend's pending statistics; only between transactions (a large
-    // transaction applied chunk by chunk stays open across waits).
-    unsafe {
-        if !pg_sys::IsTransactionOrTransactionBlock() {
-            pg_sys::pgstat_report_stat(false);
-        }
     }
 }
 

@@ -72,3 +72,17 @@ pub fn in_transaction_coded<R>(f: impl FnOnce() -> Result<R, TxnError>) -> Resul
 pub fn in_transaction<R>(f: impl FnOnce() -> Result<R, String>) -> Result<R, String> {
     in_transaction_coded(|| f().map_err(TxnError::from)).map_err(|e| e.message)
 }
+
+/// Sends the table statistics of what the worker wrote (rows inserted, updated, deleted; scans)
+/// to the cumulative statistics, as PostgreSQL's apply worker does: autovacuum and autoanalyze
+/// see a table only through them, and a table only peers write would never be vacuumed or
+/// analyzed. PostgreSQL flushes at most once a second and keeps what it holds back for a later
+/// call. Does nothing inside a transaction (PostgreSQL requires one to have ended).
+pub fn report_statistics() {
+    // SAFETY: flushes this backend's pending statistics, between transactions only.
+    unsafe {
+        if !pg_sys::IsTransactionOrTransactionBlock() {
+            pg_sys::pgstat_report_stat(false);
+        }
+    }
+}
