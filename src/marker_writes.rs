@@ -1,7 +1,8 @@
 //! Transactions that write tombstones or truncation markers announce it before they commit and
 //! bump the tombstone generation when they end (committed or not), so that sessions which cached
 //! which tables have tombstones look again (see `capture::local_writes`). Capture's transactions are
-//! tracked here for the capture callbacks (`capture::xact`), apply's for the worker.
+//! tracked here for the capture callbacks (`capture::xact`), apply's for the worker, and `COMMIT
+//! PREPARED` for the utility hook.
 
 use std::cell::Cell;
 
@@ -40,6 +41,23 @@ pub fn note_tombstones_written() {
 /// tombstone writes.
 pub fn after_apply_transaction() {
     if APPLY_WROTE.replace(false) {
+        crate::shmem::bump_tombstone_generation();
+    }
+}
+
+/// A `COMMIT PREPARED` running: it may commit markers that the prepared transaction wrote (its
+/// session balanced its own announcement when it prepared). Announced as a writer until the
+/// returned guard is dropped, which balances it, also when the statement fails.
+pub fn prepared_commit_starts() -> PreparedCommit {
+    crate::shmem::announce_tombstone_writer();
+    PreparedCommit
+}
+
+/// See [`prepared_commit_starts`].
+pub struct PreparedCommit;
+
+impl Drop for PreparedCommit {
+    fn drop(&mut self) {
         crate::shmem::bump_tombstone_generation();
     }
 }

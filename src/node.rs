@@ -46,10 +46,15 @@ enum Recorded {
     Gone,
 }
 
+/// This database's oid, as text.
+fn this_database() -> String {
+    // SAFETY: MyDatabaseId is a backend-local global.
+    u32::from(unsafe { pg_sys::MyDatabaseId }).to_string()
+}
+
 /// Reads what `trompe.node` records (as the extension's owner; read-only).
 fn recorded() -> Result<Recorded, String> {
-    // SAFETY: MyDatabaseId is a backend-local global.
-    let me = u32::from(unsafe { pg_sys::MyDatabaseId }).to_string();
+    let me = this_database();
     // (Read through to_jsonb: the column is missing until the 0.5.0 update has run.)
     let row = crate::run_as::as_extension_owner(|| {
         crate::sql::row(
@@ -76,8 +81,7 @@ pub fn identity() -> Result<Identity, String> {
         Recorded::Here => Ok(Identity::Own),
         Recorded::Elsewhere(original) => Ok(Identity::CopyOf { original }),
         Recorded::Gone => {
-            // SAFETY: MyDatabaseId is a backend-local global.
-            let me = u32::from(unsafe { pg_sys::MyDatabaseId }).to_string();
+            let me = this_database();
             crate::run_as::as_extension_owner(|| {
                 crate::sql::execute("UPDATE trompe.node SET database_oid = $1::oid", &[Some(&me)])
             })?;

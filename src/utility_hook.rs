@@ -65,8 +65,7 @@ unsafe extern "C-unwind" fn process_utility(
         if !commits_prepared {
             return run_previous(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc);
         }
-        crate::shmem::announce_tombstone_writer();
-        let _ended = TombstoneWriterEnds;
+        let _markers = crate::marker_writes::prepared_commit_starts();
         run_previous(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc);
         crate::shmem::announce_log_commit();
         return;
@@ -98,15 +97,6 @@ unsafe extern "C-unwind" fn process_utility(
     }
     if let Some(rename) = rename {
         rename.record();
-    }
-}
-
-/// Ends a tombstone writer's announcement when dropped, also when the statement fails.
-struct TombstoneWriterEnds;
-
-impl Drop for TombstoneWriterEnds {
-    fn drop(&mut self) {
-        crate::shmem::bump_tombstone_generation();
     }
 }
 
