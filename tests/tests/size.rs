@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use trompe_tests::{checksum, wait_for, Cluster};
+use trompe_tests::{checksum, wait_for, Cluster, Node};
 
 /// Rows of about 2 KB of text that does not compress (md5 digests), ids `1..=rows`, in one
 /// transaction.
@@ -740,16 +740,7 @@ fn pulls_look_the_log_up_by_index_after_the_log_was_emptied() {
     // Statistics of a nearly empty log, as autovacuum leaves them after a rotation.
     n1.exec("VACUUM ANALYZE trompe.log_0, trompe.log_1, trompe.log_2");
     let current = n1.query_text("SELECT 'trompe.log_' || slot FROM trompe.log_rotation WHERE is_current").unwrap();
-    let scans = format!(
-        "SELECT coalesce(seq_scan, 0) || ' ' || coalesce(idx_scan, 0) FROM pg_stat_all_tables WHERE relid = '{current}'::regclass"
-    );
-    // (Each query is a new session: fresh statistics.)
-    let counts = |n: &trompe_tests::Node| -> (i64, i64) {
-        let text = n.query_text(&scans).unwrap();
-        let (seq, idx) = text.split_once(' ').unwrap();
-        (seq.parse().unwrap(), idx.parse().unwrap())
-    };
-    let (seq_before, idx_before) = counts(n1);
+    let before = scans_of(n1, &current);
     let transactions = 300;
     n1.exec(&format!(
         "DO $$ BEGIN FOR i IN 1..{transactions} LOOP INSERT INTO items VALUES (i, 'x'); COMMIT; END LOOP; END $$"
@@ -757,14 +748,7 @@ fn pulls_look_the_log_up_by_index_after_the_log_was_emptied() {
     cluster.wait_sync(Duration::from_secs(60));
     assert_eq!(n2.query_i64("SELECT count(*) FROM items"), transactions);
     // The serving backend reports its scans when it goes idle.
-    let looked_up = wait_for(Duration::from_secs(20), || counts(n1).1 - idx_before >= transactions);
-    let (seq_after, idx_after) = counts(n1);
-    assert!(looked_up, "{} index scans of {current} for {transactions} transactions", idx_after - idx_before);
-    assert!(
-        seq_after - seq_before < transactions / 10,
-        "{} sequential scans of {current} for {transactions} transactions pulled",
-        seq_after - seq_before
-    );
+    assert_looked_up_by_index(n1, &current, before, transactions, "transactions pulled");
 }
 
 /// Changes applied by statement (tables the executor path leaves alone: row-level security,
@@ -785,14 +769,7 @@ fn applied_updates_look_rows_up_by_key_in_a_table_that_grew_from_empty() {
     cluster.mesh();
     // Statistics of an empty table, as after a VACUUM of it.
     n2.exec("VACUUM ANALYZE grows");
-    let scans =
-        "SELECT coalesce(seq_scan, 0) || ' ' || coalesce(idx_scan, 0) FROM pg_stat_user_tables WHERE relname = 'grows'";
-    let counts = || -> (i64, i64) {
-        let text = n2.query_text(scans).unwrap();
-        let (seq, idx) = text.split_once(' ').unwrap();
-        (seq.parse().unwrap(), idx.parse().unwrap())
-    };
-    let (seq_before, idx_before) = counts();
+    let before = scans_of(n2, "grows");
     // Each transaction adds ten rows and updates one of the first ones.
     let transactions = 300;
     n1.exec(&format!(
@@ -805,12 +782,24 @@ fn applied_updates_look_rows_up_by_key_in_a_table_that_grew_from_empty() {
     ));
     cluster.wait_sync(Duration::from_secs(120));
     assert_eq!(n2.query_i64("SELECT sum(v) FROM grows"), transactions);
-    let looked_up = wait_for(Duration::from_secs(20), || counts().1 - idx_before >= transactions);
-    let (seq_after, idx_after) = counts();
-    assert!(looked_up, "{} index scans of grows for {transactions} updates", idx_after - idx_before);
-    assert!(
-        seq_after - seq_before < transactions / 10,
-        "{} sequential scans of grows for {transactions} updates applied",
-        seq_after - seq_before
-    );
+    assert_looked_up_by_index(n2, "grows", before, transactions, "updates applied");
+}
+
+/// The sequential and index scans of `relation` on `node` so far (each query is a new session:
+/// fresh statistics).
+fn scans_of(node: &Node, relation: &str) -> (i64, i64) {
+    let row = node.query_row(&format!(
+        "SELECT coalesce(seq_scan, 0), coalesce(idx_scan, 0) FROM pg_stat_all_tables WHERE relid = '{relation}'::regclass"
+    ));
+    let count = |i: usize| row.get(i).cloned().flatten().and_then(|v| v.parse().ok()).unwrap_or(0);
+    (count(0), count(1))
+}
+
+/// Waits until `node` has reported at least `lookups` index scans of `relation` since `before`
+/// (its scans then), and asserts that fewer than a tenth as many were sequential scans.
+fn assert_looked_up_by_index(node: &Node, relation: &str, before: (i64, i64), lookups: i64, what: &str) {
+    let looked_up = wait_for(Duration::from_secs(20), || scans_of(node, relation).1 - before.1 >= lookups);
+    let (seq, idx) = scans_of(node, relation);
+    assert!(looked_up, "{} index scans of {relation} for {lookups} {what}", idx - before.1);
+    assert!(seq - before.0 < lookups / 10, "{} sequential scans of {relation} for {lookups} {what}", seq - before.0);
 }
