@@ -154,10 +154,11 @@ CREATE FUNCTION trompe.pull(consumer uuid, done text, cur text, after bigint, ma
 RETURNS TABLE (kind "char", step_cur text, complete boolean, commits bigint, pending bigint, oldest_us bigint,
                txn_last bigint, commit_us bigint, id bigint, changes bytea)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
--- The rows are looked up by txid through the log's index, never by a sequential scan: the plan
--- is kept for the session, and one made just after a rotation emptied a child scanned that
--- child whole for every transaction as it filled again.
-SET enable_seqscan = off AS $$
+-- The rows are looked up by txid through each child's index, by plain index scans: the plan is
+-- kept for the session, and one made just after a rotation emptied a child scanned that child
+-- whole for every transaction as it filled again; a bitmap scan (or a scan of the empty parent)
+-- asks the kernel for the table's size at every transaction.
+SET enable_seqscan = off SET enable_bitmapscan = off AS $$
 #variable_conflict use_column
 DECLARE
     p record;
@@ -169,8 +170,12 @@ BEGIN
         SELECT 'C'::"char", NULL::text, NULL::boolean, NULL::bigint, NULL::bigint, NULL::bigint,
                t.last_id, t.commit_us, l.id, l.changes
           FROM unnest(p.txids::xid8[], p.last_ids, p.commit_us) WITH ORDINALITY AS t(txid, last_id, commit_us, ord)
-         -- OFFSET 0 keeps this an index lookup per transaction, whatever plan is cached.
-         CROSS JOIN LATERAL (SELECT * FROM trompe.log x WHERE x.txid = t.txid OFFSET 0) l
+         -- The three children by name (rows are only ever written there, never into trompe.log
+         -- itself); OFFSET 0 keeps this an index lookup per transaction, whatever plan is cached.
+         CROSS JOIN LATERAL (SELECT x.id, x.changes FROM trompe.log_0 x WHERE x.txid = t.txid
+                             UNION ALL SELECT x.id, x.changes FROM trompe.log_1 x WHERE x.txid = t.txid
+                             UNION ALL SELECT x.id, x.changes FROM trompe.log_2 x WHERE x.txid = t.txid
+                             OFFSET 0) l
          ORDER BY t.ord, l.id;
 END
 $$;

@@ -659,7 +659,37 @@ END
 $$;
 REVOKE ALL ON FUNCTION trompe._origin_name(uuid) FROM PUBLIC;
 
--- Peers' pulls look the log's rows up through its index, never by a sequential scan (a plan kept
--- by the serving session after a rotation emptied a child scanned that child whole for every
--- transaction as it filled again).
-ALTER FUNCTION trompe.pull(uuid, text, text, bigint, integer, integer, bigint, text) SET enable_seqscan = off;
+-- Peers' pulls look the log's rows up through each child's index by plain index scans, never by a
+-- sequential scan (a plan kept by the serving session after a rotation emptied a child scanned that
+-- child whole for every transaction as it filled again) nor by a bitmap scan or a scan of the
+-- empty parent (each asked the kernel for the table's size at every transaction).
+CREATE OR REPLACE FUNCTION trompe.pull(consumer uuid, done text, cur text, after bigint, max_rows int,
+                            wait_ms int, seen bigint, confirmed text)
+RETURNS TABLE (kind "char", step_cur text, complete boolean, commits bigint, pending bigint, oldest_us bigint,
+               txn_last bigint, commit_us bigint, id bigint, changes bytea)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+-- The rows are looked up by txid through each child's index, by plain index scans: the plan is
+-- kept for the session, and one made just after a rotation emptied a child scanned that child
+-- whole for every transaction as it filled again; a bitmap scan (or a scan of the empty parent)
+-- asks the kernel for the table's size at every transaction.
+SET enable_seqscan = off SET enable_bitmapscan = off AS $$
+#variable_conflict use_column
+DECLARE
+    p record;
+BEGIN
+    SELECT * INTO p FROM trompe._pull_plan(consumer, done, cur, after, max_rows, wait_ms, seen, confirmed);
+    RETURN QUERY SELECT 'H'::"char", p.cur, p.complete, p.commits, p.pending, p.oldest_commit_us,
+                        NULL::bigint, NULL::bigint, NULL::bigint, NULL::bytea;
+    RETURN QUERY
+        SELECT 'C'::"char", NULL::text, NULL::boolean, NULL::bigint, NULL::bigint, NULL::bigint,
+               t.last_id, t.commit_us, l.id, l.changes
+          FROM unnest(p.txids::xid8[], p.last_ids, p.commit_us) WITH ORDINALITY AS t(txid, last_id, commit_us, ord)
+         -- The three children by name (rows are only ever written there, never into trompe.log
+         -- itself); OFFSET 0 keeps this an index lookup per transaction, whatever plan is cached.
+         CROSS JOIN LATERAL (SELECT x.id, x.changes FROM trompe.log_0 x WHERE x.txid = t.txid
+                             UNION ALL SELECT x.id, x.changes FROM trompe.log_1 x WHERE x.txid = t.txid
+                             UNION ALL SELECT x.id, x.changes FROM trompe.log_2 x WHERE x.txid = t.txid
+                             OFFSET 0) l
+         ORDER BY t.ord, l.id;
+END
+$$;

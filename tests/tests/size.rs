@@ -741,6 +741,7 @@ fn pulls_look_the_log_up_by_index_after_the_log_was_emptied() {
     n1.exec("VACUUM ANALYZE trompe.log_0, trompe.log_1, trompe.log_2");
     let current = n1.query_text("SELECT 'trompe.log_' || slot FROM trompe.log_rotation WHERE is_current").unwrap();
     let before = scans_of(n1, &current);
+    let parent_before = scans_of(n1, "trompe.log");
     let transactions = 300;
     n1.exec(&format!(
         "DO $$ BEGIN FOR i IN 1..{transactions} LOOP INSERT INTO items VALUES (i, 'x'); COMMIT; END LOOP; END $$"
@@ -749,6 +750,14 @@ fn pulls_look_the_log_up_by_index_after_the_log_was_emptied() {
     assert_eq!(n2.query_i64("SELECT count(*) FROM items"), transactions);
     // The serving backend reports its scans when it goes idle.
     assert_looked_up_by_index(n1, &current, before, transactions, "transactions pulled");
+    // Nor is the (always empty) parent scanned again for each transaction: every scan of it asks
+    // the kernel for its size.
+    let parent = scans_of(n1, "trompe.log");
+    let parent_scans = parent.0 + parent.1 - parent_before.0 - parent_before.1;
+    assert!(
+        parent_scans < transactions / 10,
+        "{parent_scans} scans of trompe.log for {transactions} transactions pulled"
+    );
 }
 
 /// Changes applied by statement (tables the executor path leaves alone: row-level security,
