@@ -7,6 +7,7 @@
 //! The file is made under the data directory's `base/pgsql_tmp` and unlinked at once: it
 //! disappears with its descriptor, also when the worker is killed.
 
+use std::borrow::Cow;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -61,17 +62,18 @@ impl Spool {
         Ok(())
     }
 
-    /// The `len` bytes kept at `offset`.
-    fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+    /// The `len` bytes kept at `offset` (borrowed while they are in memory).
+    fn read(&self, offset: u64, len: usize) -> Result<Cow<'_, [u8]>, String> {
         match &self.file {
             Some(file) => {
                 let mut buf = vec![0u8; len];
                 file.get_ref().read_exact_at(&mut buf, offset).map_err(spool_error)?;
-                Ok(buf)
+                Ok(Cow::Owned(buf))
             }
             None => {
                 let start = usize::try_from(offset).map_err(|_| "spool offset out of range".to_string())?;
-                self.memory.get(start..start + len).map(<[u8]>::to_vec).ok_or_else(|| "spool read out of range".into())
+                let end = start.checked_add(len).ok_or("spool read out of range")?;
+                self.memory.get(start..end).map(Cow::Borrowed).ok_or_else(|| "spool read out of range".into())
             }
         }
     }
@@ -152,7 +154,7 @@ impl SpooledTxn {
     /// Its log rows as they arrived, undecoded (what is kept of a transaction whose rows do
     /// not decode).
     pub fn raw_rows<'a>(&'a self, spool: &'a Spool) -> impl Iterator<Item = Result<Vec<u8>, String>> + 'a {
-        self.chunks.iter().map(move |c| spool.read(c.offset, c.len))
+        self.chunks.iter().map(move |c| spool.read(c.offset, c.len).map(Cow::into_owned))
     }
 
     /// Its changes in order, in segments of bounded size; a run of truncations of tables

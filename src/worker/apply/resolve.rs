@@ -67,7 +67,18 @@ pub fn resolve<'t>(cache: &mut ApplyCache, txn: &'t [Change]) -> Result<Cow<'t, 
 }
 
 fn verdict(cache: &mut ApplyCache, change: &Change) -> Result<Verdict, ApplyError> {
-    let (nsp, rel, renamed) = if cache.exists(&change.nsp, &change.rel)? {
+    // A change other than a truncation looks the table up (and locks it) as its write will: a
+    // name the cache knows costs no catalog lookup. A truncation takes its stronger lock later.
+    let exists = if change.op == Op::Truncate {
+        cache.exists(&change.nsp, &change.rel)?
+    } else {
+        match cache.table(&change.nsp, &change.rel) {
+            Ok(_) => true,
+            Err(ApplyError::NoSuchTable(_)) => false,
+            Err(e) => return Err(e),
+        }
+    };
+    let (nsp, rel, renamed) = if exists {
         (change.nsp.clone(), change.rel.clone(), false)
     } else {
         match table_fate(&change.nsp, &change.rel).map_err(ApplyError::Postgres)? {

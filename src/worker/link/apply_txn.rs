@@ -141,7 +141,7 @@ fn outside_transaction(
     spool: &Spool,
     txn: &SpooledTxn,
 ) -> Result<Option<(crate::worker::toplevel::Kind, Change)>, TxnError> {
-    if txn.changes != 1 {
+    if txn.changes != 1 || !txn.ddl_or_truncate {
         return Ok(None);
     }
     let Some(change) = txn.changes(spool).next().transpose()? else { return Ok(None) };

@@ -486,14 +486,18 @@ fn delete_key(
 /// keys (one statement cannot touch a row twice).
 pub fn insert_run_end(cache: &mut ApplyCache, txn: &[Change], start: usize) -> Result<usize, ApplyError> {
     let first = &txn[start];
+    let same = |c: &Change| c.op == Op::Insert && c.nsp == first.nsp && c.rel == first.rel && c.cols == first.cols;
+    // A run of one (every small transaction's) has no keys to compare.
+    if !txn.get(start + 1).is_some_and(same) {
+        return Ok(start + 1);
+    }
     let table = cache.table(&first.nsp, &first.rel)?;
     let mut keys = std::collections::HashSet::new();
     keys.insert(key_values(&table, first, false).into_iter().map(|k| k.map(str::to_string)).collect::<Vec<_>>());
     let mut end = start + 1;
     while end < txn.len() {
         let c = &txn[end];
-        let same = c.op == Op::Insert && c.nsp == first.nsp && c.rel == first.rel && c.cols == first.cols;
-        if !same || !keys.insert(key_values(&table, c, false).into_iter().map(|k| k.map(str::to_string)).collect()) {
+        if !same(c) || !keys.insert(key_values(&table, c, false).into_iter().map(|k| k.map(str::to_string)).collect()) {
             break;
         }
         end += 1;
