@@ -467,8 +467,11 @@ impl ApplyCache {
         // Lock the table first (the change is about to take this lock anyway): a local
         // TRUNCATE then either comes after this transaction, or has committed and announced
         // its marker (its commit callback runs before it releases its lock).
-        // SAFETY: takes a lock held until the end of the apply transaction.
-        unsafe { pg_sys::LockRelationOid(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) };
+        // (Unless this transaction holds it already: `table` took it.)
+        if !self.locked.contains(&relid) {
+            // SAFETY: takes a lock held until the end of the apply transaction.
+            unsafe { pg_sys::LockRelationOid(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) };
+        }
         let generation = crate::shmem::tombstone_generation();
         if let Some((g, guards)) = self.guards.get(&relid) {
             if *g == generation {

@@ -328,11 +328,11 @@ pub fn update(cache: &mut ApplyCache, v: TxnVersion, change: &Change, careful: b
             update_statement(cache, &table, change, &ctx, &old_keys)?
         }
     };
-    if ctx.row.is_none() {
-        ctx.row = row_json(change);
-    }
     if met != Met::Missing {
         return Ok(());
+    }
+    if ctx.row.is_none() {
+        ctx.row = row_json(change);
     }
     // The row is missing here: deleted by a newer change, or never seen (then the update,
     // which carries the whole row, creates it).
