@@ -80,6 +80,13 @@ CREATE TABLE trompe.log_2 () INHERITS (trompe.log);
 CREATE INDEX log_0_txid ON trompe.log_0 (txid, id);
 CREATE INDEX log_1_txid ON trompe.log_1 (txid, id);
 CREATE INDEX log_2_txid ON trompe.log_2 (txid, id);
+-- A queue: appended to and truncated, never updated or deleted from. Vacuums triggered by the
+-- number of rows inserted alone would read a whole child (gigabytes after a long outage) while
+-- the peers catch up, for nothing the log needs; dead rows of aborted transactions still get
+-- them, and so does freezing before wraparound.
+ALTER TABLE trompe.log_0 SET (autovacuum_vacuum_insert_threshold = -1);
+ALTER TABLE trompe.log_1 SET (autovacuum_vacuum_insert_threshold = -1);
+ALTER TABLE trompe.log_2 SET (autovacuum_vacuum_insert_threshold = -1);
 
 CREATE TABLE trompe.log_rotation (
     slot int PRIMARY KEY CHECK (slot BETWEEN 0 AND 2),

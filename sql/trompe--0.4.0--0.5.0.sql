@@ -693,3 +693,9 @@ BEGIN
          ORDER BY t.ord, l.id;
 END
 $$;
+
+-- The log's children are a queue (appended to and truncated): no vacuums triggered by inserts
+-- alone, which read a whole child while the peers catch up after an outage.
+ALTER TABLE trompe.log_0 SET (autovacuum_vacuum_insert_threshold = -1);
+ALTER TABLE trompe.log_1 SET (autovacuum_vacuum_insert_threshold = -1);
+ALTER TABLE trompe.log_2 SET (autovacuum_vacuum_insert_threshold = -1);

@@ -34,7 +34,7 @@ const SCHEMA_FINGERPRINT: &str = "
           FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
          WHERE p.pronamespace = 'trompe'::regnamespace
         UNION ALL
-        SELECT format('relation %s kind=%s acl=%s', c.relname, c.relkind, c.relacl)
+        SELECT format('relation %s kind=%s acl=%s options=%s', c.relname, c.relkind, c.relacl, c.reloptions)
           FROM pg_class c WHERE c.relnamespace = 'trompe'::regnamespace
         UNION ALL
         SELECT format('column %s.%s %s notnull=%s default=%s', c.relname, a.attname,
