@@ -80,6 +80,8 @@ CREATE TABLE trompe.log_2 () INHERITS (trompe.log);
 CREATE INDEX log_0_txid ON trompe.log_0 (txid, id);
 CREATE INDEX log_1_txid ON trompe.log_1 (txid, id);
 CREATE INDEX log_2_txid ON trompe.log_2 (txid, id);
+-- Rows live in the children only (peers' pulls read them there): the parent refuses any.
+ALTER TABLE ONLY trompe.log ADD CONSTRAINT log_rows_in_children CHECK (false) NO INHERIT;
 -- A queue: appended to and truncated, never updated or deleted from. Vacuums triggered by the
 -- number of rows inserted alone would read a whole child (gigabytes after a long outage) while
 -- the peers catch up, for nothing the log needs; dead rows of aborted transactions still get

@@ -694,6 +694,10 @@ BEGIN
 END
 $$;
 
+-- Rows live in the log's children only (peers' pulls now read them there): the parent refuses
+-- any.
+ALTER TABLE ONLY trompe.log ADD CONSTRAINT log_rows_in_children CHECK (false) NO INHERIT;
+
 -- The log's children are a queue (appended to and truncated): no vacuums triggered by inserts
 -- alone, which read a whole child while the peers catch up after an outage.
 ALTER TABLE trompe.log_0 SET (autovacuum_vacuum_insert_threshold = -1);

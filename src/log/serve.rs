@@ -130,14 +130,17 @@ fn step_transactions(done: &Snapshot, cur: &Snapshot) -> StepTxns {
     // through the index. Callers have made reads plain (`plain_reads`).
     let base = done.xip.iter().copied().chain([done.xmax]).min().unwrap_or(done.xmax);
     let mut step = StepTxns { base, txns: Vec::new() };
+    let log = super::rows_sql("txid, id, nchanges");
     crate::sql::for_each_row(
-        "SELECT txid, max(id), sum(nchanges) FROM (
-             SELECT txid, id, nchanges FROM trompe.log WHERE txid >= $1::xid8 AND txid < $3::xid8
-             UNION ALL
-             SELECT txid, id, nchanges FROM trompe.log WHERE txid = ANY($2::xid8[]) AND txid < $1::xid8
-         ) step
-          WHERE txid <> ALL($4::xid8[]) AND txid < $3::xid8
-          GROUP BY txid ORDER BY max(id)",
+        &format!(
+            "SELECT txid, max(id), sum(nchanges) FROM (
+                 SELECT txid, id, nchanges FROM {log} l WHERE txid >= $1::xid8 AND txid < $3::xid8
+                 UNION ALL
+                 SELECT txid, id, nchanges FROM {log} l WHERE txid = ANY($2::xid8[]) AND txid < $1::xid8
+             ) step
+              WHERE txid <> ALL($4::xid8[]) AND txid < $3::xid8
+              GROUP BY txid ORDER BY max(id)"
+        ),
         &[
             Some(&done.xmax.to_string()),
             Some(&xid_array(&done.xip)),

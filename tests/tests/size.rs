@@ -758,6 +758,13 @@ fn pulls_look_the_log_up_by_index_after_the_log_was_emptied() {
         parent_scans < transactions / 10,
         "{parent_scans} scans of trompe.log for {transactions} transactions pulled"
     );
+    // Which is only right while the parent holds no rows: it refuses any (a row there would be
+    // listed in a step but never served).
+    let (code, message) = trompe_tests::expect_error(
+        &mut n1.connect(),
+        "INSERT INTO trompe.log VALUES (nextval('trompe.log_id_seq'), pg_current_xact_id(), 1, '\\x00')",
+    );
+    assert_eq!(code, "23514", "{message}");
 }
 
 /// Changes applied by statement (tables the executor path leaves alone: row-level security,
