@@ -17,6 +17,7 @@ pub mod inorder;
 pub mod json;
 pub mod large_object;
 pub mod logformat;
+pub mod merge;
 pub mod nodeid;
 pub mod pgarray;
 pub mod position;
