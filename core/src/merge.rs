@@ -110,11 +110,13 @@ impl<N: CounterValue> Counter<N> {
         Some(self.contributions.values().fold(base.value.clone(), |sum, c| sum.plus(&c.sum)))
     }
 
-    /// Adds `delta`, made by `node` in a write of version `version`, to its contribution.
+    /// Adds `delta`, made by `node` in a write of version `version`, to its contribution
+    /// against the current base (a counter without a base, in a deleted row, takes none).
     pub fn add(&mut self, node: NodeId, version: Version, delta: &N) {
         let Some(base) = &self.base else { return };
         let against = base.version;
-        let earlier = self.contributions.get(&node).map_or_else(N::zero, |c| c.sum.clone());
+        let earlier =
+            self.contributions.get(&node).filter(|c| c.against == against).map_or_else(N::zero, |c| c.sum.clone());
         self.contributions.insert(node, Contribution { version, against, sum: earlier.plus(delta) });
     }
 
