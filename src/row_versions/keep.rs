@@ -47,7 +47,7 @@ fn key_expressions(relid: pg_sys::Oid) -> Result<(String, String), String> {
 pub(super) fn keep(relid: pg_sys::Oid, xmin_expr: &str, condition: &str, recent_only: bool) -> Result<u64, String> {
     let (key, table) = key_expressions(relid)?;
     let _canonical = crate::session::CanonicalOutput::enter();
-    as_extension_owner(|| {
+    let kept = as_extension_owner(|| {
         crate::sql::execute(
             &format!(
                 "INSERT INTO trompe.row_versions (relid, key, row_xmin, committed_us, node_id)
@@ -68,7 +68,20 @@ pub(super) fn keep(relid: pg_sys::Oid, xmin_expr: &str, condition: &str, recent_
                 Some(&recent_only.to_string()),
             ],
         )
-    })
+    })?;
+    if kept > 0 {
+        tell_readers(relid);
+    }
+    Ok(kept)
+}
+
+/// Makes every session read again whether table `relid` has kept versions (they skip looking
+/// up rows of a table that had none): invalidates its relcache entry, which capture's and the
+/// applier's facts about the table follow, when this transaction commits (and, in it, at its
+/// next command).
+pub(super) fn tell_readers(relid: pg_sys::Oid) {
+    // SAFETY: registers an invalidation message inside the current transaction.
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relid) };
 }
 
 /// The commit time (PostgreSQL TimestampTz) before which versions are older than the tombstone

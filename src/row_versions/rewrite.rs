@@ -258,6 +258,9 @@ impl Batch {
                 ],
             )
         })?;
+        if written > 0 {
+            super::keep::tell_readers(relid);
+        }
         *self = Batch::default();
         Ok(written)
     }

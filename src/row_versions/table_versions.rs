@@ -21,6 +21,10 @@ pub struct TableVersions {
     /// The start (a full transaction id) of the oldest open freeze window on the table: frozen
     /// rows written since may have no kept version yet.
     pub unkept_since: Option<u64>,
+    /// Whether `trompe.row_versions` held versions of the table's rows when this was read:
+    /// without any, a row old enough to be frozen is not looked up there (every writer of
+    /// kept versions invalidates the table's cached facts, so this is read again).
+    pub has_kept: bool,
 }
 
 /// Whether this database has the version archive (trompe 0.5.0 or later).
@@ -44,12 +48,14 @@ impl TableVersions {
         let (relid, frozen_before) = unsafe { ((*rel).rd_id, (*(*rel).rd_rel).relfrozenxid) };
         let mut rewrites = Vec::new();
         let mut unkept_since = None;
+        let mut has_kept = false;
         if archive_exists() {
             let row = as_extension_owner(|| {
                 crate::sql::row(
                     "SELECT (SELECT pg_catalog.string_agg((xid::text::bigint % 4294967296)::text, ',')
                                FROM trompe.rewrites WHERE relid = $1::oid),
-                            (SELECT pg_catalog.min(since)::text FROM trompe.freeze_windows WHERE relid = $1::oid)",
+                            (SELECT pg_catalog.min(since)::text FROM trompe.freeze_windows WHERE relid = $1::oid),
+                            EXISTS (SELECT FROM trompe.row_versions WHERE relid = $1::oid)",
                     &[Some(&relid.to_u32().to_string())],
                 )
             })?
@@ -57,8 +63,19 @@ impl TableVersions {
             let text = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
             rewrites = text(0).split(',').filter_map(|x| x.parse::<u32>().ok()).collect();
             unkept_since = text(1).parse::<u64>().ok();
+            has_kept = text(2) == "t";
         }
-        Ok(TableVersions { relid, rewrites, frozen_before, unkept_since })
+        Ok(TableVersions { relid, rewrites, frozen_before, unkept_since, has_kept })
+    }
+
+    /// The version kept for the row whose raw `xmin` is `raw` and whose key `key` computes (not
+    /// looked up, nor the key computed, when the table had no kept versions).
+    fn kept(&self, raw: u32, key: impl FnOnce() -> Vec<Option<String>>) -> Option<OldVersion> {
+        if self.has_kept {
+            kept(self.relid, raw, &key())
+        } else {
+            None
+        }
     }
 
     /// The version of this table's row written by transaction `xmin` (its raw `xmin`) whose
@@ -69,13 +86,13 @@ impl TableVersions {
             return OldVersion::Unknown;
         }
         if self.rewrites.contains(&raw) {
-            return kept(self.relid, raw, &key()).unwrap_or_else(|| version_of(xmin));
+            return self.kept(raw, key).unwrap_or_else(|| version_of(xmin));
         }
         // SAFETY: plain comparison of transaction ids.
         let maybe_frozen = self.frozen_before.into_inner() >= pg_sys::TransactionId::FIRST_NORMAL.into_inner()
             && unsafe { pg_sys::TransactionIdPrecedes(xmin, self.frozen_before) };
         if maybe_frozen {
-            return kept(self.relid, raw, &key()).unwrap_or_else(|| {
+            return self.kept(raw, key).unwrap_or_else(|| {
                 if super::freeze_window::in_window(raw, self.unkept_since) {
                     version_of(xmin)
                 } else {

@@ -353,6 +353,58 @@ fn rewrites_read_rows_in_their_layout_before_the_statement() {
     cluster.assert_same(&checksum("s"));
 }
 
+/// The index scans of `trompe.row_versions` the calling session has made and not reported yet.
+const KEPT_LOOKUPS: &str = "SELECT pg_catalog.pg_stat_get_xact_numscans('trompe.row_versions_pkey'::regclass)";
+
+/// The replaced versions the calling transaction captured, as `trompe.log_changes` shows them
+/// (empty where unknown), in order.
+const CAPTURED_OLD: &str =
+    "SELECT pg_catalog.string_agg(coalesce(old_version, ''), ',' ORDER BY seq) FROM trompe.log_changes() WHERE id IS NULL";
+
+/// Updates of frozen rows of a table without kept versions do not look for one (the table's
+/// cached facts say it has none), and a session that read those facts before versions of the
+/// table were kept finds them afterwards.
+#[test]
+fn kept_versions_are_looked_up_only_for_tables_that_have_some() {
+    let cluster = Cluster::start("kept-version-lookups", 1);
+    let a = cluster.node(0);
+    // Loaded and frozen before it is replicated: its rows have no kept versions.
+    a.exec("CREATE TABLE cold (id int PRIMARY KEY, v int); INSERT INTO cold SELECT g, 0 FROM generate_series(1, 20) g");
+    a.exec("VACUUM FREEZE cold");
+    a.exec("SELECT trompe.add_table('cold'); CREATE TABLE r (id int PRIMARY KEY, v int); SELECT trompe.add_table('r')");
+    a.exec("INSERT INTO r SELECT g, 0 FROM generate_series(1, 3) g");
+    let mut session = a.connect();
+    let mut in_txn = |sql: &str| -> (i64, String) {
+        // The counts are the session's not yet reported ones: they may include earlier
+        // transactions'.
+        let mut t = session.transaction().expect("begin");
+        let before: i64 = t.query_one(KEPT_LOOKUPS, &[]).expect("scans").get(0);
+        t.batch_execute(sql).expect("update");
+        let scans = t.query_one(KEPT_LOOKUPS, &[]).expect("scans").get::<_, i64>(0) - before;
+        let old: Option<String> = t.query_one(CAPTURED_OLD, &[]).expect("captured").get(0);
+        t.rollback().expect("rollback");
+        (scans, old.unwrap_or_default())
+    };
+    // The first write reads the table's facts (one scan, for all the session's writes).
+    in_txn("UPDATE cold SET v = v + 1 WHERE id = 1");
+    let (scans, old) = in_txn("UPDATE cold SET v = v + 1");
+    assert_eq!(scans, 0, "no lookup for the 20 frozen rows of a table without kept versions");
+    assert_eq!(old, ",".repeat(19), "their versions are unknown");
+    // This session has read r's facts: no kept versions, rows not frozen.
+    let (_, old) = in_txn("UPDATE r SET v = v + 1 WHERE id = 1");
+    assert!(!old.is_empty(), "r's row has a known version: {old:?}");
+    no_other_snapshots(a);
+    a.exec("VACUUM FREEZE r");
+    assert_eq!(
+        a.query_text("SELECT count(*) FROM trompe.row_versions WHERE relid = 'r'::regclass").as_deref(),
+        Some("3"),
+        "VACUUM FREEZE kept the versions of r's rows"
+    );
+    let (scans, old) = in_txn("UPDATE r SET v = v + 1 WHERE id = 2");
+    assert!(scans > 0, "r's frozen row is looked up");
+    assert!(!old.is_empty(), "the same session reads r's kept version");
+}
+
 /// A row's version outlives PostgreSQL's commit timestamps: once `pg_commit_ts` has been
 /// truncated past the transaction that wrote it (after freezing), an older change arriving late
 /// still loses to it.
