@@ -70,7 +70,7 @@ pub(super) fn keep(relid: pg_sys::Oid, xmin_expr: &str, condition: &str, recent_
         )
     })?;
     if kept > 0 {
-        tell_readers(relid);
+        reread_table_facts(relid);
     }
     Ok(kept)
 }
@@ -79,7 +79,7 @@ pub(super) fn keep(relid: pg_sys::Oid, xmin_expr: &str, condition: &str, recent_
 /// up rows of a table that had none): invalidates its relcache entry, which capture's and the
 /// applier's facts about the table follow, when this transaction commits (and, in it, at its
 /// next command).
-pub(super) fn tell_readers(relid: pg_sys::Oid) {
+pub(super) fn reread_table_facts(relid: pg_sys::Oid) {
     // SAFETY: registers an invalidation message inside the current transaction.
     unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relid) };
 }

@@ -259,7 +259,7 @@ impl Batch {
             )
         })?;
         if written > 0 {
-            super::keep::tell_readers(relid);
+            super::keep::reread_table_facts(relid);
         }
         *self = Batch::default();
         Ok(written)
