@@ -44,7 +44,8 @@ pub struct Cell<V> {
 }
 
 impl<V: Clone> Cell<V> {
-    /// Keeps the higher version of the two (equal versions are one write: nothing changes).
+    /// Keeps the higher version of the two. Equal versions are taken to be one write (nothing
+    /// changes): the changes one transaction makes to a row must reach the join as one state.
     fn join(&mut self, other: &Cell<V>) {
         if other.version > self.version {
             *self = other.clone();
