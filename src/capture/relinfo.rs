@@ -50,10 +50,19 @@ impl Drop for RelInfo {
 thread_local! {
     static CACHE: RefCell<HashMap<pg_sys::Oid, std::rc::Rc<RelInfo>>> = RefCell::new(HashMap::new());
     static CALLBACK_REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The table whose entry is being built, and whether an invalidation concerned it
+    /// meanwhile (any lock or catalog lookup the build makes may accept invalidations; the
+    /// facts it read before may be out of date, so the entry is used once but not cached).
+    static BUILDING: std::cell::Cell<Option<(pg_sys::Oid, bool)>> = const { std::cell::Cell::new(None) };
 }
 
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn invalidate(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    if let Some((building, _)) = BUILDING.get() {
+        if relid == pg_sys::InvalidOid || relid == building {
+            BUILDING.set(Some((building, true)));
+        }
+    }
     CACHE.with(|c| {
         let mut cache = c.borrow_mut();
         if relid == pg_sys::InvalidOid {
@@ -78,8 +87,13 @@ pub unsafe fn relinfo(rel: pg_sys::Relation) -> Result<std::rc::Rc<RelInfo>, Tro
     if let Some(info) = CACHE.with(|c| c.borrow().get(&relid).cloned()) {
         return Ok(info);
     }
-    let info = std::rc::Rc::new(RelInfo::build(rel)?);
-    CACHE.with(|c| c.borrow_mut().insert(relid, info.clone()));
+    BUILDING.set(Some((relid, false)));
+    let built = RelInfo::build(rel);
+    let invalidated = BUILDING.take().is_some_and(|(_, invalidated)| invalidated);
+    let info = std::rc::Rc::new(built?);
+    if !invalidated {
+        CACHE.with(|c| c.borrow_mut().insert(relid, info.clone()));
+    }
     Ok(info)
 }
 

@@ -54,8 +54,7 @@ impl TableVersions {
                 crate::sql::row(
                     "SELECT (SELECT pg_catalog.string_agg((xid::text::bigint % 4294967296)::text, ',')
                                FROM trompe.rewrites WHERE relid = $1::oid),
-                            (SELECT pg_catalog.min(since)::text FROM trompe.freeze_windows WHERE relid = $1::oid),
-                            EXISTS (SELECT FROM trompe.row_versions WHERE relid = $1::oid)",
+                            (SELECT pg_catalog.min(since)::text FROM trompe.freeze_windows WHERE relid = $1::oid)",
                     &[Some(&relid.to_u32().to_string())],
                 )
             })?
@@ -63,7 +62,9 @@ impl TableVersions {
             let text = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
             rewrites = text(0).split(',').filter_map(|x| x.parse::<u32>().ok()).collect();
             unkept_since = text(1).parse::<u64>().ok();
-            has_kept = text(2) == "t";
+            // Under the latest snapshot, as the lookups: a transaction whose snapshot is older
+            // than versions kept since must not cache that there are none.
+            has_kept = any_kept(relid);
         }
         Ok(TableVersions { relid, rewrites, frozen_before, unkept_since, has_kept })
     }
@@ -120,18 +121,37 @@ fn kept(relid: pg_sys::Oid, raw: u32, key: &[Option<String>]) -> Option<OldVersi
     })
 }
 
-/// The commit time and node kept in `trompe.row_versions` for (`relid`, `key`) under `xmin`
-/// `raw`: `None` if no entry (or one under another `xmin`).
+/// A scan key on the first column (`relid`) of `trompe.row_versions`' primary key index.
+fn relid_key(relid: pg_sys::Oid) -> pg_sys::ScanKeyData {
+    // SAFETY: ScanKeyData is plain data, initialised by ScanKeyInit with the oid equality
+    // function and a by-value datum.
+    unsafe {
+        let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
+        pg_sys::ScanKeyInit(
+            &mut key,
+            1,
+            pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+            pg_sys::F_OIDEQ.into(),
+            pg_sys::Datum::from(relid),
+        );
+        key
+    }
+}
+
+/// Looks `trompe.row_versions` up through its primary key index (`relid`, `key`) with the scan
+/// keys `make_keys` builds (given the index's collation of `key`), under the latest snapshot
+/// (what is committed now, whatever the transaction's snapshot), and hands the first row found,
+/// if any, to `read` with the table's descriptor. `None` if the archive or its index is missing.
 ///
 /// # Safety
-/// Inside a transaction, with `trompe.row_versions` existing.
-unsafe fn kept_in(relid: pg_sys::Oid, raw: u32, key: &[Option<String>]) -> Option<(Option<i64>, Option<NodeId>)> {
-    // SAFETY: the archive table and its primary key index (relid, key) are opened with
-    // AccessShareLock and closed at the end; the scan keys compare with the index's own
-    // operators and collation; the key array and texts are palloc'd in the current context;
-    // the snapshot is registered for the scan and unregistered after it; attributes are read
-    // from the tuple the scan returned, with the table's descriptor (1-based numbers: relid,
-    // key, row_xmin, committed_us, node_id).
+/// Inside a transaction; the scan keys must match the index's columns and operators.
+unsafe fn first_in_archive<T>(
+    make_keys: impl FnOnce(pg_sys::Oid) -> Vec<pg_sys::ScanKeyData>,
+    read: impl FnOnce(Option<(pg_sys::HeapTuple, pg_sys::TupleDesc)>) -> T,
+) -> Option<T> {
+    // SAFETY: the archive table and its primary key index are opened with AccessShareLock and
+    // closed at the end; the snapshot is registered for the scan and unregistered after it; the
+    // tuple handed to `read` is valid until the scan ends, which is after `read` returns.
     unsafe {
         let nsp = pg_sys::get_namespace_oid(c"trompe".as_ptr(), true);
         let table = pg_sys::get_relname_relid(c"row_versions".as_ptr(), nsp);
@@ -145,6 +165,38 @@ unsafe fn kept_in(relid: pg_sys::Oid, raw: u32, key: &[Option<String>]) -> Optio
             pg_sys::table_close(rel, lock);
             return None;
         }
+        let index_rel = pg_sys::index_open(index, lock);
+        let key_collation = *(*index_rel).rd_indcollation.add(1);
+        pg_sys::index_close(index_rel, lock);
+        let mut keys = make_keys(key_collation);
+        let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
+        let scan = pg_sys::systable_beginscan(rel, index, true, snapshot, keys.len() as i32, keys.as_mut_ptr());
+        let tuple = pg_sys::systable_getnext(scan);
+        let found = read((!tuple.is_null()).then(|| (tuple, (*rel).rd_att)));
+        pg_sys::systable_endscan(scan);
+        pg_sys::UnregisterSnapshot(snapshot);
+        pg_sys::table_close(rel, lock);
+        Some(found)
+    }
+}
+
+/// Whether `trompe.row_versions` holds any version of table `relid`'s rows, as committed now.
+fn any_kept(relid: pg_sys::Oid) -> bool {
+    // SAFETY: one scan key on the index's first column; nothing is read from the row.
+    unsafe { first_in_archive(|_| vec![relid_key(relid)], |row| row.is_some()) }.unwrap_or(false)
+}
+
+/// The commit time and node kept in `trompe.row_versions` for (`relid`, `key`) under `xmin`
+/// `raw`: `None` if no entry (or one under another `xmin`).
+///
+/// # Safety
+/// Inside a transaction, with `trompe.row_versions` existing.
+unsafe fn kept_in(relid: pg_sys::Oid, raw: u32, key: &[Option<String>]) -> Option<(Option<i64>, Option<NodeId>)> {
+    // SAFETY: the key array and its texts are palloc'd in the current context (freed after the
+    // scan); the scan keys compare the index's columns with their own operators and the key's
+    // collation; attributes are read from the row the scan found, with the table's descriptor
+    // (1-based numbers: relid, key, row_xmin, committed_us, node_id).
+    unsafe {
         let mut elems: Vec<pg_sys::Datum> = Vec::with_capacity(key.len());
         let mut nulls: Vec<bool> = Vec::with_capacity(key.len());
         for k in key {
@@ -173,34 +225,22 @@ unsafe fn kept_in(relid: pg_sys::Oid, raw: u32, key: &[Option<String>]) -> Optio
             false,
             pg_sys::TYPALIGN_INT as std::ffi::c_char,
         );
-        let index_rel = pg_sys::index_open(index, lock);
-        let key_collation = *(*index_rel).rd_indcollation.add(1);
-        pg_sys::index_close(index_rel, lock);
-        let mut keys: [pg_sys::ScanKeyData; 2] = std::mem::zeroed();
-        pg_sys::ScanKeyInit(
-            &mut keys[0],
-            1,
-            pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
-            pg_sys::F_OIDEQ.into(),
-            pg_sys::Datum::from(relid),
-        );
-        pg_sys::ScanKeyEntryInitialize(
-            &mut keys[1],
-            0,
-            2,
-            pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
-            pg_sys::InvalidOid,
-            key_collation,
-            pg_sys::F_ARRAY_EQ.into(),
-            pg_sys::Datum::from(array),
-        );
-        let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
-        let scan = pg_sys::systable_beginscan(rel, index, true, snapshot, 2, keys.as_mut_ptr());
-        let tuple = pg_sys::systable_getnext(scan);
-        let found = if tuple.is_null() {
-            None
-        } else {
-            let desc = (*rel).rd_att;
+        let make_keys = |key_collation: pg_sys::Oid| {
+            let mut by_key: pg_sys::ScanKeyData = std::mem::zeroed();
+            pg_sys::ScanKeyEntryInitialize(
+                &mut by_key,
+                0,
+                2,
+                pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+                pg_sys::InvalidOid,
+                key_collation,
+                pg_sys::F_ARRAY_EQ.into(),
+                pg_sys::Datum::from(array),
+            );
+            vec![relid_key(relid), by_key]
+        };
+        let read = |row: Option<(pg_sys::HeapTuple, pg_sys::TupleDesc)>| {
+            let (tuple, desc) = row?;
             let mut isnull = false;
             let xmin = pg_sys::heap_getattr(tuple, 3, desc, &mut isnull);
             let same_xmin = !isnull && xmin.value() as u32 == raw;
@@ -215,10 +255,8 @@ unsafe fn kept_in(relid: pg_sys::Oid, raw: u32, key: &[Option<String>]) -> Optio
             });
             same_xmin.then_some((ts, node))
         };
-        pg_sys::systable_endscan(scan);
-        pg_sys::UnregisterSnapshot(snapshot);
+        let found = first_in_archive(make_keys, read).flatten();
         pg_sys::pfree(array.cast());
-        pg_sys::table_close(rel, lock);
         found
     }
 }

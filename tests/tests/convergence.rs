@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use postgres::IsolationLevel;
 use trompe_tests::{checksum, expect_error, wait_for, Cluster, Node};
 
 const SYNC: Duration = Duration::from_secs(120);
@@ -361,37 +362,42 @@ const KEPT_LOOKUPS: &str = "SELECT pg_catalog.pg_stat_get_xact_numscans('trompe.
 const CAPTURED_OLD: &str =
     "SELECT pg_catalog.string_agg(coalesce(old_version, ''), ',' ORDER BY seq) FROM trompe.log_changes() WHERE id IS NULL";
 
+/// Runs `sql` in a transaction of `session` that is rolled back: the lookups of kept versions
+/// it made, and the replaced versions it captured (as `CAPTURED_OLD`).
+fn lookups_and_captured(session: &mut postgres::Client, sql: &str) -> (i64, String) {
+    // The counts are the session's not yet reported ones: they may include earlier
+    // transactions'.
+    let mut t = session.transaction().expect("begin");
+    let before: i64 = t.query_one(KEPT_LOOKUPS, &[]).expect("scans").get(0);
+    t.batch_execute(sql).expect("update");
+    let scans = t.query_one(KEPT_LOOKUPS, &[]).expect("scans").get::<_, i64>(0) - before;
+    let old: Option<String> = t.query_one(CAPTURED_OLD, &[]).expect("captured").get(0);
+    t.rollback().expect("rollback");
+    (scans, old.unwrap_or_default())
+}
+
 /// Updates of frozen rows of a table without kept versions do not look for one (the table's
 /// cached facts say it has none), and a session that read those facts before versions of the
 /// table were kept finds them afterwards.
 #[test]
 fn kept_versions_are_looked_up_only_for_tables_that_have_some() {
-    let cluster = Cluster::start("kept-version-lookups", 1);
+    // No autovacuum snapshot keeps the freezing statements from freezing every row.
+    let cluster = Cluster::builder("kept-version-lookups").nodes(1).setting("autovacuum", "off").start();
     let a = cluster.node(0);
     // Loaded and frozen before it is replicated: its rows have no kept versions.
     a.exec("CREATE TABLE cold (id int PRIMARY KEY, v int); INSERT INTO cold SELECT g, 0 FROM generate_series(1, 20) g");
+    no_other_snapshots(a);
     a.exec("VACUUM FREEZE cold");
     a.exec("SELECT trompe.add_table('cold'); CREATE TABLE r (id int PRIMARY KEY, v int); SELECT trompe.add_table('r')");
     a.exec("INSERT INTO r SELECT g, 0 FROM generate_series(1, 3) g");
     let mut session = a.connect();
-    let mut in_txn = |sql: &str| -> (i64, String) {
-        // The counts are the session's not yet reported ones: they may include earlier
-        // transactions'.
-        let mut t = session.transaction().expect("begin");
-        let before: i64 = t.query_one(KEPT_LOOKUPS, &[]).expect("scans").get(0);
-        t.batch_execute(sql).expect("update");
-        let scans = t.query_one(KEPT_LOOKUPS, &[]).expect("scans").get::<_, i64>(0) - before;
-        let old: Option<String> = t.query_one(CAPTURED_OLD, &[]).expect("captured").get(0);
-        t.rollback().expect("rollback");
-        (scans, old.unwrap_or_default())
-    };
     // The first write reads the table's facts (one scan, for all the session's writes).
-    in_txn("UPDATE cold SET v = v + 1 WHERE id = 1");
-    let (scans, old) = in_txn("UPDATE cold SET v = v + 1");
+    lookups_and_captured(&mut session, "UPDATE cold SET v = v + 1 WHERE id = 1");
+    let (scans, old) = lookups_and_captured(&mut session, "UPDATE cold SET v = v + 1");
     assert_eq!(scans, 0, "no lookup for the 20 frozen rows of a table without kept versions");
     assert_eq!(old, ",".repeat(19), "their versions are unknown");
     // This session has read r's facts: no kept versions, rows not frozen.
-    let (_, old) = in_txn("UPDATE r SET v = v + 1 WHERE id = 1");
+    let (_, old) = lookups_and_captured(&mut session, "UPDATE r SET v = v + 1 WHERE id = 1");
     assert!(!old.is_empty(), "r's row has a known version: {old:?}");
     no_other_snapshots(a);
     a.exec("VACUUM FREEZE r");
@@ -400,9 +406,26 @@ fn kept_versions_are_looked_up_only_for_tables_that_have_some() {
         Some("3"),
         "VACUUM FREEZE kept the versions of r's rows"
     );
-    let (scans, old) = in_txn("UPDATE r SET v = v + 1 WHERE id = 2");
+    let (scans, old) = lookups_and_captured(&mut session, "UPDATE r SET v = v + 1 WHERE id = 2");
     assert!(scans > 0, "r's frozen row is looked up");
     assert!(!old.is_empty(), "the same session reads r's kept version");
+    // A transaction whose snapshot is older than the versions kept still finds them (and does
+    // not leave its session believing there are none).
+    a.exec("CREATE TABLE s (id int PRIMARY KEY, v int); SELECT trompe.add_table('s'); INSERT INTO s VALUES (1, 0)");
+    let mut t = session.build_transaction().isolation_level(IsolationLevel::RepeatableRead).start().expect("begin");
+    t.batch_execute("SELECT 1").expect("snapshot");
+    a.exec("VACUUM FREEZE s");
+    assert_eq!(
+        a.query_text("SELECT count(*) FROM trompe.row_versions WHERE relid = 's'::regclass").as_deref(),
+        Some("1"),
+        "VACUUM FREEZE kept the version of s's row"
+    );
+    t.batch_execute("UPDATE s SET v = v + 1").expect("update");
+    let old: Option<String> = t.query_one(CAPTURED_OLD, &[]).expect("captured").get(0);
+    t.rollback().expect("rollback");
+    assert!(!old.unwrap_or_default().is_empty(), "a repeatable read transaction reads s's kept version");
+    let (_, old) = lookups_and_captured(&mut session, "UPDATE s SET v = v + 1");
+    assert!(!old.is_empty(), "and so does the session's next transaction");
 }
 
 /// A row's version outlives PostgreSQL's commit timestamps: once `pg_commit_ts` has been
