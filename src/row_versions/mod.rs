@@ -4,11 +4,14 @@
 //! `xmin` through commit timestamps and replication origins. Two things lose that:
 //!
 //! - a **table rewrite** (`ALTER TABLE ... TYPE`, `SET ACCESS METHOD`, ...) writes every row
-//!   again with the rewriting transaction as `xmin`. The `table_rewrite` event trigger (which
-//!   fires for DDL applied for a peer too) keeps every row's version first, in
-//!   `trompe.row_versions` under the rewriting transaction, and records that transaction in
-//!   `trompe.rewrites` (module [`rewrite`], how versions are read in [`table_versions`]); rows of that transaction read their kept version, unless the transaction
-//!   wrote them itself after the rewrite (then their entry is removed as it writes them).
+//!   again with the rewriting (sub)transaction as `xmin`. The `table_rewrite` event trigger
+//!   (which fires for DDL applied for a peer too) keeps every row's version first, in
+//!   `trompe.row_versions` under the rewriting subtransaction's xid (the transaction's,
+//!   outside any), and records that xid in `trompe.rewrites` (module [`rewrite`], how versions
+//!   are read in [`table_versions`]); rows of that xid read their kept version, unless the
+//!   subtransaction wrote them itself after the rewrite (then their entry is removed as it
+//!   writes them). A second rewrite in another subtransaction of the same transaction takes
+//!   the first one's entries over.
 //! - **freezing**, after which PostgreSQL may truncate the commit timestamps of the row's
 //!   transaction: a row whose `xmin` precedes its table's `relfrozenxid` may be frozen, and a
 //!   frozen row's raw `xmin` cannot be trusted (it may be more than 2^31 transactions old, and
@@ -26,7 +29,7 @@
 //! one does.
 
 use std::cell::RefCell;
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use pgrx::prelude::*;
 use trompe_core::changeset::OldVersion;
@@ -44,13 +47,22 @@ use table_versions::archive_exists;
 pub use table_versions::TableVersions;
 
 thread_local! {
-    /// Tables the current transaction rewrote (its own later writes of their rows take their
-    /// kept versions back).
-    static REWRITTEN_HERE: RefCell<HashSet<pg_sys::Oid>> = RefCell::new(HashSet::new());
+    /// Tables the current transaction rewrote, with the xids of the (sub)transactions that
+    /// rewrote them (its own later writes of their rows take their kept versions back; a later
+    /// rewrite in another subtransaction takes over the versions an earlier one kept).
+    static REWRITTEN_HERE: RefCell<HashMap<pg_sys::Oid, Vec<pg_sys::TransactionId>>> = RefCell::new(HashMap::new());
+}
+
+/// The xid of the current subtransaction (or of the transaction, outside any), assigned now if
+/// it had none: the `xmin` of the rows it writes, rewrites included.
+fn current_xid() -> pg_sys::TransactionId {
+    // SAFETY: inside a transaction (every caller runs in one); assigns an xid if needed.
+    unsafe { pg_sys::GetCurrentTransactionId() }
 }
 
 /// Called by the `table_rewrite` event trigger before table `relid` is rewritten: keeps the
-/// version of each of its rows under this transaction, which rewrites them.
+/// version of each of its rows under the current subtransaction's xid (or the transaction's,
+/// outside any), which the rewritten rows get as `xmin`.
 #[pg_extern(volatile, parallel_unsafe)]
 fn _preserve_versions(relid: pg_sys::Oid) {
     let result = (|| -> Result<(), String> {
@@ -65,14 +77,48 @@ fn _preserve_versions(relid: pg_sys::Oid) {
             );
             return Ok(());
         }
+        // The rewritten rows' xmin is the current subtransaction's xid, not the top-level one.
+        let xid = current_xid();
+        // SAFETY: inside a transaction whose current subtransaction has an xid (assigned above).
+        let full_xid = unsafe { pg_sys::GetCurrentFullTransactionId() }.value;
+        let earlier: Vec<String> = REWRITTEN_HERE.with(|r| {
+            r.borrow()
+                .get(&relid)
+                .into_iter()
+                .flatten()
+                .filter(|&&x| x != xid)
+                .map(|x| x.into_inner().to_string())
+                .collect()
+        });
+        let earlier: Vec<Option<&str>> = earlier.iter().map(|x| Some(x.as_str())).collect();
         as_extension_owner(|| {
             crate::sql::execute(
-                "INSERT INTO trompe.rewrites (relid, xid) VALUES ($1::oid, pg_catalog.pg_current_xact_id())
-                 ON CONFLICT DO NOTHING",
-                &[Some(&relid.to_u32().to_string())],
-            )
+                "INSERT INTO trompe.rewrites (relid, xid) VALUES ($1::oid, $2::xid8) ON CONFLICT DO NOTHING",
+                &[Some(&relid.to_u32().to_string()), Some(&full_xid.to_string())],
+            )?;
+            if !earlier.is_empty() {
+                // Rows an earlier rewrite of this transaction kept versions for (in another
+                // subtransaction) were skipped by this one's, which wrote them again: their
+                // versions now belong to this rewrite's xid.
+                crate::sql::execute(
+                    "UPDATE trompe.row_versions SET row_xmin = $2::xid
+                      WHERE relid = $1::oid AND row_xmin = ANY ($3::xid[])",
+                    &[
+                        Some(&relid.to_u32().to_string()),
+                        Some(&xid.into_inner().to_string()),
+                        Some(&trompe_core::pgarray::format_text_array(&earlier)),
+                    ],
+                )?;
+            }
+            Ok::<_, String>(())
         })?;
-        REWRITTEN_HERE.with(|r| r.borrow_mut().insert(relid));
+        REWRITTEN_HERE.with(|r| {
+            let mut r = r.borrow_mut();
+            let xids = r.entry(relid).or_default();
+            if !xids.contains(&xid) {
+                xids.push(xid);
+            }
+        });
         Ok(())
     })();
     if let Err(e) = result {
@@ -106,18 +152,27 @@ fn _row_version(
     TableIterator::new(vec![row])
 }
 
-/// A row of table `relid` with primary key `key` was written by the transaction that rewrote
-/// the table (after the rewrite): it has that transaction's version, not the kept one.
+/// A row of table `relid` with primary key `key` was written by a transaction that rewrote the
+/// table (after the rewrite): it has that transaction's version, not the kept one. The version
+/// kept under any of the transaction's rewrites of the table is dropped (the row's `xmin` is now
+/// the writing subtransaction's: a later rewrite in the transaction must not take the entry
+/// over); a rolled-back write brings it back with the row.
 pub fn written_after_rewrite(relid: pg_sys::Oid, key: &[Option<String>]) -> Result<(), String> {
-    if !REWRITTEN_HERE.with(|r| r.borrow().contains(&relid)) {
+    let xids: Vec<String> = REWRITTEN_HERE
+        .with(|r| r.borrow().get(&relid).into_iter().flatten().map(|x| x.into_inner().to_string()).collect());
+    if xids.is_empty() {
         return Ok(());
     }
+    let xids: Vec<Option<&str>> = xids.iter().map(|x| Some(x.as_str())).collect();
     let refs: Vec<Option<&str>> = key.iter().map(|k| k.as_deref()).collect();
     as_extension_owner(|| {
         crate::sql::execute(
-            "DELETE FROM trompe.row_versions WHERE relid = $1::oid AND key = $2::text[]
-                AND row_xmin = pg_catalog.pg_current_xact_id()::xid",
-            &[Some(&relid.to_u32().to_string()), Some(&trompe_core::pgarray::format_text_array(&refs))],
+            "DELETE FROM trompe.row_versions WHERE relid = $1::oid AND key = $2::text[] AND row_xmin = ANY ($3::xid[])",
+            &[
+                Some(&relid.to_u32().to_string()),
+                Some(&trompe_core::pgarray::format_text_array(&refs)),
+                Some(&trompe_core::pgarray::format_text_array(&xids)),
+            ],
         )
     })
     .map(|_| ())
@@ -130,7 +185,7 @@ pub fn any_rewritten_here() -> bool {
 
 /// Whether table `relid` was rewritten by the current transaction.
 pub fn rewritten_here(relid: pg_sys::Oid) -> bool {
-    REWRITTEN_HERE.with(|r| r.borrow().contains(&relid))
+    REWRITTEN_HERE.with(|r| r.borrow().contains_key(&relid))
 }
 
 /// The transaction ended: forgets which tables it rewrote.

@@ -131,7 +131,7 @@ pub fn end_of_transaction() {
 }
 
 /// Table `relid`, which the running `ALTER TABLE` is about to rewrite, keeps each of its rows'
-/// versions under the current transaction. Returns how many, or `None` when its layout from
+/// versions under the current subtransaction's xid. Returns how many, or `None` when its layout from
 /// before the statement is not known (a rewrite `ALTER TABLE` did not start, such as one
 /// cascading from `ALTER TYPE`): then nothing is kept.
 pub fn keep_before_rewrite(relid: pg_sys::Oid) -> Result<Option<u64>, String> {
@@ -178,7 +178,8 @@ pub fn keep_before_rewrite(relid: pg_sys::Oid) -> Result<Option<u64>, String> {
             let xmin = (*(*tuple).t_data).t_choice.t_heap.t_xmin;
             if pg_sys::TransactionIdIsCurrentTransactionId(xmin) {
                 // Written by this transaction: the row has its version after the rewrite too
-                // (an entry kept by an earlier rewrite in it stays valid).
+                // (an entry kept by an earlier rewrite in it is moved to this rewrite's xid,
+                // see `_preserve_versions`).
                 continue;
             }
             let values: Vec<Option<String>> = key
@@ -233,7 +234,8 @@ impl Batch {
         self.nodes.push(node);
     }
 
-    /// Writes the batch under the current transaction (unless kept so already) and empties it.
+    /// Writes the batch under the current subtransaction's xid, which the rewritten rows get as
+    /// `xmin` (unless kept so already), and empties it.
     fn flush(&mut self, relid: pg_sys::Oid) -> Result<u64, String> {
         if self.keys.is_empty() {
             return Ok(0);
@@ -244,7 +246,7 @@ impl Batch {
         let written = as_extension_owner(|| {
             crate::sql::execute(
                 "INSERT INTO trompe.row_versions (relid, key, row_xmin, committed_us, node_id)
-                 SELECT $1::oid, u.k::text[], pg_catalog.pg_current_xact_id()::xid, u.c, u.n
+                 SELECT $1::oid, u.k::text[], $5::xid, u.c, u.n
                    FROM ROWS FROM (pg_catalog.unnest($2::text[]), pg_catalog.unnest($3::bigint[]), pg_catalog.unnest($4::uuid[])) AS u(k, c, n)
                  ON CONFLICT (relid, key) DO UPDATE
                     SET row_xmin = EXCLUDED.row_xmin, committed_us = EXCLUDED.committed_us, node_id = EXCLUDED.node_id
@@ -255,6 +257,7 @@ impl Batch {
                     Some(&trompe_core::pgarray::format_text_array(&keys)),
                     Some(&trompe_core::pgarray::format_text_array(&times)),
                     Some(&trompe_core::pgarray::format_text_array(&nodes)),
+                    Some(&super::current_xid().into_inner().to_string()),
                 ],
             )
         })?;

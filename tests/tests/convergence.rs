@@ -354,6 +354,85 @@ fn rewrites_read_rows_in_their_layout_before_the_statement() {
     cluster.assert_same(&checksum("s"));
 }
 
+/// A rewrite inside a subtransaction (a savepoint, a PL/pgSQL block with an `EXCEPTION`
+/// clause) gives the rows that subtransaction's xid as `xmin`, not the top-level one; the rows
+/// still read their kept versions, also after a second rewrite in another subtransaction of the
+/// same transaction, and rows the rewriting transaction writes afterwards have its version.
+#[test]
+fn rewrites_inside_subtransactions_keep_row_versions() {
+    let cluster = Cluster::start("rewrite-subxact", 2);
+    let a = cluster.node(0);
+    cluster.exec_all("CREATE TABLE r (id int PRIMARY KEY, v int, w text); SELECT trompe.add_table('r')");
+    cluster.mesh();
+    a.exec("INSERT INTO r SELECT g, 0, 'x' FROM generate_series(1, 10) g");
+    cluster.wait_sync(SYNC);
+    let older_update_wins = [
+        "BEGIN; SAVEPOINT s; ALTER TABLE r ALTER COLUMN v TYPE bigint; RELEASE SAVEPOINT s; COMMIT",
+        "BEGIN; SAVEPOINT s1; ALTER TABLE r ALTER COLUMN v TYPE int; RELEASE SAVEPOINT s1;
+                SAVEPOINT s2; ALTER TABLE r ALTER COLUMN v TYPE bigint; RELEASE SAVEPOINT s2; COMMIT",
+        "BEGIN; ALTER TABLE r ALTER COLUMN v TYPE int;
+                SAVEPOINT s; ALTER TABLE r ALTER COLUMN v TYPE bigint; RELEASE SAVEPOINT s; COMMIT",
+        "BEGIN; SAVEPOINT s; ALTER TABLE r ALTER COLUMN v TYPE numeric; ROLLBACK TO SAVEPOINT s;
+                ALTER TABLE r ALTER COLUMN v TYPE int; COMMIT",
+        "DO $$ BEGIN
+             BEGIN ALTER TABLE r ALTER COLUMN v TYPE bigint; EXCEPTION WHEN division_by_zero THEN NULL; END;
+         END $$",
+    ];
+    for (i, rewrite) in older_update_wins.iter().enumerate() {
+        let id = i + 1;
+        race(
+            &cluster,
+            &format!("UPDATE r SET v = 2 WHERE id = {id}"),
+            rewrite,
+            &format!("SELECT v::int FROM r WHERE id = {id}"),
+            "2",
+            &format!("b's update of row {id} was older than `{rewrite}` but newer than the row it replaced"),
+        );
+    }
+    // Rows the rewriting transaction writes after the rewrite, in the rewriting subtransaction
+    // or after it, have that transaction's version: newer than b's.
+    let newer_own_update = [
+        (
+            6,
+            "BEGIN; SAVEPOINT s; ALTER TABLE r ALTER COLUMN v TYPE int; UPDATE r SET w = 'a' WHERE id = 6;
+                    RELEASE SAVEPOINT s; COMMIT",
+        ),
+        (
+            7,
+            "BEGIN; SAVEPOINT s; ALTER TABLE r ALTER COLUMN v TYPE bigint; RELEASE SAVEPOINT s;
+                    UPDATE r SET w = 'a' WHERE id = 7; COMMIT",
+        ),
+        (
+            8,
+            "BEGIN; SAVEPOINT s1; ALTER TABLE r ALTER COLUMN v TYPE int; UPDATE r SET w = 'a' WHERE id = 8;
+                    RELEASE SAVEPOINT s1; SAVEPOINT s2; ALTER TABLE r ALTER COLUMN v TYPE bigint;
+                    RELEASE SAVEPOINT s2; COMMIT",
+        ),
+        (
+            9,
+            "BEGIN; SAVEPOINT s1; ALTER TABLE r ALTER COLUMN v TYPE int;
+                    SAVEPOINT s2; UPDATE r SET w = 'a' WHERE id = 9; RELEASE SAVEPOINT s2; RELEASE SAVEPOINT s1;
+                    SAVEPOINT s3; ALTER TABLE r ALTER COLUMN v TYPE bigint; RELEASE SAVEPOINT s3; COMMIT",
+        ),
+        (
+            10,
+            "BEGIN; SAVEPOINT s; ALTER TABLE r ALTER COLUMN v TYPE int; RELEASE SAVEPOINT s;
+                     UPDATE r SET w = 'a' WHERE id = 10; ALTER TABLE r ALTER COLUMN v TYPE bigint; COMMIT",
+        ),
+    ];
+    for (id, rewrite) in newer_own_update {
+        race(
+            &cluster,
+            &format!("UPDATE r SET v = 2 WHERE id = {id}"),
+            rewrite,
+            &format!("SELECT v::int || w FROM r WHERE id = {id}"),
+            "0a",
+            &format!("a's own update of row {id} in `{rewrite}` was newer than b's"),
+        );
+    }
+    cluster.assert_same(&checksum("r"));
+}
+
 /// The index scans of `trompe.row_versions` the calling session has made and not reported yet.
 const KEPT_LOOKUPS: &str = "SELECT pg_catalog.pg_stat_get_xact_numscans('trompe.row_versions_pkey'::regclass)";
 
