@@ -1,5 +1,6 @@
 //! Catalog lookups shared by capture, apply and the administration functions: a table's
-//! primary key, whether a table is replicated.
+//! primary key, whether a table is replicated, and probes of trompe's own tables by primary
+//! key under the latest snapshot.
 
 use pgrx::pg_sys;
 
@@ -40,35 +41,65 @@ pub fn is_replicated(relid: pg_sys::Oid) -> Result<bool, String> {
 /// the transaction's (a repeatable read transaction that started before `add_table` committed
 /// still sees the table's triggers fire, and must capture). One probe of the primary key index.
 pub fn listed_now(relid: pg_sys::Oid) -> bool {
-    // SAFETY: trompe.tables and its primary key index (relid) are opened with AccessShareLock
-    // and closed at the end; the scan key compares oids; the snapshot is registered for the scan
-    // and unregistered after it.
+    // SAFETY: one scan key on the index's only column (relid); nothing is read from the row.
+    unsafe { first_by_primary_key(c"tables", |_| vec![oid_key(1, relid)], |row| row.is_some()) }.unwrap_or(false)
+}
+
+/// A scan key comparing index column `attno` (1-based) with the oid `value`.
+pub fn oid_key(attno: pg_sys::AttrNumber, value: pg_sys::Oid) -> pg_sys::ScanKeyData {
+    // SAFETY: ScanKeyData is plain data, initialised by ScanKeyInit with the oid equality
+    // function and a by-value datum.
+    unsafe {
+        let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
+        pg_sys::ScanKeyInit(
+            &mut key,
+            attno,
+            pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+            pg_sys::F_OIDEQ.into(),
+            pg_sys::Datum::from(value),
+        );
+        key
+    }
+}
+
+/// Looks trompe's table `table` up through its primary key index with the scan keys
+/// `make_keys` builds (given the open index, for its collations), under the latest snapshot
+/// (what is committed now, whatever the transaction's snapshot), and hands the first row found,
+/// if any, to `read` with the table's descriptor. `None` if the table or its index is missing.
+///
+/// # Safety
+/// Inside a transaction; the scan keys must match the index's columns and operators.
+pub unsafe fn first_by_primary_key<T>(
+    table: &std::ffi::CStr,
+    make_keys: impl FnOnce(pg_sys::Relation) -> Vec<pg_sys::ScanKeyData>,
+    read: impl FnOnce(Option<(pg_sys::HeapTuple, pg_sys::TupleDesc)>) -> T,
+) -> Option<T> {
+    // SAFETY: the table and its primary key index are opened with AccessShareLock and closed at
+    // the end; the snapshot is registered for the scan and unregistered after it; the tuple
+    // handed to `read` is valid until the scan ends, which is after `read` returns.
     unsafe {
         let nsp = pg_sys::get_namespace_oid(c"trompe".as_ptr(), true);
-        let table = pg_sys::get_relname_relid(c"tables".as_ptr(), nsp);
+        let table = pg_sys::get_relname_relid(table.as_ptr(), nsp);
         if table == pg_sys::InvalidOid {
-            return false;
+            return None;
         }
         let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
         let rel = pg_sys::table_open(table, lock);
         let index = crate::pg_compat::primary_key_index(rel);
-        let mut found = false;
-        if index != pg_sys::InvalidOid {
-            let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
-            pg_sys::ScanKeyInit(
-                &mut key,
-                1,
-                pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
-                pg_sys::F_OIDEQ.into(),
-                pg_sys::Datum::from(relid),
-            );
-            let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
-            let scan = pg_sys::systable_beginscan(rel, index, true, snapshot, 1, &mut key);
-            found = !pg_sys::systable_getnext(scan).is_null();
-            pg_sys::systable_endscan(scan);
-            pg_sys::UnregisterSnapshot(snapshot);
+        if index == pg_sys::InvalidOid {
+            pg_sys::table_close(rel, lock);
+            return None;
         }
+        let index_rel = pg_sys::index_open(index, lock);
+        let mut keys = make_keys(index_rel);
+        pg_sys::index_close(index_rel, lock);
+        let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
+        let scan = pg_sys::systable_beginscan(rel, index, true, snapshot, keys.len() as i32, keys.as_mut_ptr());
+        let tuple = pg_sys::systable_getnext(scan);
+        let found = read((!tuple.is_null()).then(|| (tuple, (*rel).rd_att)));
+        pg_sys::systable_endscan(scan);
+        pg_sys::UnregisterSnapshot(snapshot);
         pg_sys::table_close(rel, lock);
-        found
+        Some(found)
     }
 }

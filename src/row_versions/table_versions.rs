@@ -6,6 +6,7 @@ use trompe_core::changeset::OldVersion;
 use trompe_core::nodeid::NodeId;
 
 use crate::capture::version::version_of;
+use crate::catalog::{first_by_primary_key, oid_key};
 use crate::run_as::as_extension_owner;
 
 /// What decides how a table's row versions are read: the transactions that rewrote it (whose
@@ -121,69 +122,10 @@ fn kept(relid: pg_sys::Oid, raw: u32, key: &[Option<String>]) -> Option<OldVersi
     })
 }
 
-/// A scan key on the first column (`relid`) of `trompe.row_versions`' primary key index.
-fn relid_key(relid: pg_sys::Oid) -> pg_sys::ScanKeyData {
-    // SAFETY: ScanKeyData is plain data, initialised by ScanKeyInit with the oid equality
-    // function and a by-value datum.
-    unsafe {
-        let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
-        pg_sys::ScanKeyInit(
-            &mut key,
-            1,
-            pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
-            pg_sys::F_OIDEQ.into(),
-            pg_sys::Datum::from(relid),
-        );
-        key
-    }
-}
-
-/// Looks `trompe.row_versions` up through its primary key index (`relid`, `key`) with the scan
-/// keys `make_keys` builds (given the index's collation of `key`), under the latest snapshot
-/// (what is committed now, whatever the transaction's snapshot), and hands the first row found,
-/// if any, to `read` with the table's descriptor. `None` if the archive or its index is missing.
-///
-/// # Safety
-/// Inside a transaction; the scan keys must match the index's columns and operators.
-unsafe fn first_in_archive<T>(
-    make_keys: impl FnOnce(pg_sys::Oid) -> Vec<pg_sys::ScanKeyData>,
-    read: impl FnOnce(Option<(pg_sys::HeapTuple, pg_sys::TupleDesc)>) -> T,
-) -> Option<T> {
-    // SAFETY: the archive table and its primary key index are opened with AccessShareLock and
-    // closed at the end; the snapshot is registered for the scan and unregistered after it; the
-    // tuple handed to `read` is valid until the scan ends, which is after `read` returns.
-    unsafe {
-        let nsp = pg_sys::get_namespace_oid(c"trompe".as_ptr(), true);
-        let table = pg_sys::get_relname_relid(c"row_versions".as_ptr(), nsp);
-        if table == pg_sys::InvalidOid {
-            return None;
-        }
-        let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
-        let rel = pg_sys::table_open(table, lock);
-        let index = crate::pg_compat::primary_key_index(rel);
-        if index == pg_sys::InvalidOid {
-            pg_sys::table_close(rel, lock);
-            return None;
-        }
-        let index_rel = pg_sys::index_open(index, lock);
-        let key_collation = *(*index_rel).rd_indcollation.add(1);
-        pg_sys::index_close(index_rel, lock);
-        let mut keys = make_keys(key_collation);
-        let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
-        let scan = pg_sys::systable_beginscan(rel, index, true, snapshot, keys.len() as i32, keys.as_mut_ptr());
-        let tuple = pg_sys::systable_getnext(scan);
-        let found = read((!tuple.is_null()).then(|| (tuple, (*rel).rd_att)));
-        pg_sys::systable_endscan(scan);
-        pg_sys::UnregisterSnapshot(snapshot);
-        pg_sys::table_close(rel, lock);
-        Some(found)
-    }
-}
-
 /// Whether `trompe.row_versions` holds any version of table `relid`'s rows, as committed now.
 fn any_kept(relid: pg_sys::Oid) -> bool {
     // SAFETY: one scan key on the index's first column; nothing is read from the row.
-    unsafe { first_in_archive(|_| vec![relid_key(relid)], |row| row.is_some()) }.unwrap_or(false)
+    unsafe { first_by_primary_key(c"row_versions", |_| vec![oid_key(1, relid)], |row| row.is_some()) }.unwrap_or(false)
 }
 
 /// The commit time and node kept in `trompe.row_versions` for (`relid`, `key`) under `xmin`
@@ -225,7 +167,9 @@ unsafe fn kept_in(relid: pg_sys::Oid, raw: u32, key: &[Option<String>]) -> Optio
             false,
             pg_sys::TYPALIGN_INT as std::ffi::c_char,
         );
-        let make_keys = |key_collation: pg_sys::Oid| {
+        // The primary key index is (relid, key): its second column's collation compares keys.
+        let make_keys = |index: pg_sys::Relation| {
+            let key_collation = *(*index).rd_indcollation.add(1);
             let mut by_key: pg_sys::ScanKeyData = std::mem::zeroed();
             pg_sys::ScanKeyEntryInitialize(
                 &mut by_key,
@@ -237,7 +181,7 @@ unsafe fn kept_in(relid: pg_sys::Oid, raw: u32, key: &[Option<String>]) -> Optio
                 pg_sys::F_ARRAY_EQ.into(),
                 pg_sys::Datum::from(array),
             );
-            vec![relid_key(relid), by_key]
+            vec![oid_key(1, relid), by_key]
         };
         let read = |row: Option<(pg_sys::HeapTuple, pg_sys::TupleDesc)>| {
             let (tuple, desc) = row?;
@@ -255,7 +199,7 @@ unsafe fn kept_in(relid: pg_sys::Oid, raw: u32, key: &[Option<String>]) -> Optio
             });
             same_xmin.then_some((ts, node))
         };
-        let found = first_in_archive(make_keys, read).flatten();
+        let found = first_by_primary_key(c"row_versions", make_keys, read).flatten();
         pg_sys::pfree(array.cast());
         found
     }
