@@ -433,6 +433,42 @@ fn rewrites_inside_subtransactions_keep_row_versions() {
     cluster.assert_same(&checksum("r"));
 }
 
+/// A peer applying a transaction that rewrote a table and then changed some of its rows keeps
+/// the kept version of a row whose change lost there (the row it has is newer): a change
+/// ranking between the two versions, arriving later, loses there as it does at the origin.
+#[test]
+fn changes_after_a_rewrite_that_lose_keep_the_rows_versions() {
+    let cluster = Cluster::start("lose-after-rewrite", 2);
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all("CREATE TABLE r (id int PRIMARY KEY, v int, w text); SELECT trompe.add_table('r')");
+    cluster.mesh();
+    a.exec("INSERT INTO r SELECT g, 0, 'x' FROM generate_series(1, 2) g");
+    cluster.wait_sync(SYNC);
+    link(a, "pause", b);
+    link(b, "pause", a);
+    // t1: a rewrites r, then updates row 1 and deletes row 2 in the same transaction.
+    a.exec(
+        "BEGIN; ALTER TABLE r ALTER COLUMN v TYPE bigint;
+                UPDATE r SET w = 'T' WHERE id = 1; DELETE FROM r WHERE id = 2; COMMIT",
+    );
+    // t2 > t1: a changes both rows again.
+    a.exec("UPDATE r SET w = 'U' WHERE id = 1; INSERT INTO r VALUES (2, 5, 'U')");
+    // t3 > t2: b's updates of both rows are the newest changes.
+    b.exec("UPDATE r SET w = 'B' WHERE id = 1; UPDATE r SET w = 'B' WHERE id = 2");
+    link(a, "resume", b);
+    link(b, "resume", a);
+    cluster.wait_sync(SYNC);
+    for node in cluster.nodes() {
+        assert_eq!(
+            node.query_text("SELECT string_agg(w, ',' ORDER BY id) FROM r").as_deref(),
+            Some("B,B"),
+            "on {}: b's updates are the newest",
+            node.name
+        );
+    }
+    cluster.assert_same(&checksum("r"));
+}
+
 /// The index scans of `trompe.row_versions` the calling session has made and not reported yet.
 const KEPT_LOOKUPS: &str = "SELECT pg_catalog.pg_stat_get_xact_numscans('trompe.row_versions_pkey'::regclass)";
 

@@ -85,9 +85,13 @@ pub fn apply_segment(
     while i < txn.len() {
         let change = &txn[i];
         CURRENT_CHANGE.set(base + i);
-        if crate::row_versions::any_rewritten_here() && matches!(change.op, Op::Insert | Op::Update | Op::Delete) {
-            written_after_rewrite(cache, change)?;
-        }
+        let end = if change.op == Op::Insert { rows::insert_run_end(cache, txn, i)? } else { i + 1 };
+        let rewritten =
+            if crate::row_versions::any_rewritten_here() && matches!(change.op, Op::Insert | Op::Update | Op::Delete) {
+                Some(rows_of_rewritten_tables(cache, &txn[i..end])?)
+            } else {
+                None
+            };
         match change.op {
             Op::Truncate => {
                 let mut group = vec![change];
@@ -96,30 +100,31 @@ pub fn apply_segment(
                     group.push(&txn[i]);
                 }
                 apply_truncate(cache, v, &group)?;
+                i += 1;
             }
             Op::Ddl => {
                 progress.after_ddl = true;
-                apply_ddl(cache, change)?
+                apply_ddl(cache, change)?;
+                i += 1;
             }
             Op::Insert => {
-                let end = rows::insert_run_end(cache, txn, i)?;
-                if crate::row_versions::any_rewritten_here() {
-                    for c in &txn[i + 1..end] {
-                        written_after_rewrite(cache, c)?;
-                    }
-                }
                 let local = large_objects::localized(cache, &txn[i..end])?;
                 rows::insert_run(cache, v, local.as_deref().unwrap_or(&txn[i..end]), careful)?;
                 i = end;
-                continue;
             }
             Op::Update => {
                 let local = large_objects::localized(cache, std::slice::from_ref(change))?;
-                rows::update(cache, v, local.as_ref().map_or(change, |l| &l[0]), careful)?
+                rows::update(cache, v, local.as_ref().map_or(change, |l| &l[0]), careful)?;
+                i += 1;
             }
-            Op::Delete => rows::delete(cache, v, change)?,
+            Op::Delete => {
+                rows::delete(cache, v, change)?;
+                i += 1;
+            }
         }
-        i += 1;
+        if let Some(rows) = rewritten {
+            written_after_rewrite(cache, rows)?;
+        }
     }
     Ok(())
 }
@@ -129,20 +134,45 @@ pub fn finish_transaction() -> Result<(), ApplyError> {
     crate::conflicts::flush().map_err(ApplyError::Postgres)
 }
 
-/// A change applied by a transaction that rewrote its table earlier: the row it writes has this
-/// transaction's version, not the one kept from before the rewrite.
-fn written_after_rewrite(cache: &mut ApplyCache, change: &Change) -> Result<(), ApplyError> {
-    let table = cache.table(&change.nsp, &change.rel)?;
-    if !crate::row_versions::rewritten_here(table.relid) {
-        return Ok(());
-    }
-    for old in [false, true] {
-        if (old && change.oldkey.is_none()) || (!old && change.vals.is_none()) {
+/// A row of a table this transaction rewrote, which a change is about to write: where it was
+/// before the change (`None`: no row with that key).
+struct RewrittenRow {
+    table: std::rc::Rc<table::Table>,
+    key: Vec<Option<String>>,
+    before: Option<String>,
+}
+
+/// The rows `changes` are about to write in tables this transaction rewrote earlier, each with
+/// where it is now.
+fn rows_of_rewritten_tables(cache: &mut ApplyCache, changes: &[Change]) -> Result<Vec<RewrittenRow>, ApplyError> {
+    let mut rows = Vec::new();
+    for change in changes {
+        let table = cache.table(&change.nsp, &change.rel)?;
+        if !crate::row_versions::rewritten_here(table.relid) {
             continue;
         }
-        let key: Vec<Option<String>> =
-            rows::key_values(&table, change, old).into_iter().map(|k| k.map(str::to_string)).collect();
-        crate::row_versions::written_after_rewrite(table.relid, &key).map_err(ApplyError::Postgres)?;
+        for old in [false, true] {
+            if (old && change.oldkey.is_none()) || (!old && change.vals.is_none()) {
+                continue;
+            }
+            let keys = rows::key_values(&table, change, old);
+            let before = rows::row_location(cache, &table, &keys)?;
+            let key = keys.into_iter().map(|k| k.map(str::to_string)).collect();
+            rows.push(RewrittenRow { table: table.clone(), key, before });
+        }
+    }
+    Ok(rows)
+}
+
+/// Changes were applied after their table was rewritten by this transaction: a row they wrote
+/// (it moved, appeared or went away) has this transaction's version, not the one kept from
+/// before the rewrite. A row a change lost against stays where it was and keeps its version.
+fn written_after_rewrite(cache: &mut ApplyCache, rows: Vec<RewrittenRow>) -> Result<(), ApplyError> {
+    for row in rows {
+        let keys: Vec<Option<&str>> = row.key.iter().map(|k| k.as_deref()).collect();
+        if rows::row_location(cache, &row.table, &keys)? != row.before {
+            crate::row_versions::written_after_rewrite(row.table.relid, &row.key).map_err(ApplyError::Postgres)?;
+        }
     }
     Ok(())
 }

@@ -24,7 +24,7 @@ use by_key::{
     check_columns, incoming, incoming_row_unset, key_array, key_condition, key_datums, key_json, nkey_of, row_json,
     run_by_key, tombstone, write_tombstone,
 };
-pub(super) use by_key::{key_values, row_exists};
+pub(super) use by_key::{key_values, row_exists, row_location};
 
 use super::change::Change;
 use super::error::ApplyError;
