@@ -262,7 +262,9 @@ CREATE TABLE trompe.row_versions (
     row_xmin xid NOT NULL,
     committed_us bigint,
     node_id uuid,
-    PRIMARY KEY (relid, key)
+    -- Probes compare this, not the key array, down the index (src/row_versions/table_versions.rs).
+    key_hash bigint NOT NULL GENERATED ALWAYS AS (pg_catalog.hash_array_extended(key, 0)) STORED,
+    PRIMARY KEY (relid, key_hash, key)
 );
 COMMENT ON TABLE trompe.row_versions IS 'Versions of rows kept across table rewrites and freezing (commit time in µs since 2000-01-01, node).';
 

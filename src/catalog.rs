@@ -45,7 +45,7 @@ pub fn listed_now(relid: pg_sys::Oid) -> bool {
     unsafe { first_by_primary_key(c"tables", |_| vec![oid_key(1, relid)], |row| row.is_some()) }.unwrap_or(false)
 }
 
-/// A scan key comparing index column `attno` (1-based) with the oid `value`.
+/// A scan key comparing column `attno` (1-based) with the oid `value`.
 pub fn oid_key(attno: pg_sys::AttrNumber, value: pg_sys::Oid) -> pg_sys::ScanKeyData {
     // SAFETY: ScanKeyData is plain data, initialised by ScanKeyInit with the oid equality
     // function and a by-value datum.
@@ -63,7 +63,8 @@ pub fn oid_key(attno: pg_sys::AttrNumber, value: pg_sys::Oid) -> pg_sys::ScanKey
 }
 
 /// Looks trompe's table `table` up through its primary key index with the scan keys
-/// `make_keys` builds (given the open index, for its collations), under the latest snapshot
+/// `make_keys` builds (on the table's column numbers, which the scan maps to the index's; given
+/// the open index, for its collations), under the latest snapshot
 /// (what is committed now, whatever the transaction's snapshot), and hands the first row found,
 /// if any, to `read` with the table's descriptor. `None` if the table or its index is missing.
 ///

@@ -57,7 +57,7 @@ pub(super) fn keep(relid: pg_sys::Oid, xmin_expr: &str, condition: &str, recent_
                   CROSS JOIN LATERAL trompe._row_version($1::oid, t.xmin, k.key) v
                   WHERE ({condition})
                     AND (NOT $3::bool OR v.committed_us > $2::bigint)
-                 ON CONFLICT (relid, key) DO UPDATE
+                 ON CONFLICT (relid, key_hash, key) DO UPDATE
                     SET row_xmin = EXCLUDED.row_xmin, committed_us = EXCLUDED.committed_us, node_id = EXCLUDED.node_id
                   WHERE (row_versions.row_xmin, row_versions.committed_us, row_versions.node_id)
                         IS DISTINCT FROM (EXCLUDED.row_xmin, EXCLUDED.committed_us, EXCLUDED.node_id)"

@@ -167,7 +167,9 @@ pub fn written_after_rewrite(relid: pg_sys::Oid, key: &[Option<String>]) -> Resu
     let refs: Vec<Option<&str>> = key.iter().map(|k| k.as_deref()).collect();
     as_extension_owner(|| {
         crate::sql::execute(
-            "DELETE FROM trompe.row_versions WHERE relid = $1::oid AND key = $2::text[] AND row_xmin = ANY ($3::xid[])",
+            "DELETE FROM trompe.row_versions
+              WHERE relid = $1::oid AND key_hash = pg_catalog.hash_array_extended($2::text[], 0)
+                AND key = $2::text[] AND row_xmin = ANY ($3::xid[])",
             &[
                 Some(&relid.to_u32().to_string()),
                 Some(&trompe_core::pgarray::format_text_array(&refs)),

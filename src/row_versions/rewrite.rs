@@ -248,7 +248,7 @@ impl Batch {
                 "INSERT INTO trompe.row_versions (relid, key, row_xmin, committed_us, node_id)
                  SELECT $1::oid, u.k::text[], $5::xid, u.c, u.n
                    FROM ROWS FROM (pg_catalog.unnest($2::text[]), pg_catalog.unnest($3::bigint[]), pg_catalog.unnest($4::uuid[])) AS u(k, c, n)
-                 ON CONFLICT (relid, key) DO UPDATE
+                 ON CONFLICT (relid, key_hash, key) DO UPDATE
                     SET row_xmin = EXCLUDED.row_xmin, committed_us = EXCLUDED.committed_us, node_id = EXCLUDED.node_id
                   WHERE (row_versions.row_xmin, row_versions.committed_us, row_versions.node_id)
                         IS DISTINCT FROM (EXCLUDED.row_xmin, EXCLUDED.committed_us, EXCLUDED.node_id)",

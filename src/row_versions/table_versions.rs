@@ -137,7 +137,7 @@ unsafe fn kept_in(relid: pg_sys::Oid, raw: u32, key: &[Option<String>]) -> Optio
     // SAFETY: the key array and its texts are palloc'd in the current context (freed after the
     // scan); the scan keys compare the index's columns with their own operators and the key's
     // collation; attributes are read from the row the scan found, with the table's descriptor
-    // (1-based numbers: relid, key, row_xmin, committed_us, node_id).
+    // (1-based numbers: relid, key, row_xmin, committed_us, node_id, key_hash).
     unsafe {
         let mut elems: Vec<pg_sys::Datum> = Vec::with_capacity(key.len());
         let mut nulls: Vec<bool> = Vec::with_capacity(key.len());
@@ -167,9 +167,26 @@ unsafe fn kept_in(relid: pg_sys::Oid, raw: u32, key: &[Option<String>]) -> Optio
             false,
             pg_sys::TYPALIGN_INT as std::ffi::c_char,
         );
-        // The primary key index is (relid, key): its second column's collation compares keys.
+        // The primary key index is (relid, key_hash, key): the key's collation (its third
+        // column's) hashes and compares keys. Down the index only the hashes are compared.
         let make_keys = |index: pg_sys::Relation| {
-            let key_collation = *(*index).rd_indcollation.add(1);
+            let key_collation = *(*index).rd_indcollation.add(2);
+            let hash = pg_sys::OidFunctionCall2Coll(
+                pg_sys::F_HASH_ARRAY_EXTENDED.into(),
+                key_collation,
+                pg_sys::Datum::from(array),
+                pg_sys::Datum::from(0i64),
+            );
+            let mut by_hash: pg_sys::ScanKeyData = std::mem::zeroed();
+            // Scan keys name the table's columns (systable_beginscan maps them to the index's):
+            // key_hash is the sixth, key the second.
+            pg_sys::ScanKeyInit(
+                &mut by_hash,
+                6,
+                pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+                pg_sys::F_INT8EQ.into(),
+                hash,
+            );
             let mut by_key: pg_sys::ScanKeyData = std::mem::zeroed();
             pg_sys::ScanKeyEntryInitialize(
                 &mut by_key,
@@ -181,7 +198,7 @@ unsafe fn kept_in(relid: pg_sys::Oid, raw: u32, key: &[Option<String>]) -> Optio
                 pg_sys::F_ARRAY_EQ.into(),
                 pg_sys::Datum::from(array),
             );
-            vec![oid_key(1, relid), by_key]
+            vec![oid_key(1, relid), by_hash, by_key]
         };
         let read = |row: Option<(pg_sys::HeapTuple, pg_sys::TupleDesc)>| {
             let (tuple, desc) = row?;
