@@ -43,6 +43,7 @@ mod table_versions;
 
 pub use freeze_window::close_own as after_utility;
 use keep::{keep, retention_horizon};
+use rewrite::current_xid;
 use table_versions::archive_exists;
 pub use table_versions::TableVersions;
 
@@ -51,13 +52,6 @@ thread_local! {
     /// rewrote them (its own later writes of their rows take their kept versions back; a later
     /// rewrite in another subtransaction takes over the versions an earlier one kept).
     static REWRITTEN_HERE: RefCell<HashMap<pg_sys::Oid, Vec<pg_sys::TransactionId>>> = RefCell::new(HashMap::new());
-}
-
-/// The xid of the current subtransaction (or of the transaction, outside any), assigned now if
-/// it had none: the `xmin` of the rows it writes, rewrites included.
-fn current_xid() -> pg_sys::TransactionId {
-    // SAFETY: inside a transaction (every caller runs in one); assigns an xid if needed.
-    unsafe { pg_sys::GetCurrentTransactionId() }
 }
 
 /// Called by the `table_rewrite` event trigger before table `relid` is rewritten: keeps the

@@ -210,6 +210,13 @@ pub fn keep_before_rewrite(relid: pg_sys::Oid) -> Result<Option<u64>, String> {
     }
 }
 
+/// The xid of the current subtransaction (or of the transaction, outside any), assigned now if
+/// it had none: the `xmin` of the rows it writes, rewrites included.
+pub(super) fn current_xid() -> pg_sys::TransactionId {
+    // SAFETY: inside a transaction (every caller runs in one); assigns an xid if needed.
+    unsafe { pg_sys::GetCurrentTransactionId() }
+}
+
 /// Row versions waiting to be written to `trompe.row_versions`.
 #[derive(Default)]
 struct Batch {
@@ -257,7 +264,7 @@ impl Batch {
                     Some(&trompe_core::pgarray::format_text_array(&keys)),
                     Some(&trompe_core::pgarray::format_text_array(&times)),
                     Some(&trompe_core::pgarray::format_text_array(&nodes)),
-                    Some(&super::current_xid().into_inner().to_string()),
+                    Some(&current_xid().into_inner().to_string()),
                 ],
             )
         })?;

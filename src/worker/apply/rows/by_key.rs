@@ -150,15 +150,19 @@ pub(crate) fn row_exists(cache: &mut ApplyCache, table: &Table, keys: &[Option<&
     Ok(found.0 > 0)
 }
 
-/// Where the local row with this key is (its `ctid`), `None` if there is none: a write moves
-/// it.
+/// Where the local row with this key is (its partition or table, and `ctid`), `None` if there
+/// is none: a write moves it.
 pub(crate) fn row_location(
     cache: &mut ApplyCache,
     table: &Table,
     keys: &[Option<&str>],
 ) -> Result<Option<String>, ApplyError> {
     let (found, row) = run_by_key(cache, table, "C", keys, || {
-        format!("SELECT tgt.ctid::text FROM {} AS tgt WHERE {}", table.qualified, key_condition(table, 1))
+        format!(
+            "SELECT tgt.tableoid::text || ':' || tgt.ctid::text FROM {} AS tgt WHERE {}",
+            table.qualified,
+            key_condition(table, 1)
+        )
     })?;
     Ok(if found > 0 { row.into_iter().next().flatten() } else { None })
 }
