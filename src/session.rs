@@ -40,14 +40,43 @@ pub fn applying_for_peer() -> bool {
     unsafe { pg_sys::replorigin_session_origin != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId }
 }
 
+extern "C" {
+    /// utils/bytea.h: how `bytea` values print (`bytea_output`: 0 escape, 1 hex).
+    static mut bytea_output: std::ffi::c_int;
+}
+
+/// `bytea_output = hex`.
+const BYTEA_OUTPUT_HEX: std::ffi::c_int = 1;
+
+thread_local! {
+    /// The `UTC` time zone, looked up once per backend (PostgreSQL keeps it for the backend's
+    /// life).
+    static UTC: Cell<*mut pg_sys::pg_tz> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The `UTC` time zone of this backend.
+fn utc() -> *mut pg_sys::pg_tz {
+    UTC.with(|u| {
+        if u.get().is_null() {
+            // SAFETY: looks a built-in zone name up; the result lives as long as the backend.
+            u.set(unsafe { pg_sys::pg_tzset(c"UTC".as_ptr()) });
+        }
+        u.get()
+    })
+}
+
 /// While alive, output functions print in a fixed, settings-independent format (ISO dates,
-/// postgres interval style, shortest exact floats), so that text captured in any session parses
-/// back to the same value on any peer.
+/// postgres interval style, shortest exact floats, times with a time zone in UTC, `bytea` in
+/// hex), so that text
+/// captured in any session parses back to the same value on any peer, and a key prints as the
+/// same text on every node (tombstones and kept versions are found by it).
 pub struct CanonicalOutput {
     date_style: i32,
     date_order: i32,
     interval_style: i32,
     extra_float_digits: i32,
+    time_zone: *mut pg_sys::pg_tz,
+    bytea_output: std::ffi::c_int,
 }
 
 impl CanonicalOutput {
@@ -61,11 +90,18 @@ impl CanonicalOutput {
                 date_order: pg_sys::DateOrder,
                 interval_style: pg_sys::IntervalStyle,
                 extra_float_digits: pg_sys::extra_float_digits,
+                time_zone: pg_sys::session_timezone,
+                bytea_output,
             };
+            bytea_output = BYTEA_OUTPUT_HEX;
             pg_sys::DateStyle = pg_sys::USE_ISO_DATES as i32;
             pg_sys::DateOrder = pg_sys::DATEORDER_MDY as i32;
             pg_sys::IntervalStyle = pg_sys::INTSTYLE_POSTGRES as i32;
             pg_sys::extra_float_digits = 1;
+            let utc = utc();
+            if !utc.is_null() {
+                pg_sys::session_timezone = utc;
+            }
             saved
         }
     }
@@ -79,6 +115,8 @@ impl Drop for CanonicalOutput {
             pg_sys::DateOrder = self.date_order;
             pg_sys::IntervalStyle = self.interval_style;
             pg_sys::extra_float_digits = self.extra_float_digits;
+            pg_sys::session_timezone = self.time_zone;
+            bytea_output = self.bytea_output;
         }
     }
 }
