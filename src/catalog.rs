@@ -27,6 +27,27 @@ pub unsafe fn primary_key_columns(rel: pg_sys::Relation) -> Option<Vec<usize>> {
     }
 }
 
+extern "C-unwind" {
+    /// catalog/pg_inherits.h: the relation and every relation that inherits from it (or is
+    /// its partition), locked with `lockmode`, as a list of oids.
+    fn find_all_inheritors(
+        parent: pg_sys::Oid,
+        lockmode: pg_sys::LOCKMODE,
+        numparents: *mut *mut pg_sys::List,
+    ) -> *mut pg_sys::List;
+}
+
+/// Table `relid` and every table that inherits from it or is its partition (at any depth),
+/// each locked with `lockmode` (`NoLock`: none).
+pub fn with_inheritors(relid: pg_sys::Oid, lockmode: pg_sys::LOCKMODE) -> Vec<pg_sys::Oid> {
+    // SAFETY: find_all_inheritors returns a list of oids (at least `relid`) in the current
+    // memory context.
+    unsafe {
+        let list = find_all_inheritors(relid, lockmode, std::ptr::null_mut());
+        (0..(*list).length as usize).map(|i| (*(*list).elements.add(i)).oid_value).collect()
+    }
+}
+
 /// Whether table `relid` is replicated (listed in `trompe.tables`).
 pub fn is_replicated(relid: pg_sys::Oid) -> Result<bool, String> {
     crate::run_as::as_extension_owner(|| {

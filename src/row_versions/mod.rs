@@ -257,16 +257,29 @@ pub unsafe fn before_utility(node: *mut pg_sys::Node) {
     } else {
         relations
             .into_iter()
-            .map(|r| {
-                // SAFETY: a name lookup without locking (the statement locks the table itself).
-                unsafe {
-                    pg_sys::RangeVarGetRelidExtended(
+            .flat_map(|r| {
+                // SAFETY: a name lookup without locking (the statement locks the table itself);
+                // `r` is a RangeVar of the statement.
+                let (relid, inh) = unsafe {
+                    let relid = pg_sys::RangeVarGetRelidExtended(
                         r,
                         pg_sys::NoLock as pg_sys::LOCKMODE,
                         pg_sys::RVROption::RVR_MISSING_OK,
                         None,
                         std::ptr::null_mut(),
-                    )
+                    );
+                    (relid, (*r).inh)
+                };
+                // A partitioned table is vacuumed or clustered partition by partition (unless
+                // ONLY): each replicated partition keeps its versions.
+                // SAFETY: a syscache lookup of an existing relation's kind.
+                let partitioned = relid != pg_sys::InvalidOid
+                    && unsafe { pg_sys::get_rel_relkind(relid) }
+                        == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char;
+                if partitioned && inh {
+                    crate::catalog::with_inheritors(relid, pg_sys::NoLock as pg_sys::LOCKMODE)
+                } else {
+                    vec![relid]
                 }
             })
             .filter(|r| *r != pg_sys::InvalidOid)
@@ -313,23 +326,31 @@ fn replicated_tables() -> Result<Vec<pg_sys::Oid>, String> {
 }
 
 /// Run by the worker now and then: keeps the versions of rows autovacuum may freeze soon
-/// (older than half of `vacuum_freeze_min_age`), in tables old enough to have such rows
+/// (older than half of `vacuum_freeze_min_age`, or of the table's `autovacuum_freeze_min_age`
+/// when lower), in tables old enough to have such rows
 /// (`age(relfrozenxid)` past that), and prunes kept versions older than the retention.
 pub fn maintain() -> Result<(), String> {
     if !archive_exists() {
         return Ok(());
     }
     freeze_window::close_ended()?;
-    let half = i64::from(freeze_min_age() / 2);
+    // Autovacuum freezes a table's rows from its own autovacuum_freeze_min_age, when set.
     let due = as_extension_owner(|| {
         crate::sql::rows(
-            "SELECT t.relid::oid::text FROM trompe.tables t JOIN pg_catalog.pg_class c ON c.oid = t.relid
-              WHERE pg_catalog.age(c.relfrozenxid) >= $1::int",
-            &[Some(&half.to_string())],
+            "SELECT t.relid::oid::text, h.half::text
+               FROM trompe.tables t JOIN pg_catalog.pg_class c ON c.oid = t.relid
+              CROSS JOIN LATERAL (
+                    SELECT least($1::int, coalesce(
+                               (SELECT o.option_value::int FROM pg_catalog.pg_options_to_table(c.reloptions) o
+                                 WHERE o.option_name = 'autovacuum_freeze_min_age'), $1::int)) / 2 AS half) h
+              WHERE pg_catalog.age(c.relfrozenxid) >= h.half",
+            &[Some(&freeze_min_age().to_string())],
         )
     })?;
     for r in due {
-        if let Some(relid) = r.first().cloned().flatten().and_then(|v| v.parse::<u32>().ok()) {
+        let relid = r.first().cloned().flatten().and_then(|v| v.parse::<u32>().ok());
+        let half = r.get(1).cloned().flatten().and_then(|v| v.parse::<i64>().ok());
+        if let (Some(relid), Some(half)) = (relid, half) {
             archive_aging(pg_sys::Oid::from(relid), half)?;
         }
     }

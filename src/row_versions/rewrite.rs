@@ -34,16 +34,6 @@ thread_local! {
     static LAYOUTS: RefCell<HashMap<pg_sys::Oid, Layout>> = RefCell::new(HashMap::new());
 }
 
-extern "C-unwind" {
-    /// catalog/pg_inherits.h: the relation and every relation that inherits from it (or is
-    /// its partition), locked with `lockmode`, as a list of oids.
-    fn find_all_inheritors(
-        parent: pg_sys::Oid,
-        lockmode: pg_sys::LOCKMODE,
-        numparents: *mut *mut pg_sys::List,
-    ) -> *mut pg_sys::List;
-}
-
 /// Before `ALTER TABLE` statement `stmt` runs: if it may rewrite a replicated table (it takes
 /// an `ACCESS EXCLUSIVE` lock), takes that lock on the table (and on its partitions or
 /// children, unless `ONLY`) as the statement is about to, and remembers their layouts.
@@ -73,12 +63,8 @@ pub unsafe fn before_alter_table(stmt: *mut pg_sys::AlterTableStmt) -> Result<()
             return Ok(());
         }
         pg_sys::LockRelationOid(relid, lockmode);
-        let relids: Vec<pg_sys::Oid> = if (*(*stmt).relation).inh {
-            let list = find_all_inheritors(relid, lockmode, std::ptr::null_mut());
-            (0..(*list).length as usize).map(|i| (*(*list).elements.add(i)).oid_value).collect()
-        } else {
-            vec![relid]
-        };
+        let relids: Vec<pg_sys::Oid> =
+            if (*(*stmt).relation).inh { crate::catalog::with_inheritors(relid, lockmode) } else { vec![relid] };
         for relid in relids {
             if crate::catalog::is_replicated(relid)? {
                 remember_layout(relid);
