@@ -100,7 +100,7 @@ fn client(node: &Node, id_base: i64, mut rng: Rng, stop: &AtomicBool, start: Ins
 }
 
 /// The kinds of fault, as counted in the summary.
-const FAULTS: [&str; 7] = [
+const FAULTS: [&str; 8] = [
     "kill -9 and restart",
     "clean restart",
     "partition",
@@ -108,6 +108,16 @@ const FAULTS: [&str; 7] = [
     "pause peers",
     "add a column",
     "create a table",
+    "rewrite the hot rows",
+];
+
+/// Statements that rewrite the table of hot rows (every node writes them concurrently) without
+/// changing its schema: replicated, run inside a savepoint or not, or local to one node.
+const REWRITES: [&str; 4] = [
+    "ALTER TABLE hot ALTER COLUMN note TYPE text USING note",
+    "BEGIN; SAVEPOINT s; ALTER TABLE hot ALTER COLUMN note TYPE text USING note; RELEASE SAVEPOINT s; COMMIT",
+    "VACUUM FULL hot",
+    "CLUSTER hot USING hot_pkey",
 ];
 
 /// Injects one random fault and undoes it (a partition or pause lasts a moment). DDL runs on
@@ -159,6 +169,11 @@ fn inject(cluster: &Cluster, rng: &mut Rng, ddl: &mut u32, reissued: &mut Vec<St
         "add a column" => {
             *ddl += 1;
             cluster.node(a).exec(&format!("ALTER TABLE events ADD COLUMN c{ddl} int NOT NULL DEFAULT {ddl}"));
+        }
+        "rewrite the hot rows" => {
+            let rewrite = REWRITES[rng.below(REWRITES.len() as u64) as usize];
+            cluster.node(a).exec(rewrite);
+            detail = format!(": {rewrite}");
         }
         "create a table" => {
             *ddl += 1;

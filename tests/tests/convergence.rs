@@ -57,30 +57,25 @@ fn race(cluster: &Cluster, on_b: &str, on_a: &str, check: &str, want: &str, why:
     }
 }
 
-/// Updates committed on one node while another rewrites the table (ALTER ... TYPE, VACUUM FULL
-/// with FREEZE, CLUSTER) arrive after the rewrite and still win: a rewrite gives every row a
-/// new physical version, but not a new replication version.
-#[test]
-fn updates_in_flight_win_over_table_rewrites() {
-    let cluster = Cluster::start("rewrite-versions", 2);
-    let a = cluster.node(0);
+/// Two meshed nodes replicating `r (id int PRIMARY KEY, v int, w text)` with rows 1 to `rows`
+/// (`v` 0, `w` 'x') on both.
+fn cluster_with_rows(name: &str, rows: usize) -> Cluster {
+    let cluster = Cluster::start(name, 2);
     cluster.exec_all("CREATE TABLE r (id int PRIMARY KEY, v int, w text); SELECT trompe.add_table('r')");
     cluster.mesh();
-    a.exec("INSERT INTO r SELECT g, 0, 'x' FROM generate_series(1, 6) g");
+    cluster.node(0).exec(&format!("INSERT INTO r SELECT g, 0, 'x' FROM generate_series(1, {rows}) g"));
     cluster.wait_sync(SYNC);
-    let rewrites = [
-        "ALTER TABLE r ALTER COLUMN v TYPE bigint",
-        "VACUUM (FULL, FREEZE) r",
-        "CLUSTER r USING r_pkey",
-        "ALTER TABLE r ALTER COLUMN w TYPE varchar(20)",
-        "ALTER TABLE r ALTER COLUMN w SET DATA TYPE text, ALTER COLUMN v TYPE numeric",
-        "VACUUM FREEZE r",
-    ];
+    cluster
+}
+
+/// For each of `rewrites` in turn (row `first`, then the next rows): b's update of the row
+/// commits first, then a rewrites its table, and b's update (older than the rewrite, newer than
+/// the row it replaced) must win on every node.
+fn older_updates_win_over(cluster: &Cluster, first: usize, rewrites: &[&str]) {
     for (i, rewrite) in rewrites.iter().enumerate() {
-        // b's update commits first; a rewrites its table afterwards and b applies the rewrite.
-        let id = i + 1;
+        let id = first + i;
         race(
-            &cluster,
+            cluster,
             &format!("UPDATE r SET v = 2 WHERE id = {id}"),
             rewrite,
             &format!("SELECT v::int FROM r WHERE id = {id}"),
@@ -88,6 +83,27 @@ fn updates_in_flight_win_over_table_rewrites() {
             &format!("b's update of row {id} was older than `{rewrite}` but newer than the row it replaced"),
         );
     }
+}
+
+/// Updates committed on one node while another rewrites the table (ALTER ... TYPE, VACUUM FULL
+/// with FREEZE, CLUSTER) arrive after the rewrite and still win: a rewrite gives every row a
+/// new physical version, but not a new replication version.
+#[test]
+fn updates_in_flight_win_over_table_rewrites() {
+    let cluster = cluster_with_rows("rewrite-versions", 6);
+    // b applies the rewrite after its update.
+    older_updates_win_over(
+        &cluster,
+        1,
+        &[
+            "ALTER TABLE r ALTER COLUMN v TYPE bigint",
+            "VACUUM (FULL, FREEZE) r",
+            "CLUSTER r USING r_pkey",
+            "ALTER TABLE r ALTER COLUMN w TYPE varchar(20)",
+            "ALTER TABLE r ALTER COLUMN w SET DATA TYPE text, ALTER COLUMN v TYPE numeric",
+            "VACUUM FREEZE r",
+        ],
+    );
     cluster.assert_same(&checksum("r"));
 }
 
@@ -118,6 +134,107 @@ fn rows_frozen_by_cluster_or_vacuum_full_keep_their_versions() {
                 node.name
             );
         }
+    }
+}
+
+/// `VACUUM FREEZE` and `VACUUM FULL` of a partitioned table (not replicated itself) freeze its
+/// replicated partitions' rows: those keep their versions too.
+#[test]
+fn vacuum_of_a_partitioned_table_keeps_its_partitions_versions() {
+    let cluster = Cluster::builder("freeze-partitioned").nodes(2).setting("autovacuum", "off").start();
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all(
+        "CREATE TABLE ev (id int, k int, v int, PRIMARY KEY (id, k)) PARTITION BY LIST (k);
+         CREATE TABLE ev1 PARTITION OF ev FOR VALUES IN (1);
+         SELECT trompe.add_table('ev1')",
+    );
+    cluster.mesh();
+    a.exec("INSERT INTO ev VALUES (1, 1, 0), (2, 1, 0)");
+    cluster.wait_sync(SYNC);
+    for (id, freeze) in [(1, "VACUUM FREEZE ev"), (2, "VACUUM FULL ev")] {
+        link(a, "pause", b);
+        b.exec(&format!("UPDATE ev SET v = 1 WHERE id = {id}"));
+        a.exec(&format!("UPDATE ev SET v = 2 WHERE id = {id}"));
+        caught_up(b);
+        link(b, "pause", a);
+        no_other_snapshots(a);
+        a.exec(freeze);
+        link(a, "resume", b);
+        link(b, "resume", a);
+        cluster.wait_sync(SYNC);
+        for node in cluster.nodes() {
+            assert_eq!(
+                node.query_text(&format!("SELECT v FROM ev WHERE id = {id}")).as_deref(),
+                Some("2"),
+                "on {}: a's update was newer than b's, and `{freeze}` froze it",
+                node.name
+            );
+        }
+    }
+}
+
+/// Runs `n` transactions on `node`, each taking a transaction id.
+fn burn_xids(node: &Node, n: u32) {
+    node.exec(&format!("DO $$ BEGIN FOR i IN 1..{n} LOOP PERFORM pg_catalog.txid_current(); COMMIT; END LOOP; END $$"));
+}
+
+/// Autovacuum freezes a table's rows from the table's own `autovacuum_freeze_min_age`: the
+/// worker keeps their versions before that age, not only before the server's setting.
+#[test]
+fn autovacuum_freeze_min_age_of_a_table_is_honoured() {
+    let cluster = Cluster::builder("freeze-reloption")
+        .nodes(2)
+        .setting("autovacuum_naptime", "1")
+        .setting("autovacuum_vacuum_threshold", "0")
+        .setting("autovacuum_vacuum_scale_factor", "0")
+        .start();
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all(
+        "CREATE TABLE r (id int PRIMARY KEY, v int) WITH (autovacuum_enabled = false, autovacuum_freeze_min_age = 1000);
+         SELECT trompe.add_table('r')",
+    );
+    cluster.mesh();
+    a.exec("INSERT INTO r VALUES (1, 0), (2, 0)");
+    cluster.wait_sync(SYNC);
+    link(a, "pause", b);
+    b.exec("UPDATE r SET v = 1 WHERE id = 1");
+    a.exec("UPDATE r SET v = 2 WHERE id = 1");
+    caught_up(b);
+    link(b, "pause", a);
+    // Half-way to the table's freeze age, the worker keeps the row's version (it looks every
+    // minute)...
+    burn_xids(a, 600);
+    assert!(
+        wait_for(Duration::from_secs(150), || {
+            a.query_text(
+                "SELECT count(*) FROM trompe.row_versions k JOIN r ON k.key = ARRAY[r.id::text]
+                  WHERE k.relid = 'r'::regclass AND r.id = 1 AND k.row_xmin = r.xmin",
+            )
+            .as_deref()
+                == Some("1")
+        }),
+        "the worker kept the version of a's row, older than half the table's autovacuum_freeze_min_age"
+    );
+    // ... before autovacuum freezes it.
+    burn_xids(a, 600);
+    no_other_snapshots(a);
+    a.exec("ALTER TABLE r SET (autovacuum_enabled = true)");
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            a.query_i64("SELECT autovacuum_count FROM pg_stat_user_tables WHERE relid = 'r'::regclass") > 0
+        }),
+        "autovacuum ran on a"
+    );
+    link(a, "resume", b);
+    link(b, "resume", a);
+    cluster.wait_sync(SYNC);
+    for node in cluster.nodes() {
+        assert_eq!(
+            node.query_text("SELECT v FROM r WHERE id = 1").as_deref(),
+            Some("2"),
+            "on {}: a's update was newer than b's, and autovacuum froze it",
+            node.name
+        );
     }
 }
 
@@ -360,35 +477,23 @@ fn rewrites_read_rows_in_their_layout_before_the_statement() {
 /// same transaction, and rows the rewriting transaction writes afterwards have its version.
 #[test]
 fn rewrites_inside_subtransactions_keep_row_versions() {
-    let cluster = Cluster::start("rewrite-subxact", 2);
-    let a = cluster.node(0);
-    cluster.exec_all("CREATE TABLE r (id int PRIMARY KEY, v int, w text); SELECT trompe.add_table('r')");
-    cluster.mesh();
-    a.exec("INSERT INTO r SELECT g, 0, 'x' FROM generate_series(1, 10) g");
-    cluster.wait_sync(SYNC);
-    let older_update_wins = [
-        "BEGIN; SAVEPOINT s; ALTER TABLE r ALTER COLUMN v TYPE bigint; RELEASE SAVEPOINT s; COMMIT",
-        "BEGIN; SAVEPOINT s1; ALTER TABLE r ALTER COLUMN v TYPE int; RELEASE SAVEPOINT s1;
-                SAVEPOINT s2; ALTER TABLE r ALTER COLUMN v TYPE bigint; RELEASE SAVEPOINT s2; COMMIT",
-        "BEGIN; ALTER TABLE r ALTER COLUMN v TYPE int;
-                SAVEPOINT s; ALTER TABLE r ALTER COLUMN v TYPE bigint; RELEASE SAVEPOINT s; COMMIT",
-        "BEGIN; SAVEPOINT s; ALTER TABLE r ALTER COLUMN v TYPE numeric; ROLLBACK TO SAVEPOINT s;
-                ALTER TABLE r ALTER COLUMN v TYPE int; COMMIT",
-        "DO $$ BEGIN
-             BEGIN ALTER TABLE r ALTER COLUMN v TYPE bigint; EXCEPTION WHEN division_by_zero THEN NULL; END;
-         END $$",
-    ];
-    for (i, rewrite) in older_update_wins.iter().enumerate() {
-        let id = i + 1;
-        race(
-            &cluster,
-            &format!("UPDATE r SET v = 2 WHERE id = {id}"),
-            rewrite,
-            &format!("SELECT v::int FROM r WHERE id = {id}"),
-            "2",
-            &format!("b's update of row {id} was older than `{rewrite}` but newer than the row it replaced"),
-        );
-    }
+    let cluster = cluster_with_rows("rewrite-subxact", 10);
+    older_updates_win_over(
+        &cluster,
+        1,
+        &[
+            "BEGIN; SAVEPOINT s; ALTER TABLE r ALTER COLUMN v TYPE bigint; RELEASE SAVEPOINT s; COMMIT",
+            "BEGIN; SAVEPOINT s1; ALTER TABLE r ALTER COLUMN v TYPE int; RELEASE SAVEPOINT s1;
+                    SAVEPOINT s2; ALTER TABLE r ALTER COLUMN v TYPE bigint; RELEASE SAVEPOINT s2; COMMIT",
+            "BEGIN; ALTER TABLE r ALTER COLUMN v TYPE int;
+                    SAVEPOINT s; ALTER TABLE r ALTER COLUMN v TYPE bigint; RELEASE SAVEPOINT s; COMMIT",
+            "BEGIN; SAVEPOINT s; ALTER TABLE r ALTER COLUMN v TYPE numeric; ROLLBACK TO SAVEPOINT s;
+                    ALTER TABLE r ALTER COLUMN v TYPE int; COMMIT",
+            "DO $$ BEGIN
+                 BEGIN ALTER TABLE r ALTER COLUMN v TYPE bigint; EXCEPTION WHEN division_by_zero THEN NULL; END;
+             END $$",
+        ],
+    );
     // Rows the rewriting transaction writes after the rewrite, in the rewriting subtransaction
     // or after it, have that transaction's version: newer than b's.
     let newer_own_update = [
@@ -438,12 +543,8 @@ fn rewrites_inside_subtransactions_keep_row_versions() {
 /// ranking between the two versions, arriving later, loses there as it does at the origin.
 #[test]
 fn changes_after_a_rewrite_that_lose_keep_the_rows_versions() {
-    let cluster = Cluster::start("lose-after-rewrite", 2);
+    let cluster = cluster_with_rows("lose-after-rewrite", 2);
     let (a, b) = (cluster.node(0), cluster.node(1));
-    cluster.exec_all("CREATE TABLE r (id int PRIMARY KEY, v int, w text); SELECT trompe.add_table('r')");
-    cluster.mesh();
-    a.exec("INSERT INTO r SELECT g, 0, 'x' FROM generate_series(1, 2) g");
-    cluster.wait_sync(SYNC);
     link(a, "pause", b);
     link(b, "pause", a);
     // t1: a rewrites r, then updates row 1 and deletes row 2 in the same transaction.
@@ -467,6 +568,78 @@ fn changes_after_a_rewrite_that_lose_keep_the_rows_versions() {
         );
     }
     cluster.assert_same(&checksum("r"));
+}
+
+/// Sets each node's server time zone (`ALTER SYSTEM`), as nodes in different regions have them.
+fn time_zones(cluster: &Cluster, zones: &[&str]) {
+    for (node, zone) in cluster.nodes().iter().zip(zones) {
+        node.exec(&format!("ALTER SYSTEM SET TimeZone = '{zone}'"));
+        node.exec("SELECT pg_reload_conf()");
+    }
+    for (node, zone) in cluster.nodes().iter().zip(zones) {
+        assert!(
+            wait_for(Duration::from_secs(30), || node.query_text("SHOW TimeZone").as_deref() == Some(zone)),
+            "{} runs in {zone}",
+            node.name
+        );
+    }
+}
+
+/// Keys whose text depends on the session's time zone (`timestamptz`) or output settings
+/// (`bytea_output`) are the same key on nodes in different zones and in any session: a delete's tombstone stops an older update of the same row from
+/// another zone, and versions kept by `VACUUM FULL` are found by changes from another zone.
+#[test]
+fn time_zone_dependent_keys_match_across_zones() {
+    let cluster = Cluster::start("time-zone-keys", 2);
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    time_zones(&cluster, &["UTC", "Asia/Tokyo"]);
+    cluster.exec_all(
+        "CREATE TABLE readings (device int, at timestamptz, v int, PRIMARY KEY (device, at));
+         SELECT trompe.add_table('readings');
+         CREATE TABLE blobs (k bytea PRIMARY KEY, v int); SELECT trompe.add_table('blobs')",
+    );
+    cluster.mesh();
+    a.exec(
+        "INSERT INTO readings VALUES (1, '2026-01-01 00:00:00+00', 0), (2, '2026-01-01 00:00:00+00', 0);
+         INSERT INTO blobs VALUES ('\\x01', 0)",
+    );
+    cluster.wait_sync(SYNC);
+    // a's updates are older than b's deletes (one in a session printing bytea as escapes): the
+    // deletes win on both nodes.
+    link(a, "pause", b);
+    link(b, "pause", a);
+    a.exec("UPDATE readings SET v = 1 WHERE device = 1; UPDATE blobs SET v = 1");
+    b.exec("DELETE FROM readings WHERE device = 1; SET bytea_output = 'escape'; DELETE FROM blobs");
+    link(a, "resume", b);
+    link(b, "resume", a);
+    cluster.wait_sync(SYNC);
+    // a's update is older than b's, whose row b then freezes (VACUUM FULL, in Tokyo): when a's
+    // arrives there, b's kept version beats it.
+    link(b, "pause", a);
+    a.exec("UPDATE readings SET v = 1 WHERE device = 2");
+    b.exec("UPDATE readings SET v = 2 WHERE device = 2");
+    caught_up(a);
+    link(a, "pause", b);
+    no_other_snapshots(b);
+    b.exec("VACUUM FULL readings");
+    link(a, "resume", b);
+    link(b, "resume", a);
+    cluster.wait_sync(SYNC);
+    for node in cluster.nodes() {
+        assert_eq!(
+            node.query_text("SELECT string_agg(device || ':' || v, ',' ORDER BY device) FROM readings").as_deref(),
+            Some("2:2"),
+            "on {}: b's delete of row 1 and b's update of row 2 are the newest",
+            node.name
+        );
+    }
+    for node in cluster.nodes() {
+        assert_eq!(node.query_text("SELECT count(*) FROM blobs").as_deref(), Some("0"), "on {}", node.name);
+    }
+    // Each node prints times in its own zone: compare the instants.
+    cluster.assert_same(
+        "SELECT string_agg(device || ' ' || extract(epoch FROM at) || ' ' || v, ',' ORDER BY device) FROM readings",
+    );
 }
 
 /// The index scans of `trompe.row_versions` the calling session has made and not reported yet.
