@@ -57,6 +57,18 @@ fn race(cluster: &Cluster, on_b: &str, on_a: &str, check: &str, want: &str, why:
     }
 }
 
+/// `a` and `b` pull from each other again; once both are caught up, `check` must read `want` on
+/// every node (`why` says what was expected).
+fn resume_both_and_expect(cluster: &Cluster, check: &str, want: &str, why: &str) {
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    link(a, "resume", b);
+    link(b, "resume", a);
+    cluster.wait_sync(SYNC);
+    for node in cluster.nodes() {
+        assert_eq!(node.query_text(check).as_deref(), Some(want), "on {}: {why}", node.name);
+    }
+}
+
 /// Two meshed nodes replicating `r (id int PRIMARY KEY, v int, w text)` with rows 1 to `rows`
 /// (`v` 0, `w` 'x') on both.
 fn cluster_with_rows(name: &str, rows: usize) -> Cluster {
@@ -123,17 +135,12 @@ fn rows_frozen_by_cluster_or_vacuum_full_keep_their_versions() {
         b.exec(&format!("UPDATE r SET v = 1 WHERE id = {id}"));
         a.exec(&format!("UPDATE r SET v = 2 WHERE id = {id}"));
         a.exec(freeze);
-        link(a, "resume", b);
-        link(b, "resume", a);
-        cluster.wait_sync(SYNC);
-        for node in cluster.nodes() {
-            assert_eq!(
-                node.query_text(&format!("SELECT v FROM r WHERE id = {id}")).as_deref(),
-                Some("2"),
-                "on {}: a's update was newer than b's, and `{freeze}` froze it",
-                node.name
-            );
-        }
+        resume_both_and_expect(
+            &cluster,
+            &format!("SELECT v FROM r WHERE id = {id}"),
+            "2",
+            &format!("a's update was newer than b's, and `{freeze}` froze it"),
+        );
     }
 }
 
@@ -159,17 +166,12 @@ fn vacuum_of_a_partitioned_table_keeps_its_partitions_versions() {
         link(b, "pause", a);
         no_other_snapshots(a);
         a.exec(freeze);
-        link(a, "resume", b);
-        link(b, "resume", a);
-        cluster.wait_sync(SYNC);
-        for node in cluster.nodes() {
-            assert_eq!(
-                node.query_text(&format!("SELECT v FROM ev WHERE id = {id}")).as_deref(),
-                Some("2"),
-                "on {}: a's update was newer than b's, and `{freeze}` froze it",
-                node.name
-            );
-        }
+        resume_both_and_expect(
+            &cluster,
+            &format!("SELECT v FROM ev WHERE id = {id}"),
+            "2",
+            &format!("a's update was newer than b's, and `{freeze}` froze it"),
+        );
     }
 }
 
@@ -225,17 +227,12 @@ fn autovacuum_freeze_min_age_of_a_table_is_honoured() {
         }),
         "autovacuum ran on a"
     );
-    link(a, "resume", b);
-    link(b, "resume", a);
-    cluster.wait_sync(SYNC);
-    for node in cluster.nodes() {
-        assert_eq!(
-            node.query_text("SELECT v FROM r WHERE id = 1").as_deref(),
-            Some("2"),
-            "on {}: a's update was newer than b's, and autovacuum froze it",
-            node.name
-        );
-    }
+    resume_both_and_expect(
+        &cluster,
+        "SELECT v FROM r WHERE id = 1",
+        "2",
+        "a's update was newer than b's, and autovacuum froze it",
+    );
 }
 
 /// A row committed while `VACUUM FREEZE`, `VACUUM FULL` or `CLUSTER` keeps the table's row
@@ -303,17 +300,12 @@ fn rows_committed_while_versions_are_kept_keep_theirs() {
             Some("0 1"),
             "once `{freeze}` has ended, no freeze window is open and the frozen row's version is kept"
         );
-        link(a, "resume", b);
-        link(b, "resume", a);
-        cluster.wait_sync(SYNC);
-        for node in cluster.nodes() {
-            assert_eq!(
-                node.query_text(&format!("SELECT v FROM r WHERE id = {id}")).as_deref(),
-                Some("2"),
-                "on {}: a's update was newer than b's, and `{freeze}` froze it",
-                node.name
-            );
-        }
+        resume_both_and_expect(
+            &cluster,
+            &format!("SELECT v FROM r WHERE id = {id}"),
+            "2",
+            &format!("a's update was newer than b's, and `{freeze}` froze it"),
+        );
     }
 }
 
@@ -398,17 +390,7 @@ fn a_failed_freezing_statement_leaves_its_windows_to_the_worker() {
         Some("true 2"),
         "the cancelled VACUUM froze a's update and left both windows open; it said:\n{report}"
     );
-    link(a, "resume", b);
-    link(b, "resume", a);
-    cluster.wait_sync(SYNC);
-    for node in cluster.nodes() {
-        assert_eq!(
-            node.query_text("SELECT v FROM r WHERE id = 1").as_deref(),
-            Some("2"),
-            "on {}: a's update was newer than b's",
-            node.name
-        );
-    }
+    resume_both_and_expect(&cluster, "SELECT v FROM r WHERE id = 1", "2", "a's update was newer than b's");
     // A fresh worker looks for the windows of statements that no longer run at once.
     a.restart();
     assert!(
@@ -556,17 +538,12 @@ fn changes_after_a_rewrite_that_lose_keep_the_rows_versions() {
     a.exec("UPDATE r SET w = 'U' WHERE id = 1; INSERT INTO r VALUES (2, 5, 'U')");
     // t3 > t2: b's updates of both rows are the newest changes.
     b.exec("UPDATE r SET w = 'B' WHERE id = 1; UPDATE r SET w = 'B' WHERE id = 2");
-    link(a, "resume", b);
-    link(b, "resume", a);
-    cluster.wait_sync(SYNC);
-    for node in cluster.nodes() {
-        assert_eq!(
-            node.query_text("SELECT string_agg(w, ',' ORDER BY id) FROM r").as_deref(),
-            Some("B,B"),
-            "on {}: b's updates are the newest",
-            node.name
-        );
-    }
+    resume_both_and_expect(
+        &cluster,
+        "SELECT string_agg(w, ',' ORDER BY id) FROM r",
+        "B,B",
+        "b's updates are the newest",
+    );
     cluster.assert_same(&checksum("r"));
 }
 
@@ -622,17 +599,12 @@ fn time_zone_dependent_keys_match_across_zones() {
     link(a, "pause", b);
     no_other_snapshots(b);
     b.exec("VACUUM FULL readings");
-    link(a, "resume", b);
-    link(b, "resume", a);
-    cluster.wait_sync(SYNC);
-    for node in cluster.nodes() {
-        assert_eq!(
-            node.query_text("SELECT string_agg(device || ':' || v, ',' ORDER BY device) FROM readings").as_deref(),
-            Some("2:2"),
-            "on {}: b's delete of row 1 and b's update of row 2 are the newest",
-            node.name
-        );
-    }
+    resume_both_and_expect(
+        &cluster,
+        "SELECT string_agg(device || ':' || v, ',' ORDER BY device) FROM readings",
+        "2:2",
+        "b's delete of row 1 and b's update of row 2 are the newest",
+    );
     for node in cluster.nodes() {
         assert_eq!(node.query_text("SELECT count(*) FROM blobs").as_deref(), Some("0"), "on {}", node.name);
     }
