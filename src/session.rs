@@ -67,9 +67,8 @@ fn utc() -> *mut pg_sys::pg_tz {
 
 /// While alive, output functions print in a fixed, settings-independent format (ISO dates,
 /// postgres interval style, shortest exact floats, times with a time zone in UTC, `bytea` in
-/// hex), so that text
-/// captured in any session parses back to the same value on any peer, and a key prints as the
-/// same text on every node (tombstones and kept versions are found by it).
+/// hex), so that text captured in any session parses back to the same value on any peer, and a
+/// key prints as the same text on every node (tombstones and kept versions are found by it).
 pub struct CanonicalOutput {
     date_style: i32,
     date_order: i32,

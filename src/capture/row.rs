@@ -31,9 +31,11 @@ fn capture(td: &pg_sys::TriggerData) -> Result<(), TrompeError> {
         pg_sys::TRIGGER_EVENT_DELETE => (Op::Delete, None, Some(td.tg_trigtuple)),
         other => return Err(TrompeError::Internal(format!("capture_row fired for unexpected event {other}"))),
     };
+    // Keys print canonically from here on: the replaced row's kept version is found by its key's
+    // canonical text, whatever this session's DateStyle or TimeZone.
+    let _format = CanonicalOutput::enter();
     let old_version =
         old.map_or(OldVersion::Unknown, |t| info.versions.row_version(xmin_of(t), || key_texts(&info, rel, t)));
-    let _format = CanonicalOutput::enter();
     // SAFETY: rel is open.
     let relid = unsafe { (*rel).rd_id };
     match (op, new, old) {

@@ -636,6 +636,29 @@ fn lookups_and_captured(session: &mut postgres::Client, sql: &str) -> (i64, Stri
     (scans, old.unwrap_or_default())
 }
 
+/// Capture finds the kept version of a frozen row by its key's canonical text, whatever the
+/// writing session's `DateStyle` and `TimeZone`.
+#[test]
+fn kept_versions_are_found_whatever_the_sessions_date_style_and_time_zone() {
+    let cluster = Cluster::builder("kept-version-date-style").nodes(1).setting("autovacuum", "off").start();
+    let a = cluster.node(0);
+    a.exec(
+        "CREATE TABLE d (day date, at timestamptz, v int, PRIMARY KEY (day, at)); SELECT trompe.add_table('d');
+         INSERT INTO d VALUES ('2026-01-02', '2026-01-02 03:00:00+00', 0)",
+    );
+    no_other_snapshots(a);
+    a.exec("VACUUM FREEZE d");
+    assert_eq!(
+        a.query_text("SELECT count(*) FROM trompe.row_versions WHERE relid = 'd'::regclass").as_deref(),
+        Some("1"),
+        "VACUUM FREEZE kept the version of d's row"
+    );
+    let mut session = a.connect();
+    session.batch_execute("SET DateStyle = 'SQL, DMY'; SET TimeZone = 'Asia/Tokyo'").expect("settings");
+    let (_, old) = lookups_and_captured(&mut session, "UPDATE d SET v = 1");
+    assert!(!old.is_empty(), "the update captured the frozen row's kept version: {old:?}");
+}
+
 /// Updates of frozen rows of a table without kept versions do not look for one (the table's
 /// cached facts say it has none), and a session that read those facts before versions of the
 /// table were kept finds them afterwards.
