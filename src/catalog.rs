@@ -41,9 +41,9 @@ extern "C-unwind" {
 /// each locked with `lockmode` (`NoLock`: none).
 pub fn with_inheritors(relid: pg_sys::Oid, lockmode: pg_sys::LOCKMODE) -> Vec<pg_sys::Oid> {
     // SAFETY: find_all_inheritors returns a list of oids (at least `relid`) in the current
-    // memory context.
+    // memory context; an error it raises (a lock wait cancelled) crosses into Rust guarded.
     unsafe {
-        let list = find_all_inheritors(relid, lockmode, std::ptr::null_mut());
+        let list = pg_sys::ffi::pg_guard_ffi_boundary(|| find_all_inheritors(relid, lockmode, std::ptr::null_mut()));
         (0..(*list).length as usize).map(|i| (*(*list).elements.add(i)).oid_value).collect()
     }
 }

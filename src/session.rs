@@ -60,6 +60,12 @@ fn utc() -> *mut pg_sys::pg_tz {
         if u.get().is_null() {
             // SAFETY: looks a built-in zone name up; the result lives as long as the backend.
             u.set(unsafe { pg_sys::pg_tzset(c"UTC".as_ptr()) });
+            if u.get().is_null() {
+                pgrx::warning!(
+                    "trompe: the time zone UTC cannot be loaded (is the server's time zone data complete?): \
+                     timestamptz keys print in the session's time zone, and may not match across nodes"
+                );
+            }
         }
         u.get()
     })

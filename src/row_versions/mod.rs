@@ -310,10 +310,16 @@ unsafe fn option_set(list: *mut pg_sys::List, name: &str) -> bool {
     }
 }
 
-/// `vacuum_freeze_min_age` as this session has it.
+extern "C" {
+    /// postmaster/autovacuum.h: the `autovacuum_freeze_max_age` setting.
+    static autovacuum_freeze_max_age: std::ffi::c_int;
+}
+
+/// The age from which vacuum freezes rows as this session's settings have it:
+/// `vacuum_freeze_min_age`, capped (as vacuum caps it) at half of `autovacuum_freeze_max_age`.
 fn freeze_min_age() -> i32 {
-    // SAFETY: reads the GUC's backend-local variable.
-    unsafe { pg_sys::vacuum_freeze_min_age }
+    // SAFETY: reads the GUCs' backend-local variables.
+    unsafe { pg_sys::vacuum_freeze_min_age.min(autovacuum_freeze_max_age / 2) }
 }
 
 fn replicated_tables() -> Result<Vec<pg_sys::Oid>, String> {
@@ -334,14 +340,19 @@ pub fn maintain() -> Result<(), String> {
         return Ok(());
     }
     freeze_window::close_ended()?;
-    // Autovacuum freezes a table's rows from its own autovacuum_freeze_min_age, when set.
+    // Autovacuum freezes a table's rows from its own autovacuum_freeze_min_age, when set (in
+    // decimal form: PostgreSQL also takes hexadecimal or octal ones, which fall back to the
+    // server's setting here rather than fail for every table).
     let due = as_extension_owner(|| {
         crate::sql::rows(
-            "SELECT t.relid::oid::text, h.half::text
+            r"SELECT t.relid::oid::text, h.half::text
                FROM trompe.tables t JOIN pg_catalog.pg_class c ON c.oid = t.relid
               CROSS JOIN LATERAL (
                     SELECT least($1::int, coalesce(
-                               (SELECT o.option_value::int FROM pg_catalog.pg_options_to_table(c.reloptions) o
+                               (SELECT CASE WHEN o.option_value ~ '^\s*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\s*$'
+                                             AND length(o.option_value) < 30
+                                        THEN least(greatest(round(o.option_value::numeric), 0), 2000000000)::int END
+                                  FROM pg_catalog.pg_options_to_table(c.reloptions) o
                                  WHERE o.option_name = 'autovacuum_freeze_min_age'), $1::int)) / 2 AS half) h
               WHERE pg_catalog.age(c.relfrozenxid) >= h.half",
             &[Some(&freeze_min_age().to_string())],

@@ -181,7 +181,8 @@ fn burn_xids(node: &Node, n: u32) {
 }
 
 /// Autovacuum freezes a table's rows from the table's own `autovacuum_freeze_min_age`: the
-/// worker keeps their versions before that age, not only before the server's setting.
+/// worker keeps their versions before that age, not only before the server's setting (and
+/// settings written in hexadecimal or with an exponent, on other tables, do not stop it).
 #[test]
 fn autovacuum_freeze_min_age_of_a_table_is_honoured() {
     let cluster = Cluster::builder("freeze-reloption")
@@ -193,7 +194,10 @@ fn autovacuum_freeze_min_age_of_a_table_is_honoured() {
     let (a, b) = (cluster.node(0), cluster.node(1));
     cluster.exec_all(
         "CREATE TABLE r (id int PRIMARY KEY, v int) WITH (autovacuum_enabled = false, autovacuum_freeze_min_age = 1000);
-         SELECT trompe.add_table('r')",
+         SELECT trompe.add_table('r');
+         CREATE TABLE hex (id int PRIMARY KEY) WITH (autovacuum_freeze_min_age = '0x10');
+         CREATE TABLE exp (id int PRIMARY KEY) WITH (autovacuum_freeze_min_age = '1e5');
+         SELECT trompe.add_table('hex'); SELECT trompe.add_table('exp')",
     );
     cluster.mesh();
     a.exec("INSERT INTO r VALUES (1, 0), (2, 0)");
