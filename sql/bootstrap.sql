@@ -277,6 +277,14 @@ CREATE TABLE trompe.rewrites (
 );
 COMMENT ON TABLE trompe.rewrites IS 'Transactions that rewrote replicated tables (their rows'' versions are in trompe.row_versions).';
 
+-- How far the worker has kept the versions of aging rows, per table (src/row_versions/sweep.rs):
+-- rows whose xmin precedes kept_below were looked at once and need not be again.
+CREATE TABLE trompe.version_sweeps (
+    relid oid PRIMARY KEY,
+    kept_below xid8 NOT NULL
+);
+COMMENT ON TABLE trompe.version_sweeps IS 'Per replicated table, the transaction before which the versions of aging rows have been kept.';
+
 -- Statements that freeze rows after keeping their versions (src/row_versions/freeze_window.rs):
 -- a row committed in between is frozen without a kept version and reads its commit timestamp
 -- until the statement has ended and its version is kept.

@@ -268,3 +268,19 @@ pub fn owns_extension(extoid: pg_sys::Oid) -> bool {
         }
     }
 }
+
+/// This backend's local transaction id: numbers its transactions (also those without a
+/// transaction id) in order. PostgreSQL 17 moved it into the proc's virtual transaction id.
+pub fn local_transaction_id() -> u32 {
+    // SAFETY: MyProc is this backend's own proc entry, set up before any SQL runs.
+    unsafe {
+        #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16"))]
+        {
+            (*pg_sys::MyProc).lxid
+        }
+        #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16")))]
+        {
+            (*pg_sys::MyProc).vxid.lxid
+        }
+    }
+}

@@ -80,11 +80,12 @@ unsafe extern "C-unwind" fn process_utility(
     let restart = !node.is_null()
         && (*node).type_ == pg_sys::NodeTag::T_TruncateStmt
         && (*(node as *mut pg_sys::TruncateStmt)).restart_seqs;
+    // What the policy notes (and what keeping row versions caches) for the transaction is
+    // forgotten when it ends.
+    crate::capture::xact::ensure_xact_callback();
     crate::capture::ddl::note_index_drops(node);
     crate::row_versions::before_utility(node);
     let rename = crate::ddl_history::before_utility(node);
-    // What the policy notes for the transaction is forgotten when it ends.
-    crate::capture::xact::ensure_xact_callback();
     let added = crate::capture::ddl_policy::before_utility(node).or_raise();
     let _privileges = crate::capture::privileges::before_utility(node);
     let _scope = StatementScope::enter(statement_text(pstmt, query_string), restart, node);

@@ -18,8 +18,12 @@
 //!   then reads as a recent one). Such rows read their version from `trompe.row_versions`,
 //!   where it is kept before vacuum can freeze them: by the ProcessUtility hook before `VACUUM`
 //!   (with `FREEZE`, `FULL`, or not) and `CLUSTER`, and by the worker for autovacuum, for rows
-//!   older than half of `vacuum_freeze_min_age` (see [`archive_aging`]). A frozen row without a
-//!   kept version is older than anything that matters: its version is unknown (it loses).
+//!   older than half of `vacuum_freeze_min_age` (see [`archive_aging`]). Since PostgreSQL 16
+//!   vacuum also freezes younger rows, whole pages at a time, when it writes a full-page image
+//!   of the page anyway: a row younger than half of `autovacuum_freeze_max_age` without a kept
+//!   version reads its version from its raw `xmin`, which is still its own (the worker keeps
+//!   it before it gets that old). An older frozen row without a kept version is older than
+//!   anything that matters: its version is unknown (it loses).
 //!
 //! A row committed while such a statement keeps versions may be frozen without a kept one: it
 //! reads its version through the statement's freeze window (module [`freeze_window`]).
@@ -36,18 +40,29 @@ use trompe_core::changeset::OldVersion;
 
 use crate::run_as::as_extension_owner;
 
+mod freeze_ages;
 mod freeze_window;
 mod keep;
 mod rewrite;
+mod sweep;
 mod table_versions;
 
+use freeze_ages::freeze_min_age;
 pub use freeze_window::close_own as after_utility;
 use keep::{keep, retention_horizon};
 use rewrite::current_xid;
+pub use sweep::Sweep;
 use table_versions::archive_exists;
 pub use table_versions::TableVersions;
 
+/// A statement of this backend: its transaction's local id and its command id.
+type StatementId = (u32, pg_sys::CommandId);
+
 thread_local! {
+    /// What decides the versions of the table `_row_version` read last, with the statement that
+    /// read it: a statement keeping versions asks for every row of one table (the facts hold
+    /// for the statement).
+    static STATEMENT_FACTS: RefCell<Option<(pg_sys::Oid, StatementId, TableVersions)>> = const { RefCell::new(None) };
     /// Tables the current transaction rewrote, with the xids of the (sub)transactions that
     /// rewrote them (its own later writes of their rows take their kept versions back; a later
     /// rewrite in another subtransaction takes over the versions an earlier one kept).
@@ -128,17 +143,29 @@ fn _row_version(
     xmin: pg_sys::TransactionId,
     key: Vec<Option<String>>,
 ) -> TableIterator<'static, (name!(committed_us, Option<i64>), name!(node_id, Option<pgrx::Uuid>))> {
-    // SAFETY: opens the relation to read what decides its versions; closed before returning.
-    let versions = unsafe {
-        let rel = pg_sys::try_relation_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        if rel.is_null() {
-            return TableIterator::new(vec![(None, None)]);
+    // SAFETY: reads the current command's id. (Each transaction numbers its commands anew: the
+    // local transaction id tells them apart.)
+    let command = (crate::pg_compat::local_transaction_id(), unsafe { pg_sys::GetCurrentCommandId(false) });
+    let cached = STATEMENT_FACTS
+        .with(|f| f.borrow().as_ref().filter(|(r, c, _)| *r == relid && *c == command).map(|(_, _, v)| v.clone()));
+    let versions = match cached {
+        Some(versions) => versions,
+        None => {
+            // SAFETY: opens the relation to read what decides its versions; closed before returning.
+            let versions = unsafe {
+                let rel = pg_sys::try_relation_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+                if rel.is_null() {
+                    return TableIterator::new(vec![(None, None)]);
+                }
+                let v = TableVersions::of(rel);
+                pg_sys::relation_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+                v
+            };
+            let versions = versions.map_err(crate::error::TrompeError::Internal).unwrap_or_else(|e| e.raise());
+            STATEMENT_FACTS.with(|f| *f.borrow_mut() = Some((relid, command, versions.clone())));
+            versions
         }
-        let v = TableVersions::of(rel);
-        pg_sys::relation_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        v
     };
-    let versions = versions.map_err(crate::error::TrompeError::Internal).unwrap_or_else(|e| e.raise());
     let row = match versions.row_version(xmin, || key) {
         OldVersion::Committed { ts, node } => (Some(ts), Some(pgrx::Uuid::from_bytes(node.0))),
         _ => (None, None),
@@ -187,6 +214,7 @@ pub fn rewritten_here(relid: pg_sys::Oid) -> bool {
 /// The transaction ended: forgets which tables it rewrote.
 pub fn end_of_transaction() {
     REWRITTEN_HERE.with(|r| r.borrow_mut().clear());
+    STATEMENT_FACTS.with(|f| f.borrow_mut().take());
     rewrite::end_of_transaction();
 }
 
@@ -199,12 +227,32 @@ fn open_freeze_window(relid: pg_sys::Oid) -> Result<(), String> {
 }
 
 /// Keeps the versions of the rows of replicated table `relid` whose `xmin` is at least
-/// `min_age` transactions old (vacuum may freeze them), under their own `xmin`.
+/// `min_age` transactions old (vacuum may freeze them), under their own `xmin`: those from the
+/// table's sweep watermark on (older ones were kept by a sweep, see [`sweep`]).
 pub fn archive_aging(relid: pg_sys::Oid, min_age: i64) -> Result<u64, String> {
     if !archive_exists() || !crate::catalog::is_replicated(relid)? {
         return Ok(0);
     }
-    keep(relid, "t.xmin", &format!("pg_catalog.age(t.xmin) >= {}", min_age.max(0)), true)
+    keep(relid, "t.xmin", &sweep::band(min_age, sweep::watermark(relid)?, None), true)
+}
+
+/// The replicated tables whose aging rows (older than half of `vacuum_freeze_min_age`, or of
+/// the table's `autovacuum_freeze_min_age` when lower) need their versions kept now, oldest
+/// watermark first (see [`sweep`]).
+pub fn sweeps_due() -> Result<Vec<Sweep>, String> {
+    if !archive_exists() {
+        return Ok(Vec::new());
+    }
+    sweep::due(freeze_min_age())
+}
+
+/// Keeps the versions of the aging rows of the table `due` names, and moves its watermark.
+pub fn sweep(due: &Sweep) -> Result<(), String> {
+    if !archive_exists() || !crate::catalog::is_replicated(due.relid)? {
+        return Ok(());
+    }
+    keep(due.relid, "t.xmin", &sweep::band(due.half, due.from, Some(due.target)), true)?;
+    sweep::record(due.relid, due.target)
 }
 
 /// The replicated tables a utility statement about to run may freeze rows of, with the age
@@ -310,18 +358,6 @@ unsafe fn option_set(list: *mut pg_sys::List, name: &str) -> bool {
     }
 }
 
-extern "C" {
-    /// postmaster/autovacuum.h: the `autovacuum_freeze_max_age` setting.
-    static autovacuum_freeze_max_age: std::ffi::c_int;
-}
-
-/// The age from which vacuum freezes rows as this session's settings have it:
-/// `vacuum_freeze_min_age`, capped (as vacuum caps it) at half of `autovacuum_freeze_max_age`.
-fn freeze_min_age() -> i32 {
-    // SAFETY: reads the GUCs' backend-local variables.
-    unsafe { pg_sys::vacuum_freeze_min_age.min(autovacuum_freeze_max_age / 2) }
-}
-
 fn replicated_tables() -> Result<Vec<pg_sys::Oid>, String> {
     let rows = as_extension_owner(|| crate::sql::rows("SELECT relid::oid::text FROM trompe.tables", &[]))?;
     Ok(rows
@@ -331,40 +367,15 @@ fn replicated_tables() -> Result<Vec<pg_sys::Oid>, String> {
         .collect())
 }
 
-/// Run by the worker now and then: keeps the versions of rows autovacuum may freeze soon
-/// (older than half of `vacuum_freeze_min_age`, or of the table's `autovacuum_freeze_min_age`
-/// when lower), in tables old enough to have such rows
-/// (`age(relfrozenxid)` past that), and prunes kept versions older than the retention.
+/// Run by the worker now and then: closes the freeze windows of statements that ended, and
+/// prunes kept versions older than the retention. (The worker sweeps the tables [`sweeps_due`]
+/// names, each in a transaction of its own, with [`sweep`].)
 pub fn maintain() -> Result<(), String> {
     if !archive_exists() {
         return Ok(());
     }
     freeze_window::close_ended()?;
-    // Autovacuum freezes a table's rows from its own autovacuum_freeze_min_age, when set (in
-    // decimal form: PostgreSQL also takes hexadecimal or octal ones, which fall back to the
-    // server's setting here rather than fail for every table).
-    let due = as_extension_owner(|| {
-        crate::sql::rows(
-            r"SELECT t.relid::oid::text, h.half::text
-               FROM trompe.tables t JOIN pg_catalog.pg_class c ON c.oid = t.relid
-              CROSS JOIN LATERAL (
-                    SELECT least($1::int, coalesce(
-                               (SELECT CASE WHEN o.option_value ~ '^\s*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\s*$'
-                                             AND length(o.option_value) < 30
-                                        THEN least(greatest(round(o.option_value::numeric), 0), 2000000000)::int END
-                                  FROM pg_catalog.pg_options_to_table(c.reloptions) o
-                                 WHERE o.option_name = 'autovacuum_freeze_min_age'), $1::int)) / 2 AS half) h
-              WHERE pg_catalog.age(c.relfrozenxid) >= h.half",
-            &[Some(&freeze_min_age().to_string())],
-        )
-    })?;
-    for r in due {
-        let relid = r.first().cloned().flatten().and_then(|v| v.parse::<u32>().ok());
-        let half = r.get(1).cloned().flatten().and_then(|v| v.parse::<i64>().ok());
-        if let (Some(relid), Some(half)) = (relid, half) {
-            archive_aging(pg_sys::Oid::from(relid), half)?;
-        }
-    }
+    sweep::forget_unreplicated()?;
     as_extension_owner(|| {
         let retention = crate::guc::TOMBSTONE_RETENTION_S.get().to_string();
         crate::sql::execute(

@@ -95,7 +95,7 @@ impl TableVersions {
             && unsafe { pg_sys::TransactionIdPrecedes(xmin, self.frozen_before) };
         if maybe_frozen {
             return self.kept(raw, key).unwrap_or_else(|| {
-                if super::freeze_window::in_window(raw, self.unkept_since) {
+                if super::freeze_window::in_window(raw, self.unkept_since) || young_enough_to_trust(raw) {
                     version_of(xmin)
                 } else {
                     OldVersion::Unknown
@@ -104,6 +104,25 @@ impl TableVersions {
         }
         version_of(xmin)
     }
+}
+
+/// Whether a possibly frozen row without a kept version, whose raw `xmin` is `raw`, is young
+/// enough for its commit timestamp to tell its version: less than half of
+/// `autovacuum_freeze_max_age` transactions old.
+///
+/// Since PostgreSQL 16 vacuum freezes whole pages of young rows when it writes a full-page image
+/// of them anyway, before they reach the age from which trompe keeps versions (half of the
+/// freeze age, which is at most half of `autovacuum_freeze_max_age`, so a quarter of it): such
+/// a row's raw `xmin` is still its own, and its commit timestamp is kept until every table of
+/// every database is frozen past it. The worker keeps its version once it reaches that age,
+/// long before it leaves this range. (A row more than 2^32 transactions old whose raw `xmin`
+/// aliases a transaction of this range reads that transaction's version, as it does when that
+/// `xmin` follows the table's `relfrozenxid`.)
+fn young_enough_to_trust(raw: u32) -> bool {
+    // SAFETY: a shared read of the next transaction id.
+    let next = unsafe { pg_sys::ReadNextTransactionId().into_inner() };
+    let age = next.wrapping_sub(raw) as i32;
+    age > 0 && age < super::freeze_ages::trusted_age()
 }
 
 /// The version kept for the row `key` of table `relid` whose `xmin` is `raw`, if any. Capture

@@ -370,7 +370,21 @@ impl Engine {
         }
         if now_ms() >= self.next_versions_ms {
             if let Err(e) = in_transaction(crate::row_versions::maintain) {
-                pgrx::log!("trompe: keeping the versions of aging rows failed: {e}");
+                pgrx::log!("trompe: pruning kept row versions failed: {e}");
+            }
+            // Each table in a transaction of its own: one that fails holds back no other.
+            match in_transaction(crate::row_versions::sweeps_due) {
+                Ok(due) => {
+                    for table in &due {
+                        if let Err(e) = in_transaction(|| crate::row_versions::sweep(table)) {
+                            pgrx::log!(
+                                "trompe: keeping the versions of aging rows of table {} failed: {e}",
+                                table.relid.to_u32()
+                            );
+                        }
+                    }
+                }
+                Err(e) => pgrx::log!("trompe: finding tables whose row versions need keeping failed: {e}"),
             }
             self.next_versions_ms = now_ms() + VERSIONS_EVERY_MS;
         }

@@ -16,7 +16,8 @@ pub const TEST_DB: &str = "app";
 
 /// Settings every node gets, beyond its port: what the README tells users to set, plus
 /// test-friendly values that do not change semantics (no fsync: a killed server loses nothing,
-/// only an OS crash would).
+/// only an OS crash would). `full_page_writes` stays on, as in production: since PostgreSQL 16
+/// it decides which young rows vacuum freezes.
 pub const BASE_SETTINGS: &[(&str, &str)] = &[
     ("shared_preload_libraries", "'trompe'"),
     ("track_commit_timestamp", "on"),
@@ -24,7 +25,6 @@ pub const BASE_SETTINGS: &[(&str, &str)] = &[
     ("max_replication_slots", "16"),
     ("listen_addresses", "'127.0.0.1'"),
     ("fsync", "off"),
-    ("full_page_writes", "off"),
     ("log_min_messages", "info"),
     ("log_line_prefix", "'%m [%p] %a %b '"),
     ("shared_buffers", "32MB"),

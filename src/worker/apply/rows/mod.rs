@@ -172,12 +172,14 @@ fn touch(table: &Table) -> Option<String> {
 }
 
 /// The ON CONFLICT clause of an insert: the existing row is replaced only if the incoming
-/// version wins.
+/// version wins. Key columns are set too: a key equal to the existing one may still be written
+/// differently (`numeric` `1.0` and `1`), and the winner's must be the row's on every node (an
+/// identity column `GENERATED ALWAYS` cannot be set, and keeps its value).
 fn on_conflict(table: &Table, cols: &[&str]) -> String {
     let key_list: Vec<String> = table.key.iter().map(|c| quote_ident(c)).collect();
     let mut updates: Vec<String> = cols
         .iter()
-        .filter(|c| !table.key.iter().any(|k| k == *c))
+        .filter(|c| !table.attrs.get(**c).is_some_and(|a| a.always_identity))
         .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(c)))
         .collect();
     updates.extend(missing_defaults(table, cols));

@@ -1,0 +1,152 @@
+//! Which rows of a table still need their versions kept before vacuum may freeze them, without
+//! reading the version of every old row again each time.
+//!
+//! A row's `xmin` never changes, so once the versions of a table's rows written before some
+//! transaction have been kept (or found too old to keep), they need not be looked at again:
+//! `trompe.version_sweeps` holds that transaction per table (its *watermark*). The worker sweeps
+//! a table when enough transactions have aged past half of its freeze age since its watermark
+//! (see [`due`]), each table in a transaction of its own, and `VACUUM` looks only at rows from
+//! the watermark on. Each sweep still scans the table, but it reads the version only of the rows
+//! of its band, and runs once per quarter of that half-age of transactions, not once a minute.
+
+use pgrx::prelude::*;
+
+use crate::run_as::as_extension_owner;
+
+/// SQL for the next transaction id (a full one, as `bigint`) of the running statement's
+/// snapshot: evaluated once per statement.
+const NEXT_XID: &str = "(SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())::text::bigint)";
+
+/// SQL for the full transaction id of a row's `xmin` (rows aliased `t`): the latest one with
+/// those low 32 bits not after the statement's next transaction id. (A frozen row more than
+/// 2^32 transactions old reads as younger; such a row's version is unknown, kept or not.)
+fn full_xmin() -> String {
+    format!("({NEXT_XID} - (({NEXT_XID} - t.xmin::text::bigint) % 4294967296 + 4294967296) % 4294967296)")
+}
+
+/// The condition (over rows aliased `t`) selecting the rows at least `min_age` transactions
+/// old whose `xmin` is from `from` on, and before `before` if given.
+pub(super) fn band(min_age: i64, from: u64, before: Option<u64>) -> String {
+    let xmin = full_xmin();
+    let mut condition = format!("{xmin} >= {from} AND {xmin} <= {NEXT_XID} - {}", min_age.max(0));
+    if let Some(before) = before {
+        condition.push_str(&format!(" AND {xmin} < {before}"));
+    }
+    condition
+}
+
+/// The watermark of table `relid`: rows with an older `xmin` had their versions kept already
+/// (0 when the table was never swept).
+pub(super) fn watermark(relid: pg_sys::Oid) -> Result<u64, String> {
+    let row = as_extension_owner(|| {
+        crate::sql::row(
+            "SELECT kept_below::text FROM trompe.version_sweeps WHERE relid = $1::oid",
+            &[Some(&relid.to_u32().to_string())],
+        )
+    })?;
+    Ok(row.and_then(|r| r.first().cloned().flatten()).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0))
+}
+
+/// A sweep of one table that is due: keep the versions of its rows at least `half` transactions
+/// old from its watermark up to `target`, then move the watermark to `target`.
+pub struct Sweep {
+    /// The table.
+    pub relid: pg_sys::Oid,
+    /// Half of the table's freeze age: rows this old have their versions kept.
+    pub half: i64,
+    /// The table's watermark now.
+    pub from: u64,
+    /// Its watermark once swept: no later than the oldest transaction of this database that may
+    /// still be running (a row it writes must not fall below the watermark unseen), nor than
+    /// `half` transactions ago.
+    pub target: u64,
+}
+
+/// The oldest transaction (full id) whose rows vacuum in this database may not freeze yet: the
+/// horizon vacuum itself uses for ordinary tables (transactions of other databases do not hold
+/// it back, nor rows here from being frozen). Every transaction of this database still running,
+/// or prepared, is at least as new.
+fn horizon() -> Result<u64, String> {
+    // SAFETY: opens trompe's own ordinary table (as the kind of relation the horizon is for) and
+    // closes it; shared reads of the transaction horizon and the next transaction id.
+    unsafe {
+        let nsp = pg_sys::get_namespace_oid(c"trompe".as_ptr(), true);
+        let relid = pg_sys::get_relname_relid(c"version_sweeps".as_ptr(), nsp);
+        if relid == pg_sys::InvalidOid {
+            return Err("trompe.version_sweeps does not exist".into());
+        }
+        let rel = pg_sys::relation_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let oldest = pg_sys::GetOldestNonRemovableTransactionId(rel);
+        pg_sys::relation_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let next = pg_sys::ReadNextFullTransactionId().value;
+        Ok(trompe_core::committime::widen(oldest.into_inner(), next))
+    }
+}
+
+/// The replicated tables due for a sweep, oldest watermark first: those never swept, and those
+/// whose watermark is a quarter of their half freeze age (or more) behind where it could be. `freeze_min_age` is the
+/// server's (a table's own `autovacuum_freeze_min_age`, when lower and written in decimal,
+/// takes over; PostgreSQL also takes hexadecimal or octal ones, which fall back to the
+/// server's setting here rather than fail for every table).
+pub(super) fn due(freeze_min_age: i32) -> Result<Vec<Sweep>, String> {
+    let horizon = horizon()?;
+    let rows = as_extension_owner(|| {
+        crate::sql::rows(
+            r"SELECT t.relid::oid::text, h.half::text, coalesce(s.kept_below::text, '0'), g.target::text
+               FROM trompe.tables t JOIN pg_catalog.pg_class c ON c.oid = t.relid
+               LEFT JOIN trompe.version_sweeps s ON s.relid = t.relid
+              CROSS JOIN (SELECT pg_catalog.pg_current_snapshot() AS snap) q
+              CROSS JOIN LATERAL (
+                    SELECT least($1::int, coalesce(
+                               (SELECT CASE WHEN o.option_value ~ '^\s*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\s*$'
+                                             AND length(o.option_value) < 30
+                                        THEN least(greatest(round(o.option_value::numeric), 0), 2000000000)::int END
+                                  FROM pg_catalog.pg_options_to_table(c.reloptions) o
+                                 WHERE o.option_name = 'autovacuum_freeze_min_age'), $1::int)) / 2 AS half) h
+              CROSS JOIN LATERAL (
+                    SELECT greatest(least(pg_catalog.pg_snapshot_xmax(q.snap)::text::bigint - h.half,
+                                          $2::bigint), 3) AS target) g
+              WHERE s.kept_below IS NULL
+                 OR g.target - s.kept_below::text::bigint >= greatest(h.half / 4, 1)
+              ORDER BY coalesce(s.kept_below::text::bigint, 0), t.relid",
+            &[Some(&freeze_min_age.to_string()), Some(&horizon.to_string())],
+        )
+    })?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| {
+            let field = |i: usize| r.get(i).cloned().flatten();
+            Some(Sweep {
+                relid: pg_sys::Oid::from(field(0)?.parse::<u32>().ok()?),
+                half: field(1)?.parse().ok()?,
+                from: field(2)?.parse().ok()?,
+                target: field(3)?.parse().ok()?,
+            })
+        })
+        .collect())
+}
+
+/// Table `relid` has been swept up to `target`: its watermark moves there (never back).
+pub(super) fn record(relid: pg_sys::Oid, target: u64) -> Result<(), String> {
+    as_extension_owner(|| {
+        crate::sql::execute(
+            "INSERT INTO trompe.version_sweeps (relid, kept_below) VALUES ($1::oid, $2::xid8)
+             ON CONFLICT (relid) DO UPDATE SET kept_below = EXCLUDED.kept_below
+              WHERE version_sweeps.kept_below < EXCLUDED.kept_below",
+            &[Some(&relid.to_u32().to_string()), Some(&target.to_string())],
+        )
+    })
+    .map(|_| ())
+}
+
+/// Forgets the watermarks of tables no longer replicated (replicated again, a table is swept
+/// whole once more).
+pub(super) fn forget_unreplicated() -> Result<(), String> {
+    as_extension_owner(|| {
+        crate::sql::execute(
+            "DELETE FROM trompe.version_sweeps s WHERE NOT EXISTS (SELECT 1 FROM trompe.tables t WHERE t.relid = s.relid)",
+            &[],
+        )
+    })
+    .map(|_| ())
+}
