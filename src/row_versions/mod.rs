@@ -246,13 +246,20 @@ pub fn sweeps_due() -> Result<Vec<Sweep>, String> {
     sweep::due(freeze_min_age())
 }
 
-/// Keeps the versions of the aging rows of the table `due` names, and moves its watermark.
-pub fn sweep(due: &Sweep) -> Result<(), String> {
+/// Keeps the versions of the aging rows of the table `due` names in one slice of it, from
+/// block `from_block` on: returns where the next slice starts, or `None` once the table is
+/// swept (its watermark then moves, in the same transaction).
+pub fn sweep_slice(due: &Sweep, from_block: u32) -> Result<Option<u32>, String> {
     if !archive_exists() || !crate::catalog::is_replicated(due.relid)? {
-        return Ok(());
+        return Ok(None);
     }
-    keep(due.relid, "t.xmin", &sweep::band(due.half, due.from, Some(due.target)), true)?;
-    sweep::record(due.relid, due.target)
+    let Some(slice) = sweep::slice(due.relid, from_block)? else {
+        sweep::record(due.relid, due.target)?;
+        return Ok(None);
+    };
+    let condition = format!("{} AND {}", sweep::band(due.half, due.from, Some(due.target)), slice.condition());
+    keep(due.relid, "t.xmin", &condition, true)?;
+    Ok(Some(slice.end))
 }
 
 /// The replicated tables a utility statement about to run may freeze rows of, with the age
@@ -369,7 +376,7 @@ fn replicated_tables() -> Result<Vec<pg_sys::Oid>, String> {
 
 /// Run by the worker now and then: closes the freeze windows of statements that ended, and
 /// prunes kept versions older than the retention. (The worker sweeps the tables [`sweeps_due`]
-/// names, each in a transaction of its own, with [`sweep`].)
+/// names, a slice at a time, with [`sweep_slice`].)
 pub fn maintain() -> Result<(), String> {
     if !archive_exists() {
         return Ok(());

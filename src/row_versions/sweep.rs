@@ -5,13 +5,50 @@
 //! transaction have been kept (or found too old to keep), they need not be looked at again:
 //! `trompe.version_sweeps` holds that transaction per table (its *watermark*). The worker sweeps
 //! a table when enough transactions have aged past half of its freeze age since its watermark
-//! (see [`due`]), each table in a transaction of its own, and `VACUUM` looks only at rows from
-//! the watermark on. Each sweep still scans the table, but it reads the version only of the rows
-//! of its band, and runs once per quarter of that half-age of transactions, not once a minute.
+//! (see [`due`]), a slice of [`SLICE_BLOCKS`] blocks at a time, each in a transaction of its
+//! own, between which the worker goes on replicating; `VACUUM` looks only at rows from the
+//! watermark on. Each sweep still scans the table, but it reads the version only of the rows of
+//! its band, and runs once per quarter of that half-age of transactions, not once a minute.
 
 use pgrx::prelude::*;
 
 use crate::run_as::as_extension_owner;
+
+/// How many blocks of a table a slice of a sweep scans (8 MB with 8 kB blocks).
+pub(super) const SLICE_BLOCKS: u32 = 1024;
+
+/// The blocks `[start, end)` of a table one slice of a sweep scans.
+pub(super) struct Slice {
+    /// The first block.
+    pub start: u32,
+    /// The block after the last.
+    pub end: u32,
+}
+
+impl Slice {
+    /// The condition (over rows aliased `t`) selecting the rows of the slice's blocks: a TID
+    /// range scan reads only those.
+    pub fn condition(&self) -> String {
+        format!("t.ctid >= '({},0)'::tid AND t.ctid < '({},0)'::tid", self.start, self.end)
+    }
+}
+
+/// The slice of table `relid` from block `start` on, `None` past its last block (or if the
+/// table is gone). Rows a sweep looks for do not move but by a rewrite (which keeps the versions
+/// of every row from the watermark on first): blocks added meanwhile hold none of them.
+pub(super) fn slice(relid: pg_sys::Oid, start: u32) -> Result<Option<Slice>, String> {
+    // SAFETY: opens the relation to read its size; closed before returning.
+    let blocks = unsafe {
+        let rel = pg_sys::try_relation_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        if rel.is_null() {
+            return Ok(None);
+        }
+        let blocks = pg_sys::RelationGetNumberOfBlocksInFork(rel, pg_sys::ForkNumber::MAIN_FORKNUM);
+        pg_sys::relation_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        blocks
+    };
+    Ok((start < blocks).then(|| Slice { start, end: start.saturating_add(SLICE_BLOCKS).min(blocks) }))
+}
 
 /// SQL for the next transaction id (a full one, as `bigint`) of the running statement's
 /// snapshot: evaluated once per statement.

@@ -149,6 +149,9 @@ struct Engine {
     /// When to look again whether a snapshot mark is due (see `crate::log::marks`).
     next_mark_ms: i64,
     next_versions_ms: i64,
+    /// Tables whose aging rows' versions are being kept, with the block the next slice of each
+    /// starts at (one slice per turn of the loop: replication goes on in between).
+    sweeps: std::collections::VecDeque<(crate::row_versions::Sweep, u32)>,
     last_pruning_ms: i64,
     extension_seen: bool,
     /// A copy from a peer this node is joining through (nothing is pulled until it is done).
@@ -368,25 +371,32 @@ impl Engine {
             }
             self.next_mark_ms = now_ms() + crate::log::marks::MARK_EVERY_MS;
         }
-        if now_ms() >= self.next_versions_ms {
+        if self.sweeps.is_empty() && now_ms() >= self.next_versions_ms {
             if let Err(e) = in_transaction(crate::row_versions::maintain) {
                 pgrx::log!("trompe: pruning kept row versions failed: {e}");
             }
-            // Each table in a transaction of its own: one that fails holds back no other.
             match in_transaction(crate::row_versions::sweeps_due) {
-                Ok(due) => {
-                    for table in &due {
-                        if let Err(e) = in_transaction(|| crate::row_versions::sweep(table)) {
-                            pgrx::log!(
-                                "trompe: keeping the versions of aging rows of table {} failed: {e}",
-                                table.relid.to_u32()
-                            );
-                        }
-                    }
-                }
+                Ok(due) => self.sweeps = due.into_iter().map(|table| (table, 0)).collect(),
                 Err(e) => pgrx::log!("trompe: finding tables whose row versions need keeping failed: {e}"),
             }
             self.next_versions_ms = now_ms() + VERSIONS_EVERY_MS;
+        }
+        if let Some((table, from_block)) = self.sweeps.front_mut() {
+            // One slice of one table per turn, in a transaction of its own: one table that
+            // fails holds back no other.
+            match in_transaction(|| crate::row_versions::sweep_slice(table, *from_block)) {
+                Ok(Some(next)) => *from_block = next,
+                Ok(None) => {
+                    self.sweeps.pop_front();
+                }
+                Err(e) => {
+                    pgrx::log!(
+                        "trompe: keeping the versions of aging rows of table {} failed: {e}",
+                        table.relid.to_u32()
+                    );
+                    self.sweeps.pop_front();
+                }
+            }
         }
         // The interval follows the retention settings, which a reload may have just changed.
         if now_ms() >= self.last_pruning_ms + crate::retention::interval_ms() {
@@ -407,7 +417,7 @@ impl Engine {
             .next_maintenance_ms
             .min(self.last_pruning_ms + crate::retention::interval_ms())
             .min(self.next_extension_check_ms)
-            .min(self.next_versions_ms)
+            .min(if self.sweeps.is_empty() { self.next_versions_ms } else { now_ms() })
             .min(self.next_mark_ms)
             .min(self.next_reload_ms);
         for w in &waits {
@@ -479,6 +489,7 @@ pub fn run(dboid: pg_sys::Oid, slot: &'static DbSlot) -> ! {
         next_maintenance_ms: 0,
         next_mark_ms: 0,
         next_versions_ms: 0,
+        sweeps: std::collections::VecDeque::new(),
         last_pruning_ms: 0,
         extension_seen: false,
         sync: None,

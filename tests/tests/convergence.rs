@@ -333,7 +333,8 @@ fn young_rows_vacuum_freezes_after_a_checkpoint_keep_their_versions() {
 
 /// The worker reads the version of each aging row once, not once a minute: a sweep of a table
 /// looks only at the rows that aged past half its freeze age since its last sweep (on a big
-/// table, reading every old row's version each minute kept the worker from replicating).
+/// table, reading every old row's version each minute kept the worker from replicating), one
+/// slice of the table at a time.
 #[test]
 fn the_worker_reads_the_version_of_each_aging_row_once() {
     let cluster = Cluster::builder("version-sweeps")
@@ -342,29 +343,34 @@ fn the_worker_reads_the_version_of_each_aging_row_once() {
         .setting("track_functions", "all")
         .start();
     let a = cluster.node(0);
+    // Spread over more blocks than one slice of a sweep scans (all slices are swept).
     a.exec(
-        "CREATE TABLE big (id int PRIMARY KEY, v int) WITH (autovacuum_freeze_min_age = 1000);
+        "CREATE TABLE big (id int PRIMARY KEY, v int) WITH (autovacuum_freeze_min_age = 1000, fillfactor = 10);
          SELECT trompe.add_table('big');
-         INSERT INTO big SELECT g, 0 FROM generate_series(1, 3000) g",
+         INSERT INTO big SELECT g, 0 FROM generate_series(1, 30000) g",
     );
+    assert!(a.query_i64("SELECT pg_relation_size('big') / 8192") > 1024, "the table spans more than one slice");
     let kept = "SELECT count(*) FROM trompe.row_versions WHERE relid = 'big'::regclass";
     let calls = "SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions WHERE funcname = '_row_version'";
     burn_xids(a, 600);
     assert!(
-        wait_for(Duration::from_secs(150), || a.query_i64(kept) == 3000),
+        wait_for(Duration::from_secs(150), || a.query_i64(kept) == 30_000),
         "the worker kept the aging rows' versions"
     );
     assert!(
-        wait_for(Duration::from_secs(30), || a.query_i64(calls) >= 3000),
+        wait_for(Duration::from_secs(30), || a.query_i64(calls) >= 30_000),
         "the worker's reads of versions are counted"
     );
     let before = a.query_i64(calls);
-    a.exec("INSERT INTO big SELECT g, 0 FROM generate_series(3001, 3010) g");
+    a.exec("INSERT INTO big SELECT g, 0 FROM generate_series(30001, 30010) g");
     burn_xids(a, 600);
-    assert!(wait_for(Duration::from_secs(150), || a.query_i64(kept) == 3010), "the worker kept the new rows' versions");
+    assert!(
+        wait_for(Duration::from_secs(150), || a.query_i64(kept) == 30_010),
+        "the worker kept the new rows' versions"
+    );
     assert!(wait_for(Duration::from_secs(30), || a.query_i64(calls) >= before + 10), "those reads are counted");
     let read = a.query_i64(calls) - before;
-    assert!(read < 3000, "the worker read {read} versions to keep 10 new ones: it read the old rows' again");
+    assert!(read < 30_000, "the worker read {read} versions to keep 10 new ones: it read the old rows' again");
 }
 
 /// A row committed while `VACUUM FREEZE`, `VACUUM FULL` or `CLUSTER` keeps the table's row
