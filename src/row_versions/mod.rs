@@ -90,33 +90,20 @@ fn _preserve_versions(relid: pg_sys::Oid) {
         let xid = current_xid();
         // SAFETY: inside a transaction whose current subtransaction has an xid (assigned above).
         let full_xid = unsafe { pg_sys::GetCurrentFullTransactionId() }.value;
-        let earlier: Vec<String> = REWRITTEN_HERE.with(|r| {
-            r.borrow()
-                .get(&relid)
-                .into_iter()
-                .flatten()
-                .filter(|&&x| x != xid)
-                .map(|x| x.into_inner().to_string())
-                .collect()
-        });
-        let earlier: Vec<Option<&str>> = earlier.iter().map(|x| Some(x.as_str())).collect();
+        let earlier = rewrite_xids(relid, Some(xid));
         as_extension_owner(|| {
             crate::sql::execute(
                 "INSERT INTO trompe.rewrites (relid, xid) VALUES ($1::oid, $2::xid8) ON CONFLICT DO NOTHING",
                 &[Some(&relid.to_u32().to_string()), Some(&full_xid.to_string())],
             )?;
-            if !earlier.is_empty() {
+            if let Some(earlier) = &earlier {
                 // Rows an earlier rewrite of this transaction kept versions for (in another
                 // subtransaction) were skipped by this one's, which wrote them again: their
                 // versions now belong to this rewrite's xid.
                 crate::sql::execute(
                     "UPDATE trompe.row_versions SET row_xmin = $2::xid
                       WHERE relid = $1::oid AND row_xmin = ANY ($3::xid[])",
-                    &[
-                        Some(&relid.to_u32().to_string()),
-                        Some(&xid.into_inner().to_string()),
-                        Some(&trompe_core::pgarray::format_text_array(&earlier)),
-                    ],
+                    &[Some(&relid.to_u32().to_string()), Some(&xid.into_inner().to_string()), Some(earlier)],
                 )?;
             }
             Ok::<_, String>(())
@@ -179,26 +166,35 @@ fn _row_version(
 /// the writing subtransaction's: a later rewrite in the transaction must not take the entry
 /// over); a rolled-back write brings it back with the row.
 pub fn written_after_rewrite(relid: pg_sys::Oid, key: &[Option<String>]) -> Result<(), String> {
-    let xids: Vec<String> = REWRITTEN_HERE
-        .with(|r| r.borrow().get(&relid).into_iter().flatten().map(|x| x.into_inner().to_string()).collect());
-    if xids.is_empty() {
+    let Some(xids) = rewrite_xids(relid, None) else {
         return Ok(());
-    }
-    let xids: Vec<Option<&str>> = xids.iter().map(|x| Some(x.as_str())).collect();
+    };
     let refs: Vec<Option<&str>> = key.iter().map(|k| k.as_deref()).collect();
     as_extension_owner(|| {
         crate::sql::execute(
             "DELETE FROM trompe.row_versions
               WHERE relid = $1::oid AND key_hash = pg_catalog.hash_array_extended($2::text[], 0)
                 AND key = $2::text[] AND row_xmin = ANY ($3::xid[])",
-            &[
-                Some(&relid.to_u32().to_string()),
-                Some(&trompe_core::pgarray::format_text_array(&refs)),
-                Some(&trompe_core::pgarray::format_text_array(&xids)),
-            ],
+            &[Some(&relid.to_u32().to_string()), Some(&trompe_core::pgarray::format_text_array(&refs)), Some(&xids)],
         )
     })
     .map(|_| ())
+}
+
+/// The xids of the (sub)transactions of the current transaction that rewrote table `relid`,
+/// but `except`, as an `xid[]` literal: `None` if there are none.
+fn rewrite_xids(relid: pg_sys::Oid, except: Option<pg_sys::TransactionId>) -> Option<String> {
+    let xids: Vec<String> = REWRITTEN_HERE.with(|r| {
+        r.borrow()
+            .get(&relid)
+            .into_iter()
+            .flatten()
+            .filter(|&&x| Some(x) != except)
+            .map(|x| x.into_inner().to_string())
+            .collect()
+    });
+    let xids: Vec<Option<&str>> = xids.iter().map(|x| Some(x.as_str())).collect();
+    (!xids.is_empty()).then(|| trompe_core::pgarray::format_text_array(&xids))
 }
 
 /// Whether the current transaction rewrote any replicated table.
