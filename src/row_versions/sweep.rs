@@ -93,31 +93,19 @@ pub struct Sweep {
     pub half: i64,
     /// The table's watermark now.
     pub from: u64,
-    /// Its watermark once swept: no later than the oldest transaction of this database that may
-    /// still be running (a row it writes must not fall below the watermark unseen), nor than
-    /// `half` transactions ago.
+    /// Its watermark once swept: no later than the oldest transaction of this database still
+    /// running (a row it writes must not fall below the watermark unseen), nor than `half`
+    /// transactions ago.
     pub target: u64,
 }
 
-/// The oldest transaction (full id) whose rows vacuum in this database may not freeze yet: the
-/// horizon vacuum itself uses for ordinary tables (transactions of other databases do not hold
-/// it back, nor rows here from being frozen). Every transaction of this database still running,
-/// or prepared, is at least as new.
-fn horizon() -> Result<u64, String> {
-    // SAFETY: opens trompe's own ordinary table (as the kind of relation the horizon is for) and
-    // closes it; shared reads of the transaction horizon and the next transaction id.
-    unsafe {
-        let nsp = pg_sys::get_namespace_oid(c"trompe".as_ptr(), true);
-        let relid = pg_sys::get_relname_relid(c"version_sweeps".as_ptr(), nsp);
-        if relid == pg_sys::InvalidOid {
-            return Err("trompe.version_sweeps does not exist".into());
-        }
-        let rel = pg_sys::relation_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        let oldest = pg_sys::GetOldestNonRemovableTransactionId(rel);
-        pg_sys::relation_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        let next = pg_sys::ReadNextFullTransactionId().value;
-        Ok(trompe_core::committime::widen(oldest.into_inner(), next))
-    }
+/// The next transaction id now (full), read before [`due`] reads which transactions run: any
+/// transaction that gets its id afterwards is at least as new.
+fn next_xid() -> Result<u64, String> {
+    let row = crate::sql::row("SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())::text", &[])?;
+    row.and_then(|r| r.first().cloned().flatten())
+        .and_then(|v| v.parse::<u64>().ok())
+        .ok_or_else(|| "reading the next transaction id".to_string())
 }
 
 /// The replicated tables due for a sweep, oldest watermark first: those never swept, and those
@@ -126,13 +114,26 @@ fn horizon() -> Result<u64, String> {
 /// takes over; PostgreSQL also takes hexadecimal or octal ones, which fall back to the
 /// server's setting here rather than fail for every table).
 pub(super) fn due(freeze_min_age: i32) -> Result<Vec<Sweep>, String> {
-    let horizon = horizon()?;
+    let before = next_xid()?;
     let rows = as_extension_owner(|| {
         crate::sql::rows(
             r"SELECT t.relid::oid::text, h.half::text, coalesce(s.kept_below::text, '0'), g.target::text
                FROM trompe.tables t JOIN pg_catalog.pg_class c ON c.oid = t.relid
                LEFT JOIN trompe.version_sweeps s ON s.relid = t.relid
               CROSS JOIN (SELECT pg_catalog.pg_current_snapshot() AS snap) q
+              -- The oldest transaction of this database still running or prepared: its rows
+              -- (and its subtransactions') must not fall below the watermark unseen.
+              -- Transactions of other databases write no rows here.
+              CROSS JOIN (SELECT pg_catalog.min(x) AS oldest FROM (
+                             SELECT pg_catalog.pg_snapshot_xmax(q2.snap)::text::bigint
+                                    - pg_catalog.age(a.backend_xid) AS x
+                               FROM pg_catalog.pg_stat_activity a, (SELECT pg_catalog.pg_current_snapshot() AS snap) q2
+                              WHERE a.datid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database())
+                                AND a.backend_xid IS NOT NULL
+                             UNION ALL
+                             SELECT pg_catalog.pg_snapshot_xmax(q3.snap)::text::bigint - pg_catalog.age(p.transaction)
+                               FROM pg_catalog.pg_prepared_xacts p, (SELECT pg_catalog.pg_current_snapshot() AS snap) q3
+                              WHERE p.database = pg_catalog.current_database()) r) o
               CROSS JOIN LATERAL (
                     SELECT least($1::int, coalesce(
                                (SELECT CASE WHEN o.option_value ~ '^\s*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\s*$'
@@ -142,11 +143,11 @@ pub(super) fn due(freeze_min_age: i32) -> Result<Vec<Sweep>, String> {
                                  WHERE o.option_name = 'autovacuum_freeze_min_age'), $1::int)) / 2 AS half) h
               CROSS JOIN LATERAL (
                     SELECT greatest(least(pg_catalog.pg_snapshot_xmax(q.snap)::text::bigint - h.half,
-                                          $2::bigint), 3) AS target) g
+                                          $2::bigint, coalesce(o.oldest, $2::bigint)), 3) AS target) g
               WHERE s.kept_below IS NULL
                  OR g.target - s.kept_below::text::bigint >= greatest(h.half / 4, 1)
               ORDER BY coalesce(s.kept_below::text::bigint, 0), t.relid",
-            &[Some(&freeze_min_age.to_string()), Some(&horizon.to_string())],
+            &[Some(&freeze_min_age.to_string()), Some(&before.to_string())],
         )
     })?;
     Ok(rows

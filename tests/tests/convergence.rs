@@ -334,7 +334,8 @@ fn young_rows_vacuum_freezes_after_a_checkpoint_keep_their_versions() {
 /// The worker reads the version of each aging row once, not once a minute: a sweep of a table
 /// looks only at the rows that aged past half its freeze age since its last sweep (on a big
 /// table, reading every old row's version each minute kept the worker from replicating), one
-/// slice of the table at a time.
+/// slice of the table at a time, whatever runs in other databases, and without passing by rows
+/// of transactions still running.
 #[test]
 fn the_worker_reads_the_version_of_each_aging_row_once() {
     let cluster = Cluster::builder("version-sweeps")
@@ -362,15 +363,34 @@ fn the_worker_reads_the_version_of_each_aging_row_once() {
         "the worker's reads of versions are counted"
     );
     let before = a.query_i64(calls);
+    // A transaction of another database, holding its xid meanwhile, does not hold the sweeps
+    // back (vacuum here freezes rows regardless of it)...
+    let mut elsewhere = a.connect_to("postgres");
+    let mut other = elsewhere.transaction().expect("begin");
+    other.batch_execute("SELECT pg_catalog.txid_current()").expect("an xid");
+    // ... while one of this database, writing, does: the watermark stops at it.
+    let mut here = a.connect();
+    let mut long = here.transaction().expect("begin");
+    long.batch_execute("INSERT INTO big VALUES (30011, 0)").expect("insert");
+    let long_xid: i64 = long.query_one("SELECT pg_catalog.txid_current()", &[]).expect("its xid").get(0);
     a.exec("INSERT INTO big SELECT g, 0 FROM generate_series(30001, 30010) g");
     burn_xids(a, 600);
+    let watermark = "SELECT coalesce((SELECT kept_below::text::bigint FROM trompe.version_sweeps
+                                        WHERE relid = 'big'::regclass), 0)";
     assert!(
-        wait_for(Duration::from_secs(150), || a.query_i64(kept) == 30_010),
-        "the worker kept the new rows' versions"
+        wait_for(Duration::from_secs(150), || a.query_i64(watermark) >= long_xid),
+        "a sweep went up to the running transaction of this database, past the other database's"
     );
-    assert!(wait_for(Duration::from_secs(30), || a.query_i64(calls) >= before + 10), "those reads are counted");
+    long.commit().expect("commit");
+    other.rollback().expect("rollback");
+    burn_xids(a, 600);
+    assert!(
+        wait_for(Duration::from_secs(150), || a.query_i64(kept) == 30_011),
+        "the worker kept the new rows' versions, also the one the long transaction wrote"
+    );
+    assert!(wait_for(Duration::from_secs(30), || a.query_i64(calls) >= before + 11), "those reads are counted");
     let read = a.query_i64(calls) - before;
-    assert!(read < 30_000, "the worker read {read} versions to keep 10 new ones: it read the old rows' again");
+    assert!(read < 30_000, "the worker read {read} versions to keep 11 new ones: it read the old rows' again");
 }
 
 /// A row committed while `VACUUM FREEZE`, `VACUUM FULL` or `CLUSTER` keeps the table's row
