@@ -249,6 +249,7 @@ pub fn sweep_slice(due: &Sweep, from_block: u32) -> Result<Option<u32>, String> 
     if !archive_exists() || !crate::catalog::is_replicated(due.relid)? {
         return Ok(None);
     }
+    give_way_to_locks()?;
     let Some(slice) = sweep::slice(due.relid, from_block)? else {
         sweep::record(due.relid, due.target)?;
         return Ok(None);
@@ -256,6 +257,13 @@ pub fn sweep_slice(due: &Sweep, from_block: u32) -> Result<Option<u32>, String> 
     let condition = format!("{} AND {}", sweep::band(due.half, due.from, Some(due.target)), slice.condition());
     keep(due.relid, "t.xmin", &condition, true)?;
     Ok(Some(slice.end))
+}
+
+/// The worker's version keeping waits at most 100 ms for a lock (of a table a session holds
+/// locked: a migration, `LOCK TABLE`) and is simply tried again a minute later: replication
+/// does not wait with it.
+fn give_way_to_locks() -> Result<(), String> {
+    crate::sql::execute("SELECT pg_catalog.set_config('lock_timeout', '100ms', true)", &[]).map(|_| ())
 }
 
 /// The replicated tables a utility statement about to run may freeze rows of, with the age
@@ -377,6 +385,7 @@ pub fn maintain() -> Result<(), String> {
     if !archive_exists() {
         return Ok(());
     }
+    give_way_to_locks()?;
     freeze_window::close_ended()?;
     sweep::forget_unreplicated()?;
     as_extension_owner(|| {

@@ -393,6 +393,40 @@ fn the_worker_reads_the_version_of_each_aging_row_once() {
     assert!(read < 30_000, "the worker read {read} versions to keep 11 new ones: it read the old rows' again");
 }
 
+/// A replicated table a session holds locked (a migration, `LOCK TABLE`) while the worker would
+/// keep the versions of its aging rows: the worker gives way (and tries again later), and goes
+/// on replicating every other table meanwhile.
+#[test]
+fn a_locked_table_does_not_hold_replication_back() {
+    let cluster = Cluster::start("locked-sweep", 2);
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    cluster.exec_all(
+        "CREATE TABLE t1 (id int PRIMARY KEY) WITH (autovacuum_freeze_min_age = 100);
+         CREATE TABLE t2 (id int PRIMARY KEY);
+         SELECT trompe.add_table('t1'); SELECT trompe.add_table('t2')",
+    );
+    cluster.mesh();
+    a.exec("INSERT INTO t1 VALUES (1)");
+    cluster.wait_sync(SYNC);
+    let mut holder = a.connect();
+    holder.batch_execute("BEGIN; LOCK TABLE t1 IN ACCESS EXCLUSIVE MODE").expect("lock");
+    // t1's rows now age past half its freeze age: the worker's next sweep wants t1.
+    burn_xids(a, 300);
+    assert!(
+        wait_for(Duration::from_secs(150), || {
+            a.log().lines().any(|l| l.contains("versions of aging rows of table") && l.contains("lock timeout"))
+        }),
+        "the worker gave up waiting for t1's lock"
+    );
+    b.exec("INSERT INTO t2 VALUES (42)");
+    assert!(
+        wait_for(Duration::from_secs(30), || a.query_i64("SELECT count(*) FROM t2 WHERE id = 42") == 1),
+        "b's insert into t2 reached a while t1 was locked"
+    );
+    holder.batch_execute("ROLLBACK").expect("unlock");
+    cluster.wait_sync(SYNC);
+}
+
 /// A row committed while `VACUUM FREEZE`, `VACUUM FULL` or `CLUSTER` keeps the table's row
 /// versions (after that pass read the table, before the statement froze it) keeps its version
 /// too: the peer's older change arriving afterwards loses to it, and its version is kept once
