@@ -109,10 +109,10 @@ fn next_xid() -> Result<u64, String> {
 }
 
 /// The replicated tables due for a sweep, oldest watermark first: those never swept, and those
-/// whose watermark is a quarter of their half freeze age (or more) behind where it could be. `freeze_min_age` is the
-/// server's (a table's own `autovacuum_freeze_min_age`, when lower and written in decimal,
-/// takes over; PostgreSQL also takes hexadecimal or octal ones, which fall back to the
-/// server's setting here rather than fail for every table).
+/// whose watermark is a quarter of their half freeze age (or more) behind where it could be.
+/// `freeze_min_age` is the server's (a table's own `autovacuum_freeze_min_age`, when lower and
+/// written in decimal, takes over; PostgreSQL also takes hexadecimal or octal ones, which fall
+/// back to the server's setting here rather than fail for every table).
 pub(super) fn due(freeze_min_age: i32) -> Result<Vec<Sweep>, String> {
     let before = next_xid()?;
     let rows = as_extension_owner(|| {
